@@ -1,0 +1,97 @@
+"""SAE-aware interventions on a loaded model: splice in a reconstruction, steer, clamp."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from .models import LoadedModel
+from .saes import SAE
+
+
+def check_sae_fits(lm: LoadedModel, sae: SAE, hook_name: str | None = None) -> str:
+    """The hook name the SAE attaches to, after checking the model has it and its width is ``d_in``."""
+    hook = hook_name or sae.cfg.hook_name
+    if not hook:
+        raise ValueError("the SAE's config names no hook point; pass hook_name explicitly")
+    lm.hooks.check(hook)
+    width = lm.hook_width(hook)
+    if width != sae.cfg.d_in:
+        raise ValueError(
+            f"SAE d_in={sae.cfg.d_in} does not match the model's width {width} at {hook} "
+            f"(was this SAE trained on a different model?)"
+        )
+    return hook
+
+
+def _as_act(vector: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    vector = vector.to(device=act.device, dtype=torch.float32)
+    return vector.reshape(act.shape[-2:]) if vector.shape[-1] != act.shape[-1] else vector
+
+
+@contextlib.contextmanager
+def splice_sae(
+    lm: LoadedModel,
+    sae: SAE,
+    *,
+    add_error: bool = False,
+    hook_name: str | None = None,
+    on_output: Callable[[torch.Tensor, object], None] | None = None,
+) -> Iterator[None]:
+    """Replace the activation at the SAE's hook by its reconstruction (plus the error if ``add_error``)."""
+    hook = check_sae_fits(lm, sae, hook_name)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = sae(x)
+        if on_output is not None:
+            on_output(x, out)
+        if add_error:
+            return (out.x_hat.float() + out.error).to(x.dtype)
+        return out.x_hat.to(x.dtype)
+
+    with lm.hooks.intervene(hook, fn):
+        yield
+
+
+def steering_vector(sae: SAE, strengths: Mapping[int, float], scales: Mapping[int, float] | None = None) -> torch.Tensor:
+    """``sum_i strength_i * scale_i * W_dec[i]`` in float32 (scale = max activation for 'units of max act')."""
+    vector = torch.zeros(sae.cfg.d_in, dtype=torch.float32, device=sae.device)
+    for latent, strength in strengths.items():
+        if not 0 <= latent < sae.cfg.d_sae:
+            raise ValueError(f"latent {latent} out of range: this SAE has {sae.cfg.d_sae} latents")
+        scale = 1.0 if scales is None else float(scales[latent])
+        vector += float(strength) * scale * sae.W_dec[latent].float()
+    return vector
+
+
+@contextlib.contextmanager
+def add_vector(lm: LoadedModel, hook_name: str, vector: torch.Tensor) -> Iterator[None]:
+    """Add ``vector`` to the activation at ``hook_name`` at every position."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() + _as_act(vector, x)).to(x.dtype)
+
+    with lm.hooks.intervene(hook_name, fn):
+        yield
+
+
+@contextlib.contextmanager
+def clamp_latents(lm: LoadedModel, sae: SAE, values: Mapping[int, float]) -> Iterator[None]:
+    """Set latents to fixed values: ``x + (c - f_i(x)) * W_dec[i]`` at every position."""
+    hook = check_sae_fits(lm, sae)
+    ids = torch.tensor(list(values), dtype=torch.long, device=sae.device)
+    targets = torch.tensor(list(values.values()), dtype=torch.float32, device=sae.device)
+    if len(ids) and (ids.min() < 0 or ids.max() >= sae.cfg.d_sae):
+        raise ValueError(f"latent ids {list(values)} out of range for d_sae={sae.cfg.d_sae}")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        current = sae.encode(x)[..., ids].float()
+        delta = (targets - current) @ sae.W_dec[ids].float()
+        if delta.shape[-1] != x.shape[-1]:
+            delta = delta.unflatten(-1, x.shape[-2:])
+        return (x.float() + delta).to(x.dtype)
+
+    with lm.hooks.intervene(hook, fn):
+        yield

@@ -1,0 +1,260 @@
+"""Loading a Hugging Face causal LM (local directory, hub id, or GGUF) with its hook points."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .families import Family, family_for, first_path, parse_hook_name
+from .hooks import HookManager, StopForward, interventions
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available on this machine")
+    return dev
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA (fp16 without bf16 support), fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for hooked forwards. Safe to share between threads for inference."""
+
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    name: str
+    family: Family
+    hooks: HookManager = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hooks = HookManager(self.model, self.family, self.n_layers, self.n_heads)
+
+    # --- shape facts -------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @cached_property
+    def n_layers(self) -> int:
+        return len(first_path(self.model, self.family.layers, "decoder blocks"))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(getattr(self.config, "head_dim", None) or self.d_model // self.n_heads)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_context(self) -> int:
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.config, key, None)
+            if value:
+                return int(value)
+        return 2048
+
+    def hook_points(self) -> list[str]:
+        """Valid hook point names, in forward order."""
+        return self.hooks.names()
+
+    def hook_width(self, hook_name: str) -> int:
+        """Width of the flat activation at ``hook_name`` (``n_heads * d_head`` for ``attn.hook_z``)."""
+        self.hooks.check(hook_name)
+        _, kind = parse_hook_name(hook_name)
+        return self.n_heads * self.d_head if kind == "attn.hook_z" else self.d_model
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """BOS/EOS/PAD and other added special tokens (excluded from statistics by default)."""
+        tok = self.tokenizer
+        ids = set(getattr(tok, "all_special_ids", []) or [])
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tok, attr, None)
+            if isinstance(value, int):
+                ids.add(value)
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self.config, attr, None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    # --- unembedding -------------------------------------------------------------
+    def final_norm(self) -> nn.Module:
+        return first_path(self.model, self.family.final_norm, "final norm")
+
+    def unembed_matrix(self) -> torch.Tensor:
+        """``W_U`` as ``[vocab, d_model]`` (the LM head weight)."""
+        return self.model.get_output_embeddings().weight
+
+    def final_norm_scale(self) -> torch.Tensor:
+        """Elementwise scale the final norm applies (Gemma stores ``w`` and scales by ``1 + w``)."""
+        weight = self.final_norm().weight.detach().float()
+        if self.family.name in ("gemma", "gemma2"):
+            return 1.0 + weight
+        return weight
+
+    # --- forwards ------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(
+        self,
+        input_ids: torch.Tensor,
+        hook_names: str | Sequence[str],
+        *,
+        attention_mask: torch.Tensor | None = None,
+        stop_early: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Activations at ``hook_names`` for ``input_ids [batch, pos]``; stops once all are seen when ``stop_early``."""
+        names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+        store: dict[str, torch.Tensor] = {}
+
+        def grab(name: str):
+            def fn(act: torch.Tensor) -> None:
+                store[name] = act.detach().clone()
+                if stop_early and len(store) == len(names):
+                    raise StopForward
+
+            return fn
+
+        with interventions(self.hooks, [(n, grab(n)) for n in names]):
+            try:
+                self.model(input_ids=input_ids.to(self.device), attention_mask=_to(attention_mask, self.device), use_cache=False)
+            except StopForward:
+                pass
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise RuntimeError(f"hook points {missing} were not reached by the forward pass")
+        return store
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward; logits ``[batch, pos, vocab]`` (interventions active in this thread apply)."""
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=_to(attention_mask, self.device), use_cache=False)
+        return out.logits
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _hub_error(name: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"could not load model {name!r}: it is not a local directory or file, and fetching it from the "
+        f"Hugging Face hub failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+        "Check the id and your network, or pass a local path (saescope demo uses a bundled model offline)."
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and tokenizer from a local dir, a hub id, or a GGUF file, ready for hooks."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = str(name_or_path)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
+        source, gguf_file = str(path.parent), path.name
+        path = path.parent
+    is_local = path.exists()
+    if not is_local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"model path {source!r} does not exist")
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if is_local:
+        kwargs["local_files_only"] = True
+        if gguf_file and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {source}")
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if is_local:
+            raise ValueError(f"{source!r} is not a Hugging Face model directory (no usable config.json): {err}") from err
+        raise _hub_error(source, err) from err
+    family = family_for(config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if is_local:
+            raise ValueError(f"could not load the model in {source!r}: {err}") from err
+        raise _hub_error(source, err) from err
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, name=source if not gguf_file else f"{source}/{gguf_file}", family=family)
+
+
+def from_module(model: nn.Module, tokenizer: object, name: str = "in-memory") -> LoadedModel:
+    """Wrap an already-built model (e.g. a tiny random one in tests) with saescope's hooks."""
+    model.eval().requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=next(model.parameters()).device,
+        name=name,
+        family=family_for(model.config.model_type),
+    )

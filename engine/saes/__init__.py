@@ -1,0 +1,8 @@
+"""SAE architectures (one module each), the registry, and file formats."""
+
+from . import gated, jumprelu, matching_pursuit, standard, topk  # noqa: F401  (register architectures)
+from .base import SAE, ForwardOutput, architectures, register, sae_class
+from .config import SAEConfig
+from .io import build_sae, load_sae
+
+__all__ = ["SAE", "SAEConfig", "ForwardOutput", "architectures", "build_sae", "load_sae", "register", "sae_class"]

@@ -1,0 +1,169 @@
+"""The interface every SAE architecture implements, and the architecture registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import SAEConfig
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+
+
+class ForwardOutput(NamedTuple):
+    """Result of one SAE pass over activations ``x [..., d_in]``."""
+
+    codes: torch.Tensor
+    """Dense latent activations ``[..., d_sae]``."""
+    x_hat: torch.Tensor
+    """Reconstruction ``[..., d_in]`` (in the SAE's dtype)."""
+    error: torch.Tensor
+    """``x - x_hat`` in float32."""
+
+
+class _Norm(NamedTuple):
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+class SAE(nn.Module):
+    """Base class: input processing, normalisation and saving; subclasses define ``_encode``/``_decode``."""
+
+    architecture: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        for name, shape in self.tensor_shapes(cfg).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape), requires_grad=False))
+
+    @classmethod
+    def tensor_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every stored tensor (SAELens v6 names and orientation)."""
+        return {
+            "W_enc": (cfg.d_in, cfg.d_sae),
+            "b_enc": (cfg.d_sae,),
+            "W_dec": (cfg.d_sae, cfg.d_in),
+            "b_dec": (cfg.d_in,),
+        }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    # --- input / output processing --------------------------------------------------
+    def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size | None]:
+        if x.shape[-1] == self.cfg.d_in:
+            return x, None
+        if x.ndim >= 2 and x.shape[-2] * x.shape[-1] == self.cfg.d_in:
+            return x.flatten(-2), x.shape
+        raise ValueError(
+            f"activation width {x.shape[-1]} (shape {tuple(x.shape)}) does not match this SAE's d_in={self.cfg.d_in}"
+        )
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, _Norm]:
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            scale = (self.cfg.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+            return x * scale, _Norm(scale=scale)
+        if mode == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            return x / (std + 1e-5), _Norm(scale=std, shift=mu)
+        return x, _Norm()
+
+    def _denormalize(self, x: torch.Tensor, norm: _Norm) -> torch.Tensor:
+        if self.cfg.normalize_activations == "constant_norm_rescale" and norm.scale is not None:
+            return x / norm.scale
+        if self.cfg.normalize_activations == "layer_norm" and norm.scale is not None:
+            return x * norm.scale + norm.shift
+        return x
+
+    def process_in(self, x: torch.Tensor) -> tuple[torch.Tensor, _Norm, torch.Size | None]:
+        """Cast, flatten head dims, normalise and centre the input as SAELens does."""
+        x, shape = self._flatten(x.to(self.dtype))
+        x, norm = self._normalize(x)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x, norm, shape
+
+    # --- the interface ----------------------------------------------------------------
+    def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_dec
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``[..., d_sae]`` for activations ``[..., d_in]``."""
+        sae_in, _, _ = self.process_in(x)
+        return self._encode(sae_in)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[..., d_in]`` from codes (no input-norm undo: use ``forward`` for that)."""
+        if codes.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"codes have width {codes.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
+        return self._decode(codes.to(self.dtype))
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """Encode and decode, undoing input normalisation and head flattening."""
+        sae_in, norm, shape = self.process_in(x)
+        codes = self._encode(sae_in)
+        x_hat = self._denormalize(self._decode(codes), norm)
+        if shape is not None:
+            x_hat = x_hat.unflatten(-1, shape[-2:])
+        return ForwardOutput(codes, x_hat, x.float() - x_hat.float())
+
+    def decoder_directions(self) -> torch.Tensor:
+        """Rows of ``W_dec`` ``[d_sae, d_in]``: each latent's write direction."""
+        return self.W_dec
+
+    def save(self, path: str | Path) -> Path:
+        """Write an SAELens v6 directory (``cfg.json`` + ``sae_weights.safetensors``)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        self.cfg.dtype = str(self.dtype).removeprefix("torch.")
+        save_file(tensors, str(path / WEIGHTS_FILE))
+        (path / CFG_FILE).write_text(json.dumps(self.cfg.to_saelens_dict(), indent=2))
+        return path
+
+    def extra_repr(self) -> str:
+        return f"architecture={self.architecture}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, hook={self.cfg.hook_name!r}"
+
+
+_REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    """Class decorator adding an architecture to the registry (duplicates refused)."""
+    if cls.architecture in _REGISTRY:
+        raise ValueError(f"SAE architecture {cls.architecture!r} is already registered")
+    _REGISTRY[cls.architecture] = cls
+    return cls
+
+
+def architectures() -> list[str]:
+    """Registered architecture names."""
+    return sorted(_REGISTRY)
+
+
+def sae_class(architecture: str) -> type[SAE]:
+    """The class for ``architecture``, or a ValueError naming the known ones."""
+    try:
+        return _REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unknown SAE architecture {architecture!r}; known architectures: {', '.join(architectures())}"
+        ) from None

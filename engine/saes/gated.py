@@ -1,0 +1,26 @@
+"""Gated SAE: a gate path decides which latents fire, a rescaled magnitude path says how much."""
+
+import torch
+
+from .base import SAE, register
+
+
+@register
+class GatedSAE(SAE):
+    architecture = "gated"
+
+    @classmethod
+    def tensor_shapes(cls, cfg):
+        return {
+            "W_enc": (cfg.d_in, cfg.d_sae),
+            "b_gate": (cfg.d_sae,),
+            "r_mag": (cfg.d_sae,),
+            "b_mag": (cfg.d_sae,),
+            "W_dec": (cfg.d_sae, cfg.d_in),
+            "b_dec": (cfg.d_in,),
+        }
+
+    def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
+        gate = (sae_in @ self.W_enc + self.b_gate) > 0
+        magnitude = torch.relu(sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+        return gate.to(magnitude.dtype) * magnitude
