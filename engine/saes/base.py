@@ -116,10 +116,13 @@ class SAE(nn.Module):
             raise ValueError(f"codes have width {codes.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
         return self._decode(codes.to(self.dtype))
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
-        """Encode and decode, undoing input normalisation and head flattening."""
+    def forward(self, x: torch.Tensor, **encode_kwargs) -> ForwardOutput:
+        """Encode and decode, undoing input normalisation and head flattening.
+
+        ``encode_kwargs`` reach the architecture's encoder (e.g. ``max_iterations`` for matching pursuit).
+        """
         sae_in, norm, shape = self.process_in(x)
-        codes = self._encode(sae_in)
+        codes = self._encode(sae_in, **encode_kwargs)
         x_hat = self._denormalize(self._decode(codes), norm)
         if shape is not None:
             x_hat = x_hat.unflatten(-1, shape[-2:])

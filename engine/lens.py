@@ -1,0 +1,143 @@
+"""The prompt lens: which latents fire on each token of a prompt, and what the SAE misses there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .activations import stats_mask
+from .interventions import check_sae_fits
+from .models import LoadedModel
+from .saes import SAE
+
+
+def display_tokens(tokenizer, token_ids) -> list[str]:
+    """Human-readable text of each token id (byte-level pieces decoded one by one)."""
+    return [tokenizer.decode([int(t)], clean_up_tokenization_spaces=False) for t in token_ids]
+
+
+@dataclass(frozen=True)
+class TokenLens:
+    """One prompt token: its top latents and its reconstruction error."""
+
+    position: int
+    token_id: int
+    token: str
+    top_latents: list[tuple[int, float]]
+    l0: int
+    x_norm: float
+    err_norm: float
+    err_linear_norm: float | None
+    """Norm of the error part the run's linear map predicts from x (None without a map)."""
+    err_nonlinear_norm: float | None
+    ce_delta: float | None
+    """Loss of predicting the next token with the SAE spliced in minus clean (None for the last token)."""
+    included: bool
+    """False for position 0 and special tokens, which the SAE leaves untouched."""
+
+
+@dataclass(frozen=True)
+class LensResult:
+    tokens: list[TokenLens]
+    codes: torch.Tensor
+    """Dense codes ``[pos, d_sae]`` (float32, CPU); zero rows where not included."""
+    truncated: bool
+    n_input_tokens: int
+
+    def latent_acts(self, latent: int) -> list[float]:
+        """Activation of ``latent`` on every token."""
+        return self.codes[:, latent].tolist()
+
+
+def tokenize_prompt(lm: LoadedModel, text: str, *, chat: bool = False) -> list[int]:
+    """Token ids of ``text`` (as a user chat message rendered with the model's template when ``chat``)."""
+    tok = lm.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return tok(rendered, add_special_tokens=False)["input_ids"]
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def prompt_lens(
+    lm: LoadedModel,
+    sae: SAE,
+    token_ids: list[int],
+    *,
+    top_k: int = 8,
+    max_tokens: int | None = None,
+    linear_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+    with_ce: bool = True,
+    encode_kwargs: dict | None = None,
+) -> LensResult:
+    """Run the prompt once (a batch of clean + SAE-spliced rows when ``with_ce``) and describe every token."""
+    if not token_ids:
+        raise ValueError("the prompt is empty: type some text first")
+    hook = check_sae_fits(lm, sae)
+    limit = min(max_tokens or lm.max_context, lm.max_context)
+    truncated = len(token_ids) > limit
+    n_input = len(token_ids)
+    ids = torch.tensor([token_ids[:limit]], dtype=torch.long)
+    mask = stats_mask(ids, lm.special_token_ids)[0].to(lm.device)
+    captured: dict[str, torch.Tensor] = {}
+    kwargs = encode_kwargs or {}
+
+    def record(row: torch.Tensor):
+        out = sae(row, **kwargs)
+        captured.update(x=row.float(), codes=out.codes.float(), error=out.error)
+        return out
+
+    def splice_last_row(x: torch.Tensor) -> torch.Tensor:
+        row = x[-1]
+        out = record(row)
+        new = x.clone()
+        keep = mask.reshape(-1, *([1] * (row.ndim - 1)))
+        new[-1] = torch.where(keep, out.x_hat.to(x.dtype), row)
+        return new
+
+    logits = None
+    if with_ce:
+        with lm.hooks.intervene(hook, splice_last_row):
+            logits = lm.logits(ids.repeat(2, 1))
+    else:
+        record(lm.capture(ids, hook)[hook][0])
+    return _describe(lm, ids[0], captured, mask, logits, top_k, linear_map, truncated, n_input)
+
+
+def _describe(lm, ids, cap, mask, logits, top_k, linear_map, truncated, n_input) -> LensResult:
+    x, codes, error = cap["x"], cap["codes"], cap["error"]
+    if x.ndim == 3:  # attn.hook_z: [pos, heads, d_head]
+        x, error = x.flatten(-2), error.flatten(-2)
+    codes = codes * mask.unsqueeze(-1)
+    x_norm, err_norm = x.norm(dim=-1), error.norm(dim=-1)
+    lin = nonlin = None
+    if linear_map is not None:
+        W, b = (t.to(x.device, torch.float32) for t in linear_map)
+        pred = x @ W + b
+        lin, nonlin = pred.norm(dim=-1), (error - pred).norm(dim=-1)
+    delta = None
+    if logits is not None:
+        targets = ids[1:].to(logits.device)
+        clean = F.cross_entropy(logits[0, :-1].float(), targets, reduction="none")
+        spliced = F.cross_entropy(logits[1, :-1].float(), targets, reduction="none")
+        delta = (spliced - clean).tolist()
+    values, latents = codes.topk(min(top_k, codes.shape[-1]), dim=-1)
+    strings = display_tokens(lm.tokenizer, ids.tolist())
+    rows = []
+    for p, tid in enumerate(ids.tolist()):
+        tops = [(int(i), float(v)) for i, v in zip(latents[p].tolist(), values[p].tolist()) if v > 0]
+        rows.append(
+            TokenLens(
+                position=p, token_id=tid, token=strings[p], top_latents=tops, l0=int((codes[p] > 0).sum()),
+                x_norm=float(x_norm[p]), err_norm=float(err_norm[p]),
+                err_linear_norm=None if lin is None else float(lin[p]),
+                err_nonlinear_norm=None if nonlin is None else float(nonlin[p]),
+                ce_delta=None if delta is None or p >= len(delta) else float(delta[p]),
+                included=bool(mask[p]),
+            )
+        )
+    return LensResult(rows, codes.cpu(), truncated, n_input)
