@@ -205,6 +205,21 @@ def _hub_error(name: str, err: Exception) -> ValueError:
     )
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode or no DNS), or None if it may be."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"cannot resolve {host}: {err}"
+    return None
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -226,6 +241,10 @@ def load_model(
     if not is_local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"model path {source!r} does not exist")
     kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if not is_local:
+        reason = _hub_unreachable()
+        if reason:
+            raise _hub_error(source, OSError(f"offline: {reason}"))
     if is_local:
         kwargs["local_files_only"] = True
         if gguf_file and not (path / gguf_file).is_file():

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm", "covariance_whitening")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True
     """Subtract ``b_dec`` from the input before encoding."""
     normalize_activations: str = "none"
-    """One of ``NORMALIZATIONS``; ``expected_average_only_in`` is folded into the weights, so identity at inference."""
+    """One of ``NORMALIZATIONS``; ``expected_average_only_in`` and ``covariance_whitening`` are folded into the weights, so identity at inference (as in SAELens)."""
     reshape_activations: str = "none"
     """``hook_z`` to flatten ``[..., n_heads, d_head]`` inputs."""
     k: int | None = None

@@ -61,6 +61,8 @@ def _from_sparsify(raw: dict[str, Any], tensors: dict[str, torch.Tensor], hookpo
             raise ValueError(f"sparsify SAE is missing tensor {key!r} (has {', '.join(sorted(tensors))})")
     if raw.get("transcode") or "W_skip" in tensors or raw.get("skip_connection"):
         raise ValueError("sparsify transcoders and skip connections are not supported (saescope reads plain SAEs)")
+    if raw.get("activation", "topk") != "topk":
+        raise ValueError(f"sparsify activation {raw.get('activation')!r} is not supported (only 'topk')")
     if "k" not in raw:
         raise ValueError("sparsify cfg.json is missing required key 'k'")
     enc = tensors["encoder.weight"]
