@@ -249,6 +249,8 @@ def load_model(
         kwargs["local_files_only"] = True
         if gguf_file and not (path / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {source}")
+    if is_local and not gguf_file and not (path / "config.json").is_file():
+        raise ValueError(f"{source!r} is not a Hugging Face model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as err:

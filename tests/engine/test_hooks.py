@@ -1,0 +1,182 @@
+"""Hook points on every family: capture, early stop, replacement, steering, thread isolation."""
+
+import threading
+
+import pytest
+import torch
+
+from engine import add_vector, check_sae_fits, clamp_latents, splice_sae, steering_vector
+from engine.families import supported_model_types
+from engine.hooks import StopForward
+from engine.tiny import tiny_model
+
+from .saes_util import random_sae
+
+FAMILIES = ["gpt2", "llama", "qwen2", "gpt_neox", "gemma", "gemma2"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lm(request):
+    return tiny_model(request.param)
+
+
+def _ids(lm, n=2, length=12, seed=0):
+    return torch.randint(1, lm.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hook_points_listed(lm):
+    names = lm.hook_points()
+    assert len(names) == 5 * lm.n_layers
+    assert {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.0.hook_attn_out"} <= set(names)
+
+
+def test_capture_equals_hidden_states(lm):
+    ids = _ids(lm)
+    hidden = lm.model(ids, output_hidden_states=True).hidden_states
+    for layer in range(lm.n_layers - 1):  # the last hidden state has the final norm applied
+        acts = lm.capture(ids, [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"])
+        torch.testing.assert_close(acts[f"blocks.{layer}.hook_resid_pre"], hidden[layer])
+        torch.testing.assert_close(acts[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1])
+
+
+def test_residual_decomposes_into_attn_and_mlp(lm):
+    ids = _ids(lm)
+    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    a = lm.capture(ids, names, stop_early=False)
+    torch.testing.assert_close(a[names[0]] + a[names[1]] + a[names[2]], a[names[3]], atol=1e-5, rtol=1e-4)
+
+
+def test_hook_z_is_per_head(lm):
+    acts = lm.capture(_ids(lm), "blocks.0.attn.hook_z")["blocks.0.attn.hook_z"]
+    assert acts.shape == (2, 12, lm.n_heads, lm.d_head)
+    assert lm.hook_width("blocks.0.attn.hook_z") == lm.n_heads * lm.d_head
+
+
+def test_capture_stops_early(lm):
+    calls = []
+    last = lm.hooks.points[f"blocks.{lm.n_layers - 1}.hook_resid_post"].module
+    handle = last.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        lm.capture(_ids(lm), "blocks.0.hook_resid_post")
+        assert calls == []
+        lm.capture(_ids(lm), "blocks.0.hook_resid_post", stop_early=False)
+        assert calls == [1]
+    finally:
+        handle.remove()
+
+
+def test_unknown_hook_lists_valid_names(lm):
+    with pytest.raises(ValueError, match=r"unknown hook point 'blocks\.9\.hook_resid_post'.*blocks\.0\.hook_resid_pre"):
+        lm.capture(_ids(lm), "blocks.9.hook_resid_post")
+    with pytest.raises(ValueError, match="unknown hook point 'transformer.h.0'"):
+        lm.hooks.check("transformer.h.0")
+
+
+def test_splice_with_error_equals_clean(lm):
+    ids = _ids(lm)
+    sae = random_sae("topk", d_in=lm.d_model, hook="blocks.0.hook_resid_post")
+    clean = lm.logits(ids)
+    with splice_sae(lm, sae, add_error=True):
+        spliced = lm.logits(ids)
+    torch.testing.assert_close(spliced, clean, atol=1e-4, rtol=1e-4)
+    with splice_sae(lm, sae):
+        recon = lm.logits(ids)
+    assert not torch.allclose(recon, clean, atol=1e-3)
+    torch.testing.assert_close(lm.logits(ids), clean)  # nothing left behind
+
+
+def test_splice_mask_keeps_masked_positions_clean(lm):
+    ids = _ids(lm, n=1)
+    sae = random_sae("standard", d_in=lm.d_model, hook="blocks.0.hook_resid_post")
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    with splice_sae(lm, sae, mask=mask):
+        torch.testing.assert_close(lm.logits(ids), lm.model(ids).logits)
+
+
+def test_intervention_removed_after_exception(lm):
+    ids = _ids(lm)
+    clean = lm.logits(ids)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lm.hooks.intervene("blocks.0.hook_resid_post", lambda x: x * 0):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(lm.logits(ids), clean)
+
+
+def test_stop_forward_is_not_leaked(lm):
+    def stop(x):
+        raise StopForward
+
+    with pytest.raises(StopForward):
+        with lm.hooks.intervene("blocks.0.hook_resid_pre", stop):
+            lm.logits(_ids(lm))
+    assert lm.logits(_ids(lm)).shape[-1] == lm.config.vocab_size
+
+
+def test_steering_adds_decoder_rows(lm):
+    sae = random_sae("standard", d_in=lm.d_model, hook="blocks.0.hook_resid_post")
+    ids = _ids(lm)
+    vec = steering_vector(sae, {3: 2.0, 7: -1.0})
+    torch.testing.assert_close(vec, 2 * sae.W_dec[3] - sae.W_dec[7])
+    base = lm.capture(ids, "blocks.0.hook_resid_post")["blocks.0.hook_resid_post"]
+    with add_vector(lm, "blocks.0.hook_resid_post", vec):
+        steered = lm.capture(ids, "blocks.0.hook_resid_post")["blocks.0.hook_resid_post"]
+    torch.testing.assert_close(steered - base, vec.expand_as(base), atol=1e-5, rtol=1e-5)
+
+
+def test_clamp_sets_latent(lm):
+    sae = random_sae("standard", d_in=lm.d_model, hook="blocks.0.hook_resid_post", apply_b_dec_to_input=False)
+    ids = _ids(lm)
+    with clamp_latents(lm, sae, {5: 3.0}):
+        x = lm.capture(ids, "blocks.0.hook_resid_post")["blocks.0.hook_resid_post"]
+    base = lm.capture(ids, "blocks.0.hook_resid_post")["blocks.0.hook_resid_post"]
+    expected = base + (3.0 - sae.encode(base)[..., 5:6]) * sae.W_dec[5]
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sae_width_mismatch(lm):
+    sae = random_sae("standard", d_in=lm.d_model * 2, hook="blocks.0.hook_resid_post")
+    with pytest.raises(ValueError, match=rf"SAE d_in={lm.d_model * 2} does not match the model's width {lm.d_model}"):
+        check_sae_fits(lm, sae)
+    sae = random_sae("standard", d_in=lm.d_model, hook="blocks.7.hook_resid_post")
+    with pytest.raises(ValueError, match="unknown hook point"):
+        check_sae_fits(lm, sae)
+
+
+def test_unsupported_family_names_supported():
+    from engine.families import family_for
+
+    with pytest.raises(ValueError, match=r"unsupported model family 'mamba'.*gpt2.*llama"):
+        family_for("mamba")
+    assert "gemma2" in supported_model_types()
+
+
+def test_threads_share_a_model_without_leaking(tiny_llama):
+    """Eight threads steering differently on one model each get exactly their solo result."""
+    lm = tiny_llama
+    sae = random_sae("standard", d_in=lm.d_model, hook="blocks.0.hook_resid_post")
+    ids = _ids(lm, n=1, length=16)
+    hook = "blocks.0.hook_resid_post"
+
+    def run(i: int) -> torch.Tensor:
+        with add_vector(lm, hook, steering_vector(sae, {i: 5.0 * (i + 1)})):
+            return lm.logits(ids)
+
+    solo = [run(i) for i in range(8)]
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(8)}
+    barrier = threading.Barrier(8)
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(5):
+            results[i].append(run(i))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert len(results[i]) == 5
+        for r in results[i]:
+            torch.testing.assert_close(r, solo[i])
+    assert not torch.allclose(solo[0], solo[1])
