@@ -1,0 +1,105 @@
+"""The TopK trainer on a tiny model, its output directory, and its refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from engine import load_sae
+from engine.tiny import TINY_TEXT
+from engine.train import TrainConfig, train_sae
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    lines = [json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(300)]
+    (folder / "train.jsonl").write_text("\n".join(lines))
+    return folder / "train.jsonl"
+
+
+def _cfg(corpus, **kw):
+    base = dict(hook_name=HOOK, corpus=str(corpus), width=256, k=8, tokens=30_000, context_len=64, batch_size=512,
+                buffer_tokens=8192, eval_contexts=8, ce_contexts=4, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_trainer_learns_and_writes_a_loadable_sae(tiny_llama, corpus, tmp_path):
+    report = train_sae(tiny_llama, _cfg(corpus), tmp_path / "sae", progress=False)
+    first, last = report["log"][0], report["log"][-1]
+    assert 1 - last["fvu"] > (1 - first["fvu"]) + 0.2, (first, last)
+    assert report["heldout"]["explained_variance"] > 0.5
+    assert report["tokens_seen"] == 30_000
+    for key in ("mse", "l0", "dead_fraction", "dense_fraction", "ce_loss_clean", "ce_loss_with_sae",
+                "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div"):
+        assert key in report["heldout"]
+    assert report["heldout"]["l0"] == pytest.approx(8, abs=0.5)
+    on_disk = json.loads((tmp_path / "sae" / "training_report.json").read_text())
+    assert on_disk["tokens_seen"] == 30_000 and on_disk["settings"]["width"] == 256
+    sae = load_sae(tmp_path / "sae")
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == 8 and sae.cfg.hook_name == HOOK
+    norms = sae.W_dec.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
+
+
+def test_refuses_existing_output(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "sae"
+    out.mkdir()
+    (out / "cfg.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds an SAE; pass --force"):
+        train_sae(tiny_llama, _cfg(corpus), out, progress=False)
+
+
+def test_bad_settings(tiny_llama, corpus, tmp_path):
+    with pytest.raises(ValueError, match="--k must satisfy"):
+        _cfg(corpus, k=256)
+    with pytest.raises(ValueError, match="unknown hook point"):
+        train_sae(tiny_llama, _cfg(corpus, hook_name="blocks.5.hook_resid_post"), tmp_path / "a", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_sae(tiny_llama, _cfg(tmp_path / "missing.txt"), tmp_path / "b", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        train_sae(tiny_llama, _cfg(empty), tmp_path / "c", progress=False)
+
+
+def test_corpus_smaller_than_one_batch(tiny_llama, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text(TINY_TEXT * 3)
+    cfg = TrainConfig(hook_name=HOOK, corpus=str(small), width=64, k=4, tokens=10_000, context_len=32,
+                      batch_size=4096, buffer_tokens=8192, eval_contexts=2, ce_contexts=1)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_sae(tiny_llama, cfg, tmp_path / "out", progress=False)
+
+
+def test_interrupt_leaves_no_sae(tmp_path, corpus):
+    """Ctrl-C during training: exit code 130 and no directory that looks like a finished SAE."""
+    from engine.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(5000)))
+    out = tmp_path / "sae"
+    cmd = [sys.executable, "-m", "engine.cli", "train-sae", "--model", str(model), "--dtype", "float32", "--hook", HOOK,
+           "--corpus", str(big), "--width", "256", "--k", "8", "--tokens", "50000000", "--context-len", "64",
+           "--batch-size", "512", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    seen = b""
+    deadline = time.time() + 120
+    while b"train-sae:" not in seen and time.time() < deadline and proc.poll() is None:
+        seen += os.read(proc.stderr.fileno(), 4096)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = (seen + err).decode(errors="replace")
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not (out / "cfg.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sae.tmp")]
