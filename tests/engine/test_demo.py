@@ -62,3 +62,12 @@ def test_committed_demo_sae_matches_its_report(demo_lm):
     assert quick["explained_variance"] == pytest.approx(held["explained_variance"], abs=0.06)
     assert quick["ce_loss_recovered"] == pytest.approx(held["ce_loss_recovered"], abs=0.06)
     assert quick["l0"] == pytest.approx(held["l0"], abs=1)
+
+
+def test_load_model_reads_gguf_directly():
+    from engine.demo import data_dir, fetch_gguf
+
+    gguf = fetch_gguf(data_dir() / "cache")
+    lm = load_model(gguf, device="cpu", dtype="float32")
+    assert lm.family.name == "llama" and lm.n_layers == 30
+    assert lm.name.endswith(".gguf")
