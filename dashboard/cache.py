@@ -1,0 +1,135 @@
+"""Every ``st.cache_resource`` / ``st.cache_data`` wrapper of the app, in one place.
+
+Model, SAE and run store are loaded once per server process and shared by all sessions (the engine's hooks
+are per-thread, so sessions cannot see each other's interventions). Nothing here reads ``st.session_state``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere in the server
+
+import streamlit as st
+
+from engine.schema import MANIFEST
+
+RUN_ENV = "SAESCOPE_RUN"
+"""The run directory (or a directory of runs) the server opens; ``saescope serve`` sets it."""
+DEVICE_ENV = "SAESCOPE_DEVICE"
+"""Where live pages run the model: ``auto`` (default), ``cpu``, ``cuda``..."""
+
+
+def run_root() -> Path | None:
+    """The path given to ``saescope serve --run`` (``None`` when the app was started without one)."""
+    value = os.environ.get(RUN_ENV, "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def device() -> str:
+    return os.environ.get(DEVICE_ENV, "auto")
+
+
+def _stamp(run_dir: str) -> float:
+    """Changes when the run is rewritten, so a re-precomputed run is reopened rather than served stale."""
+    try:
+        return (Path(run_dir) / MANIFEST).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(ttl=15, show_spinner=False)
+def list_runs(root: str) -> list[str]:
+    """Runs under ``root``: ``[root]`` if it is one, else its sub-directories holding a manifest (sorted)."""
+    path = Path(root)
+    if (path / MANIFEST).is_file() or not path.is_dir():
+        return [root]
+    return sorted(str(p) for p in path.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+
+
+@st.cache_data(show_spinner=False)
+def _manifest(run_dir: str, stamp: float) -> dict:
+    return json.loads((Path(run_dir) / MANIFEST).read_text())
+
+
+def manifest(run_dir: str) -> dict:
+    """The run's ``manifest.json`` (raises ``FileNotFoundError`` for an incomplete run)."""
+    return _manifest(run_dir, _stamp(run_dir))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _store(run_dir: str, stamp: float):
+    from engine.store import RunStore
+
+    return RunStore.open(run_dir)
+
+
+def store(run_dir: str):
+    """The run's query layer (read-only DuckDB over its Parquet files), opened once per process."""
+    return _store(run_dir, _stamp(run_dir))
+
+
+@st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=2)
+def model(source: str, dtype: str, device: str):
+    """A loaded causal LM with hook points, shared by every session."""
+    from engine.models import load_model
+
+    return load_model(source, device=device, dtype=dtype)
+
+
+@st.cache_resource(show_spinner="Loading the SAE…", max_entries=4)
+def sae(path: str, device: str):
+    """A loaded SAE on ``device``, shared by every session."""
+    from engine.models import resolve_device
+    from engine.saes import load_sae
+
+    return load_sae(path, device=resolve_device(device))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _linear_map(run_dir: str, stamp: float):
+    return store(run_dir).linear_map()
+
+
+def linear_map(run_dir: str):
+    """The run's dark-matter linear map ``(W [d_in, d_in], b [d_in])`` from x to the SAE error, or ``None``."""
+    return _linear_map(run_dir, _stamp(run_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def _feature(run_dir: str, stamp: float, feature_id: int) -> dict | None:
+    return store(run_dir).feature(feature_id)
+
+
+def feature(run_dir: str, feature_id: int) -> dict | None:
+    """One latent's row of ``features.parquet`` with its examples, or ``None`` for an unknown id."""
+    return _feature(run_dir, _stamp(run_dir), int(feature_id))
+
+
+@st.cache_resource(show_spinner="Running the prompt…", max_entries=16, ttl=900)
+def lens(run_dir: str, model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], top_k: int, max_tokens: int, steps: int | None):
+    """``engine.lens.prompt_lens`` on the run's model and SAE (kept without copying: results hold big code arrays)."""
+    from engine.lens import prompt_lens
+
+    lm = model(*model_key, device())
+    kwargs = {"max_iterations": steps} if steps else None
+    return prompt_lens(
+        lm, sae(sae_path, str(lm.device)), list(token_ids), top_k=top_k, max_tokens=max_tokens,
+        linear_map=linear_map(run_dir), with_ce=True, encode_kwargs=kwargs,
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _labels(run_dir: str, stamp: float, ids: tuple[int, ...]) -> dict[int, str]:
+    out = {}
+    for i in ids:
+        row = store(run_dir).feature(i)
+        out[i] = (row or {}).get("label") or ""
+    return out
+
+
+def labels(run_dir: str, ids) -> dict[int, str]:
+    """Labels of several latents (empty string where a latent has none)."""
+    return _labels(run_dir, _stamp(run_dir), tuple(int(i) for i in ids))

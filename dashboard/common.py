@@ -1,0 +1,152 @@
+"""What every page needs: the current run, its store, the live model and SAE, links between pages.
+
+Failures become a message in the page (``st.error`` then ``st.stop``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard import cache
+from engine.schema import MANIFEST
+
+FEATURES_PAGE = "pages/features.py"
+STEERING_PAGE = "pages/steering.py"
+LENS_PAGE = "pages/lens.py"
+
+
+def fail(message: str) -> None:
+    """Show ``message`` as the page's error and end this script run."""
+    st.error(message, icon=":material/error:")
+    st.stop()
+
+
+@contextlib.contextmanager
+def shown_errors(what: str) -> Iterator[None]:
+    """Turn an exception inside the block into an error message (Streamlit's own stop/rerun pass through)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  the page must not show a traceback
+        st.error(f"{what}: {err}", icon=":material/error:")
+
+
+def _multi_root() -> Path | None:
+    root = cache.run_root()
+    if root is None or (root / MANIFEST).is_file() or not root.is_dir():
+        return None
+    return root
+
+
+def run_picker() -> None:
+    """A sidebar picker when the server was given a directory of runs; the choice is kept in the URL (``run=``)."""
+    root = _multi_root()
+    if root is None:
+        return
+    runs = [Path(r).name for r in cache.list_runs(str(root))]
+    if not runs:
+        return
+    if st.session_state.get("run") not in runs:  # first visit (a shared link may name the run) or run gone
+        wanted = st.query_params.get("run")
+        st.session_state["run"] = wanted if wanted in runs else runs[0]
+    name = st.sidebar.selectbox("Run", runs, key="run", help=f"runs under {root}")
+    st.query_params["run"] = name
+
+
+def current_run() -> str:
+    """The selected run directory, after checking it is complete; otherwise a message and stop."""
+    root = cache.run_root()
+    if root is None:
+        fail("No run to show: start the app with `saescope serve --run RUN_DIR` (or `saescope demo`).")
+    if not root.exists():
+        fail(f"The run directory `{root}` does not exist.")
+    multi = _multi_root()
+    if multi is not None:
+        name = st.session_state.get("run")
+        if not name:
+            fail(
+                f"`{root}` holds no complete run (no sub-directory with a `{MANIFEST}`). "
+                "Precompute one with `saescope precompute`, or wait for a running precompute to finish."
+            )
+        run = multi / name
+    else:
+        run = root
+    if not (run / MANIFEST).is_file():
+        fail(
+            f"`{run}` has no `{MANIFEST}`: the run is incomplete (its precompute is still running or was "
+            "interrupted). Run `saescope precompute` again to finish it."
+        )
+    return str(run)
+
+
+def run_store(run_dir: str):
+    """The run's store, or a message saying why it cannot be opened."""
+    try:
+        return cache.store(run_dir)
+    except Exception as err:  # noqa: BLE001
+        fail(f"Could not open the run `{run_dir}`: {err}")
+
+
+def manifest(run_dir: str) -> dict:
+    try:
+        return cache.manifest(run_dir)
+    except Exception as err:  # noqa: BLE001
+        fail(f"Could not read the manifest of `{run_dir}`: {err}")
+
+
+def model_source(man: dict) -> tuple[str, str]:
+    """Where the run's model comes from and in which dtype, as the manifest records them."""
+    model = man.get("model") or {}
+    source = model.get("path") or model.get("name")
+    if not source:
+        fail("The run's manifest does not say which model it was computed on, so live pages cannot load it.")
+    return str(source), str(model.get("dtype") or "auto")
+
+
+def sae_source(man: dict) -> str:
+    sae = man.get("sae") or {}
+    if not sae.get("path"):
+        fail("The run's manifest does not say where its SAE is stored, so live pages cannot load it.")
+    return str(sae["path"])
+
+
+def live(run_dir: str):
+    """The run's model and SAE, loaded once per server, or a message saying why they cannot be."""
+    man = manifest(run_dir)
+    source, dtype = model_source(man)
+    try:
+        lm = cache.model(source, dtype, cache.device())
+    except Exception as err:  # noqa: BLE001
+        fail(f"Could not load the model `{source}`: {err}")
+    try:
+        sae = cache.sae(sae_source(man), str(lm.device))
+    except Exception as err:  # noqa: BLE001
+        fail(f"Could not load the SAE `{sae_source(man)}`: {err}")
+    return lm, sae
+
+
+def feature_link(feature_id: int, label: str = "", *, suffix: str = "") -> None:
+    """A link to a latent's feature page."""
+    text = f"#{feature_id}" + (f" · {label}" if label else "") + suffix
+    st.page_link(FEATURES_PAGE, label=text, query_params={"feature": str(feature_id)}, icon=":material/open_in_new:")
+
+
+def search(store, text: str, *, by: str | None = None, limit: int = 50) -> list[dict]:
+    """Latents matching ``text``: by ``by``, or (``None``) by id for a number, else by label, then by token."""
+    if by is not None:
+        return store.search(text, by=by, limit=limit)
+    if text.strip().lstrip("#").isdigit():
+        return store.search(text, by="id", limit=limit)
+    return store.search(text, by="label", limit=limit) or store.search(text, by="token", limit=limit)
+
+
+def query_int(key: str) -> int | None:
+    """An integer query parameter, or ``None`` when absent or not an integer."""
+    value = st.query_params.get(key)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,113 @@
+"""Prompt lens: every token of a prompt with its top latents, its reconstruction error and the SAE's loss cost."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import cache, common, render
+from engine.lens import tokenize_prompt
+
+PROMPT_LIMIT = 512  # tokens analysed: a longer prompt is cut, with a notice
+
+run = common.current_run()
+man = common.manifest(run)
+st.title("Prompt lens")
+lm, sae = common.live(run)
+st.caption(f"Which latents fire on each token at `{sae.cfg.hook_name}`, and what the SAE misses there.")
+
+text = st.text_area("Text", key="lens_text", height=110, placeholder="Type or paste text…")
+c1, c2, c3 = st.columns(3)
+has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+chat = c1.toggle("As a chat message", key="lens_chat", disabled=not has_template,
+                 help="Render the text as a user message with the model's chat template" if has_template else "This model has no chat template")
+top_k = c2.slider("Latents per token", 1, 16, 5, key="lens_top_k")
+steps = None
+if sae.cfg.architecture == "matching_pursuit":
+    most = int(sae.cfg.max_iterations or min(sae.cfg.d_in, 128))
+    steps = c3.slider("Pursuit steps", 1, max(most, 2), min(most, 32), key="lens_steps",
+                      help="Matching pursuit adds one latent per step: fewer steps, sparser codes (adaptive sparsity).")
+
+if not text.strip():
+    st.info("Type or paste some text above to see the latents on each of its tokens.")
+    st.stop()
+try:
+    ids = tokenize_prompt(lm, text, chat=chat)
+    result = cache.lens(run, common.model_source(man), common.sae_source(man), tuple(ids), top_k, PROMPT_LIMIT, steps)
+except Exception as err:  # noqa: BLE001  shown in the page, not as a traceback
+    common.fail(f"Could not run the prompt: {err}")
+if result.truncated:
+    st.warning(f"The prompt has {result.n_input_tokens} tokens: only the first {len(result.tokens)} were analysed.")
+
+rows = result.tokens
+strings = [t.token for t in rows]
+fired = result.codes.max(dim=0).values
+order = [int(i) for i in fired.argsort(descending=True)[: min(40, int((fired > 0).sum()))]]
+labels = cache.labels(run, order)
+options = ["top"] + [f"latent:{i}" for i in order] + ["error", "ce"]
+
+
+def describe(option: str) -> str:
+    if option == "top":
+        return "Each token's strongest latent"
+    if option == "error":
+        return "Reconstruction error norm ‖x − x̂‖"
+    if option == "ce":
+        return "Next-token loss change with the SAE spliced in"
+    latent = int(option.split(":")[1])
+    return f"Latent #{latent} · {labels.get(latent) or 'no label'} (max here {fired[latent]:.3g})"
+
+
+choice = st.selectbox("Tint the text by", options, index=1 if order else 0, format_func=describe, key="lens_tint")
+titles = [
+    f"{t.token!r} · position {t.position}"
+    + ("".join(f"\n#{i}: {v:.3f}" for i, v in t.top_latents) if t.top_latents else "\nno latent active")
+    + f"\n‖error‖ {t.err_norm:.3g}" + (f" · ΔCE {t.ce_delta:+.3f}" if t.ce_delta is not None else "")
+    + ("" if t.included else "\n(excluded: position 0 or special token)")
+    for t in rows
+]
+if choice == "top":
+    values, kw = [t.top_latents[0][1] if t.top_latents else 0.0 for t in rows], {"color": "act"}
+elif choice == "error":
+    values, kw = [t.err_norm if t.included else 0.0 for t in rows], {"color": "error"}
+elif choice == "ce":
+    values, kw = [t.ce_delta or 0.0 for t in rows], {"signed": True}
+else:
+    latent = int(choice.split(":")[1])
+    values, kw = result.latent_acts(latent), {"color": "act"}
+st.html(render.tokens_html(strings, values, titles=titles, **kw))
+if choice.startswith("latent:"):
+    common.feature_link(latent, labels.get(latent, ""), suffix=" — open its feature page")
+
+included = [t for t in rows if t.included]
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Tokens", len(rows))
+m2.metric("Mean L0", render.fmt(sum(t.l0 for t in included) / max(len(included), 1)))
+m3.metric("Mean ‖e‖ / ‖x‖", render.fmt(sum(t.err_norm / max(t.x_norm, 1e-9) for t in included) / max(len(included), 1)))
+deltas = [t.ce_delta for t in rows if t.ce_delta is not None and t.included]
+m4.metric("Mean ΔCE (SAE spliced)", render.fmt(sum(deltas) / len(deltas)) if deltas else "–")
+
+table = pd.DataFrame(
+    {
+        "pos": [t.position for t in rows],
+        "token": [render.visible(t.token) for t in rows],
+        "top latents": [", ".join(f"#{i} {v:.2f}" for i, v in t.top_latents) for t in rows],
+        "L0": [t.l0 for t in rows],
+        "‖x‖": [t.x_norm for t in rows],
+        "‖error‖": [t.err_norm for t in rows],
+        "linear part": [t.err_linear_norm for t in rows],
+        "nonlinear part": [t.err_nonlinear_norm for t in rows],
+        "ΔCE": [t.ce_delta for t in rows],
+        "counted": [t.included for t in rows],
+    }
+)
+st.subheader("Per token")
+st.caption("Error split: the part of the error the run's linear map predicts from x, and what it leaves (the nonlinear part). "
+           "ΔCE: loss of predicting the next token with the SAE's reconstruction spliced in, minus the clean loss.")
+st.dataframe(table, hide_index=True, width="stretch", column_config={
+    c: st.column_config.NumberColumn(format="%.3f") for c in ("‖x‖", "‖error‖", "linear part", "nonlinear part", "ΔCE")})
+
+pos = st.selectbox("Inspect a token", [t.position for t in rows], format_func=lambda p: f"{p}: {render.visible(strings[p])!r}", key="lens_pos")
+tops = rows[pos].top_latents
+if not tops:
+    st.caption("No latent is active on this token." + ("" if rows[pos].included else " (The SAE skips position 0 and special tokens.)"))
+for latent_id, value in tops:
+    common.feature_link(latent_id, cache.labels(run, [latent_id]).get(latent_id, ""), suffix=f" — {value:.3f}")

@@ -1,0 +1,60 @@
+"""Overview: what the run is (model, hook, SAE, corpus) and how well the SAE does, with the density spectrum."""
+
+import numpy as np
+import streamlit as st
+
+from dashboard import charts, common
+from dashboard.render import fmt
+
+run = common.current_run()
+store = common.run_store(run)
+man = store.manifest()
+metrics = store.metrics()
+model, sae, corpus = man.get("model") or {}, man.get("sae") or {}, man.get("corpus") or {}
+
+st.title("Overview")
+st.caption(f"Run `{run}`")
+
+left, mid, right = st.columns(3)
+with left.container(border=True):
+    st.markdown("**Model**")
+    st.markdown(f"`{model.get('name', '?')}`")
+    st.caption(f"dtype {model.get('dtype', '?')} · hash {model.get('hash', '?')}")
+with mid.container(border=True):
+    st.markdown("**SAE**")
+    st.markdown(f"{sae.get('architecture', '?')} · **{sae.get('d_sae', 0):,}** latents · d_in {sae.get('d_in', '?')}")
+    st.caption(f"hook `{sae.get('hook', sae.get('hook_name', '?'))}`" + (f" · k = {sae['k']}" if sae.get("k") else ""))
+with right.container(border=True):
+    st.markdown("**Corpus**")
+    st.markdown(f"`{corpus.get('name', '?')}`")
+    st.caption(
+        f"{corpus.get('n_tokens', 0):,} tokens · {corpus.get('n_contexts', 0):,} contexts of "
+        f"{corpus.get('context_len', '?')} tokens"
+    )
+
+densities = store.densities()
+dead = int((densities <= 0).sum())
+dense = int((densities > 0.1).sum())
+row = st.columns(6)
+row[0].metric("L0 (latents per token)", fmt(metrics.get("l0")))
+row[1].metric("Explained variance", fmt(metrics.get("explained_variance")))
+row[2].metric("CE loss recovered", fmt(metrics.get("ce_loss_recovered")),
+              help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
+row[3].metric("KL to clean", fmt(metrics.get("kl_div")), help="Mean KL divergence of next-token distributions, SAE spliced in vs clean")
+row[4].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
+row[5].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
+if "ce_loss_clean" in metrics:
+    st.caption(
+        f"Next-token loss: clean {fmt(metrics.get('ce_loss_clean'))} · with the SAE {fmt(metrics.get('ce_loss_with_sae'))} · "
+        f"zero-ablated {fmt(metrics.get('ce_loss_zero_ablation'))}"
+    )
+
+st.subheader("Latent densities")
+st.plotly_chart(charts.density_histogram(densities), key="density_hist")
+alive = densities[densities > 0]
+if alive.size:
+    st.caption(f"Median density of live latents {fmt(float(np.median(alive)))}; "
+               f"{int((alive < 1e-4).sum()):,} fire on fewer than 1 in 10,000 tokens.")
+
+with st.expander("Manifest"):
+    st.json(man, expanded=1)

@@ -1,0 +1,152 @@
+"""Steering: baseline and steered continuations side by side, same seed, streamed token by token."""
+
+import streamlit as st
+
+from dashboard import cache, common, render
+from dashboard.params import DEFAULT_STRENGTH, STEER_KEYS, STRENGTH_RANGE, SteerSettings
+from engine.lens import tokenize_prompt
+from engine.steering import SteeringSpec, compare, steering_intervention
+
+PROMPT_LIMIT = 512  # tokens of prompt kept (the most recent ones): generation on a CPU stays interactive
+
+run = common.current_run()
+store = common.run_store(run)
+n_features = store.n_features()
+st.title("Steering")
+st.caption(
+    "Add a latent's decoder direction to the activation at the SAE's hook (every position), or clamp the latent "
+    "to a value. Strength is in units of the latent's max activation in this run. Both continuations use the same seed."
+)
+
+
+def apply(s: SteerSettings) -> None:
+    unknown = [i for i in s.latents if i >= n_features]
+    if unknown:
+        st.warning(f"Ignored unknown latent(s) {unknown}: this SAE has {n_features} latents (0 to {n_features - 1}).")
+    st.session_state["steer_latents"] = [i for i in s.latents if i < n_features]
+    for latent, strength in s.latents.items():
+        st.session_state[f"steer_s_{latent}"] = strength
+    st.session_state.update(
+        steer_mode=s.mode, steer_raw=s.unit == "raw", steer_prompt=s.prompt, steer_chat=s.chat,
+        steer_max_new=s.max_new, steer_temp=s.temperature, steer_seed=s.seed,
+    )
+
+
+def add_latent(latent: int) -> None:
+    if latent not in st.session_state["steer_latents"]:
+        st.session_state["steer_latents"].append(latent)
+        st.session_state[f"steer_s_{latent}"] = DEFAULT_STRENGTH
+
+
+def remove_latent(latent: int) -> None:
+    st.session_state["steer_latents"].remove(latent)
+
+
+# A link (shared, or from a feature page's "steer with this latent") sets the state; the state then sets the URL.
+if "steer_latents" not in st.session_state:
+    apply(SteerSettings())
+url = {k: st.query_params[k] for k in STEER_KEYS if k in st.query_params}
+if url and url != st.session_state.get("steer_url"):
+    try:
+        apply(SteerSettings.from_query(url))
+        st.session_state["steer_autorun"] = "prompt" in url
+    except ValueError as err:
+        st.warning(f"Ignored the steering settings in the link: {err}")
+added = common.query_int("add")
+if added is not None:
+    del st.query_params["add"]
+    if 0 <= added < n_features:
+        add_latent(added)
+    else:
+        st.warning(f"Latent {added} does not exist: this SAE has {n_features} latents (0 to {n_features - 1}).")
+
+with st.container(border=True):
+    left, right = st.columns([2, 3])
+    query = left.text_input("Add a latent", placeholder="id, or words from its label", key="steer_query")
+    if query.strip():
+        matches = common.search(store, query.strip(), limit=6)
+        if not matches:
+            right.caption(f"No latent matches {query!r}.")
+        for row in matches:
+            right.button(
+                f"Add #{row['feature_id']} · {row.get('label') or ''}"[:80], key=f"steer_add_{row['feature_id']}",
+                on_click=add_latent, args=(int(row["feature_id"]),),
+            )
+    latents = st.session_state["steer_latents"]
+    if not latents:
+        st.info("No latent chosen yet: add one above, or use “Steer with this latent” on a feature page.")
+    labels = cache.labels(run, latents)
+    for latent in latents:
+        c_name, c_slider, c_rm = st.columns([3, 6, 1], vertical_alignment="center")
+        with c_name:
+            common.feature_link(latent, labels.get(latent, ""))
+        c_slider.slider(
+            f"Strength of #{latent}", *STRENGTH_RANGE, step=0.25, key=f"steer_s_{latent}",
+            help="Multiples of the latent's max activation (negative values push away from it).",
+        )
+        c_rm.button("Remove", key=f"steer_rm_{latent}", on_click=remove_latent, args=(latent,))
+
+c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 2])
+c1.radio("Mode", ["add", "clamp"], key="steer_mode", horizontal=True, help="clamp: set the latent to the value at every position")
+c2.toggle("Raw coefficient", key="steer_raw", help="Strength as a plain coefficient on the decoder row instead of max-activation units")
+c3.number_input("Max new tokens", 1, 256, key="steer_max_new")
+c4.slider("Temperature", 0.0, 2.0, step=0.05, key="steer_temp", help="0 = greedy")
+c5.number_input("Seed", 0, 2**31 - 1, key="steer_seed")
+st.text_area("Prompt", key="steer_prompt", height=90)
+st.toggle("Send as a chat message (the model's chat template)", key="steer_chat")
+
+settings = SteerSettings(
+    latents={i: float(st.session_state[f"steer_s_{i}"]) for i in latents},
+    mode=st.session_state["steer_mode"], unit="raw" if st.session_state["steer_raw"] else "max_act",
+    prompt=st.session_state["steer_prompt"], chat=st.session_state["steer_chat"],
+    max_new=int(st.session_state["steer_max_new"]), temperature=float(st.session_state["steer_temp"]),
+    seed=int(st.session_state["steer_seed"]),
+)
+query_now = settings.to_query()
+if query_now != st.session_state.get("steer_url"):
+    st.query_params.update(query_now)
+    st.session_state["steer_url"] = query_now
+st.caption("The page's address holds these settings: copy it to share this result.")
+
+go = st.button("Generate", type="primary", icon=":material/play_arrow:")
+if st.session_state.pop("steer_autorun", False):
+    go = True
+if go:
+    if not settings.prompt.strip():
+        common.fail("The prompt is empty: type some text to continue.")
+    lm, sae = common.live(run)
+    with common.shown_errors("Could not generate"):
+        ids = tokenize_prompt(lm, settings.prompt, chat=settings.chat)
+        keep = max(1, min(PROMPT_LIMIT, lm.max_context - settings.max_new))
+        if len(ids) > keep:
+            st.warning(f"The prompt has {len(ids)} tokens; only its last {keep} are used.")
+            ids = ids[-keep:]
+        max_acts = {i: float((cache.feature(run, i) or {}).get("max_act") or 0.0) for i in settings.latents}
+        dead = [i for i, m in max_acts.items() if m <= 0]
+        if dead and settings.unit == "max_act":
+            st.warning(f"Latent(s) {dead} never fired in this run (max activation 0): steer them with a raw coefficient.")
+        factory = steering_intervention(lm, sae, SteeringSpec(settings.latents, settings.mode, settings.unit), max_acts)
+        shown = lm.tokenizer.decode(ids)
+        cols = st.columns(2)
+        cols[0].markdown("**Baseline**")
+        cols[1].markdown("**Steered** · " + (", ".join(f"#{i} × {s:g}" for i, s in settings.latents.items()) or "no latent"))
+        slots = [cols[0].empty(), cols[1].empty()]
+        out: list[list[int]] = [[], []]
+        stream = compare(lm, ids, factory, max_new_tokens=settings.max_new, temperature=settings.temperature, seed=settings.seed)
+        for pair in stream:
+            for side, token in enumerate(pair):
+                if token is not None:
+                    out[side].append(token)
+                    slots[side].html(render.continuation_html(shown, lm.tokenizer.decode(out[side]), note="▌"))
+        texts = [lm.tokenizer.decode(o) for o in out]
+        for slot, text in zip(slots, texts):
+            slot.html(render.continuation_html(shown, text))
+        st.session_state["steer_result"] = {"query": query_now, "prompt": shown, "texts": texts}
+elif st.session_state.get("steer_result"):
+    result = st.session_state["steer_result"]
+    if result["query"] != query_now:
+        st.caption("Result of earlier settings: press Generate to update it.")
+    cols = st.columns(2)
+    for col, title, text in zip(cols, ("Baseline", "Steered"), result["texts"]):
+        col.markdown(f"**{title}**")
+        col.html(render.continuation_html(result["prompt"], text))
