@@ -63,6 +63,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.run, host=args.host, port=args.port)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .serve import ensure_demo_run, serve
+
+    run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device)
+    if args.no_serve:
+        print(f"saescope demo: run ready in {run}")
+        return 0
+    return serve(run, host=args.host, port=args.port)
+
+
 def _later(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"saescope {name}: not yet available in this build", file=sys.stderr)
@@ -104,10 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("precompute", help="precompute feature statistics into a run directory")
     p.set_defaults(func=_later("precompute"))
+
+    def app_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8501)
+
     p = sub.add_parser("serve", help="open precomputed runs in the browser app")
-    p.set_defaults(func=_later("serve"))
+    p.add_argument("--run", required=True, help="a run directory, or a directory of runs (the app shows a picker)")
+    app_opts(p)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="fetch the demo model, precompute the demo run and start the app")
-    p.set_defaults(func=_later("demo"))
+    p.add_argument("--tokens", type=int, default=None, help="tokens to precompute the demo run on (default 300,000)")
+    p.add_argument("--force", action="store_true", help="recompute the demo run even if a complete one exists")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-serve", action="store_true", help="prepare the demo run, then exit")
+    app_opts(p)
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="measure precompute and query performance")
     p.set_defaults(func=_later("bench"))
     return parser
