@@ -107,6 +107,11 @@ def ce_metrics(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch.T
         count += int(pred_mask.sum())
         for key in totals:
             totals[key] += float(losses[key][pred_mask].double().sum())
+    return summarize_ce(totals, count)
+
+
+def summarize_ce(totals: dict[str, float], count: int) -> CEMetrics:
+    """``CEMetrics`` from summed per-prediction losses (keys clean, sae, zero, kl) over ``count`` predictions."""
     if count == 0:
         raise ValueError("no predictions to score: every position was masked out")
     clean, with_sae, zero = (totals[k] / count for k in ("clean", "sae", "zero"))

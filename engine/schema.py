@@ -13,6 +13,7 @@ CONTEXTS = "contexts.parquet"
 VOCAB = "vocab.parquet"
 TOKENS = "tokens.parquet"
 DARK_MATTER = "dark_matter.safetensors"
+INDEX = "index.duckdb"  # DuckDB tables built from the Parquet files (sorted for the query layer)
 
 FEATURES_SCHEMA = pa.schema(
     [
@@ -30,6 +31,7 @@ FEATURES_SCHEMA = pa.schema(
         ("bottom_logit_values", pa.list_(pa.float32())),
         ("neighbor_ids", pa.list_(pa.int32())),
         ("neighbor_cos", pa.list_(pa.float32())),
+        ("top_token_ids", pa.list_(pa.int32())),  # tokens carrying most activation in its examples
         ("label", pa.string()),
         ("explanation", pa.string()),
     ]

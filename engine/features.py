@@ -1,0 +1,116 @@
+"""Per-latent facts that need no corpus pass: logit effects, decoder neighbours; and labels from examples."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+from .saes import SAE
+
+
+class TopBottom(NamedTuple):
+    """Per-row ``n`` largest and ``n`` smallest values with their column ids (numpy)."""
+
+    top_ids: np.ndarray
+    top_values: np.ndarray
+    bottom_ids: np.ndarray
+    bottom_values: np.ndarray
+
+
+@torch.inference_mode()
+def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 256) -> TopBottom:
+    """Each latent's decoder row, scaled by the final norm's weight, through the unembedding: top/bottom ``n`` tokens."""
+    W_U = lm.unembed_matrix().detach()
+    if W_U.shape[1] != sae.cfg.d_in:
+        raise ValueError(f"logit effects need d_in == d_model ({lm.d_model}); this SAE has d_in={sae.cfg.d_in}")
+    scale = lm.final_norm_scale().to(W_U.device)
+    W_U = W_U.to(torch.float32 if W_U.device.type == "cpu" and W_U.dtype == torch.float16 else W_U.dtype)
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    dirs = sae.decoder_directions().detach()
+    n = min(n, W_U.shape[0])
+    for start in range(0, dirs.shape[0], chunk):
+        rows = (dirs[start : start + chunk].to(W_U.device).float() * scale).to(W_U.dtype)
+        logits = (rows @ W_U.T).float()
+        top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        for store, t in zip(parts, (top.indices, top.values, bottom.indices, bottom.values)):
+            store.append(t.cpu())
+    top_ids, top_vals, bot_ids, bot_vals = (torch.cat(p).numpy() for p in parts)
+    return TopBottom(top_ids.astype(np.int32), top_vals, bot_ids.astype(np.int32), bot_vals)
+
+
+@torch.inference_mode()
+def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` other latents with the most similar decoder directions (cosine): ids and cosines ``[d_sae, n]``."""
+    dirs = sae.decoder_directions().detach().float()
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d_sae = dirs.shape[0]
+    n = min(n, d_sae - 1)
+    ids, cos = [], []
+    for start in range(0, d_sae, chunk):
+        sims = dirs[start : start + chunk] @ dirs.T
+        rows = torch.arange(sims.shape[0], device=sims.device)
+        sims[rows, rows + start] = -float("inf")  # not its own neighbour
+        top = sims.topk(n, dim=1)
+        ids.append(top.indices.cpu())
+        cos.append(top.values.cpu())
+    return torch.cat(ids).numpy().astype(np.int32), torch.cat(cos).numpy()
+
+
+def token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Display string of every token id below ``vocab_size`` (ids the tokenizer lacks show as ``<id N>``)."""
+    known = min(vocab_size, len(tokenizer))
+    strings = tokenizer.batch_decode([[i] for i in range(known)], clean_up_tokenization_spaces=False)
+    return list(strings) + [f"<id {i}>" for i in range(known, vocab_size)]
+
+
+def short_token(text: str) -> str:
+    """A label-friendly rendering of a token: visible whitespace, trimmed."""
+    shown = text.replace("\n", "\\n").replace("\t", "\\t").strip()
+    return shown or repr(text)
+
+
+def labels_from_examples(
+    n_features: int,
+    feature_id: np.ndarray,
+    acts: np.ndarray,
+    token_ids: np.ndarray,
+    vocab: list[str],
+    *,
+    n_label: int = 3,
+    n_tokens: int = 10,
+) -> tuple[list[str], np.ndarray]:
+    """Label each latent by the tokens carrying most of its activation in its examples.
+
+    ``acts, token_ids [rows, pos]`` are the example windows. Returns the labels (``""`` for latents
+    with no examples) and ``[n_features, n_tokens]`` token ids by activation mass (-1 padded).
+    """
+    fire = acts > 0
+    rows, cols = np.nonzero(fire)
+    feat = feature_id[rows].astype(np.int64)
+    tok = token_ids[rows, cols].astype(np.int64)
+    mass = acts[rows, cols].astype(np.float64)
+    key = feat * len(vocab) + tok
+    uniq, inverse = np.unique(key, return_inverse=True)
+    total = np.bincount(inverse, weights=mass)
+    f_of, t_of = uniq // len(vocab), uniq % len(vocab)
+    order = np.lexsort((-total, f_of))  # by feature, then mass descending
+    f_sorted, t_sorted = f_of[order], t_of[order]
+    first = np.searchsorted(f_sorted, np.arange(n_features))
+    last = np.searchsorted(f_sorted, np.arange(n_features), side="right")
+    top = np.full((n_features, n_tokens), -1, dtype=np.int32)
+    labels: list[str] = []
+    for f in range(n_features):  # once per run, after the pass
+        ids = t_sorted[first[f] : min(last[f], first[f] + n_tokens)]
+        top[f, : len(ids)] = ids
+        shown: list[str] = []
+        for t in ids:
+            s = short_token(vocab[t])
+            if s not in shown:
+                shown.append(s)
+            if len(shown) == n_label:
+                break
+        labels.append(" / ".join(shown))
+    return labels, top

@@ -1,0 +1,54 @@
+"""A fixed-size uniform sample of contexts (reservoir sampling), with the per-token data the error rows need.
+
+Only held-out contexts are offered (see ``is_heldout``), so the linear error map scored on the sampled
+tokens was not fitted on them. Memory is ``capacity * context_len * d_in`` floats twice, whatever the
+corpus length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HELDOUT_EVERY = 10
+
+
+def is_heldout(context_ids: torch.Tensor) -> torch.Tensor:
+    """Contexts whose id is a multiple of ``HELDOUT_EVERY`` score the dark-matter map; the rest fit it."""
+    return context_ids % HELDOUT_EVERY == 0
+
+
+class ContextSample:
+    """Reservoir (algorithm R) of up to ``capacity`` contexts: token ids, mask, x, error and L0 per token."""
+
+    def __init__(self, capacity: int, context_len: int, d_in: int, device: torch.device | str = "cpu", seed: int = 0):
+        self.capacity = capacity
+        self.seen = 0
+        self.context_id = torch.full((capacity,), -1, dtype=torch.int64)
+        self.token_ids = torch.zeros(capacity, context_len, dtype=torch.int64)
+        self.mask = torch.zeros(capacity, context_len, dtype=torch.bool)
+        self.x = torch.zeros(capacity, context_len, d_in, device=device)
+        self.err = torch.zeros(capacity, context_len, d_in, device=device)
+        self.l0 = torch.zeros(capacity, context_len, dtype=torch.int64, device=device)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def offer(self, context_ids, token_ids, mask, x, err, l0) -> None:
+        """Offer a batch's held-out contexts (all ``[batch, ...]``); a Python loop over at most ``batch`` rows."""
+        for row in is_heldout(context_ids).nonzero(as_tuple=True)[0].tolist():
+            if self.seen < self.capacity:
+                slot = self.seen
+            else:
+                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.gen))
+            self.seen += 1
+            if slot >= self.capacity:
+                continue
+            self.context_id[slot] = context_ids[row]
+            self.token_ids[slot] = token_ids[row]
+            self.mask[slot] = mask[row].cpu()
+            self.x[slot] = x[row]
+            self.err[slot] = err[row]
+            self.l0[slot] = l0[row]
+
+    def taken(self) -> torch.Tensor:
+        """Indices of filled slots, ordered by context id."""
+        filled = (self.context_id >= 0).nonzero(as_tuple=True)[0]
+        return filled[self.context_id[filled].argsort()]

@@ -1,0 +1,116 @@
+"""Every SQL statement the query layer runs: named constants with ``$name`` bound parameters.
+
+User text only ever reaches DuckDB as a bound parameter. The few statements that vary in an
+identifier (sort column, direction) are pre-built here from allow-lists, keyed by the allowed value.
+"""
+
+from __future__ import annotations
+
+from . import schema
+
+# --- building the index (run once, on a writable connection) --------------------------------
+# The writer sorts every Parquet file (features/examples by feature_id, contexts by context_id,
+# tokens by context_id, position); a plain scan keeps that order, so tables stay clustered and
+# DuckDB's zone maps skip all but one row group for a point lookup.
+BUILD_TABLE = {
+    "features": "CREATE TABLE features AS SELECT * FROM read_parquet($path)",
+    "examples": "CREATE TABLE examples AS SELECT * FROM read_parquet($path)",
+    "contexts": "CREATE TABLE contexts AS SELECT * FROM read_parquet($path)",
+    "vocab": "CREATE TABLE vocab AS SELECT * FROM read_parquet($path)",
+    "tokens": "CREATE TABLE tokens AS SELECT * FROM read_parquet($path)",
+}
+BUILD_SOURCES = {
+    "features": schema.FEATURES,
+    "examples": schema.EXAMPLES,
+    "contexts": schema.CONTEXTS,
+    "vocab": schema.VOCAB,
+    "tokens": schema.TOKENS,
+}
+
+# --- features -------------------------------------------------------------------------------
+SUMMARY_COLUMNS = (
+    "feature_id", "fire_count", "density", "max_act", "mean_act", "dead", "label", "explanation",
+    "top_token_ids", "top_logit_ids",
+)
+_SUMMARY = ", ".join(SUMMARY_COLUMNS)
+
+N_FEATURES = "SELECT count(*) FROM features"
+FEATURE = "SELECT * FROM features WHERE feature_id = $feature_id"
+FEATURE_SUMMARY = f"SELECT {_SUMMARY} FROM features WHERE feature_id = $feature_id"
+DENSITIES = "SELECT density FROM features ORDER BY feature_id"
+DEAD_IDS = "SELECT feature_id FROM features WHERE dead ORDER BY feature_id"
+
+EXAMPLES = """
+SELECT e.kind, e.rank, e.quantile_bin, e.context_id, e.max_pos, e.max_act, e.start, e.acts, c.token_ids
+FROM examples AS e JOIN contexts AS c ON c.context_id = e.context_id
+WHERE e.feature_id = $feature_id AND ($kind IS NULL OR e.kind = $kind)
+ORDER BY e.kind = 'quantile', e.rank
+"""
+
+SORT_KEYS = ("density", "max_act", "fire_count", "mean_act", "feature_id")
+_TOP_FEATURES = """
+SELECT {columns} FROM features
+WHERE ($include_dead OR NOT dead)
+  AND ($min_density IS NULL OR density >= $min_density)
+  AND ($max_density IS NULL OR density <= $max_density)
+ORDER BY {key} {direction}, feature_id
+LIMIT $limit OFFSET $offset
+"""
+TOP_FEATURES = {
+    (key, descending): _TOP_FEATURES.format(columns=_SUMMARY, key=key, direction="DESC" if descending else "ASC")
+    for key in SORT_KEYS
+    for descending in (True, False)
+}
+
+# --- search ---------------------------------------------------------------------------------
+SEARCH_LABEL = f"""
+SELECT {_SUMMARY} FROM features
+WHERE contains(lower(label), lower($text))
+ORDER BY fire_count DESC, feature_id
+LIMIT $limit
+"""
+SEARCH_TOKEN = f"""
+WITH matched AS (
+    SELECT coalesce(list(token_id), []) AS ids FROM vocab WHERE lower(trim(token)) = lower(trim($text))
+)
+SELECT {_SUMMARY},
+       list_has_any(top_token_ids, matched.ids) AS fires_on,
+       list_has_any(top_logit_ids, matched.ids) AS promotes
+FROM features, matched
+WHERE len(matched.ids) > 0
+  AND (list_has_any(top_token_ids, matched.ids) OR list_has_any(top_logit_ids, matched.ids))
+ORDER BY fires_on DESC, fire_count DESC, feature_id
+LIMIT $limit
+"""
+
+# --- vocabulary, reconstruction rows, contexts -------------------------------------------
+VOCAB = "SELECT token FROM vocab ORDER BY token_id"
+CONTEXT = "SELECT token_ids FROM contexts WHERE context_id = $context_id"
+
+TOKEN_ORDER_KEYS = (
+    "err_norm", "err_linear_norm", "err_nonlinear_norm", "x_norm", "l0", "cos", "ce_delta", "ce_sae", "ce_clean",
+)
+_TOKEN_ROWS = """
+SELECT * FROM tokens
+WHERE {key} IS NOT NULL
+ORDER BY {key} {direction}, context_id, position
+LIMIT $limit
+"""
+TOKEN_ROWS = {
+    (key, descending): _TOKEN_ROWS.format(key=key, direction="DESC" if descending else "ASC")
+    for key in TOKEN_ORDER_KEYS
+    for descending in (True, False)
+}
+WORST_CONTEXTS = """
+SELECT t.context_id,
+       avg(t.err_norm) AS mean_err_norm,
+       max(t.err_norm) AS max_err_norm,
+       list(t.position ORDER BY t.position) AS positions,
+       list(t.err_norm ORDER BY t.position) AS err_norms,
+       list(t.err_nonlinear_norm ORDER BY t.position) AS err_nonlinear_norms,
+       any_value(c.token_ids) AS token_ids
+FROM tokens AS t JOIN contexts AS c ON c.context_id = t.context_id
+GROUP BY t.context_id
+ORDER BY mean_err_norm DESC, t.context_id
+LIMIT $n
+"""

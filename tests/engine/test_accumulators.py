@@ -1,0 +1,96 @@
+"""Streaming accumulators against brute force on random data: histograms across range doublings, reservoirs,
+the linear error map's closed-form R^2."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.accumulators import FeatureStats, pow2_above
+from engine.darkmatter import LinearErrorStats
+from engine.reservoirs import ExampleReservoirs
+
+
+def _batches(n_batches=30, batch=4, pos=6, d=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n_batches):  # the scale grows, so histogram ranges double many times
+        codes = torch.relu(torch.randn(batch, pos, d, generator=gen) * (1 + i) ** 1.5 - 0.8)
+        codes[:, 0] = 0
+        yield codes
+
+
+def test_pow2_above_is_strict_and_exact():
+    x = torch.tensor([0.0, 0.3, 0.5, 1.0, 3.0, 4.0, 1e-20, 7e30])
+    assert pow2_above(x).tolist() == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 2.0**-66, 2.0**103]
+
+
+def test_feature_stats_match_brute_force():
+    stats = FeatureStats(7, n_bins=8)
+    all_codes = []
+    for codes in _batches():
+        flat = codes.reshape(-1, 7)
+        l0 = stats.update(flat, flat.shape[0])
+        assert l0.tolist() == (flat > 0).sum(1).tolist()
+        all_codes.append(flat)
+    flat = torch.cat(all_codes)
+    out = stats.summary()
+    for latent in range(7):
+        acts = flat[:, latent][flat[:, latent] > 0].numpy()
+        assert out.fire_count[latent] == len(acts)
+        assert out.max_act[latent] == acts.max()
+        assert out.mean_act[latent] == pytest.approx(acts.mean(), rel=1e-5)
+        counts, _ = np.histogram(acts, bins=out.hist_edges[latent])
+        np.testing.assert_array_equal(counts, out.hist_counts[latent])
+        assert 4 <= len(out.hist_counts[latent]) <= 8  # trimmed above the maximum's bin
+    np.testing.assert_allclose(out.density, out.fire_count / flat.shape[0])
+
+
+def test_reservoirs_top_exact_and_quantiles_in_their_bins():
+    res = ExampleReservoirs(7, 6, top_k=5, n_bins=4, per_bin=2, internal_bins=8)
+    seen = []
+    for i, codes in enumerate(_batches()):
+        res.update(codes, torch.arange(i * 4, i * 4 + 4))
+        seen.append(codes)
+    codes = torch.cat(seen)
+    cmax = codes.amax(1)
+    rows = res.rows()
+    assert res.acts.shape == (7, 5 + 8 * 2, 6)  # fixed, whatever the number of batches
+    for latent in range(7):
+        values = cmax[:, latent].numpy()
+        want = [c for c in np.argsort(-values, kind="stable")[:5] if values[c] > 0]
+        top = (rows.feature_id == latent) & (rows.kind == 0)
+        assert rows.context_id[top].tolist() == want
+        for ctx, acts in zip(rows.context_id[top], rows.acts[top]):
+            np.testing.assert_allclose(acts, codes[ctx, :, latent].numpy(), rtol=1e-3, atol=1e-6)
+        q = (rows.feature_id == latent) & (rows.kind == 1)
+        peak = values.max()
+        for ctx, b, value in zip(rows.context_id[q], rows.quantile_bin[q], rows.max_act[q]):
+            assert value == values[ctx] and b == min(int(value / peak * 4), 3)
+        assert np.bincount(rows.quantile_bin[q], minlength=4).max() <= 2
+        assert 3 in rows.quantile_bin[q]
+
+
+def test_linear_error_map_closed_form_r2():
+    gen = np.random.default_rng(0)
+    n, d = 6000, 12
+    x = gen.normal(size=(n, d)) * gen.uniform(0.5, 3, size=d) + 50.0  # a large mean, like the residual stream
+    A = gen.normal(size=(d, d)) * 0.3
+    e = (x - 50) @ A + 0.5 * np.tanh(x - 50) + gen.normal(size=(n, d)) * 0.2
+    held = np.arange(n) % 10 == 0
+    stats = LinearErrorStats(d)
+    for start in range(0, n, 700):
+        sl = slice(start, start + 700)
+        stats.update(torch.tensor(x[sl], dtype=torch.float32), torch.tensor(e[sl], dtype=torch.float32), torch.tensor(held[sl]))
+    fit = stats.fit()
+    X = np.hstack([x, np.ones((n, 1))])
+    coef, *_ = np.linalg.lstsq(X[~held], e[~held], rcond=None)
+    pred = X[held] @ coef
+    r2 = 1 - ((e[held] - pred) ** 2).sum() / ((e[held] - e[held].mean(0)) ** 2).sum()
+    assert fit.metrics["heldout_error_r2"] == pytest.approx(r2, abs=1e-3)
+    np.testing.assert_allclose(fit.W.numpy(), coef[:d], atol=2e-3)
+    linear, nonlinear = fit.split(torch.tensor(x[held], dtype=torch.float32), torch.tensor(e[held], dtype=torch.float32))
+    np.testing.assert_allclose(linear.numpy(), pred, atol=5e-3)
+    np.testing.assert_allclose((linear + nonlinear).numpy(), e[held], atol=1e-5)
+    norm = np.linalg.norm(e, axis=1)
+    ncoef, *_ = np.linalg.lstsq(X[~held], norm[~held], rcond=None)
+    nr2 = 1 - ((norm[held] - X[held] @ ncoef) ** 2).sum() / ((norm[held] - norm[held].mean()) ** 2).sum()
+    assert fit.metrics["heldout_norm_r2"] == pytest.approx(nr2, abs=1e-3)

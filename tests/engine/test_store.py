@@ -1,0 +1,169 @@
+"""The DuckDB query layer over a tiny run: page data, search (hostile text is data), sorting, errors, threads."""
+
+import json
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine import sql
+from engine.precompute import precompute
+from engine.store import RunStore
+
+from .runs_util import write_corpus
+from .saes_util import random_sae
+
+HOSTILE = ["'; DROP TABLE features; --", "%", "_", "'", '"', "\\", "%' OR '1'='1", "$text", "?", "\x00", "ǘ🙂", " " * 3]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    corpus = write_corpus(root / "corpus.jsonl", n_docs=20)
+    out = root / "run"
+    precompute(tiny_llama, random_sae("topk"), corpus, out, context_len=16, batch_size=8, sample_contexts=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(run_dir):
+    with RunStore.open(run_dir) as s:
+        yield s
+
+
+def test_feature_page_data(store, run_dir):
+    features = pq.read_table(run_dir / "features.parquet").to_pylist()
+    latent = max(features, key=lambda r: r["fire_count"])["feature_id"]
+    page = store.feature(latent)
+    assert {k: page[k] for k in features[latent]} == features[latent]
+    examples = page["examples"]
+    kinds = [e["kind"] for e in examples]
+    assert kinds == sorted(kinds, key=lambda k: k != "top") and "quantile" in kinds
+    top = [e for e in examples if e["kind"] == "top"]
+    assert [e["rank"] for e in top] == list(range(len(top)))
+    assert [e["max_act"] for e in top] == sorted((e["max_act"] for e in top), reverse=True)
+    contexts = {r["context_id"]: r["token_ids"] for r in pq.read_table(run_dir / "contexts.parquet").to_pylist()}
+    for e in examples:
+        assert e["token_ids"] == contexts[e["context_id"]][e["start"] : e["start"] + len(e["acts"])]
+        assert e["tokens"] == store.decode(e["token_ids"]) and len(e["tokens"]) == len(e["acts"])
+        assert set(e) >= {"quantile_bin", "max_pos", "context_id"}
+    assert store.feature(10**6) is None
+    assert store.examples(latent, kind="quantile") == [e for e in examples if e["kind"] == "quantile"]
+
+
+def test_top_features_sort_and_filter(store):
+    dens = store.densities()
+    assert len(dens) == store.n_features() == 256 and dens.dtype == np.float64
+    rows = store.top_features(sort_by="density", limit=10)
+    assert [r["density"] for r in rows] == sorted(dens, reverse=True)[:10]
+    rows = store.top_features(sort_by="max_act", descending=False, min_density=0.01, max_density=0.05, limit=500)
+    assert rows and all(0.01 <= r["density"] <= 0.05 for r in rows)
+    assert [r["max_act"] for r in rows] == sorted(r["max_act"] for r in rows)
+    assert len(rows) == int(((dens >= 0.01) & (dens <= 0.05)).sum())
+    page2 = store.top_features(sort_by="feature_id", descending=False, limit=5, offset=5)
+    assert [r["feature_id"] for r in page2] == [i for i in range(256) if dens[i] > 0][5:10]
+    with pytest.raises(ValueError, match="sort_by"):
+        store.top_features(sort_by="density; DROP TABLE features")
+
+
+def test_search_by_label_token_and_id(store):
+    some = store.top_features(limit=1)[0]
+    word = some["label"].split(" / ")[0]
+    assert some["feature_id"] in [r["feature_id"] for r in store.search(word.upper(), by="label", limit=500)]
+    hits = store.search(word, by="token", limit=500)
+    assert hits and all(r["fires_on"] or r["promotes"] for r in hits)
+    assert some["feature_id"] in [r["feature_id"] for r in hits]
+    assert [r["feature_id"] for r in store.search("#7", by="id")] == [7]
+    assert store.search("seven", by="id") == [] and store.search("99999999999", by="id") == []
+    with pytest.raises(ValueError, match="search mode"):
+        store.search("x", by="sql")
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+@pytest.mark.parametrize("by", ["label", "token", "id"])
+def test_hostile_search_text_is_data(store, text, by):
+    rows = store.search(text, by=by)
+    assert isinstance(rows, list)
+    if text in ("%", "_", "%' OR '1'='1") and by == "label":
+        assert all(text.lower() in r["label"].lower() for r in rows)  # literal, not a wildcard
+    assert store.n_features() == 256  # nothing dropped
+
+
+def test_tokens_error_rows_and_worst_contexts(store, run_dir):
+    rows = store.token_rows(order_by="err_norm", limit=5)
+    assert [r["err_norm"] for r in rows] == sorted((r["err_norm"] for r in rows), reverse=True)
+    assert all(r["token"] == store.decode([r["token_id"]])[0] for r in rows)
+    worst = store.worst_contexts(2)
+    assert worst and len(worst[0]["err_norms"]) == len(worst[0]["tokens"]) == 16
+    assert worst[0]["err_norms"][0] is None  # position 0 is excluded
+    assert worst[0]["mean_err_norm"] >= worst[-1]["mean_err_norm"]
+    with pytest.raises(ValueError, match="order_by"):
+        store.token_rows(order_by="err_norm DESC; --")
+
+
+def test_run_level_data(store, run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert store.manifest() == manifest and store.metrics()["n_tokens"] == manifest["metrics"]["n_tokens"]
+    assert 0 < store.dark_matter()["n_train_tokens"]
+    W, b = store.linear_map()
+    assert tuple(W.shape) == (64, 64) and tuple(b.shape) == (64,)
+    assert store.decode([0, 10**7])[1] == "<id 10000000>"
+    assert store.dead_ids() == manifest["dead_latents"]
+
+
+def test_connection_is_read_only_without_file_access(store, tmp_path):
+    con = store._con.cursor()
+    with pytest.raises(Exception, match="read-only"):
+        con.execute("CREATE TABLE t (a INTEGER)")
+    with pytest.raises(Exception, match="disabled"):
+        con.execute("SELECT * FROM read_csv($p)", {"p": str(tmp_path / "x.csv")})
+
+
+def test_sql_is_named_constants_with_bound_parameters():
+    for name in (n for n in dir(sql) if n.isupper() and not n.startswith("_")):  # public constants; _TEMPLATES are filled from allow-lists
+        value = getattr(sql, name)
+        statements = value.values() if isinstance(value, dict) else [value]
+        for text in statements:
+            if isinstance(text, str) and "SELECT" in text:
+                assert "{" not in text, name
+
+
+def test_open_errors_name_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        RunStore.open(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ValueError, match="half.*no complete saescope run"):
+        RunStore.open(tmp_path / "half")
+
+
+def test_missing_index_is_rebuilt(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "index.duckdb").unlink()
+    with RunStore.open(copy) as s:
+        assert s.n_features() == 256 and (copy / "index.duckdb").is_file()
+
+
+def test_shared_between_threads(store):
+    ids = [r["feature_id"] for r in store.top_features(limit=16)]
+    expected = {i: store.feature(i) for i in ids}
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                for i in ids:
+                    assert store.feature(i) == expected[i]
+                store.search("the", by="token")
+        except Exception as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
