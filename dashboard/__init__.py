@@ -1,1 +1,1 @@
-"""saescope's Streamlit app: ``app.py`` builds the navigation, ``pages/`` holds one thin module per page."""
+"""saescope's Streamlit app: ``app.py`` builds the navigation, ``views/`` holds one thin module per page."""

@@ -1,4 +1,9 @@
-"""saescope's Streamlit entry point: page config, the run picker and the navigation. Pages do the rest."""
+"""saescope's Streamlit entry point: page config, the run picker and the navigation. Pages do the rest.
+
+The page modules live in ``views/``, not ``pages/``: Streamlit switches to its legacy multipage mode (every
+file of a ``pages/`` folder next to the entry point becomes a page, run without this script) whenever
+that folder exists, even when ``st.navigation`` is used.
+"""
 
 import sys
 from pathlib import Path
@@ -14,12 +19,11 @@ from dashboard import common  # noqa: E402
 st.set_page_config(page_title="saescope", page_icon="🔬", layout="wide")
 
 pages = [
-    st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
-    st.Page("pages/features.py", title="Features", icon=":material/search:"),
-    st.Page("pages/lens.py", title="Prompt lens", icon=":material/text_fields:"),
-    st.Page("pages/dark_matter.py", title="Dark matter", icon=":material/dark_mode:"),
-    st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+    st.Page("views/features.py", title="Features", icon=":material/search:"),
+    st.Page("views/lens.py", title="Prompt lens", icon=":material/text_fields:"),
+    st.Page("views/dark_matter.py", title="Dark matter", icon=":material/dark_mode:"),
+    st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
 ]
-nav = st.navigation(pages)
 common.run_picker()
-nav.run()
+st.navigation(pages).run()

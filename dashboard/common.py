@@ -14,9 +14,9 @@ import streamlit as st
 from dashboard import cache
 from engine.schema import MANIFEST
 
-FEATURES_PAGE = "pages/features.py"
-STEERING_PAGE = "pages/steering.py"
-LENS_PAGE = "pages/lens.py"
+FEATURES_PAGE = "views/features.py"
+STEERING_PAGE = "views/steering.py"
+LENS_PAGE = "views/lens.py"
 
 
 def fail(message: str) -> None:

@@ -53,10 +53,11 @@ def describe(option: str) -> str:
     if option == "ce":
         return "Next-token loss change with the SAE spliced in"
     latent = int(option.split(":")[1])
-    return f"Latent #{latent} · {labels.get(latent) or 'no label'} (max here {fired[latent]:.3g})"
+    return f"Latent #{latent} · {labels.get(latent) or 'no label'}"
 
 
-choice = st.selectbox("Tint the text by", options, index=1 if order else 0, format_func=describe, key="lens_tint")
+version = hash((tuple(ids), top_k, steps)) % 10**9  # widgets whose options depend on the prompt start afresh with it
+choice = st.selectbox("Tint the text by", options, index=1 if order else 0, format_func=describe, key=f"lens_tint_{version}")
 titles = [
     f"{t.token!r} · position {t.position}"
     + ("".join(f"\n#{i}: {v:.3f}" for i, v in t.top_latents) if t.top_latents else "\nno latent active")
@@ -75,7 +76,7 @@ else:
     values, kw = result.latent_acts(latent), {"color": "act"}
 st.html(render.tokens_html(strings, values, titles=titles, **kw))
 if choice.startswith("latent:"):
-    common.feature_link(latent, labels.get(latent, ""), suffix=" — open its feature page")
+    common.feature_link(latent, labels.get(latent, ""), suffix=f" — max {fired[latent]:.3g} here; open its feature page")
 
 included = [t for t in rows if t.included]
 m1, m2, m3, m4 = st.columns(4)
@@ -105,7 +106,7 @@ st.caption("Error split: the part of the error the run's linear map predicts fro
 st.dataframe(table, hide_index=True, width="stretch", column_config={
     c: st.column_config.NumberColumn(format="%.3f") for c in ("‖x‖", "‖error‖", "linear part", "nonlinear part", "ΔCE")})
 
-pos = st.selectbox("Inspect a token", [t.position for t in rows], format_func=lambda p: f"{p}: {render.visible(strings[p])!r}", key="lens_pos")
+pos = st.selectbox("Inspect a token", [t.position for t in rows], index=min(1, len(rows) - 1), format_func=lambda p: f"{p}: {render.visible(strings[p])!r}", key=f"lens_pos_{version}")
 tops = rows[pos].top_latents
 if not tops:
     st.caption("No latent is active on this token." + ("" if rows[pos].included else " (The SAE skips position 0 and special tokens.)"))

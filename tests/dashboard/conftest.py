@@ -1,0 +1,48 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.dashboard.tinyrun import build_tiny_run
+
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two precomputed runs of one tiny model: a TopK SAE and a matching-pursuit SAE (under ``<root>/runs``)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {"topk": build_tiny_run(root, "topk"), "mp": build_tiny_run(root, "matching_pursuit")}
+
+
+@pytest.fixture(scope="session")
+def broken_model_run(tiny_runs, tmp_path_factory) -> Path:
+    """A copy of the TopK run whose manifest names a model that is not there."""
+    run = tmp_path_factory.mktemp("broken") / "run"
+    shutil.copytree(tiny_runs["topk"], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["model"]["name"] = str(run / "no-such-model")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+@pytest.fixture
+def open_app(monkeypatch):
+    """``open_app(run_path, page=None, **query)``: an AppTest of the whole app on ``run``, already run once."""
+
+    def make(run_path: Path | None, page: str | None = None, /, **query) -> AppTest:
+        if run_path is None:
+            monkeypatch.delenv("SAESCOPE_RUN", raising=False)
+        else:
+            monkeypatch.setenv("SAESCOPE_RUN", str(run_path))
+        at = AppTest.from_file(str(APP), default_timeout=120)
+        at.query_params.update({k: str(v) for k, v in query.items()})
+        at.run()
+        if page:
+            at.query_params.update({k: str(v) for k, v in query.items()})
+            at.switch_page(page).run()
+        return at
+
+    return make
