@@ -11,6 +11,7 @@ from .activations import stats_mask
 from .interventions import check_sae_fits
 from .models import LoadedModel
 from .saes import SAE
+from .tail import can_resume, resume_logits
 
 
 def display_tokens(tokenizer, token_ids) -> list[str]:
@@ -100,7 +101,15 @@ def prompt_lens(
         return new
 
     logits = None
-    if with_ce:
+    if with_ce and can_resume(lm, hook):
+        # one clean forward, then only the layers after the hook on the spliced stream
+        clean = lm.logits_with(ids, hook, lambda x: captured.setdefault("raw", x))
+        x = captured.pop("raw")[0]
+        out = record(x)
+        keep = mask.reshape(-1, *([1] * (x.ndim - 1)))
+        spliced = torch.where(keep, out.x_hat.to(x.dtype), x)
+        logits = torch.cat([clean, resume_logits(lm, hook, spliced[None])])
+    elif with_ce:
         with lm.hooks.intervene(hook, splice_last_row):
             logits = lm.logits(ids.repeat(2, 1))
     else:
