@@ -23,15 +23,17 @@ class ReconStats:
         self.sum_cos = torch.zeros((), dtype=torch.float64, device=device)
         self.sum_l0 = torch.zeros((), dtype=torch.float64, device=device)
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        """Add tokens ``x, x_hat [n, d_in]`` and ``codes [n, d_sae]``."""
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor | None = None, *, n_active: int | None = None) -> None:
+        """Add tokens ``x, x_hat [n, d_in]`` and ``codes [n, d_sae]`` (or ``n_active``, their nonzero count)."""
+        if (codes is None) == (n_active is None):
+            raise ValueError("give exactly one of codes and n_active")
         x, x_hat = x.double(), x_hat.double()
         self.n += x.shape[0]
         self.sum_x += x.sum(0)
         self.sum_sq_x += x.pow(2).sum()
         self.sse += (x - x_hat).pow(2).sum()
         self.sum_cos += F.cosine_similarity(x, x_hat, dim=-1).sum()
-        self.sum_l0 += (codes != 0).sum()
+        self.sum_l0 += int(n_active) if codes is None else (codes != 0).sum()
 
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)

@@ -10,6 +10,7 @@ index and, last, ``manifest.json``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import shutil
 import time
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import rundir, schema
-from .accumulators import FeatureStats
+from .accumulators import FeatureStats, sparse_codes
 from .activations import iter_activations
 from .corpus import corpus_files, corpus_hash, iter_contexts
 from .darkmatter import LinearErrorMap, LinearErrorStats
@@ -106,6 +107,15 @@ def check_inputs(lm: LoadedModel, sae: SAE, corpus: str | Path, context_len: int
     return hook
 
 
+def compute_copy(sae: SAE, lm: LoadedModel) -> SAE:
+    """The SAE as precompute runs it: on the model's device, and in the model's dtype when that is 16-bit
+    (bf16 matmuls are several times faster on GPUs and AMX CPUs; the SAE's own weights are left untouched)."""
+    dtype = lm.dtype if lm.dtype in (torch.bfloat16, torch.float16) else sae.dtype
+    if sae.dtype == dtype and sae.device == lm.device:
+        return sae
+    return copy.deepcopy(sae).to(device=lm.device, dtype=dtype)
+
+
 def precompute(
     lm: LoadedModel,
     sae: SAE,
@@ -136,14 +146,14 @@ def precompute(
     identity = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
     staging = rundir.prepare(out_dir, **identity, force=force)
     try:
-        return _run(lm, sae, hook, corpus, itertools.chain([first], contexts), cfg, staging, Path(out_dir),
+        return _run(lm, sae, compute_copy(sae, lm), hook, corpus, itertools.chain([first], contexts), cfg, staging, Path(out_dir),
                     identity, sae_path, progress, started)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _run(lm, sae, hook, corpus, contexts, cfg, staging, out_dir, identity, sae_path, progress, started) -> dict:
+def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identity, sae_path, progress, started) -> dict:
     timings: dict[str, float] = {}
     n_contexts = cfg.tokens // cfg.context_len if cfg.tokens else None
     if n_contexts is None and progress:  # one cheap tokenizing pass, so the bar can show an ETA
@@ -153,12 +163,12 @@ def _run(lm, sae, hook, corpus, contexts, cfg, staging, out_dir, identity, sae_p
     timings["setup_seconds"] = time.perf_counter() - started
 
     tick = time.perf_counter()
-    state = _main_pass(lm, sae, hook, contexts, cfg, staging, n_contexts, progress)
+    state = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress)
     timings["main_pass_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     slots = state.sample.taken()
-    losses = _sample_losses(lm, sae, state.sample, slots)
+    losses = _sample_losses(lm, run_sae, state.sample, slots)
     timings["ce_sample_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -195,7 +205,7 @@ def _run(lm, sae, hook, corpus, contexts, cfg, staging, out_dir, identity, sae_p
         },
         "sae": {
             "path": str(sae_path) if sae_path else None, "hash": identity["sae_hash"], "architecture": sae.cfg.architecture,
-            "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "dtype": str(sae.dtype).removeprefix("torch."),
+            "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "compute_dtype": str(run_sae.dtype).removeprefix("torch."),
         },
         "corpus": {
             "path": str(corpus), "name": Path(corpus).name, "hash": corpus_hash(corpus), "n_contexts": state.n_contexts,
@@ -232,18 +242,17 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
         n_batch, n_pos = batch.token_ids.shape
         context_ids = torch.arange(state.n_contexts, state.n_contexts + n_batch)
         x = batch.acts.to(dev).reshape(n_batch * n_pos, -1)
-        mask = batch.mask.to(dev).reshape(-1)
+        mask = batch.mask.to(dev)
+        flat_mask = mask.reshape(-1)
         out = sae(x)
-        codes = out.codes.float()
-        codes[~mask] = 0  # excluded tokens count nowhere: not in stats, not in examples
-        n_included = int(mask.sum())
-        l0 = state.stats.update(codes, n_included)
-        state.examples.update(codes.view(n_batch, n_pos, d_sae), context_ids)
-        x_in = x[mask].float()
-        # zeroed rows add nothing to ReconStats' L0 count, so the full code matrix serves (no copy)
-        state.recon.update(x_in, out.x_hat[mask], codes)
-        heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[mask]
-        state.dark.update(x_in, out.error[mask], heldout)
+        codes = sparse_codes(out.codes, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
+        n_included = int(flat_mask.sum())
+        l0 = state.stats.update(codes, n_batch * n_pos, n_included)
+        state.examples.update(out.codes.view(n_batch, n_pos, d_sae), mask, codes, context_ids)
+        x_in = x[flat_mask].float()
+        state.recon.update(x_in, out.x_hat[flat_mask], n_active=len(codes.value))
+        heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
+        state.dark.update(x_in, out.error[flat_mask], heldout)
         state.sample.offer(context_ids, batch.token_ids, batch.mask, x.view(n_batch, n_pos, -1).float(),
                            out.error.view(n_batch, n_pos, -1), l0.view(n_batch, n_pos))
         writer.add(context_ids.numpy(), batch.token_ids.numpy())

@@ -24,11 +24,12 @@ no overflow), and returned as float32 activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .accumulators import pow2_above
+from .accumulators import SparseCodes, pow2_above
 
 EMPTY_KEY = float("inf")
 
@@ -48,6 +49,17 @@ class ExampleRows:
     """``[rows, pos]`` float32."""
 
 
+class _Batch(NamedTuple):
+    codes: torch.Tensor
+    """``[batch, pos, d_sae]``."""
+    mask: torch.Tensor
+    """``[batch, pos]`` statistic tokens."""
+    cand: torch.Tensor
+    """``[d_sae, batch]`` each context's maximum activation of each latent (0 = does not fire)."""
+    ctx: torch.Tensor
+    """``[batch]`` context ids."""
+
+
 def _rank_in_group(group: torch.Tensor) -> torch.Tensor:
     """For rows sorted so equal ``group`` values are adjacent: the index of each element within its run."""
     idx = torch.arange(group.shape[1], device=group.device).expand_as(group)
@@ -56,11 +68,13 @@ def _rank_in_group(group: torch.Tensor) -> torch.Tensor:
     return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values
 
 
-def _by_value_then_id(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per row, indices ordering by value descending, ties broken by the lower context id (like a stable sort)."""
-    by_id = ids.argsort(dim=1, stable=True)
-    by_value = values.gather(1, by_id).argsort(dim=1, descending=True, stable=True)
-    return by_id.gather(1, by_value)
+def _by_value_then_id(values: torch.Tensor, ids: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Per row, the indices of the ``k`` largest non-negative float32 ``values``, ties to the lower id (< 2**31).
+
+    Non-negative floats order like their bit patterns, so one int64 key (value bits, then inverted id) sorts both.
+    """
+    key = (values.float().view(torch.int32).long() << 32) | (2**31 - 1 - ids.long())
+    return key.topk(k or key.shape[1], dim=1).indices
 
 
 def _members(order: torch.Tensor, won: torch.Tensor, n_old: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,66 +113,84 @@ class ExampleReservoirs:
         self.hi = torch.zeros(d_sae, device=device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
-    def update(self, codes: torch.Tensor, context_ids: torch.Tensor) -> None:
-        """Offer the contexts of a batch: ``codes [batch, pos, d_sae]`` (zero at excluded tokens)."""
-        codes = codes.float()
-        cmax, cpos = codes.max(dim=1)  # [batch, d_sae]
-        cand = cmax.T.contiguous()  # [d_sae, batch]
-        ctx = context_ids.to(self.device, torch.int64)
-        self._merge_top(codes, cand, cpos, ctx)
-        self._merge_quantile(codes, cand, cpos, ctx)
+    def update(self, codes: torch.Tensor, mask: torch.Tensor, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
+        """Offer a batch of contexts: dense ``codes [batch, pos, d_sae]`` (any float dtype), ``mask [batch, pos]``
+        of statistic tokens, the same codes' positive entries at those tokens, and the contexts' ids."""
+        n_batch, n_pos, d_sae = codes.shape
+        flat = (sparse.token // n_pos) * d_sae + sparse.latent
+        cmax = torch.zeros(n_batch * d_sae, device=self.device).scatter_reduce_(0, flat, sparse.value, "amax")
+        batch = _Batch(codes, mask, cmax.view(n_batch, d_sae).T.contiguous(), context_ids.to(self.device, torch.int64))
+        self._merge_top(batch)
+        self._merge_quantile(batch)
 
-    # --- membership rules -------------------------------------------------------------
-    def _merge_top(self, codes, cand, cpos, ctx) -> None:
-        k = self.k
-        values = torch.cat([self.val[:, :k], cand], 1)
-        ids = torch.cat([self.ctx[:, :k], ctx[None, :].expand_as(cand)], 1)
-        order = _by_value_then_id(values, ids)[:, :k]
+    # --- membership rules (only on latents where something can change) ---------------------
+    def _merge_top(self, batch: _Batch) -> None:
+        k, cand = self.k, batch.cand
+        # old items win ties (they come from earlier contexts), so only a strictly larger candidate enters
+        rows = (cand.amax(1) > self.val[:, :k].amin(1)).nonzero(as_tuple=True)[0]
+        if not len(rows):
+            return
+        values = torch.cat([self.val[rows, :k], cand[rows]], 1)
+        ids = torch.cat([self.ctx[rows, :k], batch.ctx[None, :].expand(len(rows), -1)], 1)
+        order = _by_value_then_id(values, ids, k)
         keep, enter = _members(order, values.gather(1, order) > 0, k, cand.shape[1])
-        self._fill(0, k, keep, enter, codes, cand, cpos, ctx)
+        self._fill(rows, 0, keep, enter, batch)
 
-    def _merge_quantile(self, codes, cand, cpos, ctx) -> None:
-        k, n_int = self.k, self.n_int
+    def _merge_quantile(self, batch: _Batch) -> None:
+        k, n_int, cand = self.k, self.n_int, batch.cand
         batch_max = cand.amax(1)
-        self.hi = torch.where(batch_max >= self.hi, pow2_above(batch_max), self.hi)
+        grown = batch_max >= self.hi
+        self.hi = torch.where(grown, pow2_above(batch_max), self.hi)
         scale = (n_int / self.hi.clamp_min(1e-30))[:, None]
+        live = self.key < EMPTY_KEY
+        old_bins = torch.where(live, (self.val[:, k:] * scale).floor_().clamp_(max=n_int - 1), float(n_int)).long()
         new_key = torch.rand(cand.shape, generator=self.gen, device=self.device).masked_fill_(cand <= 0, EMPTY_KEY)
-        keys = torch.cat([self.key, new_key], 1)
-        bins = (torch.cat([self.val[:, k:], cand], 1) * scale).floor_().clamp_(max=n_int - 1)
-        live = keys < EMPTY_KEY
-        composite = torch.where(live, bins.double() + keys.double(), torch.full_like(keys, EMPTY_KEY, dtype=torch.float64))
+        new_bins = torch.where(cand > 0, (cand * scale).floor_().clamp_(max=n_int - 1), float(n_int)).long()
+        # a candidate can enter only a bin with room or with an item of larger key; merged bins must be pruned
+        count = torch.zeros(len(cand), n_int + 1, device=self.device).scatter_add_(1, old_bins, live.float())
+        worst = torch.full_like(count, -1.0).scatter_reduce_(1, old_bins, self.key.masked_fill(~live, -1.0), "amax")
+        could = (count.gather(1, new_bins) < self.per_int) | (new_key < worst.gather(1, new_bins))
+        rows = ((could & (cand > 0)).any(1) | grown).nonzero(as_tuple=True)[0]
+        if not len(rows):
+            return
+        keys = torch.cat([self.key[rows], new_key[rows]], 1)
+        bins = torch.cat([old_bins[rows], new_bins[rows]], 1)
+        live_all = keys < EMPTY_KEY
+        composite = torch.where(live_all, bins.double() + keys.double(), torch.full_like(keys, EMPTY_KEY, dtype=torch.float64))
         _, order = composite.sort(dim=1)
-        sorted_bins = torch.where(live, bins, torch.full_like(bins, float(n_int))).gather(1, order)
+        sorted_bins = bins.masked_fill(~live_all, n_int).gather(1, order)
         won = (_rank_in_group(sorted_bins) < self.per_int) & (sorted_bins < n_int)
         keep, enter = _members(order, won, self.key.shape[1], cand.shape[1])
-        self._fill(k, self.n_slots, keep, enter, codes, cand, cpos, ctx, new_key)
+        self._fill(rows, k, keep, enter, batch, new_key[rows])
 
     # --- slot bookkeeping ----------------------------------------------------------------
-    def _fill(self, lo, hi, keep, enter, codes, cand, cpos, ctx, new_key=None) -> None:
-        """Entrants take the freed slots of region ``[lo, hi)``; slots freed and not refilled become empty."""
+    def _fill(self, rows, lo, keep, enter, batch: _Batch, new_key=None) -> None:
+        """For latents ``rows``: entrants take the freed slots of the region starting at ``lo``; slots freed
+        and not refilled become empty."""
         free = ~keep
         free_rank = free.long().cumsum(1) - 1
-        lat_f, slot_f = free.nonzero(as_tuple=True)
+        lf, sf = free.nonzero(as_tuple=True)
         slot_of = torch.full_like(free_rank, -1)
-        slot_of[lat_f, free_rank[lat_f, slot_f]] = slot_f
-        lat, b = enter.nonzero(as_tuple=True)
-        slot = slot_of[lat, (enter.long().cumsum(1) - 1)[lat, b]]
+        slot_of[lf, free_rank[lf, sf]] = sf
+        le, b = enter.nonzero(as_tuple=True)
+        slot = slot_of[le, (enter.long().cumsum(1) - 1)[le, b]]
         emptied = free.clone()
-        emptied[lat, slot] = False
-        region = slice(lo, hi)
-        self.ctx[:, region][emptied] = -1
-        self.val[:, region][emptied] = 0.0
+        emptied[le, slot] = False
+        ge, se = emptied.nonzero(as_tuple=True)
+        self.ctx[rows[ge], lo + se] = -1
+        self.val[rows[ge], lo + se] = 0.0
         if new_key is not None:
-            self.key[emptied] = EMPTY_KEY
-            self.key[lat, slot] = new_key[lat, b]
-        if not len(lat):
+            self.key[rows[ge], se] = EMPTY_KEY
+            self.key[rows[le], slot] = new_key[le, b]
+        if not len(le):
             return
-        value = cand[lat, b]
-        phys = slot + lo
+        lat, phys = rows[le], lo + slot
+        value = batch.cand[lat, b]
+        acts = batch.codes[b, :, lat].float() * batch.mask[b]
         self.val[lat, phys] = value
-        self.ctx[lat, phys] = ctx[b]
-        self.pos[lat, phys] = cpos[b, lat].to(torch.int16)
-        self.acts[lat, phys] = (codes[b, :, lat] / value[:, None]).to(torch.float16)
+        self.ctx[lat, phys] = batch.ctx[b]
+        self.pos[lat, phys] = acts.argmax(1).to(torch.int16)
+        self.acts[lat, phys] = (acts / value[:, None]).to(torch.float16)
 
     # --- results ---------------------------------------------------------------------------
     def max_act(self) -> torch.Tensor:

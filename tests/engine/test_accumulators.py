@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.accumulators import FeatureStats, pow2_above
+from engine.accumulators import FeatureStats, pow2_above, sparse_codes
 from engine.darkmatter import LinearErrorStats
 from engine.reservoirs import ExampleReservoirs
 
@@ -28,7 +28,7 @@ def test_feature_stats_match_brute_force():
     all_codes = []
     for codes in _batches():
         flat = codes.reshape(-1, 7)
-        l0 = stats.update(flat, flat.shape[0])
+        l0 = stats.update(sparse_codes(flat, torch.ones(len(flat), dtype=torch.bool)), len(flat), len(flat))
         assert l0.tolist() == (flat > 0).sum(1).tolist()
         all_codes.append(flat)
     flat = torch.cat(all_codes)
@@ -48,8 +48,11 @@ def test_reservoirs_top_exact_and_quantiles_in_their_bins():
     res = ExampleReservoirs(7, 6, top_k=5, n_bins=4, per_bin=2, internal_bins=8)
     seen = []
     for i, codes in enumerate(_batches()):
-        res.update(codes, torch.arange(i * 4, i * 4 + 4))
-        seen.append(codes)
+        codes = codes.bfloat16()  # like an SAE run in bf16
+        mask = torch.ones(codes.shape[:2], dtype=torch.bool)
+        mask[:, 0] = False
+        res.update(codes, mask, sparse_codes(codes.reshape(-1, 7), mask.reshape(-1)), torch.arange(i * 4, i * 4 + 4))
+        seen.append(codes.float())
     codes = torch.cat(seen)
     cmax = codes.amax(1)
     rows = res.rows()
