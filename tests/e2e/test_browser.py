@@ -1,0 +1,179 @@
+"""End to end: ``saescope serve`` on a tiny run, driven by Playwright with Debian's Chromium.
+
+Screenshots of each page go to ``test-artifacts/`` (git-ignored). Never downloads a browser: the test is
+skipped where ``/usr/bin/chromium`` is missing (``.ci/run`` installs it with apt).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.dashboard.tinyrun import NASTY, build_tiny_run
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``saescope serve --run <tiny run>`` on a free port of 127.0.0.1; yields the base URL."""
+    run = build_tiny_run(tmp_path_factory.mktemp("e2e"), "topk")
+    port = free_port()
+    log = (tmp_path_factory.mktemp("log") / "serve.log").open("w+")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                pytest.fail(f"saescope serve did not come up:\n{log.read()}")
+            time.sleep(0.3)
+        log.seek(0)
+        assert f"serving {run} at {base}" in log.read()
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1700})
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    yield pg
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    time.sleep(0.5)  # let plotly and the grid finish drawing
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def generations(page) -> list[str]:
+    boxes = page.locator(".saescope-generation")
+    return [boxes.nth(i).inner_text() for i in range(boxes.count())]
+
+
+def settled_generations(page, timeout: float = 90) -> list[str]:
+    """The two continuations once streaming has finished (no cursor, unchanged for a moment)."""
+    end, last = time.time() + timeout, None
+    while time.time() < end:
+        now = generations(page)
+        if len(now) == 2 and not any("▌" in t for t in now) and now == last:
+            return now
+        last = now
+        time.sleep(0.6)
+    raise AssertionError(f"generation did not settle: {last}")
+
+
+def test_overview(server, page):
+    page.goto(server)
+    page.get_by_role("heading", name="Latent densities").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    assert page.get_by_text("256", exact=True).count() >= 1  # SAE width
+    assert page.get_by_text("Explained variance").is_visible()
+    shot(page, "overview")
+
+
+def test_search_and_open_a_feature(server, page):
+    page.goto(f"{server}/features")
+    search = page.get_by_label("Search", exact=True)
+    search.fill("the")
+    search.press("Enter")
+    page.get_by_text("for 'the' by label").wait_for()
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)  # the first row's selection cell
+    page.get_by_role("heading", name="Feature #").wait_for()
+    assert "feature=" in page.url
+    page.get_by_text("Top activations").wait_for()
+    tinted = page.locator(".saescope-tokens span[title]")
+    tinted.first.wait_for()
+    assert tinted.count() > 10
+    shot(page, "feature")
+
+
+def test_prompt_lens(server, page):
+    page.goto(f"{server}/lens")
+    text = page.get_by_label("Text", exact=True)
+    text.fill(f"In the beginning was the word. {NASTY}\ndef add(a, b):\n    return a + b")
+    text.press("Control+Enter")
+    tokens = page.locator(".saescope-tokens").first
+    tokens.wait_for()
+    shown = tokens.inner_text()
+    assert "<script>" in shown and "</div>" in shown  # markup shows as text
+    assert page.locator("script:has-text('alert')").count() == 0
+    assert tokens.locator("span[title]").count() > 20
+    page.get_by_role("heading", name="Per token").wait_for()
+    shot(page, "prompt_lens")
+
+
+def test_steering_slider_changes_the_continuation(server, page):
+    page.goto(f"{server}/steering?latents=5:0&prompt=The%20quick%20brown&max_new=16&seed=1")
+    baseline, steered = settled_generations(page)  # a link with a prompt generates at once
+    assert baseline == steered  # strength 0
+    slider = page.get_by_role("slider", name="Strength of #5")
+    slider.focus()
+    slider.press("End")  # the maximum strength
+    page.wait_for_function("() => location.search.includes('latents=5%3A20')")
+    page.get_by_role("button", name="Generate").click()
+    time.sleep(1.0)
+    baseline2, steered2 = settled_generations(page)
+    assert baseline2 == baseline and steered2 != baseline2
+    shot(page, "steering")
+
+
+def test_deep_link_and_dark_matter(server, page):
+    page.goto(f"{server}/features?feature=7")
+    page.get_by_role("heading", name="Feature #7").wait_for()
+    page.get_by_text("Nearest latents").wait_for()
+    shot(page, "deep_link_feature_7")
+    page.goto(f"{server}/features?feature=123456")
+    page.get_by_text("Feature 123456 does not exist").wait_for()
+    page.goto(f"{server}/dark_matter")
+    page.get_by_text("Contexts the SAE reconstructs worst").wait_for()
+    page.locator(".saescope-tokens").first.wait_for()
+    shot(page, "dark_matter")
