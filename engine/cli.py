@@ -63,6 +63,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from .precompute import PrecomputeConfig, precompute
+    from .saes import load_sae
+
+    PrecomputeConfig(context_len=args.context_len, tokens=args.tokens, batch_size=args.batch_size)  # refuse bad numbers first
+    sae_path = args.sae
+    if sae_path == "demo":
+        from .demo import demo_sae_dir
+
+        sae_path = str(demo_sae_dir())
+    sae = load_sae(sae_path)
+    lm = _model(args.model, args.device, args.dtype)
+    manifest = precompute(
+        lm, sae.to(lm.device), args.corpus, args.out, tokens=args.tokens, context_len=args.context_len,
+        batch_size=args.batch_size, include_special=args.include_special, include_first=args.include_first,
+        force=args.force, sae_path=sae_path, top_k=args.top_k, sample_contexts=args.sample_contexts,
+    )
+    summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")}}
+    summary["seconds"] = manifest["timings"]["total_seconds"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_bench
+
+    result = run_bench(tiny=args.tiny, tokens=args.tokens, corpus=args.corpus, store_dir=args.store,
+                       queries=not args.no_queries, live=not args.no_live)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -77,14 +109,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"saescope demo: run ready in {run}")
         return 0
     return serve(run, host=args.host, port=args.port)
-
-
-def _later(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"saescope {name}: not yet available in this build", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("precompute", help="precompute feature statistics into a run directory")
-    p.set_defaults(func=_later("precompute"))
+    model_opts(p)
+    p.add_argument("--sae", required=True, help="SAE directory (SAELens or sparsify), or 'demo'")
+    p.add_argument("--corpus", required=True, help="text/jsonl file (.gz/.xz ok) or a directory of them")
+    p.add_argument("--out", required=True, help="run directory to write (manifest.json is written last)")
+    p.add_argument("--tokens", type=int, help="corpus tokens to process (default: the whole corpus)")
+    p.add_argument("--context-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per model forward")
+    p.add_argument("--include-special", action="store_true", help="count special tokens (BOS/EOS/PAD...) in statistics")
+    p.add_argument("--include-first", action="store_true", help="count position 0 (the attention sink) in statistics")
+    p.add_argument("--top-k", type=int, default=20, help="top-activating contexts kept per latent")
+    p.add_argument("--sample-contexts", type=int, default=32, help="held-out contexts for per-token rows and CE metrics")
+    p.add_argument("--force", action="store_true", help="replace a run of another model or SAE in --out")
+    p.set_defaults(func=cmd_precompute)
 
     def app_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -137,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     app_opts(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="measure precompute and query performance")
-    p.set_defaults(func=_later("bench"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tiny", action="store_true", help="use a tiny random model even when the demo model and SAE exist")
+    p.add_argument("--tokens", type=int, help="tokens of the larger precompute run (the smaller is a quarter)")
+    p.add_argument("--corpus", help="corpus for the precompute runs (default: the demo's held-out corpus)")
+    p.add_argument("--store", help="synthetic 1M-latent store (default data/cache/bench_store; built once)")
+    p.add_argument("--no-queries", action="store_true", help="skip the query-latency part")
+    p.add_argument("--no-live", action="store_true", help="skip the prompt-lens and steering ratios")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

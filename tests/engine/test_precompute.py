@@ -263,3 +263,20 @@ def test_sigkill_leaves_no_manifest_and_rerun_completes(tiny_llama, run, tmp_pat
     m = precompute(tiny_llama, run["sae"], run["corpus"], out, context_len=16, batch_size=4, progress=False)
     assert (out / "manifest.json").is_file() and not (out / ".partial").exists()
     assert m["corpus"]["n_contexts"] == run["manifest"]["corpus"]["n_contexts"]
+
+
+def test_cli_precompute(tmp_path, run, capsys):
+    from engine.cli import main
+    from engine.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    sae = run["sae"].save(tmp_path / "sae")
+    base = ["precompute", "--model", str(model), "--sae", str(sae), "--corpus", str(run["corpus"]), "--dtype", "float32"]
+    assert main([*base, "--out", str(tmp_path / "run"), "--context-len", "16", "--tokens", "160"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_tokens"] > 0 and (tmp_path / "run" / "manifest.json").is_file()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--context-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "saescope precompute: error: context length 4096 exceeds" in err and "Traceback" not in err
+    assert main([*base, "--out", str(tmp_path / "bad"), "--tokens", "10", "--context-len", "16"]) == 2
+    assert "at least one context" in capsys.readouterr().err

@@ -1,0 +1,205 @@
+"""``saescope bench``: precompute against a bare forward, query latency at 1M latents, memory at two corpus lengths.
+
+Every measurement is a ratio or a latency taken in this one run on this machine. The precompute runs go in
+child processes so each reports its own peak RSS; each child also times the bare model forward up to the
+hook on the very contexts its precompute read (tokenized beforehand, so tokenizing counts against precompute
+only), once before and once after the precompute, and uses the mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TINY_SAE = {"d_sae": 256, "k": 8, "hook": "blocks.1.hook_resid_post"}
+
+
+def demo_available() -> bool:
+    """True when the converted demo model and the trained demo SAE are both on disk."""
+    from .demo import demo_model_dir, demo_sae_dir
+
+    return (demo_model_dir() / "config.json").is_file() and (demo_sae_dir() / "cfg.json").is_file()
+
+
+def _load(which: str):
+    """(model, SAE, description) for ``demo`` or ``tiny``."""
+    from .models import load_model
+    from .saes import load_sae
+
+    if which == "demo":
+        from .demo import demo_model_dir, demo_sae_dir
+
+        lm = load_model(demo_model_dir(), device="auto", dtype="auto")
+        sae = load_sae(demo_sae_dir(), device=lm.device)
+        return lm, sae, f"demo: {demo_model_dir().name} + {demo_sae_dir().name} ({sae.cfg.d_sae} latents at {sae.cfg.hook_name})"
+    import torch
+
+    from .saes import SAEConfig, build_sae
+    from .tiny import tiny_model
+
+    lm = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=TINY_SAE["d_sae"], k=TINY_SAE["k"], hook_name=TINY_SAE["hook"])
+    W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    state = {"W_dec": W_dec, "W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(cfg.d_sae), "b_dec": torch.zeros(cfg.d_in)}
+    return lm, build_sae(cfg, state), f"tiny: random 2-layer llama (d_model {lm.d_model}) + random topk SAE ({cfg.d_sae} latents)"
+
+
+def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
+    import torch
+
+    from .activations import batched
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ids in batched(contexts, batch_size):
+            lm.capture(ids, hook)
+    return time.perf_counter() - start
+
+
+def child_main(argv: list[str]) -> None:
+    """One precompute measurement in a fresh process; prints a JSON line."""
+    import itertools
+
+    from .corpus import iter_contexts
+    from .precompute import precompute
+
+    which, corpus, tokens, context_len, batch_size, live = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5] == "1"
+    lm, sae, description = _load(which)
+    hook = sae.cfg.hook_name
+    contexts = list(itertools.islice(iter_contexts(lm.tokenizer, corpus, context_len), tokens // context_len))
+    _forward_seconds(lm, hook, contexts[:batch_size], batch_size)  # warm-up
+    before = _forward_seconds(lm, hook, contexts, batch_size)
+    with tempfile.TemporaryDirectory(prefix="saescope-bench-") as tmp:
+        manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=len(contexts) * context_len,
+                              context_len=context_len, batch_size=batch_size, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = _forward_seconds(lm, hook, contexts, batch_size)
+    out = {"model": description, "tokens": len(contexts) * context_len, "forward_seconds": (before + after) / 2,
+           "forward_seconds_before_after": [before, after], "timings": manifest["timings"], "peak_rss_mb": peak,
+           "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+    if live:
+        out["live"] = _live(lm, sae)
+    print(json.dumps(out))
+
+
+def _live(lm, sae) -> dict:
+    """Prompt-lens and steering ratios from ``engine.bench_live`` (reported, never fatal)."""
+    try:
+        from .bench_live import lens_over_forward, steering_over_baseline
+
+        return {**lens_over_forward(lm, sae), **steering_over_baseline(lm, sae)}
+    except Exception as err:  # noqa: BLE001  (the live paths have their own tests; keep the bench going)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _child(which: str, corpus: str, tokens: int, context_len: int, batch_size: int, live: bool) -> dict:
+    code = "import sys; from engine.bench import child_main; child_main(sys.argv[1:])"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    args = [which, corpus, str(tokens), str(context_len), str(batch_size), "1" if live else "0"]
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench child ({which}, {tokens} tokens) failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _p95_ms(fn, n: int, warmup: int = 20) -> tuple[float, float]:
+    times = []
+    for i in range(n + warmup):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    ms = np.array(times[warmup:]) * 1e3
+    return float(np.percentile(ms, 95)), float(np.median(ms))
+
+
+def query_bench(store_dir: Path, n: int = 300, **store_params) -> dict:
+    """Feature-page and top-50-by-density latency over the cached synthetic store (built on first use)."""
+    from .store import RunStore
+    from .synthetic import DEFAULTS, ensure_bench_store
+
+    params = {**DEFAULTS, **store_params}
+    tick = time.perf_counter()
+    ensure_bench_store(store_dir, **params)
+    prepared = time.perf_counter() - tick
+    rng = np.random.default_rng(0)
+    with RunStore.open(store_dir) as store:
+        n_features = store.n_features()
+        ids = rng.integers(0, n_features, n + 20)
+        offsets = rng.integers(0, 500, n + 20)
+        feature_p95, feature_median = _p95_ms(lambda i: store.feature(int(ids[i])), n)
+        topn_p95, topn_median = _p95_ms(lambda i: store.top_features(sort_by="density", limit=50, offset=int(offsets[i])), n)
+    return {
+        "feature_query_p95_ms": feature_p95,
+        "feature_query_median_ms": feature_median,
+        "topn_query_p95_ms": topn_p95,
+        "topn_query_median_ms": topn_median,
+        "store": {"path": str(store_dir), "latents": n_features, "examples_per_latent": params["n_examples"],
+                  "tokens_per_example": params["width"], "prepare_seconds": round(prepared, 1)},
+    }
+
+
+def run_bench(*, tiny: bool = False, tokens: int | None = None, corpus: str | Path | None = None,
+              store_dir: str | Path | None = None, queries: bool = True, live: bool = True) -> dict:
+    """All measurements as one dict (see the module docstring)."""
+    from .demo import data_dir
+
+    which = "tiny" if tiny or not demo_available() else "demo"
+    corpus = str(corpus or data_dir() / "corpus" / "heldout.jsonl.xz")
+    context_len, batch_size = 128, 16
+    large = tokens or (65_536 if which == "demo" else 262_144)
+    small = max(context_len * batch_size, large // 4)
+    runs = {n: _child(which, corpus, n, context_len, batch_size, live=(n == large and live)) for n in (small, large)}
+    main = runs[large]
+    timings = main["timings"]
+    result = {
+        "model": main["model"],
+        "model_source": which if which == "demo" else "tiny (demo model or demo SAE not found)" if not tiny else "tiny (--tiny)",
+        "device": main["device"],
+        "dtype": main["dtype"],
+        "tokens": large,
+        "forward_seconds": main["forward_seconds"],
+        "main_pass_seconds": timings["main_pass_seconds"],
+        "precompute_over_forward": timings["main_pass_seconds"] / main["forward_seconds"],
+        "total_over_forward": (timings["total_seconds"] - timings["ce_sample_seconds"]) / main["forward_seconds"],
+        "ce_sample_seconds": timings["ce_sample_seconds"],
+        "finalize_seconds": timings["features_seconds"] + timings["write_seconds"],
+        "peak_rss_mb": {str(n): round(r["peak_rss_mb"], 1) for n, r in runs.items()},
+        "rss_growth_mb": round(runs[large]["peak_rss_mb"] - runs[small]["peak_rss_mb"], 1),
+    }
+    if "live" in main:
+        result["live"] = main["live"]
+    if queries:
+        result.update(query_bench(Path(store_dir or data_dir() / "cache" / "bench_store")))
+    return result
+
+
+def format_report(result: dict) -> str:
+    """Human-readable summary with the targets."""
+    lines = [f"model: {result['model']}  [{result['model_source']}; {result['device']}, {result['dtype']}]",
+             f"precompute / forward (main pass, {result['tokens']:,} tokens): {result['precompute_over_forward']:.3f}  (target <= 1.3)",
+             f"  forward {result['forward_seconds']:.2f} s, main pass {result['main_pass_seconds']:.2f} s, "
+             f"all but CE sample / forward {result['total_over_forward']:.3f}",
+             f"CE sample: {result['ce_sample_seconds']:.2f} s;  features + writing: {result['finalize_seconds']:.2f} s",
+             "peak RSS: " + ", ".join(f"{mb:.0f} MB at {int(n):,} tokens" for n, mb in result["peak_rss_mb"].items())
+             + f"  (growth {result['rss_growth_mb']:+.0f} MB)"]
+    if "feature_query_p95_ms" in result:
+        store = result["store"]
+        lines.append(f"feature page p95: {result['feature_query_p95_ms']:.1f} ms (median {result['feature_query_median_ms']:.1f}); "
+                     f"top-50 by density p95: {result['topn_query_p95_ms']:.1f} ms (median {result['topn_query_median_ms']:.1f})  "
+                     f"(target <= 20 ms; {store['latents']:,} latents x {store['examples_per_latent']} examples x "
+                     f"{store['tokens_per_example']} tokens)")
+    for key, value in result.get("live", {}).items():
+        lines.append(f"live {key}: {value:.3f}" if isinstance(value, float) else f"live {key}: {value}")
+    return "\n".join(lines)

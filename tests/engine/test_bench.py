@@ -1,0 +1,41 @@
+"""The benchmark's parts on small inputs: the synthetic store goes through the real writer and index, the query
+timing, and (slow) the whole ``saescope bench`` on the tiny model."""
+
+import json
+
+import pytest
+
+from engine.bench import format_report, query_bench
+from engine.cli import main
+from engine.store import RunStore
+from engine.synthetic import ensure_bench_store
+
+
+def test_synthetic_store_is_a_readable_run(tmp_path):
+    params = {"n_features": 3000, "n_contexts": 500, "vocab": 300}
+    path = ensure_bench_store(tmp_path / "store", **params)
+    index_mtime = (path / "index.duckdb").stat().st_mtime
+    assert ensure_bench_store(tmp_path / "store", **params) == path  # cached
+    assert (path / "index.duckdb").stat().st_mtime == index_mtime
+    with RunStore.open(path) as store:
+        assert store.n_features() == 3000
+        page = store.feature(2999)
+        assert len(page["examples"]) == 20 and all(len(e["acts"]) == len(e["tokens"]) == 64 for e in page["examples"])
+        top = store.top_features(sort_by="density", limit=50)
+        assert len(top) == 50 and top[0]["density"] >= top[-1]["density"]
+
+
+def test_query_bench_reports_latencies(tmp_path):
+    out = query_bench(tmp_path / "s", n=30, n_features=2000, n_contexts=300, vocab=200)
+    assert out["feature_query_p95_ms"] > 0 and out["topn_query_p95_ms"] > 0 and out["store"]["latents"] == 2000
+
+
+@pytest.mark.slow
+def test_bench_command_on_tiny_model(tmp_path, capsys):
+    code = main(["bench", "--json", "--tiny", "--tokens", "8192", "--no-queries", "--no-live"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("precompute_over_forward", "ce_sample_seconds", "peak_rss_mb", "model"):
+        assert key in result
+    assert result["model"].startswith("tiny") and len(result["peak_rss_mb"]) == 2
+    assert "precompute / forward" in format_report(result)
