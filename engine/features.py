@@ -73,7 +73,7 @@ def short_token(text: str) -> str:
 
 
 def labels_from_examples(
-    n_features: int,
+    features: range,
     feature_id: np.ndarray,
     acts: np.ndarray,
     token_ids: np.ndarray,
@@ -82,34 +82,32 @@ def labels_from_examples(
     n_label: int = 3,
     n_tokens: int = 10,
 ) -> tuple[list[str], np.ndarray]:
-    """Label each latent by the tokens carrying most of its activation in its examples.
+    """Label each latent in ``features`` by the tokens carrying most of its activation in its examples.
 
-    ``acts, token_ids [rows, pos]`` are the example windows. Returns the labels (``""`` for latents
-    with no examples) and ``[n_features, n_tokens]`` token ids by activation mass (-1 padded).
+    ``acts, token_ids [rows, pos]`` are the example windows of those latents. Returns the labels (``""`` for
+    latents with no examples) and ``[len(features), n_tokens]`` token ids by activation mass (-1 padded).
     """
-    fire = acts > 0
-    rows, cols = np.nonzero(fire)
+    rows, cols = np.nonzero(acts > 0)
     feat = feature_id[rows].astype(np.int64)
     tok = token_ids[rows, cols].astype(np.int64)
-    mass = acts[rows, cols].astype(np.float64)
     key = feat * len(vocab) + tok
     uniq, inverse = np.unique(key, return_inverse=True)
-    total = np.bincount(inverse, weights=mass)
+    total = np.bincount(inverse, weights=acts[rows, cols].astype(np.float64))
     f_of, t_of = uniq // len(vocab), uniq % len(vocab)
     order = np.lexsort((-total, f_of))  # by feature, then mass descending
     f_sorted, t_sorted = f_of[order], t_of[order]
-    first = np.searchsorted(f_sorted, np.arange(n_features))
-    last = np.searchsorted(f_sorted, np.arange(n_features), side="right")
-    top = np.full((n_features, n_tokens), -1, dtype=np.int32)
+    ids = np.arange(features.start, features.stop)
+    first, last = np.searchsorted(f_sorted, ids), np.searchsorted(f_sorted, ids, side="right")
+    top = np.full((len(ids), n_tokens), -1, dtype=np.int32)
     labels: list[str] = []
-    for f in range(n_features):  # once per run, after the pass
-        ids = t_sorted[first[f] : min(last[f], first[f] + n_tokens)]
-        top[f, : len(ids)] = ids
+    for i in range(len(ids)):  # once per run, after the pass
+        picked = t_sorted[first[i] : min(last[i], first[i] + n_tokens)]
+        top[i, : len(picked)] = picked
         shown: list[str] = []
-        for t in ids:
-            s = short_token(vocab[t])
-            if s not in shown:
-                shown.append(s)
+        for t in picked:
+            text = short_token(vocab[t])
+            if text not in shown:
+                shown.append(text)
             if len(shown) == n_label:
                 break
         labels.append(" / ".join(shown))

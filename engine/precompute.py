@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -175,13 +176,13 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     error_map = state.dark.fit(cfg.ridge)
     token_rows, norm_corr = _token_rows(state.sample, slots, error_map, losses)
     summary = state.stats.summary()
-    rows = state.examples.rows()
     vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
-    features = _feature_columns(lm, sae, cfg, summary, rows, vocab, staging)
+    labels, top_tokens = _write_examples(staging, state.examples, vocab)
+    features = _feature_columns(lm, sae, cfg, summary, labels, top_tokens)
     timings["features_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    sizes = _write(staging, features, rows, vocab, token_rows, error_map)
+    sizes = _write(staging, features, vocab, token_rows, error_map)
     build_index(staging)
     timings["write_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - started
@@ -319,8 +320,26 @@ def _token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErr
     return cols, corr
 
 
-def _feature_columns(lm, sae, cfg, summary, rows: ExampleRows, vocab: list[str], staging: Path) -> dict:
-    """features.parquet columns (everything but the per-pass statistics is computed here)."""
+def _write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str]) -> tuple[list[str], list[np.ndarray]]:
+    """Write examples.parquet a chunk of latents at a time; returns each latent's label and top tokens."""
+    ctx_ids, ctx_tokens = rundir.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
+    labels: list[str] = []
+    tops: list[np.ndarray] = []
+    with pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer:
+        for latents, rows in reservoirs.iter_rows():
+            if len(rows.context_id):
+                tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
+            else:
+                tokens = np.zeros(rows.acts.shape, np.int32)
+            chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
+            labels += chunk_labels
+            tops += [t[t >= 0] for t in chunk_tops]
+            writer.write_table(rundir.table(_example_columns(rows), schema.EXAMPLES_SCHEMA), row_group_size=8192)
+    return labels, tops
+
+
+def _feature_columns(lm, sae, cfg, summary, labels: list[str], top_tokens: list[np.ndarray]) -> dict:
+    """features.parquet columns (everything but the per-pass statistics and labels is computed here)."""
     d_sae = sae.cfg.d_sae
     if sae.cfg.d_in == lm.d_model:
         effects = logit_effects(lm, sae, cfg.n_logits)
@@ -328,9 +347,6 @@ def _feature_columns(lm, sae, cfg, summary, rows: ExampleRows, vocab: list[str],
     else:  # e.g. attn.hook_z: the decoder writes into head space, not the residual stream
         logits = [np.zeros((d_sae, 0), np.int32), np.zeros((d_sae, 0), np.float32)] * 2
     neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors)
-    ctx_ids, ctx_tokens = rundir.read_context_tokens(staging / schema.CONTEXTS, rows.context_id)
-    row_tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)] if len(ctx_ids) else np.zeros_like(rows.acts, np.int32)
-    labels, top_tokens = labels_from_examples(d_sae, rows.feature_id, rows.acts, row_tokens, vocab)
     return {
         "feature_id": np.arange(d_sae, dtype=np.int32),
         "fire_count": summary.fire_count,
@@ -346,28 +362,23 @@ def _feature_columns(lm, sae, cfg, summary, rows: ExampleRows, vocab: list[str],
         "bottom_logit_values": rundir.list_array(logits[3]),
         "neighbor_ids": rundir.list_array(neighbor_ids, pa_type=pa.int32()),
         "neighbor_cos": rundir.list_array(neighbor_cos),
-        "top_token_ids": rundir.ragged_list_array([r[r >= 0] for r in top_tokens], pa.int32()),
+        "top_token_ids": rundir.ragged_list_array(top_tokens, pa.int32()),
         "label": labels,
         "explanation": [None] * d_sae,
     }
 
 
-def _write(staging: Path, features: dict, rows: ExampleRows, vocab: list[str], token_rows: dict, error_map: LinearErrorMap) -> dict:
-    """Write the Parquet files and the error map; returns ``{file: {rows, bytes}}``."""
-    counts = {
-        schema.FEATURES: rundir.write_table(staging / schema.FEATURES, features, schema.FEATURES_SCHEMA, row_group_size=16384),
-        schema.EXAMPLES: rundir.write_table(staging / schema.EXAMPLES, _example_columns(rows), schema.EXAMPLES_SCHEMA, row_group_size=8192),
-        schema.VOCAB: rundir.write_table(staging / schema.VOCAB, {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}, schema.VOCAB_SCHEMA),
-        schema.TOKENS: rundir.write_table(staging / schema.TOKENS, {k: _nullable(v) for k, v in token_rows.items()}, schema.TOKENS_SCHEMA),
-    }
+def _write(staging: Path, features: dict, vocab: list[str], token_rows: dict, error_map: LinearErrorMap) -> dict:
+    """Write the remaining Parquet files and the error map; returns ``{file: {rows, bytes}}`` for all files."""
+    rundir.write_table(staging / schema.FEATURES, features, schema.FEATURES_SCHEMA, row_group_size=16384)
+    rundir.write_table(staging / schema.VOCAB, {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}, schema.VOCAB_SCHEMA)
+    rundir.write_table(staging / schema.TOKENS, {k: _nullable(v) for k, v in token_rows.items()}, schema.TOKENS_SCHEMA)
     save_file(
         {"W": error_map.W.cpu(), "b": error_map.b.cpu(), "w_norm": error_map.w_norm.cpu(), "b_norm": torch.tensor([error_map.b_norm])},
         str(staging / schema.DARK_MATTER),
     )
-    import pyarrow.parquet as pq
-
-    counts[schema.CONTEXTS] = pq.ParquetFile(staging / schema.CONTEXTS).metadata.num_rows
-    return {name: {"rows": int(n), "bytes": (staging / name).stat().st_size} for name, n in counts.items()}
+    names = (schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS)
+    return {name: {"rows": pq.ParquetFile(staging / name).metadata.num_rows, "bytes": (staging / name).stat().st_size} for name in names}
 
 
 def _example_columns(rows: ExampleRows) -> dict:

@@ -197,15 +197,29 @@ class ExampleReservoirs:
         """Largest context maximum seen per latent ``[d_sae]``."""
         return self.val[:, : self.k].amax(1)
 
-    def rows(self) -> ExampleRows:
-        """Top examples by activation, then quantile examples (highest activation first), per latent."""
-        k, d_sae = self.k, self.val.shape[0]
-        top_slots = _by_value_then_id(self.val[:, :k], self.ctx[:, :k])
-        top_val = self.val[:, :k].gather(1, top_slots)
+    def context_ids(self) -> np.ndarray:
+        """Every context id some reservoir holds (sorted, unique)."""
+        ids = self.ctx[self.ctx >= 0]
+        return torch.unique(ids).cpu().numpy()
 
-        qv, live = self.val[:, k:], self.key < EMPTY_KEY
-        qbin = (qv / self.max_act().clamp_min(1e-30)[:, None] * self.n_bins).floor_().clamp_(max=self.n_bins - 1)
-        composite = torch.where(live, qbin.double() + self.key.double(), torch.full_like(qv, EMPTY_KEY, dtype=torch.float64))
+    def iter_rows(self, chunk: int = 1024):
+        """``(range, rows)`` for consecutive latent ranges, so final arrays never exist for all latents at once."""
+        for lo in range(0, self.val.shape[0], chunk):
+            hi = min(lo + chunk, self.val.shape[0])
+            yield range(lo, hi), self.rows(lo, hi)
+
+    def rows(self, lo: int = 0, hi: int | None = None) -> ExampleRows:
+        """Top examples by activation, then quantile examples (highest activation first), for latents ``[lo, hi)``."""
+        hi = self.val.shape[0] if hi is None else hi
+        k, n, dev = self.k, hi - lo, self.device
+        val, ctx, key = self.val[lo:hi], self.ctx[lo:hi], self.key[lo:hi]
+        top_slots = _by_value_then_id(val[:, :k], ctx[:, :k])
+        top_val = val[:, :k].gather(1, top_slots)
+
+        qv, live = val[:, k:], key < EMPTY_KEY
+        peak = val[:, :k].amax(1).clamp_min(1e-30)[:, None]
+        qbin = (qv / peak * self.n_bins).floor_().clamp_(max=self.n_bins - 1)
+        composite = torch.where(live, qbin.double() + key.double(), torch.full_like(qv, EMPTY_KEY, dtype=torch.float64))
         _, order = composite.sort(dim=1)
         sorted_bins = torch.where(live, qbin, torch.full_like(qbin, float(self.n_bins))).gather(1, order)
         won = (_rank_in_group(sorted_bins) < self.per_bin) & (sorted_bins < self.n_bins)
@@ -213,15 +227,16 @@ class ExampleReservoirs:
         # bins are monotone in activation, so sorting by activation orders by bin too
         q_val, q_order = torch.where(chosen, qv, torch.full_like(qv, -1.0)).sort(dim=1, descending=True)
 
-        lat = torch.arange(d_sae, device=self.device)[:, None].expand(d_sae, k + q_order.shape[1])
+        n_q = q_order.shape[1]
+        lat = torch.arange(lo, hi, device=dev)[:, None].expand(n, k + n_q)
         slots = torch.cat([top_slots, q_order + k], 1)
         valid = torch.cat([top_val > 0, q_val > 0], 1)
         kind = torch.cat([torch.zeros_like(top_slots), torch.ones_like(q_order)], 1)
-        rank = torch.cat([torch.arange(k, device=self.device).expand(d_sae, k), torch.arange(q_order.shape[1], device=self.device).expand_as(q_order)], 1)
+        rank = torch.cat([torch.arange(k, device=dev).expand(n, k), torch.arange(n_q, device=dev).expand(n, n_q)], 1)
         qbins = torch.cat([torch.full_like(top_slots, -1), qbin.gather(1, q_order).long()], 1)
         lat, slots, kind, rank, qbins = (t[valid] for t in (lat, slots, kind, rank, qbins))
-        val = self.val[lat, slots]
-        acts = self.acts[lat, slots].float() * val[:, None]
+        value = self.val[lat, slots]
+        acts = self.acts[lat, slots].float() * value[:, None]
         return ExampleRows(
             feature_id=lat.cpu().numpy().astype(np.int32),
             kind=kind.cpu().numpy().astype(np.int8),
@@ -229,6 +244,6 @@ class ExampleReservoirs:
             quantile_bin=qbins.cpu().numpy().astype(np.int16),
             context_id=self.ctx[lat, slots].cpu().numpy().astype(np.int32),
             max_pos=self.pos[lat, slots].cpu().numpy().astype(np.int16),
-            max_act=val.cpu().numpy().astype(np.float32),
+            max_act=value.cpu().numpy().astype(np.float32),
             acts=acts.cpu().numpy(),
         )

@@ -148,15 +148,20 @@ def ragged_list_array(rows: list[np.ndarray], pa_type) -> pa.Array:
     return list_array(flat, offsets, pa_type)
 
 
-def write_table(path: Path, columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema, row_group_size: int = 65536) -> int:
-    """Write one Parquet file whose columns follow ``table_schema`` exactly; returns the row count."""
+def table(columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema) -> pa.Table:
+    """An Arrow table whose columns follow ``table_schema`` exactly (values cast to the schema's types)."""
     arrays = []
     for field in table_schema:
         value = columns[field.name]
         arrays.append(value.cast(field.type) if isinstance(value, pa.Array) else pa.array(value, type=field.type))
-    table = pa.Table.from_arrays(arrays, schema=table_schema)
-    pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
-    return table.num_rows
+    return pa.Table.from_arrays(arrays, schema=table_schema)
+
+
+def write_table(path: Path, columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema, row_group_size: int = 65536) -> int:
+    """Write one Parquet file whose columns follow ``table_schema`` exactly; returns the row count."""
+    data = table(columns, table_schema)
+    pq.write_table(data, path, compression="zstd", row_group_size=row_group_size)
+    return data.num_rows
 
 
 class ContextWriter:

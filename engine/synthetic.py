@@ -53,7 +53,7 @@ def _features_chunk(rng: np.random.Generator, start: int, n: int, p: dict, n_tok
         "label": labels.tolist(),
         "explanation": pa.nulls(n, pa.string()),
     }
-    return _table(columns, schema.FEATURES_SCHEMA)
+    return rundir.table(columns, schema.FEATURES_SCHEMA)
 
 
 def _examples_chunk(rng: np.random.Generator, start: int, n: int, p: dict) -> pa.Table:
@@ -77,15 +77,7 @@ def _examples_chunk(rng: np.random.Generator, start: int, n: int, p: dict) -> pa
         "start": np.zeros(rows, np.int16),
         "acts": rundir.list_array(acts),
     }
-    return _table(columns, schema.EXAMPLES_SCHEMA)
-
-
-def _table(columns: dict, table_schema: pa.Schema) -> pa.Table:
-    arrays = [
-        columns[f.name].cast(f.type) if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], type=f.type)
-        for f in table_schema
-    ]
-    return pa.Table.from_arrays(arrays, schema=table_schema)
+    return rundir.table(columns, schema.EXAMPLES_SCHEMA)
 
 
 def _write_chunked(path: Path, table_schema: pa.Schema, make, total: int, chunk: int, row_group: int) -> None:
