@@ -106,7 +106,7 @@ def chips(items: Sequence[tuple[str, float]], *, color: str = "act", scale: floa
     scale = scale or max((abs(v) for _, v in items), default=1.0)
     parts = []
     for token, value in items:
-        style = tint(value, scale, color) + "border-radius: 4px; padding: 1px 5px; margin: 2px; display: inline-block;"
+        style = tint(0.15 + 0.45 * abs(value) / scale, 1.0, color) + "border-radius: 4px; padding: 1px 5px; margin: 2px; display: inline-block;"
         parts.append(
             f'<span style="{style}" title="{escape(f"{token!r}: {value:+.3f}")}">'
             f'<code style="background: none;">{escape(visible(token))}</code> '

@@ -131,4 +131,6 @@ def _run_is_current(run: Path, sae) -> bool:
         manifest = read_manifest(run)
     except ValueError:
         return False
-    return manifest is not None and (manifest.get("sae") or {}).get("hash") == sae_fingerprint(sae)
+    if manifest is None or not Path((manifest.get("model") or {}).get("name") or "").exists():
+        return False  # incomplete, or the checkout moved: the live pages could not find the model
+    return (manifest.get("sae") or {}).get("hash") == sae_fingerprint(sae)

@@ -1,5 +1,6 @@
 """Dark matter: what the SAE misses, how much of it a linear map from x predicts, and where it costs loss."""
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -45,20 +46,24 @@ st.plotly_chart(
 )
 
 st.subheader("Contexts the SAE reconstructs worst")
-st.caption("Tinted by each token's error norm (hover for the values); sorted by mean error norm.")
+st.caption("Tinted by each token's error norm above the run's typical error (hover for the values); "
+           "sorted by mean error norm.")
 n_worst = st.slider("Contexts", 1, 20, 5, key="dm_worst")
+norms = np.array([r["err_norm"] for r in rows], dtype=np.float64)
+floor, top = np.percentile(norms, 5), np.percentile(norms, 99.5)  # tint from the typical error up, for contrast
 for ctx in store.worst_contexts(n_worst):
     titles = [f"{t!r}: ‖e‖ {fmt(e)} · nonlinear {fmt(nl)}" if e is not None else f"{t!r}: excluded"
               for t, e, nl in zip(ctx["tokens"], ctx["err_norms"], ctx["err_nonlinear_norms"])]
     st.markdown(f"Context {ctx['context_id']} · mean ‖e‖ {fmt(ctx['mean_err_norm'])} · max {fmt(ctx['max_err_norm'])}")
-    st.html(render.tokens_html(ctx["tokens"], ctx["err_norms"], color="error", titles=titles, breaks=False))
+    tints = [None if e is None else max(e - floor, 0.0) for e in ctx["err_norms"]]
+    st.html(render.tokens_html(ctx["tokens"], tints, scale=max(top - floor, 1e-9), color="error", titles=titles, breaks=False))
 
 st.subheader("Next-token loss with the SAE spliced in")
 deltas = [r["ce_delta"] for r in rows if r["ce_delta"] is not None]
 if not deltas:
     st.info("This run measured no per-token loss (no sampled contexts).")
 else:
-    st.caption(f"ΔCE = loss with the reconstruction in place of x − clean loss, per sampled token "
+    st.caption(f"ΔCE = loss of predicting the next token with the reconstruction in place of x − clean loss, per sampled token "
                f"(mean {fmt(sum(deltas) / len(deltas))}; CE loss recovered {fmt(metrics.get('ce_loss_recovered'))}).")
     st.plotly_chart(charts.value_histogram({"ΔCE": deltas}, x="ΔCE (nats)", log_y=True), key="ce_hist")
     worst = store.token_rows(order_by="ce_delta", limit=20)

@@ -93,10 +93,11 @@ table = pd.DataFrame(
         "top latents": [", ".join(f"#{i} {v:.2f}" for i, v in t.top_latents) for t in rows],
         "L0": [t.l0 for t in rows],
         "‖x‖": [t.x_norm for t in rows],
-        "‖error‖": [t.err_norm for t in rows],
-        "linear part": [t.err_linear_norm for t in rows],
-        "nonlinear part": [t.err_nonlinear_norm for t in rows],
-        "ΔCE": [t.ce_delta for t in rows],
+        # the SAE leaves excluded tokens (position 0, specials) untouched: no error or loss change to show
+        "‖error‖": [t.err_norm if t.included else None for t in rows],
+        "linear part": [t.err_linear_norm if t.included else None for t in rows],
+        "nonlinear part": [t.err_nonlinear_norm if t.included else None for t in rows],
+        "ΔCE": [t.ce_delta if t.included else None for t in rows],
         "counted": [t.included for t in rows],
     }
 )

@@ -185,7 +185,8 @@ def test_lens_shows_tokens_latents_and_errors(tiny_runs, open_app):
     assert (table["L0"][1:] == 8).all() and table["L0"][0] == 0  # TopK k=8; position 0 excluded
     lin, nonlin, err = table["linear part"][1:], table["nonlinear part"][1:], table["‖error‖"][1:]
     assert (lin > 0).all() and (nonlin > 0).all() and (err > 0).all()
-    assert table["ΔCE"].iloc[:-1].notna().all() and np.isnan(table["ΔCE"].iloc[-1])
+    assert table["ΔCE"].iloc[1:-1].notna().all() and np.isnan(table["ΔCE"].iloc[-1])
+    assert table[["‖error‖", "ΔCE"]].iloc[0].isna().all()  # position 0: the SAE leaves it alone
     body = htmls(at)[0]
     assert body.count("<span") == len(ids) and "&lt;" in body and "<script" not in body
     for option in ("error", "ce", "top"):
