@@ -59,7 +59,7 @@ def manifest(run_dir: str) -> dict:
     return _manifest(run_dir, _stamp(run_dir))
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda s: s.close())
 def _store(run_dir: str, stamp: float):
     from engine.store import RunStore
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import cache
+from dashboard import cache, render
 from engine.schema import MANIFEST
 
 FEATURES_PAGE = "views/features.py"
@@ -130,7 +130,7 @@ def live(run_dir: str):
 
 def feature_link(feature_id: int, label: str = "", *, suffix: str = "") -> None:
     """A link to a latent's feature page."""
-    text = f"#{feature_id}" + (f" · {label}" if label else "") + suffix
+    text = f"#{feature_id}" + (f" · {render.md(label)}" if label else "") + suffix
     st.page_link(FEATURES_PAGE, label=text, query_params={"feature": str(feature_id)}, icon=":material/open_in_new:")
 
 

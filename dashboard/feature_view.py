@@ -31,7 +31,7 @@ def show(run: str, store, feature_id: int) -> None:
         common.fail(f"Feature {feature_id} does not exist: this SAE has {n:,} latents (ids 0 to {n - 1:,}).")
 
     st.title(f"Feature #{feature_id}")
-    st.markdown(f"**{row.get('label') or 'no label'}**" + (f" — {row['explanation']}" if row.get("explanation") else ""))
+    st.markdown(f"**{render.md(row.get('label') or 'no label')}**" + (f" — {render.md(row['explanation'])}" if row.get("explanation") else ""))
     density = float(row["density"])
     cols = st.columns([2, 2, 2, 2, 3])
     cols[0].metric("Density", f"{density:.3%}" if density >= 1e-4 else fmt(density),

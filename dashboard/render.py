@@ -32,6 +32,15 @@ def escape(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:")
+
+
+def md(text: object) -> str:
+    """Text made literal for Streamlit markdown (labels made of tokens can hold ``*``, ``_``, backticks, ...)."""
+    text = str(text)
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in visible(text)) if text else ""
+
+
 def visible(token: str) -> str:
     """The token with newlines, tabs and carriage returns shown as symbols (empty tokens as ∅)."""
     if token == "":
@@ -123,9 +132,3 @@ def continuation_html(prompt: str, continuation: str, *, note: str = "") -> str:
         f'<span style="color: #8a8f98;">{escape(prompt)}</span>'
         f"<span>{escape(continuation)}</span>{cursor}</div>"
     )
-
-
-def legend(label: str, color: str = "act") -> str:
-    """A small ramp explaining the tint."""
-    stops = "".join(f'<span style="{tint(v, 1.0, color)} padding: 0 6px;">&nbsp;</span>' for v in (0.1, 0.3, 0.55, 0.8, 1.0))
-    return f'<div style="font-size: 0.8rem; color: #555;">{escape(label)}: low {stops} high</div>'

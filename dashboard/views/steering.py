@@ -66,10 +66,10 @@ with st.container(border=True):
     if query.strip():
         matches = common.search(store, query.strip(), limit=6)
         if not matches:
-            right.caption(f"No latent matches {query!r}.")
+            right.caption(f"No latent matches {render.md(repr(query))}.")
         for row in matches:
             right.button(
-                f"Add #{row['feature_id']} · {row.get('label') or ''}"[:80], key=f"steer_add_{row['feature_id']}",
+                f"Add #{row['feature_id']} · {render.md((row.get('label') or '')[:60])}", key=f"steer_add_{row['feature_id']}",
                 on_click=add_latent, args=(int(row["feature_id"]),),
             )
     latents = st.session_state["steer_latents"]

@@ -10,6 +10,15 @@ from tests.dashboard.tinyrun import build_tiny_run
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _release_cached_resources():
+    """Close the run stores the app cached (DuckDB complains about connections still open at exit)."""
+    yield
+    import streamlit as st
+
+    st.cache_resource.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     """Two precomputed runs of one tiny model: a TopK SAE and a matching-pursuit SAE (under ``<root>/runs``)."""

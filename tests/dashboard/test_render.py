@@ -69,3 +69,8 @@ def test_steering_settings_round_trip_through_the_url():
 def test_bad_steering_links_are_refused_with_a_reason(query, message):
     with pytest.raises(ValueError, match=message):
         SteerSettings.from_query(query)
+
+
+def test_markdown_escaping_keeps_labels_literal():
+    assert render.md("a*b_c `x` [l](u)") == "a\\*b\\_c \\`x\\` \\[l\\]\\(u\\)"
+    assert render.md("\n") == "⏎" and render.md("") == ""
