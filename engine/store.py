@@ -29,13 +29,15 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     target = Path(target) if target else run_dir / schema.INDEX
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    con = duckdb.connect(str(tmp), config={"enable_progress_bar": False})
     try:
         for table, statement in sql.BUILD_TABLE.items():
             source = run_dir / sql.BUILD_SOURCES[table]
             if not source.is_file():
                 raise FileNotFoundError(f"run directory {run_dir} lacks {source.name}")
             con.execute(statement, {"path": str(source)})
+        for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
+            con.execute(statement)
         con.execute("CHECKPOINT")
     finally:
         con.close()
@@ -152,9 +154,11 @@ class RunStore:
         if kind not in (None, "top", "quantile"):
             raise ValueError(f"kind must be 'top', 'quantile' or None, got {kind!r}")
         rows = self._query(sql.EXAMPLES, {"feature_id": int(feature_id), "kind": kind})
+        wanted = sorted({row["context_id"] for row in rows})
+        contexts = dict(self._con.cursor().execute(sql.CONTEXTS, {"context_ids": wanted}).fetchall()) if wanted else {}
         for row in rows:
             start = row["start"]
-            ids = row["token_ids"][start : start + len(row["acts"])]
+            ids = contexts[row["context_id"]][start : start + len(row["acts"])]
             row["token_ids"] = ids
             row["tokens"] = self.decode(ids)
         return rows

@@ -67,6 +67,20 @@ def test_top_features_sort_and_filter(store):
         store.top_features(sort_by="density; DROP TABLE features")
 
 
+@pytest.mark.parametrize("key", ["density", "max_act", "fire_count", "mean_act", "feature_id"])
+@pytest.mark.parametrize("descending", [True, False])
+def test_every_sort_order_matches_python(store, run_dir, key, descending):
+    rows = pq.read_table(run_dir / "features.parquet").to_pylist()
+    lo, hi = 0.005, 0.08
+    kept = [r for r in rows if not r["dead"] and lo <= r["density"] <= hi]
+    sign = -1 if descending else 1
+    want = [r["feature_id"] for r in sorted(kept, key=lambda r: (sign * r[sql.ORDER_COLUMN[key]], r["feature_id"]))]
+    got = store.top_features(sort_by=key, descending=descending, min_density=lo, max_density=hi, limit=40, offset=3)
+    assert [r["feature_id"] for r in got] == want[3:43]
+    everything = store.top_features(sort_by=key, descending=descending, include_dead=True, limit=1000)
+    assert len(everything) == len(rows)
+
+
 def test_search_by_label_token_and_id(store):
     some = store.top_features(limit=1)[0]
     word = some["label"].split(" / ")[0]
