@@ -29,8 +29,9 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     target = Path(target) if target else run_dir / schema.INDEX
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp), config={"enable_progress_bar": False})
+    con = duckdb.connect(str(tmp))
     try:
+        con.execute("SET enable_progress_bar = false")
         for table, statement in sql.BUILD_TABLE.items():
             source = run_dir / sql.BUILD_SOURCES[table]
             if not source.is_file():
