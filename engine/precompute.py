@@ -19,22 +19,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import rundir, schema
+from . import rundir, runfiles, schema
 from .accumulators import FeatureStats, sparse_codes
 from .activations import iter_activations
 from .corpus import corpus_files, corpus_hash, iter_contexts
-from .darkmatter import LinearErrorMap, LinearErrorStats
-from .features import decoder_neighbors, labels_from_examples, logit_effects, token_strings
+from .darkmatter import LinearErrorStats
+from .features import token_strings
 from .interventions import check_sae_fits
 from .metrics import ReconStats, per_token_ce, summarize_ce
 from .models import LoadedModel
-from .reservoirs import ExampleReservoirs, ExampleRows
+from .reservoirs import ExampleReservoirs
 from .sampling import ContextSample, is_heldout
 from .saes import SAE
 from .store import build_index
@@ -174,15 +171,15 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
 
     tick = time.perf_counter()
     error_map = state.dark.fit(cfg.ridge)
-    token_rows, norm_corr = _token_rows(state.sample, slots, error_map, losses)
+    token_rows, norm_corr = runfiles.token_rows(state.sample, slots, error_map, losses)
     summary = state.stats.summary()
     vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
-    labels, top_tokens = _write_examples(staging, state.examples, vocab)
-    features = _feature_columns(lm, sae, cfg, summary, labels, top_tokens)
+    labels, top_tokens = runfiles.write_examples(staging, state.examples, vocab)
+    features = runfiles.feature_columns(lm, sae, cfg, summary, labels, top_tokens)
     timings["features_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    sizes = _write(staging, features, vocab, token_rows, error_map)
+    sizes = runfiles.write_files(staging, features, vocab, token_rows, error_map)
     build_index(staging)
     timings["write_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - started
@@ -282,121 +279,3 @@ def _sample_losses(lm, sae, sample: ContextSample, slots: torch.Tensor, batch: i
         return None
     out["metrics"] = summarize_ce({k: float(out[k][pred].double().sum()) for k in parts}, count)
     return out
-
-
-def _token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErrorMap, losses) -> tuple[dict, float]:
-    """tokens.parquet columns for the sampled contexts, and corr(||linear part||, ||error||) over them."""
-    n, pos = len(slots), sample.token_ids.shape[1]
-    x = sample.x[slots].reshape(n * pos, -1)
-    e = sample.err[slots].reshape(n * pos, -1)
-    linear, nonlinear = error_map.split(x, e)
-    mask = sample.mask[slots].reshape(-1).numpy()
-    err_norm = e.norm(dim=-1)
-    lin_norm = linear.norm(dim=-1)
-    cos = torch.nn.functional.cosine_similarity(x, x - e, dim=-1)
-    cols = {
-        "context_id": sample.context_id[slots][:, None].expand(n, pos).reshape(-1).numpy(),
-        "position": np.tile(np.arange(pos), n),
-        "token_id": sample.token_ids[slots].reshape(-1).numpy(),
-        "l0": sample.l0[slots].reshape(-1).cpu().numpy(),
-        "x_norm": x.norm(dim=-1).cpu().numpy(),
-        "err_norm": err_norm.cpu().numpy(),
-        "cos": cos.cpu().numpy(),
-        "err_linear_norm": lin_norm.cpu().numpy(),
-        "err_nonlinear_norm": nonlinear.norm(dim=-1).cpu().numpy(),
-    }
-    for key, name in (("clean", "ce_clean"), ("sae", "ce_sae")):
-        values = np.full((n, pos), np.nan, dtype=np.float32)
-        if losses is not None:
-            values[:, :-1] = losses[key].numpy()
-        cols[name] = values.reshape(-1)
-    cols["ce_delta"] = cols["ce_sae"] - cols["ce_clean"]
-    cols = {k: v[mask] for k, v in cols.items()}
-    corr = float("nan")
-    if mask.sum() > 2:
-        a, b = cols["err_linear_norm"].astype(np.float64), cols["err_norm"].astype(np.float64)
-        if a.std() > 0 and b.std() > 0:
-            corr = float(np.corrcoef(a, b)[0, 1])
-    return cols, corr
-
-
-def _write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str]) -> tuple[list[str], list[np.ndarray]]:
-    """Write examples.parquet a chunk of latents at a time; returns each latent's label and top tokens."""
-    ctx_ids, ctx_tokens = rundir.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
-    labels: list[str] = []
-    tops: list[np.ndarray] = []
-    with pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer:
-        for latents, rows in reservoirs.iter_rows():
-            if len(rows.context_id):
-                tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
-            else:
-                tokens = np.zeros(rows.acts.shape, np.int32)
-            chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
-            labels += chunk_labels
-            tops += [t[t >= 0] for t in chunk_tops]
-            writer.write_table(rundir.table(_example_columns(rows), schema.EXAMPLES_SCHEMA), row_group_size=8192)
-    return labels, tops
-
-
-def _feature_columns(lm, sae, cfg, summary, labels: list[str], top_tokens: list[np.ndarray]) -> dict:
-    """features.parquet columns (everything but the per-pass statistics and labels is computed here)."""
-    d_sae = sae.cfg.d_sae
-    if sae.cfg.d_in == lm.d_model:
-        effects = logit_effects(lm, sae, cfg.n_logits)
-        logits = [effects.top_ids, effects.top_values, effects.bottom_ids, effects.bottom_values]
-    else:  # e.g. attn.hook_z: the decoder writes into head space, not the residual stream
-        logits = [np.zeros((d_sae, 0), np.int32), np.zeros((d_sae, 0), np.float32)] * 2
-    neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors)
-    return {
-        "feature_id": np.arange(d_sae, dtype=np.int32),
-        "fire_count": summary.fire_count,
-        "density": summary.density,
-        "max_act": summary.max_act,
-        "mean_act": summary.mean_act,
-        "dead": summary.fire_count == 0,
-        "hist_counts": rundir.ragged_list_array(summary.hist_counts, pa.int64()),
-        "hist_edges": rundir.ragged_list_array(summary.hist_edges, pa.float32()),
-        "top_logit_ids": rundir.list_array(logits[0], pa_type=pa.int32()),
-        "top_logit_values": rundir.list_array(logits[1]),
-        "bottom_logit_ids": rundir.list_array(logits[2], pa_type=pa.int32()),
-        "bottom_logit_values": rundir.list_array(logits[3]),
-        "neighbor_ids": rundir.list_array(neighbor_ids, pa_type=pa.int32()),
-        "neighbor_cos": rundir.list_array(neighbor_cos),
-        "top_token_ids": rundir.ragged_list_array(top_tokens, pa.int32()),
-        "label": labels,
-        "explanation": [None] * d_sae,
-    }
-
-
-def _write(staging: Path, features: dict, vocab: list[str], token_rows: dict, error_map: LinearErrorMap) -> dict:
-    """Write the remaining Parquet files and the error map; returns ``{file: {rows, bytes}}`` for all files."""
-    rundir.write_table(staging / schema.FEATURES, features, schema.FEATURES_SCHEMA, row_group_size=16384)
-    rundir.write_table(staging / schema.VOCAB, {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}, schema.VOCAB_SCHEMA)
-    rundir.write_table(staging / schema.TOKENS, {k: _nullable(v) for k, v in token_rows.items()}, schema.TOKENS_SCHEMA)
-    save_file(
-        {"W": error_map.W.cpu(), "b": error_map.b.cpu(), "w_norm": error_map.w_norm.cpu(), "b_norm": torch.tensor([error_map.b_norm])},
-        str(staging / schema.DARK_MATTER),
-    )
-    names = (schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS)
-    return {name: {"rows": pq.ParquetFile(staging / name).metadata.num_rows, "bytes": (staging / name).stat().st_size} for name in names}
-
-
-def _example_columns(rows: ExampleRows) -> dict:
-    n = len(rows.feature_id)
-    return {
-        "feature_id": rows.feature_id,
-        "kind": np.where(rows.kind == 0, "top", "quantile").tolist(),
-        "rank": rows.rank,
-        "quantile_bin": pa.array(rows.quantile_bin, mask=rows.quantile_bin < 0),
-        "context_id": rows.context_id,
-        "max_pos": rows.max_pos,
-        "max_act": rows.max_act,
-        "start": np.zeros(n, np.int16),
-        "acts": rundir.list_array(rows.acts.astype(np.float32)),
-    }
-
-
-def _nullable(values: np.ndarray):
-    if values.dtype.kind == "f":
-        return pa.array(values, mask=np.isnan(values))
-    return values
