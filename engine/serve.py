@@ -1,7 +1,7 @@
 """Starting the browser app on a run (``saescope serve``) and preparing the demo run (``saescope demo``).
 
-The app itself lives in ``dashboard/``; this module only launches ``streamlit run`` as a subprocess, so the
-engine never imports Streamlit.
+The app itself lives in ``dashboard/``; this module only starts ``streamlit run`` (in place of the current
+process), so the engine never imports Streamlit.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501) -> int:
-    """Run the app on ``run`` (a run directory or a directory of runs) until interrupted; returns its exit code."""
+    """Run the app on ``run`` (a run directory or a directory of runs): this process becomes the Streamlit server."""
     path = Path(run).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"run directory {path} does not exist")
@@ -72,17 +71,17 @@ def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501) 
     env = {**os.environ, RUN_ENV: str(path), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     shown_host = f"[{host}]" if ":" in host else host
     print(f"saescope: serving {path} at http://{shown_host}:{port}  (Ctrl-C to stop)", flush=True)
-    # cwd = the repository root so Streamlit also reads .streamlit/config.toml (theme).
-    proc = subprocess.Popen(streamlit_command(host, port), cwd=ROOT, env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 0
+    sys.stderr.flush()
+    # cwd = the repository root so Streamlit also reads .streamlit/config.toml (theme). The server replaces this
+    # process: signals (Ctrl-C, SIGTERM) reach it directly, no orphan is left, and memory used to prepare a run
+    # (e.g. the demo precompute) is returned.
+    os.chdir(ROOT)
+    return _exec(streamlit_command(host, port), env)
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> int:
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
 
 
 def demo_run_dir() -> Path:

@@ -2,8 +2,9 @@
 
 import importlib
 import json
+import os
 import socket
-import subprocess
+import sys
 
 import pytest
 
@@ -12,33 +13,29 @@ from engine.rundir import sae_fingerprint
 from tests.dashboard.tinyrun import make_sae
 
 
-class FakePopen:
-    calls: list = []
+@pytest.fixture
+def launches(monkeypatch):
+    """Record what ``serve`` would exec instead of replacing the test process."""
+    calls = []
+    monkeypatch.setattr(serve, "_exec", lambda cmd, env: calls.append((cmd, os.getcwd(), env)) or 0)
+    monkeypatch.chdir(os.getcwd())  # serve changes directory to the repository root
+    return calls
 
-    def __init__(self, cmd, cwd=None, env=None):
-        FakePopen.calls.append((cmd, cwd, env))
 
-    def wait(self, timeout=None):
-        return 0
-
-
-def test_serve_launches_streamlit_on_localhost_with_the_run(tiny_runs, monkeypatch, capsys):
-    FakePopen.calls = []
-    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+def test_serve_launches_streamlit_on_localhost_with_the_run(tiny_runs, launches, capsys):
     port = _free_port()
     assert cli.main(["serve", "--run", str(tiny_runs["topk"]), "--port", str(port)]) == 0
-    ((cmd, cwd, env),) = FakePopen.calls
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(serve.APP)
+    ((cmd, cwd, env),) = launches
+    assert cmd[0] == sys.executable and cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(serve.APP)
     flags = dict(zip(cmd[5::2], cmd[6::2]))
     assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == str(port)
     assert flags["--server.headless"] == "true" and flags["--browser.gatherUsageStats"] == "false"
     assert env["SAESCOPE_RUN"] == str(tiny_runs["topk"]) and env["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert cwd == serve.ROOT and (serve.ROOT / ".streamlit" / "config.toml").is_file()
+    assert cwd == str(serve.ROOT) and (serve.ROOT / ".streamlit" / "config.toml").is_file()
     assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
 
 
-def test_serve_refusals(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+def test_serve_refusals(tmp_path, launches, capsys):
     assert cli.main(["serve", "--run", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with socket.socket() as busy:
@@ -47,6 +44,7 @@ def test_serve_refusals(tmp_path, monkeypatch, capsys):
         port = busy.getsockname()[1]
         assert cli.main(["serve", "--run", str(tmp_path), "--port", str(port)]) == 2
     err = capsys.readouterr().err
+    assert not launches
     assert "holds no complete run" in err and f"port {port}" in err and "--port" in err
 
 

@@ -63,8 +63,12 @@ def server(tmp_path_factory):
         assert f"serving {run} at {base}" in log.read()
         yield base
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        proc.terminate()  # serve exec'd Streamlit: the signal reaches the server itself
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
