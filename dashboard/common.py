@@ -49,10 +49,12 @@ def run_picker() -> None:
     runs = [Path(r).name for r in cache.list_runs(str(root))]
     if not runs:
         return
-    if st.session_state.get("run") not in runs:  # first visit (a shared link may name the run) or run gone
+    choice = st.session_state.get("run_choice")  # a plain key: widget state is dropped when pages switch
+    if choice not in runs:  # first visit (a shared link may name the run), or the run is gone
         wanted = st.query_params.get("run")
-        st.session_state["run"] = wanted if wanted in runs else runs[0]
-    name = st.sidebar.selectbox("Run", runs, key="run", help=f"runs under {root}")
+        choice = wanted if wanted in runs else runs[0]
+    name = st.sidebar.selectbox("Run", runs, index=runs.index(choice), key="run_picker", help=f"runs under {root}")
+    st.session_state["run_choice"] = name
     st.query_params["run"] = name
 
 
@@ -65,7 +67,7 @@ def current_run() -> str:
         fail(f"The run directory `{root}` does not exist.")
     multi = _multi_root()
     if multi is not None:
-        name = st.session_state.get("run")
+        name = st.session_state.get("run_choice")
         if not name:
             fail(
                 f"`{root}` holds no complete run (no sub-directory with a `{MANIFEST}`). "
@@ -80,6 +82,20 @@ def current_run() -> str:
             "interrupted). Run `saescope precompute` again to finish it."
         )
     return str(run)
+
+
+def restore_widgets(page: str, defaults: dict | None = None) -> None:
+    """Put back this page's widget values saved by ``save_widgets`` (Streamlit drops them while another page
+    shows), else set ``defaults``. Widgets restored this way must not pass a default of their own."""
+    saved = st.session_state.get(f"saved_{page}", {})
+    for key, value in {**(defaults or {}), **saved}.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
+def save_widgets(page: str, keys) -> None:
+    """Remember the values of this page's value widgets (not buttons or tables) under ``keys``."""
+    st.session_state[f"saved_{page}"] = {k: st.session_state[k] for k in keys if k in st.session_state}
 
 
 def run_store(run_dir: str):

@@ -48,7 +48,9 @@ st.plotly_chart(
 st.subheader("Contexts the SAE reconstructs worst")
 st.caption("Tinted by each token's error norm above the run's typical error (hover for the values); "
            "sorted by mean error norm.")
-n_worst = st.slider("Contexts", 1, 20, 5, key="dm_worst")
+common.restore_widgets("dark_matter", {"dm_worst": 5})
+n_worst = st.slider("Contexts", 1, 20, key="dm_worst")
+common.save_widgets("dark_matter", ("dm_worst",))
 norms = np.array([r["err_norm"] for r in rows], dtype=np.float64)
 floor, top = np.percentile(norms, 5), np.percentile(norms, 99.5)  # tint from the typical error up, for contrast
 for ctx in store.worst_contexts(n_worst):

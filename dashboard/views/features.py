@@ -10,8 +10,11 @@ from dashboard import common, feature_view
 PAGE_SIZE = 50
 SORT_KEYS = {"density": "Density", "max_act": "Max activation", "fire_count": "Fire count", "mean_act": "Mean activation", "feature_id": "Id"}
 
+WIDGETS = ("feat_query", "feat_by", "feat_density", "feat_sort", "feat_desc", "feat_dead", "feat_page")
+
 run = common.current_run()
 store = common.run_store(run)
+common.restore_widgets("features", {"feat_density": (-8.0, 0.0), "feat_desc": True, "feat_page": 1})
 
 
 def open_picked(key: str, ids: list[int]) -> None:
@@ -45,12 +48,14 @@ by = c_by.radio("Search by", ["label", "token", "id"], horizontal=True, key="fea
 
 with st.expander("Filter and sort", expanded=not text):
     f1, f2, f3 = st.columns([3, 2, 2])
-    lo, hi = f1.slider("Density range (log10)", -8.0, 0.0, (-8.0, 0.0), step=0.5, key="feat_density",
+    lo, hi = f1.slider("Density range (log10)", -8.0, 0.0, step=0.5, key="feat_density",
                        help="Keep latents whose density lies in this range; the left end at -8 means no lower bound")
     sort_by = f2.selectbox("Sort by", list(SORT_KEYS), format_func=SORT_KEYS.get, key="feat_sort")
-    descending = f2.toggle("Descending", value=True, key="feat_desc")
-    include_dead = f3.toggle("Include dead latents", value=False, key="feat_dead")
-    page = f3.number_input("Page", min_value=1, value=1, step=1, key="feat_page")
+    descending = f2.toggle("Descending", key="feat_desc")
+    include_dead = f3.toggle("Include dead latents", key="feat_dead")
+    page = f3.number_input("Page", min_value=1, step=1, key="feat_page")
+
+common.save_widgets("features", WIDGETS)
 
 with common.shown_errors("Search failed"):
     if text.strip():

@@ -10,6 +10,7 @@ PROMPT_LIMIT = 512  # tokens analysed: a longer prompt is cut, with a notice
 
 run = common.current_run()
 man = common.manifest(run)
+common.restore_widgets("lens", {"lens_top_k": 5})
 st.title("Prompt lens")
 lm, sae = common.live(run)
 st.caption(f"Which latents fire on each token at `{sae.cfg.hook_name}`, and what the SAE misses there.")
@@ -19,12 +20,15 @@ c1, c2, c3 = st.columns(3)
 has_template = bool(getattr(lm.tokenizer, "chat_template", None))
 chat = c1.toggle("As a chat message", key="lens_chat", disabled=not has_template,
                  help="Render the text as a user message with the model's chat template" if has_template else "This model has no chat template")
-top_k = c2.slider("Latents per token", 1, 16, 5, key="lens_top_k")
+top_k = c2.slider("Latents per token", 1, 16, key="lens_top_k")
 steps = None
 if sae.cfg.architecture == "matching_pursuit":
     most = int(sae.cfg.max_iterations or min(sae.cfg.d_in, 128))
-    steps = c3.slider("Pursuit steps", 1, max(most, 2), min(most, 32), key="lens_steps",
+    st.session_state.setdefault("lens_steps", min(most, 32))
+    steps = c3.slider("Pursuit steps", 1, max(most, 2), key="lens_steps",
                       help="Matching pursuit adds one latent per step: fewer steps, sparser codes (adaptive sparsity).")
+
+common.save_widgets("lens", ("lens_text", "lens_chat", "lens_top_k", "lens_steps"))
 
 if not text.strip():
     st.info("Type or paste some text above to see the latents on each of its tokens.")

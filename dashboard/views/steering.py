@@ -7,6 +7,7 @@ from dashboard.params import DEFAULT_STRENGTH, STEER_KEYS, STRENGTH_RANGE, Steer
 from engine.lens import tokenize_prompt
 from engine.steering import SteeringSpec, compare, steering_intervention
 
+WIDGETS = ("steer_mode", "steer_raw", "steer_prompt", "steer_chat", "steer_max_new", "steer_temp", "steer_seed")
 PROMPT_LIMIT = 512  # tokens of prompt kept (the most recent ones): generation on a CPU stays interactive
 
 run = common.current_run()
@@ -43,6 +44,7 @@ def remove_latent(latent: int) -> None:
 
 
 # A link (shared, or from a feature page's "steer with this latent") sets the state; the state then sets the URL.
+common.restore_widgets("steering")
 if "steer_latents" not in st.session_state:
     apply(SteerSettings())
 url = {k: st.query_params[k] for k in STEER_KEYS if k in st.query_params}
@@ -95,6 +97,7 @@ c5.number_input("Seed", 0, 2**31 - 1, key="steer_seed")
 st.text_area("Prompt", key="steer_prompt", height=90)
 st.toggle("Send as a chat message (the model's chat template)", key="steer_chat")
 
+common.save_widgets("steering", [*WIDGETS, *(f"steer_s_{i}" for i in latents)])
 settings = SteerSettings(
     latents={i: float(st.session_state[f"steer_s_{i}"]) for i in latents},
     mode=st.session_state["steer_mode"], unit="raw" if st.session_state["steer_raw"] else "max_act",

@@ -297,3 +297,27 @@ def test_steering_messages(tiny_runs, open_app):
     at.text_input(key="steer_query").input("4").run()
     next(b for b in at.button if b.key == "steer_add_4").click().run()
     assert at.slider(key="steer_s_4").value == 4.0
+
+
+# --- state across pages ---------------------------------------------------------------------------
+def test_settings_survive_a_visit_to_another_page(tiny_runs, open_app):
+    at = open_app(tiny_runs["topk"].parent, LENS, **{"run": "topk"})
+    at.text_area(key="lens_text").input("kept text").run()
+    at.slider(key="lens_top_k").set_value(3).run()
+    at.switch_page(STEER).run()
+    at.text_input(key="steer_query").input("4").run()
+    next(b for b in at.button if b.key == "steer_add_4").click().run()
+    at.slider(key="steer_s_4").set_value(-3.0)
+    at.number_input(key="steer_seed").set_value(5).run()
+    at.switch_page(FEATURES).run()
+    at.query_params["feature"] = "9"
+    at.run()
+    next(b for b in at.button if b.label == "Steer with this latent").click().run()
+    no_crash(at)
+    assert not at.warning, [w.value for w in at.warning]
+    assert at.slider(key="steer_s_4").value == -3.0 and at.slider(key="steer_s_9").value == 4.0
+    assert at.number_input(key="steer_seed").value == 5
+    assert at.query_params["latents"] == "4:-3,9:4" and at.query_params["run"] == "topk"
+    at.switch_page(LENS).run()
+    assert at.text_area(key="lens_text").value == "kept text" and at.slider(key="lens_top_k").value == 3
+    assert at.sidebar.selectbox[0].value == "topk"
