@@ -6,7 +6,6 @@ process), so the engine never imports Streamlit.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
