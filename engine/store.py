@@ -32,11 +32,18 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     con = duckdb.connect(str(tmp))
     try:
         con.execute("SET enable_progress_bar = false")
-        for table, statement in sql.BUILD_TABLE.items():
-            source = run_dir / sql.BUILD_SOURCES[table]
-            if not source.is_file():
-                raise FileNotFoundError(f"run directory {run_dir} lacks {source.name}")
-            con.execute(statement, {"path": str(source)})
+        for table, (name, _) in sql.TABLES.items():
+            source = {"path": str(run_dir / name)}
+            if not (run_dir / name).is_file():
+                raise FileNotFoundError(f"run directory {run_dir} lacks {name}")
+            fixed = {}
+            if sql.list_columns(table):
+                widths = con.execute(sql.list_widths_statement(table), source).fetchone()
+                for i, (column, _) in enumerate(sql.list_columns(table)):
+                    lo, hi = widths[2 * i], widths[2 * i + 1]
+                    if lo is not None and lo == hi and lo > 0:
+                        fixed[column] = lo
+            con.execute(sql.build_statement(table, fixed), source)
         for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
             con.execute(statement)
         con.execute("CHECKPOINT")
@@ -48,7 +55,8 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
 
 def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    # fixed-size ARRAY columns come back as tuples: hand out lists like the Parquet files' list columns
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in zip(names, row)} for row in cursor.fetchall()]
 
 
 class RunStore:
@@ -157,6 +165,7 @@ class RunStore:
         rows = self._query(sql.EXAMPLES, {"feature_id": int(feature_id), "kind": kind})
         wanted = sorted({row["context_id"] for row in rows})
         contexts = dict(self._con.cursor().execute(sql.CONTEXTS, {"context_ids": wanted}).fetchall()) if wanted else {}
+        contexts = {k: list(v) for k, v in contexts.items()}
         for row in rows:
             start = row["start"]
             ids = contexts[row["context_id"]][start : start + len(row["acts"])]
