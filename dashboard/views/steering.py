@@ -82,6 +82,7 @@ with st.container(border=True):
         c_name, c_slider, c_rm = st.columns([3, 6, 1], vertical_alignment="center")
         with c_name:
             common.feature_link(latent, labels.get(latent, ""))
+        st.session_state.setdefault(f"steer_s_{latent}", DEFAULT_STRENGTH)
         c_slider.slider(
             f"Strength of #{latent}", *STRENGTH_RANGE, step=0.25, key=f"steer_s_{latent}",
             help="Multiples of the latent's max activation (negative values push away from it).",
