@@ -125,8 +125,8 @@ def lens(run_dir: str, model_key: tuple[str, str], sae_path: str, token_ids: tup
 def _labels(run_dir: str, stamp: float, ids: tuple[int, ...]) -> dict[int, str]:
     out = {}
     for i in ids:
-        row = store(run_dir).feature(i)
-        out[i] = (row or {}).get("label") or ""
+        rows = store(run_dir).search(str(i), by="id", limit=1)  # the summary row only, not the examples
+        out[i] = (rows[0].get("label") if rows else "") or ""
     return out
 
 
