@@ -192,8 +192,8 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
         dead_fraction=float(len(dead) / len(summary.fire_count)),
         dense_fraction=float((summary.density > 0.1).mean()),
     )
-    if losses is not None:
-        metrics.update(losses["metrics"].to_dict())
+    ce_keys = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div", "n_predictions")
+    metrics.update(losses["metrics"].to_dict() if losses is not None else dict.fromkeys(ce_keys))  # null: no CE sample
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -113,11 +113,22 @@ def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
         os.replace(path, out / path.name)
     tmp = out / f".{schema.MANIFEST}.tmp"
     with tmp.open("w") as f:
-        json.dump(manifest, f, indent=2, default=_json_default)
+        json.dump(_finite(manifest), f, indent=2, default=_json_default, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / schema.MANIFEST)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finite(value):
+    """NaN and infinities (e.g. R^2 with no held-out tokens) become null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value):

@@ -20,8 +20,8 @@ from .sampling import ContextSample
 def token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErrorMap, losses: dict | None) -> tuple[dict, float]:
     """tokens.parquet columns for the sampled contexts, and corr(||linear part||, ||error||) over them."""
     n, pos = len(slots), sample.token_ids.shape[1]
-    x = sample.x[slots].reshape(n * pos, -1)
-    e = sample.err[slots].reshape(n * pos, -1)
+    x = sample.x[slots].flatten(0, 1)
+    e = sample.err[slots].flatten(0, 1)
     linear, nonlinear = error_map.split(x, e)
     mask = sample.mask[slots].reshape(-1).numpy()
     err_norm = e.norm(dim=-1)

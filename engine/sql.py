@@ -20,6 +20,10 @@ TABLES = {
     "vocab": (schema.VOCAB, schema.VOCAB_SCHEMA),
     "tokens": (schema.TOKENS, schema.TOKENS_SCHEMA),
 }
+INDEX_VERSION = 2
+"""Bumped whenever the index's tables change; ``RunStore.open`` rebuilds an index of another version."""
+INDEX_VERSION_WRITE = "CREATE TABLE index_info AS SELECT $version::INTEGER AS version"
+INDEX_VERSION_READ = "SELECT max(version) FROM index_info"
 _ELEMENT_TYPES = {"int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE"}
 
 

@@ -46,11 +46,25 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
             con.execute(sql.build_statement(table, fixed), source)
         for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
             con.execute(statement)
+        con.execute(sql.INDEX_VERSION_WRITE, {"version": sql.INDEX_VERSION})
         con.execute("CHECKPOINT")
     finally:
         con.close()
     os.replace(tmp, target)
     return target
+
+
+_READ_ONLY = {"enable_external_access": False}
+
+
+def _index_current(index: Path) -> bool:
+    if not index.is_file():
+        return False
+    try:
+        with duckdb.connect(str(index), read_only=True, config=_READ_ONLY) as con:
+            return con.execute(sql.INDEX_VERSION_READ).fetchone()[0] == sql.INDEX_VERSION
+    except duckdb.Error:
+        return False
 
 
 def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -81,14 +95,13 @@ class RunStore:
                 "run `saescope precompute` into it, or wait until it finishes"
             )
         index = run_dir / schema.INDEX
-        if not index.is_file():
+        if not _index_current(index):  # missing, or built by an older saescope: rebuild from the Parquet files
             if os.access(run_dir, os.W_OK):
                 build_index(run_dir)
             else:  # read-only run directory: keep the index next to the temp files
                 index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
                 build_index(run_dir, index)
-        con = duckdb.connect(str(index), read_only=True, config={"enable_external_access": False})
-        return cls(run_dir, manifest, con)
+        return cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=_READ_ONLY))
 
     def close(self) -> None:
         self._con.close()

@@ -280,3 +280,11 @@ def test_cli_precompute(tmp_path, run, capsys):
     assert "saescope precompute: error: context length 4096 exceeds" in err and "Traceback" not in err
     assert main([*base, "--out", str(tmp_path / "bad"), "--tokens", "10", "--context-len", "16"]) == 2
     assert "at least one context" in capsys.readouterr().err
+
+
+def test_no_ce_sample_still_writes_every_metric_key(tiny_llama, run, tmp_path):
+    m = precompute(tiny_llama, run["sae"], run["corpus"], tmp_path / "r", context_len=CTX, batch_size=BATCH,
+                   tokens=CTX * 8, sample_contexts=0, progress=False)
+    saved = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert saved["metrics"]["ce_loss_recovered"] is None and m["metrics"]["n_tokens"] > 0
+    assert pq.read_table(tmp_path / "r" / "tokens.parquet").num_rows == 0

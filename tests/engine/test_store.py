@@ -181,3 +181,17 @@ def test_shared_between_threads(store):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_index_of_another_version_is_rebuilt(run_dir, tmp_path):
+    import shutil
+
+    import duckdb
+
+    copy = tmp_path / "old"
+    shutil.copytree(run_dir, copy)
+    with duckdb.connect(str(copy / "index.duckdb")) as con:
+        con.execute("DROP TABLE index_info")
+        con.execute("DROP TABLE features_by_density_desc")
+    with RunStore.open(copy) as s:
+        assert len(s.top_features(limit=3)) == 3
