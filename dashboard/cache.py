@@ -6,6 +6,7 @@ are per-thread, so sessions cannot see each other's interventions). Nothing here
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,9 @@ def _store(run_dir: str, stamp: float):
     from engine.store import RunStore
 
     return RunStore.open(run_dir)
+
+
+atexit.register(_store.clear)  # closes the DuckDB connections (on_release) before the interpreter goes
 
 
 def store(run_dir: str):
