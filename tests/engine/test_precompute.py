@@ -197,6 +197,10 @@ def test_refuses_a_run_of_another_sae_unless_forced(tiny_llama, run, tmp_path):
     other = _sae(seed=1)
     with pytest.raises(FileExistsError, match="--force"):
         precompute(tiny_llama, other, run["corpus"], out, **kw)
+    from engine.tiny import tiny_model
+
+    with pytest.raises(FileExistsError, match="holds a run of model"):
+        precompute(tiny_model("llama", seed=1), run["sae"], run["corpus"], out, **kw)
     assert (out / "manifest.json").is_file()  # the refused call touched nothing
     m = precompute(tiny_llama, other, run["corpus"], out, force=True, **kw)
     assert json.loads((out / "manifest.json").read_text())["sae"]["hash"] == m["sae"]["hash"]
