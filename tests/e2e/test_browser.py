@@ -83,7 +83,7 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1700})
+    context = browser.new_context(viewport={"width": 1400, "height": 2600})
     pg = context.new_page()
     pg.set_default_timeout(60_000)
     yield pg
