@@ -20,6 +20,8 @@ TABLES = {
     "vocab": (schema.VOCAB, schema.VOCAB_SCHEMA),
     "tokens": (schema.TOKENS, schema.TOKENS_SCHEMA),
 }
+NO_PROGRESS_BAR = "SET enable_progress_bar = false"
+CHECKPOINT = "CHECKPOINT"
 INDEX_VERSION = 2
 """Bumped whenever the index's tables change; ``RunStore.open`` rebuilds an index of another version."""
 INDEX_VERSION_WRITE = "CREATE TABLE index_info AS SELECT $version::INTEGER AS version"

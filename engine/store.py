@@ -31,7 +31,7 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
     try:
-        con.execute("SET enable_progress_bar = false")
+        con.execute(sql.NO_PROGRESS_BAR)
         for table, (name, _) in sql.TABLES.items():
             source = {"path": str(run_dir / name)}
             if not (run_dir / name).is_file():
@@ -47,10 +47,14 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
         for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
             con.execute(statement)
         con.execute(sql.INDEX_VERSION_WRITE, {"version": sql.INDEX_VERSION})
-        con.execute("CHECKPOINT")
-    finally:
+        con.execute(sql.CHECKPOINT)
         con.close()
-    os.replace(tmp, target)
+        os.replace(tmp, target)
+    except BaseException:
+        con.close()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        raise
     return target
 
 
