@@ -292,3 +292,14 @@ def test_no_ce_sample_still_writes_every_metric_key(tiny_llama, run, tmp_path):
     saved = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert saved["metrics"]["ce_loss_recovered"] is None and m["metrics"]["n_tokens"] > 0
     assert pq.read_table(tmp_path / "r" / "tokens.parquet").num_rows == 0
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated", "matching_pursuit"])
+def test_every_architecture(tiny_llama, run, tmp_path, architecture):
+    extra = {"max_iterations": 8} if architecture == "matching_pursuit" else {}
+    sae = random_sae(architecture, **extra)
+    m = precompute(tiny_llama, sae, run["corpus"], tmp_path / "r", context_len=CTX, batch_size=BATCH,
+                   tokens=CTX * 24, sample_contexts=2, progress=False)
+    rows = pq.read_table(tmp_path / "r" / "features.parquet").to_pylist()
+    assert len(rows) == sae.cfg.d_sae and m["sae"]["architecture"] == architecture
+    assert m["metrics"]["l0"] == pytest.approx(sum(r["fire_count"] for r in rows) / m["metrics"]["n_tokens"])
