@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -155,6 +156,7 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     timings: dict[str, float] = {}
     n_contexts = cfg.tokens // cfg.context_len if cfg.tokens else None
     if n_contexts is None and progress:  # one cheap tokenizing pass, so the bar can show an ETA
+        print("precompute: counting the corpus' contexts (pass --tokens to skip this)...", file=sys.stderr, flush=True)
         n_contexts = sum(1 for _ in iter_contexts(lm.tokenizer, corpus, cfg.context_len))
     if cfg.tokens:
         contexts = itertools.islice(contexts, n_contexts)
