@@ -182,17 +182,27 @@ def _write_atomically(out: Path, sae, report: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+MASSIVE_FACTOR = 10.0
+"""Tokens whose activation norm exceeds this multiple of the batch median count as massive activations."""
+
+
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int) -> dict:
     """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``."""
-    stats = ReconStats(sae.cfg.d_in)
+    stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     for ab in iter_activations(lm, hook, contexts, batch):
         x = ab.acts[ab.mask].float().to(sae.device)
         out = sae(x)
         stats.update(x, out.x_hat, out.codes)
+        # massive-activation tokens (sinks beyond position 0) can dominate the variance; report without them too
+        norms = x.norm(dim=-1)
+        keep = norms < MASSIVE_FACTOR * norms.median()
+        typical.update(x[keep], out.x_hat[keep], out.codes[keep])
         fires += (out.codes > 0).sum(0).cpu()
     summary = stats.summary()
+    summary["explained_variance_typical"] = typical.summary()["explained_variance"]
+    summary["massive_tokens"] = stats.n - typical.n
     ids = torch.tensor(contexts[:ce_contexts], dtype=torch.long)
     mask = stats_mask(ids, lm.special_token_ids)
     summary.update(ce_metrics(lm, sae, ids, mask).to_dict())
