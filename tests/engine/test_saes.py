@@ -259,3 +259,11 @@ def test_wrong_activation_width():
 def test_missing_path():
     with pytest.raises(FileNotFoundError):
         load_sae("/nonexistent/sae")
+
+
+def test_fp16_sae_computes_in_fp32_on_cpu(tmp_path):
+    sae = random_sae("topk")
+    sae.to(torch.float16).save(tmp_path / "half")
+    assert json.loads((tmp_path / "half" / "cfg.json").read_text())["dtype"] == "float16"
+    assert load_sae(tmp_path / "half").dtype == torch.float32
+    assert load_sae(tmp_path / "half", dtype="float16").dtype == torch.float16
