@@ -1,7 +1,8 @@
 """``saescope bench``: precompute against a bare forward, query latency at 1M latents, memory at two corpus lengths.
 
 Every measurement is a ratio or a latency taken in this one run on this machine. The precompute runs go in
-child processes so each reports its own peak RSS; each child also times the bare model forward up to the
+child processes; each reports the peak resident memory while its precompute runs (sampled, so loading the
+model, which peaks higher on some machines, does not hide it; the loaded model itself counts). Each child also times the bare model forward up to the
 hook on the very contexts its precompute read (tokenized beforehand, so tokenizing counts against precompute
 only), once before and once after the precompute, and uses the mean.
 """
@@ -66,6 +67,34 @@ def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) 
     return time.perf_counter() - start
 
 
+class PeakRSS:
+    """Highest resident set size while the block runs, sampled every 20 ms from ``/proc/self/statm``
+    (so the model load before it does not count); falls back to the process high-water mark elsewhere."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        while True:
+            try:
+                with open("/proc/self/statm") as f:
+                    self.peak_mb = max(self.peak_mb, int(f.read().split()[1]) * page)
+            except OSError:
+                self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if self._stop.wait(0.02):
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def child_main(argv: list[str]) -> None:
     """One precompute measurement in a fresh process; prints a JSON line."""
     import itertools
@@ -79,13 +108,14 @@ def child_main(argv: list[str]) -> None:
     contexts = list(itertools.islice(iter_contexts(lm.tokenizer, corpus, context_len), tokens // context_len))
     _forward_seconds(lm, hook, contexts[:batch_size], batch_size)  # warm-up
     before = _forward_seconds(lm, hook, contexts, batch_size)
-    with tempfile.TemporaryDirectory(prefix="saescope-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="saescope-bench-") as tmp, PeakRSS() as rss:
         manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=len(contexts) * context_len,
                               context_len=context_len, batch_size=batch_size, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss.peak_mb
     after = _forward_seconds(lm, hook, contexts, batch_size)
     out = {"model": description, "tokens": len(contexts) * context_len, "forward_seconds": (before + after) / 2,
            "forward_seconds_before_after": [before, after], "timings": manifest["timings"], "peak_rss_mb": peak,
+           "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
     if live:
         out["live"] = _live(lm, sae)
@@ -177,6 +207,7 @@ def run_bench(*, tiny: bool = False, tokens: int | None = None, corpus: str | Pa
         "finalize_seconds": timings["features_seconds"] + timings["write_seconds"],
         "peak_rss_mb": {str(n): round(r["peak_rss_mb"], 1) for n, r in runs.items()},
         "rss_growth_mb": round(runs[large]["peak_rss_mb"] - runs[small]["peak_rss_mb"], 1),
+        "process_peak_rss_mb": {str(n): round(r["process_peak_rss_mb"], 1) for n, r in runs.items()},
     }
     if "live" in main:
         result["live"] = main["live"]

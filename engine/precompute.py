@@ -248,7 +248,7 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
         codes = sparse_codes(out.codes, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
         n_included = int(flat_mask.sum())
         l0 = state.stats.update(codes, n_batch * n_pos, n_included)
-        state.examples.update(out.codes.view(n_batch, n_pos, d_sae), mask, codes, context_ids)
+        state.examples.update(codes, context_ids)
         x_in = x[flat_mask].float()
         state.recon.update(x_in, out.x_hat[flat_mask], n_active=len(codes.value))
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
@@ -264,8 +264,12 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
     return state
 
 
-def _sample_losses(lm, sae, sample: ContextSample, slots: torch.Tensor, batch: int = 8) -> dict | None:
-    """Per-position CE losses (clean, with SAE, zero-ablated, KL) on the sampled contexts, and their summary."""
+def _sample_losses(lm, sae, sample: ContextSample, slots: torch.Tensor, batch: int = 2) -> dict | None:
+    """Per-position CE losses (clean, with SAE, zero-ablated, KL) on the sampled contexts, and their summary.
+
+    Few contexts per forward: three sets of full-vocabulary logits plus their float32 log-softmaxes would
+    otherwise be the run's memory peak (about 1 GB more at 8 contexts of 128 tokens, 49k vocabulary).
+    """
     if not len(slots):
         return None
     ids, mask = sample.token_ids[slots], sample.mask[slots]

@@ -50,10 +50,12 @@ class ExampleRows:
 
 
 class _Batch(NamedTuple):
-    codes: torch.Tensor
-    """``[batch, pos, d_sae]``."""
-    mask: torch.Tensor
-    """``[batch, pos]`` statistic tokens."""
+    sparse: SparseCodes
+    """The batch's positive codes at statistic tokens."""
+    row: torch.Tensor
+    """``[nnz]`` each code's context within the batch."""
+    pos: torch.Tensor
+    """``[nnz]`` each code's position within its context."""
     cand: torch.Tensor
     """``[d_sae, batch]`` each context's maximum activation of each latent (0 = does not fire)."""
     ctx: torch.Tensor
@@ -97,6 +99,7 @@ class ExampleReservoirs:
         n_bins: int = 10,
         per_bin: int = 5,
         internal_bins: int = 20,
+        merge_contexts: int = 64,
         seed: int = 0,
     ):
         if internal_bins < n_bins:
@@ -112,14 +115,41 @@ class ExampleReservoirs:
         self.acts = torch.zeros(d_sae, self.n_slots, context_len, dtype=torch.float16, device=device)
         self.hi = torch.zeros(d_sae, device=device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.merge_contexts = merge_contexts
+        self._pending: list[tuple[SparseCodes, torch.Tensor]] = []
 
-    def update(self, codes: torch.Tensor, mask: torch.Tensor, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
-        """Offer a batch of contexts: dense ``codes [batch, pos, d_sae]`` (any float dtype), ``mask [batch, pos]``
-        of statistic tokens, the same codes' positive entries at those tokens, and the contexts' ids."""
-        n_batch, n_pos, d_sae = codes.shape
-        flat = (sparse.token // n_pos) * d_sae + sparse.latent
-        cmax = torch.zeros(n_batch * d_sae, device=self.device).scatter_reduce_(0, flat, sparse.value, "amax")
-        batch = _Batch(codes, mask, cmax.view(n_batch, d_sae).T.contiguous(), context_ids.to(self.device, torch.int64))
+    def update(self, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
+        """Offer a batch of contexts: the positive codes at their statistic tokens (token index ``context * pos +
+        position``, flattened over the batch) and the contexts' ids ``[batch]``, in increasing id order.
+
+        Batches are buffered and merged ``merge_contexts`` contexts at a time: a merge's cost is mostly per
+        latent, not per candidate, so fewer, wider merges are cheaper (the result is the same).
+        """
+        self._pending.append((sparse, context_ids.to(self.device, torch.int64)))
+        if sum(len(ids) for _, ids in self._pending) >= self.merge_contexts:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the buffered batches now (results below call this)."""
+        if not self._pending:
+            return
+        n_pos = self.acts.shape[2]
+        offsets = torch.tensor([0] + [len(ids) for _, ids in self._pending]).cumsum(0).tolist()
+        sparse = SparseCodes(
+            torch.cat([sp.token + offset * n_pos for (sp, _), offset in zip(self._pending, offsets)]),
+            torch.cat([sp.latent for sp, _ in self._pending]),
+            torch.cat([sp.value for sp, _ in self._pending]),
+        )
+        context_ids = torch.cat([ids for _, ids in self._pending])
+        self._pending = []
+        self._merge(sparse, context_ids)
+
+    @torch.inference_mode()
+    def _merge(self, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
+        n_batch, d_sae, n_pos = len(context_ids), self.val.shape[0], self.acts.shape[2]
+        row, pos = sparse.token // n_pos, sparse.token % n_pos
+        cmax = torch.zeros(n_batch * d_sae, device=self.device).scatter_reduce_(0, row * d_sae + sparse.latent, sparse.value, "amax")
+        batch = _Batch(sparse, row, pos, cmax.view(n_batch, d_sae).T.contiguous(), context_ids)
         self._merge_top(batch)
         self._merge_quantile(batch)
 
@@ -186,19 +216,29 @@ class ExampleReservoirs:
             return
         lat, phys = rows[le], lo + slot
         value = batch.cand[lat, b]
-        acts = batch.codes[b, :, lat].float() * batch.mask[b]
         self.val[lat, phys] = value
         self.ctx[lat, phys] = batch.ctx[b]
-        self.pos[lat, phys] = acts.argmax(1).to(torch.int16)
-        self.acts[lat, phys] = (acts / value[:, None]).to(torch.float16)
+        # the entrants' activation rows, from the sparse codes (O(nnz), not a strided gather of dense rows)
+        n_batch, d_sae, n_pos = len(batch.ctx), self.val.shape[0], self.acts.shape[2]
+        entrant = torch.full((n_batch * d_sae,), -1, dtype=torch.int64, device=self.device)
+        entrant[b * d_sae + lat] = torch.arange(len(lat), device=self.device)
+        which = entrant[batch.row * d_sae + batch.sparse.latent]
+        hit = which >= 0
+        which, at, v = which[hit], batch.pos[hit], batch.sparse.value[hit]
+        self.acts[lat, phys] = 0
+        self.acts[lat[which], phys[which], at] = (v / value[which]).to(torch.float16)
+        first_max = torch.where(v == value[which], at, n_pos)  # earliest position holding the maximum
+        self.pos[lat, phys] = torch.full_like(lat, n_pos).scatter_reduce_(0, which, first_max, "amin").to(torch.int16)
 
     # --- results ---------------------------------------------------------------------------
     def max_act(self) -> torch.Tensor:
         """Largest context maximum seen per latent ``[d_sae]``."""
+        self.flush()
         return self.val[:, : self.k].amax(1)
 
     def context_ids(self) -> np.ndarray:
         """Every context id some reservoir holds (sorted, unique)."""
+        self.flush()
         ids = self.ctx[self.ctx >= 0]
         return torch.unique(ids).cpu().numpy()
 
@@ -210,6 +250,7 @@ class ExampleReservoirs:
 
     def rows(self, lo: int = 0, hi: int | None = None) -> ExampleRows:
         """Top examples by activation, then quantile examples (highest activation first), for latents ``[lo, hi)``."""
+        self.flush()
         hi = self.val.shape[0] if hi is None else hi
         k, n, dev = self.k, hi - lo, self.device
         val, ctx, key = self.val[lo:hi], self.ctx[lo:hi], self.key[lo:hi]

@@ -59,7 +59,7 @@ def write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str
     labels: list[str] = []
     tops: list[np.ndarray] = []
     with pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer:
-        for latents, rows in reservoirs.iter_rows():
+        for latents, rows in reservoirs.iter_rows(chunk=256):
             if len(rows.context_id):
                 tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
             else:

@@ -51,7 +51,7 @@ def test_reservoirs_top_exact_and_quantiles_in_their_bins():
         codes = codes.bfloat16()  # like an SAE run in bf16
         mask = torch.ones(codes.shape[:2], dtype=torch.bool)
         mask[:, 0] = False
-        res.update(codes, mask, sparse_codes(codes.reshape(-1, 7), mask.reshape(-1)), torch.arange(i * 4, i * 4 + 4))
+        res.update(sparse_codes(codes.reshape(-1, 7), mask.reshape(-1)), torch.arange(i * 4, i * 4 + 4))
         seen.append(codes.float())
     codes = torch.cat(seen)
     cmax = codes.amax(1)
