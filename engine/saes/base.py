@@ -105,6 +105,11 @@ class SAE(nn.Module):
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_dec
 
+    def _encode_decode(self, sae_in: torch.Tensor, **encode_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and (normalised-space) reconstruction; architectures with sparse codes override it."""
+        codes = self._encode(sae_in, **encode_kwargs)
+        return codes, self._decode(codes)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes ``[..., d_sae]`` for activations ``[..., d_in]``."""
         sae_in, _, _ = self.process_in(x)
@@ -122,8 +127,8 @@ class SAE(nn.Module):
         ``encode_kwargs`` reach the architecture's encoder (e.g. ``max_iterations`` for matching pursuit).
         """
         sae_in, norm, shape = self.process_in(x)
-        codes = self._encode(sae_in, **encode_kwargs)
-        x_hat = self._denormalize(self._decode(codes), norm)
+        codes, recon = self._encode_decode(sae_in, **encode_kwargs)
+        x_hat = self._denormalize(recon, norm)
         if shape is not None:
             x_hat = x_hat.unflatten(-1, shape[-2:])
         return ForwardOutput(codes, x_hat, x.float() - x_hat.float())

@@ -1,6 +1,7 @@
 """TopK SAE: keep the k largest pre-activations per token (ReLU'd)."""
 
 import torch
+import torch.nn.functional as F
 
 from .base import SAE, register
 
@@ -9,14 +10,30 @@ from .base import SAE, register
 class TopKSAE(SAE):
     architecture = "topk"
 
-    def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
+    def _select(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-activations and the k kept (values, indices) per token."""
         pre = sae_in @ self.W_enc + self.b_enc
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        return pre, values.relu(), indices
+
+    def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
+        pre, values, indices = self._select(sae_in)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         if self.cfg.rescale_acts_by_decoder_norm:
             codes = codes / self.W_dec.norm(dim=-1)
         return codes @ self.W_dec + self.b_dec
+
+    def _encode_decode(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # decode from the k kept rows only: ~k/d_sae of the dense matmul's work
+        pre, values, indices = self._select(sae_in)
+        codes = torch.zeros_like(pre).scatter_(-1, indices, values)
+        weights = values
+        if self.cfg.rescale_acts_by_decoder_norm:
+            weights = weights / self.W_dec.norm(dim=-1)[indices]
+        flat_idx, flat_w = indices.reshape(-1, self.cfg.k), weights.reshape(-1, self.cfg.k).to(self.W_dec.dtype)
+        recon = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_w, mode="sum")
+        return codes, recon.reshape(*sae_in.shape[:-1], -1) + self.b_dec

@@ -90,6 +90,7 @@ def test_encode_decode_match_independent_formula(arch, kw):
     np.testing.assert_allclose(_np(sae.decode(codes)), brute_force_decode(sae, expected), atol=1e-4)
     out = sae(x)
     torch.testing.assert_close(out.error, x - out.x_hat.float())
+    torch.testing.assert_close(out.x_hat, sae.decode(codes), atol=1e-5, rtol=1e-5)  # sparse decode path
 
 
 def test_registry_lists_all_architectures():
