@@ -129,7 +129,13 @@ def test_search_and_open_a_feature(server, page):
     search.press("Enter")
     page.get_by_text("for 'the' by label").wait_for()
     grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.wait_for(state="visible")
     box = grid.bounding_box()
+    deadline = time.time() + 20
+    while (box is None or box["height"] < 60) and time.time() < deadline:  # the grid canvas lays out after the element appears
+        time.sleep(0.2)
+        box = grid.bounding_box()
+    assert box is not None, "the search results table never rendered"
     page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)  # the first row's selection cell
     page.get_by_role("heading", name="Feature #").wait_for()
     assert "feature=" in page.url
