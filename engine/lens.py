@@ -102,13 +102,12 @@ def prompt_lens(
 
     logits = None
     if with_ce and can_resume(lm, hook):
-        # one clean forward, then only the layers after the hook on the spliced stream
-        clean = lm.logits_with(ids, hook, lambda x: captured.setdefault("raw", x))
-        x = captured.pop("raw")[0]
+        # the layers before the hook run once; the layers after it run on [clean, spliced] as one batch
+        x = lm.capture(ids, hook)[hook][0]
         out = record(x)
         keep = mask.reshape(-1, *([1] * (x.ndim - 1)))
         spliced = torch.where(keep, out.x_hat.to(x.dtype), x)
-        logits = torch.cat([clean, resume_logits(lm, hook, spliced[None])])
+        logits = resume_logits(lm, hook, torch.stack([x, spliced]))
     elif with_ce:
         with lm.hooks.intervene(hook, splice_last_row):
             logits = lm.logits(ids.repeat(2, 1))

@@ -193,13 +193,6 @@ class LoadedModel:
         return out.logits
 
 
-    @torch.inference_mode()
-    def logits_with(self, input_ids: torch.Tensor, hook_name: str, fn) -> torch.Tensor:
-        """Full forward with ``fn`` run at ``hook_name`` (e.g. to read the activation on the way)."""
-        with self.hooks.intervene(hook_name, fn):
-            return self.logits(input_ids)
-
-
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
