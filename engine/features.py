@@ -59,11 +59,15 @@ def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024) -> tuple[np.ndar
     return torch.cat(ids).numpy().astype(np.int32), torch.cat(cos).numpy()
 
 
+def display_tokens(tokenizer, token_ids) -> list[str]:
+    """Human-readable text of each token id, decoded one by one (byte-level pieces included)."""
+    return list(tokenizer.batch_decode([[int(i)] for i in token_ids], clean_up_tokenization_spaces=False))
+
+
 def token_strings(tokenizer, vocab_size: int) -> list[str]:
     """Display string of every token id below ``vocab_size`` (ids the tokenizer lacks show as ``<id N>``)."""
     known = min(vocab_size, len(tokenizer))
-    strings = tokenizer.batch_decode([[i] for i in range(known)], clean_up_tokenization_spaces=False)
-    return list(strings) + [f"<id {i}>" for i in range(known, vocab_size)]
+    return display_tokens(tokenizer, range(known)) + [f"<id {i}>" for i in range(known, vocab_size)]
 
 
 def short_token(text: str) -> str:

@@ -8,15 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from .activations import stats_mask
+from .features import display_tokens
 from .interventions import check_sae_fits
 from .models import LoadedModel
 from .saes import SAE
 from .tail import can_resume, resume_logits
-
-
-def display_tokens(tokenizer, token_ids) -> list[str]:
-    """Human-readable text of each token id (byte-level pieces decoded one by one)."""
-    return [tokenizer.decode([int(t)], clean_up_tokenization_spaces=False) for t in token_ids]
 
 
 @dataclass(frozen=True)
