@@ -9,6 +9,10 @@ import torch
 
 from .models import LoadedModel
 
+MASSIVE_FACTOR = 10.0
+"""A token whose activation norm exceeds this multiple of the batch's median counts as a massive activation
+(an attention sink like position 0, e.g. norm ~26,000 vs ~170 on SmolLM2 layer 15) and is excluded by default."""
+
 
 @dataclass(frozen=True)
 class ActivationBatch:
@@ -55,12 +59,20 @@ def iter_activations(
     *,
     include_special: bool = False,
     include_first: bool = False,
+    include_massive: bool = False,
 ) -> Iterator[ActivationBatch]:
-    """Run the model up to ``hook_name`` (stopping there) on batches of contexts."""
+    """Run the model up to ``hook_name`` (stopping there) on batches of contexts.
+
+    The mask drops position 0, special tokens and massive-activation tokens unless told to keep them.
+    """
     lm.hooks.check(hook_name)
     for token_ids in batched(contexts, batch_size):
         acts = lm.capture(token_ids, hook_name)[hook_name]
         if acts.ndim == 4:
             acts = acts.flatten(-2)
         mask = stats_mask(token_ids, lm.special_token_ids, include_special=include_special, include_first=include_first)
-        yield ActivationBatch(token_ids, acts, mask.to(acts.device))
+        mask = mask.to(acts.device)
+        if not include_massive and mask.any():
+            norms = acts.float().norm(dim=-1)
+            mask &= norms < MASSIVE_FACTOR * norms[mask].median()
+        yield ActivationBatch(token_ids, acts, mask)

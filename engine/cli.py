@@ -78,6 +78,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     manifest = precompute(
         lm, sae.to(lm.device), args.corpus, args.out, tokens=args.tokens, context_len=args.context_len,
         batch_size=args.batch_size, include_special=args.include_special, include_first=args.include_first,
+        include_massive=args.include_massive,
         force=args.force, sae_path=sae_path, top_k=args.top_k, sample_contexts=args.sample_contexts,
     )
     summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")}}
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="contexts per model forward")
     p.add_argument("--include-special", action="store_true", help="count special tokens (BOS/EOS/PAD...) in statistics")
     p.add_argument("--include-first", action="store_true", help="count position 0 (the attention sink) in statistics")
+    p.add_argument("--include-massive", action="store_true", help="count massive-activation tokens (norm > 10x median) in statistics")
     p.add_argument("--top-k", type=int, default=20, help="top-activating contexts kept per latent")
     p.add_argument("--sample-contexts", type=int, default=32, help="held-out contexts for per-token rows and CE metrics")
     p.add_argument("--force", action="store_true", help="replace a run of another model or SAE in --out")

@@ -52,6 +52,8 @@ class PrecomputeConfig:
     """Count special tokens (BOS/EOS/PAD ...) in statistics and examples."""
     include_first: bool = False
     """Count position 0 (the attention sink) in statistics and examples."""
+    include_massive: bool = False
+    """Count massive-activation tokens (norm > 10x the batch median: sinks beyond position 0) in statistics."""
     top_k: int = 20
     """Top-activating contexts kept per latent."""
     quantile_bins: int = 10
@@ -239,7 +241,7 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
     total = n_contexts * cfg.context_len if n_contexts else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="precompute")
     batches = iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
-                               include_first=cfg.include_first)
+                               include_first=cfg.include_first, include_massive=cfg.include_massive)
     for batch in batches:
         n_batch, n_pos = batch.token_ids.shape
         context_ids = torch.arange(state.n_contexts, state.n_contexts + n_batch)

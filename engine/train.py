@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .activations import iter_activations, stats_mask
+from .activations import MASSIVE_FACTOR, iter_activations, stats_mask
 from .corpus import corpus_files, iter_contexts
 from .metrics import ReconStats, ce_metrics
 from .models import LoadedModel
@@ -182,16 +182,12 @@ def _write_atomically(out: Path, sae, report: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-MASSIVE_FACTOR = 10.0
-"""Tokens whose activation norm exceeds this multiple of the batch median count as massive activations."""
-
-
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int) -> dict:
     """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``."""
     stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    for ab in iter_activations(lm, hook, contexts, batch):
+    for ab in iter_activations(lm, hook, contexts, batch, include_massive=True):
         x = ab.acts[ab.mask].float().to(sae.device)
         out = sae(x)
         stats.update(x, out.x_hat, out.codes)
