@@ -124,7 +124,7 @@ def test_overview(server, page):
 
 def test_search_and_open_a_feature(server, page):
     page.goto(f"{server}/features")
-    search = page.get_by_label("Search", exact=True)
+    search = page.locator('input[aria-label="Search"]')  # not the table toolbar's search button
     search.fill("the")
     search.press("Enter")
     page.get_by_text("for 'the' by label").wait_for()
