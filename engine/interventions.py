@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -39,7 +39,6 @@ def splice_sae(
     add_error: bool = False,
     hook_name: str | None = None,
     mask: torch.Tensor | None = None,
-    on_output: Callable[[torch.Tensor, object], None] | None = None,
 ) -> Iterator[None]:
     """Replace the activation at the SAE's hook by its reconstruction (plus the error if ``add_error``).
 
@@ -49,8 +48,6 @@ def splice_sae(
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         out = sae(x)
-        if on_output is not None:
-            on_output(x, out)
         new = (out.x_hat.float() + out.error) if add_error else out.x_hat.float()
         if mask is not None:
             keep = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - mask.ndim)))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .activations import MASSIVE_FACTOR, iter_activations, stats_mask
 from .corpus import corpus_files, iter_contexts
 from .metrics import ReconStats, ce_metrics
-from .models import LoadedModel
+from .models import LoadedModel, _cpu_has_fast_bf16
 from .saes import SAEConfig, build_sae
 
 
@@ -88,7 +88,7 @@ class TopKTrainer(torch.nn.Module):
         self.opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
         self.base_lr = lr
         self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
-        self.autocast = device.type == "cuda" or (device.type == "cpu" and _fast_bf16())
+        self.autocast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_fast_bf16())
 
     def init_b_dec(self, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -142,12 +142,6 @@ class TopKTrainer(torch.nn.Module):
         )
         state = {n: p.detach().cpu() for n, p in self.named_parameters()}
         return build_sae(cfg, state, dtype=dtype)
-
-
-def _fast_bf16() -> bool:
-    from .models import _cpu_has_fast_bf16
-
-    return _cpu_has_fast_bf16()
 
 
 def _lr_scale(step: int, total: int, warmup: int = 100) -> float:
