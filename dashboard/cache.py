@@ -29,8 +29,16 @@ def run_root() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+DTYPE_ENV = "SAESCOPE_DTYPE"
+"""The dtype live pages load the model in: ``auto`` (default: the fastest on this machine), ``float32``..."""
+
+
 def device() -> str:
     return os.environ.get(DEVICE_ENV, "auto")
+
+
+def dtype() -> str:
+    return os.environ.get(DTYPE_ENV, "auto")
 
 
 def _stamp(run_dir: str) -> float:

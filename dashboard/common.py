@@ -114,12 +114,14 @@ def manifest(run_dir: str) -> dict:
 
 
 def model_source(man: dict) -> tuple[str, str]:
-    """Where the run's model comes from and in which dtype, as the manifest records them."""
+    """Where the run's model comes from (as the manifest records it) and the dtype live pages run it in:
+    ``auto`` (the fastest on this machine, which need not be the one that computed the run) unless
+    ``SAESCOPE_DTYPE`` says otherwise."""
     model = man.get("model") or {}
     source = model.get("path") or model.get("name")
     if not source:
         fail("The run's manifest does not say which model it was computed on, so live pages cannot load it.")
-    return str(source), str(model.get("dtype") or "auto")
+    return str(source), cache.dtype()
 
 
 def sae_source(man: dict) -> str:

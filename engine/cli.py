@@ -27,6 +27,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         lm = _model(args.model, args.device, args.dtype)
         print(f"model: {lm.name}\nfamily: {lm.family.name} ({lm.config.model_type})")
         print(f"layers: {lm.n_layers}  d_model: {lm.d_model}  heads: {lm.n_heads}x{lm.d_head}  dtype: {lm.dtype}  device: {lm.device}")
+        if lm.dtype_choice is not None:
+            print(f"dtype {lm.dtype_choice.dtype} ({args.dtype}): {lm.dtype_choice.reason}")
+        if lm.device.type == "cpu":
+            from .machine import cpu_facts
+
+            facts = cpu_facts()
+            print(f"cpu: {facts.model}; flags: {' '.join(facts.flags) or 'none of interest'}; {facts.threads} threads; torch {facts.torch}")
         print("hook points:")
         for name in lm.hook_points():
             print(f"  {name}  [{lm.hook_width(name)}]")
@@ -105,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .serve import ensure_demo_run, serve
 
-    run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device)
+    run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)
     if args.no_serve:
         print(f"saescope demo: run ready in {run}")
         return 0
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_opts(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--model", required=required, help="local dir, hub id, .gguf file, or 'demo'")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-        p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+        p.add_argument("--dtype", default="auto", help="auto (the fastest on this machine: see `saescope info --model`), float32, bfloat16 or float16")
 
     p = sub.add_parser("info", help="describe an SAE and/or list a model's hook points")
     p.add_argument("path", nargs="?", help="SAE directory (SAELens or sparsify)")
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="tokens to precompute the demo run on (default 300,000)")
     p.add_argument("--force", action="store_true", help="recompute the demo run even if a complete one exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="auto (the fastest on this machine), float32, bfloat16 or float16")
     p.add_argument("--no-serve", action="store_true", help="prepare the demo run, then exit")
     app_opts(p)
     p.set_defaults(func=cmd_demo)

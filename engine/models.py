@@ -13,6 +13,7 @@ from torch import nn
 
 from .families import Family, family_for, first_path, parse_hook_name
 from .hooks import HookManager, StopForward, interventions
+from .machine import DtypeChoice, choose_dtype
 
 DTYPES = {
     "float32": torch.float32,
@@ -42,27 +43,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, width: int = 576) -> torch.dtype:
+    """``auto``: the fastest dtype on ``device`` for a model of ``width`` (``engine.machine.choose_dtype``:
+    bf16 on CUDA, fp16 on MPS, and on a CPU whichever of fp32 and bf16 a cached micro-benchmark finds faster)."""
+    return dtype_choice(dtype, device, width).torch_dtype
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (fp16 without bf16 support), fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
+def dtype_choice(dtype: str | torch.dtype, device: torch.device, width: int = 576) -> DtypeChoice:
+    """The dtype a ``--dtype`` value means on ``device``, and why (``auto`` measured, anything else as asked)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return DtypeChoice(str(dtype).removeprefix("torch."), "asked for", "user")
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+        return choose_dtype(device, width)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return DtypeChoice(str(DTYPES[dtype]).removeprefix("torch."), "asked for", "user")
 
 
 @dataclass
@@ -74,6 +69,8 @@ class LoadedModel:
     device: torch.device
     name: str
     family: Family
+    dtype_choice: DtypeChoice | None = None
+    """How the dtype was chosen (``auto``: measured on this machine), when ``load_model`` chose it."""
     hooks: HookManager = field(init=False)
 
     def __post_init__(self) -> None:
@@ -231,7 +228,6 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     source = str(name_or_path)
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
@@ -258,6 +254,8 @@ def load_model(
             raise ValueError(f"{source!r} is not a Hugging Face model directory (no usable config.json): {err}") from err
         raise _hub_error(source, err) from err
     family = family_for(config.model_type)
+    choice = dtype_choice(dtype, dev, int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 576))
+    torch_dtype = choice.torch_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -266,7 +264,8 @@ def load_model(
             raise ValueError(f"could not load the model in {source!r}: {err}") from err
         raise _hub_error(source, err) from err
     model.to(dev).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, name=source if not gguf_file else f"{source}/{gguf_file}", family=family)
+    name = source if not gguf_file else f"{source}/{gguf_file}"
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, name=name, family=family, dtype_choice=choice)
 
 
 def from_module(model: nn.Module, tokenizer: object, name: str = "in-memory") -> LoadedModel:

@@ -95,7 +95,7 @@ def demo_corpus() -> Path:
     return data_dir() / "corpus" / "heldout.jsonl.xz"
 
 
-def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto") -> Path:
+def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
     """The demo run directory, precomputed from the committed demo SAE and held-out corpus when missing or stale."""
     from .demo import demo_sae_dir, ensure_demo_model
     from .saes import load_sae
@@ -114,7 +114,7 @@ def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: s
 
     model_dir = ensure_demo_model()
     dev = resolve_device(device)
-    lm = load_model(model_dir, device=dev, dtype="bfloat16" if dev.type == "cpu" else "auto")
+    lm = load_model(model_dir, device=dev, dtype=dtype)
     budget = tokens or DEMO_TOKENS
     print(f"saescope demo: precomputing the demo run on {budget:,} held-out tokens (once)...", file=sys.stderr, flush=True)
     precompute(lm, sae.to(lm.device), corpus, run, tokens=budget, context_len=DEMO_CONTEXT, force=True, sae_path=sae_dir)

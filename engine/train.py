@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .activations import MASSIVE_FACTOR, iter_activations, stats_mask
 from .corpus import corpus_files, iter_contexts
 from .metrics import ReconStats, ce_metrics
-from .models import LoadedModel, _cpu_has_fast_bf16
+from .machine import choose_dtype
+from .models import LoadedModel
 from .saes import SAEConfig, build_sae
 
 
@@ -88,7 +89,8 @@ class TopKTrainer(torch.nn.Module):
         self.opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
         self.base_lr = lr
         self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
-        self.autocast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_fast_bf16())
+        # bf16 autocast where bf16 is fast: CUDA, and CPUs where the machine's micro-benchmark says so
+        self.autocast = device.type == "cuda" or (device.type == "cpu" and choose_dtype(device, d_in).dtype == "bfloat16")
 
     def init_b_dec(self, x: torch.Tensor) -> None:
         with torch.no_grad():

@@ -85,7 +85,7 @@ def test_demo_reuses_a_current_run_and_recomputes_a_stale_one(demo_data, monkeyp
     manifest["sae"]["hash"] = "something-else"  # the committed SAE was retrained
     (run / "manifest.json").write_text(json.dumps(manifest))
     serve.ensure_demo_run(device="cpu")
-    assert calls[0] == "fetch" and calls[1][1]["dtype"] == "bfloat16"
+    assert calls[0] == "fetch" and calls[1][1]["dtype"] == "auto"  # never a hard-coded CPU dtype
     _, (corpus, out), kwargs = calls[2]
     assert out == run and corpus.name == "heldout.jsonl.xz"
     assert kwargs["tokens"] == serve.DEMO_TOKENS and kwargs["context_len"] == 128 and kwargs["force"]
