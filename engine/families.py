@@ -33,10 +33,14 @@ class Family:
     attn_out: str | None = None
     """Module whose output is ``hook_attn_out`` when it is not ``attn`` (Gemma 2/3 post-norms)."""
     mlp_out: str | None = None
+    rotary: str | None = "rotary_emb"
+    """Rotary embedding module beside the decoder blocks; None where positions are already in the residual (GPT-2)."""
+    softcap_logits: bool = False
+    """The causal-LM head soft-caps logits by ``config.final_logit_softcapping`` (Gemma 2/3)."""
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), ("transformer.h",), ("transformer.ln_f",), "attn", "c_proj", "mlp"),
+    Family("gpt2", ("gpt2",), ("transformer.h",), ("transformer.ln_f",), "attn", "c_proj", "mlp", rotary=None),
     Family(
         "llama",
         ("llama", "qwen2", "qwen3", "mistral", "smollm3"),
@@ -58,6 +62,7 @@ FAMILIES: tuple[Family, ...] = (
         "mlp",
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",
+        softcap_logits=True,
     ),
 )
 

@@ -1,18 +1,24 @@
 """Resuming a forward pass from the residual stream at a hook: run only the layers after it.
 
-Used by the prompt lens to get SAE-spliced logits without recomputing the layers before the hook.
-Supported where the family's decoder stack can be entered through ``inputs_embeds`` unchanged
-(the Llama family with one attention type); callers fall back to a full spliced forward otherwise.
+The decoder blocks after the hook are called one by one with the attention masks and rotary
+embeddings built the way the model's own forward builds them, then the final norm and LM head.
+Entering through ``inputs_embeds`` instead would re-add GPT-2's position embeddings and give
+sliced mixed-attention stacks (Qwen 2, Gemma 2/3) the wrong layer types. Nothing on the shared
+model is changed, so threads can resume on one model at once.
 """
 
 from __future__ import annotations
 
-import copy
+import inspect
 
 import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .families import parse_hook_name
+from .families import get_path, parse_hook_name
 from .models import LoadedModel
+
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 def _start_layer(hook_name: str) -> int | None:
@@ -24,26 +30,81 @@ def _start_layer(hook_name: str) -> int | None:
     return None
 
 
+def _decoder(lm: LoadedModel) -> tuple[nn.Module, nn.ModuleList] | None:
+    """The module that owns the decoder blocks (its config and rotary embedding), and the blocks."""
+    for path in lm.family.layers:
+        layers = get_path(lm.model, path)
+        if layers is not None:
+            parent = path.rpartition(".")[0]
+            return (get_path(lm.model, parent) if parent else lm.model), layers
+    return None
+
+
 def can_resume(lm: LoadedModel, hook_name: str) -> bool:
     """Whether ``resume_logits`` supports this model and hook."""
-    layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+    decoder = _decoder(lm)
     return (
-        lm.family.name == "llama"
+        hook_name in lm.hooks.points
         and _start_layer(hook_name) is not None
-        and len(set(layer_types)) == 1
-        and hasattr(lm.model, "model")
-        and hasattr(lm.model, "lm_head")
+        and decoder is not None
+        and (lm.family.rotary is None or get_path(decoder[0], lm.family.rotary) is not None)
+        and lm.model.get_output_embeddings() is not None
     )
 
 
+def _layer_type(config, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[index]
+    # without per-layer types, a configured window applies to every layer (Mistral)
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def _rotary(module: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
+    # Gemma 3 keeps one rotary base per layer type and takes the type as an argument
+    if "layer_type" in inspect.signature(module.forward).parameters:
+        return module(hidden, position_ids, layer_type)
+    return module(hidden, position_ids)
+
+
 @torch.inference_mode()
-def resume_logits(lm: LoadedModel, hook_name: str, resid: torch.Tensor) -> torch.Tensor:
-    """Logits ``[batch, pos, vocab]`` from residual stream ``resid`` at ``hook_name`` through the remaining layers."""
+def resume_logits(
+    lm: LoadedModel, hook_name: str, resid: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits ``[batch, pos, vocab]`` from residual ``resid [batch, pos, d_model]`` at ``hook_name`` on.
+
+    ``attention_mask [batch, pos]`` marks padding as in a full forward; None means every position is real.
+    """
     if not can_resume(lm, hook_name):
         raise ValueError(f"cannot resume a forward at {hook_name} for the {lm.family.name} family")
-    base = lm.model.model
-    tail = copy.copy(base)  # shares parameters; only the layer list differs, and the shared model is untouched
-    tail._modules = dict(base._modules)
-    tail.layers = base.layers[_start_layer(hook_name) :]
-    hidden = tail(inputs_embeds=resid.to(lm.dtype), use_cache=False).last_hidden_state
-    return lm.model.lm_head(hidden)
+    if resid.ndim != 3 or resid.shape[-1] != lm.d_model:
+        raise ValueError(f"resid must be [batch, pos, {lm.d_model}], got {tuple(resid.shape)}")
+    base, layers = _decoder(lm)
+    config = base.config
+    hidden = resid.to(lm.device, lm.dtype)
+    mask_2d = None if attention_mask is None else attention_mask.to(lm.device)
+    position_ids = torch.arange(hidden.shape[1], device=lm.device).unsqueeze(0)
+    rotary = get_path(base, lm.family.rotary) if lm.family.rotary else None
+    masks: dict[str, object] = {}
+    positions: dict[str, object] = {}
+    for index in range(_start_layer(hook_name), len(layers)):
+        kind = _layer_type(config, index)
+        if kind not in masks:
+            masks[kind] = _MASKS[kind](
+                config=config,
+                inputs_embeds=hidden,
+                attention_mask=mask_2d,
+                past_key_values=None,
+                position_ids=position_ids,
+            )
+        kwargs = {"attention_mask": masks[kind], "position_ids": position_ids}
+        if rotary is not None:
+            if kind not in positions:
+                positions[kind] = _rotary(rotary, hidden, position_ids, kind)
+            kwargs["position_embeddings"] = positions[kind]
+        hidden = layers[index](hidden, **kwargs)
+    logits = lm.model.get_output_embeddings()(lm.final_norm()(hidden))
+    cap = getattr(lm.model.config, "final_logit_softcapping", None) if lm.family.softcap_logits else None
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -22,8 +22,22 @@ def test_resume_from_hook_equals_full_forward(family, hook):
 
 
 def test_resume_not_offered_where_unsupported():
-    assert not can_resume(tiny_model("gpt2"), "blocks.0.hook_resid_post")
     assert not can_resume(tiny_model("llama"), "blocks.0.hook_mlp_out")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gemma", "gemma2"])
+def test_lens_fast_path_equals_fallback(family, monkeypatch):
+    lm = tiny_model(family)
+    sae = random_sae("topk", hook="blocks.0.hook_resid_post")
+    ids = tokenize_prompt(lm, "The quick brown fox jumps over the lazy dog.")
+    assert can_resume(lm, "blocks.0.hook_resid_post")
+    fast = prompt_lens(lm, sae, ids)
+    monkeypatch.setattr(lens_mod, "can_resume", lambda *a: False)
+    slow = prompt_lens(lm, sae, ids)
+    deltas = [(a.ce_delta, c.ce_delta) for a, c in zip(fast.tokens, slow.tokens) if a.ce_delta is not None]
+    assert len(deltas) == len(ids) - 1 and any(abs(c) > 1e-3 for _, c in deltas)
+    for a, c in deltas:
+        assert a == pytest.approx(c, abs=1e-4)
 
 
 def test_lens_matches_brute_force(tiny_llama):
