@@ -69,6 +69,19 @@ def _token_losses(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
     ).view(token_ids.shape[0], -1)
 
 
+def _loss_rows(clean: torch.Tensor, spliced: torch.Tensor, ablated: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position losses ``[batch, pos-1]`` from the three runs' logits, and KL(clean || with SAE)."""
+    logp_clean = clean[:, :-1].float().log_softmax(-1)
+    logp_sae = spliced[:, :-1].float().log_softmax(-1)
+    kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)
+    return {
+        "clean": _token_losses(clean, token_ids),
+        "sae": _token_losses(spliced, token_ids),
+        "zero": _token_losses(ablated, token_ids),
+        "kl": kl,
+    }
+
+
 @torch.inference_mode()
 def per_token_ce(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position losses ``[batch, pos-1]`` clean / with SAE / zero-ablated and KL(clean || SAE).
@@ -87,15 +100,23 @@ def per_token_ce(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch
 
     with lm.hooks.intervene(hook, zero):
         ablated = lm.logits(token_ids)
-    logp_clean = clean[:, :-1].float().log_softmax(-1)
-    logp_sae = spliced[:, :-1].float().log_softmax(-1)
-    kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)
-    return {
-        "clean": _token_losses(clean, token_ids),
-        "sae": _token_losses(spliced, token_ids),
-        "zero": _token_losses(ablated, token_ids),
-        "kl": kl,
-    }
+    return _loss_rows(clean, spliced, ablated, token_ids)
+
+
+@torch.inference_mode()
+def per_token_ce_from_acts(
+    lm: LoadedModel, hook: str, token_ids: torch.Tensor, mask: torch.Tensor, x: torch.Tensor, error: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``per_token_ce`` from activations already captured at ``hook`` (a residual-stream hook, see
+    ``tail.can_resume``): ``x`` and the SAE's ``error = x - x_hat`` ``[batch, pos, d]``. Only the layers after
+    the hook run, on the clean, spliced and zero-ablated rows of the contexts as one batch."""
+    from .tail import resume_logits
+
+    keep = mask.to(x.device)[..., None]
+    x = x.float()
+    rows = torch.cat([x, torch.where(keep, x - error.float(), x), torch.where(keep, 0.0, x)])  # [3 * batch, pos, d]
+    clean, spliced, ablated = resume_logits(lm, hook, rows.to(lm.device, lm.dtype)).chunk(3)
+    return _loss_rows(clean, spliced, ablated, token_ids)
 
 
 def ce_metrics(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 8) -> CEMetrics:

@@ -3,9 +3,10 @@
 Per batch of contexts: the model runs up to the SAE's hook and stops; the SAE encodes and decodes;
 streaming accumulators on the device take the codes (``FeatureStats``, ``ExampleReservoirs``), the
 reconstruction (``ReconStats``), the error's sufficient statistics (``LinearErrorStats``) and a
-reservoir of held-out contexts (``ContextSample``). After the pass: CE losses on the sampled
-contexts, the linear error map, logit effects, neighbours and labels; then the files, the DuckDB
-index and, last, ``manifest.json``.
+reservoir of held-out contexts (``ContextSample``). Now and then, and at the end, ``RunWriter`` turns
+that state into a run: CE losses on the sampled contexts, the linear error map, logit effects,
+neighbours and labels; then the files, the DuckDB index and, last, ``manifest.json`` (a snapshot
+while the pass goes on, the finished run at its end).
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ import itertools
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import rundir, runfiles, schema
+from . import rundir, schema
 from .accumulators import FeatureStats, sparse_codes
 from .activations import iter_activations
-from .corpus import corpus_files, corpus_hash, iter_contexts
+from .corpus import corpus_files, iter_contexts
 from .darkmatter import LinearErrorStats
-from .features import token_strings
 from .interventions import check_sae_fits
-from .metrics import ReconStats, per_token_ce, summarize_ce
+from .metrics import ReconStats
 from .models import LoadedModel
 from .reservoirs import ExampleReservoirs
+from .runwriter import RunWriter
 from .sampling import ContextSample, is_heldout
 from .saes import SAE
-from .store import build_index
 
 
 @dataclass
@@ -63,7 +61,14 @@ class PrecomputeConfig:
     hist_bins: int = 64
     """Histogram bins on the power-of-two range above max_act (power of two)."""
     sample_contexts: int = 32
-    """Held-out contexts sampled for per-token error rows and the CE-loss metrics."""
+    """Held-out contexts sampled for per-token error rows (and, at most, the CE-loss metrics)."""
+    ce_every: int = 64
+    """One sampled context per this many contexts of the run gets its next-token losses scored (clean, with
+    the SAE, zero-ablated: the CE-loss metrics), at least one and at most ``sample_contexts``: scoring a
+    context costs several forwards of it, so a fixed count would dominate short runs."""
+    snapshot_tokens: int | None = 16384
+    """Publish a browsable snapshot after this many tokens, then at doubling counts (None or 0: only the
+    finished run)."""
     n_logits: int = 10
     """Promoted and suppressed tokens kept per latent."""
     n_neighbors: int = 10
@@ -77,9 +82,11 @@ class PrecomputeConfig:
             raise ValueError(f"context length must be at least 2, got {self.context_len}")
         if self.tokens is not None and self.tokens < self.context_len:
             raise ValueError(f"--tokens ({self.tokens}) must be at least one context ({self.context_len} tokens)")
-        for name in ("batch_size", "top_k", "quantile_bins", "per_bin"):
+        for name in ("batch_size", "top_k", "quantile_bins", "per_bin", "ce_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.snapshot_tokens is not None and self.snapshot_tokens < 0:
+            raise ValueError(f"snapshot_tokens must be >= 0 (0: no snapshots), got {self.snapshot_tokens}")
         if self.sample_contexts < 0:
             raise ValueError(f"sample_contexts must be >= 0, got {self.sample_contexts}")
         if self.hist_bins < 2 or self.hist_bins & (self.hist_bins - 1):
@@ -165,69 +172,19 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     if cfg.tokens:
         contexts = itertools.islice(contexts, n_contexts)
     timings["setup_seconds"] = time.perf_counter() - started
+    target = n_contexts * cfg.context_len if n_contexts else None
+    writer = RunWriter(lm, sae, run_sae, hook, corpus, cfg, staging, out_dir, identity, sae_path, target, started)
 
     tick = time.perf_counter()
-    state = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress)
-    timings["main_pass_seconds"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    slots = state.sample.taken()
-    losses = _sample_losses(lm, run_sae, state.sample, slots)
-    timings["ce_sample_seconds"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    error_map = state.dark.fit(cfg.ridge)
-    token_rows, norm_corr = runfiles.token_rows(state.sample, slots, error_map, losses)
-    summary = state.stats.summary()
-    vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
-    labels, top_tokens = runfiles.write_examples(staging, state.examples, vocab)
-    features = runfiles.feature_columns(lm, sae, cfg, summary, labels, top_tokens)
-    timings["features_seconds"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    sizes = runfiles.write_files(staging, features, vocab, token_rows, error_map)
-    build_index(staging)
-    timings["write_seconds"] = time.perf_counter() - tick
-    timings["total_seconds"] = time.perf_counter() - started
+    state, context_file = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress, writer, timings)
+    timings["main_pass_seconds"] = time.perf_counter() - tick - writer.timings["snapshot_seconds"]
     timings["tokens_per_second"] = state.n_tokens / max(timings["main_pass_seconds"], 1e-9)
-
-    metrics = state.recon.summary()
-    dead = np.nonzero(summary.fire_count == 0)[0]
-    metrics.update(
-        n_dead=int(len(dead)),
-        dead_fraction=float(len(dead) / len(summary.fire_count)),
-        dense_fraction=float((summary.density > 0.1).mean()),
-    )
-    ce_keys = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div", "n_predictions")
-    metrics.update(losses["metrics"].to_dict() if losses is not None else dict.fromkeys(ce_keys))  # null: no CE sample
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "name": lm.name, "hash": identity["model_hash"], "family": lm.family.name, "dtype": str(lm.dtype).removeprefix("torch."),
-            "device": str(lm.device), "n_layers": lm.n_layers, "d_model": lm.d_model, "vocab_size": len(vocab),
-        },
-        "sae": {
-            "path": str(sae_path) if sae_path else None, "hash": identity["sae_hash"], "architecture": sae.cfg.architecture,
-            "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "compute_dtype": str(run_sae.dtype).removeprefix("torch."),
-        },
-        "corpus": {
-            "path": str(corpus), "name": Path(corpus).name, "hash": corpus_hash(corpus), "n_contexts": state.n_contexts,
-            "context_len": cfg.context_len, "n_tokens": state.n_tokens,
-        },
-        "settings": asdict(cfg),
-        "metrics": metrics,
-        "dark_matter": {**error_map.metrics, "err_norm_corr": norm_corr, "n_token_rows": len(token_rows["context_id"])},
-        "dead_latents": dead.tolist(),
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "files": sizes,
-    }
-    rundir.finalize(out_dir, staging, manifest)
-    return manifest
+    timings["snapshots"] = writer.snapshots
+    return writer.final(state, context_file, timings)
 
 
 @torch.inference_mode()
-def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_contexts, progress) -> _Pass:
+def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_contexts, progress, writer: RunWriter, timings):
     dev, d_in, d_sae = sae.device, sae.cfg.d_in, sae.cfg.d_sae
     state = _Pass(
         stats=FeatureStats(d_sae, dev, n_bins=cfg.hist_bins),
@@ -237,7 +194,7 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
         dark=LinearErrorStats(d_in, dev),
         sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=cfg.seed),
     )
-    writer = rundir.ContextWriter(staging / schema.CONTEXTS)
+    context_file = rundir.ContextWriter(staging / schema.CONTEXTS)
     total = n_contexts * cfg.context_len if n_contexts else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="precompute")
     batches = iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
@@ -259,33 +216,13 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
         state.dark.update(x_in, out.error[flat_mask], heldout)
         state.sample.offer(context_ids, batch.token_ids, batch.mask, x.view(n_batch, n_pos, -1).float(),
                            out.error.view(n_batch, n_pos, -1), l0.view(n_batch, n_pos))
-        writer.add(context_ids.numpy(), batch.token_ids.numpy())
+        context_file.add(context_ids.numpy(), batch.token_ids.numpy())
         state.n_contexts += n_batch
         state.n_tokens += n_included
         bar.update(n_batch * n_pos)
+        # at a merge boundary of the reservoirs, so that taking a snapshot does not change what follows
+        if state.examples.pending_contexts == 0 and writer.snapshot_due(state.n_contexts * n_pos):
+            writer.snapshot(state, context_file, timings)
+            bar.set_postfix_str(f"snapshot {writer.snapshots} published", refresh=False)
     bar.close()
-    writer.close()
-    return state
-
-
-def _sample_losses(lm, sae, sample: ContextSample, slots: torch.Tensor, batch: int = 2) -> dict | None:
-    """Per-position CE losses (clean, with SAE, zero-ablated, KL) on the sampled contexts, and their summary.
-
-    Few contexts per forward: three sets of full-vocabulary logits plus their float32 log-softmaxes would
-    otherwise be the run's memory peak (about 1 GB more at 8 contexts of 128 tokens, 49k vocabulary).
-    """
-    if not len(slots):
-        return None
-    ids, mask = sample.token_ids[slots], sample.mask[slots]
-    parts: dict[str, list[torch.Tensor]] = {"clean": [], "sae": [], "zero": [], "kl": []}
-    for start in range(0, len(ids), batch):
-        losses = per_token_ce(lm, sae, ids[start : start + batch], mask[start : start + batch])
-        for key in parts:
-            parts[key].append(losses[key].float().cpu())
-    out = {key: torch.cat(value) for key, value in parts.items()}
-    pred = mask[:, :-1]
-    count = int(pred.sum())
-    if count == 0:
-        return None
-    out["metrics"] = summarize_ce({k: float(out[k][pred].double().sum()) for k in parts}, count)
-    return out
+    return state, context_file

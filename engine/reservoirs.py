@@ -129,6 +129,12 @@ class ExampleReservoirs:
         if sum(len(ids) for _, ids in self._pending) >= self.merge_contexts:
             self.flush()
 
+    @property
+    def pending_contexts(self) -> int:
+        """Contexts offered but not merged yet. Reading results merges them, and where a merge's boundaries
+        fall decides which quantile samples are drawn: reading while this is 0 leaves the sequel unchanged."""
+        return sum(len(ids) for _, ids in self._pending)
+
     def flush(self) -> None:
         """Merge the buffered batches now (results below call this)."""
         if not self._pending:

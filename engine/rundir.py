@@ -1,9 +1,16 @@
-"""A run directory's life: identity checks, a private staging folder, Parquet writers, and the final swap.
+"""A run directory's life: identity checks, a private staging folder, snapshots, Parquet writers, the final swap.
 
 Files are written into ``<run>/.partial/`` and moved into place only at the end, after the old
 manifest (if any) is removed; ``manifest.json`` is written last, atomically. A run killed at any
-point therefore leaves no manifest (or the previous complete run untouched), and a rerun into the
-same directory starts over cleanly.
+point therefore leaves no manifest (or the previous complete run or snapshot untouched), and a rerun
+into the same directory starts over cleanly.
+
+While a long run computes, it publishes **snapshots**: complete, valid runs of the tokens seen so far,
+each in its own folder ``<run>/.snapshots/<n>/`` with every file and its own index. The top-level
+``manifest.json`` is the pointer: its ``data_dir`` names the snapshot folder, and replacing the manifest
+(one atomic rename) moves every reader to the next snapshot at once. A reader therefore never mixes files of
+two snapshots. The previous snapshot folder is kept (a reader that opened it a moment ago can still read its
+files); older ones are removed. The finished run's files live at the top level (``data_dir`` absent).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +31,7 @@ import torch
 from . import schema
 
 PARTIAL = ".partial"
+SNAPSHOTS = ".snapshots"
 RUN_FILES = (
     schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS, schema.DARK_MATTER, schema.INDEX,
 )
@@ -89,7 +98,7 @@ def prepare(out: str | Path, *, model_hash: str, sae_hash: str, force: bool) -> 
                     "pass --force (force=True) to replace it, or choose another --out"
                 )
         else:
-            foreign = sorted(p.name for p in out.iterdir() if p.name not in (*RUN_FILES, PARTIAL, schema.MANIFEST))
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in (*RUN_FILES, PARTIAL, SNAPSHOTS, schema.MANIFEST))
             if foreign:
                 raise FileExistsError(
                     f"run directory {out} holds files that are not a saescope run ({', '.join(foreign[:5])}); "
@@ -102,22 +111,93 @@ def prepare(out: str | Path, *, model_hash: str, sae_hash: str, force: bool) -> 
     return staging
 
 
-def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
-    """Move the staged files into ``out`` (old run files removed) and write the manifest last."""
+def data_dir(run_dir: str | Path, manifest: dict) -> Path:
+    """The folder holding the files of the run (or snapshot) that ``manifest`` describes."""
+    rel = manifest.get("data_dir") or "."
+    path = Path(rel)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"manifest of {run_dir} names data_dir {rel!r}, which is not a folder inside the run")
+    return Path(run_dir) / path
+
+
+def writer_identity() -> dict:
+    """Who is writing a run: host and process id (so readers can tell a live run from an abandoned one)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def writer_alive(manifest: dict) -> bool | None:
+    """Whether the process that published this snapshot still runs: True/False on its own host, None elsewhere
+    (e.g. a run written on a GPU node into a shared folder), and False for a complete run."""
+    snap = manifest.get("snapshot") or {}
+    if snap.get("final", True):
+        return False
+    if snap.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(snap.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True if isinstance(snap.get("pid"), int) else None
+    return True
+
+
+def snapshot_dir(out: str | Path, index: int) -> Path:
+    """A fresh folder for snapshot number ``index`` of the run in ``out``."""
+    path = Path(out) / SNAPSHOTS / f"{index:04d}"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish_snapshot(out: str | Path, folder: Path, manifest: dict) -> None:
+    """Point the run's manifest at the complete snapshot in ``folder`` (atomically), then drop all but the
+    previous snapshot folder."""
     out = Path(out)
-    (out / schema.MANIFEST).unlink(missing_ok=True)
+    current = _current_manifest(out)
+    _write_manifest(out, {**manifest, "data_dir": folder.relative_to(out).as_posix()})
+    previous = data_dir(out, current).resolve() if current is not None else None
+    for old in sorted((out / SNAPSHOTS).iterdir()):
+        if old.resolve() not in (folder.resolve(), previous):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
+    """Move the staged files into ``out`` (old run files removed) and write the manifest last; then remove the
+    snapshots. While a snapshot is published readers use its folder, so the top-level files can be replaced
+    under the manifest; a manifest describing top-level files is removed first."""
+    out = Path(out)
+    current = _current_manifest(out)
+    if current is None or data_dir(out, current).resolve() == out.resolve():
+        (out / schema.MANIFEST).unlink(missing_ok=True)
     for name in RUN_FILES:
         if not (staging / name).exists():
             (out / name).unlink(missing_ok=True)
     for path in staging.iterdir():
         os.replace(path, out / path.name)
+    _write_manifest(out, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)
+
+
+def _current_manifest(out: Path) -> dict | None:
+    try:
+        manifest = read_manifest(out)
+        if manifest is not None:
+            data_dir(out, manifest)
+        return manifest
+    except ValueError:  # unreadable: treated as absent (and replaced)
+        return None
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / f".{schema.MANIFEST}.tmp"
     with tmp.open("w") as f:
         json.dump(_finite(manifest), f, indent=2, default=_json_default, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / schema.MANIFEST)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _finite(value):
@@ -176,11 +256,19 @@ def write_table(path: Path, columns: dict[str, pa.Array | np.ndarray | list], ta
 
 
 class ContextWriter:
-    """Streams ``contexts.parquet`` (context_id, token_ids) in row groups, so memory stays flat."""
+    """Streams ``contexts.parquet`` (context_id, token_ids) in row groups, so memory stays flat.
+
+    Rows go to part files next to ``path`` (``.<name>.parts/``); ``export(dest)`` writes every row so far to
+    another file (a snapshot's copy) and ``close()`` joins the parts into ``path``.
+    """
 
     def __init__(self, path: Path, group_rows: int = 4096):
-        self.path, self.group_rows = path, group_rows
-        self.writer = pq.ParquetWriter(path, schema.CONTEXTS_SCHEMA, compression="zstd")
+        self.path, self.group_rows = Path(path), group_rows
+        self.parts_dir = self.path.with_name(f".{self.path.name}.parts")
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.parts_dir.mkdir(parents=True)
+        self.parts: list[Path] = []
+        self.writer: pq.ParquetWriter | None = None
         self.ids: list[np.ndarray] = []
         self.tokens: list[np.ndarray] = []
         self.rows = 0
@@ -197,12 +285,37 @@ class ContextWriter:
             return
         ids, tokens = np.concatenate(self.ids), np.concatenate(self.tokens)
         table = pa.Table.from_arrays([pa.array(ids), list_array(tokens, pa_type=pa.int32())], schema=schema.CONTEXTS_SCHEMA)
+        if self.writer is None:
+            self.parts.append(self.parts_dir / f"part-{len(self.parts):05d}.parquet")
+            self.writer = pq.ParquetWriter(self.parts[-1], schema.CONTEXTS_SCHEMA, compression="zstd")
         self.writer.write_table(table)
         self.ids, self.tokens = [], []
 
-    def close(self) -> int:
+    def _seal(self) -> None:
+        """Flush the buffer and close the open part, so every row so far is in readable part files."""
         self._flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def export(self, dest: Path) -> None:
+        """Write every context added so far to ``dest`` (one Parquet file); writing can go on afterwards."""
+        self._seal()
+        with pq.ParquetWriter(dest, schema.CONTEXTS_SCHEMA, compression="zstd") as writer:
+            for part in self.parts:
+                for batch in pq.ParquetFile(part).iter_batches(batch_size=self.group_rows):
+                    writer.write_batch(batch)
+            if not self.parts:
+                writer.write_table(schema.CONTEXTS_SCHEMA.empty_table())
+
+    def close(self) -> int:
+        """Join the parts into ``path`` (a single part is renamed, not copied) and remove them."""
+        self._seal()
+        if len(self.parts) == 1:
+            os.replace(self.parts[0], self.path)
+        else:
+            self.export(self.path)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
         return self.rows
 
 

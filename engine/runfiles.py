@@ -71,8 +71,9 @@ def write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str
     return labels, tops
 
 
-def feature_columns(lm, sae, cfg, summary, labels: list[str], top_tokens: list[np.ndarray]) -> dict:
-    """features.parquet columns (everything but the per-pass statistics and labels is computed here)."""
+def latent_facts(lm, sae, cfg) -> dict:
+    """The feature columns that depend on the weights only (logit effects, decoder neighbours): computed once
+    per run, whatever the number of snapshots."""
     d_sae = sae.cfg.d_sae
     if sae.cfg.d_in == lm.d_model:
         effects = logit_effects(lm, sae, cfg.n_logits)
@@ -80,6 +81,19 @@ def feature_columns(lm, sae, cfg, summary, labels: list[str], top_tokens: list[n
     else:  # e.g. attn.hook_z: the decoder writes into head space, not the residual stream
         logits = [np.zeros((d_sae, 0), np.int32), np.zeros((d_sae, 0), np.float32)] * 2
     neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors)
+    return {
+        "top_logit_ids": rundir.list_array(logits[0], pa_type=pa.int32()),
+        "top_logit_values": rundir.list_array(logits[1]),
+        "bottom_logit_ids": rundir.list_array(logits[2], pa_type=pa.int32()),
+        "bottom_logit_values": rundir.list_array(logits[3]),
+        "neighbor_ids": rundir.list_array(neighbor_ids, pa_type=pa.int32()),
+        "neighbor_cos": rundir.list_array(neighbor_cos),
+    }
+
+
+def feature_columns(facts: dict, summary, labels: list[str], top_tokens: list[np.ndarray]) -> dict:
+    """features.parquet columns: the pass's statistics and labels next to the weight-only ``latent_facts``."""
+    d_sae = len(summary.fire_count)
     return {
         "feature_id": np.arange(d_sae, dtype=np.int32),
         "fire_count": summary.fire_count,
@@ -89,12 +103,7 @@ def feature_columns(lm, sae, cfg, summary, labels: list[str], top_tokens: list[n
         "dead": summary.fire_count == 0,
         "hist_counts": rundir.ragged_list_array(summary.hist_counts, pa.int64()),
         "hist_edges": rundir.ragged_list_array(summary.hist_edges, pa.float32()),
-        "top_logit_ids": rundir.list_array(logits[0], pa_type=pa.int32()),
-        "top_logit_values": rundir.list_array(logits[1]),
-        "bottom_logit_ids": rundir.list_array(logits[2], pa_type=pa.int32()),
-        "bottom_logit_values": rundir.list_array(logits[3]),
-        "neighbor_ids": rundir.list_array(neighbor_ids, pa_type=pa.int32()),
-        "neighbor_cos": rundir.list_array(neighbor_cos),
+        **facts,
         "top_token_ids": rundir.ragged_list_array(top_tokens, pa.int32()),
         "label": labels,
         "explanation": [None] * d_sae,

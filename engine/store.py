@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 
 from . import schema, sql
-from .rundir import read_manifest
+from .rundir import data_dir, read_manifest
 
 SEARCH_MODES = ("label", "token", "id")
 
@@ -84,33 +84,61 @@ class RunStore:
 
     def __init__(self, run_dir: Path, manifest: dict, con: duckdb.DuckDBPyConnection):
         self.run_dir = run_dir
+        self.data_dir = data_dir(run_dir, manifest)
+        """Where the files of the run or snapshot this store reads live (``run_dir`` for a finished run)."""
         self._manifest = manifest
         self._con = con
         self._vocab: list[str] = [row[0] for row in con.cursor().execute(sql.VOCAB).fetchall()]
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> RunStore:
-        """Open a complete run (one with ``manifest.json``); builds the DuckDB index if it is missing."""
+    def open(cls, run_dir: str | Path, attempts: int = 5) -> RunStore:
+        """Open a complete run or snapshot (one with ``manifest.json``); builds the DuckDB index if it is missing.
+
+        A run still being computed may publish a newer snapshot and remove an old one between reading the
+        manifest and opening its files: the open then starts over from the new manifest.
+        """
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
-        manifest = read_manifest(run_dir)
-        if manifest is None:
-            raise ValueError(
-                f"{run_dir} holds no complete saescope run (no {schema.MANIFEST}); "
-                "run `saescope precompute` into it, or wait until it finishes"
-            )
-        index = run_dir / schema.INDEX
-        if not _index_current(index):  # missing, or built by an older saescope: rebuild from the Parquet files
-            if os.access(run_dir, os.W_OK):
-                build_index(run_dir)
-            else:  # read-only run directory: keep the index next to the temp files
-                index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
-                build_index(run_dir, index)
-        return cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=_READ_ONLY))
+        for attempt in range(attempts):
+            manifest = read_manifest(run_dir)
+            if manifest is None:
+                raise ValueError(
+                    f"{run_dir} holds no complete saescope run (no {schema.MANIFEST}); "
+                    "run `saescope precompute` into it, or wait for its first snapshot"
+                )
+            try:
+                return cls._open_files(run_dir, manifest)
+            except (duckdb.IOException, FileNotFoundError):
+                if attempt == attempts - 1 or read_manifest(run_dir) == manifest:
+                    raise
+        raise AssertionError("not reached")
+
+    @classmethod
+    def _open_files(cls, run_dir: Path, manifest: dict) -> RunStore:
+        files = data_dir(run_dir, manifest)  # a snapshot's folder while the run is still being computed
+        # held open from here: a snapshot folder removed later stays readable through this handle
+        dark = (files / schema.DARK_MATTER).open("rb")
+        try:
+            index = files / schema.INDEX
+            if not _index_current(index):  # missing, or built by an older saescope: rebuild from the Parquet files
+                if not (files / schema.FEATURES).is_file():
+                    raise FileNotFoundError(f"{files} lacks {schema.FEATURES}")
+                if os.access(files, os.W_OK):
+                    build_index(files)
+                else:  # read-only run directory: keep the index next to the temp files
+                    index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
+                    build_index(files, index)
+            store = cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=_READ_ONLY))
+        except BaseException:
+            dark.close()
+            raise
+        store._dark = dark
+        return store
 
     def close(self) -> None:
         self._con.close()
+        self._dark.close()
 
     def __enter__(self) -> RunStore:
         return self
@@ -125,6 +153,17 @@ class RunStore:
     def manifest(self) -> dict:
         """The run's manifest (model, SAE, corpus, settings, metrics, timings)."""
         return self._manifest
+
+    def is_final(self) -> bool:
+        """False while this is a snapshot of a run still being computed (see ``snapshot()``)."""
+        return bool((self._manifest.get("snapshot") or {}).get("final", True))
+
+    def snapshot(self) -> dict:
+        """``final``, ``index``, ``n_tokens`` (covered), ``target_tokens`` (None: the whole corpus), ``host``,
+        ``pid``, ``updated`` for a snapshot; ``{"final": True, ...}`` for a finished run."""
+        snap = dict(self._manifest.get("snapshot") or {"final": True})
+        snap.setdefault("n_tokens", (self._manifest.get("corpus") or {}).get("n_tokens"))
+        return snap
 
     def metrics(self) -> dict:
         """Aggregate reconstruction and CE metrics (``l0``, ``explained_variance``, ``ce_loss_recovered`` ...)."""
@@ -147,9 +186,10 @@ class RunStore:
 
     def linear_map(self):
         """``(W [d_in, d_in], b [d_in])`` float32 tensors: predicted error ``x @ W + b``."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        tensors = load_file(str(self.run_dir / schema.DARK_MATTER))
+        self._dark.seek(0)
+        tensors = load(self._dark.read())
         return tensors["W"], tensors["b"]
 
     # --- tokens ----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def run(tiny_llama, tmp_path_factory):
     sae = _sae()
     out = root / "run"
     manifest = precompute(tiny_llama, sae, corpus, out, context_len=CTX, batch_size=BATCH, top_k=TOP_K,
-                          sample_contexts=6, progress=False)
+                          sample_contexts=6, ce_every=1, progress=False)
     ref = brute_force(tiny_llama, sae, out, BATCH)
     features = pq.read_table(out / "features.parquet").to_pylist()
     examples = pq.read_table(out / "examples.parquet").to_pylist()
@@ -178,6 +178,7 @@ def test_linear_error_map_matches_numpy_least_squares(run):
 
 def test_per_token_rows_split_the_error(run):
     rows = pq.read_table(run["out"] / "tokens.parquet").to_pylist()
+    assert len({r["context_id"] for r in rows}) == 6
     for r in rows:
         assert r["err_linear_norm"] >= 0 and r["err_nonlinear_norm"] >= 0
         assert r["err_nonlinear_norm"] <= r["err_norm"] + r["err_linear_norm"] + 1e-5
@@ -187,6 +188,39 @@ def test_per_token_rows_split_the_error(run):
             assert r["ce_clean"] is None
     metrics = run["manifest"]["metrics"]
     assert metrics["ce_loss_clean"] > 0 and "kl_div" in metrics and "ce_loss_zero_ablation" in metrics
+
+
+def test_ce_rows_match_plain_forwards(run, tiny_llama):
+    """The per-token losses (scored from the stored activations through the layers after the hook only) equal
+    a plain transformers forward, and one with the SAE's reconstruction put in by hand at counted positions."""
+    rows = pq.read_table(run["out"] / "tokens.parquet").to_pandas()
+    contexts = pq.read_table(run["out"] / "contexts.parquet").to_pandas().set_index("context_id")
+    model, sae, hook = tiny_llama.model, run["sae"], run["sae"].cfg.hook_name
+    layer = model.model.layers[int(hook.split(".")[1])]
+    for context_id, group in rows.groupby("context_id"):
+        ids = torch.tensor(np.asarray(contexts.loc[context_id, "token_ids"]), dtype=torch.long)[None]
+        counted = torch.zeros(ids.shape[1], dtype=torch.bool)
+        counted[torch.from_numpy(group["position"].to_numpy().astype(np.int64))] = True
+
+        def splice(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            new = torch.where(counted[None, :, None], sae(x).x_hat.to(x.dtype), x)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        with torch.no_grad():
+            clean = model(ids).logits[0, :-1].log_softmax(-1)
+            handle = layer.register_forward_hook(splice)
+            try:
+                spliced = model(ids).logits[0, :-1].log_softmax(-1)
+            finally:
+                handle.remove()
+        target = ids[0, 1:]
+        ce_clean = -clean[torch.arange(len(target)), target]
+        ce_sae = -spliced[torch.arange(len(target)), target]
+        scored = group[group["position"] < ids.shape[1] - 1]
+        pos = torch.from_numpy(scored["position"].to_numpy().astype(np.int64))
+        np.testing.assert_allclose(scored["ce_clean"], ce_clean[pos].numpy(), atol=1e-4)
+        np.testing.assert_allclose(scored["ce_sae"], ce_sae[pos].numpy(), atol=1e-4)
 
 
 def test_refuses_a_run_of_another_sae_unless_forced(tiny_llama, run, tmp_path):

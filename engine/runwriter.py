@@ -1,0 +1,187 @@
+"""Turning the streaming pass's state into a run on disk: snapshots while the pass goes on, the run at its end.
+
+A snapshot is a complete run of the contexts seen so far (every file, its own DuckDB index, a manifest whose
+``snapshot.final`` is false), published atomically by ``rundir.publish_snapshot``; it is exact for the tokens
+it covers, because every accumulator is read without being changed. The first comes after
+``snapshot_tokens`` tokens; each later one once the token count has doubled *and* ten times the previous
+snapshot's cost has passed, so snapshots never take more than ~10% of the run.
+
+Next-token losses (clean, with the SAE spliced in, zero-ablated) are scored on ``ce_contexts`` of the sampled
+contexts: one per ``ce_every`` contexts of the run, at most ``sample_contexts``. For residual-stream hooks
+they run from the activations the pass stored, through only the layers after the hook; a context scored for
+one snapshot keeps its losses for the next.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import rundir, runfiles, schema
+from .corpus import corpus_hash
+from .features import token_strings
+from .metrics import per_token_ce, per_token_ce_from_acts, summarize_ce
+from .sampling import ContextSample
+from .store import build_index
+from .tail import can_resume
+
+LOSS_KEYS = ("clean", "sae", "zero", "kl")
+CE_KEYS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div", "n_predictions")
+SNAPSHOT_COST_FACTOR = 10.0
+"""A later snapshot waits at least this many times the previous one's cost."""
+
+
+def ce_contexts(n_contexts: int, cfg) -> int:
+    """How many sampled contexts get their losses scored in a run of ``n_contexts`` contexts."""
+    if cfg.sample_contexts == 0:
+        return 0
+    return min(cfg.sample_contexts, max(1, n_contexts // cfg.ce_every))
+
+
+class RunWriter:
+    """Writes snapshots and the final run of one precompute (see the module docstring)."""
+
+    def __init__(self, lm, sae, run_sae, hook: str, corpus, cfg, staging: Path, out_dir: Path, identity: dict,
+                 sae_path, target_tokens: int | None, started: float):
+        self.lm, self.sae, self.run_sae, self.hook, self.corpus, self.cfg = lm, sae, run_sae, hook, corpus, cfg
+        self.staging, self.out_dir, self.identity, self.sae_path = staging, Path(out_dir), identity, sae_path
+        self.target_tokens, self.started = target_tokens, started
+        self.writer_id = rundir.writer_identity()
+        self.snapshots = 0
+        self.timings = {"snapshot_seconds": 0.0, "ce_sample_seconds": 0.0, "features_seconds": 0.0, "write_seconds": 0.0}
+        self._facts: dict | None = None
+        self._vocab: list[str] | None = None
+        self._losses: dict[int, dict[str, torch.Tensor]] = {}
+        self._next_tokens = cfg.snapshot_tokens or 0
+        self._next_time = 0.0
+        self._resume = can_resume(lm, hook)
+
+    # --- snapshots ---------------------------------------------------------------------------------
+    def snapshot_due(self, n_seen_tokens: int) -> bool:
+        """Whether a snapshot should be written now, after ``n_seen_tokens`` tokens of the pass."""
+        if not self._next_tokens or n_seen_tokens < self._next_tokens or time.perf_counter() < self._next_time:
+            return False
+        # the final run is near: a snapshot now would only delay it
+        return self.target_tokens is None or n_seen_tokens < 0.75 * self.target_tokens
+
+    def snapshot(self, state, contexts: rundir.ContextWriter, timings: dict) -> dict:
+        """Write and publish a snapshot of ``state``; returns its manifest."""
+        tick = time.perf_counter()
+        self.snapshots += 1
+        folder = rundir.snapshot_dir(self.out_dir, self.snapshots)
+        contexts.export(folder / schema.CONTEXTS)
+        manifest = self._write(state, folder, final=False, timings=timings)
+        rundir.publish_snapshot(self.out_dir, folder, manifest)
+        cost = time.perf_counter() - tick
+        self.timings["snapshot_seconds"] += cost
+        seen = state.n_contexts * self.cfg.context_len
+        self._next_tokens, self._next_time = 2 * seen, time.perf_counter() + SNAPSHOT_COST_FACTOR * cost
+        return manifest
+
+    def final(self, state, contexts: rundir.ContextWriter, timings: dict) -> dict:
+        """Write the finished run into the staging folder and swap it in; returns the manifest."""
+        contexts.close()
+        manifest = self._write(state, self.staging, final=True, timings=timings)
+        rundir.finalize(self.out_dir, self.staging, manifest)
+        return manifest
+
+    # --- one complete run of the state ---------------------------------------------------------------
+    def _write(self, state, folder: Path, *, final: bool, timings: dict) -> dict:
+        lm, sae, cfg = self.lm, self.sae, self.cfg
+        tick = time.perf_counter()
+        slots = state.sample.taken()
+        losses = self._sample_losses(state.sample, slots, ce_contexts(state.n_contexts, cfg))
+        ce_seconds = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        error_map = state.dark.fit(cfg.ridge)
+        token_rows, norm_corr = runfiles.token_rows(state.sample, slots, error_map, losses)
+        summary = state.stats.summary()
+        if self._vocab is None:
+            self._vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
+        if self._facts is None:
+            self._facts = runfiles.latent_facts(lm, sae, cfg)
+        labels, top_tokens = runfiles.write_examples(folder, state.examples, self._vocab)
+        features = runfiles.feature_columns(self._facts, summary, labels, top_tokens)
+        features_seconds = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        sizes = runfiles.write_files(folder, features, self._vocab, token_rows, error_map)
+        build_index(folder)
+        write_seconds = time.perf_counter() - tick
+        if final:
+            self.timings.update(ce_sample_seconds=ce_seconds, features_seconds=features_seconds, write_seconds=write_seconds)
+
+        metrics = state.recon.summary()
+        dead = np.nonzero(summary.fire_count == 0)[0]
+        metrics.update(
+            n_dead=int(len(dead)),
+            dead_fraction=float(len(dead) / len(summary.fire_count)),
+            dense_fraction=float((summary.density > 0.1).mean()),
+        )
+        metrics.update(losses["metrics"].to_dict() if losses is not None else dict.fromkeys(CE_KEYS))  # null: no CE sample
+        seen = state.n_contexts * cfg.context_len
+        return {
+            "schema_version": schema.SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "snapshot": {"final": final, "index": self.snapshots, "n_tokens": state.n_tokens, "seen_tokens": seen,
+                         "target_tokens": self.target_tokens, **self.writer_id},
+            "model": {
+                "name": lm.name, "hash": self.identity["model_hash"], "family": lm.family.name,
+                "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device), "n_layers": lm.n_layers,
+                "d_model": lm.d_model, "vocab_size": len(self._vocab),
+            },
+            "sae": {
+                "path": str(self.sae_path) if self.sae_path else None, "hash": self.identity["sae_hash"],
+                "architecture": sae.cfg.architecture, "hook": self.hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                "k": sae.cfg.k, "compute_dtype": str(self.run_sae.dtype).removeprefix("torch."),
+            },
+            "corpus": {
+                "path": str(self.corpus), "name": Path(self.corpus).name, "hash": corpus_hash(self.corpus),
+                "n_contexts": state.n_contexts, "context_len": cfg.context_len, "n_tokens": state.n_tokens,
+            },
+            "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+            "metrics": metrics,
+            "dark_matter": {**error_map.metrics, "err_norm_corr": norm_corr, "n_token_rows": len(token_rows["context_id"])},
+            "dead_latents": dead.tolist(),
+            "timings": {k: round(v, 4) for k, v in {**timings, **self.timings, "total_seconds": time.perf_counter() - self.started}.items()},
+            "files": sizes,
+        }
+
+    # --- CE sample ---------------------------------------------------------------------------------------
+    def _sample_losses(self, sample: ContextSample, slots: torch.Tensor, n_scored: int) -> dict | None:
+        """Per-position losses of the sampled contexts in reservoir slots ``< n_scored`` (NaN rows for the rest,
+        which a uniform reservoir's first slots are a uniform sample of), and their summary."""
+        scored = slots[slots < n_scored]
+        if not len(scored):
+            return None
+        live = {int(sample.context_id[s]) for s in scored}
+        self._losses = {c: v for c, v in self._losses.items() if c in live}  # contexts evicted since: forgotten
+        todo = [int(s) for s in scored if int(sample.context_id[s]) not in self._losses]
+        for start in range(0, len(todo), 2):  # two contexts per forward bounds the full-vocabulary logits' memory
+            batch = torch.tensor(todo[start : start + 2])
+            ids, mask = sample.token_ids[batch], sample.mask[batch]
+            if self._resume:
+                rows = per_token_ce_from_acts(self.lm, self.hook, ids, mask, sample.x[batch], sample.err[batch])
+            else:
+                rows = per_token_ce(self.lm, self.run_sae, ids, mask)
+            for j, slot in enumerate(batch.tolist()):
+                self._losses[int(sample.context_id[slot])] = {k: rows[k][j].float().cpu() for k in LOSS_KEYS}
+        pos = sample.token_ids.shape[1]
+        out = {k: torch.full((len(slots), pos - 1), float("nan")) for k in LOSS_KEYS}
+        pred = torch.zeros(len(slots), pos - 1, dtype=torch.bool)
+        for i, slot in enumerate(slots.tolist()):
+            cached = self._losses.get(int(sample.context_id[slot])) if slot < n_scored else None
+            if cached is not None:
+                for k in LOSS_KEYS:
+                    out[k][i] = cached[k]
+                pred[i] = sample.mask[slot, :-1]
+        count = int(pred.sum())
+        if count == 0:
+            return None
+        out["metrics"] = summarize_ce({k: float(out[k][pred].double().sum()) for k in LOSS_KEYS}, count)
+        return out
