@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import streamlit as st
 
+from engine.rundir import PARTIAL
 from engine.schema import MANIFEST
 
 RUN_ENV = "SAESCOPE_RUN"
@@ -41,8 +42,9 @@ def dtype() -> str:
     return os.environ.get(DTYPE_ENV, "auto")
 
 
-def _stamp(run_dir: str) -> float:
-    """Changes when the run is rewritten, so a re-precomputed run is reopened rather than served stale."""
+def stamp(run_dir: str) -> float:
+    """Changes when the run is rewritten (a new snapshot, the finished run, a re-precompute), so it is reopened
+    rather than served stale."""
     try:
         return (Path(run_dir) / MANIFEST).stat().st_mtime
     except OSError:
@@ -51,11 +53,16 @@ def _stamp(run_dir: str) -> float:
 
 @st.cache_data(ttl=15, show_spinner=False)
 def list_runs(root: str) -> list[str]:
-    """Runs under ``root``: ``[root]`` if it is one, else its sub-directories holding a manifest (sorted)."""
+    """Runs under ``root``: ``[root]`` if it is one, else its sub-directories holding a manifest or being
+    written by a precompute (sorted)."""
     path = Path(root)
-    if (path / MANIFEST).is_file() or not path.is_dir():
+    if _is_run(path) or not path.is_dir():
         return [root]
-    return sorted(str(p) for p in path.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    return sorted(str(p) for p in path.iterdir() if p.is_dir() and _is_run(p))
+
+
+def _is_run(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path / PARTIAL).is_dir()
 
 
 @st.cache_data(show_spinner=False)
@@ -65,7 +72,7 @@ def _manifest(run_dir: str, stamp: float) -> dict:
 
 def manifest(run_dir: str) -> dict:
     """The run's ``manifest.json`` (raises ``FileNotFoundError`` for an incomplete run)."""
-    return _manifest(run_dir, _stamp(run_dir))
+    return _manifest(run_dir, stamp(run_dir))
 
 
 @st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda s: s.close())
@@ -80,7 +87,7 @@ atexit.register(_store.clear)  # closes the DuckDB connections (on_release) befo
 
 def store(run_dir: str):
     """The run's query layer (read-only DuckDB over its Parquet files), opened once per process."""
-    return _store(run_dir, _stamp(run_dir))
+    return _store(run_dir, stamp(run_dir))
 
 
 @st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=2)
@@ -107,7 +114,7 @@ def _linear_map(run_dir: str, stamp: float):
 
 def linear_map(run_dir: str):
     """The run's dark-matter linear map ``(W [d_in, d_in], b [d_in])`` from x to the SAE error, or ``None``."""
-    return _linear_map(run_dir, _stamp(run_dir))
+    return _linear_map(run_dir, stamp(run_dir))
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)
@@ -117,7 +124,7 @@ def _feature(run_dir: str, stamp: float, feature_id: int) -> dict | None:
 
 def feature(run_dir: str, feature_id: int) -> dict | None:
     """One latent's row of ``features.parquet`` with its examples, or ``None`` for an unknown id."""
-    return _feature(run_dir, _stamp(run_dir), int(feature_id))
+    return _feature(run_dir, stamp(run_dir), int(feature_id))
 
 
 @st.cache_resource(show_spinner="Running the prompt…", max_entries=16, ttl=900)
@@ -144,4 +151,4 @@ def _labels(run_dir: str, stamp: float, ids: tuple[int, ...]) -> dict[int, str]:
 
 def labels(run_dir: str, ids) -> dict[int, str]:
     """Labels of several latents (empty string where a latent has none)."""
-    return _labels(run_dir, _stamp(run_dir), tuple(int(i) for i in ids))
+    return _labels(run_dir, stamp(run_dir), tuple(int(i) for i in ids))

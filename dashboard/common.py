@@ -12,7 +12,11 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import cache, render
+from engine.rundir import PARTIAL, writer_alive
 from engine.schema import MANIFEST
+
+WATCH_SECONDS = 5
+"""How often a page of a run still being computed looks for a newer snapshot."""
 
 FEATURES_PAGE = "views/features.py"
 STEERING_PAGE = "views/steering.py"
@@ -36,7 +40,7 @@ def shown_errors(what: str) -> Iterator[None]:
 
 def _multi_root() -> Path | None:
     root = cache.run_root()
-    if root is None or (root / MANIFEST).is_file() or not root.is_dir():
+    if root is None or (root / MANIFEST).is_file() or (root / PARTIAL).is_dir() or not root.is_dir():
         return None
     return root
 
@@ -77,11 +81,55 @@ def current_run() -> str:
     else:
         run = root
     if not (run / MANIFEST).is_file():
+        if (run / PARTIAL).is_dir():  # a precompute is writing it: its first snapshot will do
+            st.info(
+                f"A precompute is writing `{run}`; its first snapshot (after ~16k tokens) is not there yet. "
+                "This page opens it by itself as soon as it is.", icon=":material/hourglass_top:",
+            )
+            _watch_run(str(run), 0.0)
+            st.stop()
         fail(
-            f"`{run}` has no `{MANIFEST}`: the run is incomplete (its precompute is still running or was "
-            "interrupted). Run `saescope precompute` again to finish it."
+            f"`{run}` has no `{MANIFEST}`: the run is incomplete (its precompute was interrupted before its first "
+            "snapshot). Run `saescope precompute` again to finish it."
         )
+    live_notice(str(run))
     return str(run)
+
+
+def live_notice(run: str) -> None:
+    """For a snapshot of a run still being computed: how many tokens the page reflects, and a watcher that
+    reruns the page when a newer snapshot lands (no restart needed)."""
+    try:
+        man = cache.manifest(run)
+    except Exception:  # noqa: BLE001  (the page reports an unreadable manifest itself)
+        return
+    snap = man.get("snapshot") or {}
+    if snap.get("final", True):
+        return
+    seen, target = snap.get("seen_tokens") or 0, snap.get("target_tokens")
+    share = f"{seen:,} of {target:,} tokens ({seen / target:.0%})" if target else f"the first {seen:,} tokens"
+    alive = writer_alive(man)
+    if alive is False:
+        st.warning(
+            f"This run is partial: it reflects {share}, and the precompute that was writing it has stopped "
+            f"(snapshot {snap.get('index')}). Run `saescope precompute` again for the whole corpus.",
+            icon=":material/pause_circle:",
+        )
+        return
+    where = "" if alive else f" on {snap.get('host')}"
+    st.info(
+        f"Still computing{where}: this page reflects {share} (snapshot {snap.get('index')}). "
+        "Refinement continues; the page updates itself when the next snapshot lands.",
+        icon=":material/autorenew:",
+    )
+    _watch_run(run, cache.stamp(run))
+
+
+@st.fragment(run_every=WATCH_SECONDS)
+def _watch_run(run: str, stamp: float) -> None:
+    """Rerun the whole page once the run's manifest changes (a new snapshot, or the finished run)."""
+    if cache.stamp(run) != stamp:
+        st.rerun(scope="app")
 
 
 def restore_widgets(page: str, defaults: dict | None = None) -> None:

@@ -21,6 +21,10 @@ from pathlib import Path
 import numpy as np
 
 TINY_SAE = {"d_sae": 256, "k": 8, "hook": "blocks.1.hook_resid_post"}
+GPT2_SAE = {"d_sae": 6144, "k": 32, "hook": "blocks.6.hook_resid_pre"}
+"""The GPT-2-small-shaped random model's SAE: SAEDashboard's comparison shape (TopK, 6,144 latents) at the middle
+of the 12 layers."""
+MODELS = ("demo", "gpt2", "tiny")
 
 
 def demo_available() -> bool:
@@ -30,29 +34,48 @@ def demo_available() -> bool:
     return (demo_model_dir() / "config.json").is_file() and (demo_sae_dir() / "cfg.json").is_file()
 
 
+def _random_topk(lm, spec: dict, seed: int = 0):
+    import torch
+
+    from .saes import SAEConfig, build_sae
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=spec["d_sae"], k=spec["k"], hook_name=spec["hook"])
+    W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    state = {"W_dec": W_dec, "W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(cfg.d_sae), "b_dec": torch.zeros(cfg.d_in)}
+    return build_sae(cfg, state).to(device=lm.device)
+
+
 def _load(which: str):
-    """(model, SAE, description) for ``demo`` or ``tiny``."""
+    """(model, SAE, description) for ``demo``, ``gpt2`` (GPT-2-small-shaped, random) or ``tiny``; dtype ``auto``."""
     from .models import load_model
-    from .saes import load_sae
 
     if which == "demo":
         from .demo import demo_model_dir, demo_sae_dir
+        from .saes import load_sae
 
         lm = load_model(demo_model_dir(), device="auto", dtype="auto")
         sae = load_sae(demo_sae_dir(), device=lm.device)
         return lm, sae, f"demo: {demo_model_dir().name} + {demo_sae_dir().name} ({sae.cfg.d_sae} latents at {sae.cfg.hook_name})"
-    import torch
-
-    from .saes import SAEConfig, build_sae
+    from .machine import choose_dtype
+    from .models import resolve_device
     from .tiny import tiny_model
 
+    device = resolve_device("auto")
+    if which == "gpt2":
+        choice = choose_dtype(device, 768)
+        lm = tiny_model("gpt2", d_model=768, n_layers=12, n_heads=12, vocab_size=50257, n_positions=1024,
+                        dtype=choice.torch_dtype)
+        lm.dtype_choice = choice
+        lm.model.to(device)
+        lm.device = device
+        sae = _random_topk(lm, GPT2_SAE)
+        return lm, sae, (f"gpt2: random GPT-2-small-shaped model (12 layers, d_model 768, vocab 50,257) + random topk "
+                         f"SAE ({GPT2_SAE['d_sae']} latents, k {GPT2_SAE['k']}, at {GPT2_SAE['hook']})")
     lm = tiny_model("llama")
-    gen = torch.Generator().manual_seed(0)
-    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=TINY_SAE["d_sae"], k=TINY_SAE["k"], hook_name=TINY_SAE["hook"])
-    W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    state = {"W_dec": W_dec, "W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(cfg.d_sae), "b_dec": torch.zeros(cfg.d_in)}
-    return lm, build_sae(cfg, state), f"tiny: random 2-layer llama (d_model {lm.d_model}) + random topk SAE ({cfg.d_sae} latents)"
+    sae = _random_topk(lm, TINY_SAE)
+    return lm, sae, f"tiny: random 2-layer llama (d_model {lm.d_model}) + random topk SAE ({TINY_SAE['d_sae']} latents)"
 
 
 def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
@@ -116,7 +139,8 @@ def child_main(argv: list[str]) -> None:
     out = {"model": description, "tokens": len(contexts) * context_len, "forward_seconds": (before + after) / 2,
            "forward_seconds_before_after": [before, after], "timings": manifest["timings"], "peak_rss_mb": peak,
            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+           "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+           "dtype_choice": lm.dtype_choice.to_dict() if lm.dtype_choice else None}
     if live:
         out["live"] = _live(lm, sae)
     print(json.dumps(out))
@@ -180,31 +204,54 @@ def query_bench(store_dir: Path, n: int = 300, **store_params) -> dict:
     }
 
 
-def run_bench(*, tiny: bool = False, tokens: int | None = None, corpus: str | Path | None = None,
+def machine_facts() -> dict:
+    """Where the bench ran: CPU model and ISA flags, threads, torch, and this machine's fp32/bf16 matmul times."""
+    import torch
+
+    from .machine import choose_cpu_dtype, cpu_facts
+
+    facts = cpu_facts().to_dict()
+    cpu = choose_cpu_dtype(576)
+    facts.update(cpu_dtype=cpu.dtype, cpu_dtype_reason=cpu.reason, matmul_fp32_ms=cpu.fp32_ms, matmul_bf16_ms=cpu.bf16_ms,
+                 fp32_over_bf16_time=cpu.bf16_speedup, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return facts
+
+
+def run_bench(*, model: str | None = None, tiny: bool = False, tokens: int | None = None, corpus: str | Path | None = None,
               store_dir: str | Path | None = None, queries: bool = True, live: bool = True) -> dict:
-    """All measurements as one dict (see the module docstring)."""
+    """All measurements as one dict (see the module docstring). ``model``: ``demo`` (default when present),
+    ``gpt2`` or ``tiny``."""
     from .demo import data_dir
 
-    which = "tiny" if tiny or not demo_available() else "demo"
+    if model is not None and model not in MODELS:
+        raise ValueError(f"bench model must be one of {', '.join(MODELS)}, got {model!r}")
+    which = model or ("tiny" if tiny or not demo_available() else "demo")
+    if which == "demo" and not demo_available():
+        raise ValueError("the demo model or SAE is not on disk: run `saescope demo --no-serve` first, or pick --model gpt2/tiny")
     corpus = str(corpus or data_dir() / "corpus" / "heldout.jsonl.xz")
     context_len, batch_size = 128, 16
-    large = tokens or (65_536 if which == "demo" else 262_144)
+    large = tokens or {"demo": 65_536, "gpt2": 65_536, "tiny": 262_144}[which]
     small = max(context_len * batch_size, large // 4)
     runs = {n: _child(which, corpus, n, context_len, batch_size, live=(n == large and live)) for n in (small, large)}
     main = runs[large]
     timings = main["timings"]
     result = {
         "model": main["model"],
-        "model_source": which if which == "demo" else "tiny (demo model or demo SAE not found)" if not tiny else "tiny (--tiny)",
+        "model_source": which if model or tiny or which == "demo" else "tiny (demo model or demo SAE not found)",
+        "machine": machine_facts(),
         "device": main["device"],
         "dtype": main["dtype"],
+        "dtype_choice": main["dtype_choice"],
         "tokens": large,
         "forward_seconds": main["forward_seconds"],
         "main_pass_seconds": timings["main_pass_seconds"],
+        "total_seconds": timings["total_seconds"],
         "precompute_over_forward": timings["main_pass_seconds"] / main["forward_seconds"],
-        "total_over_forward": (timings["total_seconds"] - timings["ce_sample_seconds"]) / main["forward_seconds"],
+        "total_over_forward": timings["total_seconds"] / main["forward_seconds"],
         "ce_sample_seconds": timings["ce_sample_seconds"],
         "finalize_seconds": timings["features_seconds"] + timings["write_seconds"],
+        "snapshot_seconds": timings["snapshot_seconds"],
+        "snapshots": timings["snapshots"],
         "peak_rss_mb": {str(n): round(r["peak_rss_mb"], 1) for n, r in runs.items()},
         "rss_growth_mb": round(runs[large]["peak_rss_mb"] - runs[small]["peak_rss_mb"], 1),
         "process_peak_rss_mb": {str(n): round(r["process_peak_rss_mb"], 1) for n, r in runs.items()},
@@ -218,11 +265,15 @@ def run_bench(*, tiny: bool = False, tokens: int | None = None, corpus: str | Pa
 
 def format_report(result: dict) -> str:
     """Human-readable summary with the targets."""
-    lines = [f"model: {result['model']}  [{result['model_source']}; {result['device']}, {result['dtype']}]",
-             f"precompute / forward (main pass, {result['tokens']:,} tokens): {result['precompute_over_forward']:.3f}  (target <= 1.3)",
-             f"  forward {result['forward_seconds']:.2f} s, main pass {result['main_pass_seconds']:.2f} s, "
-             f"all but CE sample / forward {result['total_over_forward']:.3f}",
-             f"CE sample: {result['ce_sample_seconds']:.2f} s;  features + writing: {result['finalize_seconds']:.2f} s",
+    m = result["machine"]
+    lines = [f"machine: {m['model']} ({' '.join(m['flags']) or 'no listed ISA flags'}; {m['threads']} threads; torch {m['torch']})"
+             f"  fp32/bf16 matmul time {m['fp32_over_bf16_time'] or float('nan'):.2f}",
+             f"model: {result['model']}  [{result['model_source']}; {result['device']}, {result['dtype']}]",
+             f"precompute / forward ({result['tokens']:,} tokens): main pass {result['precompute_over_forward']:.3f}, "
+             f"whole run {result['total_over_forward']:.3f}  (target <= 1.3)",
+             f"  forward {result['forward_seconds']:.2f} s, main pass {result['main_pass_seconds']:.2f} s, total {result['total_seconds']:.2f} s",
+             f"  CE sample {result['ce_sample_seconds']:.2f} s; features + writing {result['finalize_seconds']:.2f} s; "
+             f"{result['snapshots']} snapshots {result['snapshot_seconds']:.2f} s",
              "peak RSS: " + ", ".join(f"{mb:.0f} MB at {int(n):,} tokens" for n, mb in result["peak_rss_mb"].items())
              + f"  (growth {result['rss_growth_mb']:+.0f} MB)"]
     if "feature_query_p95_ms" in result:

@@ -74,7 +74,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from .precompute import PrecomputeConfig, precompute
     from .saes import load_sae
 
-    PrecomputeConfig(context_len=args.context_len, tokens=args.tokens, batch_size=args.batch_size)  # refuse bad numbers first
+    PrecomputeConfig(context_len=args.context_len, tokens=args.tokens, batch_size=args.batch_size,
+                     snapshot_tokens=args.snapshot_tokens)  # refuse bad numbers first
+    if args.stop_with_parent:
+        _stop_with_parent()
     sae_path = args.sae
     if sae_path == "demo":
         from .demo import demo_sae_dir
@@ -87,6 +90,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, include_special=args.include_special, include_first=args.include_first,
         include_massive=args.include_massive,
         force=args.force, sae_path=sae_path, top_k=args.top_k, sample_contexts=args.sample_contexts,
+        snapshot_tokens=args.snapshot_tokens,
     )
     summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")}}
     summary["seconds"] = manifest["timings"]["total_seconds"]
@@ -94,10 +98,28 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_with_parent() -> None:
+    """End this process (as Ctrl-C would: nothing half-written is left) once the process that started it is gone,
+    e.g. the demo's server stopped by a signal its precompute child did not get."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        import _thread
+
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, daemon=True, name="stop-with-parent").start()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
-    result = run_bench(tiny=args.tiny, tokens=args.tokens, corpus=args.corpus, store_dir=args.store,
+    result = run_bench(model=args.model, tiny=args.tiny, tokens=args.tokens, corpus=args.corpus, store_dir=args.store,
                        queries=not args.no_queries, live=not args.no_live)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -110,12 +132,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .serve import ensure_demo_run, serve
+    from .serve import ensure_demo_run, port_is_free, serve, start_demo_run
 
-    run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)
     if args.no_serve:
+        run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)
         print(f"saescope demo: run ready in {run}")
         return 0
+    if not port_is_free(args.host, args.port):  # before starting a background precompute
+        raise ValueError(f"port {args.port} on {args.host} is already in use: pass another with --port")
+    run = start_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)
     return serve(run, host=args.host, port=args.port)
 
 
@@ -163,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-massive", action="store_true", help="count massive-activation tokens (norm > 10x median) in statistics")
     p.add_argument("--top-k", type=int, default=20, help="top-activating contexts kept per latent")
     p.add_argument("--sample-contexts", type=int, default=32, help="held-out contexts for per-token rows and CE metrics")
+    p.add_argument("--snapshot-tokens", type=int, default=16384,
+                   help="publish a browsable snapshot after this many tokens, then at doubling counts (0: none)")
     p.add_argument("--force", action="store_true", help="replace a run of another model or SAE in --out")
+    p.add_argument("--stop-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_precompute)
 
     def app_opts(p: argparse.ArgumentParser) -> None:
@@ -184,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="measure precompute and query performance")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tiny", action="store_true", help="use a tiny random model even when the demo model and SAE exist")
+    p.add_argument("--model", choices=("demo", "gpt2", "tiny"), help="demo (default when on disk), gpt2 (a random "
+                   "GPT-2-small-shaped model with a 6,144-latent TopK SAE) or tiny")
+    p.add_argument("--tiny", action="store_true", help="same as --model tiny")
     p.add_argument("--tokens", type=int, help="tokens of the larger precompute run (the smaller is a quarter)")
     p.add_argument("--corpus", help="corpus for the precompute runs (default: the demo's held-out corpus)")
     p.add_argument("--store", help="synthetic 1M-latent store (default data/cache/bench_store; built once)")

@@ -21,7 +21,7 @@ class TopBottom(NamedTuple):
 
 
 @torch.inference_mode()
-def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 256) -> TopBottom:
+def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> TopBottom:
     """Each latent's decoder row, scaled by the final norm's weight, through the unembedding: top/bottom ``n`` tokens."""
     W_U = lm.unembed_matrix().detach()
     if W_U.shape[1] != sae.cfg.d_in:
@@ -33,10 +33,10 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 256) -> T
     n = min(n, W_U.shape[0])
     for start in range(0, dirs.shape[0], chunk):
         rows = (dirs[start : start + chunk].to(W_U.device).float() * scale).to(W_U.dtype)
-        logits = (rows @ W_U.T).float()
+        logits = rows @ W_U.T  # ranked in the product's dtype: a float copy would hold no more information
         top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         for store, t in zip(parts, (top.indices, top.values, bottom.indices, bottom.values)):
-            store.append(t.cpu())
+            store.append(t.float().cpu())
     top_ids, top_vals, bot_ids, bot_vals = (torch.cat(p).numpy() for p in parts)
     return TopBottom(top_ids.astype(np.int32), top_vals, bot_ids.astype(np.int32), bot_vals)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .schema import MANIFEST
@@ -95,9 +97,9 @@ def demo_corpus() -> Path:
     return data_dir() / "corpus" / "heldout.jsonl.xz"
 
 
-def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
-    """The demo run directory, precomputed from the committed demo SAE and held-out corpus when missing or stale."""
-    from .demo import demo_sae_dir, ensure_demo_model
+def _demo_inputs():
+    """(run dir, SAE dir, corpus, loaded SAE) of the demo, after checking the committed assets are there."""
+    from .demo import demo_sae_dir
     from .saes import load_sae
 
     run, sae_dir, corpus = demo_run_dir(), demo_sae_dir(), demo_corpus()
@@ -105,30 +107,97 @@ def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: s
         raise FileNotFoundError(f"the demo SAE is missing: expected an SAELens directory at {sae_dir} (it is committed)")
     if not corpus.is_file():
         raise FileNotFoundError(f"the demo corpus is missing: expected {corpus} (it is committed)")
-    sae = load_sae(sae_dir)
-    if not force and _run_is_current(run, sae):
+    return run, sae_dir, corpus, load_sae(sae_dir)
+
+
+def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
+    """The demo run directory, precomputed (here, to the end) from the committed demo SAE and held-out corpus
+    when missing or stale."""
+    from .demo import ensure_demo_model
+
+    run, sae_dir, corpus, sae = _demo_inputs()
+    if not force and run_state(run, sae) == "complete":
         print(f"saescope demo: using the precomputed run in {run}", file=sys.stderr, flush=True)
         return run
     from .models import load_model, resolve_device
     from .precompute import precompute
 
     model_dir = ensure_demo_model()
-    dev = resolve_device(device)
-    lm = load_model(model_dir, device=dev, dtype=dtype)
+    lm = load_model(model_dir, device=resolve_device(device), dtype=dtype)
     budget = tokens or DEMO_TOKENS
     print(f"saescope demo: precomputing the demo run on {budget:,} held-out tokens (once)...", file=sys.stderr, flush=True)
     precompute(lm, sae.to(lm.device), corpus, run, tokens=budget, context_len=DEMO_CONTEXT, force=True, sae_path=sae_dir)
     return run
 
 
-def _run_is_current(run: Path, sae) -> bool:
-    """True when ``run`` is complete and was computed from this SAE (a retrained demo SAE gets a fresh run)."""
-    from .rundir import read_manifest, sae_fingerprint
+def start_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
+    """The demo run directory as soon as it is browsable: a complete run is used as it is; otherwise a
+    background precompute starts (unless one is already writing it) and this returns at its first snapshot
+    (or at once, when an earlier partial snapshot of the same SAE can be shown meanwhile)."""
+    from .demo import ensure_demo_model
+
+    run, sae_dir, corpus, sae = _demo_inputs()
+    state = "stale" if force else run_state(run, sae)
+    if state == "complete":
+        print(f"saescope demo: using the precomputed run in {run}", file=sys.stderr, flush=True)
+        return run
+    if state == "computing":
+        print(f"saescope demo: another process is computing {run}; serving its snapshots", file=sys.stderr, flush=True)
+        return run
+    model_dir = ensure_demo_model()
+    budget = tokens or DEMO_TOKENS
+    cmd = [sys.executable, "-m", "engine.cli", "precompute", "--model", str(model_dir), "--sae", str(sae_dir),
+           "--corpus", str(corpus), "--out", str(run), "--tokens", str(budget), "--context-len", str(DEMO_CONTEXT),
+           "--device", device, "--dtype", dtype, "--force", "--stop-with-parent"]
+    print(f"saescope demo: precomputing the demo run on {budget:,} held-out tokens in the background; the app opens "
+          "at its first snapshot and refines as it goes", file=sys.stderr, flush=True)
+    child = start_precompute(cmd)
+    if state == "partial":  # an interrupted earlier run: browsable now, replaced by the new snapshots as they land
+        return run
+    return wait_for_snapshot(run, child)
+
+
+def start_precompute(cmd: list[str]) -> subprocess.Popen:
+    """Start a ``saescope precompute`` child (its progress bar goes to this terminal)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+
+def wait_for_snapshot(run: Path, child: subprocess.Popen, poll: float = 0.5) -> Path:
+    """Wait until ``run`` has a manifest written by ``child`` (its first snapshot, or the finished run)."""
+    from .rundir import read_manifest
+
+    started = time.time()
+    while True:
+        try:
+            manifest = read_manifest(run)
+        except ValueError:
+            manifest = None
+        snap = (manifest or {}).get("snapshot") or {}
+        if manifest is not None and (snap.get("pid") == child.pid or child.poll() == 0):
+            print(f"saescope demo: first snapshot ready after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+            return run
+        code = child.poll()
+        if code is not None and code != 0:
+            raise RuntimeError(f"the demo precompute failed (exit code {code}); its error is printed above")
+        time.sleep(poll)
+
+
+def run_state(run: Path, sae) -> str:
+    """``complete`` (a finished run of this SAE), ``computing`` (a snapshot whose writer still runs here),
+    ``partial`` (a snapshot of this SAE whose writer stopped), or ``stale`` (none of these: compute it)."""
+    from .rundir import read_manifest, sae_fingerprint, writer_alive
 
     try:
         manifest = read_manifest(run)
     except ValueError:
-        return False
+        return "stale"
     if manifest is None or not Path((manifest.get("model") or {}).get("name") or "").exists():
-        return False  # incomplete, or the checkout moved: the live pages could not find the model
-    return (manifest.get("sae") or {}).get("hash") == sae_fingerprint(sae)
+        return "stale"  # nothing yet, or the checkout moved: the live pages could not find the model
+    if (manifest.get("sae") or {}).get("hash") != sae_fingerprint(sae):
+        return "stale"  # the committed SAE was retrained
+    snap = manifest.get("snapshot") or {"final": True}
+    if snap.get("final", True):
+        return "complete"
+    return "partial" if writer_alive(manifest) is False else "computing"

@@ -37,23 +37,24 @@ def tiny_tokenizer(vocab_size: int = 384):
     )
 
 
-def tiny_config(family: str = "llama", *, vocab_size: int = 384, d_model: int = 64, n_layers: int = 2, n_heads: int = 4):
+def tiny_config(family: str = "llama", *, vocab_size: int = 384, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                n_positions: int = 256):
     """A transformers config for a 2-layer random model of ``family``."""
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=256, **common)
+        return AutoConfig.for_model("gpt2", n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_positions, **common)
     if family == "gpt_neox":
         return AutoConfig.for_model(
             "gpt_neox", hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            intermediate_size=2 * d_model, max_position_embeddings=256, **common,
+            intermediate_size=2 * d_model, max_position_embeddings=n_positions, **common,
         )
     model_type = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2"}[family]
     extra = {"head_dim": d_model // n_heads} if family.startswith("gemma") else {}
     return AutoConfig.for_model(
         model_type, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        num_key_value_heads=max(1, n_heads // 2), intermediate_size=2 * d_model, max_position_embeddings=256,
+        num_key_value_heads=max(1, n_heads // 2), intermediate_size=2 * d_model, max_position_embeddings=n_positions,
         tie_word_embeddings=True, **extra, **common,
     )
 

@@ -321,3 +321,45 @@ def test_settings_survive_a_visit_to_another_page(tiny_runs, open_app):
     at.switch_page(LENS).run()
     assert at.text_area(key="lens_text").value == "kept text" and at.slider(key="lens_top_k").value == 3
     assert at.sidebar.selectbox[0].value == "topk"
+
+
+def _as_snapshot(run, tmp_path, **snapshot):
+    """A copy of ``run`` whose manifest says it is snapshot 2 of a run still being computed."""
+    import json
+    import shutil
+
+    copy = tmp_path / "live"
+    shutil.copytree(run, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["snapshot"] = {"final": False, "index": 2, "seen_tokens": 2048, "target_tokens": 8192, **snapshot}
+    (copy / "manifest.json").write_text(json.dumps(man))
+    return copy
+
+
+def test_a_run_still_being_computed_says_how_far_it_is(tiny_runs, open_app, tmp_path):
+    import os
+    import socket
+
+    live = _as_snapshot(tiny_runs["topk"], tmp_path, host=socket.gethostname(), pid=os.getpid())
+    for page in (None, "views/features.py", "views/dark_matter.py"):
+        at = open_app(live, page)
+        no_crash(at)
+        notes = " ".join(i.value for i in at.info)
+        assert "Still computing" in notes and "2,048 of 8,192 tokens (25%)" in notes and "snapshot 2" in notes
+
+
+def test_a_partial_run_whose_writer_stopped_says_so(tiny_runs, open_app, tmp_path):
+    import socket
+
+    live = _as_snapshot(tiny_runs["topk"], tmp_path, host=socket.gethostname(), pid=2**22 + 4321)
+    at = open_app(live)
+    no_crash(at)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "partial" in warnings and "has stopped" in warnings and not at.info
+
+
+def test_a_run_before_its_first_snapshot_waits_for_it(tmp_path, open_app):
+    (tmp_path / "run" / ".partial").mkdir(parents=True)
+    at = open_app(tmp_path / "run")
+    no_crash(at)
+    assert "first snapshot" in " ".join(i.value for i in at.info) and not at.error

@@ -100,3 +100,74 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_run_state(tmp_path):
+    sae = make_sae("topk")
+    run, model_dir = tmp_path / "run", tmp_path / "model"
+    run.mkdir()
+    model_dir.mkdir()
+    assert serve.run_state(run, sae) == "stale"  # nothing yet
+    manifest = {"model": {"name": str(model_dir)}, "sae": {"hash": sae_fingerprint(sae)}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert serve.run_state(run, sae) == "complete"  # runs from before snapshots existed count as complete
+    snap = {"final": False, "host": socket.gethostname(), "pid": os.getpid()}
+    (run / "manifest.json").write_text(json.dumps({**manifest, "snapshot": snap}))
+    assert serve.run_state(run, sae) == "computing"
+    (run / "manifest.json").write_text(json.dumps({**manifest, "snapshot": {**snap, "pid": 2**22 + 99}}))
+    assert serve.run_state(run, sae) == "partial"
+    (run / "manifest.json").write_text(json.dumps({**manifest, "sae": {"hash": "retrained"}}))
+    assert serve.run_state(run, sae) == "stale"
+
+
+def _precompute_cmd(tmp_path, out, *extra):
+    from engine.tiny import save_tiny_model
+    from tests.dashboard.tinyrun import write_corpus
+
+    model = save_tiny_model(tmp_path / "model")
+    sae = make_sae("topk").save(tmp_path / "sae")
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=600)
+    return [sys.executable, "-m", "engine.cli", "precompute", "--model", str(model), "--sae", str(sae), "--corpus",
+            str(corpus), "--out", str(out), "--context-len", "16", "--batch-size", "8", "--dtype", "float32", *extra]
+
+
+def test_background_precompute_is_browsable_at_its_first_snapshot(tmp_path):
+    from engine.store import RunStore
+
+    out = tmp_path / "run"
+    child = serve.start_precompute(_precompute_cmd(tmp_path, out, "--snapshot-tokens", "1024"))
+    try:
+        assert serve.wait_for_snapshot(out, child, poll=0.05) == out
+        with RunStore.open(out) as store:  # browsable at once: a complete snapshot or the finished run
+            assert store.n_features() == 256 and store.manifest()["corpus"]["n_tokens"] > 0
+        assert child.wait(timeout=300) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    final = json.loads((out / "manifest.json").read_text())
+    assert final["snapshot"]["final"] and final["timings"]["snapshots"] >= 1
+
+
+def test_background_precompute_stops_with_the_process_that_started_it(tmp_path):
+    """The demo's precompute child ends (as on Ctrl-C: nothing half-written) when the server that started it dies."""
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    cmd = _precompute_cmd(tmp_path, out, "--snapshot-tokens", "0", "--stop-with-parent")
+    parent = ("import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); time.sleep(3)")
+    env = {**os.environ, "PYTHONPATH": str(serve.ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", parent, *cmd], stdout=subprocess.PIPE, text=True, env=env)
+    child_pid = int(proc.stdout.readline())
+    proc.wait(timeout=30)  # the parent exits after 3 s; the child is mid-run (600 documents)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child_pid, 9)
+        pytest.fail("the precompute child outlived its parent")
+    assert not (out / ".partial").exists() and not (out / "manifest.json").exists()
