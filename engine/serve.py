@@ -64,10 +64,14 @@ def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501) 
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory: pass a run directory (or a directory of runs)")
     if not find_runs(path):
-        print(
-            f"saescope serve: warning: {path} holds no complete run (no {MANIFEST}); the app will say so",
-            file=sys.stderr,
-        )
+        from .rundir import PARTIAL
+
+        if (path / PARTIAL).is_dir():
+            print(f"saescope serve: a precompute is writing {path}; the app opens its first snapshot when it lands",
+                  file=sys.stderr)
+        else:
+            print(f"saescope serve: warning: {path} holds no complete run (no {MANIFEST}); the app will say so",
+                  file=sys.stderr)
     if not port_is_free(host, port):
         raise ValueError(f"port {port} on {host} is already in use: pass another with --port")
     env = {**os.environ, RUN_ENV: str(path), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
