@@ -71,12 +71,13 @@ def _token_losses(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
 
 def _loss_rows(clean: torch.Tensor, spliced: torch.Tensor, ablated: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position losses ``[batch, pos-1]`` from the three runs' logits, and KL(clean || with SAE)."""
-    logp_clean = clean[:, :-1].float().log_softmax(-1)
+    targets = token_ids[:, 1:].to(clean.device).unsqueeze(-1)
+    logp_clean = clean[:, :-1].float().log_softmax(-1)  # each log-softmax once: over a 50k vocabulary they dominate
     logp_sae = spliced[:, :-1].float().log_softmax(-1)
     kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)
     return {
-        "clean": _token_losses(clean, token_ids),
-        "sae": _token_losses(spliced, token_ids),
+        "clean": -logp_clean.gather(-1, targets).squeeze(-1),
+        "sae": -logp_sae.gather(-1, targets).squeeze(-1),
         "zero": _token_losses(ablated, token_ids),
         "kl": kl,
     }
