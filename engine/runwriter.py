@@ -4,7 +4,8 @@ A snapshot is a complete run of the contexts seen so far (every file, its own Du
 ``snapshot.final`` is false), published atomically by ``rundir.publish_snapshot``; it is exact for the tokens
 it covers, because every accumulator is read without being changed. The first comes after
 ``snapshot_tokens`` tokens; each later one once the token count has doubled *and* ten times the previous
-snapshot's cost has passed, so snapshots never take more than ~10% of the run.
+snapshot's cost has passed, so snapshots never take more than ~10% of the run; and only while the pass still
+has a minute or more to go (a shorter run is browsed when it ends).
 
 Next-token losses (clean, with the SAE spliced in, zero-ablated) are scored on ``ce_contexts`` of the sampled
 contexts: one per ``ce_every`` contexts of the run, at most ``sample_contexts``. For residual-stream hooks
@@ -14,6 +15,7 @@ one snapshot keeps its losses for the next.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +35,9 @@ LOSS_KEYS = ("clean", "sae", "zero", "kl")
 CE_KEYS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div", "n_predictions")
 SNAPSHOT_COST_FACTOR = 10.0
 """A later snapshot waits at least this many times the previous one's cost."""
+SNAPSHOT_MIN_REMAINING = float(os.environ.get("SAESCOPE_SNAPSHOT_MIN_SECONDS", 60))
+"""Seconds the pass must still have to go (at its throughput so far) for a snapshot to be worth publishing: a run
+that ends sooner is browsed when it ends (``$SAESCOPE_SNAPSHOT_MIN_SECONDS``, default 60)."""
 
 
 def ce_contexts(n_contexts: int, cfg) -> int:
@@ -58,6 +63,7 @@ class RunWriter:
         self._losses: dict[int, dict[str, torch.Tensor]] = {}
         self._next_tokens = cfg.snapshot_tokens or 0
         self._next_time = 0.0
+        self._pass_started = time.perf_counter()
         self._resume = can_resume(lm, hook)
 
     # --- snapshots ---------------------------------------------------------------------------------
@@ -65,8 +71,12 @@ class RunWriter:
         """Whether a snapshot should be written now, after ``n_seen_tokens`` tokens of the pass."""
         if not self._next_tokens or n_seen_tokens < self._next_tokens or time.perf_counter() < self._next_time:
             return False
+        if self.target_tokens is None:
+            return True
         # the final run is near: a snapshot now would only delay it
-        return self.target_tokens is None or n_seen_tokens < 0.75 * self.target_tokens
+        elapsed = time.perf_counter() - self._pass_started - self.timings["snapshot_seconds"]
+        remaining = (self.target_tokens - n_seen_tokens) * elapsed / max(n_seen_tokens, 1)
+        return n_seen_tokens < 0.75 * self.target_tokens and remaining >= SNAPSHOT_MIN_REMAINING
 
     def snapshot(self, state, contexts: rundir.ContextWriter, timings: dict) -> dict:
         """Write and publish a snapshot of ``state``; returns its manifest."""

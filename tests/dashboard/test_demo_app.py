@@ -64,7 +64,8 @@ def demo_run(tmp_path_factory):
     for name in ("models", "demo_sae", "corpus"):
         (data / name).symlink_to(data_dir() / name)
     port, log = _free_port(), data / "demo.log"
-    env = {**os.environ, "SAESCOPE_DATA_DIR": str(data), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "SAESCOPE_DATA_DIR": str(data), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "SAESCOPE_SNAPSHOT_MIN_SECONDS": "0"}  # snapshot even where the whole run takes seconds
     started = time.time()
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "demo", "--tokens", str(TOKENS), "--port", str(port)],

@@ -135,7 +135,11 @@ def test_background_precompute_is_browsable_at_its_first_snapshot(tmp_path):
     from engine.store import RunStore
 
     out = tmp_path / "run"
-    child = serve.start_precompute(_precompute_cmd(tmp_path, out, "--snapshot-tokens", "1024"))
+    os.environ["SAESCOPE_SNAPSHOT_MIN_SECONDS"] = "0"  # the child snapshots however soon it will finish
+    try:
+        child = serve.start_precompute(_precompute_cmd(tmp_path, out, "--snapshot-tokens", "1024"))
+    finally:
+        del os.environ["SAESCOPE_SNAPSHOT_MIN_SECONDS"]
     try:
         assert serve.wait_for_snapshot(out, child, poll=0.05) == out
         with RunStore.open(out) as store:  # browsable at once: a complete snapshot or the finished run

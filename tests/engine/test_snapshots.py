@@ -39,6 +39,7 @@ def live_run(tiny_llama, tmp_path_factory, request):
     mp = pytest.MonkeyPatch()
     mp.setattr(rundir, "publish_snapshot", publish)
     mp.setattr(runwriter, "SNAPSHOT_COST_FACTOR", 0.0)  # never skip one for time: the test wants them all
+    mp.setattr(runwriter, "SNAPSHOT_MIN_REMAINING", 0.0)
     try:
         out = root / "run"
         manifest = precompute(tiny_llama, sae, corpus, out, context_len=CTX, batch_size=BATCH, snapshot_tokens=EVERY,
@@ -95,6 +96,7 @@ def test_a_snapshot_equals_a_run_stopped_at_its_tokens(live_run, tiny_llama, tmp
 def test_readers_never_see_a_half_written_run(tiny_llama, tmp_path, monkeypatch):
     """A reader opening the run again and again while snapshots are published always gets a consistent one."""
     monkeypatch.setattr(runwriter, "SNAPSHOT_COST_FACTOR", 0.0)
+    monkeypatch.setattr(runwriter, "SNAPSHOT_MIN_REMAINING", 0.0)
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=60)
     out, done, seen, problems = tmp_path / "run", threading.Event(), set(), []
 
@@ -128,6 +130,13 @@ def test_readers_never_see_a_half_written_run(tiny_llama, tmp_path, monkeypatch)
         thread.join()
     assert not problems, problems[:3]
     assert len(seen) >= 2  # it saw at least one snapshot and the final run
+
+
+def test_no_snapshot_when_the_run_ends_within_a_minute(tiny_llama, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=40)
+    m = precompute(tiny_llama, random_sae("topk", hook="blocks.0.hook_resid_post"), corpus, tmp_path / "run",
+                   context_len=CTX, batch_size=BATCH, tokens=CTX * BATCH * 64, snapshot_tokens=CTX * BATCH, progress=False)
+    assert m["timings"]["snapshots"] == 0  # a tiny model finishes in seconds: nothing to browse in between
 
 
 def test_writer_alive():
