@@ -62,7 +62,7 @@ class PrecomputeConfig:
     """Histogram bins on the power-of-two range above max_act (power of two)."""
     sample_contexts: int = 32
     """Held-out contexts sampled for per-token error rows (and, at most, the CE-loss metrics)."""
-    ce_every: int = 64
+    ce_every: int = 128
     """One sampled context per this many contexts of the run gets its next-token losses scored (clean, with
     the SAE, zero-ablated: the CE-loss metrics), at least one and at most ``sample_contexts``: scoring a
     context costs several forwards of it, so a fixed count would dominate short runs."""
