@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -36,23 +37,55 @@ def lens_over_forward(lm: LoadedModel, sae: SAE, n_tokens: int = 128, repeats: i
     return {"lens_over_forward": l_ / b, "lens_ms": l_ * 1e3, "bare_forward_ms": b * 1e3, "lens_tokens": n_tokens}
 
 
-def steering_over_baseline(lm: LoadedModel, sae: SAE, new_tokens: int = 32, repeats: int = 3) -> dict[str, float]:
-    """Generation tokens/s steered (two latents, add mode) divided by unsteered, same seed and settings."""
+def _token_seconds(tokens: Iterator[int]) -> list[float]:
+    """Wall time to produce each token of a generation (the first includes the prompt's prefill)."""
+    times = []
+    start = time.perf_counter()
+    for _ in tokens:
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times
+
+
+def _uncontended_seconds(runs: list[list[float]]) -> float:
+    """A run's time without other processes' interference: per token position, the fastest repeat, summed.
+
+    Contention only ever adds time, and a busy spell rarely covers the same position in every repeat, so
+    per-position minima over interleaved repeats recover the code's own cost; whole-run medians of a few
+    repeats do not (one spell in 2 of 3 runs of one arm moves its median by the spell's length).
+    """
+    return sum(min(column) for column in zip(*runs))
+
+
+def steering_over_baseline(lm: LoadedModel, sae: SAE, new_tokens: int = 32, repeats: int = 6) -> dict[str, float]:
+    """Generation tokens/s steered (two latents, add mode) divided by unsteered, same seed and settings.
+
+    The two arms alternate (plain-steered, steered-plain, ...) after one warm-up each, every token is
+    timed, and each arm's time (hence its tokens/s) is ``_uncontended_seconds`` of its repeats;
+    ``*_median_run_s`` are ordinary whole-run medians, which include the machine's noise, for comparison.
+    """
     prompt = lm.tokenizer("The meaning of the passage is", add_special_tokens=False)["input_ids"]
     spec = SteeringSpec({0: 2.0, 1: -1.0}, unit="raw")
     factory = steering_intervention(lm, sae, spec)
 
-    def run(intervention=None):
-        n = sum(1 for _ in generate(lm, prompt, max_new_tokens=new_tokens, temperature=0.0, intervention=intervention, stop_at_eos=False))
-        assert n == new_tokens
+    def run(intervention=None) -> list[float]:
+        tokens = generate(lm, prompt, max_new_tokens=new_tokens, temperature=0.0, intervention=intervention, stop_at_eos=False)
+        times = _token_seconds(tokens)
+        assert len(times) == new_tokens
+        return times
 
-    plain, steered = [], []
-    for _ in range(repeats):
-        plain.append(_median_seconds(run, 1))
-        steered.append(_median_seconds(lambda: run(factory), 1))
-    p, s = statistics.median(plain), statistics.median(steered)
+    run(), run(factory)  # warm-up
+    arms: dict[str, list[list[float]]] = {"plain": [], "steered": []}
+    for i in range(repeats):
+        order = [("plain", None), ("steered", factory)]
+        for name, intervention in order if i % 2 == 0 else order[::-1]:
+            arms[name].append(run(intervention))
+    p, s = _uncontended_seconds(arms["plain"]), _uncontended_seconds(arms["steered"])
     return {
         "steering_tokens_per_s_ratio": p / s,
         "generation_tokens_per_s": new_tokens / p,
         "steered_tokens_per_s": new_tokens / s,
+        "plain_median_run_s": statistics.median(map(sum, arms["plain"])),
+        "steered_median_run_s": statistics.median(map(sum, arms["steered"])),
     }

@@ -180,3 +180,136 @@ def test_threads_share_a_model_without_leaking(tiny_llama):
         for r in results[i]:
             torch.testing.assert_close(r, solo[i])
     assert not torch.allclose(solo[0], solo[1])
+
+
+def _hooked_modules(lm) -> int:
+    """Hooks on the model's modules (transformers adds its own after an ``output_hidden_states`` forward)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+def test_dispatchers_only_while_intervening(lm):
+    """Plain forwards run on hook-free modules; a scope installs its point's dispatcher, the last one out removes it."""
+    base = _hooked_modules(lm)
+    assert lm.hooks.installed() == []
+    pre, post = "blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"
+    with lm.hooks.intervene(pre, lambda x: None):
+        assert lm.hooks.installed() == [pre] and _hooked_modules(lm) == base + 1
+        with lm.hooks.intervene(pre, lambda x: None), lm.hooks.intervene(post, lambda x: None):
+            assert sorted(lm.hooks.installed()) == sorted([pre, post]) and _hooked_modules(lm) == base + 2
+        assert lm.hooks.installed() == [pre]
+    with pytest.raises(RuntimeError, match="boom"):
+        with lm.hooks.intervene(post, lambda x: None):
+            raise RuntimeError("boom")
+    assert _hooked_modules(lm) == base and lm.hooks.installed() == []
+
+
+def test_install_and_removal_race_with_other_threads_forwards(tiny_llama):
+    """Threads entering and leaving per-forward scopes (pre and post hooks) next to plain forwards never disturb them."""
+    import sys
+
+    lm = tiny_llama
+    base = _hooked_modules(lm)
+    ids = _ids(lm, n=1, length=10)
+    points = ["blocks.1.attn.hook_z", "blocks.0.hook_resid_post"]  # a pre-hook and a post-hook point
+
+    def run(i: int) -> torch.Tensor:
+        if i % 2:  # odd workers: plain forwards while others install and remove dispatchers
+            return lm.logits(ids)
+        # two workers per point, so its dispatcher is shared, handed over and re-installed
+        with lm.hooks.intervene(points[(i // 2) % 2], lambda x: x * (0.5 + 0.25 * i)):
+            return lm.logits(ids)
+
+    solo = [run(i) for i in range(8)]
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(8)}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(i):
+        barrier.wait()
+        try:
+            for _ in range(40):
+                results[i].append(run(i))
+        except BaseException as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible to hit the install/remove windows
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for i in range(8):
+        assert len(results[i]) == 40
+        for r in results[i]:
+            torch.testing.assert_close(r, solo[i], rtol=0, atol=0)
+    assert _hooked_modules(lm) == base
+
+
+def test_removed_manager_refuses_new_scopes():
+    lm = tiny_model("llama")
+    with lm.hooks.intervene("blocks.0.hook_resid_post", lambda x: x * 0):
+        lm.hooks.remove()
+        assert _hooked_modules(lm) == 0  # a fresh model: no transformers hooks either
+    with pytest.raises(RuntimeError, match="removed"):
+        with lm.hooks.intervene("blocks.0.hook_resid_post", lambda x: x * 0):
+            pass
+
+
+def test_pre_hook_met_without_kwargs_is_a_no_op_for_other_threads(tiny_llama):
+    """torch registers a pre-hook before marking it with_kwargs; a forward in between calls it with (module, args)."""
+    lm = tiny_llama
+    point = lm.hooks.check("blocks.0.hook_resid_pre")
+    x = torch.zeros(1, 3, lm.d_model)
+    seen = []
+    with lm.hooks.intervene(point.name, lambda act: act + 1):
+        (dispatcher,) = [h for h in point.module._forward_pre_hooks.values() if h.__name__ == "pre_hook"]
+        other = threading.Thread(target=lambda: seen.append(dispatcher(point.module, (x,))))
+        other.start()
+        other.join()
+    assert seen == [None]
+
+
+def test_handover_never_leaves_two_dispatchers(tiny_llama, monkeypatch):
+    """A scope entering a point while the last one there is still taking its dispatcher off waits: one call per forward."""
+    import time
+
+    lm = tiny_llama
+    name = "blocks.0.hook_resid_post"
+    real_remove = torch.utils.hooks.RemovableHandle.remove
+
+    def slow_remove(handle):
+        time.sleep(0.05)  # the leaving thread is preempted in the middle of removing its dispatcher
+        real_remove(handle)
+
+    monkeypatch.setattr(torch.utils.hooks.RemovableHandle, "remove", slow_remove)
+    entered = threading.Event()
+
+    def leave():
+        with lm.hooks.intervene(name, lambda x: None):
+            entered.set()
+
+    leaver = threading.Thread(target=leave)
+    leaver.start()
+    entered.wait()
+    time.sleep(0.01)
+    calls = []
+    with lm.hooks.intervene(name, lambda x: calls.append(1)):
+        lm.logits(_ids(lm, n=1, length=4))
+    leaver.join()
+    assert calls == [1]
+
+
+def test_other_hooks_on_the_module_see_the_intervened_activation(tiny_llama):
+    """transformers' output_hidden_states recorders (installed on first use) run after our dispatcher."""
+    lm = tiny_llama
+    ids = _ids(lm, n=1, length=6)
+    vec = torch.full((lm.d_model,), 3.0)
+    clean = lm.model(ids, output_hidden_states=True).hidden_states[1]  # installs the recorders first
+    with add_vector(lm, "blocks.0.hook_resid_post", vec):
+        steered = lm.model(ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(steered - clean, vec.expand_as(clean))
