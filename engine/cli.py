@@ -77,7 +77,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     PrecomputeConfig(context_len=args.context_len, tokens=args.tokens, batch_size=args.batch_size,
                      snapshot_tokens=args.snapshot_tokens)  # refuse bad numbers first
     if args.stop_with_parent:
-        _stop_with_parent()
+        _stop_with_parent(args.stop_with_parent)
     sae_path = args.sae
     if sae_path == "demo":
         from .demo import demo_sae_dir
@@ -98,13 +98,12 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_with_parent() -> None:
-    """End this process (as Ctrl-C would: nothing half-written is left) once the process that started it is gone,
-    e.g. the demo's server stopped by a signal its precompute child did not get."""
+def _stop_with_parent(parent: int) -> None:
+    """End this process (as Ctrl-C would: nothing half-written is left) once ``parent``, the process that started
+    it, is gone (it is no longer this one's parent), e.g. the demo's server stopped by a signal this child did not
+    get. The pid is passed in, not read at start, so a parent that dies while this one is still importing counts."""
     import threading
     import time
-
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -191,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-tokens", type=int, default=16384,
                    help="publish a browsable snapshot after this many tokens, then at doubling counts (0: none)")
     p.add_argument("--force", action="store_true", help="replace a run of another model or SAE in --out")
-    p.add_argument("--stop-with-parent", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stop-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_precompute)
 
     def app_opts(p: argparse.ArgumentParser) -> None:

@@ -153,7 +153,7 @@ def start_demo_run(*, tokens: int | None = None, force: bool = False, device: st
     budget = tokens or DEMO_TOKENS
     cmd = [sys.executable, "-m", "engine.cli", "precompute", "--model", str(model_dir), "--sae", str(sae_dir),
            "--corpus", str(corpus), "--out", str(run), "--tokens", str(budget), "--context-len", str(DEMO_CONTEXT),
-           "--device", device, "--dtype", dtype, "--force", "--stop-with-parent"]
+           "--device", device, "--dtype", dtype, "--force", "--stop-with-parent", str(os.getpid())]
     print(f"saescope demo: precomputing the demo run on {budget:,} held-out tokens in the background; the app opens "
           "at its first snapshot and refines as it goes", file=sys.stderr, flush=True)
     child = start_precompute(cmd)

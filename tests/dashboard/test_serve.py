@@ -159,7 +159,8 @@ def test_background_precompute_stops_with_the_process_that_started_it(tmp_path):
 
     out = tmp_path / "run"
     cmd = _precompute_cmd(tmp_path, out, "--snapshot-tokens", "0", "--stop-with-parent")
-    parent = ("import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); time.sleep(3)")
+    parent = ("import os, subprocess, sys, time; p = subprocess.Popen([*sys.argv[1:], str(os.getpid())]); "
+              "print(p.pid, flush=True); time.sleep(3)")
     env = {**os.environ, "PYTHONPATH": str(serve.ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", parent, *cmd], stdout=subprocess.PIPE, text=True, env=env)
     child_pid = int(proc.stdout.readline())
