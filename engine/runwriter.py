@@ -172,8 +172,10 @@ class RunWriter:
         live = {int(sample.context_id[s]) for s in scored}
         self._losses = {c: v for c, v in self._losses.items() if c in live}  # contexts evicted since: forgotten
         todo = [int(s) for s in scored if int(sample.context_id[s]) not in self._losses]
-        for start in range(0, len(todo), 2):  # two contexts per forward bounds the full-vocabulary logits' memory
-            batch = torch.tensor(todo[start : start + 2])
+        # one context (three rows) per forward: the full-vocabulary logits are the run's memory peak, which must
+        # not depend on how many contexts a run scores (~150 MB more per context at 49k vocabulary, fp32)
+        for start in range(len(todo)):
+            batch = torch.tensor(todo[start : start + 1])
             ids, mask = sample.token_ids[batch], sample.mask[batch]
             if self._resume:
                 rows = per_token_ce_from_acts(self.lm, self.hook, ids, mask, sample.x[batch], sample.err[batch])
