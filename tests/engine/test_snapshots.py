@@ -33,7 +33,9 @@ def live_run(tiny_llama, tmp_path_factory, request):
         real(out, folder, manifest)
         copy = root / f"snap{len(copies)}"
         shutil.copytree(folder, copy)
-        (copy / "manifest.json").write_text((out / "manifest.json").read_text())
+        published = json.loads((out / "manifest.json").read_text())
+        assert (out / published.pop("data_dir")).resolve() == folder.resolve()
+        (copy / "manifest.json").write_text(json.dumps(published))  # the copy holds its files at its top level
         copies.append(copy)
 
     mp = pytest.MonkeyPatch()
@@ -59,6 +61,10 @@ def test_snapshots_are_published_at_doubling_counts_and_removed_at_the_end(live_
     assert final["snapshot"]["final"] and "data_dir" not in json.loads((out / "manifest.json").read_text())
     assert final["timings"]["snapshots"] == len(snaps) and not (out / rundir.SNAPSHOTS).exists()
     assert final["corpus"]["n_contexts"] * CTX > seen[-1]
+    with RunStore.open(live_run["snapshots"][0]) as store:  # a copied snapshot: its files at the top, its manifest
+        assert not store.is_final() and store.snapshot()["seen_tokens"] == seen[0]
+    with RunStore.open(out) as store:
+        assert store.is_final() and store.snapshot()["n_tokens"] == final["corpus"]["n_tokens"]
 
 
 def test_every_snapshot_is_exact_for_its_tokens(live_run, tiny_llama):
