@@ -107,18 +107,19 @@ def live_notice(run: str) -> None:
     if snap.get("final", True):
         return
     seen, target = snap.get("seen_tokens") or 0, snap.get("target_tokens")
-    share = f"{seen:,} of {target:,} tokens ({seen / target:.0%})" if target else f"the first {seen:,} tokens"
+    where_in = f"{seen:,} of {target:,} tokens ({seen / target:.0%}, " if target else f"the first {seen:,} tokens ("
+    share = f"{where_in}snapshot {snap.get('index')})"
     alive = writer_alive(man)
     if alive is False:
         st.warning(
-            f"This run is partial: it reflects {share}, and the precompute that was writing it has stopped "
-            f"(snapshot {snap.get('index')}). Run `saescope precompute` again for the whole corpus.",
+            f"This run is partial: it reflects {share}, and the precompute that was "
+            "writing it has stopped. Run `saescope precompute` again for the whole corpus.",
             icon=":material/pause_circle:",
         )
         return
     where = "" if alive else f" on {snap.get('host')}"
     st.info(
-        f"Still computing{where}: this page reflects {share} (snapshot {snap.get('index')}). "
+        f"Still computing{where}: this page reflects {share}. "
         "Refinement continues; the page updates itself when the next snapshot lands.",
         icon=":material/autorenew:",
     )

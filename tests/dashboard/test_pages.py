@@ -345,7 +345,7 @@ def test_a_run_still_being_computed_says_how_far_it_is(tiny_runs, open_app, tmp_
         at = open_app(live, page)
         no_crash(at)
         notes = " ".join(i.value for i in at.info)
-        assert "Still computing" in notes and "2,048 of 8,192 tokens (25%)" in notes and "snapshot 2" in notes
+        assert "Still computing" in notes and "2,048 of 8,192 tokens (25%, snapshot 2)" in notes
 
 
 def test_a_partial_run_whose_writer_stopped_says_so(tiny_runs, open_app, tmp_path):
