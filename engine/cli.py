@@ -9,7 +9,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported:
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _model(name: str, device: str, dtype: str):
