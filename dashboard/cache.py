@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import streamlit as st
 
-from engine.rundir import PARTIAL
+from engine.rundir import is_run
 from engine.schema import MANIFEST
 
 RUN_ENV = "SAESCOPE_RUN"
@@ -56,13 +56,9 @@ def list_runs(root: str) -> list[str]:
     """Runs under ``root``: ``[root]`` if it is one, else its sub-directories holding a manifest or being
     written by a precompute (sorted)."""
     path = Path(root)
-    if _is_run(path) or not path.is_dir():
+    if is_run(path) or not path.is_dir():
         return [root]
-    return sorted(str(p) for p in path.iterdir() if p.is_dir() and _is_run(p))
-
-
-def _is_run(path: Path) -> bool:
-    return (path / MANIFEST).is_file() or (path / PARTIAL).is_dir()
+    return sorted(str(p) for p in path.iterdir() if p.is_dir() and is_run(p))
 
 
 @st.cache_data(show_spinner=False)

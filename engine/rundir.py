@@ -111,6 +111,11 @@ def prepare(out: str | Path, *, model_hash: str, sae_hash: str, force: bool) -> 
     return staging
 
 
+def is_run(path: Path) -> bool:
+    """A run directory: one with a manifest (finished, or a snapshot), or one a precompute is writing."""
+    return (path / schema.MANIFEST).is_file() or (path / PARTIAL).is_dir()
+
+
 def data_dir(run_dir: str | Path, manifest: dict) -> Path:
     """The folder holding the files of the run (or snapshot) that ``manifest`` describes."""
     rel = manifest.get("data_dir") or "."

@@ -25,12 +25,15 @@ DEMO_CONTEXT = 128
 
 
 def find_runs(path: Path) -> list[Path]:
-    """Complete runs at ``path``: itself if it has a manifest, else its sub-directories that do."""
-    if (path / MANIFEST).is_file():
+    """Runs at ``path`` (``rundir.is_run``: finished, a snapshot, or being written): itself if it is one, else
+    its sub-directories that are."""
+    from .rundir import is_run
+
+    if is_run(path):
         return [path]
     if not path.is_dir():
         return []
-    return sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    return sorted(p for p in path.iterdir() if p.is_dir() and is_run(p))
 
 
 def streamlit_command(host: str, port: int) -> list[str]:
@@ -64,14 +67,10 @@ def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501) 
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory: pass a run directory (or a directory of runs)")
     if not find_runs(path):
-        from .rundir import PARTIAL
-
-        if (path / PARTIAL).is_dir():
-            print(f"saescope serve: a precompute is writing {path}; the app opens its first snapshot when it lands",
-                  file=sys.stderr)
-        else:
-            print(f"saescope serve: warning: {path} holds no complete run (no {MANIFEST}); the app will say so",
-                  file=sys.stderr)
+        print(f"saescope serve: warning: {path} holds no run (no {MANIFEST}); the app will say so", file=sys.stderr)
+    elif not (path / MANIFEST).is_file() and path == find_runs(path)[0]:
+        print(f"saescope serve: a precompute is writing {path}; the app opens its first snapshot when it lands",
+              file=sys.stderr)
     if not port_is_free(host, port):
         raise ValueError(f"port {port} on {host} is already in use: pass another with --port")
     env = {**os.environ, RUN_ENV: str(path), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}

@@ -45,7 +45,7 @@ def test_serve_refusals(tmp_path, launches, capsys):
         assert cli.main(["serve", "--run", str(tmp_path), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert not launches
-    assert "holds no complete run" in err and f"port {port}" in err and "--port" in err
+    assert "holds no run" in err and f"port {port}" in err and "--port" in err
 
 
 def test_find_runs(tiny_runs, tmp_path):
