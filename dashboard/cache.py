@@ -15,8 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import streamlit as st
 
-from engine.rundir import is_run
-from engine.schema import MANIFEST
+from engine.run.rundir import is_run
+from engine.run.schema import MANIFEST
 
 RUN_ENV = "SAESCOPE_RUN"
 """The run directory (or a directory of runs) the server opens; ``saescope serve`` sets it."""
@@ -73,7 +73,7 @@ def manifest(run_dir: str) -> dict:
 
 @st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda s: s.close())
 def _store(run_dir: str, stamp: float):
-    from engine.store import RunStore
+    from engine.run.store import RunStore
 
     return RunStore.open(run_dir)
 
@@ -89,7 +89,7 @@ def store(run_dir: str):
 @st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=2)
 def model(source: str, dtype: str, device: str):
     """A loaded causal LM with hook points, shared by every session."""
-    from engine.models import load_model
+    from engine.model.loading import load_model
 
     return load_model(source, device=device, dtype=dtype)
 
@@ -97,7 +97,7 @@ def model(source: str, dtype: str, device: str):
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=4)
 def sae(path: str, device: str):
     """A loaded SAE on ``device``, shared by every session."""
-    from engine.models import resolve_device
+    from engine.model.loading import resolve_device
     from engine.saes import load_sae
 
     return load_sae(path, device=resolve_device(device))
@@ -125,8 +125,8 @@ def feature(run_dir: str, feature_id: int) -> dict | None:
 
 @st.cache_resource(show_spinner="Running the prompt…", max_entries=16, ttl=900)
 def lens(run_dir: str, model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], top_k: int, max_tokens: int, steps: int | None):
-    """``engine.lens.prompt_lens`` on the run's model and SAE (kept without copying: results hold big code arrays)."""
-    from engine.lens import prompt_lens
+    """``engine.live.lens.prompt_lens`` on the run's model and SAE (kept without copying: results hold big code arrays)."""
+    from engine.live.lens import prompt_lens
 
     lm = model(*model_key, device())
     kwargs = {"max_iterations": steps} if steps else None

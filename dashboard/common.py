@@ -12,8 +12,8 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import cache, render
-from engine.rundir import PARTIAL, writer_alive
-from engine.schema import MANIFEST
+from engine.run.rundir import PARTIAL, writer_alive
+from engine.run.schema import MANIFEST
 
 WATCH_SECONDS = 5
 """How often a page of a run still being computed looks for a newer snapshot."""

@@ -1,11 +1,15 @@
-"""saescope engine: models, hook points, SAEs, precompute, store and steering. Never imports Streamlit."""
+"""saescope engine: models, hook points, SAEs, precompute, store and steering. Never imports Streamlit.
 
-from .families import supported_model_types
-from .interventions import add_vector, check_sae_fits, clamp_latents, splice_sae, steering_vector
-from .models import LoadedModel, from_module, load_model
-from .precompute import precompute
+Subpackages: model/ (the LM), saes/, live/ (per-request work), precompute/, run/ (the on-disk contract), tools/
+(serve, demo, bench); train.py and cli.py at the top.
+"""
+
+from .live.interventions import add_vector, check_sae_fits, clamp_latents, splice_sae, steering_vector
+from .model.families import supported_model_types
+from .model.loading import LoadedModel, from_module, load_model
+from .precompute.pipeline import precompute
+from .run.store import RunStore
 from .saes import SAE, ForwardOutput, SAEConfig, architectures, build_sae, load_sae
-from .store import RunStore
 
 __all__ = [
     "SAE",

@@ -12,10 +12,10 @@ import sys
 
 
 def _model(name: str, device: str, dtype: str):
-    from .models import load_model
+    from .model.loading import load_model
 
     if name == "demo":
-        from .demo import ensure_demo_model
+        from .tools.demo import ensure_demo_model
 
         name = str(ensure_demo_model())
     return load_model(name, device=device, dtype=dtype)
@@ -29,7 +29,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if lm.dtype_choice is not None:
             print(f"dtype {lm.dtype_choice.dtype} ({args.dtype}): {lm.dtype_choice.reason}")
         if lm.device.type == "cpu":
-            from .machine import cpu_facts
+            from .model.machine import cpu_facts
 
             facts = cpu_facts()
             print(f"cpu: {facts.model}; flags: {' '.join(facts.flags) or 'none of interest'}; {facts.threads} threads; torch {facts.torch}")
@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from .precompute import PrecomputeConfig, precompute
+    from .precompute.pipeline import PrecomputeConfig, precompute
     from .saes import load_sae
 
     PrecomputeConfig(context_len=args.context_len, tokens=args.tokens, batch_size=args.batch_size,
@@ -79,7 +79,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         _stop_with_parent(args.stop_with_parent)
     sae_path = args.sae
     if sae_path == "demo":
-        from .demo import demo_sae_dir
+        from .tools.demo import demo_sae_dir
 
         sae_path = str(demo_sae_dir())
     sae = load_sae(sae_path)
@@ -115,7 +115,7 @@ def _stop_with_parent(parent: int) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_report, run_bench
+    from .tools.bench import format_report, run_bench
 
     result = run_bench(model=args.model, tiny=args.tiny, tokens=args.tokens, corpus=args.corpus, store_dir=args.store,
                        queries=not args.no_queries, live=not args.no_live)
@@ -124,13 +124,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from .tools.serve import serve
 
     return serve(args.run, host=args.host, port=args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .serve import ensure_demo_run, port_is_free, serve, start_demo_run
+    from .tools.serve import ensure_demo_run, port_is_free, serve, start_demo_run
 
     if args.no_serve:
         run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)

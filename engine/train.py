@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .activations import MASSIVE_FACTOR, iter_activations, stats_mask
-from .corpus import corpus_files, iter_contexts
-from .metrics import ReconStats, ce_metrics
-from .machine import choose_dtype
-from .models import LoadedModel
+from .model.loading import LoadedModel
+from .model.machine import choose_dtype
+from .precompute.activations import MASSIVE_FACTOR, iter_activations, stats_mask
+from .precompute.corpus import corpus_files, iter_contexts
+from .precompute.metrics import ReconStats, ce_metrics
 from .saes import SAEConfig, build_sae
 
 

@@ -12,6 +12,6 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from engine.tiny import tiny_model
+    from engine.model.tiny import tiny_model
 
     return tiny_model("llama")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import cache, common, render
-from engine.lens import tokenize_prompt
+from engine.live.lens import tokenize_prompt
 
 PROMPT_LIMIT = 512  # tokens analysed: a longer prompt is cut, with a notice
 

@@ -4,8 +4,8 @@ import streamlit as st
 
 from dashboard import cache, common, render
 from dashboard.params import DEFAULT_STRENGTH, STEER_KEYS, STRENGTH_RANGE, SteerSettings
-from engine.lens import tokenize_prompt
-from engine.steering import SteeringSpec, compare, steering_intervention
+from engine.live.lens import tokenize_prompt
+from engine.live.steering import SteeringSpec, compare, steering_intervention
 
 WIDGETS = ("steer_mode", "steer_raw", "steer_prompt", "steer_chat", "steer_max_new", "steer_temp", "steer_seed")
 PROMPT_LIMIT = 512  # tokens of prompt kept (the most recent ones): generation on a CPU stays interactive

@@ -3,6 +3,6 @@
 from . import gated, jumprelu, matching_pursuit, standard, topk  # noqa: F401  (register architectures)
 from .base import SAE, ForwardOutput, architectures, register, sae_class
 from .config import SAEConfig
-from .io import build_sae, load_sae
+from .io import DTYPES, build_sae, load_sae
 
-__all__ = ["SAE", "SAEConfig", "ForwardOutput", "architectures", "build_sae", "load_sae", "register", "sae_class"]
+__all__ = ["DTYPES", "SAE", "SAEConfig", "ForwardOutput", "architectures", "build_sae", "load_sae", "register", "sae_class"]

@@ -10,9 +10,18 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .base import CFG_FILE, WEIGHTS_FILE, SAE, sae_class
+from .base import CFG_FILE, SAE, WEIGHTS_FILE, sae_class
 from .config import SAEConfig
 
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+"""The dtype names saescope accepts (models and SAEs alike)."""
 SPARSIFY_WEIGHTS = "sae.safetensors"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _SPARSIFY_HOOK = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
@@ -160,8 +169,6 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
 
     ``dtype=None`` keeps the stored dtype, except that fp16 weights are computed in fp32 on the CPU.
     """
-    from ..models import DTYPES
-
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")

@@ -7,7 +7,7 @@ makes (``steering_intervention`` + ``compare``) from eight threads at once and c
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.steering import SteeringSpec, compare, generate, steering_intervention
+from engine.live.steering import SteeringSpec, compare, generate, steering_intervention
 from tests.dashboard.tinyrun import make_sae
 
 

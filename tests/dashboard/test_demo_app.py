@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.demo import data_dir, demo_sae_dir, ensure_demo_model
-from engine.store import RunStore
+from engine.run.store import RunStore
+from engine.tools.demo import data_dir, demo_sae_dir, ensure_demo_model
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from engine.lens import tokenize_prompt
-from engine.models import load_model
+from engine.live.lens import tokenize_prompt
+from engine.live.steering import SteeringSpec, compare, steering_intervention
+from engine.model.loading import load_model
+from engine.run.store import RunStore
 from engine.saes import load_sae
-from engine.steering import SteeringSpec, compare, steering_intervention
-from engine.store import RunStore
 
 FEATURES, LENS, DARK, STEER = "views/features.py", "views/lens.py", "views/dark_matter.py", "views/steering.py"
 

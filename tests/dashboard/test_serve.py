@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from engine import cli, serve
-from engine.rundir import sae_fingerprint
+from engine import cli
+from engine.run.rundir import sae_fingerprint
+from engine.tools import serve
 from tests.dashboard.tinyrun import make_sae
 
 
@@ -77,7 +78,8 @@ def test_demo_reuses_a_current_run_and_recomputes_a_stale_one(demo_data, monkeyp
     manifest = {"model": {"name": str(model_dir)}, "sae": {"hash": sae_fingerprint(sae)}}
     (run / "manifest.json").write_text(json.dumps(manifest))
     calls = []
-    modules = {name: importlib.import_module(f"engine.{name}") for name in ("demo", "models", "precompute")}
+    modules = {name: importlib.import_module(f"engine.{path}") for name, path in
+               (("demo", "tools.demo"), ("models", "model.loading"), ("precompute", "precompute.pipeline"))}
     monkeypatch.setattr(modules["demo"], "ensure_demo_model", lambda: calls.append("fetch") or model_dir)
     monkeypatch.setattr(modules["models"], "load_model", lambda *a, **k: calls.append(("load", k)) or _FakeLM())
     monkeypatch.setattr(modules["precompute"], "precompute", lambda *a, **k: calls.append(("precompute", a[2:4], k)))
@@ -121,7 +123,7 @@ def test_run_state(tmp_path):
 
 
 def _precompute_cmd(tmp_path, out, *extra):
-    from engine.tiny import save_tiny_model
+    from engine.model.tiny import save_tiny_model
     from tests.dashboard.tinyrun import write_corpus
 
     model = save_tiny_model(tmp_path / "model")
@@ -132,7 +134,7 @@ def _precompute_cmd(tmp_path, out, *extra):
 
 
 def test_background_precompute_is_browsable_at_its_first_snapshot(tmp_path):
-    from engine.store import RunStore
+    from engine.run.store import RunStore
 
     out = tmp_path / "run"
     os.environ["SAESCOPE_SNAPSHOT_MIN_SECONDS"] = "0"  # the child snapshots however soon it will finish

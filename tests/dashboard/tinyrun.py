@@ -51,10 +51,10 @@ def make_sae(architecture: str, d_in: int = 64, d_sae: int = 256, seed: int = 0)
 
 def build_tiny_run(root: Path, architecture: str = "topk") -> Path:
     """Model, SAE, corpus and a precomputed run under ``root``; returns the run directory."""
-    from engine.models import load_model
-    from engine.precompute import precompute
+    from engine.model.loading import load_model
+    from engine.model.tiny import save_tiny_model
+    from engine.precompute.pipeline import precompute
     from engine.saes import load_sae
-    from engine.tiny import save_tiny_model
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = root / "model"

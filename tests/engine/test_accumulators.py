@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.accumulators import FeatureStats, pow2_above, sparse_codes
-from engine.darkmatter import LinearErrorStats
-from engine.reservoirs import ExampleReservoirs
+from engine.precompute.accumulators import FeatureStats, pow2_above, sparse_codes
+from engine.precompute.darkmatter import LinearErrorStats
+from engine.precompute.reservoirs import ExampleReservoirs
 
 
 def _batches(n_batches=30, batch=4, pos=6, d=7, seed=0):

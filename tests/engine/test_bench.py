@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from engine.bench import format_report, query_bench
 from engine.cli import main
-from engine.store import RunStore
-from engine.synthetic import ensure_bench_store
+from engine.run.store import RunStore
+from engine.tools.bench import format_report, query_bench
+from engine.tools.synthetic import ensure_bench_store
 
 
 def test_synthetic_store_is_a_readable_run(tmp_path):

@@ -2,7 +2,7 @@
 
 import time
 
-from engine.bench_live import _token_seconds, _uncontended_seconds, steering_over_baseline
+from engine.tools.bench_live import _token_seconds, _uncontended_seconds, steering_over_baseline
 
 from .saes_util import random_sae
 

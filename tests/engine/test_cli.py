@@ -3,7 +3,7 @@
 import pytest
 
 from engine.cli import build_parser, main
-from engine.tiny import save_tiny_model
+from engine.model.tiny import save_tiny_model
 
 from .saes_util import random_sae
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine import load_model, load_sae
-from engine.corpus import iter_contexts
-from engine.demo import DEMO_HOOK, demo_sae_dir, ensure_demo_model, verify_model_dir
+from engine.precompute.corpus import iter_contexts
+from engine.tools.demo import DEMO_HOOK, demo_sae_dir, ensure_demo_model, verify_model_dir
 from engine.train import evaluate
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_demo_model_is_real_and_coherent(demo_lm):
 
 
 def test_checksum_detects_corruption(tmp_path):
-    from engine.demo import CHECKSUMS
+    from engine.tools.demo import CHECKSUMS
 
     (tmp_path / "a.bin").write_bytes(b"hello")
     import hashlib
@@ -65,7 +65,7 @@ def test_committed_demo_sae_matches_its_report(demo_lm):
 
 
 def test_load_model_reads_gguf_directly():
-    from engine.demo import data_dir, fetch_gguf
+    from engine.tools.demo import data_dir, fetch_gguf
 
     gguf = fetch_gguf(data_dir() / "cache")
     lm = load_model(gguf, device="cpu", dtype="float32")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine import add_vector, check_sae_fits, clamp_latents, splice_sae, steering_vector
-from engine.families import supported_model_types
-from engine.hooks import StopForward
-from engine.tiny import tiny_model
+from engine.model.families import supported_model_types
+from engine.model.hooks import StopForward
+from engine.model.tiny import tiny_model
 
 from .saes_util import random_sae
 
@@ -143,7 +143,7 @@ def test_sae_width_mismatch(lm):
 
 
 def test_unsupported_family_names_supported():
-    from engine.families import family_for
+    from engine.model.families import family_for
 
     with pytest.raises(ValueError, match=r"unsupported model family 'mamba'.*gpt2.*llama"):
         family_for("mamba")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import engine.lens as lens_mod
-from engine.lens import prompt_lens, tokenize_prompt
-from engine.tail import can_resume, resume_logits
-from engine.tiny import tiny_model
+import engine.live.lens as lens_mod
+from engine.live.lens import prompt_lens, tokenize_prompt
+from engine.model.tail import can_resume, resume_logits
+from engine.model.tiny import tiny_model
 
 from .saes_util import random_sae
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from engine import machine
-from engine.machine import CpuFacts, choose_cpu_dtype, choose_dtype, cpu_facts
+from engine.model import machine
+from engine.model.machine import CpuFacts, choose_cpu_dtype, choose_dtype, cpu_facts
 
 AMD_AVX2 = CpuFacts("AMD EPYC 7B13", ("avx2", "fma"), 2, 2, torch.__version__, "x86_64")
 INTEL_AMX = CpuFacts("Intel(R) Xeon(R) Platinum 8481C", ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"),
@@ -79,7 +79,7 @@ def test_real_benchmark_is_short_and_agrees_with_itself():
 def test_avx2_only_cpu_measures_fp32(tmp_path):
     """With torch's and oneDNN's kernels capped at AVX2 (as on an AMD EPYC without AVX-512) bf16 is emulated,
     whatever the flags say, and the real micro-benchmark picks fp32."""
-    code = "from engine.machine import choose_cpu_dtype; c = choose_cpu_dtype(576); print(c.dtype, c.bf16_speedup)"
+    code = "from engine.model.machine import choose_cpu_dtype; c = choose_cpu_dtype(576); print(c.dtype, c.bf16_speedup)"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_WAIT_POLICY": "PASSIVE",
            "SAESCOPE_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.models import resolve_device, resolve_dtype
-from engine.tiny import save_tiny_model
+from engine.model.loading import resolve_device, resolve_dtype
+from engine.model.tiny import save_tiny_model
 
 
 def test_load_local_directory(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.precompute import precompute
-from engine.sampling import HELDOUT_EVERY
+from engine.precompute.pipeline import precompute
+from engine.precompute.sampling import HELDOUT_EVERY
 
 from .runs_util import brute_force, top_contexts, write_corpus
 from .saes_util import random_sae
@@ -152,7 +152,7 @@ def test_dead_latents_are_listed(run):
 def test_linear_error_map_matches_numpy_least_squares(run):
     ref, sae = run["ref"], run["sae"]
     # x and e on statistic tokens, split by context like precompute
-    from engine.tiny import tiny_model
+    from engine.model.tiny import tiny_model
 
     lm = tiny_model("llama")
     ids = torch.tensor(ref["ids"])
@@ -231,7 +231,7 @@ def test_refuses_a_run_of_another_sae_unless_forced(tiny_llama, run, tmp_path):
     other = _sae(seed=1)
     with pytest.raises(FileExistsError, match="--force"):
         precompute(tiny_llama, other, run["corpus"], out, **kw)
-    from engine.tiny import tiny_model
+    from engine.model.tiny import tiny_model
 
     with pytest.raises(FileExistsError, match="holds a run of model"):
         precompute(tiny_model("llama", seed=1), run["sae"], run["corpus"], out, **kw)
@@ -263,11 +263,11 @@ def test_bad_inputs_fail_fast(tiny_llama, run, tmp_path):
 CHILD = """
 import sys, time
 from pathlib import Path
-import engine.precompute  # noqa: F401  (engine.precompute is also the function's name)
-from engine.tiny import tiny_model
+import engine.precompute.pipeline  # noqa: F401  (engine.precompute is also the function's name)
+from engine.model.tiny import tiny_model
 from engine.saes import load_sae
 
-P = sys.modules["engine.precompute"]
+P = sys.modules["engine.precompute.pipeline"]
 flag = Path(sys.argv[4])
 real = P.iter_activations
 def slow(*args, **kwargs):
@@ -305,7 +305,7 @@ def test_sigkill_leaves_no_manifest_and_rerun_completes(tiny_llama, run, tmp_pat
 
 def test_cli_precompute(tmp_path, run, capsys):
     from engine.cli import main
-    from engine.tiny import save_tiny_model
+    from engine.model.tiny import save_tiny_model
 
     model = save_tiny_model(tmp_path / "model")
     sae = run["sae"].save(tmp_path / "sae")

@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine import rundir, runwriter
-from engine.precompute import precompute
-from engine.store import RunStore
+from engine.precompute import runwriter
+from engine.precompute.pipeline import precompute
+from engine.run import rundir
+from engine.run.store import RunStore
 
 from .runs_util import brute_force, top_contexts, write_corpus
 from .saes_util import random_sae

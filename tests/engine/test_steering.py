@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.steering import SteeringSpec, compare, generate, steering_intervention
+from engine.live.steering import SteeringSpec, compare, generate, steering_intervention
 
 from .saes_util import random_sae
 

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine import sql
-from engine.precompute import precompute
-from engine.store import RunStore
+from engine.precompute.pipeline import precompute
+from engine.run import sql
+from engine.run.store import RunStore
 
 from .runs_util import write_corpus
 from .saes_util import random_sae

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.models import from_module
-from engine.tail import can_resume, resume_logits
-from engine.tiny import tiny_config, tiny_model, tiny_tokenizer
+from engine.model.loading import from_module
+from engine.model.tail import can_resume, resume_logits
+from engine.model.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 WINDOW = 6
 POS = 20

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import load_sae
-from engine.tiny import TINY_TEXT
+from engine.model.tiny import TINY_TEXT
 from engine.train import TrainConfig, train_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -81,7 +81,7 @@ def test_corpus_smaller_than_one_batch(tiny_llama, tmp_path):
 
 def test_interrupt_leaves_no_sae(tmp_path, corpus):
     """Ctrl-C during training: exit code 130 and no directory that looks like a finished SAE."""
-    from engine.tiny import save_tiny_model
+    from engine.model.tiny import save_tiny_model
 
     model = save_tiny_model(tmp_path / "model")
     big = tmp_path / "big.jsonl"

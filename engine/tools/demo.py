@@ -21,7 +21,7 @@ DEMO_HOOK = "blocks.15.hook_resid_post"
 
 def data_dir() -> Path:
     """Where demo assets live: ``$SAESCOPE_DATA_DIR`` or the repository's ``data/``."""
-    return Path(os.environ.get("SAESCOPE_DATA_DIR") or Path(__file__).resolve().parents[1] / "data")
+    return Path(os.environ.get("SAESCOPE_DATA_DIR") or Path(__file__).resolve().parents[2] / "data")
 
 
 def demo_model_dir() -> Path:

@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import rundir, schema
+from ..live.interventions import check_sae_fits
+from ..model.loading import LoadedModel
+from ..run import parquet, rundir, schema
+from ..saes import SAE
 from .accumulators import FeatureStats, sparse_codes
 from .activations import iter_activations
 from .corpus import corpus_files, iter_contexts
 from .darkmatter import LinearErrorStats
-from .interventions import check_sae_fits
 from .metrics import ReconStats
-from .models import LoadedModel
 from .reservoirs import ExampleReservoirs
 from .runwriter import RunWriter
 from .sampling import ContextSample, is_heldout
-from .saes import SAE
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
         dark=LinearErrorStats(d_in, dev),
         sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=cfg.seed),
     )
-    context_file = rundir.ContextWriter(staging / schema.CONTEXTS)
+    context_file = parquet.ContextWriter(staging / schema.CONTEXTS)
     total = n_contexts * cfg.context_len if n_contexts else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="precompute")
     batches = iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,

@@ -37,7 +37,7 @@ def demo_available() -> bool:
 def _random_topk(lm, spec: dict, seed: int = 0):
     import torch
 
-    from .saes import SAEConfig, build_sae
+    from ..saes import SAEConfig, build_sae
 
     gen = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=spec["d_sae"], k=spec["k"], hook_name=spec["hook"])
@@ -49,18 +49,18 @@ def _random_topk(lm, spec: dict, seed: int = 0):
 
 def _load(which: str):
     """(model, SAE, description) for ``demo``, ``gpt2`` (GPT-2-small-shaped, random) or ``tiny``; dtype ``auto``."""
-    from .models import load_model
+    from ..model.loading import load_model
 
     if which == "demo":
+        from ..saes import load_sae
         from .demo import demo_model_dir, demo_sae_dir
-        from .saes import load_sae
 
         lm = load_model(demo_model_dir(), device="auto", dtype="auto")
         sae = load_sae(demo_sae_dir(), device=lm.device)
         return lm, sae, f"demo: {demo_model_dir().name} + {demo_sae_dir().name} ({sae.cfg.d_sae} latents at {sae.cfg.hook_name})"
-    from .machine import choose_dtype
-    from .models import resolve_device
-    from .tiny import tiny_model
+    from ..model.loading import resolve_device
+    from ..model.machine import choose_dtype
+    from ..model.tiny import tiny_model
 
     device = resolve_device("auto")
     if which == "gpt2":
@@ -81,7 +81,7 @@ def _load(which: str):
 def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
     import torch
 
-    from .activations import batched
+    from ..precompute.activations import batched
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -122,8 +122,8 @@ def child_main(argv: list[str]) -> None:
     """One precompute measurement in a fresh process; prints a JSON line."""
     import itertools
 
-    from .corpus import iter_contexts
-    from .precompute import precompute
+    from ..precompute.corpus import iter_contexts
+    from ..precompute.pipeline import precompute
 
     which, corpus, tokens, context_len, batch_size, live = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5] == "1"
     lm, sae, description = _load(which)
@@ -147,7 +147,7 @@ def child_main(argv: list[str]) -> None:
 
 
 def _live(lm, sae) -> dict:
-    """Prompt-lens and steering ratios from ``engine.bench_live`` (reported, never fatal)."""
+    """Prompt-lens and steering ratios from ``engine.tools.bench_live`` (reported, never fatal)."""
     try:
         from .bench_live import lens_over_forward, steering_over_baseline
 
@@ -157,10 +157,10 @@ def _live(lm, sae) -> dict:
 
 
 def _child(which: str, corpus: str, tokens: int, context_len: int, batch_size: int, live: bool) -> dict:
-    code = "import sys; from engine.bench import child_main; child_main(sys.argv[1:])"
+    code = "import sys; from engine.tools.bench import child_main; child_main(sys.argv[1:])"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
     args = [which, corpus, str(tokens), str(context_len), str(batch_size), "1" if live else "0"]
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -180,7 +180,7 @@ def _p95_ms(fn, n: int, warmup: int = 20) -> tuple[float, float]:
 
 def query_bench(store_dir: Path, n: int = 300, **store_params) -> dict:
     """Feature-page and top-50-by-density latency over the cached synthetic store (built on first use)."""
-    from .store import RunStore
+    from ..run.store import RunStore
     from .synthetic import DEFAULTS, ensure_bench_store
 
     params = {**DEFAULTS, **store_params}
@@ -208,7 +208,7 @@ def machine_facts() -> dict:
     """Where the bench ran: CPU model and ISA flags, threads, torch, and this machine's fp32/bf16 matmul times."""
     import torch
 
-    from .machine import choose_cpu_dtype, cpu_facts
+    from ..model.machine import choose_cpu_dtype, cpu_facts
 
     facts = cpu_facts().to_dict()
     cpu = choose_cpu_dtype(576)

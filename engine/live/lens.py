@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .activations import stats_mask
-from .features import display_tokens
+from ..model.loading import LoadedModel
+from ..model.tail import can_resume, resume_logits
+from ..model.tokens import display_tokens
+from ..precompute.activations import stats_mask
+from ..saes import SAE
 from .interventions import check_sae_fits
-from .models import LoadedModel
-from .saes import SAE
-from .tail import can_resume, resume_logits
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from .models import LoadedModel
-from .saes import SAE
+from ..model.loading import LoadedModel
+from ..saes import SAE
 
 
 def check_sae_fits(lm: LoadedModel, sae: SAE, hook_name: str | None = None) -> str:

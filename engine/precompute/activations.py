@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LoadedModel
+from ..model.loading import LoadedModel
 
 MASSIVE_FACTOR = 10.0
 """A token whose activation norm exceeds this multiple of the batch's median counts as a massive activation

@@ -7,8 +7,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .models import LoadedModel
-from .saes import SAE
+from ..model.loading import LoadedModel
+from ..model.tokens import short_token
+from ..saes import SAE
 
 
 class TopBottom(NamedTuple):
@@ -57,23 +58,6 @@ def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024) -> tuple[np.ndar
         ids.append(top.indices.cpu())
         cos.append(top.values.cpu())
     return torch.cat(ids).numpy().astype(np.int32), torch.cat(cos).numpy()
-
-
-def display_tokens(tokenizer, token_ids) -> list[str]:
-    """Human-readable text of each token id, decoded one by one (byte-level pieces included)."""
-    return list(tokenizer.batch_decode([[int(i)] for i in token_ids], clean_up_tokenization_spaces=False))
-
-
-def token_strings(tokenizer, vocab_size: int) -> list[str]:
-    """Display string of every token id below ``vocab_size`` (ids the tokenizer lacks show as ``<id N>``)."""
-    known = min(vocab_size, len(tokenizer))
-    return display_tokens(tokenizer, range(known)) + [f"<id {i}>" for i in range(known, vocab_size)]
-
-
-def short_token(text: str) -> str:
-    """A label-friendly rendering of a token: visible whitespace, trimmed."""
-    shown = text.replace("\n", "\\n").replace("\t", "\\t").strip()
-    return shown or repr(text)
 
 
 def labels_from_examples(

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-from . import rundir, schema
+from ..run import parquet, schema
 from .darkmatter import LinearErrorMap
 from .features import decoder_neighbors, labels_from_examples, logit_effects
 from .reservoirs import ExampleReservoirs, ExampleRows
@@ -55,7 +55,7 @@ def token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErro
 
 def write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str]) -> tuple[list[str], list[np.ndarray]]:
     """Write examples.parquet a chunk of latents at a time; returns each latent's label and top tokens."""
-    ctx_ids, ctx_tokens = rundir.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
+    ctx_ids, ctx_tokens = parquet.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
     labels: list[str] = []
     tops: list[np.ndarray] = []
     with pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer:
@@ -67,7 +67,7 @@ def write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str
             chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
             labels += chunk_labels
             tops += [t[t >= 0] for t in chunk_tops]
-            writer.write_table(rundir.table(example_columns(rows), schema.EXAMPLES_SCHEMA), row_group_size=8192)
+            writer.write_table(parquet.table(example_columns(rows), schema.EXAMPLES_SCHEMA), row_group_size=8192)
     return labels, tops
 
 
@@ -82,12 +82,12 @@ def latent_facts(lm, sae, cfg) -> dict:
         logits = [np.zeros((d_sae, 0), np.int32), np.zeros((d_sae, 0), np.float32)] * 2
     neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors)
     return {
-        "top_logit_ids": rundir.list_array(logits[0], pa_type=pa.int32()),
-        "top_logit_values": rundir.list_array(logits[1]),
-        "bottom_logit_ids": rundir.list_array(logits[2], pa_type=pa.int32()),
-        "bottom_logit_values": rundir.list_array(logits[3]),
-        "neighbor_ids": rundir.list_array(neighbor_ids, pa_type=pa.int32()),
-        "neighbor_cos": rundir.list_array(neighbor_cos),
+        "top_logit_ids": parquet.list_array(logits[0], pa_type=pa.int32()),
+        "top_logit_values": parquet.list_array(logits[1]),
+        "bottom_logit_ids": parquet.list_array(logits[2], pa_type=pa.int32()),
+        "bottom_logit_values": parquet.list_array(logits[3]),
+        "neighbor_ids": parquet.list_array(neighbor_ids, pa_type=pa.int32()),
+        "neighbor_cos": parquet.list_array(neighbor_cos),
     }
 
 
@@ -101,10 +101,10 @@ def feature_columns(facts: dict, summary, labels: list[str], top_tokens: list[np
         "max_act": summary.max_act,
         "mean_act": summary.mean_act,
         "dead": summary.fire_count == 0,
-        "hist_counts": rundir.ragged_list_array(summary.hist_counts, pa.int64()),
-        "hist_edges": rundir.ragged_list_array(summary.hist_edges, pa.float32()),
+        "hist_counts": parquet.ragged_list_array(summary.hist_counts, pa.int64()),
+        "hist_edges": parquet.ragged_list_array(summary.hist_edges, pa.float32()),
         **facts,
-        "top_token_ids": rundir.ragged_list_array(top_tokens, pa.int32()),
+        "top_token_ids": parquet.ragged_list_array(top_tokens, pa.int32()),
         "label": labels,
         "explanation": [None] * d_sae,
     }
@@ -112,9 +112,9 @@ def feature_columns(facts: dict, summary, labels: list[str], top_tokens: list[np
 
 def write_files(staging: Path, features: dict, vocab: list[str], token_rows: dict, error_map: LinearErrorMap) -> dict:
     """Write the remaining Parquet files and the error map; returns ``{file: {rows, bytes}}`` for all files."""
-    rundir.write_table(staging / schema.FEATURES, features, schema.FEATURES_SCHEMA, row_group_size=16384)
-    rundir.write_table(staging / schema.VOCAB, {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}, schema.VOCAB_SCHEMA)
-    rundir.write_table(staging / schema.TOKENS, {k: _nullable(v) for k, v in token_rows.items()}, schema.TOKENS_SCHEMA)
+    parquet.write_table(staging / schema.FEATURES, features, schema.FEATURES_SCHEMA, row_group_size=16384)
+    parquet.write_table(staging / schema.VOCAB, {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}, schema.VOCAB_SCHEMA)
+    parquet.write_table(staging / schema.TOKENS, {k: _nullable(v) for k, v in token_rows.items()}, schema.TOKENS_SCHEMA)
     save_file(
         {"W": error_map.W.cpu(), "b": error_map.b.cpu(), "w_norm": error_map.w_norm.cpu(), "b_norm": torch.tensor([error_map.b_norm])},
         str(staging / schema.DARK_MATTER),
@@ -134,7 +134,7 @@ def example_columns(rows: ExampleRows) -> dict:
         "max_pos": rows.max_pos,
         "max_act": rows.max_act,
         "start": np.zeros(n, np.int16),
-        "acts": rundir.list_array(rows.acts.astype(np.float32)),
+        "acts": parquet.list_array(rows.acts.astype(np.float32)),
     }
 
 

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-from . import rundir, schema
-from .store import build_index
+from ..run import parquet, rundir, schema
+from ..run.index import build_index
 
 DEFAULTS = {"n_features": 1_000_000, "n_examples": 20, "width": 64, "n_contexts": 100_000, "vocab": 50_000, "seed": 0}
 
@@ -41,19 +41,19 @@ def _features_chunk(rng: np.random.Generator, start: int, n: int, p: dict, n_tok
         "max_act": max_act,
         "mean_act": max_act * 0.3,
         "dead": fire == 0,
-        "hist_counts": rundir.list_array(hist, pa_type=pa.int64()),
-        "hist_edges": rundir.list_array(edges),
-        "top_logit_ids": rundir.list_array(vocab_ids(10), pa_type=pa.int32()),
-        "top_logit_values": rundir.list_array(rng.random((n, 10), dtype=np.float32)),
-        "bottom_logit_ids": rundir.list_array(vocab_ids(10), pa_type=pa.int32()),
-        "bottom_logit_values": rundir.list_array(-rng.random((n, 10), dtype=np.float32)),
-        "neighbor_ids": rundir.list_array(rng.integers(0, p["n_features"], (n, 10), dtype=np.int32), pa_type=pa.int32()),
-        "neighbor_cos": rundir.list_array(rng.random((n, 10), dtype=np.float32)),
-        "top_token_ids": rundir.list_array(tokens, pa_type=pa.int32()),
+        "hist_counts": parquet.list_array(hist, pa_type=pa.int64()),
+        "hist_edges": parquet.list_array(edges),
+        "top_logit_ids": parquet.list_array(vocab_ids(10), pa_type=pa.int32()),
+        "top_logit_values": parquet.list_array(rng.random((n, 10), dtype=np.float32)),
+        "bottom_logit_ids": parquet.list_array(vocab_ids(10), pa_type=pa.int32()),
+        "bottom_logit_values": parquet.list_array(-rng.random((n, 10), dtype=np.float32)),
+        "neighbor_ids": parquet.list_array(rng.integers(0, p["n_features"], (n, 10), dtype=np.int32), pa_type=pa.int32()),
+        "neighbor_cos": parquet.list_array(rng.random((n, 10), dtype=np.float32)),
+        "top_token_ids": parquet.list_array(tokens, pa_type=pa.int32()),
         "label": labels.tolist(),
         "explanation": pa.nulls(n, pa.string()),
     }
-    return rundir.table(columns, schema.FEATURES_SCHEMA)
+    return parquet.table(columns, schema.FEATURES_SCHEMA)
 
 
 def _examples_chunk(rng: np.random.Generator, start: int, n: int, p: dict) -> pa.Table:
@@ -75,9 +75,9 @@ def _examples_chunk(rng: np.random.Generator, start: int, n: int, p: dict) -> pa
         "max_pos": acts.argmax(1).astype(np.int16),
         "max_act": acts.max(1),
         "start": np.zeros(rows, np.int16),
-        "acts": rundir.list_array(acts),
+        "acts": parquet.list_array(acts),
     }
-    return rundir.table(columns, schema.EXAMPLES_SCHEMA)
+    return parquet.table(columns, schema.EXAMPLES_SCHEMA)
 
 
 def _write_chunked(path: Path, table_schema: pa.Schema, make, total: int, chunk: int, row_group: int) -> None:
@@ -99,19 +99,19 @@ def build_bench_store(path: str | Path, **params) -> Path:
                    p["n_features"], 100_000, 16_384)
     _write_chunked(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, lambda s, n: _examples_chunk(rng, s, n, p),
                    p["n_features"], 25_000, 8_192)
-    writer = rundir.ContextWriter(staging / schema.CONTEXTS, group_rows=16_384)
+    writer = parquet.ContextWriter(staging / schema.CONTEXTS, group_rows=16_384)
     for start in range(0, p["n_contexts"], 16_384):
         n = min(16_384, p["n_contexts"] - start)
         writer.add(np.arange(start, start + n), rng.integers(0, p["vocab"], (n, p["width"])))
     writer.close()
-    rundir.write_table(staging / schema.VOCAB, {"token_id": np.arange(p["vocab"], dtype=np.int32),
+    parquet.write_table(staging / schema.VOCAB, {"token_id": np.arange(p["vocab"], dtype=np.int32),
                                                 "token": [f"w{i}" for i in range(p["vocab"])]}, schema.VOCAB_SCHEMA)
     n_rows = 2048
     token_cols = {f.name: rng.random(n_rows).astype(np.float32) for f in schema.TOKENS_SCHEMA}
     token_cols.update(context_id=np.repeat(np.arange(0, n_rows // 63 + 1) * 10, 63)[:n_rows],
                       position=np.tile(np.arange(1, 64), n_rows // 63 + 1)[:n_rows],
                       token_id=rng.integers(0, p["vocab"], n_rows), l0=rng.integers(1, 100, n_rows))
-    rundir.write_table(staging / schema.TOKENS, token_cols, schema.TOKENS_SCHEMA)
+    parquet.write_table(staging / schema.TOKENS, token_cols, schema.TOKENS_SCHEMA)
     save_file({"W": torch.zeros(8, 8), "b": torch.zeros(8), "w_norm": torch.zeros(8), "b_norm": torch.zeros(1)},
               str(staging / schema.DARK_MATTER))
     build_index(staging)

@@ -11,18 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..saes import DTYPES
 from .families import Family, family_for, first_path, parse_hook_name
 from .hooks import HookManager, StopForward, interventions
 from .machine import DtypeChoice, choose_dtype
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from .schema import MANIFEST
+from ..run.schema import MANIFEST
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "dashboard" / "app.py"
 RUN_ENV = "SAESCOPE_RUN"
 DEMO_TOKENS = 200_000
@@ -27,7 +27,7 @@ DEMO_CONTEXT = 128
 def find_runs(path: Path) -> list[Path]:
     """Runs at ``path`` (``rundir.is_run``: finished, a snapshot, or being written): itself if it is one, else
     its sub-directories that are."""
-    from .rundir import is_run
+    from ..run.rundir import is_run
 
     if is_run(path):
         return [path]
@@ -103,8 +103,8 @@ def demo_corpus() -> Path:
 
 def _demo_inputs():
     """(run dir, SAE dir, corpus, loaded SAE) of the demo, after checking the committed assets are there."""
+    from ..saes import load_sae
     from .demo import demo_sae_dir
-    from .saes import load_sae
 
     run, sae_dir, corpus = demo_run_dir(), demo_sae_dir(), demo_corpus()
     if not (sae_dir / "cfg.json").is_file():
@@ -123,8 +123,8 @@ def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: s
     if not force and run_state(run, sae) == "complete":
         print(f"saescope demo: using the precomputed run in {run}", file=sys.stderr, flush=True)
         return run
-    from .models import load_model, resolve_device
-    from .precompute import precompute
+    from ..model.loading import load_model, resolve_device
+    from ..precompute.pipeline import precompute
 
     model_dir = ensure_demo_model()
     lm = load_model(model_dir, device=resolve_device(device), dtype=dtype)
@@ -170,7 +170,7 @@ def start_precompute(cmd: list[str]) -> subprocess.Popen:
 
 def wait_for_snapshot(run: Path, child: subprocess.Popen, poll: float = 0.5) -> Path:
     """Wait until ``run`` has a manifest written by ``child`` (its first snapshot, or the finished run)."""
-    from .rundir import read_manifest
+    from ..run.rundir import read_manifest
 
     started = time.time()
     while True:
@@ -191,7 +191,7 @@ def wait_for_snapshot(run: Path, child: subprocess.Popen, poll: float = 0.5) -> 
 def run_state(run: Path, sae) -> str:
     """``complete`` (a finished run of this SAE), ``computing`` (a snapshot whose writer still runs here),
     ``partial`` (a snapshot of this SAE whose writer stopped), or ``stale`` (none of these: compute it)."""
-    from .rundir import read_manifest, sae_fingerprint, writer_alive
+    from ..run.rundir import read_manifest, sae_fingerprint, writer_alive
 
     try:
         manifest = read_manifest(run)

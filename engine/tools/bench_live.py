@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .lens import prompt_lens
-from .models import LoadedModel
-from .saes import SAE
-from .steering import SteeringSpec, generate, steering_intervention
+from ..live.lens import prompt_lens
+from ..live.steering import SteeringSpec, generate, steering_intervention
+from ..model.loading import LoadedModel
+from ..saes import SAE
 
 
 def _median_seconds(fn, repeats: int) -> float:

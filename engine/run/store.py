@@ -2,7 +2,7 @@
 
 ``RunStore.open(run_dir)`` connects to ``index.duckdb`` (built by precompute; rebuilt here if missing)
 read-only with external access disabled, so no statement can touch other files. Every method runs
-named statements from ``engine.sql`` with bound parameters on a fresh cursor, so one store can be
+named statements from ``engine.run.sql`` with bound parameters on a fresh cursor, so one store can be
 shared by threads (e.g. Streamlit sessions). Results are plain Python: dicts, lists, floats, ints,
 strings; ``densities()`` is a numpy array and ``linear_map()`` returns torch tensors.
 """
@@ -18,59 +18,10 @@ import duckdb
 import numpy as np
 
 from . import schema, sql
+from .index import READ_ONLY, build_index, index_current
 from .rundir import data_dir, read_manifest
 
 SEARCH_MODES = ("label", "token", "id")
-
-
-def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
-    """Load the run's Parquet files into a DuckDB file (default ``<run>/index.duckdb``), atomically."""
-    run_dir = Path(run_dir)
-    target = Path(target) if target else run_dir / schema.INDEX
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
-    try:
-        con.execute(sql.NO_PROGRESS_BAR)
-        for table, (name, _) in sql.TABLES.items():
-            source = {"path": str(run_dir / name)}
-            if not (run_dir / name).is_file():
-                raise FileNotFoundError(f"run directory {run_dir} lacks {name}")
-            fixed = {}
-            if sql.list_columns(table):
-                widths = con.execute(sql.list_widths_statement(table), source).fetchone()
-                for i, (column, _) in enumerate(sql.list_columns(table)):
-                    lo, hi = widths[2 * i], widths[2 * i + 1]
-                    if lo is not None and lo == hi and lo > 0:
-                        fixed[column] = lo
-            con.execute(sql.build_statement(table, fixed), source)
-        for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
-            con.execute(statement)
-        con.execute(sql.INDEX_VERSION_WRITE, {"version": sql.INDEX_VERSION})
-        con.execute(sql.CHECKPOINT)
-        con.close()
-        os.replace(tmp, target)
-    except BaseException:
-        con.close()
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
-        raise
-    return target
-
-
-_READ_ONLY = {"enable_external_access": False, "threads": 1}
-"""Point lookups and pre-sorted scans gain nothing from DuckDB's worker threads, and waking them costs tail
-latency (feature page p95 14 -> 10 ms at 1M latents on 2 cores); concurrent sessions run in parallel anyway."""
-
-
-def _index_current(index: Path) -> bool:
-    if not index.is_file():
-        return False
-    try:
-        with duckdb.connect(str(index), read_only=True, config=_READ_ONLY) as con:
-            return con.execute(sql.INDEX_VERSION_READ).fetchone()[0] == sql.INDEX_VERSION
-    except duckdb.Error:
-        return False
 
 
 def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -121,7 +72,7 @@ class RunStore:
         dark = (files / schema.DARK_MATTER).open("rb")
         try:
             index = files / schema.INDEX
-            if not _index_current(index):  # missing, or built by an older saescope: rebuild from the Parquet files
+            if not index_current(index):  # missing, or built by an older saescope: rebuild from the Parquet files
                 if not (files / schema.FEATURES).is_file():
                     raise FileNotFoundError(f"{files} lacks {schema.FEATURES}")
                 if os.access(files, os.W_OK):
@@ -129,7 +80,7 @@ class RunStore:
                 else:  # read-only run directory: keep the index next to the temp files
                     index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
                     build_index(files, index)
-            store = cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=_READ_ONLY))
+            store = cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=READ_ONLY))
         except BaseException:
             dark.close()
             raise

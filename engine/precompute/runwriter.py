@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir, runfiles, schema
+from ..model.tail import can_resume
+from ..model.tokens import token_strings
+from ..run import parquet, rundir, schema
+from ..run.index import build_index
+from . import runfiles
 from .corpus import corpus_hash
-from .features import token_strings
 from .metrics import per_token_ce, per_token_ce_from_acts, summarize_ce
 from .sampling import ContextSample
-from .store import build_index
-from .tail import can_resume
 
 LOSS_KEYS = ("clean", "sae", "zero", "kl")
 CE_KEYS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div", "n_predictions")
@@ -78,7 +79,7 @@ class RunWriter:
         remaining = (self.target_tokens - n_seen_tokens) * elapsed / max(n_seen_tokens, 1)
         return n_seen_tokens < 0.75 * self.target_tokens and remaining >= SNAPSHOT_MIN_REMAINING
 
-    def snapshot(self, state, contexts: rundir.ContextWriter, timings: dict) -> dict:
+    def snapshot(self, state, contexts: parquet.ContextWriter, timings: dict) -> dict:
         """Write and publish a snapshot of ``state``; returns its manifest."""
         tick = time.perf_counter()
         self.snapshots += 1
@@ -92,7 +93,7 @@ class RunWriter:
         self._next_tokens, self._next_time = 2 * seen, time.perf_counter() + SNAPSHOT_COST_FACTOR * cost
         return manifest
 
-    def final(self, state, contexts: rundir.ContextWriter, timings: dict) -> dict:
+    def final(self, state, contexts: parquet.ContextWriter, timings: dict) -> dict:
         """Write the finished run into the staging folder and swap it in; returns the manifest."""
         contexts.close()
         manifest = self._write(state, self.staging, final=True, timings=timings)

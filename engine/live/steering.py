@@ -9,9 +9,9 @@ from typing import ContextManager
 
 import torch
 
+from ..model.loading import LoadedModel
+from ..saes import SAE
 from .interventions import add_vector, check_sae_fits, clamp_latents, steering_vector
-from .models import LoadedModel
-from .saes import SAE
 
 InterventionFactory = Callable[[], ContextManager]
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .families import get_path, parse_hook_name
-from .models import LoadedModel
+from .loading import LoadedModel
 
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .models import LoadedModel, from_module
+from .loading import LoadedModel, from_module
 
 TINY_TEXT = (
     "In the beginning was the word, and the word was with the model. "

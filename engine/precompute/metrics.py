@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .interventions import splice_sae
-from .models import LoadedModel
-from .saes import SAE
+from ..live.interventions import splice_sae
+from ..model.loading import LoadedModel
+from ..saes import SAE
 
 
 class ReconStats:
@@ -111,7 +111,7 @@ def per_token_ce_from_acts(
     """``per_token_ce`` from activations already captured at ``hook`` (a residual-stream hook, see
     ``tail.can_resume``): ``x`` and the SAE's ``error = x - x_hat`` ``[batch, pos, d]``. Only the layers after
     the hook run, on the clean, spliced and zero-ablated rows of the contexts as one batch."""
-    from .tail import resume_logits
+    from ..model.tail import resume_logits
 
     keep = mask.to(x.device)[..., None]
     x = x.float()
