@@ -34,7 +34,7 @@ def shown_errors(what: str) -> Iterator[None]:
     """Turn an exception inside the block into an error message (Streamlit's own stop/rerun pass through)."""
     try:
         yield
-    except Exception as err:  # noqa: BLE001  the page must not show a traceback
+    except Exception as err:
         st.error(f"{what}: {err}", icon=":material/error:")
 
 
@@ -101,7 +101,7 @@ def live_notice(run: str) -> None:
     reruns the page when a newer snapshot lands (no restart needed)."""
     try:
         man = cache.manifest(run)
-    except Exception:  # noqa: BLE001  (the page reports an unreadable manifest itself)
+    except Exception:
         return
     snap = man.get("snapshot") or {}
     if snap.get("final", True):
@@ -151,14 +151,14 @@ def run_store(run_dir: str):
     """The run's store, or a message saying why it cannot be opened."""
     try:
         return cache.store(run_dir)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         fail(f"Could not open the run `{run_dir}`: {err}")
 
 
 def manifest(run_dir: str) -> dict:
     try:
         return cache.manifest(run_dir)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         fail(f"Could not read the manifest of `{run_dir}`: {err}")
 
 
@@ -186,11 +186,11 @@ def live(run_dir: str):
     source, dtype = model_source(man)
     try:
         lm = cache.model(source, dtype, cache.device())
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         fail(f"Could not load the model `{source}`: {err}")
     try:
         sae = cache.sae(sae_source(man), str(lm.device))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         fail(f"Could not load the SAE `{sae_source(man)}`: {err}")
     return lm, sae
 

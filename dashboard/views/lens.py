@@ -36,7 +36,7 @@ if not text.strip():
 try:
     ids = tokenize_prompt(lm, text, chat=chat)
     result = cache.lens(run, common.model_source(man), common.sae_source(man), tuple(ids), top_k, PROMPT_LIMIT, steps)
-except Exception as err:  # noqa: BLE001  shown in the page, not as a traceback
+except Exception as err:
     common.fail(f"Could not run the prompt: {err}")
 if result.truncated:
     st.warning(f"The prompt has {result.n_input_tokens} tokens: only the first {len(result.tokens)} were analysed.")

@@ -208,7 +208,7 @@ def choose_cpu_dtype(
             return _decide(float(entry["fp32_ms"]), float(entry["bf16_ms"]), "cache")
     try:
         fp32_ms, bf16_ms = (benchmark or benchmark_cpu)(width)
-    except Exception as err:  # noqa: BLE001  (a CPU torch build without bf16 kernels, say): fall back to the flags
+    except Exception as err:
         fast = any(f in facts.flags for f in BF16_FLAGS)
         why = f"the micro-benchmark failed ({type(err).__name__}: {err}); CPU flags {'show' if fast else 'lack'} native bf16"
         return DtypeChoice("bfloat16" if fast else "float32", why, "flags")

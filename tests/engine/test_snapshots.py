@@ -115,7 +115,7 @@ def test_readers_never_see_a_half_written_run(tiny_llama, tmp_path, monkeypatch)
                 if seen:
                     problems.append("the run disappeared after it was first seen")
                 continue
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 problems.append(repr(err))
                 continue
             with store:

@@ -172,7 +172,7 @@ def test_shared_between_threads(store):
                 for i in ids:
                     assert store.feature(i) == expected[i]
                 store.search("the", by="token")
-        except Exception as err:  # noqa: BLE001  (reported below)
+        except Exception as err:
             errors.append(err)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
