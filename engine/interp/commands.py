@@ -1,0 +1,74 @@
+"""The ``saescope explain`` and ``saescope llm-server`` commands (registered by ``engine.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .backends import EndpointError, make_backend
+    from .embed import Embedder
+    from .explain import ExplainConfig, explain_run, summary
+
+    scorers = tuple(s for s in args.scorers.split(",") if s) if args.scorers else ()
+    explainer = make_backend(args.explainer, model=args.explainer_model, device=args.device, dtype=args.dtype,
+                             concurrency=args.concurrency, timeout=args.timeout)
+    judge = None
+    if args.scorer_model and ({"detection", "fuzzing"} & set(scorers)):
+        judge = make_backend(args.scorer_model, model=args.scorer_model_name, device=args.device, dtype=args.dtype,
+                             concurrency=args.concurrency, timeout=args.timeout)
+    embedder = None if args.no_embed else Embedder(args.embedder if args.embedder != "default" else None)
+    cfg = ExplainConfig(features=args.features, scorers=scorers, batch_size=args.batch_size, baselines=args.baselines,
+                        seed=args.seed, device=args.device, dtype=args.dtype, pool_contexts=args.pool_contexts)
+    try:
+        stats = explain_run(args.run, explainer, judge=judge, embedder=embedder, cfg=cfg)
+    except EndpointError as err:
+        raise ValueError(f"{err} (what was written before stays; rerun to continue)") from err
+    stats["mean_scores"] = summary(args.run)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_llm_server(args: argparse.Namespace) -> int:
+    from .backends import LocalChat
+    from .server import serve_forever
+
+    chat = LocalChat(args.model, device=args.device, dtype=args.dtype)
+    serve_forever(chat, args.host, args.port, args.name or chat.name)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("explain", help="write LLM explanations and delphi-style scores of a run's latents into it")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--features", default="random:200",
+                   help="all; ids and ranges (3,10-20); densest:N; active:N (highest max activation); random:N (default random:200)")
+    p.add_argument("--explainer", default="demo",
+                   help="a local chat model (directory, hub id, or 'demo' = SmolLM2-135M-Instruct) or an "
+                        "OpenAI-compatible endpoint http://host:port/v1")
+    p.add_argument("--explainer-model", help="the served model's name, with an endpoint (key: $SAESCOPE_EXPLAINER_KEY or $OPENAI_API_KEY)")
+    p.add_argument("--scorers", default="detection,fuzzing,embedding", help="comma-separated: detection,fuzzing,embedding ('' for none)")
+    p.add_argument("--scorer-model", help="model that answers detection/fuzzing (default: the explainer); same forms as --explainer")
+    p.add_argument("--scorer-model-name", help="the served model's name when --scorer-model is an endpoint")
+    p.add_argument("--embedder", default="default", help="sentence-embedding model folder (default: all-MiniLM-L6-v2 from PyPI)")
+    p.add_argument("--no-embed", action="store_true", help="no embeddings (no embedding score, no search by meaning)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also score the explanations shuffled across latents and the top-token labels (quality check)")
+    p.add_argument("--batch-size", type=int, default=8, help="latents per batch (one resumable part each)")
+    p.add_argument("--pool-contexts", type=int, default=256, help="run contexts searched for non-activating excerpts")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per endpoint request")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("llm-server", help="serve a local chat model over an OpenAI-compatible API")
+    p.add_argument("--model", default="demo", help="directory, hub id, or 'demo'")
+    p.add_argument("--name", help="the model name clients send (default: local:<model>)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_llm_server)

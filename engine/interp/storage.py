@@ -1,0 +1,128 @@
+"""Where explanations, scores and explanation embeddings live in a run directory (docs/run-format.md).
+
+``explain`` appends each finished batch as one part folder under ``<run>/.interp/parts/`` (written aside and
+renamed into place, so a batch is all there or absent); ``consolidate`` folds the parts into
+``explanations.parquet``, ``scores.parquet`` and ``explanation_embeddings.parquet`` (each replaced atomically,
+rows deduplicated by key, the newest kept) and removes them. Ctrl-C at any point therefore loses at most the
+batch in flight and never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+EXPLANATIONS = "explanations.parquet"
+SCORES = "scores.parquet"
+EMBEDDINGS = "explanation_embeddings.parquet"
+INTERP_DIR = ".interp"
+
+EXPLANATIONS_SCHEMA = pa.schema([
+    ("feature_id", pa.int32()),
+    ("explanation", pa.string()),  # null when the explainer failed (see status, reason)
+    ("explainer", pa.string()),
+    ("prompt_version", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("status", pa.string()),  # 'ok', 'failed' (junk or error) or 'skipped' (no examples)
+    ("reason", pa.string()),
+])
+SCORES_SCHEMA = pa.schema([
+    ("feature_id", pa.int32()),
+    ("explainer", pa.string()),
+    ("prompt_version", pa.string()),
+    ("scorer", pa.string()),
+    ("score", pa.float64()),  # balanced accuracy (detection, fuzzing) or AUROC (embedding); null if undefined
+    ("n_examples", pa.int32()),
+    ("details", pa.string()),  # JSON: per-excerpt context ids, labels, predictions; auroc of the classifiers
+])
+EMBEDDINGS_SCHEMA = pa.schema([
+    ("feature_id", pa.int32()),
+    ("explainer", pa.string()),
+    ("prompt_version", pa.string()),
+    ("model", pa.string()),  # the embedding model
+    ("embedding", pa.list_(pa.float32())),  # unit length
+])
+FILES = {EXPLANATIONS: EXPLANATIONS_SCHEMA, SCORES: SCORES_SCHEMA, EMBEDDINGS: EMBEDDINGS_SCHEMA}
+KEYS = {
+    EXPLANATIONS: ("feature_id", "explainer", "prompt_version"),
+    SCORES: ("feature_id", "explainer", "prompt_version", "scorer"),
+    EMBEDDINGS: ("feature_id", "explainer", "prompt_version"),
+}
+
+
+def parts_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / INTERP_DIR / "parts"
+
+
+def write_part(run_dir: Path, tables: dict[str, pa.Table]) -> Path:
+    """One batch's rows as a part folder, renamed into place once every file is written."""
+    parts = parts_dir(run_dir)
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = parts / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    for name, table in tables.items():
+        pq.write_table(table.cast(FILES[name]), tmp / name, compression="zstd")
+    existing = sorted(p.name for p in parts.iterdir() if p.is_dir() and not p.name.startswith("."))
+    final = parts / f"{int(existing[-1]) + 1 if existing else 0:08d}"
+    os.replace(tmp, final)
+    return final
+
+
+def _part_folders(run_dir: Path) -> list[Path]:
+    parts = parts_dir(run_dir)
+    if not parts.is_dir():
+        return []
+    for leftover in parts.glob(".tmp-*"):  # a batch killed while being written
+        shutil.rmtree(leftover, ignore_errors=True)
+    return sorted(p for p in parts.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_all(run_dir: Path, name: str) -> pa.Table:
+    """Every row of one kind: the consolidated file, then the parts in order, deduplicated (newest kept)."""
+    tables = []
+    if (Path(run_dir) / name).is_file():
+        tables.append(pq.read_table(Path(run_dir) / name).cast(FILES[name]))
+    for part in _part_folders(run_dir):
+        if (part / name).is_file():
+            tables.append(pq.read_table(part / name).cast(FILES[name]))
+    if not tables:
+        return FILES[name].empty_table()
+    table = pa.concat_tables(tables)
+    return _dedupe(table, KEYS[name])
+
+
+def _dedupe(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
+    """The last row of each key, in key order."""
+    if table.num_rows == 0:
+        return table
+    table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    last = table.group_by(list(keys), use_threads=False).aggregate([("_row", "max")])
+    keep = pc.is_in(table["_row"], value_set=last["_row_max"])
+    out = table.filter(keep).drop_columns(["_row"])
+    return out.sort_by([(k, "ascending") for k in keys])
+
+
+def consolidate(run_dir: Path) -> dict[str, int]:
+    """Fold the parts into the run's three files (atomically each) and remove them; returns row counts."""
+    run_dir = Path(run_dir)
+    folders = _part_folders(run_dir)
+    counts = {}
+    for name, file_schema in FILES.items():
+        table = read_all(run_dir, name)
+        counts[name] = table.num_rows
+        if not folders and (run_dir / name).is_file():
+            continue
+        if table.num_rows == 0 and not (run_dir / name).is_file():
+            continue
+        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
+        pq.write_table(table.cast(file_schema), tmp, compression="zstd", row_group_size=65536)
+        os.replace(tmp, run_dir / name)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    return counts
