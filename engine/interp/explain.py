@@ -75,12 +75,15 @@ class ExplainConfig:
     features: str = "random:200"
     scorers: tuple[str, ...] = scorers.SCORERS
     batch_size: int = 8
-    n_shown: int = 10
+    n_shown: int = 8
     n_heldout: int = 10
     """Activating excerpts per scorer (half top, half quantile); as many non-activating ones."""
     pool_contexts: int = 256
     """Random run contexts the SAE is run on once to find non-activating excerpts."""
     max_tokens: int = 32
+    before: int = 12
+    after: int = 4
+    """Excerpt window: tokens before and after the maximum."""
     baselines: bool = False
     seed: int = 0
     device: str = "auto"
@@ -231,7 +234,7 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
     if unknown:
         raise ValueError(f"unknown scorer {unknown[0]!r}; use {', '.join(scorers.SCORERS)}")
     judge = judge or explainer
-    examples = RunExamples(run_dir)
+    examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
     try:
         dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
                                      {"p": str(run_dir / schema.FEATURES)}).fetchnumpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-EXPLAIN_VERSION = "explain-v1"  # bump when the explainer prompt or the excerpt selection changes
+EXPLAIN_VERSION = "explain-v2"  # bump when the explainer prompt or the excerpt selection changes
 SCORE_VERSION = "score-v1"
 L, R = "<<", ">>"
 
@@ -21,14 +21,12 @@ EXPLAIN_SYSTEM = (
 )
 
 EXPLAIN_SHOTS = [
-    {"role": "user", "content": "Excerpt 1: he said that<< he>> would come\nExcerpt 2: and<< he>> went unto the city\n"
-                                "Excerpt 3: when<< she>> saw them\nMost strongly marked tokens: 'he', 'she'\n"
-                                "What do the marked tokens have in common? One short phrase."},
+    {"role": "user", "content": "Marked tokens: 'he', 'she'\nText:\n- he said that<< he>> would come\n"
+                                "- and<< he>> went unto the city\n- when<< she>> saw them\nDescribe the feature in a few words."},
     {"role": "assistant", "content": "Third-person pronouns as the subject of a verb"},
-    {"role": "user", "content": "Excerpt 1: raise<< ValueError>>(\"bad\")\nExcerpt 2: except<< KeyError>>:\n"
-                                "Excerpt 3: catches<< TypeError>> when\nMost strongly marked tokens: 'Error'\n"
-                                "What do the marked tokens have in common? One short phrase."},
-    {"role": "assistant", "content": "Names of Python exception classes"},
+    {"role": "user", "content": "Marked tokens: 'March', 'June'\nText:\n- born on 3<< March>> 1901\n"
+                                "- until<< June>> of that year\n- in early<< May>>, the\nDescribe the feature in a few words."},
+    {"role": "assistant", "content": "Month names in dates"},
 ]
 """Two worked examples (few-shot turns): small explainer models follow the answer format far better with them."""
 
@@ -62,10 +60,9 @@ def mark(tokens: list[str], marked: list[bool]) -> str:
 
 def explain_messages(excerpts: list[str], top_tokens: list[str]) -> list[dict[str, str]]:
     """Chat messages asking for one explanation of a latent from its marked ``excerpts``."""
-    lines = [f"Excerpt {i + 1}: {text.strip()}" for i, text in enumerate(excerpts)]
-    if top_tokens:
-        lines.append("Most strongly marked tokens: " + ", ".join(repr(t) for t in top_tokens))
-    lines.append("What do the marked tokens have in common? One short phrase.")
+    lines = ["Marked tokens: " + ", ".join(repr(tok) for tok in top_tokens), "Text:"] if top_tokens else ["Text:"]
+    lines += ["- " + " ".join(text.split()) for text in excerpts]
+    lines.append("Describe the feature in a few words.")
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, *EXPLAIN_SHOTS, {"role": "user", "content": "\n".join(lines)}]
 
 
@@ -80,7 +77,7 @@ def fuzzing_messages(explanation: str, marked_excerpt: str) -> list[dict[str, st
     return [{"role": "system", "content": FUZZING_SYSTEM}, {"role": "user", "content": user}]
 
 
-_PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|the (?:marked|common) (?:tokens|feature)s? (?:are|is)\s*)", re.I)
+_PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|the (?:marked |common )?(?:tokens|feature)s?(?: are| is)?\s*:?\s*)", re.I)
 MAX_CHARS = 200
 
 
@@ -98,7 +95,7 @@ def clean_explanation(text: str) -> tuple[str | None, str]:
         return None, "empty answer"
     if sum(ch.isalpha() for ch in line) < 3:
         return None, f"no words in answer {line[:40]!r}"
-    if L in line or R in line or line.lower().startswith("excerpt"):
+    if L in line or R in line or line.lower().startswith(("excerpt", "- ", "text:", "marked tokens", "in a few words", "describe the feature")):
         return None, "answer echoes the excerpts"
     if len(line) > MAX_CHARS:
         line = line[:MAX_CHARS].rsplit(" ", 1)[0] + "..."
