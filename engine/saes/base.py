@@ -37,6 +37,13 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str]
 
+    # Registered as parameters in __init__ from ``tensor_shapes``; declared here for type checkers.
+    # Matching pursuit has no W_enc/b_enc; architectures with extra tensors declare them in their class.
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -86,7 +93,7 @@ class SAE(nn.Module):
     def _denormalize(self, x: torch.Tensor, norm: _Norm) -> torch.Tensor:
         if self.cfg.normalize_activations == "constant_norm_rescale" and norm.scale is not None:
             return x / norm.scale
-        if self.cfg.normalize_activations == "layer_norm" and norm.scale is not None:
+        if self.cfg.normalize_activations == "layer_norm" and norm.scale is not None and norm.shift is not None:
             return x * norm.scale + norm.shift
         return x
 

@@ -26,7 +26,8 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True
     """Subtract ``b_dec`` from the input before encoding."""
     normalize_activations: str = "none"
-    """One of ``NORMALIZATIONS``; ``expected_average_only_in`` and ``covariance_whitening`` are folded into the weights, so identity at inference (as in SAELens)."""
+    """One of ``NORMALIZATIONS``; ``expected_average_only_in`` and ``covariance_whitening`` are folded into the weights,
+    so identity at inference (as in SAELens)."""
     reshape_activations: str = "none"
     """``hook_z`` to flatten ``[..., n_heads, d_head]`` inputs."""
     k: int | None = None

@@ -9,6 +9,10 @@ from .base import SAE, register
 class GatedSAE(SAE):
     architecture = "gated"
 
+    b_gate: torch.Tensor
+    r_mag: torch.Tensor
+    b_mag: torch.Tensor
+
     @classmethod
     def tensor_shapes(cls, cfg):
         return {

@@ -139,7 +139,9 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tupl
     return cfg, state
 
 
-def build_sae(cfg: SAEConfig, state: dict[str, torch.Tensor], *, device="cpu", dtype: torch.dtype | None = None) -> SAE:
+def build_sae(
+    cfg: SAEConfig, state: dict[str, torch.Tensor], *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> SAE:
     """Instantiate and fill an SAE, checking every tensor's presence and shape first."""
     cls = sae_class(cfg.architecture)
     expected = cls.tensor_shapes(cfg)

@@ -9,6 +9,8 @@ from .base import SAE, register
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
 
+    threshold: torch.Tensor
+
     @classmethod
     def tensor_shapes(cls, cfg):
         return {**super().tensor_shapes(cfg), "threshold": (cfg.d_sae,)}

@@ -10,12 +10,19 @@ from .base import SAE, register
 class TopKSAE(SAE):
     architecture = "topk"
 
+    @property
+    def k(self) -> int:
+        """Latents kept per token (``SAEConfig`` refuses a topk config without one)."""
+        k = self.cfg.k
+        assert k is not None
+        return k
+
     def _select(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-activations and the k kept (values, indices) per token."""
         pre = sae_in @ self.W_enc + self.b_enc
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return pre, values.relu(), indices
 
     def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
@@ -34,6 +41,6 @@ class TopKSAE(SAE):
         weights = values
         if self.cfg.rescale_acts_by_decoder_norm:
             weights = weights / self.W_dec.norm(dim=-1)[indices]
-        flat_idx, flat_w = indices.reshape(-1, self.cfg.k), weights.reshape(-1, self.cfg.k).to(self.W_dec.dtype)
+        flat_idx, flat_w = indices.reshape(-1, self.k), weights.reshape(-1, self.k).to(self.W_dec.dtype)
         recon = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_w, mode="sum")
         return codes, recon.reshape(*sae_in.shape[:-1], -1) + self.b_dec
