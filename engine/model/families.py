@@ -19,24 +19,32 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp
 
 @dataclass(frozen=True)
 class Family:
-    """Attribute paths of one architecture family's modules."""
+    """Attribute paths of one architecture family's modules, and the facts of its forward that differ."""
 
     name: str
+    """Short family name, shown to users and written to run manifests."""
     model_types: tuple[str, ...]
+    """The ``config.model_type`` values of this family."""
     layers: tuple[str, ...]
     """Candidate dotted paths (from the causal-LM root) to the list of decoder blocks."""
     final_norm: tuple[str, ...]
+    """Candidate dotted paths (from the causal-LM root) to the norm before the LM head."""
     attn: str
+    """Attention module inside a decoder block."""
     out_proj: str
     """Attention output projection inside ``attn``; its input is ``hook_z``."""
     mlp: str
+    """MLP module inside a decoder block; its output is ``hook_mlp_out`` unless ``mlp_out`` is set."""
     attn_out: str | None = None
     """Module whose output is ``hook_attn_out`` when it is not ``attn`` (Gemma 2/3 post-norms)."""
     mlp_out: str | None = None
+    """Module whose output is ``hook_mlp_out`` when it is not ``mlp`` (Gemma 2/3 post-norms)."""
     rotary: str | None = "rotary_emb"
     """Rotary embedding module beside the decoder blocks; None where positions are already in the residual (GPT-2)."""
     softcap_logits: bool = False
     """The causal-LM head soft-caps logits by ``config.final_logit_softcapping`` (Gemma 2/3)."""
+    norm_scale_plus_one: bool = False
+    """Its RMSNorms, the final one included, store ``w`` and scale by ``1 + w`` rather than by ``w`` (Gemma 1-3)."""
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -51,7 +59,7 @@ FAMILIES: tuple[Family, ...] = (
         "mlp",
     ),
     Family("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), ("gpt_neox.final_layer_norm",), "attention", "dense", "mlp"),
-    Family("gemma", ("gemma",), ("model.layers",), ("model.norm",), "self_attn", "o_proj", "mlp"),
+    Family("gemma", ("gemma",), ("model.layers",), ("model.norm",), "self_attn", "o_proj", "mlp", norm_scale_plus_one=True),
     Family(
         "gemma2",
         ("gemma2", "gemma3_text", "gemma3"),
@@ -63,6 +71,7 @@ FAMILIES: tuple[Family, ...] = (
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",
         softcap_logits=True,
+        norm_scale_plus_one=True,
     ),
 )
 

@@ -139,7 +139,7 @@ class LoadedModel:
     def final_norm_scale(self) -> torch.Tensor:
         """Elementwise scale the final norm applies (Gemma stores ``w`` and scales by ``1 + w``)."""
         weight = self.final_norm().weight.detach().float()
-        if self.family.name in ("gemma", "gemma2"):
+        if self.family.norm_scale_plus_one:
             return 1.0 + weight
         return weight
 
