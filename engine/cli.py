@@ -25,14 +25,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.model:
         lm = _model(args.model, args.device, args.dtype)
         print(f"model: {lm.name}\nfamily: {lm.family.name} ({lm.config.model_type})")
-        print(f"layers: {lm.n_layers}  d_model: {lm.d_model}  heads: {lm.n_heads}x{lm.d_head}  dtype: {lm.dtype}  device: {lm.device}")
+        print(
+            f"layers: {lm.n_layers}  d_model: {lm.d_model}  heads: {lm.n_heads}x{lm.d_head}  "
+            f"dtype: {lm.dtype}  device: {lm.device}"
+        )
         if lm.dtype_choice is not None:
             print(f"dtype {lm.dtype_choice.dtype} ({args.dtype}): {lm.dtype_choice.reason}")
         if lm.device.type == "cpu":
             from .model.machine import cpu_facts
 
             facts = cpu_facts()
-            print(f"cpu: {facts.model}; flags: {' '.join(facts.flags) or 'none of interest'}; {facts.threads} threads; torch {facts.torch}")
+            flags = " ".join(facts.flags) or "none of interest"
+            print(f"cpu: {facts.model}; flags: {flags}; {facts.threads} threads; torch {facts.torch}")
         print("hook points:")
         for name in lm.hook_points():
             print(f"  {name}  [{lm.hook_width(name)}]")
@@ -91,7 +95,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         force=args.force, sae_path=sae_path, top_k=args.top_k, sample_contexts=args.sample_contexts,
         snapshot_tokens=args.snapshot_tokens,
     )
-    summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")}}
+    keys = ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")
+    summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in keys}}
     summary["seconds"] = manifest["timings"]["total_seconds"]
     print(json.dumps(summary, indent=2))
     return 0
@@ -149,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     def model_opts(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--model", required=required, help="local dir, hub id, .gguf file, or 'demo'")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-        p.add_argument("--dtype", default="auto", help="auto (the fastest on this machine: see `saescope info --model`), float32, bfloat16 or float16")
+        p.add_argument(
+            "--dtype", default="auto",
+            help="auto (the fastest on this machine: see `saescope info --model`), float32, bfloat16 or float16",
+        )
 
     p = sub.add_parser("info", help="describe an SAE and/or list a model's hook points")
     p.add_argument("path", nargs="?", help="SAE directory (SAELens or sparsify)")
@@ -183,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="contexts per model forward")
     p.add_argument("--include-special", action="store_true", help="count special tokens (BOS/EOS/PAD...) in statistics")
     p.add_argument("--include-first", action="store_true", help="count position 0 (the attention sink) in statistics")
-    p.add_argument("--include-massive", action="store_true", help="count massive-activation tokens (norm > 10x median) in statistics")
+    p.add_argument(
+        "--include-massive", action="store_true", help="count massive-activation tokens (norm > 10x median) in statistics"
+    )
     p.add_argument("--top-k", type=int, default=20, help="top-activating contexts kept per latent")
     p.add_argument("--sample-contexts", type=int, default=32, help="held-out contexts for per-token rows and CE metrics")
     p.add_argument("--snapshot-tokens", type=int, default=16384,

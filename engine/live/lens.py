@@ -55,6 +55,7 @@ def tokenize_prompt(lm: LoadedModel, text: str, *, chat: bool = False) -> list[i
         if not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
         rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        assert isinstance(rendered, str)  # tokenize=False renders the text
         return tok(rendered, add_special_tokens=False)["input_ids"]
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -133,7 +134,7 @@ def _describe(lm, ids, cap, mask, logits, top_k, linear_map, truncated, n_input)
     strings = display_tokens(lm.tokenizer, ids.tolist())
     rows = []
     for p, tid in enumerate(ids.tolist()):
-        tops = [(int(i), float(v)) for i, v in zip(latents[p].tolist(), values[p].tolist()) if v > 0]
+        tops = [(int(i), float(v)) for i, v in zip(latents[p].tolist(), values[p].tolist(), strict=True) if v > 0]
         rows.append(
             TokenLens(
                 position=p, token_id=tid, token=strings[p], top_latents=tops, l0=int((codes[p] > 0).sum()),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 import torch
 
@@ -13,7 +13,7 @@ from ..model.loading import LoadedModel
 from ..saes import SAE
 from .interventions import add_vector, check_sae_fits, clamp_latents, steering_vector
 
-InterventionFactory = Callable[[], ContextManager]
+InterventionFactory = Callable[[], AbstractContextManager]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def steering_intervention(
     hook = check_sae_fits(lm, sae)
     if spec.unit == "max_act" and spec.strengths and max_acts is None:
         raise ValueError("strength in units of max activation needs the latents' max activations (from a run)")
-    scales = {i: float(max_acts[i]) for i in spec.strengths} if spec.unit == "max_act" else None
+    scales = {i: float(max_acts[i]) for i in spec.strengths} if spec.unit == "max_act" and max_acts is not None else None
     if spec.mode == "clamp":
         values = {i: s * (scales[i] if scales else 1.0) for i, s in spec.strengths.items()}
         return lambda: clamp_latents(lm, sae, values)
@@ -64,7 +64,9 @@ def generate(
     if not prompt_ids:
         raise ValueError("the prompt is empty: type some text first")
     if len(prompt_ids) + max_new_tokens > lm.max_context:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceed the model's context ({lm.max_context})")
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceed the model's context ({lm.max_context})"
+        )
     gen = torch.Generator().manual_seed(seed)
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     cur = torch.tensor([prompt_ids], dtype=torch.long, device=lm.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -109,6 +110,11 @@ def first_path(root: nn.Module, paths: tuple[str, ...], what: str) -> nn.Module:
         if module is not None:
             return module
     raise ValueError(f"could not find the {what} (looked for {', '.join(paths)}) in {type(root).__name__}")
+
+
+def decoder_layers(root: nn.Module, family: Family) -> nn.ModuleList:
+    """The decoder blocks of ``root``, a causal LM of ``family`` (Hugging Face keeps them in a ``ModuleList``)."""
+    return cast(nn.ModuleList, first_path(root, family.layers, "decoder blocks"))
 
 
 def parse_hook_name(name: str) -> tuple[int, str]:

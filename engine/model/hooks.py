@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import Family, first_path, get_path, hook_names, parse_hook_name
+from .families import Family, decoder_layers, first_path, hook_names, parse_hook_name
 
 ActFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 """An intervention: receives the activation, returns a replacement or None to leave it."""
@@ -61,7 +61,7 @@ class HookManager:
     def __init__(self, model: nn.Module, family: Family, n_layers: int, n_heads: int):
         self._id = next(_manager_ids)
         self.points: dict[str, HookPoint] = {}
-        layers = first_path(model, family.layers, "decoder blocks")
+        layers = decoder_layers(model, family)
         for name in hook_names(n_layers):
             layer_idx, kind = parse_hook_name(name)
             block = layers[layer_idx]
@@ -71,10 +71,10 @@ class HookManager:
             elif kind == "hook_resid_post":
                 point = HookPoint(name, block, reads_input=False)
             elif kind == "hook_attn_out":
-                module = get_path(block, family.attn_out) if family.attn_out else attn
+                module = first_path(block, (family.attn_out,), "attention output") if family.attn_out else attn
                 point = HookPoint(name, module, reads_input=False)
             elif kind == "hook_mlp_out":
-                module = get_path(block, family.mlp_out) if family.mlp_out else getattr(block, family.mlp)
+                module = first_path(block, (family.mlp_out,), "MLP output") if family.mlp_out else getattr(block, family.mlp)
                 point = HookPoint(name, module, reads_input=False)
             else:  # attn.hook_z
                 point = HookPoint(name, getattr(attn, family.out_proj), reads_input=True, n_heads=n_heads)
@@ -111,7 +111,9 @@ class HookManager:
             new = fn(view)
             if new is not None:
                 if new.shape != view.shape:
-                    raise ValueError(f"intervention at {point.name} returned shape {tuple(new.shape)}, expected {tuple(view.shape)}")
+                    raise ValueError(
+                        f"intervention at {point.name} returned shape {tuple(new.shape)}, expected {tuple(view.shape)}"
+                    )
                 view, changed = new.to(act.dtype), True
         if not changed:
             return None
@@ -131,6 +133,7 @@ class HookManager:
                 if args:
                     new = self._apply(point, args[0], fns)
                     return None if new is None else ((new, *args[1:]), kwargs)
+                assert kwargs is not None  # None only in the race above, where this thread has no fns
                 new = self._apply(point, kwargs["hidden_states"], fns)
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
 

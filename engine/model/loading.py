@@ -7,14 +7,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ..saes import DTYPES
-from .families import Family, family_for, first_path, parse_hook_name
+from .families import Family, decoder_layers, family_for, first_path, parse_hook_name
 from .hooks import HookManager, StopForward, interventions
 from .machine import DtypeChoice, choose_dtype
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -57,7 +61,7 @@ class LoadedModel:
     """A causal LM ready for hooked forwards. Safe to share between threads for inference."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     name: str
     family: Family
@@ -68,14 +72,19 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.hooks = HookManager(self.model, self.family, self.n_layers, self.n_heads)
 
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """``model`` typed as the Hugging Face causal LM it is (both constructors read its ``config.model_type``)."""
+        return cast("PreTrainedModel", self.model)
+
     # --- shape facts -------------------------------------------------------------
     @property
-    def config(self):
-        return self.model.config
+    def config(self) -> PretrainedConfig:
+        return self.hf_model.config
 
     @cached_property
     def n_layers(self) -> int:
-        return len(first_path(self.model, self.family.layers, "decoder blocks"))
+        return len(decoder_layers(self.model, self.family))
 
     @property
     def d_model(self) -> int:
@@ -134,11 +143,13 @@ class LoadedModel:
 
     def unembed_matrix(self) -> torch.Tensor:
         """``W_U`` as ``[vocab, d_model]`` (the LM head weight)."""
-        return self.model.get_output_embeddings().weight
+        head = self.hf_model.get_output_embeddings()
+        assert head is not None, f"{self.name} has no LM head"
+        return head.weight
 
     def final_norm_scale(self) -> torch.Tensor:
         """Elementwise scale the final norm applies (Gemma stores ``w`` and scales by ``1 + w``)."""
-        weight = self.final_norm().weight.detach().float()
+        weight = cast(torch.Tensor, self.final_norm().weight).detach().float()  # every family's final norm has a weight
         if self.family.norm_scale_plus_one:
             return 1.0 + weight
         return weight
@@ -255,12 +266,13 @@ def load_model(
         if is_local:
             raise ValueError(f"could not load the model in {source!r}: {err}") from err
         raise _hub_error(source, err) from err
-    model.to(dev).eval().requires_grad_(False)
+    # transformers declares PreTrainedModel.to with functools.wraps(nn.Module.to), which pyright reads as unbound
+    model.to(dev).eval().requires_grad_(False)  # pyright: ignore[reportArgumentType]
     name = source if not gguf_file else f"{source}/{gguf_file}"
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, name=name, family=family, dtype_choice=choice)
 
 
-def from_module(model: nn.Module, tokenizer: object, name: str = "in-memory") -> LoadedModel:
+def from_module(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory") -> LoadedModel:
     """Wrap an already-built model (e.g. a tiny random one in tests) with saescope's hooks."""
     model.eval().requires_grad_(False)
     return LoadedModel(

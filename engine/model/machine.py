@@ -120,7 +120,7 @@ def _products(dtype: torch.dtype, width: int, rows: int = 128) -> Callable[[], o
 
     def work() -> None:
         torch.nn.functional.linear(x, w)
-        x @ enc
+        _ = x @ enc
 
     return work
 
@@ -182,7 +182,8 @@ def _decide(fp32_ms: float, bf16_ms: float, source: str) -> DtypeChoice:
     elif speedup < 1:
         dtype, verdict = "float32", f"bf16 is {1 / speedup:.1f}x slower than fp32 (emulated on this CPU)"
     else:
-        dtype, verdict = "float32", f"bf16 is only {speedup:.2f}x faster than fp32 (< {BF16_MIN_SPEEDUP}x: not worth the precision)"
+        dtype = "float32"
+        verdict = f"bf16 is only {speedup:.2f}x faster than fp32 (< {BF16_MIN_SPEEDUP}x: not worth the precision)"
     when = "measured now" if source == "benchmark" else "measured earlier on this machine"
     reason = f"{verdict} in a matmul micro-benchmark ({fp32_ms:.2f} vs {bf16_ms:.2f} ms, {when})"
     return DtypeChoice(dtype, reason, source, fp32_ms, bf16_ms)

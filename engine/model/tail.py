@@ -10,6 +10,7 @@ model is changed, so threads can resume on one model at once.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .families import get_path, parse_hook_name
 from .loading import LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -30,13 +34,16 @@ def _start_layer(hook_name: str) -> int | None:
     return None
 
 
-def _decoder(lm: LoadedModel) -> tuple[nn.Module, nn.ModuleList] | None:
-    """The module that owns the decoder blocks (its config and rotary embedding), and the blocks."""
+def _decoder(lm: LoadedModel) -> tuple[PreTrainedModel, nn.ModuleList] | None:
+    """The model that owns the decoder blocks (its config and rotary embedding), and the blocks."""
     for path in lm.family.layers:
         layers = get_path(lm.model, path)
         if layers is not None:
             parent = path.rpartition(".")[0]
-            return (get_path(lm.model, parent) if parent else lm.model), layers
+            base = get_path(lm.model, parent) if parent else lm.model
+            assert base is not None  # the parent of a present path is present
+            # Hugging Face decoders (LlamaModel, GPT2Model, ...) are PreTrainedModels holding a ModuleList
+            return cast("PreTrainedModel", base), cast(nn.ModuleList, layers)
     return None
 
 
@@ -48,7 +55,7 @@ def can_resume(lm: LoadedModel, hook_name: str) -> bool:
         and _start_layer(hook_name) is not None
         and decoder is not None
         and (lm.family.rotary is None or get_path(decoder[0], lm.family.rotary) is not None)
-        and lm.model.get_output_embeddings() is not None
+        and lm.hf_model.get_output_embeddings() is not None
     )
 
 
@@ -79,7 +86,9 @@ def resume_logits(
         raise ValueError(f"cannot resume a forward at {hook_name} for the {lm.family.name} family")
     if resid.ndim != 3 or resid.shape[-1] != lm.d_model:
         raise ValueError(f"resid must be [batch, pos, {lm.d_model}], got {tuple(resid.shape)}")
-    base, layers = _decoder(lm)
+    decoder, start = _decoder(lm), _start_layer(hook_name)
+    assert decoder is not None and start is not None  # can_resume checked both
+    base, layers = decoder
     config = base.config
     hidden = resid.to(lm.device, lm.dtype)
     mask_2d = None if attention_mask is None else attention_mask.to(lm.device)
@@ -87,7 +96,7 @@ def resume_logits(
     rotary = get_path(base, lm.family.rotary) if lm.family.rotary else None
     masks: dict[str, object] = {}
     positions: dict[str, object] = {}
-    for index in range(_start_layer(hook_name), len(layers)):
+    for index in range(start, len(layers)):
         kind = _layer_type(config, index)
         if kind not in masks:
             masks[kind] = _MASKS[kind](
@@ -103,7 +112,9 @@ def resume_logits(
                 positions[kind] = _rotary(rotary, hidden, position_ids, kind)
             kwargs["position_embeddings"] = positions[kind]
         hidden = layers[index](hidden, **kwargs)
-    logits = lm.model.get_output_embeddings()(lm.final_norm()(hidden))
+    head = lm.hf_model.get_output_embeddings()
+    assert head is not None  # can_resume checked it
+    logits = head(lm.final_norm()(hidden))
     cap = getattr(lm.model.config, "final_logit_softcapping", None) if lm.family.softcap_logits else None
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap

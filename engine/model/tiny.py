@@ -72,6 +72,6 @@ def save_tiny_model(path: str | Path, family: str = "llama", *, seed: int = 0) -
     """Write a tiny random model and its tokenizer to ``path`` (loadable with ``load_model``)."""
     path = Path(path)
     lm = tiny_model(family, seed=seed)
-    lm.model.save_pretrained(path)
+    lm.hf_model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
