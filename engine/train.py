@@ -124,6 +124,7 @@ class TopKTrainer(torch.nn.Module):
         with torch.no_grad():
             # keep gradients from changing decoder norms (rows are renormalised after the step anyway)
             W, g = self.W_dec, self.W_dec.grad
+            assert g is not None  # W_dec is in the loss's graph
             g -= (g * W).sum(-1, keepdim=True) * W
         for group in self.opt.param_groups:
             group["lr"] = self.base_lr * lr_scale
@@ -258,7 +259,10 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                 metrics = trainer.step(buffer[perm[i : i + cfg.batch_size]], _lr_scale(step, total_steps))
                 step += 1
                 if step % 10 == 0 or step == 1:
-                    bar.set_postfix(loss=f"{metrics['fvu']:.3f}", ev=f"{1 - metrics['fvu']:.3f}", l0=f"{metrics['l0']:.0f}", dead=f"{metrics['dead']:.1%}")
+                    bar.set_postfix(
+                        loss=f"{metrics['fvu']:.3f}", ev=f"{1 - metrics['fvu']:.3f}", l0=f"{metrics['l0']:.0f}",
+                        dead=f"{metrics['dead']:.1%}",
+                    )
                     log.append({"step": step, "tokens": seen, **metrics})
         fill = 0
     bar.close()

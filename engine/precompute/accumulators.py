@@ -109,7 +109,7 @@ class FeatureStats:
         hist = self.hist.cpu().numpy()
         hi = self.hi.cpu().numpy()
         counts, edges = [], []
-        for row, top in zip(hist, hi):  # once at the end, not per batch
+        for row, top in zip(hist, hi, strict=True):  # once at the end, not per batch
             if top == 0:
                 counts.append(np.zeros(0, np.int64))
                 edges.append(np.zeros(0, np.float32))

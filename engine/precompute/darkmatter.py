@@ -40,12 +40,14 @@ class LinearErrorMap:
 class _Moments:
     """Sums over tokens of shifted ``x [n, d]`` and targets ``y [n, q]`` (float64 totals)."""
 
-    def __init__(self, d: int, q: int, device):
-        f64 = dict(dtype=torch.float64, device=device)
+    def __init__(self, d: int, q: int, device: torch.device | str):
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
         self.n = 0
-        self.sx, self.sy = torch.zeros(d, **f64), torch.zeros(q, **f64)
-        self.xx, self.xy = torch.zeros(d, d, **f64), torch.zeros(d, q, **f64)
-        self.yy = torch.zeros(q, **f64)
+        self.sx, self.sy = zeros(d), zeros(q)
+        self.xx, self.xy = zeros(d, d), zeros(d, q)
+        self.yy = zeros(q)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if not len(x):
@@ -88,7 +90,7 @@ class LinearErrorStats:
         """Add tokens ``x, e [n, d_in]``; ``heldout [n]`` bool marks scoring tokens."""
         x, e = x.float(), e.float()
         y = torch.cat([e, e.norm(dim=-1, keepdim=True)], 1)
-        if self.shift_x is None:
+        if self.shift_x is None or self.shift_y is None:  # both are set by the first update
             self.shift_x, self.shift_y = x.mean(0), y.mean(0)
         x, y = x - self.shift_x, y - self.shift_y
         self.fit_part.add(x[~heldout], y[~heldout])
@@ -114,6 +116,7 @@ class LinearErrorStats:
         out_err, out_norm = r2(self.score_part)
         in_err, in_norm = r2(self.fit_part)
         # undo the shift: y + sy = (x + sx - sx) @ coef + intercept + sy
+        assert self.shift_x is not None and self.shift_y is not None, "fit() needs at least one update()"
         sx, sy = self.shift_x.double(), self.shift_y.double()
         full_intercept = intercept + sy - sx @ coef
         return LinearErrorMap(

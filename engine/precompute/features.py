@@ -36,7 +36,7 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> T
         rows = (dirs[start : start + chunk].to(W_U.device).float() * scale).to(W_U.dtype)
         logits = rows @ W_U.T  # ranked in the product's dtype: a float copy would hold no more information
         top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-        for store, t in zip(parts, (top.indices, top.values, bottom.indices, bottom.values)):
+        for store, t in zip(parts, (top.indices, top.values, bottom.indices, bottom.values), strict=True):
             store.append(t.float().cpu())
     top_ids, top_vals, bot_ids, bot_vals = (torch.cat(p).numpy() for p in parts)
     return TopBottom(top_ids.astype(np.int32), top_vals, bot_ids.astype(np.int32), bot_vals)

@@ -23,9 +23,15 @@ class ReconStats:
         self.sum_cos = torch.zeros((), dtype=torch.float64, device=device)
         self.sum_l0 = torch.zeros((), dtype=torch.float64, device=device)
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor | None = None, *, n_active: int | None = None) -> None:
+    def update(
+        self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor | None = None, *, n_active: int | None = None
+    ) -> None:
         """Add tokens ``x, x_hat [n, d_in]`` and ``codes [n, d_sae]`` (or ``n_active``, their nonzero count)."""
-        if (codes is None) == (n_active is None):
+        if codes is not None and n_active is None:
+            l0 = (codes != 0).sum()
+        elif codes is None and n_active is not None:
+            l0 = int(n_active)
+        else:
             raise ValueError("give exactly one of codes and n_active")
         x, x_hat = x.double(), x_hat.double()
         self.n += x.shape[0]
@@ -33,7 +39,7 @@ class ReconStats:
         self.sum_sq_x += x.pow(2).sum()
         self.sse += (x - x_hat).pow(2).sum()
         self.sum_cos += F.cosine_similarity(x, x_hat, dim=-1).sum()
-        self.sum_l0 += int(n_active) if codes is None else (codes != 0).sum()
+        self.sum_l0 += l0
 
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
@@ -69,7 +75,9 @@ def _token_losses(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
     ).view(token_ids.shape[0], -1)
 
 
-def _loss_rows(clean: torch.Tensor, spliced: torch.Tensor, ablated: torch.Tensor, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _loss_rows(
+    clean: torch.Tensor, spliced: torch.Tensor, ablated: torch.Tensor, token_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-position losses ``[batch, pos-1]`` from the three runs' logits, and KL(clean || with SAE)."""
     targets = token_ids[:, 1:].to(clean.device).unsqueeze(-1)
     logp_clean = clean[:, :-1].float().log_softmax(-1)  # each log-softmax once: over a 50k vocabulary they dominate

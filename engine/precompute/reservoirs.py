@@ -140,9 +140,10 @@ class ExampleReservoirs:
         if not self._pending:
             return
         n_pos = self.acts.shape[2]
+        # each batch's first context; the last offset (the total) has no batch, so zip stops before it
         offsets = torch.tensor([0] + [len(ids) for _, ids in self._pending]).cumsum(0).tolist()
         sparse = SparseCodes(
-            torch.cat([sp.token + offset * n_pos for (sp, _), offset in zip(self._pending, offsets)]),
+            torch.cat([sp.token + offset * n_pos for (sp, _), offset in zip(self._pending, offsets, strict=False)]),
             torch.cat([sp.latent for sp, _ in self._pending]),
             torch.cat([sp.value for sp, _ in self._pending]),
         )
@@ -154,7 +155,8 @@ class ExampleReservoirs:
     def _merge(self, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
         n_batch, d_sae, n_pos = len(context_ids), self.val.shape[0], self.acts.shape[2]
         row, pos = sparse.token // n_pos, sparse.token % n_pos
-        cmax = torch.zeros(n_batch * d_sae, device=self.device).scatter_reduce_(0, row * d_sae + sparse.latent, sparse.value, "amax")
+        cmax = torch.zeros(n_batch * d_sae, device=self.device)
+        cmax.scatter_reduce_(0, row * d_sae + sparse.latent, sparse.value, "amax")
         batch = _Batch(sparse, row, pos, cmax.view(n_batch, d_sae).T.contiguous(), context_ids)
         self._merge_top(batch)
         self._merge_quantile(batch)

@@ -113,14 +113,23 @@ def feature_columns(facts: dict, summary, labels: list[str], top_tokens: list[np
 def write_files(staging: Path, features: dict, vocab: list[str], token_rows: dict, error_map: LinearErrorMap) -> dict:
     """Write the remaining Parquet files and the error map; returns ``{file: {rows, bytes}}`` for all files."""
     parquet.write_table(staging / schema.FEATURES, features, schema.FEATURES_SCHEMA, row_group_size=16384)
-    parquet.write_table(staging / schema.VOCAB, {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}, schema.VOCAB_SCHEMA)
+    vocab_columns = {"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab}
+    parquet.write_table(staging / schema.VOCAB, vocab_columns, schema.VOCAB_SCHEMA)
     parquet.write_table(staging / schema.TOKENS, {k: _nullable(v) for k, v in token_rows.items()}, schema.TOKENS_SCHEMA)
     save_file(
-        {"W": error_map.W.cpu(), "b": error_map.b.cpu(), "w_norm": error_map.w_norm.cpu(), "b_norm": torch.tensor([error_map.b_norm])},
+        {
+            "W": error_map.W.cpu(),
+            "b": error_map.b.cpu(),
+            "w_norm": error_map.w_norm.cpu(),
+            "b_norm": torch.tensor([error_map.b_norm]),
+        },
         str(staging / schema.DARK_MATTER),
     )
     names = (schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS)
-    return {name: {"rows": pq.ParquetFile(staging / name).metadata.num_rows, "bytes": (staging / name).stat().st_size} for name in names}
+    return {
+        name: {"rows": pq.ParquetFile(staging / name).metadata.num_rows, "bytes": (staging / name).stat().st_size}
+        for name in names
+    }
 
 
 def example_columns(rows: ExampleRows) -> dict:

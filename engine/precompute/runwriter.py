@@ -159,7 +159,10 @@ class RunWriter:
             "metrics": metrics,
             "dark_matter": {**error_map.metrics, "err_norm_corr": norm_corr, "n_token_rows": len(token_rows["context_id"])},
             "dead_latents": dead.tolist(),
-            "timings": {k: round(v, 4) for k, v in {**timings, **self.timings, "total_seconds": time.perf_counter() - self.started}.items()},
+            "timings": {
+                k: round(v, 4)
+                for k, v in {**timings, **self.timings, "total_seconds": time.perf_counter() - self.started}.items()
+            },
             "files": sizes,
         }
 
@@ -196,5 +199,4 @@ class RunWriter:
         count = int(pred.sum())
         if count == 0:
             return None
-        out["metrics"] = summarize_ce({k: float(out[k][pred].double().sum()) for k in LOSS_KEYS}, count)
-        return out
+        return {**out, "metrics": summarize_ce({k: float(out[k][pred].double().sum()) for k in LOSS_KEYS}, count)}

@@ -26,6 +26,7 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
             fixed = {}
             if sql.list_columns(table):
                 widths = con.execute(sql.list_widths_statement(table), source).fetchone()
+                assert widths is not None  # an aggregate query returns one row
                 for i, (column, _) in enumerate(sql.list_columns(table)):
                     lo, hi = widths[2 * i], widths[2 * i + 1]
                     if lo is not None and lo == hi and lo > 0:
@@ -55,6 +56,8 @@ def index_current(index: Path) -> bool:
         return False
     try:
         with duckdb.connect(str(index), read_only=True, config=READ_ONLY) as con:
-            return con.execute(sql.INDEX_VERSION_READ).fetchone()[0] == sql.INDEX_VERSION
+            row = con.execute(sql.INDEX_VERSION_READ).fetchone()
+            assert row is not None  # an aggregate query returns one row
+            return row[0] == sql.INDEX_VERSION
     except duckdb.Error:
         return False

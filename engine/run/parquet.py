@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +13,10 @@ import pyarrow.parquet as pq
 
 from . import schema
 
+_FLOAT32 = pa.float32()
 
-def list_array(values: np.ndarray, offsets: np.ndarray | None = None, pa_type=pa.float32()) -> pa.Array:
+
+def list_array(values: np.ndarray, offsets: np.ndarray | None = None, pa_type: pa.DataType = _FLOAT32) -> pa.Array:
     """A Parquet list column from a ``[rows, width]`` array, or flat values plus ``offsets``."""
     if offsets is None:
         rows, width = values.shape
@@ -36,11 +39,17 @@ def table(columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Sch
     arrays = []
     for field in table_schema:
         value = columns[field.name]
-        arrays.append(value.cast(field.type) if isinstance(value, pa.Array) else pa.array(value, type=field.type))
+        if isinstance(value, pa.Array):
+            # pyarrow ships no type information, so isinstance cannot narrow the union for the checker
+            arrays.append(cast(pa.Array, value).cast(field.type))
+        else:
+            arrays.append(pa.array(value, type=field.type))
     return pa.Table.from_arrays(arrays, schema=table_schema)
 
 
-def write_table(path: Path, columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema, row_group_size: int = 65536) -> int:
+def write_table(
+    path: Path, columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema, row_group_size: int = 65536
+) -> int:
     """Write one Parquet file whose columns follow ``table_schema`` exactly; returns the row count."""
     data = table(columns, table_schema)
     pq.write_table(data, path, compression="zstd", row_group_size=row_group_size)

@@ -72,7 +72,9 @@ CONTEXTS = "SELECT context_id, token_ids FROM contexts WHERE context_id = ANY($c
 # physically sorted by each key (both directions). A filtered scan of such a table with LIMIT and no ORDER BY
 # returns rows in storage order (DuckDB preserves insertion order) and stops after the page: ~1-3 ms.
 SORT_KEYS = ("density", "max_act", "fire_count", "mean_act", "feature_id")
-ORDER_COLUMN = {"density": "density", "fire_count": "density", "max_act": "max_act", "mean_act": "mean_act", "feature_id": "feature_id"}
+ORDER_COLUMN = {
+    "density": "density", "fire_count": "density", "max_act": "max_act", "mean_act": "mean_act", "feature_id": "feature_id",
+}
 ORDERED_TABLES = {
     (key, descending): f"features_by_{column}_{'desc' if descending else 'asc'}"
     for key, column in ORDER_COLUMN.items()

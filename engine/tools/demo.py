@@ -88,10 +88,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float16") -> Path
     print(f"saescope: converting {name} to safetensors ({dtype})...", file=sys.stderr, flush=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # save_pretrained refuses a GGUF-quantized model until the quantizer is detached.
-    model.hf_quantizer = None
+    # save_pretrained refuses a GGUF-quantized model until the quantizer is detached. (torch's stubs type
+    # Module.__setattr__ values as Tensor | Module; at run time a plain attribute takes any value.)
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")  # set on quantized configs only: not a declared attribute
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
     try:

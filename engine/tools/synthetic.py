@@ -68,7 +68,9 @@ def _examples_chunk(rng: np.random.Generator, start: int, n: int, p: dict) -> pa
     qbin = np.where(quantile, rank - n_top, -1).astype(np.int16)  # one example per interval
     columns = {
         "feature_id": np.repeat(np.arange(start, start + n, dtype=np.int32), k),
-        "kind": pa.DictionaryArray.from_arrays(pa.array(quantile.astype(np.int8)), pa.array(["top", "quantile"])).cast(pa.string()),
+        "kind": pa.DictionaryArray.from_arrays(
+            pa.array(quantile.astype(np.int8)), pa.array(["top", "quantile"])
+        ).cast(pa.string()),
         "rank": np.where(quantile, rank - n_top, rank).astype(np.int16),
         "quantile_bin": pa.array(qbin, mask=~quantile),
         "context_id": rng.integers(0, p["n_contexts"], rows, dtype=np.int32),
@@ -107,7 +109,7 @@ def build_bench_store(path: str | Path, **params) -> Path:
     parquet.write_table(staging / schema.VOCAB, {"token_id": np.arange(p["vocab"], dtype=np.int32),
                                                 "token": [f"w{i}" for i in range(p["vocab"])]}, schema.VOCAB_SCHEMA)
     n_rows = 2048
-    token_cols = {f.name: rng.random(n_rows).astype(np.float32) for f in schema.TOKENS_SCHEMA}
+    token_cols: dict[str, np.ndarray] = {f.name: rng.random(n_rows).astype(np.float32) for f in schema.TOKENS_SCHEMA}
     token_cols.update(context_id=np.repeat(np.arange(0, n_rows // 63 + 1) * 10, 63)[:n_rows],
                       position=np.tile(np.arange(1, 64), n_rows // 63 + 1)[:n_rows],
                       token_id=rng.integers(0, p["vocab"], n_rows), l0=rng.integers(1, 100, n_rows))
