@@ -2,9 +2,11 @@
 
 Every measurement is a ratio or a latency taken in this one run on this machine. The precompute runs go in
 child processes; each reports the peak resident memory while its precompute runs (sampled, so loading the
-model, which peaks higher on some machines, does not hide it; the loaded model itself counts). Each child also times the bare model forward up to the
-hook on the very contexts its precompute read (tokenized beforehand, so tokenizing counts against precompute
-only), once before and once after the precompute, and uses the mean.
+model, which peaks higher on some machines, does not hide it; the loaded model itself counts). Each child also
+times the bare model forward up to the hook on the very contexts its precompute read (tokenized beforehand, so
+tokenizing counts against precompute only), once before and once after the precompute, and uses the mean.
+The live measurements (prompt lens, steering: ``engine.tools.bench_live``) run in the larger child; a failure
+there, or a ratio that is not a positive finite number, fails the bench.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def child_main(argv: list[str]) -> None:
     from ..precompute.corpus import iter_contexts
     from ..precompute.pipeline import precompute
 
-    which, corpus, tokens, context_len, batch_size, live = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5] == "1"
+    which, corpus = argv[0], argv[1]
+    tokens, context_len, batch_size, live = int(argv[2]), int(argv[3]), int(argv[4]), argv[5] == "1"
     lm, sae, description = _load(which)
     hook = sae.cfg.hook_name
     contexts = list(itertools.islice(iter_contexts(lm.tokenizer, corpus, context_len), tokens // context_len))
@@ -146,14 +149,28 @@ def child_main(argv: list[str]) -> None:
     print(json.dumps(out))
 
 
-def _live(lm, sae) -> dict:
-    """Prompt-lens and steering ratios from ``engine.tools.bench_live`` (reported, never fatal)."""
-    try:
-        from .bench_live import lens_over_forward, steering_over_baseline
+class LiveBenchError(RuntimeError):
+    """The prompt-lens or steering measurement failed, or gave a figure that is not a positive finite number."""
 
-        return {**lens_over_forward(lm, sae), **steering_over_baseline(lm, sae)}
-    except Exception as err:
-        return {"error": f"{type(err).__name__}: {err}"}
+
+def _live(lm, sae) -> dict:
+    """Prompt-lens and steering ratios from ``engine.tools.bench_live``; any failure fails the bench."""
+    from . import bench_live
+
+    results: dict = {}
+    for what, name in (("prompt lens", "lens_over_forward"), ("steering", "steering_over_baseline")):
+        try:
+            results.update(getattr(bench_live, name)(lm, sae))
+        except Exception as err:
+            raise LiveBenchError(
+                f"bench: the {what} measurement (engine.tools.bench_live.{name}) failed on {lm.name}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    try:
+        bench_live.check_live(results)
+    except ValueError as err:
+        raise LiveBenchError(f"bench: the live measurements on {lm.name} are not usable: {err}") from err
+    return results
 
 
 def _child(which: str, corpus: str, tokens: int, context_len: int, batch_size: int, live: bool) -> dict:
@@ -266,20 +283,24 @@ def run_bench(*, model: str | None = None, tiny: bool = False, tokens: int | Non
 def format_report(result: dict) -> str:
     """Human-readable summary with the targets."""
     m = result["machine"]
-    lines = [f"machine: {m['model']} ({' '.join(m['flags']) or 'no listed ISA flags'}; {m['threads']} threads; torch {m['torch']})"
+    flags = " ".join(m["flags"]) or "no listed ISA flags"
+    lines = [f"machine: {m['model']} ({flags}; {m['threads']} threads; torch {m['torch']})"
              f"  fp32/bf16 matmul time {m['fp32_over_bf16_time'] or float('nan'):.2f}",
              f"model: {result['model']}  [{result['model_source']}; {result['device']}, {result['dtype']}]",
              f"precompute / forward ({result['tokens']:,} tokens): main pass {result['precompute_over_forward']:.3f}, "
              f"whole run {result['total_over_forward']:.3f}  (target <= 1.3)",
-             f"  forward {result['forward_seconds']:.2f} s, main pass {result['main_pass_seconds']:.2f} s, total {result['total_seconds']:.2f} s",
+             f"  forward {result['forward_seconds']:.2f} s, main pass {result['main_pass_seconds']:.2f} s, "
+             f"total {result['total_seconds']:.2f} s",
              f"  CE sample {result['ce_sample_seconds']:.2f} s; features + writing {result['finalize_seconds']:.2f} s; "
              f"{result['snapshots']} snapshots {result['snapshot_seconds']:.2f} s",
              "peak RSS: " + ", ".join(f"{mb:.0f} MB at {int(n):,} tokens" for n, mb in result["peak_rss_mb"].items())
              + f"  (growth {result['rss_growth_mb']:+.0f} MB)"]
     if "feature_query_p95_ms" in result:
         store = result["store"]
-        lines.append(f"feature page p95: {result['feature_query_p95_ms']:.1f} ms (median {result['feature_query_median_ms']:.1f}); "
-                     f"top-50 by density p95: {result['topn_query_p95_ms']:.1f} ms (median {result['topn_query_median_ms']:.1f})  "
+        lines.append(f"feature page p95: {result['feature_query_p95_ms']:.1f} ms "
+                     f"(median {result['feature_query_median_ms']:.1f}); "
+                     f"top-50 by density p95: {result['topn_query_p95_ms']:.1f} ms "
+                     f"(median {result['topn_query_median_ms']:.1f})  "
                      f"(target <= 20 ms; {store['latents']:,} latents x {store['examples_per_latent']} examples x "
                      f"{store['tokens_per_example']} tokens)")
     for key, value in result.get("live", {}).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -55,7 +56,7 @@ def _uncontended_seconds(runs: list[list[float]]) -> float:
     per-position minima over interleaved repeats recover the code's own cost; whole-run medians of a few
     repeats do not (one spell in 2 of 3 runs of one arm moves its median by the spell's length).
     """
-    return sum(min(column) for column in zip(*runs))
+    return sum(min(column) for column in zip(*runs, strict=True))
 
 
 def steering_over_baseline(lm: LoadedModel, sae: SAE, new_tokens: int = 32, repeats: int = 6) -> dict[str, float]:
@@ -75,7 +76,8 @@ def steering_over_baseline(lm: LoadedModel, sae: SAE, new_tokens: int = 32, repe
         assert len(times) == new_tokens
         return times
 
-    run(), run(factory)  # warm-up
+    run()  # warm-up, each arm once
+    run(factory)
     arms: dict[str, list[list[float]]] = {"plain": [], "steered": []}
     for i in range(repeats):
         order = [("plain", None), ("steered", factory)]
@@ -89,3 +91,17 @@ def steering_over_baseline(lm: LoadedModel, sae: SAE, new_tokens: int = 32, repe
         "plain_median_run_s": statistics.median(map(sum, arms["plain"])),
         "steered_median_run_s": statistics.median(map(sum, arms["steered"])),
     }
+
+
+RATIOS = ("lens_over_forward", "steering_tokens_per_s_ratio")
+"""The figures the README reports: each must be a positive finite number."""
+
+
+def check_live(result: dict) -> None:
+    """ValueError unless both ratios are present and every number in ``result`` is positive and finite."""
+    missing = [key for key in RATIOS if key not in result]
+    if missing:
+        raise ValueError(f"live bench result lacks {', '.join(missing)} (got {sorted(result)})")
+    bad = {k: v for k, v in result.items() if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+    if bad:
+        raise ValueError(f"live bench figures must be positive finite numbers; got {bad}")
