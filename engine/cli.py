@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-queries", action="store_true", help="skip the query-latency part")
     p.add_argument("--no-live", action="store_true", help="skip the prompt-lens and steering ratios")
     p.set_defaults(func=cmd_bench)
+
+    from .interp.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
