@@ -55,7 +55,9 @@ def saelens_cases(out: Path) -> None:
         "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
         "gated": (GatedSAE, GatedSAEConfig, {}),
         "matching_pursuit": (MatchingPursuitSAE, MatchingPursuitSAEConfig, {"residual_threshold": 0.5}),
-        "matching_pursuit_steps": (MatchingPursuitSAE, MatchingPursuitSAEConfig, {"max_iterations": 3, "residual_threshold": 0.0}),
+        "matching_pursuit_steps": (
+            MatchingPursuitSAE, MatchingPursuitSAEConfig, {"max_iterations": 3, "residual_threshold": 0.0}
+        ),
     }
     for i, (name, (cls, cfg_cls, extra)) in enumerate(cases.items()):
         cfg = cfg_cls(d_in=D_IN, d_sae=D_SAE, **extra)
@@ -72,7 +74,8 @@ def saelens_cases(out: Path) -> None:
         x = _inputs(100 + i)
         with torch.no_grad():
             codes = loaded.encode(x)
-            x_hat = loaded.decode(codes) if cfg.normalize_activations not in ("constant_norm_rescale", "layer_norm") else loaded(x)
+            plain = cfg.normalize_activations not in ("constant_norm_rescale", "layer_norm")
+            x_hat = loaded.decode(codes) if plain else loaded(x)
         save_file({"x": x, "codes": codes.contiguous(), "x_hat": x_hat.contiguous()}, folder / "expected.safetensors")
 
     # A pre-6.0 flat config, loaded through SAELens' own legacy path.

@@ -7,7 +7,9 @@ from engine.saes import SAEConfig, build_sae, sae_class
 D_IN, D_SAE = 64, 256
 
 
-def random_sae(architecture: str, *, d_in: int = D_IN, d_sae: int = D_SAE, seed: int = 0, hook: str = "blocks.0.hook_resid_post", **cfg_kw):
+def random_sae(
+    architecture: str, *, d_in: int = D_IN, d_sae: int = D_SAE, seed: int = 0, hook: str = "blocks.0.hook_resid_post", **cfg_kw
+):
     gen = torch.Generator().manual_seed(seed)
     extra = {"k": 8} if architecture == "topk" else {}
     cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name=hook, **{**extra, **cfg_kw})

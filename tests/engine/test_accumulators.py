@@ -62,11 +62,11 @@ def test_reservoirs_top_exact_and_quantiles_in_their_bins():
         want = [c for c in np.argsort(-values, kind="stable")[:5] if values[c] > 0]
         top = (rows.feature_id == latent) & (rows.kind == 0)
         assert rows.context_id[top].tolist() == want
-        for ctx, acts in zip(rows.context_id[top], rows.acts[top]):
+        for ctx, acts in zip(rows.context_id[top], rows.acts[top], strict=True):
             np.testing.assert_allclose(acts, codes[ctx, :, latent].numpy(), rtol=1e-3, atol=1e-6)
         q = (rows.feature_id == latent) & (rows.kind == 1)
         peak = values.max()
-        for ctx, b, value in zip(rows.context_id[q], rows.quantile_bin[q], rows.max_act[q]):
+        for ctx, b, value in zip(rows.context_id[q], rows.quantile_bin[q], rows.max_act[q], strict=True):
             assert value == values[ctx] and b == min(int(value / peak * 4), 3)
         assert np.bincount(rows.quantile_bin[q], minlength=4).max() <= 2
         assert 3 in rows.quantile_bin[q]

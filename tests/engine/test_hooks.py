@@ -27,7 +27,9 @@ def _ids(lm, n=2, length=12, seed=0):
 def test_hook_points_listed(lm):
     names = lm.hook_points()
     assert len(names) == 5 * lm.n_layers
-    assert {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.0.hook_attn_out"} <= set(names)
+    expected = {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out",
+                "blocks.0.hook_attn_out"}
+    assert expected <= set(names)
 
 
 def test_capture_equals_hidden_states(lm):

@@ -34,7 +34,7 @@ def test_lens_fast_path_equals_fallback(family, monkeypatch):
     fast = prompt_lens(lm, sae, ids)
     monkeypatch.setattr(lens_mod, "can_resume", lambda *a: False)
     slow = prompt_lens(lm, sae, ids)
-    deltas = [(a.ce_delta, c.ce_delta) for a, c in zip(fast.tokens, slow.tokens) if a.ce_delta is not None]
+    deltas = [(a.ce_delta, c.ce_delta) for a, c in zip(fast.tokens, slow.tokens, strict=True) if a.ce_delta is not None]
     assert len(deltas) == len(ids) - 1 and any(abs(c) > 1e-3 for _, c in deltas)
     for a, c in deltas:
         assert a == pytest.approx(c, abs=1e-4)
@@ -79,7 +79,7 @@ def test_lens_linear_split_and_fallback_path(tiny_llama, monkeypatch):
     fast = prompt_lens(lm, sae, ids, linear_map=(W, b))
     monkeypatch.setattr(lens_mod, "can_resume", lambda *a: False)
     slow = prompt_lens(lm, sae, ids, linear_map=(W, b))
-    for a, c in zip(fast.tokens, slow.tokens):
+    for a, c in zip(fast.tokens, slow.tokens, strict=True):
         assert a.err_linear_norm == pytest.approx(c.err_linear_norm, rel=1e-5)
         assert a.err_linear_norm == pytest.approx(0.5 * a.x_norm, rel=1e-5)
         if a.ce_delta is not None:

@@ -42,7 +42,8 @@ def run(tiny_llama, tmp_path_factory):
     ref = brute_force(tiny_llama, sae, out, BATCH)
     features = pq.read_table(out / "features.parquet").to_pylist()
     examples = pq.read_table(out / "examples.parquet").to_pylist()
-    return {"out": out, "corpus": corpus, "sae": sae, "manifest": manifest, "ref": ref, "features": features, "examples": examples}
+    return {"out": out, "corpus": corpus, "sae": sae, "manifest": manifest, "ref": ref, "features": features,
+            "examples": examples}
 
 
 def test_schema_contract_names(run):
@@ -173,7 +174,8 @@ def test_linear_error_map_matches_numpy_least_squares(run):
     assert dark["heldout_error_r2"] == pytest.approx(r2, abs=2e-3)
     assert dark["heldout_norm_r2"] == pytest.approx(nr2, abs=2e-3)
     saved = load_file(str(run["out"] / "dark_matter.safetensors"))
-    np.testing.assert_allclose(X[h] @ saved["W"].double().numpy() + saved["b"].double().numpy(), pred, atol=2e-3 * np.abs(pred).max())
+    fitted = X[h] @ saved["W"].double().numpy() + saved["b"].double().numpy()
+    np.testing.assert_allclose(fitted, pred, atol=2e-3 * np.abs(pred).max())
 
 
 def test_per_token_rows_split_the_error(run):
@@ -202,7 +204,7 @@ def test_ce_rows_match_plain_forwards(run, tiny_llama):
         counted = torch.zeros(ids.shape[1], dtype=torch.bool)
         counted[torch.from_numpy(group["position"].to_numpy().astype(np.int64))] = True
 
-        def splice(module, args, output):
+        def splice(module, args, output, counted=counted):
             x = output[0] if isinstance(output, tuple) else output
             new = torch.where(counted[None, :, None], sae(x).x_hat.to(x.dtype), x)
             return (new, *output[1:]) if isinstance(output, tuple) else new

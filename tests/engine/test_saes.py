@@ -165,7 +165,8 @@ def test_sparsify_orientation(tmp_path):
     enc, dec = torch.randn(n, d_in, generator=gen), torch.randn(n, d_in, generator=gen)
     folder = tmp_path / "layers.3.mlp"
     folder.mkdir()
-    save_file({"encoder.weight": enc, "encoder.bias": torch.zeros(n), "W_dec": dec, "b_dec": torch.zeros(d_in)}, folder / "sae.safetensors")
+    tensors = {"encoder.weight": enc, "encoder.bias": torch.zeros(n), "W_dec": dec, "b_dec": torch.zeros(d_in)}
+    save_file(tensors, folder / "sae.safetensors")
     (folder / "cfg.json").write_text(json.dumps({"k": 20, "d_in": d_in, "num_latents": n, "expansion_factor": 32}))
     sae = load_sae(folder)
     assert sae.cfg.hook_name == "blocks.3.hook_mlp_out"
@@ -188,7 +189,8 @@ def _write(tmp_path, cfg: dict, tensors: dict) -> Path:
 
 
 def _std_tensors(d_in=D_IN, d_sae=D_SAE):
-    return {"W_enc": torch.zeros(d_in, d_sae), "b_enc": torch.zeros(d_sae), "W_dec": torch.zeros(d_sae, d_in), "b_dec": torch.zeros(d_in)}
+    return {"W_enc": torch.zeros(d_in, d_sae), "b_enc": torch.zeros(d_sae), "W_dec": torch.zeros(d_sae, d_in),
+            "b_dec": torch.zeros(d_in)}
 
 
 def _v6_cfg(**kw):
@@ -197,7 +199,8 @@ def _v6_cfg(**kw):
 
 def test_unknown_architecture_names_known_ones(tmp_path):
     folder = _write(tmp_path, _v6_cfg(architecture="quantum"), _std_tensors())
-    with pytest.raises(ValueError, match=r"unknown SAE architecture 'quantum'.*gated.*jumprelu.*matching_pursuit.*standard.*topk"):
+    expected = r"unknown SAE architecture 'quantum'.*gated.*jumprelu.*matching_pursuit.*standard.*topk"
+    with pytest.raises(ValueError, match=expected):
         load_sae(folder)
 
 

@@ -1,5 +1,7 @@
+
 """Live runs: snapshots published while precompute runs are complete, exact for their tokens, and atomic."""
 
+import itertools
 import json
 import os
 import shutil
@@ -55,7 +57,7 @@ def live_run(tiny_llama, tmp_path_factory, request):
 def test_snapshots_are_published_at_doubling_counts_and_removed_at_the_end(live_run):
     snaps = [json.loads((p / "manifest.json").read_text()) for p in live_run["snapshots"]]
     seen = [s["snapshot"]["seen_tokens"] for s in snaps]
-    assert len(seen) >= 2 and seen[0] >= EVERY and all(b >= 2 * a for a, b in zip(seen, seen[1:]))
+    assert len(seen) >= 2 and seen[0] >= EVERY and all(b >= 2 * a for a, b in itertools.pairwise(seen))
     assert all(not s["snapshot"]["final"] and s["snapshot"]["pid"] == os.getpid() for s in snaps)
     assert [s["snapshot"]["index"] for s in snaps] == list(range(1, len(snaps) + 1))
     out, final = live_run["out"], live_run["manifest"]
