@@ -1,4 +1,3 @@
-
 """Live runs: snapshots published while precompute runs are complete, exact for their tokens, and atomic."""
 
 import itertools
