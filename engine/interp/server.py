@@ -70,25 +70,34 @@ def make_handler(chat: LocalChat, served_name: str):
             try:
                 req = json.loads(self.rfile.read(length))
                 messages = req["messages"]
-                if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-                    raise ValueError("messages must be a list of {role, content} objects")
-                max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or 64)
+                if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "content" in m
+                                                                             for m in messages):
+                    raise ValueError("messages must be a non-empty list of {role, content} objects")
+                max_tokens = req.get("max_tokens", req.get("max_completion_tokens"))
+                max_tokens = 64 if max_tokens is None else int(max_tokens)  # not `or 64`: 0 is refused, not 64
                 if not 1 <= max_tokens <= 1024:
                     raise ValueError(f"max_tokens must be 1..1024, got {max_tokens}")
                 temperature = float(req.get("temperature") or 0.0)
+                n_top = int(req.get("top_logprobs") or 5)
+                if not 0 <= n_top <= 20:
+                    raise ValueError(f"top_logprobs must be 0..20, got {n_top}")
             except (ValueError, KeyError, TypeError) as err:
                 _error(self, 400, f"bad request: {err}")
                 return
             choice: dict = {"index": 0, "finish_reason": "stop"}
-            if req.get("logprobs") and max_tokens == 1:
-                first, top = _top_logprobs(chat, messages, int(req.get("top_logprobs") or 5))
-                choice["message"] = {"role": "assistant", "content": first}
-                choice["logprobs"] = {"content": [{"token": first, "logprob": top[0]["logprob"], "bytes": top[0]["bytes"],
-                                                   "top_logprobs": top}]}
-                choice["finish_reason"] = "length"
-            else:
-                text = chat.chat([messages], max_tokens=max_tokens, temperature=temperature)[0]
-                choice["message"] = {"role": "assistant", "content": text}
+            try:  # a failing model answers 500 with the reason instead of dropping the connection
+                if req.get("logprobs") and max_tokens == 1:
+                    first, top = _top_logprobs(chat, messages, n_top)
+                    choice["message"] = {"role": "assistant", "content": first}
+                    choice["logprobs"] = {"content": [{"token": first, "logprob": top[0]["logprob"], "bytes": top[0]["bytes"],
+                                                       "top_logprobs": top}]}
+                    choice["finish_reason"] = "length"
+                else:
+                    text = chat.chat([messages], max_tokens=max_tokens, temperature=temperature)[0]
+                    choice["message"] = {"role": "assistant", "content": text}
+            except Exception as err:
+                _error(self, 500, f"the model failed: {type(err).__name__}: {err}")
+                return
             self._json({"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
                         "model": served_name, "choices": [choice]})
 
