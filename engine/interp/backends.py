@@ -10,6 +10,7 @@ Both answer two calls on a batch of conversations (lists of ``{"role", "content"
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -137,7 +138,7 @@ class OpenAIChat:
                 last = f"HTTP {err.code}: {body}"
                 if err.code not in (408, 409, 429) and err.code < 500:
                     raise EndpointError(f"{url} refused the request ({last})") from err
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             except json.JSONDecodeError as err:
                 last = f"invalid JSON in the reply: {err}"
