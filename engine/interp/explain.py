@@ -93,6 +93,9 @@ class ExplainConfig:
 
 def _settings(run_dir: Path) -> dict:
     manifest = rundir.read_manifest(run_dir)
+    if manifest is None and (run_dir / rundir.PARTIAL).is_dir():
+        raise FileNotFoundError(f"{run_dir} has no finished run yet (a precompute is writing it, or was stopped before "
+                                "its first snapshot): explain it once precompute has finished")
     if manifest is None:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {schema.MANIFEST}): run saescope precompute first")
     if manifest.get("data_dir") or not (manifest.get("snapshot") or {}).get("final", True):
@@ -234,6 +237,9 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
     if unknown:
         raise ValueError(f"unknown scorer {unknown[0]!r}; use {', '.join(scorers.SCORERS)}")
     judge = judge or explainer
+    # only the scorers that can run here are waited for: with --no-embed, a missing embedding score would make a
+    # rerun take every latent for unfinished and ask the scorer model everything again
+    wanted = [s for s in wanted if (embedder if s == "embedding" else judge) is not None]
     examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
     try:
         dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
