@@ -79,6 +79,20 @@ def fuzzing_messages(explanation: str, marked_excerpt: str) -> list[dict[str, st
 
 _PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|the (?:marked |common )?(?:tokens|feature)s?(?: are| is)?\s*:?\s*)", re.I)
 MAX_CHARS = 200
+_QUOTES = "\"'`*"
+
+
+def _unquote(line: str) -> str:
+    """Drop quotes or emphasis around the whole answer, or one it opened and never closed; not the closing quote
+    of a quoted word at its end (``the word 'the'``)."""
+    line = re.sub(r"^\*\*(.+)\*\*$", r"\1", line).strip()
+    while len(line) >= 2 and line[0] == line[-1] and line[0] in _QUOTES and line[0] not in line[1:-1]:
+        line = line[1:-1].strip()
+    if line and line[0] in _QUOTES and line.count(line[0]) == 1:
+        line = line[1:].strip()
+    if line and line[-1] in _QUOTES and line.count(line[-1]) == 1:
+        line = line[:-1].strip()
+    return line
 
 
 def clean_explanation(text: str) -> tuple[str | None, str]:
@@ -90,7 +104,7 @@ def clean_explanation(text: str) -> tuple[str | None, str]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return None, "empty answer"
-    line = _PREFIX.sub("", lines[0]).strip().strip("\"'`*").strip()
+    line = _unquote(_PREFIX.sub("", lines[0]).strip())
     if not line:
         return None, "empty answer"
     if sum(ch.isalpha() for ch in line) < 3:
