@@ -117,9 +117,11 @@ class RunExamples:
         lo, hi = _window(int(max_pos) - int(start), len(acts), self.before, self.after)
         return Excerpt(int(cid), [self.vocab[t] for t in ids[lo:hi]], [float(a) for a in acts[lo:hi]], True)
 
-    def quiet_excerpts(self, pool: QuietPool, feature_id: int, n: int, seed: int) -> list[Excerpt]:
+    def quiet_excerpts(self, pool: QuietPool, feature_id: int, n: int, seed: int,
+                       exclude: set[int] | None = None) -> list[Excerpt]:
         """``n`` excerpts of pool contexts in whose window latent ``feature_id`` fires on no token (random windows,
-        never starting at position 0, at most one per context)."""
+        never starting at position 0, at most one per context), from none of the contexts ``exclude`` (those the
+        explainer saw: a quiet window of one could repeat tokens of the excerpt it was shown)."""
         if n == 0 or len(pool.ids) == 0:
             return []
         width = min(self.before + self.after + 1, pool.ctx_len - 1)
@@ -131,6 +133,8 @@ class RunExamples:
         csum = np.concatenate([np.zeros((len(pool.ids), 1), np.int32), fired.cumsum(1, dtype=np.int32)], axis=1)
         starts = np.arange(1, pool.ctx_len - width + 1)
         quiet = (csum[:, starts + width] - csum[:, starts]) == 0  # [pool, n_starts]
+        if exclude:
+            quiet[np.isin(pool.ids, list(exclude))] = False
         rows = np.flatnonzero(quiet.any(1))
         if len(rows) == 0:
             return []

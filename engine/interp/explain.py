@@ -301,7 +301,8 @@ def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg
         if vector is not None:
             emb_rows.append({"feature_id": lat.feature_id, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION,
                              "model": embedder.name, "embedding": vector.astype(np.float32).tolist()})
-        quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed)
+        quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed,
+                                        exclude={e.context_id for e in lat.shown})
         score_rows += _score_rows(lat.feature_id, name, score_one(lat, quiet, text, wanted, judge, embedder, vector, cfg.seed))
     for status in ("ok", "failed", "skipped"):
         key = {"ok": "explained", "failed": "failed", "skipped": "skipped"}[status]
@@ -342,7 +343,8 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
                 sts.append("ok" if text else "failed")
                 if text is None:
                     continue
-                quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed)
+                quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed,
+                                        exclude={e.context_id for e in lat.shown})
                 score_rows += _score_rows(lat.feature_id, baseline, score_one(lat, quiet, text, wanted, judge, embedder, None,
                                                                                cfg.seed))
             storage.write_part(run_dir, {
