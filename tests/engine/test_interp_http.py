@@ -138,7 +138,8 @@ def test_explain_over_http_matches_the_model_in_process(env, monkeypatch):
         # the scorers' probabilities over HTTP are the in-process ones, excerpt by excerpt
         stored = {(r["feature_id"], r["scorer"]): r for r in sc}
         for fid in ok:
-            excerpts = lats[fid].heldout + examples.quiet_excerpts(pool, fid, len(lats[fid].heldout), cfg.seed)
+            excerpts = lats[fid].heldout + examples.quiet_excerpts(pool, fid, len(lats[fid].heldout), cfg.seed,
+                                                                   exclude={e.context_id for e in lats[fid].shown})
             text = by_id[fid]["explanation"]
             for local in (scorers.detection(chat, text, excerpts), scorers.fuzzing(chat, text, excerpts, seed=cfg.seed + fid)):
                 row = stored[(fid, local.scorer)]
