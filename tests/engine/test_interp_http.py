@@ -101,7 +101,7 @@ def test_explain_over_http_matches_the_model_in_process(env, monkeypatch):
     ids = [0, 1, 2, 3, 4, 5, 77]
     assert stats["features"] == 7 and stats["skipped"] == len(DEAD) and stats["explained"] + stats["failed"] == 5
     assert stats["explained"] >= 3, "the tiny chat model should give mostly usable (lettered) answers"
-    assert not any(storage.parts_dir(run).iterdir()), "parts are folded into the three files"
+    assert not [p for p in storage.parts_dir(run).iterdir() if not p.name.startswith(".")], "parts are folded in"
     ex = pq.read_table(run / storage.EXPLANATIONS).to_pylist()
     sc = pq.read_table(run / storage.SCORES).to_pylist()
     em = pq.read_table(run / storage.EMBEDDINGS).to_pylist()
@@ -328,7 +328,7 @@ def test_timeouts_are_retried_then_fail():
 
 def test_concurrency_is_bounded_and_order_kept():
     echo = (200, lambda req: completion(req["messages"][-1]["content"].upper()))
-    with ScriptedEndpoint([echo], delay=0.05) as ep:
+    with ScriptedEndpoint([echo], delay=0.15) as ep:
         convs = [[{"role": "user", "content": f"c{i}"}] for i in range(12)]
         assert OpenAIChat(ep.url, "m", concurrency=3).chat(convs) == [f"C{i}" for i in range(12)]
         assert ep.max_in_flight == 3
