@@ -10,13 +10,18 @@ import atexit
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere in the server
 
 import streamlit as st
 
+from engine.run.rows import FeatureRow
 from engine.run.rundir import is_run
 from engine.run.schema import MANIFEST
+
+if TYPE_CHECKING:
+    from engine.run.store import RunStore
 
 RUN_ENV = "SAESCOPE_RUN"
 """The run directory (or a directory of runs) the server opens; ``saescope serve`` sets it."""
@@ -72,7 +77,7 @@ def manifest(run_dir: str) -> dict:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda s: s.close())
-def _store(run_dir: str, stamp: float):
+def _store(run_dir: str, stamp: float) -> RunStore:
     from engine.run.store import RunStore
 
     return RunStore.open(run_dir)
@@ -81,7 +86,7 @@ def _store(run_dir: str, stamp: float):
 atexit.register(_store.clear)  # closes the DuckDB connections (on_release) before the interpreter goes
 
 
-def store(run_dir: str):
+def store(run_dir: str) -> RunStore:
     """The run's query layer (read-only DuckDB over its Parquet files), opened once per process."""
     return _store(run_dir, stamp(run_dir))
 
@@ -114,17 +119,20 @@ def linear_map(run_dir: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)
-def _feature(run_dir: str, stamp: float, feature_id: int) -> dict | None:
+def _feature(run_dir: str, stamp: float, feature_id: int) -> FeatureRow | None:
     return store(run_dir).feature(feature_id)
 
 
-def feature(run_dir: str, feature_id: int) -> dict | None:
+def feature(run_dir: str, feature_id: int) -> FeatureRow | None:
     """One latent's row of ``features.parquet`` with its examples, or ``None`` for an unknown id."""
     return _feature(run_dir, stamp(run_dir), int(feature_id))
 
 
 @st.cache_resource(show_spinner="Running the prompt…", max_entries=16, ttl=900)
-def lens(run_dir: str, model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], top_k: int, max_tokens: int, steps: int | None):
+def lens(
+    run_dir: str, model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], top_k: int, max_tokens: int,
+    steps: int | None,
+):
     """``engine.live.lens.prompt_lens`` on the run's model and SAE (kept without copying: results hold big code arrays)."""
     from engine.live.lens import prompt_lens
 
@@ -141,7 +149,7 @@ def _labels(run_dir: str, stamp: float, ids: tuple[int, ...]) -> dict[int, str]:
     out = {}
     for i in ids:
         rows = store(run_dir).search(str(i), by="id", limit=1)  # the summary row only, not the examples
-        out[i] = (rows[0].get("label") if rows else "") or ""
+        out[i] = (rows[0].label if rows else "") or ""
     return out
 
 

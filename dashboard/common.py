@@ -8,12 +8,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import streamlit as st
 
 from dashboard import cache, render
+from engine.run.rows import FeatureSummary
 from engine.run.rundir import PARTIAL, writer_alive
 from engine.run.schema import MANIFEST
+
+if TYPE_CHECKING:
+    from engine.run.store import RunStore
 
 WATCH_SECONDS = 5
 """How often a page of a run still being computed looks for a newer snapshot."""
@@ -23,7 +28,7 @@ STEERING_PAGE = "views/steering.py"
 LENS_PAGE = "views/lens.py"
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Show ``message`` as the page's error and end this script run."""
     st.error(message, icon=":material/error:")
     st.stop()
@@ -147,7 +152,7 @@ def save_widgets(page: str, keys) -> None:
     st.session_state[f"saved_{page}"] = {k: st.session_state[k] for k in keys if k in st.session_state}
 
 
-def run_store(run_dir: str):
+def run_store(run_dir: str) -> RunStore:
     """The run's store, or a message saying why it cannot be opened."""
     try:
         return cache.store(run_dir)
@@ -201,7 +206,7 @@ def feature_link(feature_id: int, label: str = "", *, suffix: str = "") -> None:
     st.page_link(FEATURES_PAGE, label=text, query_params={"feature": str(feature_id)}, icon=":material/open_in_new:")
 
 
-def search(store, text: str, *, by: str | None = None, limit: int = 50) -> list[dict]:
+def search(store: RunStore, text: str, *, by: str | None = None, limit: int = 50) -> list[FeatureSummary]:
     """Latents matching ``text``: by ``by``, or (``None``) by id for a number, else by label, then by token."""
     if by is not None:
         return store.search(text, by=by, limit=limit)

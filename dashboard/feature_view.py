@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 from itertools import groupby
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from dashboard import cache, charts, common, render
 from dashboard.render import fmt
+from engine.run.rows import Example
+
+if TYPE_CHECKING:
+    from engine.run.store import RunStore
 
 EXAMPLES_SHOWN = 12
 PER_BIN = 3
 
 
-def example_html(example: dict, scale: float) -> str:
+def example_html(example: Example, scale: float) -> str:
     """An example window with each token tinted by the latent's activation (exact value on hover)."""
-    tokens, acts = example["tokens"], example["acts"]
-    titles = [f"{t!r}: {a:.3f}" for t, a in zip(tokens, acts)]
-    mark = example["max_pos"] - example["start"]
+    tokens, acts = example.tokens, example.acts
+    titles = [f"{t!r}: {a:.3f}" for t, a in zip(tokens, acts, strict=True)]
+    mark = example.max_pos - example.start
     return render.tokens_html(tokens, acts, scale=scale, titles=titles, mark=mark, breaks=False)
 
 
-def show(run: str, store, feature_id: int) -> None:
+def show(run: str, store: RunStore, feature_id: int) -> None:
     row = cache.feature(run, feature_id)
     if st.button("All features", icon=":material/arrow_back:"):
         del st.query_params["feature"]
@@ -31,16 +36,17 @@ def show(run: str, store, feature_id: int) -> None:
         common.fail(f"Feature {feature_id} does not exist: this SAE has {n:,} latents (ids 0 to {n - 1:,}).")
 
     st.title(f"Feature #{feature_id}")
-    st.markdown(f"**{render.md(row.get('label') or 'no label')}**" + (f" — {render.md(row['explanation'])}" if row.get("explanation") else ""))
-    density = float(row["density"])
+    explanation = f" — {render.md(row.explanation)}" if row.explanation else ""
+    st.markdown(f"**{render.md(row.label or 'no label')}**" + explanation)
+    density = float(row.density)
     cols = st.columns([2, 2, 2, 2, 3])
     cols[0].metric("Density", f"{density:.3%}" if density >= 1e-4 else fmt(density),
-                   help=f"fires on {row['fire_count']:,} tokens" + (f" (1 in {1 / density:,.0f})" if density else ""))
-    cols[1].metric("Max activation", fmt(row["max_act"]))
-    cols[2].metric("Mean activation", fmt(row["mean_act"]), help="over the tokens where it fires")
-    cols[3].metric("Fires on", f"{row['fire_count']:,}")
+                   help=f"fires on {row.fire_count:,} tokens" + (f" (1 in {1 / density:,.0f})" if density else ""))
+    cols[1].metric("Max activation", fmt(row.max_act))
+    cols[2].metric("Mean activation", fmt(row.mean_act), help="over the tokens where it fires")
+    cols[3].metric("Fires on", f"{row.fire_count:,}")
     with cols[4]:
-        if row.get("dead"):
+        if row.dead:
             st.warning("Dead: never fired in this run.")
         elif density > 0.1:
             st.info("Dense: fires on more than 10% of tokens.")
@@ -50,24 +56,24 @@ def show(run: str, store, feature_id: int) -> None:
     left, right = st.columns([3, 2])
     with left:
         st.markdown("**Activation histogram**")
-        st.plotly_chart(charts.activation_histogram(row["hist_counts"] or [], row["hist_edges"] or []), key="act_hist")
+        st.plotly_chart(charts.activation_histogram(row.hist_counts or [], row.hist_edges or []), key="act_hist")
     with right:
         st.markdown("**Logit effects** (decoder direction through the unembedding)")
-        promoted = list(zip(store.decode(row["top_logit_ids"] or []), row["top_logit_values"] or []))
-        suppressed = list(zip(store.decode(row["bottom_logit_ids"] or []), row["bottom_logit_values"] or []))
+        promoted = list(zip(store.decode(row.top_logit_ids or []), row.top_logit_values or [], strict=True))
+        suppressed = list(zip(store.decode(row.bottom_logit_ids or []), row.bottom_logit_values or [], strict=True))
         st.caption("Promoted")
         st.html(render.chips(promoted, color="pos"))
         st.caption("Suppressed")
         st.html(render.chips(suppressed, color="neg"))
         st.markdown("**Nearest latents** (decoder cosine)")
-        neighbours = list(zip(row["neighbor_ids"] or [], row["neighbor_cos"] or []))
+        neighbours = list(zip(row.neighbor_ids or [], row.neighbor_cos or [], strict=True))
         labels = cache.labels(run, [i for i, _ in neighbours])
         for other, cos in neighbours:
             common.feature_link(other, labels.get(other, ""), suffix=f" · cos {cos:.2f}")
 
-    examples = row["examples"]
-    top = [e for e in examples if e["kind"] == "top"]
-    scale = float(row["max_act"] or 1.0)
+    examples = row.examples
+    top = [e for e in examples if e.kind == "top"]
+    scale = float(row.max_act or 1.0)
     st.subheader("Top activations")
     if not top:
         st.caption("No examples: this latent never fired on the run's contexts.")
@@ -76,13 +82,13 @@ def show(run: str, store, feature_id: int) -> None:
     if len(top) > EXAMPLES_SHOWN:
         with st.expander(f"{len(top) - EXAMPLES_SHOWN} more top examples"):
             st.html("".join(example_html(e, scale) for e in top[EXAMPLES_SHOWN:]))
-    quantile = [e for e in examples if e["kind"] == "quantile"]
+    quantile = [e for e in examples if e.kind == "quantile"]
     if quantile:
         st.subheader("Quantile examples")
         st.caption("Contexts sampled across the range of activations, strongest bin first: what weaker activations look like.")
-        bins = groupby(sorted(quantile, key=lambda e: (-(e["quantile_bin"] or 0), e["rank"])), key=lambda e: e["quantile_bin"])
+        bins = groupby(sorted(quantile, key=lambda e: (-(e.quantile_bin or 0), e.rank)), key=lambda e: e.quantile_bin)
         for i, (bin_id, group) in enumerate(bins):
             group = list(group)
-            acts = [e["max_act"] for e in group]
+            acts = [e.max_act for e in group]
             with st.expander(f"Bin {bin_id}: max activations {fmt(min(acts))} – {fmt(max(acts))}", expanded=i < 2):
                 st.html("".join(example_html(e, scale) for e in group[:PER_BIN * 3]))

@@ -19,18 +19,18 @@ st.caption(
     "The SAE's error e = x − x̂, split as in “Decomposing the Dark Matter of SAEs”: a linear map fitted from x to e "
     "on held-in tokens (scored on held-out ones) predicts part of it; the rest is the nonlinear part."
 )
-if not dm:
+if dm is None:
     common.fail("This run has no dark-matter statistics (its manifest has no `dark_matter` section).")
 
 cols = st.columns(4)
-cols[0].metric("Error variance predicted (held-out R²)", fmt(dm.get("heldout_error_r2")),
-               help=f"on held-in tokens: {fmt(dm.get('train_error_r2'))}")
-cols[1].metric("‖e‖ predicted (held-out R²)", fmt(dm.get("heldout_norm_r2")),
-               help=f"on held-in tokens: {fmt(dm.get('train_norm_r2'))}")
-cols[2].metric("corr(‖linear part‖, ‖e‖)", fmt(dm.get("err_norm_corr")), help="over the run's sampled tokens")
-cols[3].metric("Explained variance of x", fmt(metrics.get("explained_variance")), help="1 − Σ‖e‖² / Σ‖x − mean x‖²")
-st.caption(f"Map fitted on {dm.get('n_train_tokens', 0):,} tokens, scored on {dm.get('n_heldout_tokens', 0):,}; "
-           f"per-token rows below come from {dm.get('n_token_rows', 0):,} sampled tokens.")
+cols[0].metric("Error variance predicted (held-out R²)", fmt(dm.heldout_error_r2),
+               help=f"on held-in tokens: {fmt(dm.train_error_r2)}")
+cols[1].metric("‖e‖ predicted (held-out R²)", fmt(dm.heldout_norm_r2),
+               help=f"on held-in tokens: {fmt(dm.train_norm_r2)}")
+cols[2].metric("corr(‖linear part‖, ‖e‖)", fmt(dm.err_norm_corr), help="over the run's sampled tokens")
+cols[3].metric("Explained variance of x", fmt(metrics.explained_variance), help="1 − Σ‖e‖² / Σ‖x − mean x‖²")
+st.caption(f"Map fitted on {dm.n_train_tokens or 0:,} tokens, scored on {dm.n_heldout_tokens or 0:,}; "
+           f"per-token rows below come from {dm.n_token_rows or 0:,} sampled tokens.")
 
 rows = store.token_rows(order_by="err_norm", limit=SAMPLE_ROWS)
 if not rows:
@@ -38,8 +38,8 @@ if not rows:
 st.subheader("Error norms")
 st.plotly_chart(
     charts.value_histogram(
-        {"‖e‖": [r["err_norm"] for r in rows], "linear part": [r["err_linear_norm"] for r in rows],
-         "nonlinear part": [r["err_nonlinear_norm"] for r in rows]},
+        {"‖e‖": [r.err_norm for r in rows], "linear part": [r.err_linear_norm for r in rows],
+         "nonlinear part": [r.err_nonlinear_norm for r in rows]},
         x="norm",
     ),
     key="err_hist",
@@ -51,34 +51,34 @@ st.caption("Tinted by each token's error norm above the run's typical error (hov
 common.restore_widgets("dark_matter", {"dm_worst": 5})
 n_worst = st.slider("Contexts", 1, 20, key="dm_worst")
 common.save_widgets("dark_matter", ("dm_worst",))
-norms = np.array([r["err_norm"] for r in rows], dtype=np.float64)
+norms = np.array([r.err_norm for r in rows], dtype=np.float64)
 floor, top = np.percentile(norms, 5), np.percentile(norms, 99.5)  # tint from the typical error up, for contrast
 for ctx in store.worst_contexts(n_worst):
     titles = [f"{t!r}: ‖e‖ {fmt(e)} · nonlinear {fmt(nl)}" if e is not None else f"{t!r}: excluded"
-              for t, e, nl in zip(ctx["tokens"], ctx["err_norms"], ctx["err_nonlinear_norms"])]
-    st.markdown(f"Context {ctx['context_id']} · mean ‖e‖ {fmt(ctx['mean_err_norm'])} · max {fmt(ctx['max_err_norm'])}")
-    tints = [None if e is None else max(e - floor, 0.0) for e in ctx["err_norms"]]
-    st.html(render.tokens_html(ctx["tokens"], tints, scale=max(top - floor, 1e-9), color="error", titles=titles, breaks=False))
+              for t, e, nl in zip(ctx.tokens, ctx.err_norms, ctx.err_nonlinear_norms, strict=True)]
+    st.markdown(f"Context {ctx.context_id} · mean ‖e‖ {fmt(ctx.mean_err_norm)} · max {fmt(ctx.max_err_norm)}")
+    tints = [None if e is None else max(e - floor, 0.0) for e in ctx.err_norms]
+    st.html(render.tokens_html(ctx.tokens, tints, scale=max(top - floor, 1e-9), color="error", titles=titles, breaks=False))
 
 st.subheader("Next-token loss with the SAE spliced in")
-deltas = [r["ce_delta"] for r in rows if r["ce_delta"] is not None]
+deltas = [r.ce_delta for r in rows if r.ce_delta is not None]
 if not deltas:
     st.info("This run measured no per-token loss (no sampled contexts).")
 else:
     st.caption(f"ΔCE = loss of predicting the next token with the reconstruction in place of x − clean loss, per sampled token "
-               f"(mean {fmt(sum(deltas) / len(deltas))}; CE loss recovered {fmt(metrics.get('ce_loss_recovered'))}).")
+               f"(mean {fmt(sum(deltas) / len(deltas))}; CE loss recovered {fmt(metrics.ce_loss_recovered)}).")
     st.plotly_chart(charts.value_histogram({"ΔCE": deltas}, x="ΔCE (nats)", log_y=True), key="ce_hist")
     worst = store.token_rows(order_by="ce_delta", limit=20)
     st.dataframe(
         pd.DataFrame({
-            "token": [render.visible(r["token"]) for r in worst],
-            "context": [r["context_id"] for r in worst],
-            "pos": [r["position"] for r in worst],
-            "ΔCE": [r["ce_delta"] for r in worst],
-            "CE clean": [r["ce_clean"] for r in worst],
-            "CE with SAE": [r["ce_sae"] for r in worst],
-            "‖e‖": [r["err_norm"] for r in worst],
-            "nonlinear part": [r["err_nonlinear_norm"] for r in worst],
+            "token": [render.visible(r.token) for r in worst],
+            "context": [r.context_id for r in worst],
+            "pos": [r.position for r in worst],
+            "ΔCE": [r.ce_delta for r in worst],
+            "CE clean": [r.ce_clean for r in worst],
+            "CE with SAE": [r.ce_sae for r in worst],
+            "‖e‖": [r.err_norm for r in worst],
+            "nonlinear part": [r.err_nonlinear_norm for r in worst],
         }),
         hide_index=True, width="stretch",
     )

@@ -8,7 +8,10 @@ import streamlit as st
 from dashboard import common, feature_view
 
 PAGE_SIZE = 50
-SORT_KEYS = {"density": "Density", "max_act": "Max activation", "fire_count": "Fire count", "mean_act": "Mean activation", "feature_id": "Id"}
+SORT_KEYS = {
+    "density": "Density", "max_act": "Max activation", "fire_count": "Fire count", "mean_act": "Mean activation",
+    "feature_id": "Id",
+}
 
 WIDGETS = ("feat_query", "feat_by", "feat_density", "feat_sort", "feat_desc", "feat_dead", "feat_page")
 
@@ -48,9 +51,11 @@ by = c_by.radio("Search by", ["label", "token", "id"], horizontal=True, key="fea
 
 with st.expander("Filter and sort", expanded=not text):
     f1, f2, f3 = st.columns([3, 2, 2])
-    lo, hi = f1.slider("Density range (log10)", -8.0, 0.0, step=0.5, key="feat_density",
-                       help="Keep latents whose density lies in this range; the left end at -8 means no lower bound")
-    sort_by = f2.selectbox("Sort by", list(SORT_KEYS), format_func=SORT_KEYS.get, key="feat_sort")
+    density_range = f1.slider("Density range (log10)", -8.0, 0.0, step=0.5, key="feat_density",
+                              help="Keep latents whose density lies in this range; the left end at -8 means no lower bound")
+    assert isinstance(density_range, tuple)  # a range slider: restore_widgets gave it a (low, high) pair
+    lo, hi = density_range
+    sort_by = f2.selectbox("Sort by", list(SORT_KEYS), format_func=SORT_KEYS.__getitem__, key="feat_sort")
     descending = f2.toggle("Descending", key="feat_desc")
     include_dead = f3.toggle("Include dead latents", key="feat_dead")
     page = f3.number_input("Page", min_value=1, step=1, key="feat_page")
@@ -70,12 +75,12 @@ with common.shown_errors("Search failed"):
         )
     table = pd.DataFrame(
         {
-            "id": [r["feature_id"] for r in rows],
-            "label": [r.get("label") or "" for r in rows],
-            "density": [r["density"] for r in rows],
-            "max act": [r["max_act"] for r in rows],
-            "mean act": [r["mean_act"] for r in rows],
-            "fires": [r["fire_count"] for r in rows],
+            "id": [r.feature_id for r in rows],
+            "label": [r.label or "" for r in rows],
+            "density": [r.density for r in rows],
+            "max act": [r.max_act for r in rows],
+            "mean act": [r.mean_act for r in rows],
+            "fires": [r.fire_count for r in rows],
         }
     )
     if rows:

@@ -36,17 +36,18 @@ densities = store.densities()
 dead = int((densities <= 0).sum())
 dense = int((densities > 0.1).sum())
 row = st.columns(6)
-row[0].metric("L0 (latents per token)", fmt(metrics.get("l0")))
-row[1].metric("Explained variance", fmt(metrics.get("explained_variance")))
-row[2].metric("CE loss recovered", fmt(metrics.get("ce_loss_recovered")),
+row[0].metric("L0 (latents per token)", fmt(metrics.l0))
+row[1].metric("Explained variance", fmt(metrics.explained_variance))
+row[2].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
               help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
-row[3].metric("KL to clean", fmt(metrics.get("kl_div")), help="Mean KL divergence of next-token distributions, SAE spliced in vs clean")
+row[3].metric("KL to clean", fmt(metrics.kl_div),
+              help="Mean KL divergence of next-token distributions, SAE spliced in vs clean")
 row[4].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
 row[5].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
-if "ce_loss_clean" in metrics:
+if "ce_loss_clean" in (man.get("metrics") or {}):  # a run recording CE metrics (null ones: it had no CE sample)
     st.caption(
-        f"Next-token loss: clean {fmt(metrics.get('ce_loss_clean'))} · with the SAE {fmt(metrics.get('ce_loss_with_sae'))} · "
-        f"zero-ablated {fmt(metrics.get('ce_loss_zero_ablation'))}"
+        f"Next-token loss: clean {fmt(metrics.ce_loss_clean)} · with the SAE {fmt(metrics.ce_loss_with_sae)} · "
+        f"zero-ablated {fmt(metrics.ce_loss_zero_ablation)}"
     )
 
 st.subheader("Latent densities")

@@ -1,11 +1,16 @@
 """Steering: baseline and steered continuations side by side, same seed, streamed token by token."""
 
+from typing import TYPE_CHECKING
+
 import streamlit as st
 
 from dashboard import cache, common, render
 from dashboard.params import DEFAULT_STRENGTH, STEER_KEYS, STRENGTH_RANGE, SteerSettings
 from engine.live.lens import tokenize_prompt
 from engine.live.steering import SteeringSpec, compare, steering_intervention
+
+if TYPE_CHECKING:
+    from engine.model.loading import LoadedModel
 
 WIDGETS = ("steer_mode", "steer_raw", "steer_prompt", "steer_chat", "steer_max_new", "steer_temp", "steer_seed")
 PROMPT_LIMIT = 512  # tokens of prompt kept (the most recent ones): generation on a CPU stays interactive
@@ -43,6 +48,19 @@ def remove_latent(latent: int) -> None:
     st.session_state["steer_latents"].remove(latent)
 
 
+def decode(lm: "LoadedModel", ids: list[int]) -> str:
+    """The text of ``ids``."""
+    text = lm.tokenizer.decode(ids)
+    assert isinstance(text, str)  # a flat list of ids decodes to one string (a batch would give a list)
+    return text
+
+
+def max_act(latent: int) -> float:
+    """The latent's max activation in this run (0 for a latent the run does not have)."""
+    row = cache.feature(run, latent)
+    return float(row.max_act or 0.0) if row is not None else 0.0
+
+
 # A link (shared, or from a feature page's "steer with this latent") sets the state; the state then sets the URL.
 common.restore_widgets("steering")
 if "steer_latents" not in st.session_state:
@@ -71,8 +89,8 @@ with st.container(border=True):
             right.caption(f"No latent matches {render.md(repr(query))}.")
         for row in matches:
             right.button(
-                f"Add #{row['feature_id']} · {render.md((row.get('label') or '')[:60])}", key=f"steer_add_{row['feature_id']}",
-                on_click=add_latent, args=(int(row["feature_id"]),),
+                f"Add #{row.feature_id} · {render.md((row.label or '')[:60])}", key=f"steer_add_{row.feature_id}",
+                on_click=add_latent, args=(int(row.feature_id),),
             )
     latents = st.session_state["steer_latents"]
     if not latents:
@@ -91,7 +109,8 @@ with st.container(border=True):
 
 c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 2])
 c1.radio("Mode", ["add", "clamp"], key="steer_mode", horizontal=True, help="clamp: set the latent to the value at every position")
-c2.toggle("Raw coefficient", key="steer_raw", help="Strength as a plain coefficient on the decoder row instead of max-activation units")
+c2.toggle("Raw coefficient", key="steer_raw",
+          help="Strength as a plain coefficient on the decoder row instead of max-activation units")
 c3.number_input("Max new tokens", 1, 256, key="steer_max_new")
 c4.slider("Temperature", 0.0, 2.0, step=0.05, key="steer_temp", help="0 = greedy")
 c5.number_input("Seed", 0, 2**31 - 1, key="steer_seed")
@@ -125,12 +144,12 @@ if go:
         if len(ids) > keep:
             st.warning(f"The prompt has {len(ids)} tokens; only its last {keep} are used.")
             ids = ids[-keep:]
-        max_acts = {i: float((cache.feature(run, i) or {}).get("max_act") or 0.0) for i in settings.latents}
+        max_acts = {i: max_act(i) for i in settings.latents}
         dead = [i for i, m in max_acts.items() if m <= 0]
         if dead and settings.unit == "max_act":
             st.warning(f"Latent(s) {dead} never fired in this run (max activation 0): steer them with a raw coefficient.")
         factory = steering_intervention(lm, sae, SteeringSpec(settings.latents, settings.mode, settings.unit), max_acts)
-        shown = lm.tokenizer.decode(ids)
+        shown = decode(lm, ids)
         cols = st.columns(2)
         cols[0].markdown("**Baseline**")
         cols[1].markdown("**Steered** · " + (", ".join(f"#{i} × {s:g}" for i, s in settings.latents.items()) or "no latent"))
@@ -141,9 +160,9 @@ if go:
             for side, token in enumerate(pair):
                 if token is not None:
                     out[side].append(token)
-                    slots[side].html(render.continuation_html(shown, lm.tokenizer.decode(out[side]), note="▌"))
-        texts = [lm.tokenizer.decode(o) for o in out]
-        for slot, text in zip(slots, texts):
+                    slots[side].html(render.continuation_html(shown, decode(lm, out[side]), note="▌"))
+        texts = [decode(lm, o) for o in out]
+        for slot, text in zip(slots, texts, strict=True):
             slot.html(render.continuation_html(shown, text))
         st.session_state["steer_result"] = {"query": query_now, "prompt": shown, "texts": texts}
 elif st.session_state.get("steer_result"):
@@ -151,6 +170,6 @@ elif st.session_state.get("steer_result"):
     if result["query"] != query_now:
         st.caption("Result of earlier settings: press Generate to update it.")
     cols = st.columns(2)
-    for col, title, text in zip(cols, ("Baseline", "Steered"), result["texts"]):
+    for col, title, text in zip(cols, ("Baseline", "Steered"), result["texts"], strict=True):
         col.markdown(f"**{title}**")
         col.html(render.continuation_html(result["prompt"], text))

@@ -3,42 +3,88 @@
 ``RunStore.open(run_dir)`` connects to ``index.duckdb`` (built by precompute; rebuilt here if missing)
 read-only with external access disabled, so no statement can touch other files. Every method runs
 named statements from ``engine.run.sql`` with bound parameters on a fresh cursor, so one store can be
-shared by threads (e.g. Streamlit sessions). Results are plain Python: dicts, lists, floats, ints,
-strings; ``densities()`` is a numpy array and ``linear_map()`` returns torch tensors.
+shared by threads (e.g. Streamlit sessions). Rows come back as the immutable row types of
+``engine.run.rows`` (attribute access, built straight from DuckDB's result tuples); ``manifest()`` is the
+manifest's dict, ``densities()`` a numpy array and ``linear_map()`` returns torch tensors.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from . import schema, sql
 from .index import READ_ONLY, build_index, index_current
+from .rows import (
+    Context,
+    ContextErrors,
+    DarkMatterSummary,
+    Example,
+    FeatureRow,
+    FeatureSummary,
+    RunMetrics,
+    RunSnapshot,
+    TokenRow,
+)
 from .rundir import data_dir, read_manifest
 
 SEARCH_MODES = ("label", "token", "id")
 
+# Columns each query returns, in the order of the row type's leading fields (checked by name at fetch time).
+_FEATURE_COLUMNS = FeatureRow._fields[:-1]  # every features.parquet column; examples are added
+_SUMMARY_COLUMNS = FeatureSummary._fields[: len(sql.SUMMARY_COLUMNS)]
+_SEARCH_TOKEN_COLUMNS = FeatureSummary._fields  # the summary plus fires_on, promotes
+_EXAMPLE_COLUMNS = Example._fields[: Example._fields.index("acts") + 1]  # token_ids and tokens are added
+_TOKEN_COLUMNS = TokenRow._fields[:-1]  # every tokens.parquet column; token is added
+_WORST_COLUMNS = ("context_id", "mean_err_norm", "max_err_norm", "positions", "err_norms", "err_nonlinear_norms", "token_ids")
+# List columns a fixed-size ARRAY in the index may hold: DuckDB returns those as tuples, the rows hand out lists.
+_FEATURE_LISTS = tuple(
+    i for i, name in enumerate(_FEATURE_COLUMNS) if pa.types.is_list(schema.FEATURES_SCHEMA.field(name).type)
+)
 
-def _rows(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    names = [d[0] for d in cursor.description]
-    # fixed-size ARRAY columns come back as tuples: hand out lists like the Parquet files' list columns
-    return [{k: list(v) if isinstance(v, tuple) else v for k, v in zip(names, row)} for row in cursor.fetchall()]
+
+def _select(cursor: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    """The result's rows as tuples of ``columns`` in that order (as DuckDB returns them when the query's columns
+    are exactly these; picked by name otherwise, e.g. from a table with its columns in another order)."""
+    names = tuple(d[0] for d in cursor.description)
+    rows = cursor.fetchall()
+    if names == tuple(columns):
+        return rows
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise RuntimeError(f"query returned columns {names}, lacking {missing}: the run's index does not match this saescope")
+    pick = operator.itemgetter(*(names.index(c) for c in columns))
+    return [pick(row) for row in rows]
+
+
+def _as_list(value: Any) -> Any:
+    """A list column's value as a list (a fixed-size ARRAY comes back as a tuple); None stays None."""
+    return None if value is None else list(value)
+
+
+def _section(manifest: dict, key: str) -> dict:
+    value = manifest.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 class RunStore:
     """Read-only queries over one precomputed run. Create with ``RunStore.open(run_dir)``."""
 
-    def __init__(self, run_dir: Path, manifest: dict, con: duckdb.DuckDBPyConnection):
+    def __init__(self, run_dir: Path, manifest: dict, con: duckdb.DuckDBPyConnection, dark: BinaryIO):
         self.run_dir = run_dir
         self.data_dir = data_dir(run_dir, manifest)
         """Where the files of the run or snapshot this store reads live (``run_dir`` for a finished run)."""
         self._manifest = manifest
         self._con = con
+        self._dark = dark  # dark_matter.safetensors, held open (see ``_open_files``)
         self._vocab: list[str] = [row[0] for row in con.cursor().execute(sql.VOCAB).fetchall()]
 
     @classmethod
@@ -80,12 +126,10 @@ class RunStore:
                 else:  # read-only run directory: keep the index next to the temp files
                     index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
                     build_index(files, index)
-            store = cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=READ_ONLY))
+            return cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=READ_ONLY), dark)
         except BaseException:
             dark.close()
             raise
-        store._dark = dark
-        return store
 
     def close(self) -> None:
         self._con.close()
@@ -97,43 +141,56 @@ class RunStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _query(self, statement: str, params: dict | None = None) -> list[dict[str, Any]]:
-        return _rows(self._con.cursor().execute(statement, params or {}))
+    def _execute(self, statement: str, params: dict | None = None) -> duckdb.DuckDBPyConnection:
+        return self._con.cursor().execute(statement, params or {})
+
+    def _scalar(self, statement: str) -> Any:
+        row = self._execute(statement).fetchone()
+        if row is None:
+            raise RuntimeError(f"no row from {statement!r}")
+        return row[0]
 
     # --- run-level ---------------------------------------------------------------------------
     def manifest(self) -> dict:
-        """The run's manifest (model, SAE, corpus, settings, metrics, timings)."""
+        """The run's manifest (model, SAE, corpus, settings, metrics, timings): the parsed ``manifest.json``."""
         return self._manifest
 
     def is_final(self) -> bool:
         """False while this is a snapshot of a run still being computed (see ``snapshot()``)."""
-        return bool((self._manifest.get("snapshot") or {}).get("final", True))
+        return bool(_section(self._manifest, "snapshot").get("final", True))
 
-    def snapshot(self) -> dict:
-        """``final``, ``index``, ``n_tokens`` (covered), ``target_tokens`` (None: the whole corpus), ``host``,
-        ``pid``, ``updated`` for a snapshot; ``{"final": True, ...}`` for a finished run."""
-        snap = dict(self._manifest.get("snapshot") or {"final": True})
-        snap.setdefault("n_tokens", (self._manifest.get("corpus") or {}).get("n_tokens"))
-        return snap
+    def snapshot(self) -> RunSnapshot:
+        """Where the run stands (``final``, ``index``, ``n_tokens``, ``seen_tokens``, ``target_tokens``, ``host``,
+        ``pid``); a run without a ``snapshot`` section is final, with the corpus' ``n_tokens``."""
+        snap = _section(self._manifest, "snapshot")
+        n_tokens = snap["n_tokens"] if "n_tokens" in snap else _section(self._manifest, "corpus").get("n_tokens")
+        return RunSnapshot(
+            final=bool(snap.get("final", True)), index=snap.get("index"), n_tokens=n_tokens,
+            seen_tokens=snap.get("seen_tokens"), target_tokens=snap.get("target_tokens"), host=snap.get("host"),
+            pid=snap.get("pid"),
+        )
 
-    def metrics(self) -> dict:
+    def metrics(self) -> RunMetrics:
         """Aggregate reconstruction and CE metrics (``l0``, ``explained_variance``, ``ce_loss_recovered`` ...)."""
-        return dict(self._manifest.get("metrics", {}))
+        section = _section(self._manifest, "metrics")
+        return RunMetrics(*(section.get(name) for name in RunMetrics._fields))
 
-    def dark_matter(self) -> dict:
-        """Summary of the linear map from x to the SAE error (held-out R^2 of error and error norm ...)."""
-        return dict(self._manifest.get("dark_matter", {}))
+    def dark_matter(self) -> DarkMatterSummary | None:
+        """Summary of the linear map from x to the SAE error (held-out R^2 of error and error norm ...); None when
+        the manifest has no dark-matter section."""
+        section = _section(self._manifest, "dark_matter")
+        return DarkMatterSummary(*(section.get(name) for name in DarkMatterSummary._fields)) if section else None
 
     def n_features(self) -> int:
-        return int(self._con.cursor().execute(sql.N_FEATURES).fetchone()[0])
+        return int(self._scalar(sql.N_FEATURES))
 
     def densities(self) -> np.ndarray:
         """Density of every latent, by feature id (float64)."""
-        return self._con.cursor().execute(sql.DENSITIES).fetchnumpy()["density"]
+        return np.asarray(self._execute(sql.DENSITIES).fetchnumpy()["density"], dtype=np.float64)
 
     def dead_ids(self) -> list[int]:
         """Latents that never fired on the statistics' tokens."""
-        return [row[0] for row in self._con.cursor().execute(sql.DEAD_IDS).fetchall()]
+        return [row[0] for row in self._execute(sql.DEAD_IDS).fetchall()]
 
     def linear_map(self):
         """``(W [d_in, d_in], b [d_in])`` float32 tensors: predicted error ``x @ W + b``."""
@@ -144,44 +201,46 @@ class RunStore:
         return tensors["W"], tensors["b"]
 
     # --- tokens ----------------------------------------------------------------------------------
-    def decode(self, token_ids) -> list[str]:
+    def decode(self, token_ids: Iterable[int]) -> list[str]:
         """Display string of each token id (``<id N>`` for ids outside the vocabulary)."""
         vocab = self._vocab
         return [vocab[i] if 0 <= i < len(vocab) else f"<id {i}>" for i in (int(t) for t in token_ids)]
 
-    def context(self, context_id: int) -> dict | None:
-        """One context's token ids and display strings."""
-        rows = self._query(sql.CONTEXT, {"context_id": int(context_id)})
-        if not rows:
+    def context(self, context_id: int) -> Context | None:
+        """One context's token ids and display strings; None for an unknown id."""
+        row = self._execute(sql.CONTEXT, {"context_id": int(context_id)}).fetchone()
+        if row is None:
             return None
-        ids = rows[0]["token_ids"]
-        return {"context_id": int(context_id), "token_ids": ids, "tokens": self.decode(ids)}
+        ids = list(row[0])
+        return Context(int(context_id), ids, self.decode(ids))
 
     # --- features ----------------------------------------------------------------------------------
-    def feature(self, feature_id: int) -> dict | None:
-        """Every features.parquet column of one latent plus ``examples`` (see ``examples``); None if absent."""
-        rows = self._query(sql.FEATURE, {"feature_id": int(feature_id)})
+    def feature(self, feature_id: int) -> FeatureRow | None:
+        """Every features.parquet column of one latent plus its ``examples`` (see ``examples``); None if absent."""
+        rows = _select(self._execute(sql.FEATURE, {"feature_id": int(feature_id)}), _FEATURE_COLUMNS)
         if not rows:
             return None
-        out = rows[0]
-        out["examples"] = self.examples(feature_id)
-        return out
+        values = list(rows[0])
+        for i in _FEATURE_LISTS:
+            values[i] = _as_list(values[i])
+        values.append(self.examples(feature_id))
+        return FeatureRow._make(values)
 
-    def examples(self, feature_id: int, kind: str | None = None) -> list[dict]:
-        """Top then quantile examples of a latent: kind, rank, quantile_bin, context_id, max_pos, max_act,
-        start, acts, token_ids (of the window ``acts`` covers) and tokens (display strings)."""
+    def examples(self, feature_id: int, kind: str | None = None) -> list[Example]:
+        """Top then quantile examples of a latent (``kind``: only those), each with the token ids and display
+        strings of the window its ``acts`` cover."""
         if kind not in (None, "top", "quantile"):
             raise ValueError(f"kind must be 'top', 'quantile' or None, got {kind!r}")
-        rows = self._query(sql.EXAMPLES, {"feature_id": int(feature_id), "kind": kind})
-        wanted = sorted({row["context_id"] for row in rows})
-        contexts = dict(self._con.cursor().execute(sql.CONTEXTS, {"context_ids": wanted}).fetchall()) if wanted else {}
-        contexts = {k: list(v) for k, v in contexts.items()}
-        for row in rows:
-            start = row["start"]
-            ids = contexts[row["context_id"]][start : start + len(row["acts"])]
-            row["token_ids"] = ids
-            row["tokens"] = self.decode(ids)
-        return rows
+        rows = _select(self._execute(sql.EXAMPLES, {"feature_id": int(feature_id), "kind": kind}), _EXAMPLE_COLUMNS)
+        if not rows:
+            return []
+        wanted = sorted({row[3] for row in rows})  # context_id
+        contexts = dict(self._execute(sql.CONTEXTS, {"context_ids": wanted}).fetchall())
+        out = []
+        for kind_, rank, quantile_bin, context_id, max_pos, max_act, start, acts in rows:
+            ids = list(contexts[context_id][start : start + len(acts)])
+            out.append(Example(kind_, rank, quantile_bin, context_id, max_pos, max_act, start, list(acts), ids, self.decode(ids)))
+        return out
 
     def top_features(
         self,
@@ -192,8 +251,8 @@ class RunStore:
         include_dead: bool = False,
         limit: int = 50,
         offset: int = 0,
-    ) -> list[dict]:
-        """Latent summaries (``sql.SUMMARY_COLUMNS``) sorted by a key, with density filters."""
+    ) -> list[FeatureSummary]:
+        """Latent summaries sorted by a key, with density filters."""
         if sort_by not in sql.SORT_KEYS:
             raise ValueError(f"sort_by must be one of {', '.join(sql.SORT_KEYS)}, got {sort_by!r}")
         params = {
@@ -203,9 +262,9 @@ class RunStore:
             "limit": _count(limit, "limit"),
             "offset": _count(offset, "offset"),
         }
-        return self._query(sql.TOP_FEATURES[(sort_by, bool(descending))], params)
+        return self._summaries(sql.TOP_FEATURES[(sort_by, bool(descending))], params)
 
-    def search(self, text: str, by: str = "label", limit: int = 50) -> list[dict]:
+    def search(self, text: str, by: str = "label", limit: int = 50) -> list[FeatureSummary]:
         """Latents whose label contains ``text`` (case-insensitive), that fire on or promote a token whose
         display string equals ``text`` (trimmed, case-insensitive; rows say ``fires_on``/``promotes``), or whose
         id is ``text``. The text is data: it is bound, never spliced into SQL, and has no wildcards."""
@@ -220,35 +279,44 @@ class RunStore:
                 return []
             if not -(2**31) <= feature_id < 2**31:
                 return []
-            return self._query(sql.FEATURE_SUMMARY, {"feature_id": feature_id})
+            return self._summaries(sql.FEATURE_SUMMARY, {"feature_id": feature_id})
         if not text.strip():
             return []
-        statement = sql.SEARCH_LABEL if by == "label" else sql.SEARCH_TOKEN
-        return self._query(statement, {"text": text, "limit": limit})
+        if by == "label":
+            return self._summaries(sql.SEARCH_LABEL, {"text": text, "limit": limit})
+        return self._summaries(sql.SEARCH_TOKEN, {"text": text, "limit": limit}, _SEARCH_TOKEN_COLUMNS)
+
+    def _summaries(self, statement: str, params: dict, columns: Sequence[str] = _SUMMARY_COLUMNS) -> list[FeatureSummary]:
+        return [FeatureSummary(*row) for row in _select(self._execute(statement, params), columns)]
 
     # --- reconstruction and dark matter -----------------------------------------------------------
-    def token_rows(self, order_by: str = "err_norm", limit: int = 100, descending: bool = True) -> list[dict]:
+    def token_rows(self, order_by: str = "err_norm", limit: int = 100, descending: bool = True) -> list[TokenRow]:
         """Per-token error rows of the run's token sample (tokens.parquet columns plus ``token``)."""
         if order_by not in sql.TOKEN_ORDER_KEYS:
             raise ValueError(f"order_by must be one of {', '.join(sql.TOKEN_ORDER_KEYS)}, got {order_by!r}")
-        rows = self._query(sql.TOKEN_ROWS[(order_by, bool(descending))], {"limit": _count(limit, "limit")})
-        for row, text in zip(rows, self.decode(r["token_id"] for r in rows)):
-            row["token"] = text
-        return rows
+        statement = sql.TOKEN_ROWS[(order_by, bool(descending))]
+        rows = _select(self._execute(statement, {"limit": _count(limit, "limit")}), _TOKEN_COLUMNS)
+        texts = self.decode(row[2] for row in rows)  # token_id
+        return [TokenRow._make((*row, text)) for row, text in zip(rows, texts, strict=True)]
 
-    def worst_contexts(self, n: int = 10) -> list[dict]:
+    def worst_contexts(self, n: int = 10) -> list[ContextErrors]:
         """Sampled contexts with the highest mean error norm: tokens and per-position error norms (None where
         a position is excluded from statistics)."""
-        rows = self._query(sql.WORST_CONTEXTS, {"n": _count(n, "n")})
-        for row in rows:
-            length = len(row["token_ids"])
-            for key in ("err_norms", "err_nonlinear_norms"):
-                full: list[float | None] = [None] * length
-                for pos, value in zip(row["positions"], row[key]):
-                    full[pos] = value
-                row[key] = full
-            row["tokens"] = self.decode(row["token_ids"])
-        return rows
+        rows = _select(self._execute(sql.WORST_CONTEXTS, {"n": _count(n, "n")}), _WORST_COLUMNS)
+        out = []
+        for context_id, mean_err, max_err, positions, err_norms, nonlinear_norms, token_ids in rows:
+            ids = list(token_ids)
+            errs, nonlinear = _spread(positions, err_norms, len(ids)), _spread(positions, nonlinear_norms, len(ids))
+            out.append(ContextErrors(context_id, mean_err, max_err, list(positions), errs, nonlinear, ids, self.decode(ids)))
+        return out
+
+
+def _spread(positions: Sequence[int], values: Sequence[float], length: int) -> list[float | None]:
+    """``values`` placed at ``positions`` of a list of ``length`` (None elsewhere)."""
+    full: list[float | None] = [None] * length
+    for pos, value in zip(positions, values, strict=True):
+        full[pos] = value
+    return full
 
 
 def _count(value: int, name: str) -> int:

@@ -103,8 +103,8 @@ def test_demo_run_in_every_page(demo_run, open_app):
     assert not at.exception and not at.error
     assert any(f"**{n:,}** latents" in m.value for m in at.markdown)
 
-    at = open_app(demo_run, "views/features.py", feature=top["feature_id"])
-    assert not at.exception and not at.error and at.title[0].value == f"Feature #{top['feature_id']}"
+    at = open_app(demo_run, "views/features.py", feature=top.feature_id)
+    assert not at.exception and not at.error and at.title[0].value == f"Feature #{top.feature_id}"
     assert any("saescope-tokens" in h.proto.body for h in at.get("html"))
 
     at = open_app(demo_run, "views/lens.py")
@@ -116,7 +116,7 @@ def test_demo_run_in_every_page(demo_run, open_app):
     table = at.dataframe[0].value
     assert (table["L0"][table["counted"]] > 0).all() and table["ΔCE"].notna().any()
 
-    at = open_app(demo_run, STEER, latents=f"{top['feature_id']}:10", prompt="My favourite food is", max_new=16, seed=0)
+    at = open_app(demo_run, STEER, latents=f"{top.feature_id}:10", prompt="My favourite food is", max_new=16, seed=0)
     assert not at.exception and not at.error
     baseline, steered = [h.proto.body for h in at.get("html") if "saescope-generation" in h.proto.body]
     assert baseline != steered

@@ -100,7 +100,7 @@ def test_feature_list_sorts_and_filters(tiny_runs, open_app, store):
     no_crash(at)
     table = at.dataframe[0].value
     expected = store.top_features(sort_by="density", descending=True, limit=50)
-    assert table["id"].tolist() == [r["feature_id"] for r in expected]
+    assert table["id"].tolist() == [r.feature_id for r in expected]
     at.selectbox(key="feat_sort").set_value("max_act")
     at.toggle(key="feat_desc").set_value(False).run()
     table = at.dataframe[0].value
@@ -112,13 +112,13 @@ def test_feature_list_sorts_and_filters(tiny_runs, open_app, store):
 
 @pytest.mark.parametrize("by", ["label", "token", "id"])
 def test_feature_search(tiny_runs, open_app, store, by):
-    word = {"label": store.feature(3)["label"].split(" / ")[0], "token": "the", "id": "17"}[by]
+    word = {"label": store.feature(3).label.split(" / ")[0], "token": "the", "id": "17"}[by]
     at = open_app(tiny_runs["topk"], FEATURES)
     at.radio(key="feat_by").set_value(by)
     at.text_input(key="feat_query").input(word).run()
     no_crash(at)
     table = at.dataframe[0].value
-    assert table["id"].tolist() == [r["feature_id"] for r in store.search(word, by=by, limit=50)]
+    assert table["id"].tolist() == [r.feature_id for r in store.search(word, by=by, limit=50)]
     if by == "label":
         assert 3 in table["id"].tolist() and all(word.lower() in label.lower() for label in table["label"])
     if by == "id":
@@ -130,21 +130,21 @@ def test_feature_page_by_deep_link(tiny_runs, open_app, store):
     at = open_app(tiny_runs["topk"], FEATURES, feature=5)
     no_crash(at)
     assert at.title[0].value == "Feature #5"
-    assert metric(at, "Fires on") == f"{row['fire_count']:,}"
+    assert metric(at, "Fires on") == f"{row.fire_count:,}"
     (hist,) = plotly(at)
-    assert values(hist["data"][0]["y"]).tolist() == row["hist_counts"]
+    assert values(hist["data"][0]["y"]).tolist() == row.hist_counts
     bodies = htmls(at)
-    top = [e for e in row["examples"] if e["kind"] == "top"]
-    assert sum(b.count('class="saescope-tokens"') for b in bodies) == len(row["examples"])
-    value = top[0]["acts"][top[0]["max_pos"] - top[0]["start"]]
+    top = [e for e in row.examples if e.kind == "top"]
+    assert sum(b.count('class="saescope-tokens"') for b in bodies) == len(row.examples)
+    value = top[0].acts[top[0].max_pos - top[0].start]
     assert f": {value:.3f}" in bodies[2]  # the max token's exact activation is in its hover title
     links = [link.proto.label for link in at.get("page_link")]
-    assert len(links) == len(row["neighbor_ids"]) and links[0].startswith(f"#{row['neighbor_ids'][0]} ")
+    assert len(links) == len(row.neighbor_ids) and links[0].startswith(f"#{row.neighbor_ids[0]} ")
 
 
 def test_feature_examples_escape_markup(tiny_runs, open_app, store):
     # a latent with "<" in its top examples (the corpus holds <script> and </div>)
-    fid = next(i for i in range(store.n_features()) if any("<" in "".join(e["tokens"]) for e in store.examples(i, "top")))
+    fid = next(i for i in range(store.n_features()) if any("<" in "".join(e.tokens) for e in store.examples(i, "top")))
     at = open_app(tiny_runs["topk"], FEATURES, feature=fid)
     no_crash(at)
     tokens = "".join(htmls(at))
@@ -233,18 +233,18 @@ def test_dark_matter_page(tiny_runs, open_app, store):
     at = open_app(tiny_runs["topk"], DARK)
     no_crash(at)
     dm = store.dark_matter()
-    assert metric(at, "Error variance predicted (held-out R²)") == f"{dm['heldout_error_r2']:.3g}"
+    assert metric(at, "Error variance predicted (held-out R²)") == f"{dm.heldout_error_r2:.3g}"
     err_hist, ce_hist = plotly(at)
     assert [t["name"] for t in err_hist["data"]] == ["‖e‖", "linear part", "nonlinear part"]
-    assert len(values(err_hist["data"][0]["x"])) == dm["n_token_rows"]
+    assert len(values(err_hist["data"][0]["x"])) == dm.n_token_rows
     assert ce_hist["layout"]["yaxis"]["type"] == "log"
     at.slider(key="dm_worst").set_value(3).run()
     worst = store.worst_contexts(3)
     bodies = [b for b in htmls(at) if "saescope-tokens" in b]
-    assert len(bodies) == 3 and all(b.count("<span") == len(c["tokens"]) for b, c in zip(bodies, worst))
+    assert len(bodies) == 3 and all(b.count("<span") == len(c.tokens) for b, c in zip(bodies, worst, strict=True))
     table = at.dataframe[0].value
     assert table["ΔCE"].is_monotonic_decreasing
-    assert table["ΔCE"].iloc[0] == pytest.approx(store.token_rows("ce_delta", 1)[0]["ce_delta"])
+    assert table["ΔCE"].iloc[0] == pytest.approx(store.token_rows("ce_delta", 1)[0].ce_delta)
 
 
 # --- steering ------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_steering_streams_baseline_and_steered_from_one_seed(tiny_runs, open_app
     man = store.manifest()
     lm = load_model(man["model"]["name"], device="cpu", dtype="float32")
     sae = load_sae(man["sae"]["path"])
-    max_acts = {i: store.feature(i)["max_act"] for i in (5, 9)}
+    max_acts = {i: store.feature(i).max_act for i in (5, 9)}
     factory = steering_intervention(lm, sae, SteeringSpec({5: 20.0, 9: -6.0}), max_acts)
     pairs = list(compare(lm, lm.tokenizer(prompt)["input_ids"], factory, max_new_tokens=12, temperature=0.9, seed=3))
     base = lm.tokenizer.decode([a for a, _ in pairs if a is not None])

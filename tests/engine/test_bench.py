@@ -20,9 +20,10 @@ def test_synthetic_store_is_a_readable_run(tmp_path):
     with RunStore.open(path) as store:
         assert store.n_features() == 3000
         page = store.feature(2999)
-        assert len(page["examples"]) == 20 and all(len(e["acts"]) == len(e["tokens"]) == 64 for e in page["examples"])
+        assert page is not None and len(page.examples) == 20
+        assert all(len(e.acts) == len(e.tokens) == 64 for e in page.examples)
         top = store.top_features(sort_by="density", limit=50)
-        assert len(top) == 50 and top[0]["density"] >= top[-1]["density"]
+        assert len(top) == 50 and top[0].density >= top[-1].density
 
 
 def test_query_bench_reports_latencies(tmp_path):

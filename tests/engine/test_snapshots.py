@@ -64,9 +64,9 @@ def test_snapshots_are_published_at_doubling_counts_and_removed_at_the_end(live_
     assert final["timings"]["snapshots"] == len(snaps) and not (out / rundir.SNAPSHOTS).exists()
     assert final["corpus"]["n_contexts"] * CTX > seen[-1]
     with RunStore.open(live_run["snapshots"][0]) as store:  # a copied snapshot: its files at the top, its manifest
-        assert not store.is_final() and store.snapshot()["seen_tokens"] == seen[0]
+        assert not store.is_final() and store.snapshot().seen_tokens == seen[0]
     with RunStore.open(out) as store:
-        assert store.is_final() and store.snapshot()["n_tokens"] == final["corpus"]["n_tokens"]
+        assert store.is_final() and store.snapshot().n_tokens == final["corpus"]["n_tokens"]
 
 
 def test_every_snapshot_is_exact_for_its_tokens(live_run, tiny_llama):
@@ -124,7 +124,7 @@ def test_readers_never_see_a_half_written_run(tiny_llama, tmp_path, monkeypatch)
                 seen.add(n)
                 if store.context(n - 1) is None or store.context(n) is not None:
                     problems.append(f"manifest says {n} contexts; the index disagrees")
-                if store.n_features() != 256 or not store.examples(int(store.top_features(limit=1)[0]["feature_id"])):
+                if store.n_features() != 256 or not store.examples(int(store.top_features(limit=1)[0].feature_id)):
                     problems.append("incomplete feature tables")
                 store.linear_map()
 
