@@ -16,7 +16,8 @@ GREY = "#868e96"
 def _layout(fig: go.Figure, *, x: str, y: str, height: int = 300) -> go.Figure:
     fig.update_layout(
         height=height, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=x, yaxis_title=y,
-        bargap=0.05, showlegend=len(fig.data) > 1, legend=dict(orientation="h", y=1.12),
+        # plotly ships no type hints: pyright infers ``data`` as ``Unknown | Figure`` (it is a tuple of traces)
+        bargap=0.05, showlegend=len(fig.data) > 1, legend=dict(orientation="h", y=1.12),  # pyright: ignore[reportArgumentType]
     )
     return fig
 
@@ -30,7 +31,8 @@ def density_histogram(densities: np.ndarray, bins: int = 60) -> go.Figure:
     if alive.size:
         logs = np.log10(alive)
         lo, hi = math.floor(logs.min()), max(math.ceil(logs.max()), math.floor(logs.min()) + 1)
-        fig.add_trace(go.Histogram(x=logs, xbins=dict(start=lo, end=hi, size=(hi - lo) / bins), marker_color=ORANGE, name="latents"))
+        bins_spec = dict(start=lo, end=hi, size=(hi - lo) / bins)
+        fig.add_trace(go.Histogram(x=logs, xbins=bins_spec, marker_color=ORANGE, name="latents"))
         ticks = list(range(lo, hi + 1))
         fig.update_xaxes(tickvals=ticks, ticktext=[f"1e{t}" for t in ticks])
         fig.add_vline(x=-1, line_dash="dot", line_color=GREY, annotation_text="dense (10%)", annotation_position="top left")
@@ -40,24 +42,25 @@ def density_histogram(densities: np.ndarray, bins: int = 60) -> go.Figure:
 
 def activation_histogram(counts: Sequence[int], edges: Sequence[float]) -> go.Figure:
     """A latent's firing activations, binned (``len(edges) == len(counts) + 1``)."""
-    edges = np.asarray(edges, dtype=np.float64)
-    counts = np.asarray(counts)
-    if counts.size == 0 or edges.size != counts.size + 1:
+    edge = np.asarray(edges, dtype=np.float64)
+    count = np.asarray(counts)
+    if count.size == 0 or edge.size != count.size + 1:
         return _layout(go.Figure(), x="activation", y="tokens")
-    centers, widths = (edges[1:] + edges[:-1]) / 2, np.diff(edges)
-    fig = go.Figure(go.Bar(x=centers, y=counts, width=widths, marker_color=ORANGE, name="tokens",
+    centers, widths = (edge[1:] + edge[:-1]) / 2, np.diff(edge)
+    fig = go.Figure(go.Bar(x=centers, y=count, width=widths, marker_color=ORANGE, name="tokens",
                            hovertemplate="activation %{x:.3g}<br>%{y} tokens<extra></extra>"))
     return _layout(fig, x="activation (where the latent fires)", y="tokens", height=260)
 
 
-def value_histogram(series: dict[str, Sequence[float]], *, x: str, bins: int = 60, log_y: bool = False) -> go.Figure:
-    """Overlaid histograms of a few named value series (e.g. error norms: total, linear, nonlinear)."""
+def value_histogram(series: dict[str, Sequence[float | None]], *, x: str, bins: int = 60, log_y: bool = False) -> go.Figure:
+    """Overlaid histograms of up to four named value series (e.g. error norms: total, linear, nonlinear); None and
+    NaN values are left out."""
     colors = [VIOLET, ORANGE, GREY, "#1c7ed6"]
     fig = go.Figure()
-    for (name, values), color in zip(series.items(), colors):
-        values = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-        if values.size:
-            fig.add_trace(go.Histogram(x=values, nbinsx=bins, name=name, marker_color=color, opacity=0.7))
+    for (name, values), color in zip(series.items(), colors, strict=False):  # one colour per series, four at most
+        finite = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+        if finite.size:
+            fig.add_trace(go.Histogram(x=finite, nbinsx=bins, name=name, marker_color=color, opacity=0.7))
     fig.update_layout(barmode="overlay")
     if log_y:
         fig.update_yaxes(type="log")

@@ -67,7 +67,9 @@ def tint(value: float, scale: float, color: str = "act") -> str:
     return f"background-color: rgba({r}, {g}, {b}, {alpha:.3f});"
 
 
-def token_span(token: str, value: float, scale: float, *, color: str = "act", title: str | None = None, mark: bool = False) -> str:
+def token_span(
+    token: str, value: float, scale: float, *, color: str = "act", title: str | None = None, mark: bool = False,
+) -> str:
     """One escaped token tinted by ``value``; ``title`` (default: the token and value) shows on hover."""
     if title is None:
         title = f"{token!r}: {fmt(value)}"
@@ -78,7 +80,7 @@ def token_span(token: str, value: float, scale: float, *, color: str = "act", ti
 
 def tokens_html(
     tokens: Sequence[str],
-    values: Sequence[float],
+    values: Sequence[float | None],
     *,
     scale: float | None = None,
     color: str = "act",
@@ -87,7 +89,7 @@ def tokens_html(
     mark: int | None = None,
     breaks: bool = True,
 ) -> str:
-    """A box of tokens, each tinted by its value (``signed``: red above zero, blue below).
+    """A box of tokens, each tinted by its value (``signed``: red above zero, blue below; None: untinted).
 
     ``scale`` defaults to the largest absolute value; ``mark`` underlines one position (e.g. the max);
     ``breaks`` also breaks the line after a newline token (its ⏎ stays visible).
@@ -98,11 +100,11 @@ def tokens_html(
     if scale is None:
         scale = max(finite, default=0.0)
     parts = []
-    for i, (token, value) in enumerate(zip(tokens, values)):
-        value = 0.0 if value is None else float(value)
-        hue = ("pos" if value > 0 else "neg") if signed else color
+    for i, (token, value) in enumerate(zip(tokens, values, strict=True)):
+        number = 0.0 if value is None else float(value)
+        hue = ("pos" if number > 0 else "neg") if signed else color
         title = titles[i] if titles is not None else None
-        parts.append(token_span(token, value, scale, color=hue, title=title, mark=(i == mark)))
+        parts.append(token_span(token, number, scale, color=hue, title=title, mark=(i == mark)))
         if breaks and "\n" in token:
             parts.append("<br>")
     return f'<div class="saescope-tokens" style="{_BOX}">{"".join(parts)}</div>'
@@ -115,7 +117,8 @@ def chips(items: Sequence[tuple[str, float]], *, color: str = "act", scale: floa
     scale = scale or max((abs(v) for _, v in items), default=1.0)
     parts = []
     for token, value in items:
-        style = tint(0.15 + 0.45 * abs(value) / scale, 1.0, color) + "border-radius: 4px; padding: 1px 5px; margin: 2px; display: inline-block;"
+        style = tint(0.15 + 0.45 * abs(value) / scale, 1.0, color)
+        style += "border-radius: 4px; padding: 1px 5px; margin: 2px; display: inline-block;"
         parts.append(
             f'<span style="{style}" title="{escape(f"{token!r}: {value:+.3f}")}">'
             f'<code style="background: none;">{escape(visible(token))}</code> '

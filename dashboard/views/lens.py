@@ -19,7 +19,8 @@ text = st.text_area("Text", key="lens_text", height=110, placeholder="Type or pa
 c1, c2, c3 = st.columns(3)
 has_template = bool(getattr(lm.tokenizer, "chat_template", None))
 chat = c1.toggle("As a chat message", key="lens_chat", disabled=not has_template,
-                 help="Render the text as a user message with the model's chat template" if has_template else "This model has no chat template")
+                 help="Render the text as a user message with the model's chat template" if has_template
+                 else "This model has no chat template")
 top_k = c2.slider("Latents per token", 1, 16, key="lens_top_k")
 steps = None
 if sae.cfg.architecture == "matching_pursuit":
@@ -69,16 +70,17 @@ titles = [
     + ("" if t.included else "\n(excluded: position 0 or special token)")
     for t in rows
 ]
+color, signed = "act", False
 if choice == "top":
-    values, kw = [t.top_latents[0][1] if t.top_latents else 0.0 for t in rows], {"color": "act"}
+    values = [t.top_latents[0][1] if t.top_latents else 0.0 for t in rows]
 elif choice == "error":
-    values, kw = [t.err_norm if t.included else 0.0 for t in rows], {"color": "error"}
+    values, color = [t.err_norm if t.included else 0.0 for t in rows], "error"
 elif choice == "ce":
-    values, kw = [t.ce_delta or 0.0 for t in rows], {"signed": True}
+    values, signed = [t.ce_delta or 0.0 for t in rows], True
 else:
     latent = int(choice.split(":")[1])
-    values, kw = result.latent_acts(latent), {"color": "act"}
-st.html(render.tokens_html(strings, values, titles=titles, **kw))
+    values = result.latent_acts(latent)
+st.html(render.tokens_html(strings, values, titles=titles, color=color, signed=signed))
 if choice.startswith("latent:"):
     common.feature_link(latent, labels.get(latent, ""), suffix=f" — max {fired[latent]:.3g} here; open its feature page")
 
@@ -111,9 +113,11 @@ st.caption("Error split: the part of the error the run's linear map predicts fro
 st.dataframe(table, hide_index=True, width="stretch", column_config={
     c: st.column_config.NumberColumn(format="%.3f") for c in ("‖x‖", "‖error‖", "linear part", "nonlinear part", "ΔCE")})
 
-pos = st.selectbox("Inspect a token", [t.position for t in rows], index=min(1, len(rows) - 1), format_func=lambda p: f"{p}: {render.visible(strings[p])!r}", key=f"lens_pos_{version}")
+pos = st.selectbox("Inspect a token", [t.position for t in rows], index=min(1, len(rows) - 1),
+                   format_func=lambda p: f"{p}: {render.visible(strings[p])!r}", key=f"lens_pos_{version}")
 tops = rows[pos].top_latents
 if not tops:
-    st.caption("No latent is active on this token." + ("" if rows[pos].included else " (The SAE skips position 0 and special tokens.)"))
+    skipped = "" if rows[pos].included else " (The SAE skips position 0 and special tokens.)"
+    st.caption("No latent is active on this token." + skipped)
 for latent_id, value in tops:
     common.feature_link(latent_id, cache.labels(run, [latent_id]).get(latent_id, ""), suffix=f" — {value:.3f}")

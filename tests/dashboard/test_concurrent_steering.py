@@ -32,7 +32,7 @@ def test_eight_concurrent_steering_sessions_match_their_solo_runs(tiny_llama):
         together = list(pool.map(lambda job: session(job, barrier), jobs))
 
     assert together == alone
-    for (_, _, seed), pairs in zip(jobs, alone):  # each baseline is the unsteered model with that seed
+    for (_, _, seed), pairs in zip(jobs, alone, strict=True):  # each baseline is the unsteered model with that seed
         baseline = [a for a, _ in pairs if a is not None]
         assert baseline == list(generate(lm, prompt, max_new_tokens=16, temperature=0.9, seed=seed))
     steered = {tuple(b for _, b in pairs) for pairs in alone}

@@ -24,7 +24,8 @@ def test_titles_are_escaped_attributes():
 
 
 def test_tint_is_proportional_and_capped():
-    alphas = [float(a) for a in re.findall(r"rgba\(255, 122, 0, ([0-9.]+)\)", render.tokens_html(list("abcd"), [0, 1, 2, 4], scale=2))]
+    out = render.tokens_html(list("abcd"), [0, 1, 2, 4], scale=2)
+    alphas = [float(a) for a in re.findall(r"rgba\(255, 122, 0, ([0-9.]+)\)", out)]
     assert alphas == pytest.approx([0.425, 0.85, 0.85])  # zero untinted, half, full, capped
     signed = render.tokens_html(["x", "y"], [0.5, -1.0], signed=True)
     assert "rgba(220, 38, 38, 0.425)" in signed and "rgba(37, 99, 235, 0.850)" in signed

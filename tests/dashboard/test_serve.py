@@ -28,7 +28,7 @@ def test_serve_launches_streamlit_on_localhost_with_the_run(tiny_runs, launches,
     assert cli.main(["serve", "--run", str(tiny_runs["topk"]), "--port", str(port)]) == 0
     ((cmd, cwd, env),) = launches
     assert cmd[0] == sys.executable and cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(serve.APP)
-    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
     assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == str(port)
     assert flags["--server.headless"] == "true" and flags["--browser.gatherUsageStats"] == "false"
     assert env["SAESCOPE_RUN"] == str(tiny_runs["topk"]) and env["OMP_WAIT_POLICY"] == "PASSIVE"
