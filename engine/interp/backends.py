@@ -77,7 +77,7 @@ class LocalChat:
         self._lock = threading.Lock()
 
     def _encode(self, conversations: list[Messages]) -> dict[str, torch.Tensor]:
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [str(self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)) for c in conversations]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         return {k: v.to(self.lm.device) for k, v in enc.items()}
 
@@ -88,8 +88,9 @@ class LocalChat:
             for i in range(0, len(conversations), self.batch_size):
                 enc = self._encode(conversations[i : i + self.batch_size])
                 sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-                gen = self.lm.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                             top_p=None, top_k=None, **sampling)
+                generate = self.lm.hf_model.generate  # pyright: ignore[reportAttributeAccessIssue]
+                gen = generate(**enc, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,  # pyright: ignore[reportCallIssue]  (GenerationMixin.generate is typed through a decorator pyright cannot follow)
+                               top_p=None, top_k=None, **sampling)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out

@@ -43,13 +43,17 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("explain", help="write LLM explanations and delphi-style scores of a run's latents into it")
     p.add_argument("run", help="a finished run directory")
     p.add_argument("--features", default="random:200",
-                   help="all; ids and ranges (3,10-20); densest:N; active:N (highest max activation); random:N (default random:200)")
+                   help="all; ids and ranges (3,10-20); densest:N; active:N (highest max activation); "
+                        "random:N (default random:200)")
     p.add_argument("--explainer", default="demo",
                    help="a local chat model (directory, hub id, or 'demo' = SmolLM2-135M-Instruct) or an "
                         "OpenAI-compatible endpoint http://host:port/v1")
-    p.add_argument("--explainer-model", help="the served model's name, with an endpoint (key: $SAESCOPE_EXPLAINER_KEY or $OPENAI_API_KEY)")
-    p.add_argument("--scorers", default="detection,fuzzing,embedding", help="comma-separated: detection,fuzzing,embedding ('' for none)")
-    p.add_argument("--scorer-model", help="model that answers detection/fuzzing (default: the explainer); same forms as --explainer")
+    p.add_argument("--explainer-model",
+                   help="the served model's name, with an endpoint (key: $SAESCOPE_EXPLAINER_KEY or $OPENAI_API_KEY)")
+    p.add_argument("--scorers", default="detection,fuzzing,embedding",
+                   help="comma-separated: detection,fuzzing,embedding ('' for none)")
+    p.add_argument("--scorer-model",
+                   help="model that answers detection/fuzzing (default: the explainer); same forms as --explainer")
     p.add_argument("--scorer-model-name", help="the served model's name when --scorer-model is an endpoint")
     p.add_argument("--embedder", default="default", help="sentence-embedding model folder (default: all-MiniLM-L6-v2 from PyPI)")
     p.add_argument("--no-embed", action="store_true", help="no embeddings (no embedding score, no search by meaning)")

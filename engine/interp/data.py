@@ -80,7 +80,9 @@ class RunExamples:
                                  {"p": str(self.run_dir / schema.FEATURES), "ids": [int(i) for i in ids]}).fetchall()
         return {int(f): lab or "" for f, lab in rows}
 
-    def latents(self, ids: list[int], *, n_shown: int = 10, n_top_heldout: int = 5, n_quantile_heldout: int = 5) -> list[LatentData]:
+    def latents(
+        self, ids: list[int], *, n_shown: int = 10, n_top_heldout: int = 5, n_quantile_heldout: int = 5
+    ) -> list[LatentData]:
         """Explainer and scorer excerpts of each latent in ``ids`` (latents without examples get empty lists)."""
         rows = self._con.execute(
             "SELECT feature_id, kind, rank, quantile_bin, context_id, max_pos, start, acts FROM read_parquet($p) "

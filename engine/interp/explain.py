@@ -132,7 +132,8 @@ def quiet_pool(run_dir: Path, manifest: dict, examples: RunExamples, cfg: Explai
     latents, where, row = [], [], 0
     with torch.inference_mode():
         for batch in iter_activations(lm, manifest["sae"]["hook"], [contexts[int(i)] for i in ids], 8,
-                                      include_special=s.get("include_special", False), include_first=s.get("include_first", False),
+                                      include_special=s.get("include_special", False),
+                                      include_first=s.get("include_first", False),
                                       include_massive=s.get("include_massive", False)):
             codes = sae.encode(batch.acts.to(sae.dtype)) * batch.mask.unsqueeze(-1)
             b, pos, lat = (codes > 0).nonzero(as_tuple=True)
@@ -244,11 +245,13 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
     try:
         dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
                                      {"p": str(run_dir / schema.FEATURES)}).fetchnumpy()
-        ids = parse_features(cfg.features, len(dens["density"]), dens["density"], dens["max_act"], cfg.seed)
+        density, max_act = np.asarray(dens["density"], np.float64), np.asarray(dens["max_act"], np.float64)
+        ids = parse_features(cfg.features, len(density), density, max_act, cfg.seed)
         name = explainer.name if explainer is not None else "none"
         have, complete = _done(run_dir, name, wanted)
         todo = [i for i in ids if i not in complete]
-        stats = {"features": len(ids), "already_done": len(ids) - len(todo), "explained": 0, "failed": 0, "skipped": 0}
+        stats: dict[str, object] = {"features": len(ids), "already_done": len(ids) - len(todo), "explained": 0, "failed": 0,
+                                    "skipped": 0}
         if not todo and not cfg.baselines:
             return stats
         pool = quiet_pool(run_dir, manifest, examples, cfg)
@@ -300,7 +303,7 @@ def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg
         vector = embedder.encode([text])[0] if embedder is not None else None
         if vector is not None:
             emb_rows.append({"feature_id": lat.feature_id, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION,
-                             "model": embedder.name, "embedding": vector.astype(np.float32).tolist()})
+                             "model": getattr(embedder, "name", "embedder"), "embedding": vector.astype(np.float32).tolist()})
         quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed,
                                         exclude={e.context_id for e in lat.shown})
         score_rows += _score_rows(lat.feature_id, name, score_one(lat, quiet, text, wanted, judge, embedder, vector, cfg.seed))

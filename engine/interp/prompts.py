@@ -77,7 +77,9 @@ def fuzzing_messages(explanation: str, marked_excerpt: str) -> list[dict[str, st
     return [{"role": "system", "content": FUZZING_SYSTEM}, {"role": "user", "content": user}]
 
 
-_PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|the (?:marked |common )?(?:tokens|feature)s?(?: are| is)?\s*:?\s*)", re.I)
+_PREFIX = re.compile(
+    r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|the (?:marked |common )?(?:tokens|feature)s?(?: are| is)?\s*:?\s*)", re.I
+)
 MAX_CHARS = 200
 _QUOTES = "\"'`*"
 
@@ -109,7 +111,8 @@ def clean_explanation(text: str) -> tuple[str | None, str]:
         return None, "empty answer"
     if sum(ch.isalpha() for ch in line) < 3:
         return None, f"no words in answer {line[:40]!r}"
-    if L in line or R in line or line.lower().startswith(("excerpt", "- ", "text:", "marked tokens", "in a few words", "describe the feature")):
+    echoes = ("excerpt", "- ", "text:", "marked tokens", "in a few words", "describe the feature")
+    if L in line or R in line or line.lower().startswith(echoes):
         return None, "answer echoes the excerpts"
     if len(line) > MAX_CHARS:
         line = line[:MAX_CHARS].rsplit(" ", 1)[0] + "..."

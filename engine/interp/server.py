@@ -33,7 +33,7 @@ def _top_logprobs(chat: LocalChat, messages: list[dict], n: int) -> tuple[str, l
         enc = chat._encode([messages])
         logp = chat.lm.model(**enc).logits[0, -1].float().log_softmax(-1)
     values, ids = logp.topk(max(1, n))
-    tokens = [chat.tokenizer.decode([int(i)]) for i in ids]
+    tokens = [str(chat.tokenizer.decode([int(i)])) for i in ids]
     top = [{"token": t, "logprob": float(v), "bytes": list(t.encode())} for t, v in zip(tokens, values.tolist(), strict=True)]
     return tokens[0], top
 

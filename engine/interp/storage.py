@@ -103,7 +103,7 @@ def _dedupe(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
         return table
     table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
     last = table.group_by(list(keys), use_threads=False).aggregate([("_row", "max")])
-    keep = pc.is_in(table["_row"], value_set=last["_row_max"])
+    keep = pc.is_in(table["_row"], value_set=last["_row_max"])  # pyright: ignore[reportAttributeAccessIssue]  (pyarrow.compute's functions are generated at import)
     out = table.filter(keep).drop_columns(["_row"])
     return out.sort_by([(k, "ascending") for k in keys])
 
