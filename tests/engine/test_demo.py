@@ -32,7 +32,8 @@ def test_demo_model_is_real_and_coherent(demo_lm):
     loss = lm.model(ids, labels=ids).loss.item()
     assert loss < 3.5, loss
     chat = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
     )
     out = lm.model.generate(**chat, max_new_tokens=12, do_sample=False)
     answer = lm.tokenizer.decode(out[0, chat["input_ids"].shape[1]:])
