@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import lzma
 
 import pytest
 import torch
@@ -72,3 +73,158 @@ def test_load_model_reads_gguf_directly():
     lm = load_model(gguf, device="cpu", dtype="float32")
     assert lm.family.name == "llama" and lm.n_layers == 30
     assert lm.name.endswith(".gguf")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _heldout_contexts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """The report's held-out contexts, packed by hand: every JSONL line's text, tokenized without special tokens,
+    followed by EOS, concatenated, cut into consecutive windows."""
+    stream: list[int] = []
+    with lzma.open(HELDOUT, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                stream += tokenizer.encode(json.loads(line)["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+            if len(stream) >= n * length:
+                break
+    return [stream[i * length : (i + 1) * length] for i in range(n)]
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Written out, in float32 (float64 over 49k-token rows costs seconds per context and changes nothing here)."""
+    z = logits.float()
+    z = z - z.max(dim=-1, keepdim=True).values
+    return z - z.exp().sum(-1, keepdim=True).log()
+
+
+@torch.inference_mode()
+def test_committed_demo_sae_report_remeasured_independently(demo_lm):
+    """Re-measure ``training_report.json``'s held-out figures without saescope's SAE, hooks or metrics code.
+
+    The report was written by ``evaluate`` on the first ``eval_contexts`` (64) contexts of 256 tokens of
+    ``heldout.jsonl.xz``, with the model in bf16 (``settings.model_dtype``) and the SAE in fp32 before it was
+    stored as fp16. Here: the same text packed by hand; the SAE computed from ``sae_weights.safetensors`` (TopK:
+    the 64 largest of ``(x - b_dec) @ W_enc + b_enc``, ReLU'd, decoded with ``W_dec`` and ``b_dec``) in fp32;
+    activations from a plain torch forward hook on ``model.layers[15]`` (the output of block 15:
+    ``hook_resid_post``); counted tokens = not position 0 and not a special token. ``explained_variance`` counts
+    every such token; ``explained_variance_typical`` also drops massive activations (norm >= 10x the median of
+    the batch of ``model_batch`` contexts), as the report does. CE figures: the first ``ce_contexts`` (32)
+    contexts, the reconstruction (or zeros) put in at counted positions by the same hook, predictions made at
+    counted positions, log-softmax and KL written out (float32 per position, summed in float64).
+
+    Tolerances: the stored fp16 weights and bf16 kernels (which differ between CPUs, and a CPU where ``auto`` picks
+    fp32 runs another dtype) move the figures by far less than the tolerances, which are still tight enough to
+    catch a wrong formula, a wrong hook, a shifted target or a different token set.
+    """
+    from safetensors.torch import load_file
+
+    report = json.loads((demo_sae_dir() / "training_report.json").read_text())
+    settings, held = report["settings"], report["heldout"]
+    cfg = json.loads((demo_sae_dir() / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["apply_b_dec_to_input"] and cfg["normalize_activations"] == "none"
+    w = {name: t.float() for name, t in load_file(str(demo_sae_dir() / "sae_weights.safetensors")).items()}
+    k = int(cfg["k"])
+
+    def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = (x.float() - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+        values, indices = pre.topk(k, dim=-1)
+        codes = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        return codes @ w["W_dec"] + w["b_dec"], codes
+
+    model, tok = demo_lm.model, demo_lm.tokenizer
+    assert settings["hook_name"] == DEMO_HOOK == "blocks.15.hook_resid_post"
+    block = model.model.layers[15]
+    special = set(tok.all_special_ids) | {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    n_ctx, length, batch = settings["eval_contexts"], settings["context_len"], settings["model_batch"]
+    contexts = torch.tensor(_heldout_contexts(tok, n_ctx, length))
+    assert contexts.shape == (n_ctx, length)
+    counted = ~torch.isin(contexts, torch.tensor(sorted(special)))
+    counted[:, 0] = False
+    assert set(contexts[~counted].unique().tolist()) - {int(contexts[i, 0]) for i in range(n_ctx)} <= {tok.eos_token_id}
+
+    state: dict = {}
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        state["x"] = hidden.detach().clone()
+        if state.get("stop"):
+            raise _Stop
+        if state.get("replace") is None:
+            return None
+        new = state["replace"](hidden).to(hidden.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = block.register_forward_hook(hook)
+    try:
+        # reconstruction metrics over every counted token of the 64 contexts
+        sums = {"sse": 0.0, "sse_t": 0.0, "l0": 0.0, "cos": 0.0}
+        fires = torch.zeros(len(w["b_enc"]), dtype=torch.long)
+        xs, xs_typical = [], []
+        for start in range(0, n_ctx, batch):
+            ids, keep = contexts[start : start + batch], counted[start : start + batch]
+            state.update(stop=True, replace=None)
+            try:
+                model(input_ids=ids.to(demo_lm.device))
+            except _Stop:
+                pass
+            x = state["x"][keep.to(state["x"].device)].double().cpu()
+            x_hat, codes = reconstruct(x)
+            err = (x - x_hat.double()).pow(2).sum(-1)
+            typical = x.norm(dim=-1) < 10 * x.norm(dim=-1).median()
+            sums["sse"] += float(err.sum())
+            sums["sse_t"] += float(err[typical].sum())
+            sums["l0"] += float((codes > 0).sum())
+            fires += (codes > 0).sum(0)
+            sums["cos"] += float(torch.nn.functional.cosine_similarity(x, x_hat.double(), dim=-1).sum())
+            xs.append(x)
+            xs_typical.append(x[typical])
+        x_all, x_typ = torch.cat(xs), torch.cat(xs_typical)
+        n_tokens = len(x_all)
+        ev = 1 - sums["sse"] / float((x_all - x_all.mean(0)).pow(2).sum())
+        ev_typical = 1 - sums["sse_t"] / float((x_typ - x_typ.mean(0)).pow(2).sum())
+
+        # CE figures on the first ce_contexts contexts
+        totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+        n_pred = 0
+        for row in range(settings["ce_contexts"]):
+            # one forward of three copies of the context: clean, with the reconstruction, zero-ablated
+            ids, keep = contexts[row].to(demo_lm.device), counted[row, :, None].to(demo_lm.device)
+
+            def variants(h: torch.Tensor, keep=keep) -> torch.Tensor:
+                spliced = torch.where(keep, reconstruct(h[1])[0].to(h.device, h.dtype), h[1])
+                return torch.stack([h[0], spliced, torch.where(keep, torch.zeros_like(h[2]), h[2])])
+
+            state.update(stop=False, replace=variants)
+            logits = model(input_ids=ids.repeat(3, 1)).logits[:, :-1]
+            logp = dict(zip(("clean", "sae", "zero"), (_log_softmax(row_logits) for row_logits in logits), strict=True))
+            pred, target = keep[:-1, 0], ids[1:, None]
+            for key in ("clean", "sae", "zero"):
+                totals[key] += float(-logp[key].gather(-1, target)[pred].double().sum())
+            totals["kl"] += float((logp["clean"].exp() * (logp["clean"] - logp["sae"])).sum(-1)[pred].double().sum())
+            n_pred += int(pred.sum())
+    finally:
+        handle.remove()
+    clean, with_sae, zero = (totals[key] / n_pred for key in ("clean", "sae", "zero"))
+    mine = {
+        "n_tokens": n_tokens, "n_predictions": n_pred, "l0": sums["l0"] / n_tokens, "explained_variance": ev,
+        "explained_variance_typical": ev_typical, "massive_tokens": n_tokens - len(x_typ), "cosine_sim": sums["cos"] / n_tokens,
+        "ce_loss_clean": clean, "ce_loss_with_sae": with_sae, "ce_loss_zero_ablation": zero,
+        "ce_loss_recovered": (zero - with_sae) / (zero - clean), "kl_div": totals["kl"] / n_pred,
+        "dense_fraction": float((fires / n_tokens > 0.1).double().mean()),
+    }
+    print("\nindependent vs report:", {key: (round(value, 5), round(held[key], 5)) for key, value in mine.items()})
+    # the same tokens and predictions, exactly
+    for key in ("n_tokens", "n_predictions", "massive_tokens"):
+        assert mine[key] == held[key], key
+    assert mine["l0"] == pytest.approx(held["l0"], abs=0.05)
+    assert mine["explained_variance"] == pytest.approx(held["explained_variance"], abs=0.01)
+    assert mine["explained_variance_typical"] == pytest.approx(held["explained_variance_typical"], abs=0.01)
+    assert mine["cosine_sim"] == pytest.approx(held["cosine_sim"], abs=0.005)
+    assert mine["ce_loss_clean"] == pytest.approx(held["ce_loss_clean"], abs=0.03)
+    assert mine["ce_loss_with_sae"] == pytest.approx(held["ce_loss_with_sae"], abs=0.03)
+    assert mine["ce_loss_zero_ablation"] == pytest.approx(held["ce_loss_zero_ablation"], rel=0.01)
+    assert mine["ce_loss_recovered"] == pytest.approx(held["ce_loss_recovered"], abs=0.005)
+    assert mine["kl_div"] == pytest.approx(held["kl_div"], rel=0.1)
+    assert mine["dense_fraction"] == pytest.approx(held["dense_fraction"], abs=0.002)  # 0.002: about 9 of 4,608 latents
