@@ -8,6 +8,7 @@ import pytest
 from engine.cli import main
 from engine.run.store import RunStore
 from engine.tools.bench import format_report, query_bench
+from engine.tools.bench_live import check_live
 from engine.tools.synthetic import ensure_bench_store
 
 
@@ -33,10 +34,14 @@ def test_query_bench_reports_latencies(tmp_path):
 
 @pytest.mark.slow
 def test_bench_command_on_tiny_model(tmp_path, capsys):
-    code = main(["bench", "--json", "--tiny", "--tokens", "8192", "--no-queries", "--no-live"])
+    code = main(["bench", "--json", "--tiny", "--tokens", "8192", "--no-queries"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("precompute_over_forward", "ce_sample_seconds", "peak_rss_mb", "model"):
         assert key in result
     assert result["model"].startswith("tiny") and len(result["peak_rss_mb"]) == 2
-    assert "precompute / forward" in format_report(result)
+    # the live figures come back from the child as numbers (a failure there fails the bench instead)
+    check_live(result["live"])
+    assert result["live"]["lens_tokens"] == 128
+    report = format_report(result)
+    assert "precompute / forward" in report and "live lens_over_forward" in report
