@@ -1,0 +1,358 @@
+"""InterpStore (explanations and scores through interp.duckdb) and search by meaning (exact and IVF)."""
+
+import json
+import os
+import time
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.interp import scorers, storage
+from engine.interp import search as search_mod
+from engine.interp import store as store_mod
+from engine.interp.search import SemanticSearch, VectorIndex, unit
+from engine.interp.store import INTERP_DB, InterpStore
+from engine.run import schema
+from engine.run.parquet import write_table
+from engine.tools.bench_search import synthetic_queries, synthetic_vectors
+
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+HOSTILE = ["'; DROP TABLE explanations; --", "%' OR '1'='1", "$feature_id", "\\", '"quoted"', "ǘ🙂 ‮rtl", "a\nb\tc",
+           "\x00nul", "?", " " * 3, "x" * 2000]
+
+
+def write_features(run, densities):
+    n = len(densities)
+    empty_i, empty_f = [[] for _ in range(n)], [[] for _ in range(n)]
+    write_table(run / schema.FEATURES, {
+        "feature_id": np.arange(n), "fire_count": np.zeros(n, np.int64), "density": np.asarray(densities, np.float64),
+        "max_act": np.ones(n, np.float32), "mean_act": np.ones(n, np.float32), "dead": np.zeros(n, bool),
+        "hist_counts": empty_i, "hist_edges": empty_f, "top_logit_ids": empty_i, "top_logit_values": empty_f,
+        "bottom_logit_ids": empty_i, "bottom_logit_values": empty_f, "neighbor_ids": empty_i, "neighbor_cos": empty_f,
+        "top_token_ids": empty_i, "label": [""] * n, "explanation": [None] * n,
+    }, schema.FEATURES_SCHEMA)
+
+
+def ex_rows(rows):
+    """rows: (feature_id, explainer, text, status, seconds after T0)."""
+    return pa.table({
+        "feature_id": [r[0] for r in rows], "explanation": [r[2] for r in rows], "explainer": [r[1] for r in rows],
+        "prompt_version": ["v1"] * len(rows), "created_at": [T0 + timedelta(seconds=r[4]) for r in rows],
+        "status": [r[3] for r in rows], "reason": ["" if r[3] == "ok" else "junk" for r in rows],
+    }, schema=storage.EXPLANATIONS_SCHEMA)
+
+
+def details(labels, values, key="probabilities"):
+    out = {"context_ids": [100 + i for i in range(len(labels))], "labels": labels, key: values}
+    if key == "probabilities":
+        out["auroc"] = scorers.auroc(np.array(labels, bool), np.array(values))
+    return json.dumps(out)
+
+
+def sc_rows(rows):
+    """rows: (feature_id, explainer, scorer, score, details or None)."""
+    return pa.table({
+        "feature_id": [r[0] for r in rows], "explainer": [r[1] for r in rows], "prompt_version": ["v1"] * len(rows),
+        "scorer": [r[2] for r in rows], "score": [r[3] for r in rows], "n_examples": [4] * len(rows),
+        "details": [r[4] if r[4] is not None else "{}" for r in rows],
+    }, schema=storage.SCORES_SCHEMA)
+
+
+def emb_rows(rows, model="mini"):
+    """rows: (feature_id, explainer, vector)."""
+    return pa.table({
+        "feature_id": [r[0] for r in rows], "explainer": [r[1] for r in rows], "prompt_version": ["v1"] * len(rows),
+        "model": [model] * len(rows), "embedding": [np.asarray(r[2], np.float32).tolist() for r in rows],
+    }, schema=storage.EMBEDDINGS_SCHEMA)
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_features(run, np.linspace(0.0, 0.1, 10))
+    storage.write_part(run, {
+        storage.EXPLANATIONS: ex_rows([
+            (1, "A", "a one", "ok", 0), (1, "B", "b one", "ok", 0), (1, "baseline:shuffled", "shuffled", "ok", 0),
+            (2, "A", "a two", "ok", 0), (2, "B", "b two newer", "ok", 5),
+            (3, "A", None, "failed", 0), (3, "baseline:top-tokens", "tokens", "ok", 0),
+            (4, "A", "a four unscored", "ok", 0), (4, "B", None, "failed", 0),
+        ]),
+        storage.SCORES: sc_rows([
+            (1, "A", "detection", 0.6, None), (1, "A", "fuzzing", 0.8, None),
+            (1, "B", "detection", 0.9, None), (1, "B", "fuzzing", None, None),
+            (1, "baseline:shuffled", "detection", 0.95, None),
+            (2, "A", "detection", 0.7, None), (2, "B", "detection", 0.7, None),
+            (3, "baseline:top-tokens", "detection", 0.99, None),
+        ]),
+    })
+    storage.consolidate(run)
+    return run
+
+
+def test_best_explanation_and_order(run):
+    with InterpStore.open(run) as st:
+        assert (run / INTERP_DB).is_file()
+        one = st.explanations(1)
+        # best first by mean of the available scores: baseline 0.95, B 0.9 (fuzzing undefined), A 0.7
+        assert [(e.explainer, e.mean_score) for e in one] == [("baseline:shuffled", 0.95), ("B", 0.9), ("A", pytest.approx(0.7))]
+        assert one[1].scores == {"detection": 0.9, "fuzzing": None} and one[1].n_examples == {"detection": 4, "fuzzing": 4}
+        assert one[0].is_baseline and not one[1].is_baseline
+        assert one[1].created_at == T0
+        best = st.best([1, 2, 3, 4, 99])
+        assert set(best) == {1, 2, 4}  # 3: only a failed explanation and a baseline; 99: nothing
+        assert (best[1].explainer, best[1].text) == ("B", "b one")  # the baseline scores higher but never counts
+        assert (best[2].explainer, best[2].text) == ("B", "b two newer")  # tie at 0.7: the newer one
+        assert (best[4].explainer, best[4].mean_score) == ("A", None)  # unscored but usable beats failed
+        assert st.best() == best
+        three = st.explanations(3)
+        assert [(e.explainer, e.status, e.text) for e in three] == [("baseline:top-tokens", "ok", "tokens"),
+                                                                    ("A", "failed", None)]
+        assert three[1].reason == "junk"
+
+
+def test_scores_details_parsed(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    det = details([1, 1, 1, 0, 0, 0], [0.9, 0.4, 0.7, 0.2, 0.6, 0.1])
+    emb = details([1, 1, 0, 0], [0.8, 0.3, 0.5, 0.1], key="similarities")
+    storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(7, "A", "x", "ok", 0)]),
+                             storage.SCORES: sc_rows([(7, "A", "detection", 0.6667, det), (7, "A", "embedding", 0.75, emb)])})
+    with InterpStore.open(run) as st:
+        got = {s.scorer: s for s in st.scores(7, "A")}
+        assert set(got) == {"detection", "embedding"}
+        d = got["detection"]
+        assert [e.context_id for e in d.wrong] == [101, 104]  # activating at p=0.4, non-activating at p=0.6
+        assert [e.context_id for e in d.missed] == [101] and [e.context_id for e in d.false_alarms] == [104]
+        assert [e.predicted for e in d.excerpts] == [True, False, True, False, True, False]
+        labels, probs = np.array([1, 1, 1, 0, 0, 0], bool), np.array([0.9, 0.4, 0.7, 0.2, 0.6, 0.1])
+        assert d.auroc == pytest.approx(scorers.auroc(labels, probs))
+        e = got["embedding"]
+        # activating 0.3 ranks below non-activating 0.5: both are wrong, each misordered against one excerpt
+        assert [(x.context_id, x.misordered, x.wrong, x.predicted) for x in e.excerpts] == [
+            (100, 0, False, None), (101, 1, True, None), (102, 1, True, None), (103, 0, False, None)]
+        assert e.auroc == pytest.approx(0.75) and e.score == 0.75
+        assert st.scores(7, "B") == [] and st.scores(8, "A") == []
+
+
+def test_run_without_explanations(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    write_features(run, [0.1, 0.2])
+    with InterpStore.open(run) as st:
+        assert st.explanations(0) == [] and st.best([0, 1]) == {} and st.scores(0, "A") == []
+        summary = st.summary()
+        assert (summary.n_explanations, summary.n_best, summary.explainers) == (0, 0, ())
+    assert not (run / INTERP_DB).exists()
+    with SemanticSearch.open(run) as search:
+        assert len(search) == 0 and search.search(np.ones(4, np.float32)) == []
+    with pytest.raises(FileNotFoundError):
+        InterpStore.open(tmp_path / "missing")
+
+
+def test_parts_visible_newest_wins_and_rebuild(run):
+    redo = ex_rows([(5, "A", "pending five", "ok", 9), (2, "A", "a two redone", "ok", 9)])
+    storage.write_part(run, {storage.EXPLANATIONS: redo, storage.SCORES: sc_rows([(2, "A", "detection", 0.95, None)])})
+    (storage.parts_dir(run) / ".tmp-writing").mkdir()  # a batch another process is writing now: left alone
+    with InterpStore.open(run) as st:
+        assert st.best([5])[5].text == "pending five"
+        assert (st.best([2])[2].text, st.best([2])[2].mean_score) == ("a two redone", 0.95)
+        assert not st.stale()
+        storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(6, "A", "six", "ok", 10)])})
+        assert st.stale() and st.best([6]) == {}
+    assert (storage.parts_dir(run) / ".tmp-writing").is_dir()
+    with InterpStore.open(run) as st:
+        assert st.best([6])[6].text == "six"
+        before = {f: e.text for f, e in st.best().items()}
+    built = (run / INTERP_DB).stat().st_mtime_ns
+    with InterpStore.open(run) as st:  # nothing changed: not rebuilt
+        assert st.best()[6].text == "six"
+    assert (run / INTERP_DB).stat().st_mtime_ns == built
+    (storage.parts_dir(run) / ".tmp-writing").rmdir()
+    storage.consolidate(run)
+    with InterpStore.open(run) as st:
+        assert {f: e.text for f, e in st.best().items()} == before
+
+
+def test_summary_means(run):
+    with InterpStore.open(run) as st:
+        s = st.summary()
+        by = {e.explainer: e for e in s.explainers}
+        assert set(by) == {"A", "B", "baseline:shuffled", "baseline:top-tokens"}
+        assert by["A"].mean_scores == {"detection": pytest.approx((0.6 + 0.7) / 2), "fuzzing": pytest.approx(0.8)}
+        assert by["A"].n_scored == {"detection": 2, "fuzzing": 1}
+        assert (by["A"].n, by["A"].n_ok, by["A"].n_failed) == (4, 3, 1)
+        assert by["B"].mean_scores == {"detection": pytest.approx(0.8), "fuzzing": None} and by["B"].n_scored["fuzzing"] == 0
+        assert by["baseline:shuffled"].is_baseline and not by["B"].is_baseline
+        assert (s.n_explanations, s.n_latents, s.n_best, s.n_scores) == (9, 4, 3, 8)
+
+
+def test_hostile_strings_round_trip(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [(i, h, h, "ok", i) for i, h in enumerate(HOSTILE)]
+    det = details([1, 0], [0.9, 0.1])
+    storage.write_part(run, {storage.EXPLANATIONS: ex_rows(rows),
+                             storage.SCORES: sc_rows([(i, h, "detection", 0.5, det) for i, h in enumerate(HOSTILE)])})
+    with InterpStore.open(run) as st:
+        for i, h in enumerate(HOSTILE):
+            (e,) = st.explanations(i)
+            assert (e.explainer, e.text) == (h, h)
+            assert st.best([i])[i].text == h
+            (s,) = st.scores(i, h)
+            assert s.explainer == h and [x.context_id for x in s.excerpts] == [100, 101]
+            assert st.scores(i, h + "x") == []
+        assert st.texts([(i, h, "v1") for i, h in enumerate(HOSTILE)]) == {(i, h, "v1"): h for i, h in enumerate(HOSTILE)}
+        assert len(st.summary().explainers) == len(HOSTILE)
+
+
+def test_read_only_run_dir_builds_elsewhere(run, monkeypatch):
+    real = os.access
+
+    def access(path, mode):
+        return False if mode == os.W_OK and str(path) == str(run) else real(path, mode)
+
+    monkeypatch.setattr(store_mod.os, "access", access)
+    monkeypatch.setattr(store_mod.tempfile, "gettempdir", lambda: str(run.parent / "tmp"))
+    (run.parent / "tmp").mkdir()
+    with InterpStore.open(run) as st:
+        assert st.best([1])[1].explainer == "B"
+        assert st.db_path is not None and st.db_path.parent.parent == run.parent / "tmp"
+    assert not (run / INTERP_DB).exists()
+
+
+# --- search by meaning --------------------------------------------------------------------------------------------
+def search_run(tmp_path, n=3000, dim=32, seed=0):
+    """A run whose latents each have an explanation by A (scored, embedded), some also by B (better, embedded or not)
+    and a baseline (embedded: must never be indexed)."""
+    rng = np.random.default_rng(seed)
+    run = tmp_path / "srun"
+    run.mkdir()
+    density = 10 ** rng.uniform(-5, -1, n + 5)
+    write_features(run, density)
+    vecs_a = synthetic_vectors(n, dim, n_topics=64, n_super=8, seed=seed)
+    vecs_b = synthetic_vectors(n, dim, n_topics=64, n_super=8, seed=seed + 1)
+    score_a = rng.uniform(0.4, 0.8, n)
+    has_b = rng.random(n) < 0.3
+    b_embedded = has_b & (rng.random(n) < 0.5)
+    ids = np.arange(n)
+    for lo in range(0, n, 1000):  # one part per 1000 latents, left unconsolidated
+        sl = slice(lo, lo + 1000)
+        ex = [(int(i), "A", f"a{i}", "ok", 0) for i in ids[sl]] + [(int(i), "B", f"b{i}", "ok", 0) for i in ids[sl][has_b[sl]]]
+        ex += [(int(i), "baseline:shuffled", f"s{i}", "ok", 0) for i in ids[sl]]
+        sc = [(int(i), "A", "detection", float(score_a[i]), None) for i in ids[sl]]
+        sc += [(int(i), "B", "detection", 0.9, None) for i in ids[sl][has_b[sl]]]
+        sc += [(int(i), "baseline:shuffled", "detection", 0.99, None) for i in ids[sl]]
+        emb = [(int(i), "A", vecs_a[i]) for i in ids[sl]] + [(int(i), "B", vecs_b[i]) for i in ids[sl][b_embedded[sl]]]
+        emb += [(int(i), "baseline:shuffled", -vecs_a[i]) for i in ids[sl]]
+        storage.write_part(run, {storage.EXPLANATIONS: ex_rows(ex), storage.SCORES: sc_rows(sc),
+                                 storage.EMBEDDINGS: emb_rows(emb)})
+    # the indexed vector: B's where B (the best) is embedded, else A's (B unembedded falls back to A)
+    indexed = np.where(b_embedded[:, None], vecs_b, vecs_a)
+    score = np.where(b_embedded, 0.9, score_a)
+    return run, indexed, score, density[:n]
+
+
+def brute(indexed, q, k, keep=None):
+    sims = indexed @ unit(q)
+    if keep is not None:
+        sims = np.where(keep, sims, -np.inf)
+    order = np.lexsort((np.arange(len(sims)), -sims))[:k]
+    return [int(i) for i in order if np.isfinite(sims[i])]
+
+
+def test_search_exact_matches_brute_force(tmp_path):
+    run, indexed, score, density = search_run(tmp_path)
+    queries = synthetic_queries(20, 32, n_topics=64, n_super=8, seed=0, query_seed=5)
+    with SemanticSearch.open(run) as search:
+        assert search.index is not None and not search.index.is_ivf and len(search) == len(indexed)
+        for q in queries[:10]:
+            hits = search.search(q, 20)
+            assert [h.feature_id for h in hits] == brute(indexed, q, 20)
+            assert [h.similarity for h in hits] == pytest.approx((indexed @ unit(q))[[h.feature_id for h in hits]], abs=1e-5)
+            assert all(h.explainer in ("A", "B") and h.text == f"{h.explainer.lower()}{h.feature_id}" for h in hits)
+        lo, hi = np.quantile(density, [0.3, 0.5])
+        for q in queries[10:]:
+            keep = (density >= lo) & (density <= hi)
+            hits = search.search(q, 30, min_density=lo, max_density=hi)
+            assert [h.feature_id for h in hits] == brute(indexed, q, 30, keep)
+            assert all(lo <= h.density <= hi for h in hits)
+            keep2 = keep & (score >= 0.7)
+            hits = search.search(q, 30, min_density=lo, max_density=hi, min_score=0.7)
+            assert [h.feature_id for h in hits] == brute(indexed, q, 30, keep2) and len(hits) == 30
+            assert all(h.score >= 0.7 for h in hits)
+            assert [h.feature_id for h in search.search(q, 25, min_score=0.85)] == brute(indexed, q, 25, score >= 0.85)
+        assert search.search(queries[0], 10, min_density=1.0) == []  # nothing that dense
+        assert search.search(queries[0], 10, min_density=0.2, max_density=0.1) == []
+        with pytest.raises(ValueError, match="dimensions"):
+            search.search(np.ones(5, np.float32))
+
+
+def test_search_index_cached_and_invalidated(tmp_path):
+    run, indexed, _, _ = search_run(tmp_path, n=500)
+    root = run / storage.INTERP_DIR / "search"
+    with SemanticSearch.open(run) as s1:
+        assert s1.index is not None
+        folder = s1.index.folder
+        built = (folder / "meta.json").stat().st_mtime_ns
+    with SemanticSearch.open(run) as s2:
+        assert s2.index is not None and s2.index.folder == folder
+        assert (folder / "meta.json").stat().st_mtime_ns == built
+    target = unit(np.random.default_rng(9).standard_normal(32)).astype(np.float32)
+    time.sleep(0.01)
+    storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(500, "A", "the new one", "ok", 0)]),
+                             storage.EMBEDDINGS: emb_rows([(500, "A", target)])})
+    with SemanticSearch.open(run) as s3:
+        assert s3.index is not None and s3.index.folder != folder and not folder.exists()
+        hit = s3.search(target, 1)[0]
+        assert (hit.feature_id, hit.text, hit.score) == (500, "the new one", None)
+        assert hit.similarity == pytest.approx(1.0, abs=1e-5)
+    assert [p.name for p in root.iterdir()] == [s3.index.folder.name]
+
+
+def test_ivf_recall_and_filters(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_mod, "SUBSET_EXACT", 1000)  # filtered searches go through the IVF lists too
+    n, dim = 30_000, 64
+    vectors = synthetic_vectors(n, dim, n_topics=3000, n_super=40, noise=1.0, seed=3)  # 10 per topic: top 50 spans lists
+    rng = np.random.default_rng(0)
+    density = 10 ** rng.uniform(-6, -1, n)
+    score = rng.uniform(0, 1, n).astype(np.float32)
+    ids = np.arange(n, dtype=np.int32)[::-1].copy()  # ids differ from row numbers
+    index = VectorIndex.build(tmp_path / "ivf", ids, vectors, density, score, ivf_min=10_000, n_lists=128)
+    assert index.is_ivf and index.meta["n_lists"] == 128 and index.offsets[-1] == n
+    assert sorted(index.ids.tolist()) == list(range(n))
+    exact = VectorIndex.build(tmp_path / "exact", ids, vectors, density, score, ivf_min=10**9)
+    assert not exact.is_ivf
+    queries = synthetic_queries(30, dim, n_topics=3000, n_super=40, seed=3, query_seed=1)
+    lo, hi = np.quantile(density, [0.2, 0.6])
+    dense = float(np.quantile(density, 0.9))
+
+    def recall(filters, n_probe):
+        keep = np.ones(n, bool)
+        keep &= (density >= filters.get("min_density", 0)) & (density <= filters.get("max_density", 1))
+        keep &= score >= filters.get("min_score", 0)
+        found = total = 0
+        for i, q in enumerate(queries):
+            got = [h.feature_id for h in index.search(q, 50, n_probe=n_probe, **filters)]
+            want = [h.feature_id for h in exact.search(q, 50, **filters)]
+            if i < 5:
+                assert [int(ids[r]) for r in brute(vectors, q, 50, keep)] == want  # the exact index is brute force
+            assert len(got) == min(50, keep.sum()) and len(set(got)) == len(got)
+            assert keep[n - 1 - np.array(got)].all()  # every hit passes the filters
+            found += len(set(got) & set(want))
+            total += len(want)
+        return found / total
+
+    assert recall({}, 1) < 0.8  # one list is not enough: the data does test the probing
+    for filters in ({}, {"min_density": lo, "max_density": hi}, {"min_score": 0.5}, {"min_density": dense, "min_score": 0.8}):
+        assert recall(filters, 8) >= 0.9, filters
+    # a narrow filter (few rows pass) is searched exactly over them
+    narrow = {"min_density": float(np.quantile(density, 0.5)), "max_density": float(np.quantile(density, 0.52))}
+    for q in queries[:5]:
+        assert [h.feature_id for h in index.search(q, 50, **narrow)] == [h.feature_id for h in exact.search(q, 50, **narrow)]
+    # reopened from disk: the same answers
+    again = VectorIndex.load(tmp_path / "ivf")
+    first = [h.feature_id for h in index.search(queries[0], 10, n_probe=8)]
+    assert [h.feature_id for h in again.search(queries[0], 10, n_probe=8)] == first
