@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from ..run import schema
 from . import storage
-from .store import InterpStore, fallback_dir, read_sources
+from .store import InterpStore, fallback_dir, source_files
 
 INDEX_VERSION = 1
 IVF_MIN = 200_000
@@ -250,6 +250,10 @@ class VectorIndex:
             keep = s if keep is None else keep & s
         return keep
 
+    def _small(self, kept: int) -> bool:
+        """Whether ``kept`` filtered rows are best searched exactly over just them (gathered)."""
+        return kept <= SUBSET_EXACT or (not self.is_ivf and kept <= self.n // 4)
+
     # --- search -------------------------------------------------------------------------------------------------
     def search_rows(self, query: np.ndarray, k: int = 50, *, min_density: float | None = None,
                     max_density: float | None = None, min_score: float | None = None, n_probe: int | None = None,
@@ -267,14 +271,22 @@ class VectorIndex:
         kept = self.n
         if filtered:
             rows = min(slices, key=len)  # the rows the most selective filter keeps
-            if len(slices) > 1:  # the others, checked on those rows: the exact count (it sets how far IVF probes)
-                keep = self._passes(rows, min_density, max_density, min_score)
-                assert keep is not None
-                rows = rows[keep]
             kept = len(rows)
+            if len(slices) > 1:  # the other filter, checked on those rows (the count sets how far IVF probes)
+                if len(rows) > 4 * SUBSET_EXACT:  # many: estimate the count from an even sample
+                    sample = self._passes(rows[:: len(rows) // 4096], min_density, max_density, min_score)
+                    assert sample is not None
+                    kept = math.ceil(len(rows) * float(sample.mean()))
+                if len(rows) <= 4 * SUBSET_EXACT or self._small(kept):
+                    keep = self._passes(rows, min_density, max_density, min_score)
+                    assert keep is not None
+                    rows = rows[keep]
+                    kept = len(rows)
+                else:
+                    rows = None  # IVF or a full scan checks the filters as it goes
         if kept == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if rows is not None and (kept <= SUBSET_EXACT or (not self.is_ivf and kept <= self.n // 4)):
+        if rows is not None and self._small(kept):
             rows = np.sort(np.asarray(rows, np.int64))
             sims = np.concatenate([_dot(self.vectors[rows[i : i + 4096]], q) for i in range(0, len(rows), 4096)])
             return _top(rows, sims, k)
@@ -350,11 +362,49 @@ def _file_key(path: Path) -> list:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
+def _embedding_rows(files: list[Path], ords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``ords`` (row numbers counted through ``files`` in order) of the embedding column as one float32 matrix,
+    streamed batch by batch (memory: the matrix and one batch), and which rows had a vector of the common length
+    (a null or odd-length one, from a foreign writer, is left out)."""
+    order = np.argsort(ords, kind="stable")
+    wanted = ords[order]
+    out: np.ndarray | None = None
+    ok = np.zeros(len(ords), bool)
+    base = 0
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["embedding"]):
+            n = batch.num_rows
+            lo, hi = np.searchsorted(wanted, [base, base + n])
+            if hi > lo:
+                column = batch.column(0)
+                local = wanted[lo:hi] - base
+                lengths = np.asarray(column.value_lengths().fill_null(0))
+                if out is None:
+                    out = np.zeros((len(ords), int(np.bincount(lengths[local]).argmax())), np.float32)
+                dim = out.shape[1]
+                offsets = np.asarray(column.offsets)
+                values = np.asarray(column.values.to_numpy(zero_copy_only=False), np.float32)
+                good = lengths[local] == dim
+                dest = order[lo:hi][good]
+                starts = offsets[local[good]]
+                if dim and (lengths == dim).all() and np.array_equal(offsets, offsets[0] + dim * np.arange(n + 1)):
+                    out[dest] = values[offsets[0] :].reshape(n, dim)[local[good]]
+                else:
+                    for d, start in zip(dest, starts, strict=True):
+                        out[d] = values[start : start + dim]
+                ok[dest] = dim > 0
+            base += n
+    return (out if out is not None else np.zeros((len(ords), 0), np.float32)), ok
+
+
 def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
     """The embedding of each latent's best embedded explanation, with its score, density and source."""
     chosen = store.embedded_best(model)
-    table = read_sources(run_dir, storage.EMBEDDINGS)
-    keys = table.select(["feature_id", "explainer", "prompt_version", "model", "_ord"])
+    files = source_files(run_dir, storage.EMBEDDINGS)
+    key_columns = ["feature_id", "explainer", "prompt_version", "model"]
+    sub = pa.schema([storage.EMBEDDINGS_SCHEMA.field(c) for c in key_columns])
+    keys = pa.concat_tables([pq.read_table(f, columns=key_columns).cast(sub) for f in files] or [sub.empty_table()])
+    keys = keys.append_column("_ord", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
     con = duckdb.connect()
     try:
         con.register("emb", keys)
@@ -367,18 +417,9 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
             "QUALIFY row_number() OVER (PARTITION BY c.i ORDER BY e._ord DESC) = 1 ORDER BY c.i", {"model": model}).fetchnumpy()
     finally:
         con.close()
-    ords = np.asarray(picked["_ord"], np.int64)
-    lists = table["embedding"].take(pa.array(ords)).combine_chunks()  # _ord is the row number
-    if len(lists) == 0:
-        dim = 0
-        vectors = np.zeros((0, 0), np.float32)
-    else:
-        lengths = np.diff(lists.offsets.to_numpy())
-        dim = int(lengths[0])
-        if (lengths != dim).any():
-            raise ValueError(f"explanation embeddings by {model!r} have different lengths ({lengths.min()}-{lengths.max()})")
-        vectors = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lists), dim)
-    i = np.asarray(picked["i"], np.int64)
+    vectors, ok = _embedding_rows(files, np.asarray(picked["_ord"], np.int64))
+    i = np.asarray(picked["i"], np.int64)[ok]
+    vectors = vectors[ok] if not ok.all() else vectors
     fids = chosen["feature_id"][i]
     density = np.full(len(fids), np.nan)
     features = run_dir / schema.FEATURES

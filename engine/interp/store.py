@@ -32,33 +32,48 @@ import pyarrow.parquet as pq
 from . import storage
 
 INTERP_DB = "interp.duckdb"
-DB_VERSION = 1
+DB_VERSION = 2
 """Bumped whenever interp.duckdb's tables change; an older file is rebuilt."""
 BASELINE_PREFIX = "baseline:"
 READ_ONLY = {"enable_external_access": False, "threads": 1}
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-# --- building (one writable in-memory-fed connection; sources are registered Arrow tables) ----------------------
-_DEDUP = """
-CREATE TABLE {name} AS SELECT * EXCLUDE (_ord) FROM src_{name}
-QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY _ord DESC) = 1
+# --- building (a writable connection reading the Parquet files; file lists are bound parameters) ------------------
+_ORD = "list_position($files, filename) * 1099511627776 + file_row_number"
+"""Write order of a row: its file's place in ``$files`` (the consolidated file, then the parts in order), then its row."""
+_READ = "read_parquet({files}, filename = true, file_row_number = true, union_by_name = true)"
+LOAD_ONE = "CREATE TABLE {table} AS SELECT {columns} FROM read_parquet($files, union_by_name = true)"
+"""One file (the consolidated one, written deduplicated and sorted by key): loaded as it is, in its order."""
+LOAD_SUPERSEDED = f"""
+CREATE TEMP TABLE superseded AS SELECT _ord FROM (
+    SELECT {_ORD} AS _ord, row_number() OVER (PARTITION BY {{keys}} ORDER BY {_ORD} DESC) AS newer
+    FROM {_READ.format(files="$files")}
+) WHERE newer > 1
 """
-"""The newest row of each key (sources are numbered in write order: the consolidated file, then parts in order)."""
+"""Rows a later part rewrote (same key): found from the key columns alone, so the large ``details`` never move."""
+LOAD_MANY = f"""
+CREATE TABLE {{table}} AS
+SELECT {{columns}} FROM {_READ.format(files="$first")} WHERE {_ORD} NOT IN (SELECT _ord FROM superseded)
+UNION ALL (
+    SELECT {{columns}} FROM {_READ.format(files="$rest")} WHERE {_ORD} NOT IN (SELECT _ord FROM superseded)
+    ORDER BY feature_id
+)
+"""
+"""The first file in its order, then the parts' rows sorted by latent: the table stays clustered by feature_id
+(what point lookups need) without sorting the consolidated rows again."""
+LOAD_EMPTY = "CREATE TABLE {table} AS SELECT {columns} FROM empty_source"
+DROP_SUPERSEDED = "DROP TABLE superseded"
 
 BUILD_EXPLANATIONS = """
 CREATE TABLE explanations AS
 WITH agg AS (
     SELECT feature_id, explainer, prompt_version,
-           list(scorer ORDER BY scorer) AS scorers,
-           list(score ORDER BY scorer) AS score_values,
-           list(n_examples ORDER BY scorer) AS n_examples,
-           avg(score) AS mean_score
-    FROM raw_scores GROUP BY feature_id, explainer, prompt_version
+           list({'scorer': scorer, 'score': score, 'n': n_examples}) AS scored, avg(score) AS mean_score
+    FROM scores GROUP BY feature_id, explainer, prompt_version
 ), ranked AS (
     SELECT e.feature_id, e.explainer, e.prompt_version, e.explanation, e.status, e.reason,
            epoch_us(e.created_at) AS created_us,
-           coalesce(a.scorers, []) AS scorers, coalesce(a.score_values, []) AS score_values,
-           coalesce(a.n_examples, []) AS n_examples, a.mean_score,
+           a.scored, a.mean_score,
            starts_with(e.explainer, $baseline) AS baseline,
            (e.status = 'ok' AND e.explanation IS NOT NULL) AS usable,
            row_number() OVER (PARTITION BY e.feature_id
@@ -70,18 +85,12 @@ SELECT *, (usable AND NOT baseline AND rank = min(CASE WHEN usable AND NOT basel
            OVER (PARTITION BY feature_id)) AS is_best
 FROM ranked ORDER BY feature_id, rank
 """
-BUILD_SCORES = "CREATE TABLE scores AS SELECT * FROM raw_scores ORDER BY feature_id, explainer, prompt_version, scorer"
-BUILD_EMBEDDED = """
-CREATE TABLE embedded AS
-SELECT feature_id, explainer, prompt_version, model FROM raw_embeddings ORDER BY model, feature_id, explainer, prompt_version
-"""
 BUILD_INFO = "CREATE TABLE interp_info AS SELECT $version::INTEGER AS version, $signature::VARCHAR AS signature"
-DROP_RAW = "DROP TABLE raw_explanations; DROP TABLE raw_scores; DROP TABLE raw_embeddings"
+DROP_RAW = "DROP TABLE raw_explanations"
 
 # --- reading (read-only connection) -------------------------------------------------------------------------------
 INFO = "SELECT max(version), max(signature) FROM interp_info"
-_EXPLANATION_COLUMNS = ("feature_id, explainer, prompt_version, explanation, status, reason, created_us, scorers, "
-                        "score_values, n_examples, mean_score, baseline, rank")
+_EXPLANATION_COLUMNS = "feature_id, explainer, prompt_version, explanation, status, reason, created_us, scored, mean_score, rank"
 EXPLANATIONS_OF = f"SELECT {_EXPLANATION_COLUMNS} FROM explanations WHERE feature_id = $feature_id"
 """Sorted in Python: an ORDER BY costs more than the lookup itself (about 0.7 of 1.4 ms)."""
 BEST_OF = (f"SELECT {_EXPLANATION_COLUMNS} FROM explanations "
@@ -244,47 +253,57 @@ def source_signature(run_dir: Path) -> str:
     return hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32] if sig else ""
 
 
+def source_files(run_dir: Path, name: str) -> list[Path]:
+    """The files holding rows of one kind, in write order: the consolidated file, then the parts."""
+    files = [run_dir / name] if (run_dir / name).is_file() else []
+    return files + [p / name for p in part_folders(run_dir) if (p / name).is_file()]
+
+
 def read_sources(run_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:
-    """Every row of one kind (consolidated file, then parts in order) with an ``_ord`` write-order column, not
-    deduplicated; columns follow ``storage.FILES``."""
+    """Every row of one kind (consolidated file, then parts in order) with an ``_ord`` write-order column (the row
+    number), not deduplicated; columns follow ``storage.FILES``."""
     schema = storage.FILES[name]
     wanted = [f.name for f in schema] if columns is None else columns
     sub = pa.schema([schema.field(c) for c in wanted])
-    paths = [run_dir / name] if (run_dir / name).is_file() else []
-    paths += [p / name for p in part_folders(run_dir) if (p / name).is_file()]
-    tables = []
-    for path in paths:
-        try:
-            table = pq.read_table(path, columns=wanted)
-        except FileNotFoundError:  # a part consolidated away between listing and reading: its rows are in the file
-            continue
-        tables.append(table.cast(sub))
+    tables = [pq.read_table(path, columns=wanted).cast(sub) for path in source_files(run_dir, name)]
     table = pa.concat_tables(tables) if tables else sub.empty_table()
     return table.append_column("_ord", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
+def _load(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], name: str, columns: list[str]) -> None:
+    """One kind's rows into ``table``: deduplicated by key (the newest row kept), clustered by feature_id."""
+    listed = ", ".join(columns)
+    paths = [str(p) for p in files]
+    if not paths:
+        schema = storage.FILES[name]
+        con.register("empty_source", pa.schema([schema.field(c) for c in columns]).empty_table())
+        con.execute(LOAD_EMPTY.format(table=table, columns=listed))
+        con.unregister("empty_source")
+    elif len(paths) == 1:
+        con.execute(LOAD_ONE.format(table=table, columns=listed), {"files": paths})
+    else:
+        con.execute(LOAD_SUPERSEDED.format(keys=", ".join(storage.KEYS[name])), {"files": paths})
+        con.execute(LOAD_MANY.format(table=table, columns=listed), {"files": paths, "first": paths[:1], "rest": paths[1:]})
+        con.execute(DROP_SUPERSEDED)
+
+
 def build_interp_db(run_dir: str | Path, target: str | Path | None = None) -> Path:
-    """Load the run's explanation files and pending parts into ``interp.duckdb`` (default next to them), atomically."""
+    """Load the run's explanation files and pending parts into ``interp.duckdb`` (default next to them), atomically.
+    Raises ``duckdb.IOException`` when a part vanished while being read (explain consolidated it): try again."""
     run_dir = Path(run_dir)
     target = Path(target) if target else run_dir / INTERP_DB
     signature = source_signature(run_dir)
+    files = {name: source_files(run_dir, name) for name in storage.FILES}
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     con = duckdb.connect(str(tmp))
     try:
         con.execute("SET enable_progress_bar = false")
-        sources = {
-            "explanations": read_sources(run_dir, storage.EXPLANATIONS),
-            "scores": read_sources(run_dir, storage.SCORES),
-            "embeddings": read_sources(run_dir, storage.EMBEDDINGS, ["feature_id", "explainer", "prompt_version", "model"]),
-        }
-        files = {"explanations": storage.EXPLANATIONS, "scores": storage.SCORES, "embeddings": storage.EMBEDDINGS}
-        for kind, table in sources.items():
-            con.register(f"src_raw_{kind}", table)
-            con.execute(_DEDUP.format(name=f"raw_{kind}", keys=", ".join(storage.KEYS[files[kind]])))
-            con.unregister(f"src_raw_{kind}")
+        _load(con, "raw_explanations", files[storage.EXPLANATIONS], storage.EXPLANATIONS,
+              [f.name for f in storage.EXPLANATIONS_SCHEMA])
+        _load(con, "scores", files[storage.SCORES], storage.SCORES, [f.name for f in storage.SCORES_SCHEMA])
+        _load(con, "embedded", files[storage.EMBEDDINGS], storage.EMBEDDINGS,
+              ["feature_id", "explainer", "prompt_version", "model"])
         con.execute(BUILD_EXPLANATIONS, {"baseline": BASELINE_PREFIX})
-        con.execute(BUILD_SCORES)
-        con.execute(BUILD_EMBEDDED)
         con.execute(DROP_RAW)
         con.execute(BUILD_INFO, {"version": DB_VERSION, "signature": signature})
         con.execute("CHECKPOINT")
@@ -320,9 +339,10 @@ def _created(us: int | None) -> datetime | None:
 
 
 def _explanation(row: tuple) -> Explanation:
-    fid, who, version, text, status, reason, created_us, scorers, values, ns, mean, _, rank = row
+    fid, who, version, text, status, reason, created_us, scored, mean, rank = row
+    scored = sorted(scored or [], key=lambda s: s["scorer"])
     return Explanation(int(fid), who, version, text, status, reason or "", _created(created_us),
-                       dict(zip(scorers, values, strict=True)), dict(zip(scorers, ns, strict=True)),
+                       {s["scorer"]: s["score"] for s in scored}, {s["scorer"]: int(s["n"] or 0) for s in scored},
                        None if mean is None else float(mean), int(rank))
 
 
@@ -394,7 +414,7 @@ class InterpStore:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     build_interp_db(run_dir, target)
-                except FileNotFoundError:  # explain consolidated its parts while we read them: start over
+                except (FileNotFoundError, duckdb.IOException):  # explain consolidated its parts meanwhile: again
                     if attempt == 2:
                         raise
                     continue

@@ -64,7 +64,8 @@ def emb_rows(rows, model="mini"):
     """rows: (feature_id, explainer, vector)."""
     return pa.table({
         "feature_id": [r[0] for r in rows], "explainer": [r[1] for r in rows], "prompt_version": ["v1"] * len(rows),
-        "model": [model] * len(rows), "embedding": [np.asarray(r[2], np.float32).tolist() for r in rows],
+        "model": [model] * len(rows),
+        "embedding": [None if r[2] is None else np.asarray(r[2], np.float32).tolist() for r in rows],
     }, schema=storage.EMBEDDINGS_SCHEMA)
 
 
@@ -302,10 +303,11 @@ def test_search_index_cached_and_invalidated(tmp_path):
         assert (folder / "meta.json").stat().st_mtime_ns == built
     target = unit(np.random.default_rng(9).standard_normal(32)).astype(np.float32)
     time.sleep(0.01)
-    storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(500, "A", "the new one", "ok", 0)]),
-                             storage.EMBEDDINGS: emb_rows([(500, "A", target)])})
+    new = ex_rows([(500, "A", "the new one", "ok", 0), (501, "A", "no vector", "ok", 0)])
+    storage.write_part(run, {storage.EXPLANATIONS: new, storage.EMBEDDINGS: emb_rows([(500, "A", target), (501, "A", None)])})
     with SemanticSearch.open(run) as s3:
         assert s3.index is not None and s3.index.folder != folder and not folder.exists()
+        assert len(s3) == 501 and 501 not in s3.index.ids  # a null embedding is left out
         hit = s3.search(target, 1)[0]
         assert (hit.feature_id, hit.text, hit.score) == (500, "the new one", None)
         assert hit.similarity == pytest.approx(1.0, abs=1e-5)
@@ -346,7 +348,9 @@ def test_ivf_recall_and_filters(tmp_path, monkeypatch):
         return found / total
 
     assert recall({}, 1) < 0.8  # one list is not enough: the data does test the probing
-    for filters in ({}, {"min_density": lo, "max_density": hi}, {"min_score": 0.5}, {"min_density": dense, "min_score": 0.8}):
+    both = {"min_density": float(np.median(density)), "min_score": 0.5}  # two broad filters: the count is estimated
+    rare = {"min_density": dense, "min_score": 0.8}  # 2% pass: probes many lists
+    for filters in ({}, {"min_density": lo, "max_density": hi}, {"min_score": 0.5}, rare, both):
         assert recall(filters, 8) >= 0.9, filters
     # a narrow filter (few rows pass) is searched exactly over them
     narrow = {"min_density": float(np.quantile(density, 0.5)), "max_density": float(np.quantile(density, 0.52))}
