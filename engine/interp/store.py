@@ -27,7 +27,6 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import storage
 
@@ -257,17 +256,6 @@ def source_files(run_dir: Path, name: str) -> list[Path]:
     """The files holding rows of one kind, in write order: the consolidated file, then the parts."""
     files = [run_dir / name] if (run_dir / name).is_file() else []
     return files + [p / name for p in part_folders(run_dir) if (p / name).is_file()]
-
-
-def read_sources(run_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:
-    """Every row of one kind (consolidated file, then parts in order) with an ``_ord`` write-order column (the row
-    number), not deduplicated; columns follow ``storage.FILES``."""
-    schema = storage.FILES[name]
-    wanted = [f.name for f in schema] if columns is None else columns
-    sub = pa.schema([schema.field(c) for c in wanted])
-    tables = [pq.read_table(path, columns=wanted).cast(sub) for path in source_files(run_dir, name)]
-    table = pa.concat_tables(tables) if tables else sub.empty_table()
-    return table.append_column("_ord", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], name: str, columns: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -112,6 +113,27 @@ def test_best_explanation_and_order(run):
         assert [(e.explainer, e.status, e.text) for e in three] == [("baseline:top-tokens", "ok", "tokens"),
                                                                     ("A", "failed", None)]
         assert three[1].reason == "junk"
+
+
+def test_threads_share_one_store(run):
+    with InterpStore.open(run) as st:
+        want = {f: st.explanations(f) for f in range(1, 5)}
+        want_best = st.best([1, 2, 4])
+        errors, results = [], []
+
+        def worker(seed):
+            try:
+                for f in np.random.default_rng(seed).integers(1, 5, 40):
+                    results.append(st.explanations(int(f)) == want[int(f)] and st.best([1, 2, 4]) == want_best)
+            except Exception as err:  # reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(results) == 320 and all(results)
 
 
 def test_scores_details_parsed(tmp_path):
