@@ -41,7 +41,7 @@ from ..run import schema
 from . import storage
 from .store import InterpStore, fallback_dir, source_files
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 IVF_MIN = 200_000
 """From this many vectors on, an IVF index; below it, exact search."""
 N_LISTS = 1024
@@ -156,7 +156,7 @@ class VectorIndex:
         if vectors.ndim != 2 or len(vectors) != n:
             raise ValueError(f"vectors must be [n, dim] with n = len(ids) = {n}, got {vectors.shape}")
         density = np.full(n, np.nan) if density is None else np.asarray(density, np.float64)
-        score = np.full(n, np.nan, np.float32) if score is None else np.asarray(score, np.float32)
+        score = np.full(n, np.nan) if score is None else np.asarray(score, np.float64)
         source = np.zeros(n, np.int32) if source is None else np.asarray(source, np.int32)
         sources = sources if sources is not None else [["", ""]]
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,7 @@ class VectorIndex:
                 np.searchsorted(self.density_sorted[: self.n_density], max_density, "right"))
             out.append(self.by_density[lo : max(lo, hi)])
         if min_score is not None:
-            lo = int(np.searchsorted(self.score_sorted[: self.n_scored], np.float32(min_score), "left"))
+            lo = int(np.searchsorted(self.score_sorted[: self.n_scored], float(min_score), "left"))
             out.append(self.by_score[lo : self.n_scored])
         return out
 
@@ -246,7 +246,7 @@ class VectorIndex:
             if max_density is not None:
                 keep &= d <= max_density
         if min_score is not None:
-            s = self.score[rows] >= np.float32(min_score)
+            s = self.score[rows] >= float(min_score)
             keep = s if keep is None else keep & s
         return keep
 
@@ -439,6 +439,13 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
             "sources": [list(n) for n in names]}
 
 
+def _index_model(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("model")
+    except (OSError, ValueError):
+        return None
+
+
 class SemanticSearch:
     """Search a run's latents by the meaning of their best explanations. Create with ``SemanticSearch.open``."""
 
@@ -481,8 +488,8 @@ class SemanticSearch:
         data = _run_vectors(run_dir, store, model)
         index = VectorIndex.build(folder, data["ids"], data["vectors"], data["density"], data["score"], data["source"],
                                   data["sources"], ivf_min=ivf_min, n_lists=n_lists, seed=seed, extra={"model": model})
-        for old in root.iterdir():  # earlier indexes of this run (an open one stays readable until closed)
-            if old.name != key and not old.name.startswith(".tmp-"):
+        for old in root.iterdir():  # earlier indexes of this model (an open one stays readable until closed)
+            if old.name != key and not old.name.startswith(".tmp-") and _index_model(old) in (model, None):
                 shutil.rmtree(old, ignore_errors=True)
         if warm:
             index.warm()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -142,12 +143,16 @@ def search_bench(n: int = 1_000_000, dim: int = 384, *, k: int = 50, n_queries: 
     vectors, density, score, data_cached = _dataset(root, n, dim, seed)
     data_seconds = time.perf_counter() - t
     folder = root / f"index-{n}-{dim}-{seed}-{ivf_min}-{n_lists}"
-    built_now = not (folder / "meta.json").is_file()
-    if built_now:
+    index = None
+    if (folder / "meta.json").is_file():
+        try:
+            index = VectorIndex.load(folder)
+        except ValueError:  # written by another index version
+            shutil.rmtree(folder)
+    built_now = index is None
+    if index is None:
         index = VectorIndex.build(folder, np.arange(n, dtype=np.int32), vectors, density, score, ivf_min=ivf_min,
                                   n_lists=n_lists, seed=seed)
-    else:
-        index = VectorIndex.load(folder)
     queries = synthetic_queries(n_queries, dim, seed=seed, query_seed=1)
     lo, hi = np.quantile(density, [0.45, 0.55])
     filters = {

@@ -382,3 +382,20 @@ def test_ivf_recall_and_filters(tmp_path, monkeypatch):
     again = VectorIndex.load(tmp_path / "ivf")
     first = [h.feature_id for h in index.search(queries[0], 10, n_probe=8)]
     assert [h.feature_id for h in again.search(queries[0], 10, n_probe=8)] == first
+
+
+def test_search_per_embedding_model(tmp_path):
+    run, indexed, _, _ = search_run(tmp_path, n=300)
+    other = unit(np.random.default_rng(4).standard_normal((300, 8))).astype(np.float32)
+    # another explainer's explanations, embedded by another model (one embedding per explanation: storage's key)
+    storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(i, "C", f"c{i}", "ok", 0) for i in range(200)]),
+                             storage.EMBEDDINGS: emb_rows([(i, "C", other[i]) for i in range(200)], model="other")})
+    with SemanticSearch.open(run) as default, SemanticSearch.open(run, model="other") as by_other:
+        assert default.model == "mini" and len(default) == 300 and default.index is not None
+        assert by_other.model == "other" and len(by_other) == 200 and by_other.index is not None
+        assert by_other.index.dim == 8 and default.index.dim == 32
+        assert [(h.feature_id, h.explainer, h.text) for h in by_other.search(other[7], 1)] == [(7, "C", "c7")]
+        assert {h.explainer for h in default.search(indexed[7], 20)} <= {"A", "B"}
+        assert default.index.folder.exists() and by_other.index.folder.exists()  # one model's index keeps the other's
+    with SemanticSearch.open(run, model="missing") as none:
+        assert none.index is None and none.search(other[0]) == []
