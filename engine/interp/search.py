@@ -11,8 +11,8 @@ embeddings make a new index and the old one is removed.
 * below ``IVF_MIN`` vectors it is exact: one float32 matrix-vector product over all of them;
 * from ``IVF_MIN`` on it is an IVF index: spherical k-means (``N_LISTS`` centroids trained on a sample) splits
   the vectors into lists stored contiguously, a query scans the ``n_probe`` lists whose centroids are nearest and
-  re-ranks their vectors exactly. An exact float32 product over 1M x 384 streams 1.5 GB (about 55 ms on 2 cores);
-  32 of 1024 lists stream about 3% of it.
+  re-ranks their vectors exactly. An exact float32 product over 1M x 384 streams 1.5 GB (about 115 ms on one
+  thread of a 2-core Xeon); 32 of 1024 lists stream about 3% of it (about 4 ms).
 
 Filters (density range, minimum score) apply before the top ``k`` is taken. Row permutations sorted by density
 and by score count the rows a filter keeps in microseconds: a small filtered set is searched exactly (its rows
