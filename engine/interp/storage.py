@@ -74,12 +74,12 @@ def write_part(run_dir: Path, tables: dict[str, pa.Table]) -> Path:
     return final
 
 
-def _part_folders(run_dir: Path) -> list[Path]:
+def part_folders(run_dir: Path) -> list[Path]:
+    """Finished part folders in write order. A ``.tmp-*`` folder is never listed (nor removed here: it may be a
+    batch another process is writing right now); ``consolidate`` removes those a killed writer left."""
     parts = parts_dir(run_dir)
     if not parts.is_dir():
         return []
-    for leftover in parts.glob(".tmp-*"):  # a batch killed while being written
-        shutil.rmtree(leftover, ignore_errors=True)
     return sorted(p for p in parts.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -88,7 +88,7 @@ def read_all(run_dir: Path, name: str) -> pa.Table:
     tables = []
     if (Path(run_dir) / name).is_file():
         tables.append(pq.read_table(Path(run_dir) / name).cast(FILES[name]))
-    for part in _part_folders(run_dir):
+    for part in part_folders(run_dir):
         if (part / name).is_file():
             tables.append(pq.read_table(part / name).cast(FILES[name]))
     if not tables:
@@ -111,7 +111,10 @@ def _dedupe(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
 def consolidate(run_dir: Path) -> dict[str, int]:
     """Fold the parts into the run's three files (atomically each) and remove them; returns row counts."""
     run_dir = Path(run_dir)
-    folders = _part_folders(run_dir)
+    if parts_dir(run_dir).is_dir():
+        for leftover in parts_dir(run_dir).glob(".tmp-*"):  # batches a killed explain left half-written
+            shutil.rmtree(leftover, ignore_errors=True)
+    folders = part_folders(run_dir)
     counts = {}
     for name, file_schema in FILES.items():
         table = read_all(run_dir, name)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -28,6 +27,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from ..run.index import building
 from . import storage
 
 INTERP_DB = "interp.duckdb"
@@ -232,22 +232,13 @@ def _file_sig(path: Path) -> list:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-def part_folders(run_dir: Path) -> list[Path]:
-    """Finished part folders in write order. Unlike ``storage.read_all`` this never removes a ``.tmp-*`` folder:
-    that may be a batch another process is writing right now."""
-    parts = storage.parts_dir(run_dir)
-    if not parts.is_dir():
-        return []
-    return sorted(p for p in parts.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def source_signature(run_dir: Path) -> str:
     """Name, size and mtime of every consolidated file and part file: changes whenever explain writes anything."""
     sig: list = []
     for name in storage.FILES:
         if (run_dir / name).is_file():
             sig.append(_file_sig(run_dir / name))
-    for part in part_folders(run_dir):
+    for part in storage.part_folders(run_dir):
         sig.append([part.name, [_file_sig(part / n) for n in storage.FILES if (part / n).is_file()]])
     return hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32] if sig else ""
 
@@ -255,7 +246,7 @@ def source_signature(run_dir: Path) -> str:
 def source_files(run_dir: Path, name: str) -> list[Path]:
     """The files holding rows of one kind, in write order: the consolidated file, then the parts."""
     files = [run_dir / name] if (run_dir / name).is_file() else []
-    return files + [p / name for p in part_folders(run_dir) if (p / name).is_file()]
+    return files + [p / name for p in storage.part_folders(run_dir) if (p / name).is_file()]
 
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], name: str, columns: list[str]) -> None:
@@ -282,10 +273,7 @@ def build_interp_db(run_dir: str | Path, target: str | Path | None = None) -> Pa
     target = Path(target) if target else run_dir / INTERP_DB
     signature = source_signature(run_dir)
     files = {name: source_files(run_dir, name) for name in storage.FILES}
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    con = duckdb.connect(str(tmp))
-    try:
-        con.execute("SET enable_progress_bar = false")
+    with building(target) as con:
         _load(con, "raw_explanations", files[storage.EXPLANATIONS], storage.EXPLANATIONS,
               [f.name for f in storage.EXPLANATIONS_SCHEMA])
         _load(con, "scores", files[storage.SCORES], storage.SCORES, [f.name for f in storage.SCORES_SCHEMA])
@@ -294,14 +282,6 @@ def build_interp_db(run_dir: str | Path, target: str | Path | None = None) -> Pa
         con.execute(BUILD_EXPLANATIONS, {"baseline": BASELINE_PREFIX})
         con.execute(DROP_RAW)
         con.execute(BUILD_INFO, {"version": DB_VERSION, "signature": signature})
-        con.execute("CHECKPOINT")
-        con.close()
-        os.replace(tmp, target)
-    except BaseException:
-        con.close()
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
-        raise
     return target
 
 

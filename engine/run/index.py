@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -10,15 +13,30 @@ import duckdb
 from . import schema, sql
 
 
+@contextmanager
+def building(target: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to a fresh DuckDB file beside ``target``, checkpointed and renamed onto it when the block ends
+    normally and removed (with its WAL) when it raises: readers only ever see a whole database."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute(sql.NO_PROGRESS_BAR)
+        yield con
+        con.execute(sql.CHECKPOINT)
+        con.close()
+        os.replace(tmp, target)
+    except BaseException:
+        con.close()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        raise
+
+
 def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     """Load the run's Parquet files into a DuckDB file (default ``<run>/index.duckdb``), atomically."""
     run_dir = Path(run_dir)
     target = Path(target) if target else run_dir / schema.INDEX
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
-    try:
-        con.execute(sql.NO_PROGRESS_BAR)
+    with building(target) as con:
         for table, (name, _) in sql.TABLES.items():
             source = {"path": str(run_dir / name)}
             if not (run_dir / name).is_file():
@@ -35,14 +53,6 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
         for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
             con.execute(statement)
         con.execute(sql.INDEX_VERSION_WRITE, {"version": sql.INDEX_VERSION})
-        con.execute(sql.CHECKPOINT)
-        con.close()
-        os.replace(tmp, target)
-    except BaseException:
-        con.close()
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
-        raise
     return target
 
 

