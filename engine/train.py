@@ -110,7 +110,10 @@ class TopKTrainer(torch.nn.Module):
         dead = self.since_fired > self.cfg.dead_tokens
         n_dead = int(dead.sum())
         if n_dead and self.cfg.aux_coef > 0:
-            k_aux = min(x.shape[-1] // 2, n_dead)
+            # AuxK as in sparsify / Gao et al.: up to d_in / 2 dead latents model the residual, and the loss is
+            # scaled down while fewer latents than that are dead
+            k_aux_max = x.shape[-1] // 2
+            k_aux = min(k_aux_max, n_dead)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 dead_pre = pre.masked_fill(~dead, -torch.inf)
                 aux_vals, aux_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
@@ -118,7 +121,7 @@ class TopKTrainer(torch.nn.Module):
                 e_hat = aux_codes @ self.W_dec
             e = err.detach()
             aux = (e_hat.float() - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-            loss = loss + self.cfg.aux_coef * min(n_dead / k_aux, 1.0) * aux
+            loss = loss + self.cfg.aux_coef * min(n_dead / k_aux_max, 1.0) * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -141,6 +144,8 @@ class TopKTrainer(torch.nn.Module):
         cfg = SAEConfig(
             architecture="topk", d_in=self.W_dec.shape[1], d_sae=self.cfg.width, k=self.cfg.k, hook_name=hook_name,
             model_name=model_name, apply_b_dec_to_input=True,
+            # SAELens flattens [..., n_heads, d_head] hook_z inputs when told so; ours arrive flat either way
+            reshape_activations="hook_z" if hook_name.endswith("attn.hook_z") else "none",
             metadata={"trained_by": "saescope train-sae", "context_size": self.cfg.context_len},
         )
         state = {n: p.detach().cpu() for n, p in self.named_parameters()}

@@ -117,7 +117,8 @@ class RunExamples:
         _, _, _, _, cid, max_pos, start, acts = row
         ids = contexts[int(cid)][int(start) : int(start) + len(acts)]
         lo, hi = _window(int(max_pos) - int(start), len(acts), self.before, self.after)
-        return Excerpt(int(cid), [self.vocab[t] for t in ids[lo:hi]], [float(a) for a in acts[lo:hi]], True)
+        return Excerpt(int(cid), [self.vocab[t] for t in ids[lo:hi]], [float(a) for a in acts[lo:hi]], True,
+                       int(start) + lo)
 
     def quiet_excerpts(self, pool: QuietPool, feature_id: int, n: int, seed: int,
                        exclude: set[int] | None = None) -> list[Excerpt]:
@@ -148,5 +149,5 @@ class RunExamples:
         for r, s in picks:
             cid = int(pool.ids[r])
             window = contexts[cid][s : s + width]
-            out.append(Excerpt(cid, [self.vocab[t] for t in window], [0.0] * len(window), False))
+            out.append(Excerpt(cid, [self.vocab[t] for t in window], [0.0] * len(window), False, s))
         return out

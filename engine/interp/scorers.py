@@ -35,6 +35,8 @@ class Excerpt:
     acts: list[float]
     """Activation per token (zeros for a non-activating excerpt)."""
     activating: bool
+    start: int = -1
+    """Position of the window's first token in its context (-1: unknown)."""
 
     @property
     def text(self) -> str:
@@ -80,12 +82,18 @@ def fuzz_marks(excerpt: Excerpt, n_random: int, rng: np.random.Generator, thresh
     return list(marks)
 
 
+def _windows(excerpts: list[Excerpt]) -> list[list[int]]:
+    """``[start, end)`` of each excerpt in its context, so the app can show the excerpts a scorer got wrong."""
+    return [[e.start, e.start + len(e.tokens)] for e in excerpts]
+
+
 def _classifier(scorer: str, labels: np.ndarray, probs: list[float], excerpts: list[Excerpt]) -> Score:
     p = np.asarray(probs, np.float64)
     predictions = p > 0.5
     details = {
         "auroc": auroc(labels, p),
         "context_ids": [e.context_id for e in excerpts],
+        "windows": _windows(excerpts),
         "labels": labels.astype(int).tolist(),
         "probabilities": [round(float(x), 4) for x in p],
         "prompt_version": prompts.SCORE_VERSION,
@@ -114,6 +122,7 @@ def embedding(embedder, explanation: str, excerpts: list[Excerpt], explanation_v
     vectors = embedder.encode([e.text for e in excerpts])
     sims = vectors @ query
     labels = np.array([e.activating for e in excerpts])
-    details = {"context_ids": [e.context_id for e in excerpts], "labels": labels.astype(int).tolist(),
+    details = {"context_ids": [e.context_id for e in excerpts], "windows": _windows(excerpts),
+               "labels": labels.astype(int).tolist(),
                "similarities": [round(float(s), 4) for s in sims]}
     return Score("embedding", auroc(labels, sims), len(excerpts), details)

@@ -167,6 +167,8 @@ class ExcerptResult:
     wrong: bool
     """Detection/fuzzing: the prediction differs from the label. Embedding: ``misordered > 0`` (an activating
     excerpt ranked below a non-activating one, or a non-activating one above an activating one)."""
+    window: tuple[int, int] | None = None
+    """``[start, end)`` of the excerpt in its context (None: scored before windows were recorded)."""
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,9 @@ def parse_details(scorer: str, details: str | dict | None) -> tuple[float | None
     if not (len(ids) == len(labels) == len(raw)):
         return d.get("auroc"), ()
     values = np.array([np.nan if v is None else float(v) for v in raw], np.float64)
+    windows = d.get("windows") or []
+    if len(windows) != len(ids):
+        windows = [None] * len(ids)
     finite = np.isfinite(values)
     ranked = np.where(finite, values, -np.inf)
     misordered = _misordered(labels, ranked)
@@ -343,7 +348,9 @@ def parse_details(scorer: str, details: str | dict | None) -> tuple[float | None
         else:
             predicted = bool(value is not None and value > 0.5)
             wrong = predicted != bool(labels[i])
-        out.append(ExcerptResult(int(cid), bool(labels[i]), value, predicted, int(misordered[i]), wrong))
+        window = windows[i]
+        span = (int(window[0]), int(window[1])) if window and len(window) == 2 and int(window[0]) >= 0 else None
+        out.append(ExcerptResult(int(cid), bool(labels[i]), value, predicted, int(misordered[i]), wrong, span))
     auc = d.get("auroc")
     if auc is None and scorer == "embedding" and labels.any() and (~labels).any():
         auc = 1.0 - float(misordered[labels].sum() + 0.5 * _ties(labels, ranked)) / (labels.sum() * (~labels).sum())

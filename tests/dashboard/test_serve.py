@@ -122,13 +122,13 @@ def test_run_state(tmp_path):
     assert serve.run_state(run, sae) == "stale"
 
 
-def _precompute_cmd(tmp_path, out, *extra):
+def _precompute_cmd(tmp_path, out, *extra, n_docs=600):
     from engine.model.tiny import save_tiny_model
     from tests.dashboard.tinyrun import write_corpus
 
     model = save_tiny_model(tmp_path / "model")
     sae = make_sae("topk").save(tmp_path / "sae")
-    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=600)
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=n_docs)
     return [sys.executable, "-m", "engine.cli", "precompute", "--model", str(model), "--sae", str(sae), "--corpus",
             str(corpus), "--out", str(out), "--context-len", "16", "--batch-size", "8", "--dtype", "float32", *extra]
 
@@ -160,13 +160,14 @@ def test_background_precompute_stops_with_the_process_that_started_it(tmp_path):
     import time
 
     out = tmp_path / "run"
-    cmd = _precompute_cmd(tmp_path, out, "--snapshot-tokens", "0", "--stop-with-parent")
+    # 6,000 documents: ~30 s of precompute on a fast CPU, so it is mid-run when the parent dies after 3 s
+    cmd = _precompute_cmd(tmp_path, out, "--snapshot-tokens", "0", "--stop-with-parent", n_docs=6000)
     parent = ("import os, subprocess, sys, time; p = subprocess.Popen([*sys.argv[1:], str(os.getpid())]); "
               "print(p.pid, flush=True); time.sleep(3)")
     env = {**os.environ, "PYTHONPATH": str(serve.ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", parent, *cmd], stdout=subprocess.PIPE, text=True, env=env)
     child_pid = int(proc.stdout.readline())
-    proc.wait(timeout=30)  # the parent exits after 3 s; the child is mid-run (600 documents)
+    proc.wait(timeout=30)  # the parent exits after 3 s; the child is mid-run
     deadline = time.time() + 30
     while time.time() < deadline:
         try:

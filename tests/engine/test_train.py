@@ -85,12 +85,13 @@ def test_interrupt_leaves_no_sae(tmp_path, corpus):
 
     model = save_tiny_model(tmp_path / "model")
     big = tmp_path / "big.jsonl"
-    big.write_text("\n".join(json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(5000)))
+    big.write_text("\n".join(json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(50_000)))
     out = tmp_path / "sae"
     cmd = [sys.executable, "-m", "engine.cli", "train-sae", "--model", str(model), "--dtype", "float32", "--hook", HOOK,
            "--corpus", str(big), "--width", "256", "--k", "8", "--tokens", "50000000", "--context-len", "64",
            "--batch-size", "512", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    # unbuffered: the progress bar's first line reaches us at once (~6M tokens of corpus: minutes of training)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = b""
     deadline = time.time() + 120
     while b"train-sae:" not in seen and time.time() < deadline and proc.poll() is None:
