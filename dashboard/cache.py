@@ -21,6 +21,8 @@ from engine.run.rundir import is_run
 from engine.run.schema import MANIFEST
 
 if TYPE_CHECKING:
+    from engine.interp.search import SemanticSearch
+    from engine.interp.store import InterpStore
     from engine.run.store import RunStore
 
 RUN_ENV = "SAESCOPE_RUN"
@@ -156,3 +158,74 @@ def _labels(run_dir: str, stamp: float, ids: tuple[int, ...]) -> dict[int, str]:
 def labels(run_dir: str, ids) -> dict[int, str]:
     """Labels of several latents (empty string where a latent has none)."""
     return _labels(run_dir, stamp(run_dir), tuple(int(i) for i in ids))
+
+
+# --- explanations (engine.interp) ----------------------------------------------------------------------------
+def interp_stamp(run_dir: str) -> str:
+    """Changes whenever ``saescope explain`` (or the app's explain button) writes into the run."""
+    from engine.interp.store import source_signature
+
+    return source_signature(Path(run_dir))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda s: s.close())
+def _interp(run_dir: str, stamp: float, signature: str) -> InterpStore:
+    from engine.interp.store import InterpStore
+
+    return InterpStore.open(run_dir)
+
+
+atexit.register(_interp.clear)
+
+
+def interp(run_dir: str) -> InterpStore:
+    """The run's explanations and scores (an empty store for a run without any), reopened when they change."""
+    return _interp(run_dir, stamp(run_dir), interp_stamp(run_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _explanations(run_dir: str, signature: str, ids: tuple[int, ...]) -> dict[int, str]:
+    best = interp(run_dir).best(list(ids))
+    return {i: e.text for i, e in best.items() if e.text}
+
+
+def explanations(run_dir: str, ids) -> dict[int, str]:
+    """The best explanation of each latent in ``ids`` that has one."""
+    return _explanations(run_dir, interp_stamp(run_dir), tuple(int(i) for i in ids))
+
+
+def describe(run_dir: str, ids) -> dict[int, str]:
+    """What to call each latent next to its id: its best explanation, else its top-token label ("" if neither)."""
+    ids = [int(i) for i in ids]
+    found = explanations(run_dir, ids)
+    rest = [i for i in ids if i not in found]
+    return {**labels(run_dir, rest), **found}
+
+
+EMBEDDER_ENV = "SAESCOPE_EMBEDDER"
+"""A sentence-embedding model folder for search by meaning (default: all-MiniLM-L6-v2, fetched once from PyPI)."""
+
+
+@st.cache_resource(show_spinner="Loading the sentence-embedding model (once per server)…", max_entries=2)
+def _embedder(path: str):
+    from engine.interp.embed import Embedder
+
+    return Embedder(path or None)
+
+
+def embedder():
+    """The offline sentence embedder search by meaning uses (``$SAESCOPE_EMBEDDER``, else all-MiniLM-L6-v2)."""
+    return _embedder(os.environ.get(EMBEDDER_ENV, "").strip())
+
+
+@st.cache_resource(show_spinner="Indexing explanations for search (once per run)…", max_entries=4,
+                   on_release=lambda s: s.close())
+def _semantic(run_dir: str, stamp: float, signature: str) -> SemanticSearch:
+    from engine.interp.search import SemanticSearch
+
+    return SemanticSearch.open(run_dir)  # with its own store, closed on release
+
+
+def semantic(run_dir: str) -> SemanticSearch:
+    """Search by meaning over the run's explanation embeddings (an index built once per run and version)."""
+    return _semantic(run_dir, stamp(run_dir), interp_stamp(run_dir))

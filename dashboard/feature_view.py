@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from dashboard import cache, charts, common, render
+from dashboard import cache, charts, common, explain_view, render
 from dashboard.render import fmt
 from engine.run.rows import Example
 
@@ -36,8 +36,7 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
         common.fail(f"Feature {feature_id} does not exist: this SAE has {n:,} latents (ids 0 to {n - 1:,}).")
 
     st.title(f"Feature #{feature_id}")
-    explanation = f" — {render.md(row.explanation)}" if row.explanation else ""
-    st.markdown(f"**{render.md(row.label or 'no label')}**" + explanation)
+    explain_view.show(run, store, row)
     density = float(row.density)
     cols = st.columns([2, 2, 2, 2, 3])
     cols[0].metric("Density", f"{density:.3%}" if density >= 1e-4 else fmt(density),
@@ -67,7 +66,7 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
         st.html(render.chips(suppressed, color="neg"))
         st.markdown("**Nearest latents** (decoder cosine)")
         neighbours = list(zip(row.neighbor_ids or [], row.neighbor_cos or [], strict=True))
-        labels = cache.labels(run, [i for i, _ in neighbours])
+        labels = cache.describe(run, [i for i, _ in neighbours])
         for other, cos in neighbours:
             common.feature_link(other, labels.get(other, ""), suffix=f" · cos {cos:.2f}")
 

@@ -1,11 +1,12 @@
-"""Features: search latents by id, label or token; filter and sort them; open one (``?feature=ID``)."""
+"""Features: search latents by the meaning of their explanations, or by id, label or token; filter and sort them;
+open one (``?feature=ID``)."""
 
 from functools import partial
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import common, feature_view
+from dashboard import cache, common, feature_view
 
 PAGE_SIZE = 50
 SORT_KEYS = {
@@ -13,11 +14,14 @@ SORT_KEYS = {
     "feature_id": "Id",
 }
 
-WIDGETS = ("feat_query", "feat_by", "feat_density", "feat_sort", "feat_desc", "feat_dead", "feat_page")
+WIDGETS = ("feat_query", "feat_by", "feat_density", "feat_score", "feat_sort", "feat_desc", "feat_dead", "feat_page")
+BY = {"meaning": "meaning", "label": "top tokens", "token": "token", "id": "id"}
 
 run = common.current_run()
 store = common.run_store(run)
-common.restore_widgets("features", {"feat_density": (-8.0, 0.0), "feat_desc": True, "feat_page": 1})
+explained_run = bool(cache.interp(run).embedding_models())  # search by meaning is the default where it can work
+common.restore_widgets("features", {"feat_density": (-8.0, 0.0), "feat_score": 0.0, "feat_desc": True, "feat_page": 1,
+                                    "feat_by": "meaning" if explained_run else "label"})
 
 
 def open_picked(key: str, ids: list[int]) -> None:
@@ -45,9 +49,11 @@ st.title("Features")
 st.caption(f"{n:,} latents. Search, or filter and sort the list; select a row to open its page.")
 
 c_text, c_by = st.columns([3, 2])
-text = c_text.text_input("Search", key="feat_query", placeholder="words from a label, a token, or an id")
-by = c_by.radio("Search by", ["label", "token", "id"], horizontal=True, key="feat_by",
-                help="token: latents that fire most on, or most promote, exactly this token")
+text = c_text.text_input("Search", key="feat_query", placeholder="what a latent is about, top-token words, a token, an id")
+by = c_by.radio("Search by", list(BY), format_func=BY.__getitem__, horizontal=True, key="feat_by",
+                help="meaning: latents whose explanation is closest in meaning to the query (offline sentence embeddings); "
+                     "top tokens: words of the top-token label; token: latents that fire most on, or most promote, "
+                     "exactly this token")
 
 with st.expander("Filter and sort", expanded=not text):
     f1, f2, f3 = st.columns([3, 2, 2])
@@ -59,11 +65,50 @@ with st.expander("Filter and sort", expanded=not text):
     descending = f2.toggle("Descending", key="feat_desc")
     include_dead = f3.toggle("Include dead latents", key="feat_dead")
     page = f3.number_input("Page", min_value=1, step=1, key="feat_page")
+    min_score = f1.slider("Minimum explanation score (search by meaning)", 0.0, 1.0, step=0.05, key="feat_score",
+                          help="Keep latents whose best explanation's mean score (detection, fuzzing, embedding) is at "
+                               "least this; 0 keeps unscored ones too")
 
 common.save_widgets("features", WIDGETS)
 
+def by_meaning(query: str) -> None:
+    """Latents ranked by cosine between the query and their best explanation, with the filters applied."""
+    search = cache.semantic(run)
+    if not len(search):
+        st.info("This run has no embedded explanations to search by meaning yet: "
+                "`saescope explain RUN` writes them (or search by top tokens, token or id).")
+        return
+    embedder = cache.embedder()
+    if search.model != embedder.name:
+        st.warning(f"The explanations were embedded with `{search.model}`, not `{embedder.name}`: "
+                   "similarities are not comparable.")
+    hits = search.search_text(query, embedder, k=PAGE_SIZE, min_density=None if lo <= -8 else 10**lo,
+                              max_density=None if hi >= 0 else 10**hi, min_score=min_score or None)
+    st.caption(f"{len(hits)} latents closest in meaning to {query!r} among {len(search):,} explained"
+               + (f", best explanation scoring at least {min_score:.2f}" if min_score else ""))
+    if not hits:
+        st.info("No explained latent passes these filters.")
+        return
+    table = pd.DataFrame({
+        "id": [h.feature_id for h in hits],
+        "explanation": [h.text or "" for h in hits],
+        "similarity": [h.similarity for h in hits],
+        "score": [h.score for h in hits],
+        "density": [h.density for h in hits],
+    })
+    key = f"feat_meaning_{st.session_state.get('feat_table_gen', 0)}"
+    st.dataframe(table, hide_index=True, width="stretch", selection_mode="single-row", key=key,
+                 on_select=partial(open_picked, key, table["id"].tolist()),
+                 column_config={"similarity": st.column_config.NumberColumn(format="%.3f"),
+                                "score": st.column_config.NumberColumn(format="%.3f"),
+                                "density": st.column_config.NumberColumn(format="%.2e")})
+
+
 with common.shown_errors("Search failed"):
-    if text.strip():
+    rows = None
+    if text.strip() and by == "meaning":
+        by_meaning(text.strip())
+    elif text.strip():
         rows = store.search(text.strip(), by=by, limit=PAGE_SIZE)
         st.caption(f"{len(rows)} match{'es' if len(rows) != 1 else ''} for {text.strip()!r} by {by}"
                    + (" (showing the first 50)" if len(rows) == PAGE_SIZE else ""))
@@ -73,29 +118,34 @@ with common.shown_errors("Search failed"):
             min_density=None if lo <= -8 else 10**lo, max_density=None if hi >= 0 else 10**hi,
             limit=PAGE_SIZE, offset=(int(page) - 1) * PAGE_SIZE,
         )
-    table = pd.DataFrame(
-        {
-            "id": [r.feature_id for r in rows],
-            "label": [r.label or "" for r in rows],
-            "density": [r.density for r in rows],
-            "max act": [r.max_act for r in rows],
-            "mean act": [r.mean_act for r in rows],
-            "fires": [r.fire_count for r in rows],
-        }
-    )
-    if rows:
-        key = f"feat_table_{st.session_state.get('feat_table_gen', 0)}"
-        st.dataframe(
-            table, hide_index=True, width="stretch", selection_mode="single-row", key=key,
-            on_select=partial(open_picked, key, table["id"].tolist()),
-            column_config={
-                "density": st.column_config.NumberColumn(format="%.2e"),
-                "max act": st.column_config.NumberColumn(format="%.3f"),
-                "mean act": st.column_config.NumberColumn(format="%.3f"),
-            },
+
+    if rows is not None:
+        explained = cache.explanations(run, [r.feature_id for r in rows])
+        table = pd.DataFrame(
+            {
+                "id": [r.feature_id for r in rows],
+                "explanation": [explained.get(r.feature_id, "") for r in rows],
+                "label": [r.label or "" for r in rows],
+                "density": [r.density for r in rows],
+                "max act": [r.max_act for r in rows],
+                "mean act": [r.mean_act for r in rows],
+                "fires": [r.fire_count for r in rows],
+            }
         )
-    elif not text.strip():
-        st.info("No latent matches these filters.")
+        if rows:
+            key = f"feat_table_{st.session_state.get('feat_table_gen', 0)}"
+            st.dataframe(
+                table, hide_index=True, width="stretch", selection_mode="single-row", key=key,
+                on_select=partial(open_picked, key, table["id"].tolist()),
+                column_config={
+                    "density": st.column_config.NumberColumn(format="%.2e"),
+                    "max act": st.column_config.NumberColumn(format="%.3f"),
+                    "mean act": st.column_config.NumberColumn(format="%.3f"),
+                },
+            )
+        elif not text.strip():
+            st.info("No latent matches these filters.")
+
 
 st.number_input("Open feature by id", min_value=0, max_value=max(n - 1, 0), value=None, step=1, key="feat_goto",
                 placeholder=f"0 – {n - 1:,}", on_change=open_typed)

@@ -46,7 +46,7 @@ rows = result.tokens
 strings = [t.token for t in rows]
 fired = result.codes.max(dim=0).values
 order = [int(i) for i in fired.argsort(descending=True)[: min(40, int((fired > 0).sum()))]]
-labels = cache.labels(run, order)
+labels = cache.describe(run, order)  # best explanation, else the top-token label
 options = ["top"] + [f"latent:{i}" for i in order] + ["error", "ce"]
 
 
@@ -63,9 +63,11 @@ def describe(option: str) -> str:
 
 version = hash((tuple(ids), top_k, steps)) % 10**9  # widgets whose options depend on the prompt start afresh with it
 choice = st.selectbox("Tint the text by", options, index=1 if order else 0, format_func=describe, key=f"lens_tint_{version}")
+explained = cache.explanations(run, sorted({i for t in rows for i, _ in t.top_latents}))
 titles = [
     f"{t.token!r} · position {t.position}"
-    + ("".join(f"\n#{i}: {v:.3f}" for i, v in t.top_latents) if t.top_latents else "\nno latent active")
+    + ("".join(f"\n#{i}: {v:.3f}" + (f" · {explained[i][:60]}" if i in explained else "") for i, v in t.top_latents)
+       if t.top_latents else "\nno latent active")
     + f"\n‖error‖ {t.err_norm:.3g}" + (f" · ΔCE {t.ce_delta:+.3f}" if t.ce_delta is not None else "")
     + ("" if t.included else "\n(excluded: position 0 or special token)")
     for t in rows
@@ -120,4 +122,4 @@ if not tops:
     skipped = "" if rows[pos].included else " (The SAE skips position 0 and special tokens.)"
     st.caption("No latent is active on this token." + skipped)
 for latent_id, value in tops:
-    common.feature_link(latent_id, cache.labels(run, [latent_id]).get(latent_id, ""), suffix=f" — {value:.3f}")
+    common.feature_link(latent_id, cache.describe(run, [latent_id]).get(latent_id, ""), suffix=f" — {value:.3f}")

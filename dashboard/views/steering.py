@@ -87,15 +87,16 @@ with st.container(border=True):
         matches = common.search(store, query.strip(), limit=6)
         if not matches:
             right.caption(f"No latent matches {render.md(repr(query))}.")
+        names = cache.describe(run, [row.feature_id for row in matches])
         for row in matches:
             right.button(
-                f"Add #{row.feature_id} · {render.md((row.label or '')[:60])}", key=f"steer_add_{row.feature_id}",
+                f"Add #{row.feature_id} · {render.md((names.get(row.feature_id) or '')[:60])}", key=f"steer_add_{row.feature_id}",
                 on_click=add_latent, args=(int(row.feature_id),),
             )
     latents = st.session_state["steer_latents"]
     if not latents:
         st.info("No latent chosen yet: add one above, or use “Steer with this latent” on a feature page.")
-    labels = cache.labels(run, latents)
+    labels = cache.describe(run, latents)
     for latent in latents:
         c_name, c_slider, c_rm = st.columns([3, 6, 1], vertical_alignment="center")
         with c_name:
