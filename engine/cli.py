@@ -123,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .tools.bench import format_report, run_bench
 
     result = run_bench(model=args.model, tiny=args.tiny, tokens=args.tokens, corpus=args.corpus, store_dir=args.store,
-                       queries=not args.no_queries, live=not args.no_live)
+                       queries=not args.no_queries, live=not args.no_live, search_latents=args.search_latents)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, help="tokens of the larger precompute run (the smaller is a quarter)")
     p.add_argument("--corpus", help="corpus for the precompute runs (default: the demo's held-out corpus)")
     p.add_argument("--store", help="synthetic 1M-latent store (default data/cache/bench_store; built once)")
-    p.add_argument("--no-queries", action="store_true", help="skip the query-latency part")
+    p.add_argument("--no-queries", action="store_true", help="skip the query-latency parts (feature pages, search by meaning)")
+    p.add_argument("--search-latents", type=int, default=1_000_000,
+                   help="explained latents of the synthetic search-by-meaning index (default 1M; built once, cached)")
     p.add_argument("--no-live", action="store_true", help="skip the prompt-lens and steering ratios")
     p.set_defaults(func=cmd_bench)
 

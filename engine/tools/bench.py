@@ -235,7 +235,8 @@ def machine_facts() -> dict:
 
 
 def run_bench(*, model: str | None = None, tiny: bool = False, tokens: int | None = None, corpus: str | Path | None = None,
-              store_dir: str | Path | None = None, queries: bool = True, live: bool = True) -> dict:
+              store_dir: str | Path | None = None, queries: bool = True, live: bool = True,
+              search_latents: int = 1_000_000) -> dict:
     """All measurements as one dict (see the module docstring). ``model``: ``demo`` (default when present),
     ``gpt2`` or ``tiny``."""
     from .demo import data_dir
@@ -276,7 +277,10 @@ def run_bench(*, model: str | None = None, tiny: bool = False, tokens: int | Non
     if "live" in main:
         result["live"] = main["live"]
     if queries:
+        from .bench_search import search_bench
+
         result.update(query_bench(Path(store_dir or data_dir() / "cache" / "bench_store")))
+        result["search"] = search_bench(search_latents)
     return result
 
 
@@ -303,6 +307,10 @@ def format_report(result: dict) -> str:
                      f"(median {result['topn_query_median_ms']:.1f})  "
                      f"(target <= 20 ms; {store['latents']:,} latents x {store['examples_per_latent']} examples x "
                      f"{store['tokens_per_example']} tokens)")
+    if "search" in result:
+        from .bench_search import format as format_search
+
+        lines += format_search(result["search"]) + ["  (target: p95 <= 50 ms at 1M latents)"]
     for key, value in result.get("live", {}).items():
         lines.append(f"live {key}: {value:.3f}" if isinstance(value, float) else f"live {key}: {value}")
     return "\n".join(lines)

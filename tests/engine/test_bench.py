@@ -45,3 +45,23 @@ def test_bench_command_on_tiny_model(tmp_path, capsys):
     assert result["live"]["lens_tokens"] == 128
     report = format_report(result)
     assert "precompute / forward" in report and "live lens_over_forward" in report
+
+
+def test_search_bench_measures_every_filter_and_the_recall_of_its_index(tmp_path):
+    from engine.tools.bench_search import format as format_search
+    from engine.tools.bench_search import search_bench
+
+    out = search_bench(4000, 32, k=20, n_queries=30, n_recall=10, ivf_min=1000, n_lists=16, n_probe=4, embed=False,
+                       cache=tmp_path)
+    assert out["index"] == "ivf" and out["index_built_now"] and out["n"] == 4000
+    modes = out["modes"]
+    assert set(modes) == {"none", "density_10pct", "density_1pct", "density_50pct_score"}
+    assert modes["none"]["kept"] == 4000 and 300 <= modes["density_10pct"]["kept"] <= 500
+    for m in modes.values():
+        assert 0 < m["p50_ms"] <= m["p95_ms"] and 0.0 <= m["recall@20"] <= 1.0
+    assert modes["none"]["recall@20"] > 0.5  # 4 of 16 lists probed on clustered data
+    again = search_bench(4000, 32, k=20, n_queries=5, n_recall=5, ivf_min=1000, n_lists=16, n_probe=4, embed=False,
+                         cache=tmp_path)
+    assert not again["index_built_now"]  # the index is built once and reused
+    lines = format_search(out)
+    assert lines[0].startswith("search by meaning: 4,000 latents x 32 (ivf") and any("density_10pct" in ln for ln in lines)
