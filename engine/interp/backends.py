@@ -1,8 +1,10 @@
 """Chat backends for explainers and scorers: a local Hugging Face chat model, or any OpenAI-compatible endpoint.
 
-Both answer two calls on a batch of conversations (lists of ``{"role", "content"}`` messages):
+Both answer two calls on a batch of conversations (lists of ``{"role", "content"}`` messages), and stream one:
 
 * ``chat(conversations, max_tokens)``: one reply each (greedy unless a temperature is given);
+* ``stream(messages, max_tokens)``: one conversation's reply as text pieces while it is generated, whose
+  concatenation is what ``chat([messages])[0]`` answers (greedy);
 * ``yes_probability(conversations)``: the probability of ``1`` against ``0`` as the first token of the reply,
   ``P(1) / (P(0) + P(1))`` as delphi reads its classifier scorers, from the logits (local) or from the
   endpoint's ``top_logprobs`` (falling back to the answer's text where an endpoint gives no log-probabilities).
@@ -18,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +41,8 @@ class ChatBackend(Protocol):
 
     def chat(self, conversations: list[Messages], max_tokens: int = 48, temperature: float = 0.0) -> list[str]: ...
 
+    def stream(self, messages: Messages, max_tokens: int = 48, temperature: float = 0.0) -> Iterator[str]: ...
+
     def yes_probability(self, conversations: list[Messages]) -> list[float]: ...
 
 
@@ -51,6 +56,16 @@ def _digit_ids(tokenizer) -> tuple[list[int], list[int]]:
     if not ones or not zeros:
         raise ValueError("the scorer model's tokenizer has no single token for the digits 0 and 1")
     return sorted(ones), sorted(zeros)
+
+
+class _Stop:
+    """A stopping criterion that ends generation once ``event`` is set (a stream's consumer went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class LocalChat:
@@ -81,19 +96,56 @@ class LocalChat:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         return {k: v.to(self.lm.device) for k, v in enc.items()}
 
+    def _generate(self, enc: dict[str, torch.Tensor], max_tokens: int, temperature: float, **extra) -> torch.Tensor:
+        """``generate`` with the settings ``chat`` and ``stream`` share (so a stream is the chat answer, piece by piece)."""
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        generate = self.lm.hf_model.generate  # pyright: ignore[reportAttributeAccessIssue]
+        return generate(**enc, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,  # pyright: ignore[reportCallIssue]  (GenerationMixin.generate is typed through a decorator pyright cannot follow)
+                        top_p=None, top_k=None, **sampling, **extra)
+
     @torch.inference_mode()
     def chat(self, conversations: list[Messages], max_tokens: int = 48, temperature: float = 0.0) -> list[str]:
         out: list[str] = []
         with self._lock:
             for i in range(0, len(conversations), self.batch_size):
                 enc = self._encode(conversations[i : i + self.batch_size])
-                sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-                generate = self.lm.hf_model.generate  # pyright: ignore[reportAttributeAccessIssue]
-                gen = generate(**enc, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,  # pyright: ignore[reportCallIssue]  (GenerationMixin.generate is typed through a decorator pyright cannot follow)
-                               top_p=None, top_k=None, **sampling)
+                gen = self._generate(enc, max_tokens, temperature)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out
+
+    def stream(self, messages: Messages, max_tokens: int = 48, temperature: float = 0.0) -> Iterator[str]:
+        """The reply as it is generated (whole words where the tokenizer allows), ``generate`` running in a worker
+        thread; the backend's lock is held until the generation ends. Closing the iterator early stops the
+        generation at the next token; an exception in the worker is raised here."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        with self._lock:
+            enc = self._encode([messages])
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)  # pyright: ignore[reportArgumentType]
+            stop = threading.Event()
+            failed: list[BaseException] = []
+
+            def work() -> None:
+                try:
+                    with torch.inference_mode():
+                        self._generate(enc, max_tokens, temperature, streamer=streamer,
+                                       stopping_criteria=StoppingCriteriaList([_Stop(stop)]))
+                except BaseException as err:  # re-raised in the consumer's thread
+                    failed.append(err)
+                    streamer.on_finalized_text("", stream_end=True)
+
+            worker = threading.Thread(target=work, name="saescope-stream", daemon=True)
+            worker.start()
+            try:
+                for piece in streamer:
+                    if piece:
+                        yield piece
+            finally:
+                stop.set()
+                worker.join()
+            if failed:
+                raise failed[0]
 
     @torch.inference_mode()
     def yes_probability(self, conversations: list[Messages]) -> list[float]:
@@ -122,24 +174,26 @@ class OpenAIChat:
         self.api_key = api_key if api_key is not None else os.environ.get(KEY_ENV) or os.environ.get("OPENAI_API_KEY")
         self.name = f"openai:{model}@{self.base_url}"
 
-    def _post(self, payload: dict) -> dict:
-        data = json.dumps(payload).encode()
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def _request(self, payload: dict) -> urllib.request.Request:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        url = f"{self.base_url}/chat/completions"
+        return urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+
+    def _post(self, payload: dict) -> dict:
+        url = self.url
         last = ""
         for attempt in range(self.retries + 1):
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(self._request(payload), timeout=self.timeout) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as err:
-                body = err.read()[:300].decode(errors="replace")
-                last = f"HTTP {err.code}: {body}"
-                if err.code not in (408, 409, 429) and err.code < 500:
-                    raise EndpointError(f"{url} refused the request ({last})") from err
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
+                last = _refused_or_transient(url, err)
+            except _NETWORK as err:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             except json.JSONDecodeError as err:
                 last = f"invalid JSON in the reply: {err}"
@@ -162,6 +216,32 @@ class OpenAIChat:
 
         return self._map(one, conversations)
 
+    def stream(self, messages: Messages, max_tokens: int = 48, temperature: float = 0.0) -> Iterator[str]:
+        """The reply as the endpoint sends it (``"stream": true``, server-sent events). Connection errors, 429 and 5xx
+        are retried with backoff until the first piece has arrived; after that, a broken or stalled stream (no byte
+        for ``timeout`` seconds) is an ``EndpointError``, as are HTTP errors and malformed events."""
+        url = self.url
+        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                   "stream": True}
+        last = ""
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                with urllib.request.urlopen(self._request(payload), timeout=self.timeout) as resp:
+                    for piece in _sse_pieces(resp, url):
+                        started = True
+                        yield piece
+                return
+            except urllib.error.HTTPError as err:
+                last = _refused_or_transient(url, err)
+            except _NETWORK as err:
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                if started:
+                    raise EndpointError(f"{url} broke off the stream: {last}") from err
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise EndpointError(f"{url} failed after {self.retries + 1} attempts: {last}")
+
     def yes_probability(self, conversations: list[Messages]) -> list[float]:
         def one(messages: Messages) -> float:
             reply = self._post({"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
@@ -173,6 +253,79 @@ class OpenAIChat:
             return _yes_from_choice(choice)
 
         return self._map(one, conversations)
+
+
+_NETWORK = (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException)
+"""What a request that may succeed when tried again raises (a stalled read raises TimeoutError)."""
+
+
+def _refused_or_transient(url: str, err: urllib.error.HTTPError) -> str:
+    """The HTTP error as text when a retry may help (408, 409, 429, 5xx); an ``EndpointError`` otherwise."""
+    last = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
+    if err.code not in (408, 409, 429) and err.code < 500:
+        raise EndpointError(f"{url} refused the request ({last})") from err
+    return last
+
+
+def _sse_pieces(resp, url: str) -> Iterator[str]:
+    """``choices[0].delta.content`` of each ``data: {...}`` event of a chat-completions stream, until ``data: [DONE]``.
+
+    A stream that ends before ``[DONE]`` (and before a chunk with a ``finish_reason``) raises ``ConnectionError``,
+    which the caller retries while nothing has been yielded yet. A server that ignores ``"stream"`` and answers
+    one JSON completion gives its content as one piece."""
+    if resp.headers.get("Content-Type", "").startswith("application/json"):
+        try:
+            content = json.loads(resp.read())["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise EndpointError(f"{url} answered a stream request without choices[0].message.content") from err
+        if content:
+            yield content
+        return
+    data: list[str] = []
+    finished = False
+    for raw in resp:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if line:
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value[1:] if value.startswith(" ") else value)
+            continue  # comments (": keep-alive"), event:, id:, retry: lines
+        if not data:
+            continue
+        event, data = "\n".join(data), []
+        if event.strip() == "[DONE]":
+            return
+        content, done = _delta(event, url)
+        finished = finished or done
+        if content:
+            yield content
+    if finished:  # some servers close after the last chunk without [DONE]
+        return
+    raise ConnectionError("the stream ended before data: [DONE]")
+
+
+def _delta(event: str, url: str) -> tuple[str, bool]:
+    """(content, finished) of one ``chat.completion.chunk`` event; an ``EndpointError`` for an error or junk."""
+    try:
+        chunk = json.loads(event)
+    except ValueError as err:
+        raise EndpointError(f"{url} sent a malformed event: {event[:200]!r}") from err
+    if not isinstance(chunk, dict):
+        raise EndpointError(f"{url} sent a malformed event: {event[:200]!r}")
+    if chunk.get("error"):
+        error = chunk["error"]
+        raise EndpointError(f"{url} failed mid-stream: {error.get('message', error) if isinstance(error, dict) else error}")
+    choices = chunk.get("choices")
+    if choices == []:  # e.g. a final usage-only chunk
+        return "", False
+    try:
+        choice = choices[0]  # pyright: ignore[reportOptionalSubscript]
+        content = choice["delta"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        raise EndpointError(f"{url} sent an event without choices[0].delta: {event[:200]!r}") from err
+    if not isinstance(content, str):
+        raise EndpointError(f"{url} sent a non-text delta: {event[:200]!r}")
+    return content, bool(choice.get("finish_reason"))
 
 
 def _yes_from_choice(choice: dict) -> float:

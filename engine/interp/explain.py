@@ -91,7 +91,8 @@ class ExplainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _settings(run_dir: Path) -> dict:
+def finished_manifest(run_dir: Path) -> dict:
+    """The manifest of a finished run; a clear error for anything else (a snapshot, a precompute under way, no run)."""
     manifest = rundir.read_manifest(run_dir)
     if manifest is None and (run_dir / rundir.PARTIAL).is_dir():
         raise FileNotFoundError(f"{run_dir} has no finished run yet (a precompute is writing it, or was stopped before "
@@ -183,11 +184,73 @@ def _done(run_dir: Path, explainer: str, wanted: list[str]) -> tuple[dict[int, s
     return have, complete
 
 
-def _rows(feature_ids, texts, explainer, statuses, reasons, now) -> pa.Table:
+SKIPPED_REASON = "no examples (dead latent, or none in the run)"
+
+
+def explanation_rows(feature_ids, texts, explainer, statuses, reasons, now) -> pa.Table:
+    """Rows of ``explanations.parquet`` (one per latent, this prompt version)."""
     n = len(feature_ids)
     return pa.table({"feature_id": feature_ids, "explanation": texts, "explainer": [explainer] * n,
                      "prompt_version": [prompts.EXPLAIN_VERSION] * n, "created_at": [now] * n, "status": statuses,
                      "reason": reasons}, schema=storage.EXPLANATIONS_SCHEMA)
+
+
+def outcome(answer: str) -> tuple[str | None, str, str]:
+    """(explanation, status, reason) of an explainer's answer: the cleaned text and ``ok``, or None and ``failed``
+    with why (and the start of the answer)."""
+    text, reason = prompts.clean_explanation(answer)
+    return (text, "ok", "") if text is not None else (None, "failed", f"{reason}: {answer[:80]!r}")
+
+
+def wanted_scorers(names: tuple[str, ...] | list[str], judge: ChatBackend | None, embedder) -> list[str]:
+    """The scorers among ``names`` that can run here (a judge for detection and fuzzing, an embedder for
+    embedding); an unknown name is a ``ValueError``."""
+    unknown = [s for s in names if s not in scorers.SCORERS]
+    if unknown:
+        raise ValueError(f"unknown scorer {unknown[0]!r}; use {', '.join(scorers.SCORERS)}")
+    return [s for s in names if (embedder if s == "embedding" else judge) is not None]
+
+
+def feature_stats(examples: RunExamples) -> tuple[np.ndarray, np.ndarray]:
+    """Density and maximum activation of every latent of the run, by id."""
+    dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
+                                 {"p": str(examples.run_dir / schema.FEATURES)}).fetchnumpy()
+    return np.asarray(dens["density"], np.float64), np.asarray(dens["max_act"], np.float64)
+
+
+def load_latents(examples: RunExamples, ids: list[int], cfg: ExplainConfig) -> list[LatentData]:
+    """What the explainer sees and what the scorers test on, for each latent (``data.RunExamples.latents``)."""
+    return examples.latents(ids, n_shown=cfg.n_shown, n_top_heldout=cfg.n_heldout // 2,
+                            n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2)
+
+
+def quiet_for(examples: RunExamples, pool: QuietPool, lat: LatentData, cfg: ExplainConfig) -> list[Excerpt]:
+    """Non-activating excerpts for a latent's scorers: as many as its held-out ones, from none of the contexts the
+    explainer saw."""
+    return examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed,
+                                   exclude={e.context_id for e in lat.shown})
+
+
+def score_and_embed(lat: LatentData, quiet: list[Excerpt], text: str, name: str, wanted: list[str],
+                    judge: ChatBackend | None, embedder, seed: int) -> tuple[list[scorers.Score], list[dict], dict | None]:
+    """Score one explanation on the latent's held-out and ``quiet`` excerpts and embed it: (scores, their rows, the
+    embedding row or None without an embedder)."""
+    vector = embedder.encode([text])[0] if embedder is not None else None
+    emb_row = None
+    if vector is not None:
+        emb_row = {"feature_id": lat.feature_id, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION,
+                   "model": getattr(embedder, "name", "embedder"), "embedding": vector.astype(np.float32).tolist()}
+    scores = score_one(lat, quiet, text, wanted, judge, embedder, vector, seed)
+    return scores, _score_rows(lat.feature_id, name, scores), emb_row
+
+
+def write_rows(run_dir: Path, explanations: pa.Table, score_rows: list[dict], emb_rows: list[dict]) -> Path:
+    """One part folder holding these explanation, score and embedding rows."""
+    return storage.write_part(run_dir, {
+        storage.EXPLANATIONS: explanations,
+        storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
+        storage.EMBEDDINGS: pa.Table.from_pylist(emb_rows, schema=storage.EMBEDDINGS_SCHEMA),
+    })
 
 
 def score_one(latent: LatentData, quiet: list[Excerpt], explanation: str, wanted: list[str], judge: ChatBackend | None,
@@ -231,21 +294,15 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
     """
     cfg = cfg or ExplainConfig()
     run_dir = Path(run_dir)
-    manifest = _settings(run_dir)
+    manifest = finished_manifest(run_dir)
     storage.consolidate(run_dir)
-    wanted = [s for s in cfg.scorers]
-    unknown = [s for s in wanted if s not in scorers.SCORERS]
-    if unknown:
-        raise ValueError(f"unknown scorer {unknown[0]!r}; use {', '.join(scorers.SCORERS)}")
     judge = judge or explainer
     # only the scorers that can run here are waited for: with --no-embed, a missing embedding score would make a
     # rerun take every latent for unfinished and ask the scorer model everything again
-    wanted = [s for s in wanted if (embedder if s == "embedding" else judge) is not None]
+    wanted = wanted_scorers(cfg.scorers, judge, embedder)
     examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
     try:
-        dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
-                                     {"p": str(run_dir / schema.FEATURES)}).fetchnumpy()
-        density, max_act = np.asarray(dens["density"], np.float64), np.asarray(dens["max_act"], np.float64)
+        density, max_act = feature_stats(examples)
         ids = parse_features(cfg.features, len(density), density, max_act, cfg.seed)
         name = explainer.name if explainer is not None else "none"
         have, complete = _done(run_dir, name, wanted)
@@ -258,8 +315,7 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
         started = time.perf_counter()
         bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)
         for i in range(0, len(todo), cfg.batch_size):
-            batch = examples.latents(todo[i : i + cfg.batch_size], n_shown=cfg.n_shown,
-                                     n_top_heldout=cfg.n_heldout // 2, n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2)
+            batch = load_latents(examples, todo[i : i + cfg.batch_size], cfg)
             _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
                            on_explanation)
             bar.update(len(batch))
@@ -281,17 +337,14 @@ def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg
     now = datetime.now(timezone.utc)
     need = [lat for lat in batch if lat.shown and lat.feature_id not in have]
     answers = explainer.chat([explain_messages(lat) for lat in need], max_tokens=cfg.max_tokens) if need and explainer else []
-    texts: dict[int, tuple[str | None, str, str]] = {}
-    for lat, answer in zip(need, answers, strict=True):
-        text, reason = prompts.clean_explanation(answer)
-        texts[lat.feature_id] = (text, "ok" if text else "failed", reason if text is None else "")
-        if text is None:
-            texts[lat.feature_id] = (None, "failed", f"{reason}: {answer[:80]!r}")
+    texts: dict[int, tuple[str | None, str, str]] = {lat.feature_id: outcome(answer)
+                                                       for lat, answer in zip(need, answers, strict=True)}
     for lat in batch:
         if not lat.shown:
-            texts[lat.feature_id] = (None, "skipped", "no examples (dead latent, or none in the run)")
+            texts[lat.feature_id] = (None, "skipped", SKIPPED_REASON)
     new_ex = [(f, *v) for f, v in texts.items()]
-    rows_ex = _rows([r[0] for r in new_ex], [r[1] for r in new_ex], name, [r[2] for r in new_ex], [r[3] for r in new_ex], now)
+    rows_ex = explanation_rows([r[0] for r in new_ex], [r[1] for r in new_ex], name, [r[2] for r in new_ex],
+                               [r[3] for r in new_ex], now)
     score_rows: list[dict] = []
     emb_rows: list[dict] = []
     for lat in batch:
@@ -300,21 +353,15 @@ def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg
             on_explanation(lat.feature_id, text)
         if text is None:
             continue
-        vector = embedder.encode([text])[0] if embedder is not None else None
-        if vector is not None:
-            emb_rows.append({"feature_id": lat.feature_id, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION,
-                             "model": getattr(embedder, "name", "embedder"), "embedding": vector.astype(np.float32).tolist()})
-        quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed,
-                                        exclude={e.context_id for e in lat.shown})
-        score_rows += _score_rows(lat.feature_id, name, score_one(lat, quiet, text, wanted, judge, embedder, vector, cfg.seed))
+        _, rows, emb_row = score_and_embed(lat, quiet_for(examples, pool, lat, cfg), text, name, wanted, judge, embedder,
+                                           cfg.seed)
+        score_rows += rows
+        if emb_row is not None:
+            emb_rows.append(emb_row)
     for status in ("ok", "failed", "skipped"):
         key = {"ok": "explained", "failed": "failed", "skipped": "skipped"}[status]
         stats[key] += sum(1 for v in texts.values() if v[1] == status)
-    storage.write_part(run_dir, {
-        storage.EXPLANATIONS: rows_ex,
-        storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
-        storage.EMBEDDINGS: pa.Table.from_pylist(emb_rows, schema=storage.EMBEDDINGS_SCHEMA),
-    })
+    write_rows(run_dir, rows_ex, score_rows, emb_rows)
 
 
 def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool) -> dict:
@@ -336,8 +383,7 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
         todo = [f for f in order if f not in complete]
         now = datetime.now(timezone.utc)
         for i in range(0, len(todo), cfg.batch_size):
-            batch = examples.latents(todo[i : i + cfg.batch_size], n_shown=cfg.n_shown,
-                                     n_top_heldout=cfg.n_heldout // 2, n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2)
+            batch = load_latents(examples, todo[i : i + cfg.batch_size], cfg)
             score_rows, fids, txts, sts = [], [], [], []
             for lat in batch:
                 text = texts[lat.feature_id]
@@ -346,12 +392,11 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
                 sts.append("ok" if text else "failed")
                 if text is None:
                     continue
-                quiet = examples.quiet_excerpts(pool, lat.feature_id, len(lat.heldout), cfg.seed,
-                                        exclude={e.context_id for e in lat.shown})
-                score_rows += _score_rows(lat.feature_id, baseline, score_one(lat, quiet, text, wanted, judge, embedder, None,
-                                                                               cfg.seed))
+                scores = score_one(lat, quiet_for(examples, pool, lat, cfg), text, wanted, judge, embedder, None, cfg.seed)
+                score_rows += _score_rows(lat.feature_id, baseline, scores)
+            reasons = ["" if t else "empty label" for t in txts]
             storage.write_part(run_dir, {
-                storage.EXPLANATIONS: _rows(fids, txts, baseline, sts, ["" if t else "empty label" for t in txts], now),
+                storage.EXPLANATIONS: explanation_rows(fids, txts, baseline, sts, reasons, now),
                 storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
             })
         counts[baseline] = len(todo)

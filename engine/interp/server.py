@@ -1,6 +1,12 @@
 """``saescope llm-server``: a local chat model behind an OpenAI-compatible HTTP API (``/v1/chat/completions`` with
-``logprobs``/``top_logprobs``, ``/v1/models``), so any client of that protocol (saescope's own explainer, or
-another tool) can use it. Standard library HTTP server, one thread per request; the model serialises calls.
+``logprobs``/``top_logprobs`` and ``"stream": true``, ``/v1/models``), so any client of that protocol (saescope's
+own explainer, or another tool) can use it. Standard library HTTP server, one thread per request; the model
+serialises calls.
+
+A streamed reply is ``text/event-stream`` (chunked): ``data: {chat.completion.chunk}`` events, the role first, then
+one per text piece as the model writes it, then one with ``finish_reason``, then ``data: [DONE]``; each is flushed
+as it is written. A model that fails before its first piece answers 500 as a plain request does; one that fails
+later sends ``data: {"error": ...}`` and ends the stream without ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -36,6 +43,10 @@ def _top_logprobs(chat: LocalChat, messages: list[dict], n: int) -> tuple[str, l
     tokens = [str(chat.tokenizer.decode([int(i)])) for i in ids]
     top = [{"token": t, "logprob": float(v), "bytes": list(t.encode())} for t, v in zip(tokens, values.tolist(), strict=True)]
     return tokens[0], top
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while a reply was being streamed."""
 
 
 def make_handler(chat: LocalChat, served_name: str):
@@ -84,6 +95,19 @@ def make_handler(chat: LocalChat, served_name: str):
             except (ValueError, KeyError, TypeError) as err:
                 _error(self, 400, f"bad request: {err}")
                 return
+            if req.get("stream"):
+                if req.get("logprobs") and max_tokens == 1:
+                    try:
+                        first, top = _top_logprobs(chat, messages, n_top)
+                    except Exception as err:
+                        _error(self, 500, f"the model failed: {type(err).__name__}: {err}")
+                        return
+                    logprobs = {"content": [{"token": first, "logprob": top[0]["logprob"], "bytes": top[0]["bytes"],
+                                             "top_logprobs": top}]}
+                    self._stream(iter([first]), "length", logprobs)
+                else:
+                    self._stream(chat.stream(messages, max_tokens=max_tokens, temperature=temperature), "stop")
+                return
             choice: dict = {"index": 0, "finish_reason": "stop"}
             try:  # a failing model answers 500 with the reason instead of dropping the connection
                 if req.get("logprobs") and max_tokens == 1:
@@ -100,6 +124,60 @@ def make_handler(chat: LocalChat, served_name: str):
                 return
             self._json({"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
                         "model": served_name, "choices": [choice]})
+
+        def _event(self, payload: dict | str) -> None:
+            """One server-sent event as one HTTP chunk, flushed."""
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            event = f"data: {data}\n\n".encode()
+            try:
+                self.wfile.write(b"%X\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+            except OSError as err:
+                raise _ClientGone from err
+
+        def _stream(self, pieces: Iterator[str], finish_reason: str, logprobs: dict | None = None) -> None:
+            ident, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+
+            def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> dict:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **(extra or {})}
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": served_name,
+                        "choices": [choice]}
+
+            try:
+                try:  # the first piece before the headers: a model that fails at once answers 500, as without stream
+                    pending = next(pieces, None)
+                except Exception as err:
+                    _error(self, 500, f"the model failed: {type(err).__name__}: {err}")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self._event(chunk({"role": "assistant", "content": ""}))
+                try:
+                    while pending is not None:
+                        self._event(chunk({"content": pending}, extra={"logprobs": logprobs} if logprobs else None))
+                        logprobs = None
+                        pending = next(pieces, None)
+                except _ClientGone:
+                    raise
+                except Exception as err:  # headers are out: the failure goes in the stream, which ends without [DONE]
+                    self._event({"error": {"message": f"the model failed: {type(err).__name__}: {err}",
+                                           "type": "server_error", "code": 500}})
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.close_connection = True
+                    return
+                self._event(chunk({}, finish_reason))
+                self._event("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (_ClientGone, OSError):
+                self.close_connection = True
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()  # a client that went away stops the generation and frees the model
 
     return Handler
 

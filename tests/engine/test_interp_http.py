@@ -1,12 +1,15 @@
 """``saescope explain`` over HTTP against the real ``saescope llm-server`` (thread and subprocess) on a tiny chat
 model, compared with the same model in-process; and the OpenAI-compatible client against endpoints that fail.
-No network: every server here listens on 127.0.0.1."""
+Streaming: the server's server-sent events, the client's reading of them (and of streams that break), and the
+local model's stream. No network: every server here listens on 127.0.0.1."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,12 +18,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from engine import cli
 from engine.interp import backends, prompts, scorers, storage
@@ -412,3 +416,329 @@ def test_a_400_from_the_endpoint_stops_the_run_without_retrying(env):
         sent = [json.dumps(r["json"]["messages"]) for r in ep.requests]
         assert 1 <= len(sent) <= 4 and len(set(sent)) == len(sent), "no request is retried, and the run stops at batch 1"
     assert storage.read_all(run, storage.EXPLANATIONS).num_rows == 0
+
+
+# --- streaming ---------------------------------------------------------------------------------------------------
+
+
+def explain_prompts(n: int) -> list[list[dict[str, str]]]:
+    """Explainer prompts that differ (so do the tiny model's replies)."""
+    words = ["fox", "light", "word", "model", "numpy", "God", "bold", "quick"]
+    return [prompts.explain_messages([f"the<< {words[i % 8]}>> was {i}", f"and<< {words[(i + 3) % 8]}>> here"],
+                                     [words[i % 8]]) for i in range(n)]
+
+
+def test_stream_from_the_llm_server_is_the_plain_answer(env):
+    """Through the real server: the pieces of ``OpenAIChat.stream`` join to the non-streamed answer over HTTP and to
+    the model's own answer in-process, for several prompts and lengths, and arrive as more than one piece."""
+    server = start_server(env["chat"], served_name=SERVED)
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        client = OpenAIChat(url, SERVED, **FAST)
+        counts = []
+        for messages in explain_prompts(4):
+            for max_tokens in (1, 5, 32):
+                pieces = list(client.stream(messages, max_tokens=max_tokens))
+                assert all(isinstance(p, str) and p for p in pieces)
+                assert "".join(pieces) == client.chat([messages], max_tokens=max_tokens)[0] \
+                    == env["chat"].chat([messages], max_tokens=max_tokens)[0], (messages[-1]["content"], max_tokens)
+                counts.append(len(pieces))
+        assert max(counts) > 1, "a reply of several words arrives in several pieces"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_local_stream_is_the_chat_answer_and_frees_the_model(env, monkeypatch):
+    chat = env["chat"]
+    for messages in explain_prompts(3):
+        for max_tokens in (3, 32):
+            pieces = list(chat.stream(messages, max_tokens=max_tokens))
+            assert "".join(pieces) == chat.chat([messages], max_tokens=max_tokens)[0]
+    assert not chat._lock.locked()
+
+    # the lock is held while a stream is open, and an early close stops the generation and frees it
+    stream = chat.stream(explain_prompts(1)[0], max_tokens=200)
+    next(stream)
+    assert chat._lock.locked()
+    stream.close()
+    assert not chat._lock.locked()
+    assert [t.name for t in threading.enumerate()].count("saescope-stream") == 0
+
+    # an exception in the generating thread reaches the consumer, after the pieces made before it
+    def breaks(enc, max_tokens, temperature, streamer=None, **kwargs):
+        streamer.put(enc["input_ids"])  # the prompt (skipped)
+        for token in chat.tokenizer.encode(" the word was", add_special_tokens=False):
+            streamer.put(torch.tensor([token]))
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(chat, "_generate", breaks)
+    got = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for piece in chat.stream(explain_prompts(1)[0]):
+            got.append(piece)
+    assert "".join(got) == " the word "
+    assert not chat._lock.locked()
+
+
+def read_events(body: bytes) -> list[str]:
+    """The data of each server-sent event of a complete body (events end with a blank line)."""
+    text = body.decode()
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    return [e[len("data: "):] for e in events]
+
+
+def test_llm_server_streams_server_sent_events(env):
+    server = start_server(env["chat"], served_name="named")
+    host, port = server.server_address[:2]
+    messages = explain_prompts(1)[0]
+    try:
+        conn = http.client.HTTPConnection(str(host), port, timeout=30)
+        for _ in range(2):  # one keep-alive connection carries a stream and then a plain request
+            conn.request("POST", "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 16, "stream": True}),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+            assert resp.getheader("Transfer-Encoding") == "chunked" and resp.getheader("Content-Length") is None
+            events = read_events(resp.read())
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and {c["model"] for c in chunks} == {"named"}
+            assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+            assert all(len(c["choices"]) == 1 and c["choices"][0]["index"] == 0 for c in chunks)
+            deltas = [c["choices"][0]["delta"] for c in chunks]
+            reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+            assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+            assert reasons[:-1] == [None] * (len(chunks) - 1) and reasons[-1] == "stop"
+            content = [d["content"] for d in deltas[1:-1]]
+            assert all(set(d) == {"content"} for d in deltas[1:-1]) and len(content) > 1
+            assert "".join(content) == env["chat"].chat([messages], max_tokens=16)[0]
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 16}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["choices"][0]["message"]["content"] == "".join(content)
+
+        # the first token's log-probabilities can be streamed too
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 1, "stream": True,
+                                                                 "logprobs": True, "top_logprobs": 3}),
+                     {"Content-Type": "application/json"})
+        chunks = [json.loads(e) for e in read_events(conn.getresponse().read())[:-1]]
+        top = chunks[1]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        assert len(top) == 3 and chunks[1]["choices"][0]["delta"]["content"] == top[0]["token"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class FakeStreamingChat:
+    """Stands in for ``LocalChat`` in the server: ``stream`` yields ``pieces``, waiting for ``gate`` (if any) after
+    the first, then raises ``fail`` (if any); it records whether its stream was closed."""
+
+    def __init__(self, pieces, gate: threading.Event | None = None, fail: Exception | None = None, forever: bool = False):
+        self.pieces, self.gate, self.fail, self.forever = pieces, gate, fail, forever
+        self.closed = threading.Event()
+
+    def stream(self, messages, max_tokens=48, temperature=0.0):
+        try:
+            for i, piece in enumerate(self.pieces):
+                yield piece
+                if i == 0 and self.gate is not None:
+                    assert self.gate.wait(10), "the test never saw the first piece"
+            while self.forever:
+                time.sleep(0.01)
+                yield "more "
+            if self.fail is not None:
+                raise self.fail
+        finally:
+            self.closed.set()
+
+
+def serve(chat) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(chat, "fake"))  # pyright: ignore[reportArgumentType]
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def test_llm_server_flushes_each_event_as_it_is_written():
+    """The model only goes on once the client has read the first piece: a buffered server would deadlock here."""
+    gate = threading.Event()
+    server, url = serve(FakeStreamingChat(["Month ", "names ", "in dates"], gate=gate))
+    try:
+        pieces = OpenAIChat(url, "fake", timeout=5, **FAST).stream(CONV)
+        assert next(pieces) == "Month "
+        gate.set()
+        assert list(pieces) == ["names ", "in dates"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_llm_server_model_failure_while_streaming():
+    server, url = serve(FakeStreamingChat(["first ", "second "], fail=RuntimeError("CUDA error")))
+    try:
+        got = []
+        with pytest.raises(EndpointError, match="failed mid-stream.*RuntimeError: CUDA error"):
+            for piece in OpenAIChat(url, "fake", **FAST).stream(CONV):
+                got.append(piece)
+        assert got == ["first ", "second "]
+    finally:
+        server.shutdown()
+        server.server_close()
+    server, url = serve(FakeStreamingChat([], fail=ValueError("System role not supported")))
+    try:  # before the first piece: a 500 with the reason, as without streaming
+        code, body = post(url + "/chat/completions", {"messages": CONV, "stream": True})
+        assert code == 500 and "System role not supported" in body["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_llm_server_stops_the_model_when_the_client_goes_away():
+    chat = FakeStreamingChat(["a "], forever=True)
+    server, url = serve(chat)
+    try:
+        pieces = OpenAIChat(url, "fake", **FAST).stream(CONV)
+        assert next(pieces) == "a " and next(pieces) == "more "
+        pieces.close()  # closes the connection
+        assert chat.closed.wait(10), "the server went on generating for nobody"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class RawEndpoint:
+    """A local HTTP server whose POSTs are answered by ``respond(handler, n)`` (``n``: 1 for the first request),
+    which writes the raw status line, headers and body, and may stop anywhere (the connection is then closed)."""
+
+    def __init__(self, respond):
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format, *args):
+                pass
+
+            def do_POST(self):
+                owner.requests.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0))))
+                respond(self, len(owner.requests))
+                self.wfile.flush()
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def sse(*events: dict | str, chunked: bool = True) -> bytes:
+    """A stream response: headers, then each event (a chunk's content, or raw text)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"Connection: close\r\n\r\n"
+    body = b""
+    for e in events:
+        data = (e if isinstance(e, str) else "data: " + json.dumps(e) + "\n\n").encode()
+        body += b"%X\r\n%s\r\n" % (len(data), data) if chunked else data
+    return head + body
+
+
+def delta(content: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    d: dict = {"role": "assistant"} if role else {}
+    if content is not None:
+        d["content"] = content
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+
+END = b"0\r\n\r\n"
+
+
+def collect(stream) -> tuple[list[str], Exception | None]:
+    got = []
+    try:
+        for piece in stream:
+            got.append(piece)
+    except EndpointError as err:
+        return got, err
+    return got, None
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_server_that_closes_mid_stream_is_an_endpoint_error(chunked):
+    """After the first piece nothing is retried: what arrived stays with the caller, then an EndpointError."""
+    with RawEndpoint(lambda h, n: h.wfile.write(sse(delta(role=True), delta("Hello"), delta(" world"), chunked=chunked))) as ep:
+        got, err = collect(OpenAIChat(ep.url, "m", retries=3, backoff=0.01).stream(CONV))
+        assert got == ["Hello", " world"] and isinstance(err, EndpointError) and "broke off the stream" in str(err)
+        assert len(ep.requests) == 1 and ep.requests[0]["stream"] is True and ep.requests[0]["model"] == "m"
+
+
+def test_stream_failures_before_the_first_piece_are_retried():
+    def respond(h, n):
+        if n == 1:
+            h.wfile.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+        elif n == 2:  # headers and the role, then the connection drops: no piece yet
+            h.wfile.write(sse(delta(role=True)))
+        else:
+            h.wfile.write(sse(delta(role=True), delta("Month"), delta(" names"), delta(finish="stop"), "data: [DONE]\n\n") + END)
+
+    with RawEndpoint(respond) as ep:
+        assert list(OpenAIChat(ep.url, "m", retries=3, backoff=0.01).stream(CONV)) == ["Month", " names"]
+        assert len(ep.requests) == 3 and ep.requests[0] == ep.requests[2]
+    with RawEndpoint(lambda h, n: h.wfile.write(b"HTTP/1.1 401 No\r\nContent-Length: 7\r\n\r\nbad key")) as ep:
+        with pytest.raises(EndpointError, match="refused.*HTTP 401.*bad key"):
+            list(OpenAIChat(ep.url, "m", retries=3, backoff=0.01).stream(CONV))
+        assert len(ep.requests) == 1
+    with pytest.raises(EndpointError, match="failed after 3 attempts"):
+        list(OpenAIChat(f"http://127.0.0.1:{closed_port()}/v1", "m", **FAST).stream(CONV))
+
+
+def test_stream_framing_variants_are_read():
+    """CRLF line ends, comments, ``data:`` without a space, a usage-only chunk, an event split over two data lines,
+    and a stream that ends after its finish_reason without [DONE]."""
+    body = ("data: " + json.dumps(delta(role=True)) + "\r\n\r\n"
+            ": keep-alive\n\n"
+            "event: message\ndata:" + json.dumps(delta("a\nb")) + "\n\n"
+            'data: {"object": "chat.completion.chunk",\ndata:  "choices": [{"index": 0, "delta": {"content": " c"}}]}\n\n'
+            'data: {"choices": [], "usage": {"total_tokens": 3}}\n\n'
+            "data: " + json.dumps(delta(finish="stop")) + "\n\n")
+    with RawEndpoint(lambda h, n: h.wfile.write(sse(body, chunked=False))) as ep:
+        assert list(OpenAIChat(ep.url, "m", **FAST).stream(CONV)) == ["a\nb", " c"]
+    with ScriptedEndpoint([(200, completion("not streamed"))]) as ep:  # a server that ignores "stream"
+        assert list(OpenAIChat(ep.url, "m", **FAST).stream(CONV)) == ["not streamed"]
+
+
+@pytest.mark.parametrize("event, match", [("data: {not json\n\n", "malformed event"),
+                                          ('data: ["a list"]\n\n', "malformed event"),
+                                          ('data: {"choices": [{"index": 0}]}\n\n', "without choices"),
+                                          ('data: {"choices": [{"delta": {"content": 3}}]}\n\n', "non-text delta"),
+                                          ('data: {"error": {"message": "overloaded"}}\n\n', "mid-stream: overloaded")])
+def test_malformed_stream_events_are_endpoint_errors(event, match):
+    with RawEndpoint(lambda h, n: h.wfile.write(sse(delta("ok"), event) + END)) as ep:
+        got, err = collect(OpenAIChat(ep.url, "m", retries=2, backoff=0.01).stream(CONV))
+        assert got == ["ok"] and err is not None and re.search(match, str(err)), err
+        assert len(ep.requests) == 1
+
+
+def test_a_stalled_stream_times_out():
+    def respond(h, n):
+        h.wfile.write(sse(delta("slow")))
+        h.wfile.flush()
+        time.sleep(1.0)
+
+    with RawEndpoint(respond) as ep:
+        started = time.perf_counter()
+        got, err = collect(OpenAIChat(ep.url, "m", retries=2, backoff=0.01, timeout=0.3).stream(CONV))
+        assert got == ["slow"] and err is not None and "broke off the stream" in str(err) and "Timeout" in str(err)
+        assert time.perf_counter() - started < 0.9 and len(ep.requests) == 1
