@@ -16,18 +16,35 @@ def check_sae_fits(lm: LoadedModel, sae: SAE, hook_name: str | None = None) -> s
     hook = hook_name or sae.cfg.hook_name
     if not hook:
         raise ValueError("the SAE's config names no hook point; pass hook_name explicitly")
-    lm.hooks.check(hook)
+    point = lm.hooks.check(hook)
     width = lm.hook_width(hook)
+    head = sae.cfg.hook_head_index
+    if head is not None:
+        if not point.n_heads:
+            raise ValueError(
+                f"the SAE reads one head (hook_head_index={head}), which needs a per-head hook point "
+                f"(blocks.L.attn.hook_z); {hook} has no heads"
+            )
+        if head >= lm.n_heads:
+            raise ValueError(f"hook_head_index={head} is out of range: the model has {lm.n_heads} heads at {hook}")
+        width = lm.d_head
     if width != sae.cfg.d_in:
+        what = f"one head's width {width}" if head is not None else f"width {width}"
         raise ValueError(
-            f"SAE d_in={sae.cfg.d_in} does not match the model's width {width} at {hook} "
+            f"SAE d_in={sae.cfg.d_in} does not match the model's {what} at {hook} "
             f"(was this SAE trained on a different model?)"
         )
     return hook
 
 
-def _as_act(vector: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+def _as_act(vector: torch.Tensor, act: torch.Tensor, head_index: int | None = None) -> torch.Tensor:
     vector = vector.to(device=act.device, dtype=torch.float32)
+    if head_index is not None:  # a one-head SAE's direction: that head's slice of [n_heads, d_head]
+        if act.ndim < 2 or head_index >= act.shape[-2] or vector.shape[-1] != act.shape[-1]:
+            raise ValueError(f"cannot add a vector of width {vector.shape[-1]} to head {head_index} of {tuple(act.shape)}")
+        full = act.new_zeros(act.shape[-2:], dtype=torch.float32)
+        full[head_index] = vector
+        return full
     return vector.reshape(act.shape[-2:]) if vector.shape[-1] != act.shape[-1] else vector
 
 
@@ -47,12 +64,13 @@ def splice_sae(
     hook = check_sae_fits(lm, sae, hook_name)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        out = sae(x)
+        x_in = sae.select_input(x)
+        out = sae(x_in)
         new = (out.x_hat.float() + out.error) if add_error else out.x_hat.float()
         if mask is not None:
-            keep = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - mask.ndim)))
-            new = torch.where(keep, new, x.float())
-        return new.to(x.dtype)
+            keep = mask.to(x.device).reshape(*mask.shape, *([1] * (x_in.ndim - mask.ndim)))
+            new = torch.where(keep, new, x_in.float())
+        return sae.replace_input(x, new)
 
     with lm.hooks.intervene(hook, fn):
         yield
@@ -70,11 +88,12 @@ def steering_vector(sae: SAE, strengths: Mapping[int, float], scales: Mapping[in
 
 
 @contextlib.contextmanager
-def add_vector(lm: LoadedModel, hook_name: str, vector: torch.Tensor) -> Iterator[None]:
-    """Add ``vector`` to the activation at ``hook_name`` at every position."""
+def add_vector(lm: LoadedModel, hook_name: str, vector: torch.Tensor, *, head_index: int | None = None) -> Iterator[None]:
+    """Add ``vector`` to the activation at ``hook_name`` at every position (to head ``head_index`` only when
+    given: the steering vector of a one-head SAE)."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() + _as_act(vector, x)).to(x.dtype)
+        return (x.float() + _as_act(vector, x, head_index)).to(x.dtype)
 
     with lm.hooks.intervene(hook_name, fn):
         yield
@@ -90,11 +109,12 @@ def clamp_latents(lm: LoadedModel, sae: SAE, values: Mapping[int, float]) -> Ite
         raise ValueError(f"latent ids {list(values)} out of range for d_sae={sae.cfg.d_sae}")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        current = sae.encode(x)[..., ids].float()
+        x_in = sae.select_input(x)
+        current = sae.encode(x_in)[..., ids].float()
         delta = (targets - current) @ sae.W_dec[ids].float()
-        if delta.shape[-1] != x.shape[-1]:
-            delta = delta.unflatten(-1, x.shape[-2:])
-        return (x.float() + delta).to(x.dtype)
+        if delta.shape[-1] != x_in.shape[-1]:
+            delta = delta.unflatten(-1, x_in.shape[-2:])
+        return sae.replace_input(x, x_in.float() + delta)
 
     with lm.hooks.intervene(hook, fn):
         yield

@@ -84,27 +84,24 @@ def prompt_lens(
     captured: dict[str, torch.Tensor] = {}
     kwargs = encode_kwargs or {}
 
-    def record(row: torch.Tensor):
-        out = sae(row, **kwargs)
-        captured.update(x=row.float(), codes=out.codes.float(), error=out.error)
-        return out
+    def record(row: torch.Tensor) -> torch.Tensor:
+        """Encode the prompt's activation ``row`` at the hook; the row with the SAE spliced in (not position 0)."""
+        x_in = sae.select_input(row)
+        out = sae(x_in, **kwargs)
+        captured.update(x=x_in.float(), codes=out.codes.float(), error=out.error)
+        keep = mask.reshape(-1, *([1] * (x_in.ndim - 1)))
+        return sae.replace_input(row, torch.where(keep, out.x_hat.to(row.dtype), x_in))
 
     def splice_last_row(x: torch.Tensor) -> torch.Tensor:
-        row = x[-1]
-        out = record(row)
         new = x.clone()
-        keep = mask.reshape(-1, *([1] * (row.ndim - 1)))
-        new[-1] = torch.where(keep, out.x_hat.to(x.dtype), row)
+        new[-1] = record(x[-1])
         return new
 
     logits = None
     if with_ce and can_resume(lm, hook):
         # the layers before the hook run once; the layers after it run on [clean, spliced] as one batch
         x = lm.capture(ids, hook)[hook][0]
-        out = record(x)
-        keep = mask.reshape(-1, *([1] * (x.ndim - 1)))
-        spliced = torch.where(keep, out.x_hat.to(x.dtype), x)
-        logits = resume_logits(lm, hook, torch.stack([x, spliced]))
+        logits = resume_logits(lm, hook, torch.stack([x, record(x)]))
     elif with_ce:
         with lm.hooks.intervene(hook, splice_last_row):
             logits = lm.logits(ids.repeat(2, 1))

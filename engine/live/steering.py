@@ -46,7 +46,7 @@ def steering_intervention(
         values = {i: s * (scales[i] if scales else 1.0) for i, s in spec.strengths.items()}
         return lambda: clamp_latents(lm, sae, values)
     vector = steering_vector(sae, spec.strengths, scales).to(lm.device)
-    return lambda: add_vector(lm, hook, vector)
+    return lambda: add_vector(lm, hook, vector, head_index=sae.cfg.hook_head_index)
 
 
 @torch.inference_mode()

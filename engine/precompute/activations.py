@@ -21,7 +21,7 @@ class ActivationBatch:
     token_ids: torch.Tensor
     """``[batch, pos]`` int64 on the CPU."""
     acts: torch.Tensor
-    """``[batch, pos, width]`` in the model's dtype, on the model's device (hook_z heads flattened)."""
+    """``[batch, pos, width]`` in the model's dtype, on the model's device (hook_z heads flattened, or one head)."""
     mask: torch.Tensor
     """``[batch, pos]`` bool on the model's device: tokens that count for statistics and training."""
 
@@ -60,15 +60,23 @@ def iter_activations(
     include_special: bool = False,
     include_first: bool = False,
     include_massive: bool = False,
+    head_index: int | None = None,
 ) -> Iterator[ActivationBatch]:
     """Run the model up to ``hook_name`` (stopping there) on batches of contexts.
 
     The mask drops position 0, special tokens and massive-activation tokens unless told to keep them.
+    ``head_index`` keeps one head of a per-head hook (an SAE's ``hook_head_index``) instead of all heads flattened.
     """
-    lm.hooks.check(hook_name)
+    point = lm.hooks.check(hook_name)
+    if head_index is not None and not 0 <= head_index < point.n_heads:
+        raise ValueError(
+            f"head_index={head_index} needs a per-head hook point with more heads; {hook_name} has {point.n_heads or 'no'} heads"
+        )
     for token_ids in batched(contexts, batch_size):
         acts = lm.capture(token_ids, hook_name)[hook_name]
-        if acts.ndim == 4:
+        if head_index is not None:
+            acts = acts[..., head_index, :]
+        elif acts.ndim == 4:
             acts = acts.flatten(-2)
         mask = stats_mask(token_ids, lm.special_token_ids, include_special=include_special, include_first=include_first)
         mask = mask.to(acts.device)

@@ -104,8 +104,9 @@ def per_token_ce(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch
         spliced = lm.logits(token_ids)
 
     def zero(x: torch.Tensor) -> torch.Tensor:
-        keep = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - mask.ndim)))
-        return torch.where(keep, torch.zeros_like(x), x)
+        x_in = sae.select_input(x)  # a one-head SAE's ablation zeroes its head only (as SAELens does)
+        keep = mask.to(x.device).reshape(*mask.shape, *([1] * (x_in.ndim - mask.ndim)))
+        return sae.replace_input(x, torch.where(keep, torch.zeros_like(x_in), x_in))
 
     with lm.hooks.intervene(hook, zero):
         ablated = lm.logits(token_ids)

@@ -1,8 +1,11 @@
 """SAE architectures (one module each), the registry, and file formats."""
 
 from . import gated, jumprelu, matching_pursuit, standard, topk  # noqa: F401  (register architectures)
-from .base import SAE, ForwardOutput, architectures, register, sae_class
+from .base import SAE, EncoderAffine, ForwardOutput, architectures, register, sae_class
 from .config import SAEConfig
 from .io import DTYPES, build_sae, load_sae
 
-__all__ = ["DTYPES", "SAE", "SAEConfig", "ForwardOutput", "architectures", "build_sae", "load_sae", "register", "sae_class"]
+__all__ = [
+    "DTYPES", "SAE", "EncoderAffine", "SAEConfig", "ForwardOutput", "architectures", "build_sae", "load_sae", "register",
+    "sae_class",
+]

@@ -27,6 +27,16 @@ class ForwardOutput(NamedTuple):
     """``x - x_hat`` in float32."""
 
 
+class EncoderAffine(NamedTuple):
+    """The affine map of the SAE input (normalised and centred, see ``process_in``) whose output decides which
+    latents fire: ``pre = sae_in @ W + b``."""
+
+    W: torch.Tensor
+    """``[d_in, d_sae]``."""
+    b: torch.Tensor
+    """``[d_sae]``."""
+
+
 class _Norm(NamedTuple):
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
@@ -72,11 +82,39 @@ class SAE(nn.Module):
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size | None]:
         if x.shape[-1] == self.cfg.d_in:
             return x, None
+        if self.cfg.hook_head_index is not None:
+            raise ValueError(
+                f"this SAE reads one head (hook_head_index={self.cfg.hook_head_index}, d_in={self.cfg.d_in}): pass "
+                f"sae.select_input(act) of the [..., n_heads, d_head] activation, not shape {tuple(x.shape)}"
+            )
         if x.ndim >= 2 and x.shape[-2] * x.shape[-1] == self.cfg.d_in:
             return x.flatten(-2), x.shape
         raise ValueError(
             f"activation width {x.shape[-1]} (shape {tuple(x.shape)}) does not match this SAE's d_in={self.cfg.d_in}"
         )
+
+    # --- where the SAE sits in its hook's activation ---------------------------------------
+    def select_input(self, act: torch.Tensor) -> torch.Tensor:
+        """What the SAE reads of its hook's activation: head ``hook_head_index`` of a per-head ``[..., n_heads,
+        d_head]`` activation for a one-head SAE (SAELens' ``act[:, :, hook_head_index]``), else all of it."""
+        head = self.cfg.hook_head_index
+        if head is None:
+            return act
+        if act.ndim < 2 or act.shape[-1] != self.cfg.d_in or act.shape[-2] <= head:
+            raise ValueError(
+                f"this SAE reads head {head} of a per-head activation [..., n_heads, {self.cfg.d_in}]; "
+                f"got shape {tuple(act.shape)}"
+            )
+        return act[..., head, :]
+
+    def replace_input(self, act: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """A copy of ``act`` whose ``select_input`` part is ``value`` (its other heads untouched), in ``act``'s dtype."""
+        head = self.cfg.hook_head_index
+        if head is None:
+            return value.reshape(act.shape).to(act.dtype)
+        new = act.clone()
+        new[..., head, :] = value.to(act.dtype)
+        return new
 
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, _Norm]:
         mode = self.cfg.normalize_activations
@@ -139,6 +177,11 @@ class SAE(nn.Module):
         if shape is not None:
             x_hat = x_hat.unflatten(-1, shape[-2:])
         return ForwardOutput(codes, x_hat, x.float() - x_hat.float())
+
+    def encoder_affine(self) -> EncoderAffine:
+        """The pre-activation as an affine map of the SAE input (ReLU, JumpReLU: ``W_enc``, ``b_enc``); a
+        ValueError for encoders that are not one (matching pursuit)."""
+        return EncoderAffine(self.W_enc, self.b_enc)
 
     def decoder_directions(self) -> torch.Tensor:
         """Rows of ``W_dec`` ``[d_sae, d_in]``: each latent's write direction."""

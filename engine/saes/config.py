@@ -30,6 +30,9 @@ class SAEConfig:
     so identity at inference (as in SAELens)."""
     reshape_activations: str = "none"
     """``hook_z`` to flatten ``[..., n_heads, d_head]`` inputs."""
+    hook_head_index: int | None = None
+    """Per-head hooks (``attn.hook_z``): the one head the SAE reads, ``x[..., hook_head_index, :]`` of the
+    ``[..., n_heads, d_head]`` activation, so ``d_in = d_head`` (SAELens v6 ``metadata.hook_head_index``)."""
     k: int | None = None
     """TopK: number of latents kept per token."""
     rescale_acts_by_decoder_norm: bool = False
@@ -56,6 +59,14 @@ class SAEConfig:
             )
         if self.reshape_activations not in ("none", "hook_z"):
             raise ValueError(f"unsupported reshape_activations {self.reshape_activations!r}; supported: none, hook_z")
+        if self.hook_head_index is not None:
+            if not isinstance(self.hook_head_index, int) or isinstance(self.hook_head_index, bool) or self.hook_head_index < 0:
+                raise ValueError(f"hook_head_index must be a non-negative integer or None, got {self.hook_head_index!r}")
+            if self.reshape_activations == "hook_z":
+                raise ValueError(
+                    f"hook_head_index={self.hook_head_index} (one head, d_in = d_head) contradicts reshape_activations="
+                    "'hook_z' (all heads flattened); a config sets at most one of them"
+                )
         if self.architecture == "topk":
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(f"topk SAE needs 0 < k <= d_sae={self.d_sae}, got k={self.k!r}")
@@ -70,6 +81,9 @@ class SAEConfig:
 
     def to_saelens_dict(self) -> dict[str, Any]:
         """The ``cfg.json`` SAELens v6 reads."""
+        metadata = {**self.metadata, "hook_name": self.hook_name, "model_name": self.model_name}
+        if self.hook_head_index is not None or "hook_head_index" in metadata:  # only then: run fingerprints stay put
+            metadata["hook_head_index"] = self.hook_head_index
         out: dict[str, Any] = {
             "architecture": self.architecture,
             "d_in": self.d_in,
@@ -79,7 +93,7 @@ class SAEConfig:
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": self.normalize_activations,
             "reshape_activations": self.reshape_activations,
-            "metadata": {**self.metadata, "hook_name": self.hook_name, "model_name": self.model_name},
+            "metadata": metadata,
         }
         if self.architecture == "topk":
             out["k"] = self.k

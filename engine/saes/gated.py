@@ -2,7 +2,7 @@
 
 import torch
 
-from .base import SAE, register
+from .base import SAE, EncoderAffine, register
 
 
 @register
@@ -23,6 +23,10 @@ class GatedSAE(SAE):
             "W_dec": (cfg.d_sae, cfg.d_in),
             "b_dec": (cfg.d_in,),
         }
+
+    def encoder_affine(self) -> EncoderAffine:
+        """The gate path, which decides firing (the magnitude path is the same direction scaled by ``exp(r_mag)``)."""
+        return EncoderAffine(self.W_enc, self.b_gate)
 
     def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
         gate = (sae_in @ self.W_enc + self.b_gate) > 0

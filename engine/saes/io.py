@@ -109,8 +109,10 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tupl
     if is_v6:
         data["hook_name"] = metadata.pop("hook_name", "") or ""
         data["model_name"] = metadata.pop("model_name", "") or ""
+        data["hook_head_index"] = metadata.get("hook_head_index")  # kept in metadata too: see to_saelens_dict
     else:  # pre-6 flat config
         data["hook_name"] = raw.get("hook_name") or raw.get("hook_point") or ""
+        data["hook_head_index"] = raw.get("hook_head_index", raw.get("hook_point_head_index"))
         data["architecture"], data["k"] = _legacy_architecture(raw)
         norm = raw.get("normalize_activations", "none")
         data["normalize_activations"] = {False: "none", True: "constant_norm_rescale", None: "none"}.get(norm, norm)

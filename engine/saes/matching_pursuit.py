@@ -15,6 +15,12 @@ class MatchingPursuitSAE(SAE):
     def tensor_shapes(cls, cfg):
         return {"W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
 
+    def encoder_affine(self):
+        raise ValueError(
+            "a matching-pursuit SAE has no linear encoder (its codes come from greedy residual steps): "
+            "attribution to heads and source tokens needs a linear encoder"
+        )
+
     def encode(self, x: torch.Tensor, *, max_iterations: int | None = None) -> torch.Tensor:
         """Codes after at most ``max_iterations`` pursuit steps (default: the config's, else d_in)."""
         sae_in, _, _ = self.process_in(x)

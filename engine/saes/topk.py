@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from .base import SAE, register
+from .base import SAE, EncoderAffine, register
 
 
 @register
@@ -24,6 +24,13 @@ class TopKSAE(SAE):
             pre = pre * self.W_dec.norm(dim=-1)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return pre, values.relu(), indices
+
+    def encoder_affine(self) -> EncoderAffine:
+        """What TopK selects on and keeps: ``pre``, times ``||W_dec||`` when ``rescale_acts_by_decoder_norm``."""
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            return EncoderAffine(self.W_enc, self.b_enc)
+        norms = self.W_dec.norm(dim=-1)
+        return EncoderAffine(self.W_enc * norms, self.b_enc * norms)
 
     def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
         pre, values, indices = self._select(sae_in)
