@@ -1,0 +1,216 @@
+"""Which heads and which source tokens make a latent of an attention-output SAE fire (Kissane et al., 2024).
+
+An SAE on ``blocks.L.attn.hook_z`` reads ``z``, every head's output before the output projection. With a linear
+encoder (``SAE.encoder_affine``: ``W``, ``b``), latent ``i``'s pre-activation at a destination token ``d`` is
+
+    pre_i = s * z[d] . W[:, i] - a * b_dec . W[:, i] + b[i]
+
+(``s``: the token's ``constant_norm_rescale`` factor ``sqrt(d_in) / ||z[d]||``, else 1; ``a``: whether
+``apply_b_dec_to_input``), and head ``h``'s block of ``z[d]`` is ``sum_s A_h[d, s] v_kv(h)[s]``. So
+
+    pre_i - bias_i = s * sum_h sum_s A_h[d, s] * (v_kv(h)[s] . W[h-block, i]),   bias_i = b[i] - a * b_dec . W[:, i]
+
+splits the pre-activation exactly over (head, source token): direct feature attribution (DFA). ``s`` is a fact
+of the destination token, so it scales every contribution alike. Per-token ``layer_norm`` input normalisation
+and matching pursuit have no such split and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..model.attention import AttentionCapture, capture_attention
+from ..model.families import parse_hook_name
+from ..model.loading import LoadedModel
+from ..saes import SAE, EncoderAffine
+from .interventions import check_sae_fits
+
+_LATENT_CHUNK = 256
+"""Latents projected onto the values at once in ``dfa_pairs`` (bounds memory at batch x chunk x heads x pos)."""
+
+
+def linear_encoder(sae: SAE) -> EncoderAffine:
+    """``SAE.encoder_affine`` in float32, or a ValueError when the SAE's pre-activations are not linear in its input."""
+    if sae.cfg.normalize_activations == "layer_norm":
+        raise ValueError(
+            "attribution needs a linear encoder: this SAE normalises each token's input by its own mean and standard "
+            "deviation (normalize_activations='layer_norm'), so its pre-activations do not split over heads and sources"
+        )
+    W, b = sae.encoder_affine()  # a ValueError for matching pursuit
+    return EncoderAffine(W.float(), b.float())
+
+
+def _check_heads(sae: SAE, n_heads: int) -> int:
+    """``d_head`` of an SAE on ``n_heads`` heads."""
+    head = sae.cfg.hook_head_index
+    if head is not None:
+        if not 0 <= head < n_heads:
+            raise ValueError(f"hook_head_index={head} is out of range for {n_heads} heads")
+        return sae.cfg.d_in
+    if sae.cfg.d_in % n_heads:
+        raise ValueError(f"d_in={sae.cfg.d_in} does not split into {n_heads} heads: is this an attn.hook_z SAE?")
+    return sae.cfg.d_in // n_heads
+
+
+def _per_head(sae: SAE, W: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Encoder columns ``W [d_in, L]`` as ``[L, n_heads, d_head]`` blocks over the hook's heads (zero off a one-head
+    SAE's head)."""
+    d_head = _check_heads(sae, n_heads)
+    head = sae.cfg.hook_head_index
+    if head is None:
+        return W.T.reshape(W.shape[1], n_heads, d_head)
+    out = W.new_zeros(W.shape[1], n_heads, d_head)
+    out[:, head] = W.T
+    return out
+
+
+def _scale(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """The per-token input factor ``[...]`` (constant_norm_rescale's ``sqrt(d_in) / ||x||``, else 1) of SAE inputs
+    ``x [..., d_in]``."""
+    if sae.cfg.normalize_activations == "constant_norm_rescale":
+        return sae.cfg.d_in**0.5 / x.norm(dim=-1)
+    return x.new_ones(x.shape[:-1])
+
+
+def _b_dec(sae: SAE) -> torch.Tensor:
+    """What ``process_in`` subtracts after normalising: ``b_dec`` or nothing, ``[d_in]`` float32."""
+    b_dec = sae.b_dec.float()
+    return b_dec if sae.cfg.apply_b_dec_to_input else torch.zeros_like(b_dec)
+
+
+def head_weight_shares(sae: SAE, n_heads: int) -> torch.Tensor:
+    """``[d_sae, n_heads]``: each latent's share of ``||W_dec[i]||^2`` in each head's block (rows sum to 1; zero rows
+    for all-zero decoder rows; a one-head SAE's latents are all in its head)."""
+    W = sae.W_dec.detach().float()
+    blocks = _per_head(sae, W.T, n_heads)  # [d_sae, n_heads, d_head]
+    energy = blocks.pow(2).sum(-1)
+    total = energy.sum(-1, keepdim=True)
+    return torch.where(total > 0, energy / total.clamp_min(torch.finfo(energy.dtype).tiny), 0.0)
+
+
+def head_decomposition(sae: SAE, z: torch.Tensor, latents: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+    """``[..., n_latents, n_heads]``: latent pre-activations minus ``b`` split over heads, from ``hook_z`` activations
+    ``z [..., n_heads, d_head]``: ``(s * z_h - a * b_dec_h) . W[h-block, i]`` (sums over heads to ``pre - b``)."""
+    W, _ = linear_encoder(sae)
+    if latents is not None:
+        W = W[:, torch.as_tensor(latents, dtype=torch.long, device=W.device)]
+    z = z.to(W.device, torch.float32)
+    n_heads = z.shape[-2]
+    blocks = _per_head(sae, W, n_heads)  # [L, n_heads, d_head]
+    x = sae.select_input(z)
+    s = _scale(sae, x.flatten(-2) if sae.cfg.hook_head_index is None else x)
+    centre = _per_head(sae, _b_dec(sae)[:, None], n_heads)[0]  # [n_heads, d_head]
+    sae_in = s[..., None, None] * z - centre  # a one-head SAE's blocks are zero off its head
+    return torch.einsum("...he,lhe->...lh", sae_in, blocks)
+
+
+class PairDFA(NamedTuple):
+    """DFA of P (context, latent, destination) triples."""
+
+    contributions: torch.Tensor
+    """``[P, n_heads, pos]`` float32: ``s * A_h[d, src] * (v_kv(h)[src] . W[h-block, i])``; zero after the destination."""
+    pre: torch.Tensor
+    """``[P]``: the latent's pre-activation at the destination (the quantity that decides firing, see
+    ``SAE.encoder_affine``), computed from ``z`` directly."""
+    bias: torch.Tensor
+    """``[P]``: ``b[i] - a * b_dec . W[:, i]``, so that ``pre = contributions.sum((1, 2)) + bias``."""
+
+
+def dfa_pairs(
+    sae: SAE,
+    capture: AttentionCapture,
+    latents: torch.Tensor | list[int],
+    positions: torch.Tensor | list[int],
+    rows: torch.Tensor | list[int] | None = None,
+) -> PairDFA:
+    """DFA for many (latent, destination) pairs from one capture; ``rows`` picks each pair's context (default 0)."""
+    W, b = linear_encoder(sae)
+    dev = W.device
+    latents = torch.as_tensor(latents, dtype=torch.long, device=dev)
+    positions = torch.as_tensor(positions, dtype=torch.long, device=dev)
+    rows = torch.zeros_like(latents) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev)
+    if not latents.shape == positions.shape == rows.shape or latents.ndim != 1:
+        raise ValueError(
+            f"latents, positions and rows must be 1-D of one length, got {tuple(latents.shape)}, "
+            f"{tuple(positions.shape)}, {tuple(rows.shape)}"
+        )
+    if len(latents) and (latents.min() < 0 or latents.max() >= sae.cfg.d_sae):
+        raise ValueError(f"latent ids out of range for d_sae={sae.cfg.d_sae}")
+    z, pattern, values = (t.to(dev, torch.float32) for t in (capture.z, capture.pattern, capture.values))
+    n_batch, n_pos, n_heads, _ = z.shape
+    if len(positions) and (positions.min() < 0 or positions.max() >= n_pos or rows.min() < 0 or rows.max() >= n_batch):
+        raise ValueError(f"positions must lie in [0, {n_pos}) and rows in [0, {n_batch})")
+    x = sae.select_input(z[rows, positions])  # [P, d_in] or [P, n_heads, d_head]
+    x = x if sae.cfg.hook_head_index is not None else x.flatten(-2)
+    scale = _scale(sae, x)
+    cols = W[:, latents]  # [d_in, P]
+    pre = scale * torch.einsum("pd,dp->p", x, cols) - _b_dec(sae) @ cols + b[latents]
+    bias = b[latents] - _b_dec(sae) @ cols
+
+    unique, which = latents.unique(return_inverse=True)
+    contributions = z.new_zeros(len(latents), n_heads, n_pos)
+    for start in range(0, len(unique), _LATENT_CHUNK):
+        chunk = unique[start : start + _LATENT_CHUNK]
+        blocks = _per_head(sae, W[:, chunk], n_heads)  # [L, n_heads, d_head]
+        projected = torch.einsum("bshe,lhe->blhs", values, blocks)  # v_kv(h)[src] . W[h-block, i]
+        pick = ((which >= start) & (which < start + len(chunk))).nonzero().squeeze(1)
+        weights = pattern[rows[pick], :, positions[pick], :]  # [p, n_heads, src]
+        contributions[pick] = weights * projected[rows[pick], which[pick] - start] * scale[pick, None, None]
+    return PairDFA(contributions, pre, bias)
+
+
+@dataclass(frozen=True)
+class DFA:
+    """Direct feature attribution of one latent at one destination token of a prompt."""
+
+    latent: int
+    position: int
+    contributions: torch.Tensor
+    """``[n_heads, position + 1]`` float32 on the CPU: each (head, source token)'s part of ``pre - bias``."""
+    pre: float
+    """The latent's pre-activation at the destination."""
+    bias: float
+    """The part of ``pre`` no source contributes: ``b[i] - a * b_dec . W[:, i]``."""
+    activation: float
+    """The latent's code at the destination."""
+
+    def by_head(self) -> torch.Tensor:
+        """``[n_heads]``: contributions summed over sources."""
+        return self.contributions.sum(-1)
+
+    def by_source(self) -> torch.Tensor:
+        """``[position + 1]``: contributions summed over heads."""
+        return self.contributions.sum(0)
+
+
+def attention_layer(lm: LoadedModel, sae: SAE) -> int:
+    """The layer of an ``attn.hook_z`` SAE, after checking it fits the model; a ValueError for other hooks."""
+    hook = check_sae_fits(lm, sae)
+    layer, kind = parse_hook_name(hook)
+    if kind != "attn.hook_z":
+        raise ValueError(f"attribution to heads and source tokens needs an attn.hook_z SAE; this SAE reads {hook}")
+    return layer
+
+
+@torch.inference_mode()
+def dfa(lm: LoadedModel, sae: SAE, token_ids: list[int] | torch.Tensor, latent: int, position: int) -> DFA:
+    """DFA of ``latent`` at ``position`` of a prompt: one forward up to the SAE's layer, two re-runs of its attention."""
+    layer = attention_layer(lm, sae)
+    linear_encoder(sae)  # refuse before the forward
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    if ids.ndim != 1 or not 0 <= position < len(ids):
+        raise ValueError(f"position {position} is outside the prompt's {len(ids)} tokens")
+    capture = capture_attention(lm, layer, ids[: position + 1])  # later tokens cannot matter (causal attention)
+    return dfa_from_capture(sae, capture, latent, position)
+
+
+def dfa_from_capture(sae: SAE, capture: AttentionCapture, latent: int, position: int, row: int = 0) -> DFA:
+    """``dfa`` from an ``AttentionCapture`` already taken (e.g. one per prompt, reused across latents and positions)."""
+    out = dfa_pairs(sae, capture, [latent], [position], [row])
+    x = sae.select_input(capture.z[row, position].to(sae.device))
+    activation = float(sae.encode(x)[latent])
+    return DFA(latent, position, out.contributions[0, :, : position + 1].cpu(), float(out.pre[0]), float(out.bias[0]),
+               activation)
