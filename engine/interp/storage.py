@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -64,14 +65,26 @@ def write_part(run_dir: Path, tables: dict[str, pa.Table]) -> Path:
     """One batch's rows as a part folder, renamed into place once every file is written."""
     parts = parts_dir(run_dir)
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = parts / f".tmp-{uuid.uuid4().hex}"
+    tmp = parts / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
     tmp.mkdir()
-    for name, table in tables.items():
-        pq.write_table(table.cast(FILES[name]), tmp / name, compression="zstd")
-    existing = sorted(p.name for p in parts.iterdir() if p.is_dir() and not p.name.startswith("."))
-    final = parts / f"{int(existing[-1]) + 1 if existing else 0:08d}"
-    os.replace(tmp, final)
-    return final
+    try:
+        for name, table in tables.items():
+            pq.write_table(table.cast(FILES[name]), tmp / name, compression="zstd")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Claim the next number: rename fails on a folder another writer (the app's live explain beside a running
+    # `saescope explain`) took meanwhile, because a part folder is never empty; then take the next one.
+    for _ in range(1000):
+        existing = [p.name for p in part_folders(run_dir)]
+        final = parts / f"{int(existing[-1]) + 1 if existing else 0:08d}"
+        try:
+            os.rename(tmp, final)
+            return final
+        except OSError:
+            if not final.exists():
+                raise
+    raise RuntimeError(f"could not claim a part number in {parts}")
 
 
 def part_folders(run_dir: Path) -> list[Path]:
@@ -108,12 +121,34 @@ def _dedupe(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
     return out.sort_by([(k, "ascending") for k in keys])
 
 
+STALE_TMP_SECONDS = 3600
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that named ``.tmp-<pid>-<hex>`` may still be writing it (another process on this host,
+    alive); an unnamed or foreign one counts as alive for an hour after its last change."""
+    pid = tmp.name.split("-")[1] if tmp.name.count("-") >= 2 else ""
+    if pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        return time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS
+    except OSError:
+        return False
+
+
 def consolidate(run_dir: Path) -> dict[str, int]:
     """Fold the parts into the run's three files (atomically each) and remove them; returns row counts."""
     run_dir = Path(run_dir)
     if parts_dir(run_dir).is_dir():
-        for leftover in parts_dir(run_dir).glob(".tmp-*"):  # batches a killed explain left half-written
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in parts_dir(run_dir).glob(".tmp-*"):  # batches a killed writer left half-written
+            if not _writer_alive(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
     folders = part_folders(run_dir)
     counts = {}
     for name, file_schema in FILES.items():

@@ -399,3 +399,39 @@ def test_search_per_embedding_model(tmp_path):
         assert default.index.folder.exists() and by_other.index.folder.exists()  # one model's index keeps the other's
     with SemanticSearch.open(run, model="missing") as none:
         assert none.index is None and none.search(other[0]) == []
+
+
+def test_concurrent_writers_claim_distinct_parts_and_consolidate_spares_live_ones(tmp_path):
+    """The app's live explain and a running ``saescope explain`` write parts at once: none is lost or refused, and
+    ``consolidate`` removes only half-written folders whose writer is gone."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from engine.interp import storage
+
+    def one(i: int) -> str:
+        row = {"feature_id": [i], "explainer": ["w"], "prompt_version": ["v"], "explanation": [f"text {i}"],
+               "status": ["ok"], "reason": [""], "created_at": [0]}
+        table = pa.table({f.name: row.get(f.name, [None]) for f in storage.EXPLANATIONS_SCHEMA})
+        return storage.write_part(tmp_path, {storage.EXPLANATIONS: table.cast(storage.EXPLANATIONS_SCHEMA)}).name
+
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(one, range(64)))
+    assert len(set(names)) == 64 and sorted(names) == [f"{i:08d}" for i in range(64)]
+    parts = storage.parts_dir(tmp_path)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (parts / f".tmp-{alive.pid}-abc").mkdir()
+        (parts / f".tmp-{dead.pid}-def").mkdir()
+        counts = storage.consolidate(tmp_path)
+        assert counts[storage.EXPLANATIONS] == 64
+        assert (parts / f".tmp-{alive.pid}-abc").is_dir() and not (parts / f".tmp-{dead.pid}-def").exists()
+        assert storage.read_all(tmp_path, storage.EXPLANATIONS)["feature_id"].to_pylist() == list(range(64))
+    finally:
+        alive.kill()
+        alive.wait()
