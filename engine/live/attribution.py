@@ -28,8 +28,8 @@ from ..model.loading import LoadedModel
 from ..saes import SAE, EncoderAffine
 from .interventions import check_sae_fits
 
-_LATENT_CHUNK = 256
-"""Latents projected onto the values at once in ``dfa_pairs`` (bounds memory at batch x chunk x heads x pos)."""
+_PAIR_CHUNK = 1024
+"""Pairs of one context projected onto its values at once in ``dfa_pairs`` (memory: chunk x heads x pos floats)."""
 
 
 def linear_encoder(sae: SAE) -> EncoderAffine:
@@ -55,15 +55,15 @@ def _check_heads(sae: SAE, n_heads: int) -> int:
     return sae.cfg.d_in // n_heads
 
 
-def _per_head(sae: SAE, W: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Encoder columns ``W [d_in, L]`` as ``[L, n_heads, d_head]`` blocks over the hook's heads (zero off a one-head
-    SAE's head)."""
+def _per_head(sae: SAE, rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Vectors in SAE-input space ``rows [L, d_in]`` as ``[L, n_heads, d_head]`` blocks over the hook's heads (zero
+    off a one-head SAE's head)."""
     d_head = _check_heads(sae, n_heads)
     head = sae.cfg.hook_head_index
     if head is None:
-        return W.T.reshape(W.shape[1], n_heads, d_head)
-    out = W.new_zeros(W.shape[1], n_heads, d_head)
-    out[:, head] = W.T
+        return rows.reshape(len(rows), n_heads, d_head)
+    out = rows.new_zeros(len(rows), n_heads, d_head)
+    out[:, head] = rows
     return out
 
 
@@ -85,7 +85,7 @@ def head_weight_shares(sae: SAE, n_heads: int) -> torch.Tensor:
     """``[d_sae, n_heads]``: each latent's share of ``||W_dec[i]||^2`` in each head's block (rows sum to 1; zero rows
     for all-zero decoder rows; a one-head SAE's latents are all in its head)."""
     W = sae.W_dec.detach().float()
-    blocks = _per_head(sae, W.T, n_heads)  # [d_sae, n_heads, d_head]
+    blocks = _per_head(sae, W, n_heads)  # [d_sae, n_heads, d_head]
     energy = blocks.pow(2).sum(-1)
     total = energy.sum(-1, keepdim=True)
     return torch.where(total > 0, energy / total.clamp_min(torch.finfo(energy.dtype).tiny), 0.0)
@@ -95,16 +95,30 @@ def head_decomposition(sae: SAE, z: torch.Tensor, latents: torch.Tensor | list[i
     """``[..., n_latents, n_heads]``: latent pre-activations minus ``b`` split over heads, from ``hook_z`` activations
     ``z [..., n_heads, d_head]``: ``(s * z_h - a * b_dec_h) . W[h-block, i]`` (sums over heads to ``pre - b``)."""
     W, _ = linear_encoder(sae)
-    if latents is not None:
-        W = W[:, torch.as_tensor(latents, dtype=torch.long, device=W.device)]
+    enc = W.T if latents is None else W.T[torch.as_tensor(latents, dtype=torch.long, device=W.device)]
     z = z.to(W.device, torch.float32)
     n_heads = z.shape[-2]
-    blocks = _per_head(sae, W, n_heads)  # [L, n_heads, d_head]
+    blocks = _per_head(sae, enc, n_heads)  # [L, n_heads, d_head]
     x = sae.select_input(z)
     s = _scale(sae, x.flatten(-2) if sae.cfg.hook_head_index is None else x)
-    centre = _per_head(sae, _b_dec(sae)[:, None], n_heads)[0]  # [n_heads, d_head]
+    centre = _per_head(sae, _b_dec(sae)[None], n_heads)[0]  # [n_heads, d_head]
     sae_in = s[..., None, None] * z - centre  # a one-head SAE's blocks are zero off its head
     return torch.einsum("...he,lhe->...lh", sae_in, blocks)
+
+
+def pair_head_terms(sae: SAE, z: torch.Tensor, latents: torch.Tensor | list[int]) -> torch.Tensor:
+    """``[P, n_heads]``: ``head_decomposition`` of one latent per token, for ``z [P, n_heads, d_head]`` and
+    ``latents [P]`` (e.g. every firing (token, latent) of a batch: sparse, so cheap enough for precompute)."""
+    W, _ = linear_encoder(sae)
+    z = z.to(W.device, torch.float32)
+    latents = torch.as_tensor(latents, dtype=torch.long, device=W.device)
+    if z.ndim != 3 or latents.shape != z.shape[:1]:
+        raise ValueError(f"z must be [P, n_heads, d_head] and latents [P], got {tuple(z.shape)} and {tuple(latents.shape)}")
+    n_heads = z.shape[-2]
+    x = sae.select_input(z)
+    s = _scale(sae, x.flatten(-2) if sae.cfg.hook_head_index is None else x)
+    sae_in = s[:, None, None] * z - _per_head(sae, _b_dec(sae)[None], n_heads)[0]
+    return (sae_in * _per_head(sae, W.T[latents], n_heads)).sum(-1)
 
 
 class PairDFA(NamedTuple):
@@ -146,19 +160,19 @@ def dfa_pairs(
     x = sae.select_input(z[rows, positions])  # [P, d_in] or [P, n_heads, d_head]
     x = x if sae.cfg.hook_head_index is not None else x.flatten(-2)
     scale = _scale(sae, x)
-    cols = W[:, latents]  # [d_in, P]
-    pre = scale * torch.einsum("pd,dp->p", x, cols) - _b_dec(sae) @ cols + b[latents]
-    bias = b[latents] - _b_dec(sae) @ cols
+    enc = W.T.contiguous()  # latents' encoder rows [d_sae, d_in]: gathered per pair below
+    rows_enc = enc[latents]
+    bias = b[latents] - rows_enc @ _b_dec(sae)
+    pre = scale * (x * rows_enc).sum(-1) + bias
 
-    unique, which = latents.unique(return_inverse=True)
-    contributions = z.new_zeros(len(latents), n_heads, n_pos)
-    for start in range(0, len(unique), _LATENT_CHUNK):
-        chunk = unique[start : start + _LATENT_CHUNK]
-        blocks = _per_head(sae, W[:, chunk], n_heads)  # [L, n_heads, d_head]
-        projected = torch.einsum("bshe,lhe->blhs", values, blocks)  # v_kv(h)[src] . W[h-block, i]
-        pick = ((which >= start) & (which < start + len(chunk))).nonzero().squeeze(1)
-        weights = pattern[rows[pick], :, positions[pick], :]  # [p, n_heads, src]
-        contributions[pick] = weights * projected[rows[pick], which[pick] - start] * scale[pick, None, None]
+    contributions = z.new_empty(len(latents), n_heads, n_pos)
+    for row in rows.unique().tolist():  # per context: one matmul per head over its pairs
+        by_head = values[row].permute(1, 2, 0)  # [n_heads, d_head, src]
+        for pick in (rows == row).nonzero().squeeze(1).split(_PAIR_CHUNK):
+            blocks = _per_head(sae, rows_enc[pick], n_heads).transpose(0, 1)  # [n_heads, p, d_head]
+            projected = torch.bmm(blocks, by_head)  # [n_heads, p, src]: v_kv(h)[src] . W[h-block, i]
+            projected *= pattern[row].index_select(1, positions[pick])
+            contributions[pick] = projected.transpose(0, 1) * scale[pick, None, None]
     return PairDFA(contributions, pre, bias)
 
 

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from engine import load_sae
-from engine.live.attribution import dfa, dfa_from_capture, dfa_pairs, head_decomposition, head_weight_shares
+from engine.live.attribution import (
+    dfa,
+    dfa_from_capture,
+    dfa_pairs,
+    head_decomposition,
+    head_weight_shares,
+    pair_head_terms,
+)
 from engine.live.interventions import add_vector, check_sae_fits, clamp_latents, splice_sae
 from engine.live.lens import prompt_lens
 from engine.model.attention import capture_attention
@@ -130,6 +137,8 @@ def test_contributions_sum_to_the_pre_activation(models, layer):
     b_dec_terms = torch.einsum("he,hel->lh", sae.b_dec.view(lm.n_heads, -1), sae.W_enc.view(lm.n_heads, lm.d_head, -1))
     by_head = out.contributions.sum(-1) - b_dec_terms[latents]  # DFA leaves b_dec in the bias; the head split does not
     torch.testing.assert_close(terms[rows, positions, latents], by_head, atol=1e-5, rtol=1e-5)
+    z_pairs = z.unflatten(-1, (lm.n_heads, lm.d_head))[rows, positions]
+    torch.testing.assert_close(pair_head_terms(sae, z_pairs, latents), by_head, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -231,6 +240,7 @@ def test_one_head_sae_reads_its_head(tiny_llama):
     torch.testing.assert_close(out.contributions.sum((1, 2)) + out.bias, out.pre, atol=1e-5, rtol=1e-5)
     terms = head_decomposition(sae, z[0])
     assert terms[..., others].abs().max() == 0
+    torch.testing.assert_close(pair_head_terms(sae, z[0], torch.arange(N_POS)), terms[torch.arange(N_POS), torch.arange(N_POS)])
     torch.testing.assert_close(terms[..., HEAD], (z[0, :, HEAD] - sae.b_dec) @ sae.W_enc)
 
 
