@@ -135,16 +135,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tools.serve import ensure_demo_run, port_is_free, serve, start_demo_run
+    from .tools.serve import demo_runs_dir, ensure_demo_runs, port_is_free, serve, start_demo_runs
 
+    names = [n.strip() for arg in args.sae for n in arg.split(",") if n.strip()] if args.sae else None
+    opts = {"tokens": args.tokens, "force": args.force, "device": args.device, "dtype": args.dtype}
     if args.no_serve:
-        run = ensure_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)
-        print(f"saescope demo: run ready in {run}")
+        if args.stop_with_parent:  # the background child of a serving `saescope demo`
+            _stop_with_parent(args.stop_with_parent)
+        runs = ensure_demo_runs(names, **opts)
+        print(f"saescope demo: runs ready in {demo_runs_dir()}: {', '.join(r.name for r in runs)}")
         return 0
     if not port_is_free(args.host, args.port):  # before starting a background precompute
         raise ValueError(f"port {args.port} on {args.host} is already in use: pass another with --port")
-    run = start_demo_run(tokens=args.tokens, force=args.force, device=args.device, dtype=args.dtype)
-    return serve(run, host=args.host, port=args.port)
+    from .tools.demo import demo_saes
+
+    runs = start_demo_runs(names, **opts)
+    return serve(runs, host=args.host, port=args.port, first=demo_saes(names)[0].run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,12 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a run directory, or a directory of runs (the app shows a picker)")
     app_opts(p)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("demo", help="fetch the demo model, precompute the demo run and start the app")
-    p.add_argument("--tokens", type=int, default=None, help="tokens to precompute the demo run on (default 200,000)")
-    p.add_argument("--force", action="store_true", help="recompute the demo run even if a complete one exists")
+    p = sub.add_parser("demo", help="fetch the demo model, precompute the demo SAEs' runs and start the app")
+    from .tools.demo import DEMO_SAES
+
+    p.add_argument("--sae", action="append", metavar="NAME[,NAME]",
+                   help=f"the demo SAEs to prepare, one run each (default: every one on disk): "
+                   f"{', '.join(s.run for s in DEMO_SAES)} (in this order; the app opens on the first chosen)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to precompute each demo run on (default 200,000)")
+    p.add_argument("--force", action="store_true", help="recompute the demo runs even where a complete one exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (the fastest on this machine), float32, bfloat16 or float16")
-    p.add_argument("--no-serve", action="store_true", help="prepare the demo run, then exit")
+    p.add_argument("--no-serve", action="store_true", help="prepare the demo runs, one after another, then exit")
+    p.add_argument("--stop-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     app_opts(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="measure precompute and query performance")

@@ -1,4 +1,5 @@
-"""Starting the browser app on a run (``saescope serve``) and preparing the demo run (``saescope demo``).
+"""Starting the browser app on a run (``saescope serve``) and preparing the demo's runs (``saescope demo``: one run
+per demo SAE, ``demo.DEMO_SAES``).
 
 The app itself lives in ``dashboard/``; this module only starts ``streamlit run`` (in place of the current
 process), so the engine never imports Streamlit.
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from ..run.schema import MANIFEST
 
@@ -59,8 +61,9 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501) -> int:
-    """Run the app on ``run`` (a run directory or a directory of runs): this process becomes the Streamlit server."""
+def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501, first: str | None = None) -> int:
+    """Run the app on ``run`` (a run directory or a directory of runs): this process becomes the Streamlit server.
+    ``first``: the run of a directory of runs that the printed link opens (the picker's ``run=``)."""
     path = Path(run).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"run directory {path} does not exist")
@@ -75,7 +78,8 @@ def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501) 
         raise ValueError(f"port {port} on {host} is already in use: pass another with --port")
     env = {**os.environ, RUN_ENV: str(path), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"saescope: serving {path} at http://{shown_host}:{port}  (Ctrl-C to stop)", flush=True)
+    link = f"http://{shown_host}:{port}" + (f"/?run={quote(first)}" if first else "")
+    print(f"saescope: serving {path} at {link}  (Ctrl-C to stop)", flush=True)
     sys.stderr.flush()
     # cwd = the repository root so Streamlit also reads .streamlit/config.toml (theme). The server replaces this
     # process: signals (Ctrl-C, SIGTERM) reach it directly, no orphan is left, and memory used to prepare a run
@@ -89,76 +93,109 @@ def _exec(cmd: list[str], env: dict[str, str]) -> int:
     return 0  # not reached
 
 
-def demo_run_dir() -> Path:
+def demo_runs_dir() -> Path:
+    """Where the demo's runs live (one per demo SAE): ``saescope demo`` serves this directory."""
     from .demo import data_dir
 
-    return data_dir() / "runs" / "demo"
+    return data_dir() / "runs"
+
+
+def demo_run_dir() -> Path:
+    """The main demo SAE's run (``data/runs/demo``)."""
+    from .demo import DEMO_SAES
+
+    return DEMO_SAES[0].run_dir
 
 
 def demo_corpus() -> Path:
+    """The held-out corpus every demo run is precomputed on (checked: it is committed)."""
     from .demo import data_dir
 
-    return data_dir() / "corpus" / "heldout.jsonl.xz"
-
-
-def _demo_inputs():
-    """(run dir, SAE dir, corpus, loaded SAE) of the demo, after checking the committed assets are there."""
-    from ..saes import load_sae
-    from .demo import demo_sae_dir
-
-    run, sae_dir, corpus = demo_run_dir(), demo_sae_dir(), demo_corpus()
-    if not (sae_dir / "cfg.json").is_file():
-        raise FileNotFoundError(f"the demo SAE is missing: expected an SAELens directory at {sae_dir} (it is committed)")
+    corpus = data_dir() / "corpus" / "heldout.jsonl.xz"
     if not corpus.is_file():
         raise FileNotFoundError(f"the demo corpus is missing: expected {corpus} (it is committed)")
-    return run, sae_dir, corpus, load_sae(sae_dir)
+    return corpus
 
 
-def ensure_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
-    """The demo run directory, precomputed (here, to the end) from the committed demo SAE and held-out corpus
-    when missing or stale."""
-    from .demo import ensure_demo_model
+def demo_state(demo, *, force: bool = False) -> str:
+    """``run_state`` of a demo SAE's run (``stale`` when ``force``)."""
+    from ..saes import load_sae
 
-    run, sae_dir, corpus, sae = _demo_inputs()
-    if not force and run_state(run, sae) == "complete":
-        print(f"saescope demo: using the precomputed run in {run}", file=sys.stderr, flush=True)
-        return run
-    from ..model.loading import load_model, resolve_device
-    from ..precompute.pipeline import precompute
+    return "stale" if force else run_state(demo.run_dir, load_sae(demo.sae_dir))
 
-    model_dir = ensure_demo_model()
-    lm = load_model(model_dir, device=resolve_device(device), dtype=dtype)
+
+def ensure_demo_runs(names: list[str] | None = None, *, tokens: int | None = None, force: bool = False,
+                     device: str = "auto", dtype: str = "auto") -> list[Path]:
+    """The demo runs (``demo_saes(names)``), each precomputed here, one after another, when missing or stale (or
+    ``force``); complete runs are reused, and a run another process is computing is left to it. The model is
+    loaded once, by the first run that needs it."""
+    from ..saes import load_sae
+    from .demo import demo_saes, ensure_demo_model
+
+    saes, corpus = demo_saes(names), demo_corpus()
+    lm = None
+    for i, demo in enumerate(saes, 1):
+        sae = load_sae(demo.sae_dir)
+        state = "stale" if force else run_state(demo.run_dir, sae)
+        if state == "complete":
+            _say(f"using the precomputed run {demo.run} in {demo.run_dir}")
+            continue
+        if state == "computing":
+            _say(f"another process is computing {demo.run_dir}; leaving it to that process")
+            continue
+        if lm is None:
+            from ..model.loading import load_model, resolve_device
+
+            lm = load_model(ensure_demo_model(), device=resolve_device(device), dtype=dtype)
+        budget = tokens or DEMO_TOKENS
+        _say(f"precomputing run {demo.run} ({i}/{len(saes)}: {demo.about}) on {budget:,} held-out tokens (once)...")
+        from ..precompute.pipeline import precompute
+
+        precompute(lm, sae.to(lm.device), corpus, demo.run_dir, tokens=budget, context_len=DEMO_CONTEXT, force=True,
+                   sae_path=demo.sae_dir)
+    return [demo.run_dir for demo in saes]
+
+
+def start_demo_runs(names: list[str] | None = None, *, tokens: int | None = None, force: bool = False,
+                    device: str = "auto", dtype: str = "auto") -> Path:
+    """The demo's runs directory as soon as the first chosen run (the main one by default) is browsable.
+
+    Complete runs are used as they are. The others are precomputed by one background child, one after another
+    in ``DEMO_SAES`` order (``saescope demo --no-serve``: it loads the model once, and stops with this process
+    or the server that replaces it); this returns at the first run's first snapshot, at once when that run is
+    complete, being computed by another process, or has an earlier partial snapshot of the same SAE to show
+    meanwhile."""
+    from .demo import demo_saes, ensure_demo_model
+
+    saes = demo_saes(names)
+    demo_corpus()  # refuse before starting anything
+    states = {demo.run: demo_state(demo, force=force) for demo in saes}
+    lead, todo = saes[0], [demo for demo in saes if states[demo.run] in ("stale", "partial")]
+    for demo in saes:
+        if states[demo.run] == "complete":
+            _say(f"using the precomputed run {demo.run} in {demo.run_dir}")
+        elif states[demo.run] == "computing":
+            _say(f"another process is computing {demo.run_dir}; serving its snapshots")
+    if not todo:
+        return demo_runs_dir()
+    model_dir = ensure_demo_model()  # fetched and converted here, in the foreground, once
     budget = tokens or DEMO_TOKENS
-    print(f"saescope demo: precomputing the demo run on {budget:,} held-out tokens (once)...", file=sys.stderr, flush=True)
-    precompute(lm, sae.to(lm.device), corpus, run, tokens=budget, context_len=DEMO_CONTEXT, force=True, sae_path=sae_dir)
-    return run
-
-
-def start_demo_run(*, tokens: int | None = None, force: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
-    """The demo run directory as soon as it is browsable: a complete run is used as it is; otherwise a
-    background precompute starts (unless one is already writing it) and this returns at its first snapshot
-    (or at once, when an earlier partial snapshot of the same SAE can be shown meanwhile)."""
-    from .demo import ensure_demo_model
-
-    run, sae_dir, corpus, sae = _demo_inputs()
-    state = "stale" if force else run_state(run, sae)
-    if state == "complete":
-        print(f"saescope demo: using the precomputed run in {run}", file=sys.stderr, flush=True)
-        return run
-    if state == "computing":
-        print(f"saescope demo: another process is computing {run}; serving its snapshots", file=sys.stderr, flush=True)
-        return run
-    model_dir = ensure_demo_model()
-    budget = tokens or DEMO_TOKENS
-    cmd = [sys.executable, "-m", "engine.cli", "precompute", "--model", str(model_dir), "--sae", str(sae_dir),
-           "--corpus", str(corpus), "--out", str(run), "--tokens", str(budget), "--context-len", str(DEMO_CONTEXT),
-           "--device", device, "--dtype", dtype, "--force", "--stop-with-parent", str(os.getpid())]
-    print(f"saescope demo: precomputing the demo run on {budget:,} held-out tokens in the background; the app opens "
-          "at its first snapshot and refines as it goes", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "engine.cli", "demo", "--no-serve", "--sae", ",".join(d.run for d in todo),
+           "--tokens", str(budget), "--device", device, "--dtype", dtype, "--stop-with-parent", str(os.getpid())]
+    if force:
+        cmd.append("--force")
+    queued = ", ".join(d.run for d in todo if d is not lead)
+    _say(f"precomputing {', '.join(d.run for d in todo)} on {budget:,} held-out tokens each, one after another, in "
+         f"the background (model: {model_dir.name}); the app opens at {lead.run}'s first snapshot and refines as it goes"
+         + (f"; {queued} join the run picker as they start" if queued else ""))
     child = start_precompute(cmd)
-    if state == "partial":  # an interrupted earlier run: browsable now, replaced by the new snapshots as they land
-        return run
-    return wait_for_snapshot(run, child)
+    if lead in todo and states[lead.run] == "stale":
+        wait_for_snapshot(lead.run_dir, child)
+    return demo_runs_dir()
+
+
+def _say(message: str) -> None:
+    print(f"saescope demo: {message}", file=sys.stderr, flush=True)
 
 
 def start_precompute(cmd: list[str]) -> subprocess.Popen:

@@ -63,9 +63,82 @@ def demo_data(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_demo_needs_the_committed_sae(demo_data):
+def _tiny_demo(data, folders=("demo_sae", "demo_sae_attn"), n_docs=100):
+    """The demo's assets in ``data``, tiny: a random model (with its checksums, as the converted one has), a
+    held-out corpus, and one random SAE per folder (all on the tiny model's hook)."""
+    import lzma
+
+    from engine.model.tiny import save_tiny_model
+    from engine.tools.demo import CHECKSUMS, demo_model_dir, sha256
+    from tests.dashboard.tinyrun import write_corpus
+
+    model = save_tiny_model(demo_model_dir())
+    (model / CHECKSUMS).write_text(json.dumps({p.name: sha256(p) for p in model.iterdir() if p.is_file()}))
+    text = write_corpus(data / "corpus.jsonl", n_docs=n_docs).read_bytes()
+    (data / "corpus" / "heldout.jsonl.xz").write_bytes(lzma.compress(text))
+    return [make_sae("topk", seed=i).save(data / folder) for i, folder in enumerate(folders)]
+
+
+def test_demo_registry_offers_the_saes_on_disk(demo_data):
+    from engine.tools.demo import DEMO_SAES, demo_saes
+
+    assert DEMO_SAES[0].run == "demo" and DEMO_SAES[0].folder == "demo_sae"  # existing data/runs/demo stays valid
+    assert len({s.run for s in DEMO_SAES}) == len(DEMO_SAES) == len({s.folder for s in DEMO_SAES})
     with pytest.raises(FileNotFoundError, match="demo SAE is missing"):
-        serve.ensure_demo_run()
+        demo_saes()  # the main one is required
+    make_sae("topk").save(demo_data / "demo_sae")
+    make_sae("topk").save(demo_data / "demo_sae_w18432")
+    (demo_data / "demo_sae_attn").mkdir()  # being written: no cfg.json yet
+    assert [s.run for s in demo_saes()] == ["demo", "demo-w18432"]  # registry order; missing folders skipped
+    assert [s.run for s in demo_saes(["demo-w18432"])] == ["demo-w18432"]
+    assert demo_saes()[1].run_dir == demo_data / "runs" / "demo-w18432" == serve.demo_runs_dir() / "demo-w18432"
+    with pytest.raises(FileNotFoundError, match="'demo-attn-l20' is missing.*demo_sae_attn"):
+        demo_saes(["demo", "demo-attn-l20"])  # asked for by name: an error, not a silent skip
+
+
+def test_demo_unknown_sae_name_lists_the_valid_ones(demo_data, capsys):
+    from engine.tools.demo import DEMO_SAES
+
+    make_sae("topk").save(demo_data / "demo_sae")
+    assert cli.main(["demo", "--no-serve", "--sae", "demo,demo-mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown demo SAE 'demo-mlp'" in err and all(s.run in err for s in DEMO_SAES)
+    assert not (demo_data / "runs").exists()
+
+
+def test_demo_needs_the_committed_sae(demo_data, capsys):
+    with pytest.raises(FileNotFoundError, match="demo SAE is missing"):
+        serve.ensure_demo_runs()
+    assert cli.main(["demo", "--no-serve"]) == 2 and "demo SAE is missing" in capsys.readouterr().err
+
+
+def test_demo_no_serve_prepares_every_selected_run_once(demo_data, monkeypatch, capsys):
+    from engine.model import loading
+
+    _tiny_demo(demo_data, ("demo_sae", "demo_sae_attn", "demo_sae_w1152"))
+    loads = []
+    real_load = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    runs = demo_data / "runs"
+    argv = ["demo", "--no-serve", "--dtype", "float32", "--tokens", "1024"]
+    assert cli.main([*argv, "--sae", "demo-w1152,demo", "--sae", "demo-attn-l20"]) == 0
+    assert len(loads) == 1  # the model is loaded once for all runs
+    assert "runs ready in" in capsys.readouterr().out
+    manifests = {name: _manifest(runs / name) for name in ("demo", "demo-attn-l20", "demo-w1152")}
+    for name, folder in (("demo", "demo_sae"), ("demo-attn-l20", "demo_sae_attn"), ("demo-w1152", "demo_sae_w1152")):
+        man = manifests[name]
+        assert man["snapshot"]["final"] and man["sae"]["path"] == str(demo_data / folder)
+        assert man["corpus"]["n_contexts"] * man["corpus"]["context_len"] == 1024 and man["corpus"]["context_len"] == 128
+    stamps = {name: (runs / name / "manifest.json").stat().st_mtime_ns for name in manifests}
+
+    assert cli.main(argv) == 0  # every SAE on disk (the default), all complete: nothing recomputed
+    assert len(loads) == 1 and stamps == {n: (runs / n / "manifest.json").stat().st_mtime_ns for n in manifests}
+    assert capsys.readouterr().err.count("using the precomputed run") == 3
+
+    assert cli.main(["demo", "--no-serve", "--dtype", "float32", "--tokens", "2048", "--force", "--sae", "demo-w1152"]) == 0
+    assert _manifest(runs / "demo-w1152")["corpus"]["n_contexts"] == 16  # --force and --tokens reach it
+    assert {n: (runs / n / "manifest.json").stat().st_mtime_ns for n in ("demo", "demo-attn-l20")} == {
+        n: stamps[n] for n in ("demo", "demo-attn-l20")}
 
 
 def test_demo_reuses_a_current_run_and_recomputes_a_stale_one(demo_data, monkeypatch):
@@ -83,15 +156,84 @@ def test_demo_reuses_a_current_run_and_recomputes_a_stale_one(demo_data, monkeyp
     monkeypatch.setattr(modules["demo"], "ensure_demo_model", lambda: calls.append("fetch") or model_dir)
     monkeypatch.setattr(modules["models"], "load_model", lambda *a, **k: calls.append(("load", k)) or _FakeLM())
     monkeypatch.setattr(modules["precompute"], "precompute", lambda *a, **k: calls.append(("precompute", a[2:4], k)))
-    assert serve.ensure_demo_run() == run and calls == []  # current: ready in seconds
+    assert serve.ensure_demo_runs() == [run] and calls == []  # current: ready in seconds
     manifest["sae"]["hash"] = "something-else"  # the committed SAE was retrained
     (run / "manifest.json").write_text(json.dumps(manifest))
-    serve.ensure_demo_run(device="cpu")
+    serve.ensure_demo_runs(device="cpu")
     assert calls[0] == "fetch" and calls[1][1]["dtype"] == "auto"  # never a hard-coded CPU dtype
     _, (corpus, out), kwargs = calls[2]
     assert out == run and corpus.name == "heldout.jsonl.xz"
     assert kwargs["tokens"] == serve.DEMO_TOKENS and kwargs["context_len"] == 128 and kwargs["force"]
     assert kwargs["sae_path"] == demo_data / "demo_sae"
+
+
+class _FakeChild:
+    pid = 2**22 + 7
+
+    def poll(self):
+        return None
+
+
+def test_demo_serve_reuses_complete_runs_and_queues_the_rest(demo_data, monkeypatch):
+    model_dir = demo_data / "models" / "m"
+    model_dir.mkdir(parents=True)
+    saes = {folder: make_sae("topk", seed=i).save(demo_data / folder) for i, folder in enumerate(("demo_sae", "demo_sae_attn"))}
+    from engine.saes import load_sae
+    from engine.tools import demo
+
+    main = demo_data / "runs" / "demo"
+    main.mkdir(parents=True)
+    manifest = {"model": {"name": str(model_dir)}, "sae": {"hash": sae_fingerprint(load_sae(saes["demo_sae"]))}}
+    (main / "manifest.json").write_text(json.dumps(manifest))
+    started = []
+    monkeypatch.setattr(demo, "ensure_demo_model", lambda: model_dir)
+    monkeypatch.setattr(serve, "start_precompute", lambda cmd: started.append(cmd) or _FakeChild())
+    monkeypatch.setattr(serve, "wait_for_snapshot", lambda *a: pytest.fail("waited although the main run is complete"))
+    assert serve.start_demo_runs(tokens=4096, force=False) == demo_data / "runs"  # at once: the main run is complete
+    ((cmd),) = started
+    assert cmd[1:5] == ["-m", "engine.cli", "demo", "--no-serve"]
+    flags = dict(zip(cmd[5:-1:2], cmd[6::2], strict=True))
+    assert flags["--sae"] == "demo-attn-l20" and flags["--tokens"] == "4096"  # the complete run is not recomputed
+    assert flags["--stop-with-parent"] == str(os.getpid()) and "--force" not in cmd
+
+    (demo_data / "runs" / "demo-attn-l20").mkdir()
+    manifest["sae"]["hash"] = sae_fingerprint(load_sae(saes["demo_sae_attn"]))
+    (demo_data / "runs" / "demo-attn-l20" / "manifest.json").write_text(json.dumps(manifest))
+    started.clear()
+    assert serve.start_demo_runs() == demo_data / "runs" and started == []  # all complete: no child at all
+
+
+def test_demo_serves_the_runs_at_the_main_runs_first_snapshot(demo_data, launches, monkeypatch, capsys):
+    """The real background child on a tiny model: the server starts once the main run's first snapshot lands,
+    while the attention SAE's run is still queued behind it; then the child computes that one too."""
+    _tiny_demo(demo_data, n_docs=700)
+    monkeypatch.setenv("SAESCOPE_SNAPSHOT_MIN_SECONDS", "0")  # the child snapshots however soon it will finish
+    children = []
+    real_start = serve.start_precompute
+    monkeypatch.setattr(serve, "start_precompute", lambda cmd: children.append(real_start(cmd)) or children[-1])
+    runs, port = demo_data / "runs", _free_port()
+    try:
+        assert cli.main(["demo", "--tokens", "32768", "--dtype", "float32", "--port", str(port)]) == 0
+        ((child,),) = (children,)
+        attn = _manifest(runs / "demo-attn-l20")  # read before anything else: the child goes on meanwhile
+        main = _manifest(runs / "demo")
+        ((cmd, _, env),) = launches
+        assert env["SAESCOPE_RUN"] == str(runs)  # the directory of runs: the app shows the picker
+        assert f"http://127.0.0.1:{port}/?run=demo" in capsys.readouterr().out
+        assert main["snapshot"]["pid"] == child.pid and attn is None  # the main run browsable, the other queued
+        assert child.wait(timeout=300) == 0
+    finally:
+        if children and children[0].poll() is None:
+            children[0].kill()
+    for name in ("demo", "demo-attn-l20"):
+        man = _manifest(runs / name)
+        assert man["snapshot"]["final"] and man["corpus"]["n_contexts"] == 256
+    assert _manifest(runs / "demo")["timings"]["snapshots"] >= 1
+
+
+def _manifest(run):
+    path = run / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class _FakeLM:
