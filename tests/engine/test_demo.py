@@ -9,7 +9,7 @@ import torch
 
 from engine import load_model, load_sae
 from engine.precompute.corpus import iter_contexts
-from engine.tools.demo import DEMO_HOOK, demo_sae_dir, ensure_demo_model, verify_model_dir
+from engine.tools.demo import DEMO_HOOK, DEMO_SAES, demo_sae_dir, ensure_demo_model, verify_model_dir
 from engine.train import evaluate
 
 pytestmark = pytest.mark.slow
@@ -53,14 +53,25 @@ def test_checksum_detects_corruption(tmp_path):
     assert not verify_model_dir(tmp_path)
 
 
-def test_committed_demo_sae_matches_its_report(demo_lm):
-    sae = load_sae(demo_sae_dir())
-    report = json.loads((demo_sae_dir() / "training_report.json").read_text())
-    assert sae.cfg.hook_name == DEMO_HOOK and sae.cfg.d_in == demo_lm.hook_width(DEMO_HOOK)
-    assert sae.cfg.d_sae >= 8 * demo_lm.d_model
+@pytest.mark.parametrize("demo", DEMO_SAES, ids=[s.run for s in DEMO_SAES])
+def test_committed_demo_sae_matches_its_report(demo_lm, demo):
+    """Every committed demo SAE loads, reads the hook its registry record names at the model's width there, and
+    reproduces its ``training_report.json``'s held-out figures on a few held-out contexts."""
+    if not demo.available():
+        assert demo is not DEMO_SAES[0], f"the main demo SAE is missing from {demo.sae_dir}"
+        pytest.skip(f"{demo.folder} is not committed (yet)")
+    sae = load_sae(demo.sae_dir)
+    report = json.loads((demo.sae_dir / "training_report.json").read_text())
+    assert sae.cfg.hook_name == demo.hook == report["settings"]["hook_name"]
+    assert sae.cfg.d_in == demo_lm.hook_width(demo.hook) == report["settings"]["d_in"]
+    assert sae.cfg.d_sae == report["settings"]["width"] and sae.cfg.k == report["settings"]["k"]
+    if demo.hook.endswith(".attn.hook_z"):  # per-head outputs before o_proj, flattened: n_heads x d_head
+        assert sae.cfg.d_in == demo_lm.n_heads * demo_lm.d_head == 576
     contexts = list(itertools.islice(iter_contexts(demo_lm.tokenizer, HELDOUT, 256), 12))
-    quick = evaluate(demo_lm, sae.to(torch.float32), DEMO_HOOK, contexts, ce_contexts=6, batch=6)
+    quick = evaluate(demo_lm, sae.to(torch.float32), demo.hook, contexts, ce_contexts=6, batch=6)
     held = report["heldout"]
+    print(f"\n{demo.run}: quick vs report:", {key: (round(quick[key], 4), round(held[key], 4)) for key in
+                                                ("explained_variance_typical", "ce_loss_recovered", "l0")})
     assert quick["explained_variance_typical"] == pytest.approx(held["explained_variance_typical"], abs=0.05)
     assert quick["ce_loss_recovered"] == pytest.approx(held["ce_loss_recovered"], abs=0.06)
     assert quick["l0"] == pytest.approx(held["l0"], abs=1)
