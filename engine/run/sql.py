@@ -68,6 +68,16 @@ WHERE feature_id = $feature_id AND ($kind IS NULL OR kind = $kind)
 """
 CONTEXTS = "SELECT context_id, token_ids FROM contexts WHERE context_id = ANY($context_ids)"
 
+# bulk reads (exports): a range of latents per statement, in the order the single-latent statements give
+MAX_FEATURE_ID = "SELECT max(feature_id) FROM features"
+FEATURES_RANGE = "SELECT * FROM features WHERE feature_id >= $first AND feature_id < $stop ORDER BY feature_id"
+EXAMPLES_RANGE = """
+SELECT feature_id, kind, rank, quantile_bin, context_id, max_pos, max_act, start, acts
+FROM examples
+WHERE feature_id >= $first AND feature_id < $stop
+ORDER BY feature_id, kind = 'quantile', rank
+"""
+
 # Sorted listings: a top-N over a million rows costs 12-20 ms, so the index also holds the summary columns
 # physically sorted by each key (both directions). A filtered scan of such a table with LIMIT and no ORDER BY
 # returns rows in storage order (DuckDB preserves insertion order) and stops after the page: ~1-3 ms.

@@ -223,3 +223,11 @@ def test_index_of_another_version_is_rebuilt(run_dir, tmp_path):
         con.execute("DROP TABLE features_by_density_desc")
     with RunStore.open(copy) as s:
         assert len(s.top_features(limit=3)) == 3
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 10_000])
+def test_iter_features_is_feature_for_every_latent(store, batch_size):
+    every = list(store.iter_features(batch_size=batch_size))
+    assert [row.feature_id for row in every] == list(range(store.n_features()))
+    assert every == [store.feature(i) for i in range(store.n_features())]
+    assert any(row.examples for row in every) and any(ex.kind == "quantile" for row in every for ex in row.examples)
