@@ -99,26 +99,70 @@ def head_decomposition(sae: SAE, z: torch.Tensor, latents: torch.Tensor | list[i
     z = z.to(W.device, torch.float32)
     n_heads = z.shape[-2]
     blocks = _per_head(sae, enc, n_heads)  # [L, n_heads, d_head]
-    x = sae.select_input(z)
-    s = _scale(sae, x.flatten(-2) if sae.cfg.hook_head_index is None else x)
-    centre = _per_head(sae, _b_dec(sae)[None], n_heads)[0]  # [n_heads, d_head]
-    sae_in = s[..., None, None] * z - centre  # a one-head SAE's blocks are zero off its head
+    sae_in = _sae_in_by_head(sae, z.reshape(-1, n_heads, z.shape[-1])).view(z.shape)
     return torch.einsum("...he,lhe->...lh", sae_in, blocks)
 
 
-def pair_head_terms(sae: SAE, z: torch.Tensor, latents: torch.Tensor | list[int]) -> torch.Tensor:
-    """``[P, n_heads]``: ``head_decomposition`` of one latent per token, for ``z [P, n_heads, d_head]`` and
-    ``latents [P]`` (e.g. every firing (token, latent) of a batch: sparse, so cheap enough for precompute)."""
-    W, _ = linear_encoder(sae)
-    z = z.to(W.device, torch.float32)
-    latents = torch.as_tensor(latents, dtype=torch.long, device=W.device)
-    if z.ndim != 3 or latents.shape != z.shape[:1]:
-        raise ValueError(f"z must be [P, n_heads, d_head] and latents [P], got {tuple(z.shape)} and {tuple(latents.shape)}")
-    n_heads = z.shape[-2]
+def _sae_in_by_head(sae: SAE, z: torch.Tensor) -> torch.Tensor:
+    """``s * z - a * b_dec`` per head, ``[N, n_heads, d_head]`` float32, for ``hook_z`` rows ``z [N, n_heads, d_head]``
+    (the SAE's input where it reads; a one-head SAE's other heads carry ``s * z`` and meet zero encoder blocks)."""
     x = sae.select_input(z)
     s = _scale(sae, x.flatten(-2) if sae.cfg.hook_head_index is None else x)
-    sae_in = s[:, None, None] * z - _per_head(sae, _b_dec(sae)[None], n_heads)[0]
-    return (sae_in * _per_head(sae, W.T[latents], n_heads)).sum(-1)
+    return s[:, None, None] * z - _per_head(sae, _b_dec(sae)[None], z.shape[-2])[0]
+
+
+def _pairs(tokens, latents, n_tokens: int, d_sae: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    latents = torch.as_tensor(latents, dtype=torch.long, device=device)
+    if tokens.ndim != 1 or tokens.shape != latents.shape:
+        raise ValueError(f"tokens and latents must be 1-D of one length, got {tuple(tokens.shape)}, {tuple(latents.shape)}")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= n_tokens or latents.min() < 0 or latents.max() >= d_sae):
+        raise ValueError(f"token ids must lie in [0, {n_tokens}) and latent ids in [0, {d_sae})")
+    return tokens, latents
+
+
+def pair_head_terms(
+    sae: SAE, z: torch.Tensor, tokens: torch.Tensor | list[int], latents: torch.Tensor | list[int]
+) -> torch.Tensor:
+    """``[P, n_heads]``: ``head_decomposition`` of latent ``latents[p]`` at token ``tokens[p]`` of ``z [N, n_heads,
+    d_head]`` (a few pairs, e.g. a latent's top examples; for every firing pair of a batch use ``head_term_sums``)."""
+    W, _ = linear_encoder(sae)
+    z = z.to(W.device, torch.float32)
+    if z.ndim != 3:
+        raise ValueError(f"z must be [N, n_heads, d_head], got {tuple(z.shape)}")
+    tokens, latents = _pairs(tokens, latents, len(z), sae.cfg.d_sae, W.device)
+    sae_in, enc = _sae_in_by_head(sae, z), W.T
+    out = z.new_empty(len(tokens), z.shape[1])
+    for pick in torch.arange(len(tokens), device=W.device).split(_PAIR_CHUNK):  # gathers that stay in cache
+        out[pick] = (sae_in[tokens[pick]] * _per_head(sae, enc[latents[pick]], z.shape[1])).sum(-1)
+    return out
+
+
+def head_term_sums(
+    sae: SAE,
+    z: torch.Tensor,
+    tokens: torch.Tensor | list[int],
+    latents: torch.Tensor | list[int],
+    weights: torch.Tensor | list[float] | None = None,
+) -> torch.Tensor:
+    """``[d_sae, n_heads]``: per latent, ``sum_p weights[p] * head_decomposition`` over the (token, latent) pairs that
+    name it (weights default to 1: divide by fire counts for the mean per head over firing tokens).
+
+    One sparse matmul, ``pairs^T @ sae_in``, then one product with the encoder: the streaming form for precompute,
+    e.g. with ``SparseCodes``' (token, latent, value) of a batch.
+    """
+    W, _ = linear_encoder(sae)
+    z = z.to(W.device, torch.float32)
+    if z.ndim != 3:
+        raise ValueError(f"z must be [N, n_heads, d_head], got {tuple(z.shape)}")
+    n_tokens, n_heads = z.shape[:2]
+    tokens, latents = _pairs(tokens, latents, n_tokens, sae.cfg.d_sae, W.device)
+    w = torch.ones(len(tokens), device=W.device) if weights is None else torch.as_tensor(weights, device=W.device)
+    pairs = torch.sparse_coo_tensor(
+        torch.stack([latents, tokens]), w.float(), (sae.cfg.d_sae, n_tokens), check_invariants=False
+    )
+    summed = torch.sparse.mm(pairs, _sae_in_by_head(sae, z).flatten(1))  # [d_sae, n_heads * d_head]
+    return (summed.view(sae.cfg.d_sae, n_heads, -1) * _per_head(sae, W.T, n_heads)).sum(-1)
 
 
 class PairDFA(NamedTuple):

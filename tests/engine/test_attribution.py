@@ -13,6 +13,7 @@ from engine.live.attribution import (
     dfa_from_capture,
     dfa_pairs,
     head_decomposition,
+    head_term_sums,
     head_weight_shares,
     pair_head_terms,
 )
@@ -137,8 +138,15 @@ def test_contributions_sum_to_the_pre_activation(models, layer):
     b_dec_terms = torch.einsum("he,hel->lh", sae.b_dec.view(lm.n_heads, -1), sae.W_enc.view(lm.n_heads, lm.d_head, -1))
     by_head = out.contributions.sum(-1) - b_dec_terms[latents]  # DFA leaves b_dec in the bias; the head split does not
     torch.testing.assert_close(terms[rows, positions, latents], by_head, atol=1e-5, rtol=1e-5)
-    z_pairs = z.unflatten(-1, (lm.n_heads, lm.d_head))[rows, positions]
-    torch.testing.assert_close(pair_head_terms(sae, z_pairs, latents), by_head, atol=1e-5, rtol=1e-5)
+    flat = z.unflatten(-1, (lm.n_heads, lm.d_head)).flatten(0, 1)  # [batch * pos, heads, d_head]
+    tokens = rows * N_POS + positions
+    torch.testing.assert_close(pair_head_terms(sae, flat, tokens, latents), by_head, atol=1e-5, rtol=1e-5)
+    # summed per latent over pairs, weighted: one latent named twice, the others never
+    latents[3] = latents[5]
+    weights = torch.rand(len(tokens), generator=torch.Generator().manual_seed(2))
+    sums = head_term_sums(sae, flat, tokens, latents, weights)
+    expected_sums = torch.zeros(sae.cfg.d_sae, lm.n_heads).index_add_(0, latents, terms[rows, positions, latents] * weights[:, None])
+    torch.testing.assert_close(sums, expected_sums, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +248,9 @@ def test_one_head_sae_reads_its_head(tiny_llama):
     torch.testing.assert_close(out.contributions.sum((1, 2)) + out.bias, out.pre, atol=1e-5, rtol=1e-5)
     terms = head_decomposition(sae, z[0])
     assert terms[..., others].abs().max() == 0
-    torch.testing.assert_close(pair_head_terms(sae, z[0], torch.arange(N_POS)), terms[torch.arange(N_POS), torch.arange(N_POS)])
+    diagonal = terms[torch.arange(N_POS), torch.arange(N_POS)]
+    torch.testing.assert_close(pair_head_terms(sae, z[0], torch.arange(N_POS), torch.arange(N_POS)), diagonal)
+    torch.testing.assert_close(head_term_sums(sae, z[0], torch.arange(N_POS), torch.arange(N_POS))[:N_POS], diagonal)
     torch.testing.assert_close(terms[..., HEAD], (z[0, :, HEAD] - sae.b_dec) @ sae.W_enc)
 
 
