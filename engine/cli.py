@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .interp.commands import add_parsers
 
     add_parsers(sub)
+    from .eval.commands import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub)
     return parser
 
 
