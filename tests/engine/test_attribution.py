@@ -145,7 +145,8 @@ def test_contributions_sum_to_the_pre_activation(models, layer):
     latents[3] = latents[5]
     weights = torch.rand(len(tokens), generator=torch.Generator().manual_seed(2))
     sums = head_term_sums(sae, flat, tokens, latents, weights)
-    expected_sums = torch.zeros(sae.cfg.d_sae, lm.n_heads).index_add_(0, latents, terms[rows, positions, latents] * weights[:, None])
+    weighted = terms[rows, positions, latents] * weights[:, None]
+    expected_sums = torch.zeros(sae.cfg.d_sae, lm.n_heads).index_add_(0, latents, weighted)
     torch.testing.assert_close(sums, expected_sums, atol=1e-5, rtol=1e-5)
 
 
