@@ -229,3 +229,31 @@ def _semantic(run_dir: str, stamp: float, signature: str) -> SemanticSearch:
 def semantic(run_dir: str) -> SemanticSearch:
     """Search by meaning over the run's explanation embeddings (an index built once per run and version)."""
     return _semantic(run_dir, stamp(run_dir), interp_stamp(run_dir))
+
+
+EXPLAINER_ENV = "SAESCOPE_EXPLAINER"
+"""The explainer behind the feature page's "Explain this latent now": ``demo``, a chat model folder or hub id, or an
+OpenAI-compatible endpoint ``http://host:port/v1`` (``saescope serve --explainer`` sets it; unset: no button)."""
+EXPLAINER_MODEL_ENV = "SAESCOPE_EXPLAINER_MODEL"
+"""The served model's name, for an endpoint explainer."""
+
+
+def explainer_spec() -> tuple[str, str] | None:
+    """(spec, served model name) of the configured live explainer, or ``None``."""
+    spec = os.environ.get(EXPLAINER_ENV, "").strip()
+    return (spec, os.environ.get(EXPLAINER_MODEL_ENV, "").strip()) if spec else None
+
+
+@st.cache_resource(show_spinner="Loading the explainer (once per server)…", max_entries=1)
+def _explainer(spec: str, model: str, device: str):
+    from engine.interp.backends import make_backend
+
+    return make_backend(spec, model=model or None, device=device)
+
+
+def explainer():
+    """The configured live explainer (a local chat model loaded once per server, or an endpoint client)."""
+    configured = explainer_spec()
+    if configured is None:
+        raise ValueError(f"no explainer is configured: start the app with `saescope serve --explainer ...` (${EXPLAINER_ENV})")
+    return _explainer(*configured, device())

@@ -103,7 +103,10 @@ def show(run: str, store: RunStore, row: FeatureRow) -> None:
         reason = next((e.reason for e in every if not e.is_baseline and e.reason), "")
         st.markdown(f"**{render.md(row.label or 'no label')}**")
         st.caption("Top tokens. No written explanation yet" + (f" ({render.md(reason)})" if reason else "")
-                   + f": `saescope explain RUN --features {feature_id}` writes one.")
+                   + f": `saescope explain RUN --features {feature_id}` writes one"
+                   + ("." if cache.explainer_spec() else ", or start the app with `saescope serve --explainer demo` "
+                      "(or an OpenAI-compatible endpoint) to explain latents from this page."))
+    live_explain(run, feature_id, again=bool(usable))
     if not usable:
         return
     details = cache.interp(run).scores(feature_id, best.explainer, best.prompt_version)
@@ -127,3 +130,44 @@ def show(run: str, store: RunStore, row: FeatureRow) -> None:
                 "scores": [_score_cells(e) for e in every],
                 "mean": [e.mean_score for e in every],
             }), hide_index=True, width="stretch", column_config={"mean": st.column_config.NumberColumn(format="%.3f")})
+
+
+FLASH = "explain_flash"
+
+
+def live_explain(run: str, feature_id: int, *, again: bool) -> None:
+    """"Explain this latent now": the configured explainer's words streamed as they come, then scored (embedding)
+    and stored in the run as ``saescope explain`` stores them; the page then shows the new explanation."""
+    flash = st.session_state.pop(FLASH, None)
+    if flash and flash[0] == feature_id:
+        (st.success if flash[1] == "ok" else st.warning)(flash[2])
+    configured = cache.explainer_spec()
+    if configured is None:
+        return
+    label = "Explain again now" if again else "Explain this latent now"
+    if not st.button(label, icon=":material/auto_awesome:", key=f"explain_now_{feature_id}",
+                     help=f"Ask {configured[1] or configured[0]} now; the answer is scored and stored in the run"):
+        return
+    from engine.interp.backends import EndpointError
+    from engine.interp.live import Streamed, explain_latent
+
+    try:
+        explainer, embedder = cache.explainer(), cache.embedder()
+        with st.spinner("Preparing the latent's excerpts…"):
+            streamed = Streamed(explain_latent(run, feature_id, explainer, embedder=embedder))
+        st.write_stream(render.md(piece) for piece in streamed)
+    except (EndpointError, ValueError, OSError, RuntimeError) as err:
+        st.error(f"Could not explain latent {feature_id}: {err}", icon=":material/error:")
+        return
+    result = streamed.result
+    if result is None:
+        return
+    if result.status == "ok" and result.written:
+        scores = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(result.scores.items()))
+        st.session_state[FLASH] = (feature_id, "ok", f"Stored {render.md(result.text)}" + (f" ({scores})" if scores else ""))
+    else:
+        why = render.md(result.reason or result.status)
+        kept = "recorded as failed" if result.written else "not stored: the usable explanation stays"
+        st.session_state[FLASH] = (feature_id, "warn", f"The answer was not usable ({why}); {kept}. "
+                                   f"Answer: {render.md(result.answer[:120])}")
+    st.rerun()

@@ -119,6 +119,22 @@ def _stop_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="stop-with-parent").start()
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .tools.export import NeuronpediaOptions, export_run
+
+    options = NeuronpediaOptions(
+        model_id=args.model_id, source_set=args.source_set, layer=args.layer, creator_id=args.creator_id,
+        creator_name=args.creator_name, release=args.release, visibility=args.visibility,
+    )
+    done = export_run(args.run, args.out, args.format, force=args.force, options=options, progress=not args.quiet)
+    summary = {"out": str(done.out), "format": done.format, "features": done.n_features, "examples": done.n_examples,
+               "explanations": done.n_explanations, "seconds": round(done.seconds, 2)}
+    if done.source_dir is not None:
+        summary["import"] = str(done.source_dir)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .tools.bench import format_report, run_bench
 
@@ -131,6 +147,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .tools.serve import serve
 
+    if args.explainer:  # read by the app (dashboard/cache.py explainer_spec): the server inherits this environment
+        os.environ["SAESCOPE_EXPLAINER"] = args.explainer
+        os.environ["SAESCOPE_EXPLAINER_MODEL"] = args.explainer_model or ""
+    elif args.explainer_model:
+        raise ValueError("--explainer-model names the model an --explainer endpoint serves: pass --explainer too")
     return serve(args.run, host=args.host, port=args.port)
 
 
@@ -214,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="open precomputed runs in the browser app")
     p.add_argument("--run", required=True, help="a run directory, or a directory of runs (the app shows a picker)")
+    p.add_argument("--explainer", help="enable 'Explain this latent now' on feature pages: demo, a chat model folder or "
+                   "hub id, or an OpenAI-compatible endpoint http://host:port/v1 (key: $SAESCOPE_EXPLAINER_KEY)")
+    p.add_argument("--explainer-model", help="the served model's name, with an endpoint --explainer")
     app_opts(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="fetch the demo model, precompute the demo SAEs' runs and start the app")
@@ -230,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     app_opts(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("export", help="write a run's latents for Neuronpedia's importer or, as JSONL, for any tool")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("out", help="folder to write (neuronpedia: OUT/<modelId>/<sourceId>/...), or file (jsonl; .gz compresses)")
+    p.add_argument("--format", choices=("neuronpedia", "jsonl"), default="neuronpedia")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT (swapped in whole when complete)")
+    p.add_argument("--model-id", help="neuronpedia: model id (default: the run's model name, lower-cased)")
+    p.add_argument("--source-set", help="neuronpedia: source set name (default: saescope-<hook kind>-<width>)")
+    p.add_argument("--layer", type=int, help="neuronpedia: layer in the source id <layer>-<source set> (default: from the hook)")
+    p.add_argument("--release", help="neuronpedia: release name (default: the source set)")
+    p.add_argument("--creator-id", default="clkht01d40000jv08hvalcvly",
+                   help="neuronpedia: the user id owning the rows (default: the user a fresh Neuronpedia instance seeds)")
+    p.add_argument("--creator-name", default="saescope")
+    p.add_argument("--visibility", default="PUBLIC", choices=("PUBLIC", "PRIVATE", "UNLISTED"))
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="measure precompute and query performance")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--model", choices=("demo", "gpt2", "tiny"), help="demo (default when on disk), gpt2 (a random "

@@ -27,14 +27,13 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ..run.index import building
+from ..run.index import building, cursor, open_read_only
 from . import storage
 
 INTERP_DB = "interp.duckdb"
 DB_VERSION = 2
 """Bumped whenever interp.duckdb's tables change; an older file is rebuilt."""
 BASELINE_PREFIX = "baseline:"
-READ_ONLY = {"enable_external_access": False, "threads": 1}
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 # --- building (a writable connection reading the Parquet files; file lists are bound parameters) ------------------
@@ -291,7 +290,7 @@ def _db_signature(path: Path) -> tuple[int, str] | None:
     if not path.is_file():
         return None
     try:
-        with duckdb.connect(str(path), read_only=True, config=READ_ONLY) as con:
+        with open_read_only(path) as con:
             row = con.execute(INFO).fetchone()
     except duckdb.Error:
         return None
@@ -393,7 +392,7 @@ class InterpStore:
                     if attempt == 2:
                         raise
                     continue
-            con = duckdb.connect(str(target), read_only=True, config=READ_ONLY)
+            con = open_read_only(target)
             row = con.execute(INFO).fetchone()
             return cls(run_dir, con, str(row[1]) if row else signature, target)
         raise AssertionError("not reached")
@@ -415,7 +414,7 @@ class InterpStore:
     def _rows(self, statement: str, params: dict[str, Any] | None = None) -> list[tuple]:
         if self._con is None:
             return []
-        return self._con.cursor().execute(statement, params or {}).fetchall()
+        return cursor(self._con).execute(statement, params or {}).fetchall()
 
     # --- per latent -------------------------------------------------------------------------------------------
     def explanations(self, feature_id: int) -> list[Explanation]:
@@ -482,7 +481,7 @@ class InterpStore:
         if self._con is None:
             return {"feature_id": np.zeros(0, np.int32), "explainer": np.zeros(0, object),
                     "prompt_version": np.zeros(0, object), "mean_score": np.zeros(0, np.float64)}
-        out = self._con.cursor().execute(EMBEDDED_BEST, {"model": str(model)}).fetchnumpy()
+        out = cursor(self._con).execute(EMBEDDED_BEST, {"model": str(model)}).fetchnumpy()
         score = out["mean_score"]
         score = score.filled(np.nan) if isinstance(score, np.ma.MaskedArray) else score
         return {"feature_id": np.asarray(out["feature_id"], np.int32), "explainer": np.asarray(out["explainer"], object),

@@ -56,16 +56,45 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     return target
 
 
-READ_ONLY = {"enable_external_access": False, "threads": 1}
+READ_THREADS = 1
 """Point lookups and pre-sorted scans gain nothing from DuckDB's worker threads, and waking them costs tail
 latency (feature page p95 14 -> 10 ms at 1M latents on 2 cores); concurrent sessions run in parallel anyway."""
+
+
+ATTACHED = "db"
+
+
+def open_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the DuckDB file at ``path`` as it is now, with file access then switched off.
+
+    Not ``duckdb.connect(path)``: DuckDB shares one database instance per path within a process, so a file rebuilt
+    and renamed into place (``building``) while an older connection to it is still open would be read through the
+    old instance, stale. A fresh in-memory instance with the file attached always reads the file there now. Take
+    cursors with ``cursor``: each must be pointed at the attached database."""
+    con = duckdb.connect(config={"threads": READ_THREADS})
+    try:
+        con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {ATTACHED} (READ_ONLY)")
+        con.execute(f"USE {ATTACHED}")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A cursor of an ``open_read_only`` connection (one per call: cursors make a connection thread-safe)."""
+    cur = con.cursor()
+    cur.execute(f"USE {ATTACHED}")
+    return cur
 
 
 def index_current(index: Path) -> bool:
     if not index.is_file():
         return False
     try:
-        with duckdb.connect(str(index), read_only=True, config=READ_ONLY) as con:
+        with open_read_only(index) as con:
             row = con.execute(sql.INDEX_VERSION_READ).fetchone()
             assert row is not None  # an aggregate query returns one row
             return row[0] == sql.INDEX_VERSION

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import schema, sql
-from .index import READ_ONLY, build_index, index_current
+from .index import build_index, cursor, index_current, open_read_only
 from .rows import (
     Context,
     ContextErrors,
@@ -85,7 +85,7 @@ class RunStore:
         self._manifest = manifest
         self._con = con
         self._dark = dark  # dark_matter.safetensors, held open (see ``_open_files``)
-        self._vocab: list[str] = [row[0] for row in con.cursor().execute(sql.VOCAB).fetchall()]
+        self._vocab: list[str] = [row[0] for row in cursor(con).execute(sql.VOCAB).fetchall()]
 
     @classmethod
     def open(cls, run_dir: str | Path, attempts: int = 5) -> RunStore:
@@ -126,7 +126,7 @@ class RunStore:
                 else:  # read-only run directory: keep the index next to the temp files
                     index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
                     build_index(files, index)
-            return cls(run_dir, manifest, duckdb.connect(str(index), read_only=True, config=READ_ONLY), dark)
+            return cls(run_dir, manifest, open_read_only(index), dark)
         except BaseException:
             dark.close()
             raise
@@ -142,7 +142,7 @@ class RunStore:
         self.close()
 
     def _execute(self, statement: str, params: dict | None = None) -> duckdb.DuckDBPyConnection:
-        return self._con.cursor().execute(statement, params or {})
+        return cursor(self._con).execute(statement, params or {})
 
     def _scalar(self, statement: str) -> Any:
         row = self._execute(statement).fetchone()

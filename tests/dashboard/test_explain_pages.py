@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from dashboard import render
 from dashboard.render import fmt
 from engine.interp.embed import Embedder
 from engine.interp.explain import ExplainConfig, explain_run
@@ -143,3 +144,31 @@ def test_lens_and_steering_name_latents_by_their_explanations(explained, app):
     no_crash(steer)
     links = [link.proto.label for link in steer.get("page_link")]
     assert any(label.startswith(f"#{fid} · ") and explained["best"][fid].text.split(" ")[1] in label for label in links)
+
+
+def test_explain_this_latent_now_streams_stores_and_shows_the_new_explanation(explained, app, monkeypatch, tmp_path):
+    from tests.engine.interp_util import save_chat_model
+
+    fid = 200  # not explained yet
+    at = app("views/features.py", feature=fid)
+    assert not [b for b in at.button if b.key == f"explain_now_{fid}"]  # no explainer configured: no button
+    assert "saescope serve --explainer demo" in markdown(at)
+    chat_dir = save_chat_model(tmp_path / "chat")
+    monkeypatch.setenv("SAESCOPE_EXPLAINER", str(chat_dir))
+    at = app("views/features.py", feature=fid)
+    at.button(key=f"explain_now_{fid}").click().run()
+    no_crash(at)
+    with InterpStore.open(explained["run"]) as store:
+        rows = [e for e in store.explanations(fid) if e.explainer == f"local:{chat_dir.name}"]
+    assert len(rows) == 1
+    stored = rows[0]
+    notes = [s.value for s in at.success] + [w.value for w in at.warning]
+    assert len(notes) == 1
+    if stored.status == "ok":  # the page now leads with it, its embedding score beside it
+        assert "Stored" in notes[0] and set(stored.scores) == {"embedding"}
+        assert markdown(at).count(render.md(stored.text)) >= 1
+        assert [m.label for m in at.metric if m.label in ("Detection", "Fuzzing", "Embedding")] == ["Embedding"]
+    else:  # a tiny random model may answer junk: recorded as failed, and said so
+        assert stored.status == "failed" and "not usable" in notes[0]
+    again = "Explain again now" if stored.status == "ok" else "Explain this latent now"
+    assert at.button(key=f"explain_now_{fid}").label == again

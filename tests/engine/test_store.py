@@ -9,6 +9,7 @@ import pytest
 
 from engine.precompute.pipeline import precompute
 from engine.run import schema, sql
+from engine.run.index import building, cursor, open_read_only
 from engine.run.rows import ContextErrors, DarkMatterSummary, Example, FeatureRow, FeatureSummary, RunMetrics, TokenRow
 from engine.run.store import RunStore
 
@@ -154,11 +155,29 @@ def test_run_level_data(store, run_dir):
 
 
 def test_connection_is_read_only_without_file_access(store, tmp_path):
-    con = store._con.cursor()
+    con = cursor(store._con)
     with pytest.raises(Exception, match="read-only"):
         con.execute("CREATE TABLE t (a INTEGER)")
     with pytest.raises(Exception, match="disabled"):
         con.execute("SELECT * FROM read_csv($p)", {"p": str(tmp_path / "x.csv")})
+    with pytest.raises(Exception, match="locked"):
+        con.execute("SET enable_external_access = true")
+
+
+def test_a_rebuilt_database_is_read_fresh_while_an_older_connection_is_open(tmp_path):
+    """DuckDB shares one instance per path in a process: a plain connect would read the replaced file's old
+    contents through a connection still open (the app keeps stores open while a run or its explanations change)."""
+    target = tmp_path / "x.duckdb"
+    for value in (1, 2):
+        with building(target) as con:
+            con.execute(f"CREATE TABLE t AS SELECT {value} AS v")
+        if value == 1:
+            old = open_read_only(target)
+    new = open_read_only(target)
+    assert cursor(old).execute("SELECT v FROM t").fetchall() == [(1,)]
+    assert cursor(new).execute("SELECT v FROM t").fetchall() == [(2,)]
+    old.close()
+    new.close()
 
 
 def test_sql_is_named_constants_with_bound_parameters():
