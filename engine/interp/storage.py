@@ -53,7 +53,7 @@ FILES = {EXPLANATIONS: EXPLANATIONS_SCHEMA, SCORES: SCORES_SCHEMA, EMBEDDINGS: E
 KEYS = {
     EXPLANATIONS: ("feature_id", "explainer", "prompt_version"),
     SCORES: ("feature_id", "explainer", "prompt_version", "scorer"),
-    EMBEDDINGS: ("feature_id", "explainer", "prompt_version"),
+    EMBEDDINGS: ("feature_id", "explainer", "prompt_version", "model"),  # one per embedding model
 }
 
 

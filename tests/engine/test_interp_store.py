@@ -399,6 +399,13 @@ def test_search_per_embedding_model(tmp_path):
         assert default.index.folder.exists() and by_other.index.folder.exists()  # one model's index keeps the other's
     with SemanticSearch.open(run, model="missing") as none:
         assert none.index is None and none.search(other[0]) == []
+    # the same explanations embedded by a second model are kept beside the first model's, through consolidation
+    with InterpStore.open(run) as st:
+        before = st.embedding_models()
+    storage.write_part(run, {storage.EMBEDDINGS: emb_rows([(i, "C", other[i]) for i in range(200)], model="other2")})
+    storage.consolidate(run)
+    with InterpStore.open(run) as st:
+        assert st.embedding_models() == {**before, "other2": 200} and before["other"] == 200
 
 
 def test_concurrent_writers_claim_distinct_parts_and_consolidate_spares_live_ones(tmp_path):
