@@ -203,8 +203,8 @@ class RunStore:
     # --- tokens ----------------------------------------------------------------------------------
     def decode(self, token_ids: Iterable[int]) -> list[str]:
         """Display string of each token id (``<id N>`` for ids outside the vocabulary)."""
-        vocab = self._vocab
-        return [vocab[i] if 0 <= i < len(vocab) else f"<id {i}>" for i in (int(t) for t in token_ids)]
+        vocab, n = self._vocab, len(self._vocab)
+        return [vocab[i] if 0 <= i < n else f"<id {i}>" for i in map(int, token_ids)]
 
     def context(self, context_id: int) -> Context | None:
         """One context's token ids and display strings; None for an unknown id."""
