@@ -187,7 +187,7 @@ def start_demo_runs(names: list[str] | None = None, *, tokens: int | None = None
     queued = ", ".join(d.run for d in todo if d is not lead)
     _say(f"precomputing {', '.join(d.run for d in todo)} on {budget:,} held-out tokens each, one after another, in "
          f"the background (model: {model_dir.name}); the app opens at {lead.run}'s first snapshot and refines as it goes"
-         + (f"; {queued} join the run picker as they start" if queued else ""))
+         + (f"; {queued}: each joins the run picker when its precompute starts" if queued else ""))
     child = start_precompute(cmd)
     if lead in todo and states[lead.run] == "stale":
         wait_for_snapshot(lead.run_dir, child)

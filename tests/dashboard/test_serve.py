@@ -296,18 +296,29 @@ def test_background_precompute_is_browsable_at_its_first_snapshot(tmp_path):
     assert final["snapshot"]["final"] and final["timings"]["snapshots"] >= 1
 
 
-def test_background_precompute_stops_with_the_process_that_started_it(tmp_path):
-    """The demo's precompute child ends (as on Ctrl-C: nothing half-written) when the server that started it dies."""
+@pytest.mark.parametrize("child", ["precompute", "demo"])
+def test_background_precompute_stops_with_the_process_that_started_it(tmp_path, monkeypatch, child):
+    """The demo's background child (``saescope demo --no-serve --stop-with-parent``, and a ``saescope precompute``
+    one) ends, as on Ctrl-C (nothing half-written), when the server that started it dies."""
     import subprocess
     import time
 
-    out = tmp_path / "run"
-    # 6,000 documents: ~30 s of precompute on a fast CPU, so it is mid-run when the parent dies after 3 s
-    cmd = _precompute_cmd(tmp_path, out, "--snapshot-tokens", "0", "--stop-with-parent", n_docs=6000)
+    # 6,000 documents: ~10-30 s of precompute on a fast CPU, so it is mid-run when the parent dies after 3 s
+    if child == "precompute":
+        out = tmp_path / "run"
+        cmd = _precompute_cmd(tmp_path, out, "--snapshot-tokens", "0", "--stop-with-parent", n_docs=6000)
+    else:
+        monkeypatch.setenv("SAESCOPE_DATA_DIR", str(tmp_path))
+        (tmp_path / "corpus").mkdir()
+        _tiny_demo(tmp_path, n_docs=6000)
+        out = tmp_path / "runs" / "demo"
+        cmd = [sys.executable, "-m", "engine.cli", "demo", "--no-serve", "--dtype", "float32", "--tokens", "1000000",
+               "--stop-with-parent"]
     parent = ("import os, subprocess, sys, time; p = subprocess.Popen([*sys.argv[1:], str(os.getpid())]); "
               "print(p.pid, flush=True); time.sleep(3)")
     env = {**os.environ, "PYTHONPATH": str(serve.ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", parent, *cmd], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
     child_pid = int(proc.stdout.readline())
     proc.wait(timeout=30)  # the parent exits after 3 s; the child is mid-run
     deadline = time.time() + 30
@@ -319,5 +330,6 @@ def test_background_precompute_stops_with_the_process_that_started_it(tmp_path):
         time.sleep(0.2)
     else:
         os.kill(child_pid, 9)
-        pytest.fail("the precompute child outlived its parent")
+        pytest.fail(f"the {child} child outlived its parent")
     assert not (out / ".partial").exists() and not (out / "manifest.json").exists()
+    assert not (tmp_path / "runs" / "demo-attn-l20").exists()  # the queued run was never started
