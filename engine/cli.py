@@ -144,14 +144,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .tools.serve import serve
-
-    if args.explainer:  # read by the app (dashboard/cache.py explainer_spec): the server inherits this environment
+def _app_explainer(args: argparse.Namespace) -> None:
+    """``--explainer``/``--explainer-model`` into the environment the app server inherits (dashboard/cache.py)."""
+    if args.explainer:
         os.environ["SAESCOPE_EXPLAINER"] = args.explainer
         os.environ["SAESCOPE_EXPLAINER_MODEL"] = args.explainer_model or ""
     elif args.explainer_model:
         raise ValueError("--explainer-model names the model an --explainer endpoint serves: pass --explainer too")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .tools.serve import serve
+
+    _app_explainer(args)
     return serve(args.run, host=args.host, port=args.port)
 
 
@@ -168,6 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if not port_is_free(args.host, args.port):  # before starting a background precompute
         raise ValueError(f"port {args.port} on {args.host} is already in use: pass another with --port")
+    _app_explainer(args)
     from .tools.demo import demo_saes
 
     runs = start_demo_runs(names, **opts)
@@ -232,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     def app_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=int, default=8501)
+        p.add_argument("--explainer", help="enable 'Explain this latent now' on feature pages: demo, a chat model folder "
+                       "or hub id, or an OpenAI-compatible endpoint http://host:port/v1 (key: $SAESCOPE_EXPLAINER_KEY)")
+        p.add_argument("--explainer-model", help="the served model's name, with an endpoint --explainer")
 
     p = sub.add_parser("serve", help="open precomputed runs in the browser app")
     p.add_argument("--run", required=True, help="a run directory, or a directory of runs (the app shows a picker)")
-    p.add_argument("--explainer", help="enable 'Explain this latent now' on feature pages: demo, a chat model folder or "
-                   "hub id, or an OpenAI-compatible endpoint http://host:port/v1 (key: $SAESCOPE_EXPLAINER_KEY)")
-    p.add_argument("--explainer-model", help="the served model's name, with an endpoint --explainer")
     app_opts(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="fetch the demo model, precompute the demo SAEs' runs and start the app")

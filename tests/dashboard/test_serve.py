@@ -49,6 +49,18 @@ def test_serve_refusals(tmp_path, launches, capsys):
     assert "holds no run" in err and f"port {port}" in err and "--port" in err
 
 
+def test_serve_passes_the_explainer_to_the_app(tiny_runs, launches, capsys, monkeypatch):
+    monkeypatch.delenv("SAESCOPE_EXPLAINER", raising=False)
+    monkeypatch.delenv("SAESCOPE_EXPLAINER_MODEL", raising=False)
+    port = str(_free_port())
+    assert cli.main(["serve", "--run", str(tiny_runs["topk"]), "--port", port, "--explainer-model", "m"]) == 2
+    assert "pass --explainer too" in capsys.readouterr().err and not launches
+    args = ["--explainer", "http://127.0.0.1:9/v1", "--explainer-model", "m"]
+    assert cli.main(["serve", "--run", str(tiny_runs["topk"]), "--port", port, *args]) == 0
+    ((_, _, env),) = launches
+    assert env["SAESCOPE_EXPLAINER"] == "http://127.0.0.1:9/v1" and env["SAESCOPE_EXPLAINER_MODEL"] == "m"
+
+
 def test_find_runs(tiny_runs, tmp_path):
     assert serve.find_runs(tiny_runs["topk"]) == [tiny_runs["topk"]]
     assert serve.find_runs(tiny_runs["topk"].parent) == sorted([tiny_runs["topk"], tiny_runs["mp"]])
