@@ -50,8 +50,9 @@ def test_serve_refusals(tmp_path, launches, capsys):
 
 
 def test_serve_passes_the_explainer_to_the_app(tiny_runs, launches, capsys, monkeypatch):
-    monkeypatch.delenv("SAESCOPE_EXPLAINER", raising=False)
-    monkeypatch.delenv("SAESCOPE_EXPLAINER_MODEL", raising=False)
+    # set (empty: no explainer) so that what the command writes into this process's environment is undone after
+    monkeypatch.setenv("SAESCOPE_EXPLAINER", "")
+    monkeypatch.setenv("SAESCOPE_EXPLAINER_MODEL", "")
     port = str(_free_port())
     assert cli.main(["serve", "--run", str(tiny_runs["topk"]), "--port", port, "--explainer-model", "m"]) == 2
     assert "pass --explainer too" in capsys.readouterr().err and not launches
