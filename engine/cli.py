@@ -180,6 +180,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return serve(runs, host=args.host, port=args.port, first=demo_saes(names)[0].run)
 
 
+CORPUS_HELP = ("text/jsonl file (.gz/.xz ok) or a directory of them; a Parquet/Arrow file or directory; or a Hugging Face "
+               "dataset hf:NAME[:split][:column] (pip install 'saescope[hf]'); input_ids/tokens columns are used as stored")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescope", description="Browse, measure and steer SAE features.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,14 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = sub.add_parser("info", help="describe an SAE and/or list a model's hook points")
-    p.add_argument("path", nargs="?", help="SAE directory (SAELens or sparsify)")
+    p.add_argument("path", nargs="?", help="SAE directory (SAELens or sparsify) or SAELens RELEASE/SAE_ID")
     model_opts(p, required=False)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train-sae", help="train a TopK SAE on streamed activations")
     model_opts(p)
     p.add_argument("--hook", required=True, help="e.g. blocks.15.hook_resid_post")
-    p.add_argument("--corpus", required=True, help="text/jsonl file (.gz/.xz ok) or a directory of them")
+    p.add_argument("--corpus", required=True, help=CORPUS_HELP)
     p.add_argument("--eval-corpus", help="held-out corpus for the report (default: first contexts of --corpus)")
     p.add_argument("--width", type=int, required=True, help="number of latents")
     p.add_argument("--k", type=int, required=True, help="latents kept per token")
@@ -216,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("precompute", help="precompute feature statistics into a run directory")
     model_opts(p)
-    p.add_argument("--sae", required=True, help="SAE directory (SAELens or sparsify), or 'demo'")
-    p.add_argument("--corpus", required=True, help="text/jsonl file (.gz/.xz ok) or a directory of them")
+    p.add_argument("--sae", required=True,
+                   help="SAE directory (SAELens or sparsify), SAELens RELEASE/SAE_ID (e.g. gpt2-small-res-jb/"
+                        "blocks.8.hook_resid_pre; cached by huggingface_hub), or 'demo'")
+    p.add_argument("--corpus", required=True, help=CORPUS_HELP)
     p.add_argument("--out", required=True, help="run directory to write (manifest.json is written last)")
     p.add_argument("--tokens", type=int, help="corpus tokens to process (default: the whole corpus)")
     p.add_argument("--context-len", type=int, default=128)

@@ -168,8 +168,11 @@ def build_sae(
     return sae
 
 
-def load_sae(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> SAE:
-    """Load an SAE from an SAELens (v6 or pre-6) or sparsify directory; safetensors only.
+def load_sae(
+    path: str | Path, *, sae_id: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> SAE:
+    """Load an SAE from an SAELens (v6 or pre-6) or sparsify directory; safetensors only. A path that does not
+    exist may be ``RELEASE/SAE_ID`` of a SAELens release, or pass the release as ``path`` with ``sae_id`` (``releases``).
 
     ``dtype=None`` keeps the stored dtype, except that fp16 weights are computed in fp32 on the CPU.
     """
@@ -177,6 +180,13 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if sae_id is not None or (not Path(path).exists() and Path(path).suffix not in _PICKLE_SUFFIXES):
+        from . import releases
+
+        found = (str(path), sae_id) if sae_id is not None else releases.parse_release(str(path))
+        if found is None:
+            raise FileNotFoundError(releases.unknown_path_message(str(path)))
+        return releases.load_release_sae(*found, device=device, dtype=dtype)
     folder = _resolve_dir(Path(path))
     cfg_path = folder / CFG_FILE
     if (folder / SPARSIFY_WEIGHTS).is_file():

@@ -231,6 +231,7 @@ def _write_neuronpedia(store: RunStore, best: dict, root: Path, opts: Neuronpedi
             "num_prompts": int(corpus.get("n_contexts") or 0), "num_tokens_in_prompt": int(corpus.get("context_len") or 0),
             "dataset": str(corpus.get("name") or ""), "createdAt": created,
             "notes": f"exported by saescope from a run of {corpus.get('n_tokens')} tokens (SAE {sae.get('path')})",
+            **release_fields(str(sae.get("path") or "")),
         },
     }
     for name, record in meta.items():
@@ -257,6 +258,17 @@ def _write_neuronpedia(store: RunStore, best: dict, root: Path, opts: Neuronpedi
         n, n_examples, n_explained = n + len(batch), n_examples + counts[0], n_explained + counts[1]
         _progress(n, total, progress)
     return (n, n_examples, n_explained), Path(model_id) / source_id
+
+
+def release_fields(sae_path: str) -> dict[str, str]:
+    """Source fields naming the SAELens release, SAE id, hub repository and folder of an SAE loaded by release."""
+    from ..saes import releases
+
+    found = None if Path(sae_path).exists() else releases.parse_release(sae_path)
+    if found is None:
+        return {}
+    entry = releases.registry()[found[0]]
+    return {"saelensRelease": found[0], "saelensSaeId": found[1], "hfRepoId": entry.repo_id, "hfFolderId": entry.saes[found[1]]}
 
 
 def _neuronpedia_batch(folder: Path, index: int, batch: list[FeatureRow], decode, best: dict, common: dict, set_name: str,

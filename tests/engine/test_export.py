@@ -182,6 +182,10 @@ def test_names_and_options(run_dir, tmp_path):
         NeuronpediaOptions(visibility="SECRET")
     assert np_fmt.default_names({"model": {"name": "/x/SmolLM2-135M"}, "sae": {"hook": "blocks.20.attn.hook_z", "d_sae": 4608}}) \
         == ("smollm2-135m", "saescope-att-4608", 20)
+    assert export_mod.release_fields("gemma-scope-2b-pt-res-canonical/layer_3/width_16k/canonical") == {
+        "saelensRelease": "gemma-scope-2b-pt-res-canonical", "saelensSaeId": "layer_3/width_16k/canonical",
+        "hfRepoId": "google/gemma-scope-2b-pt-res", "hfFolderId": "layer_3/width_16k/average_l0_59"}
+    assert export_mod.release_fields(str(run_dir)) == {}
     with pytest.raises(ValueError, match="unknown export format 'csv'"):
         export_run(run_dir, tmp_path / "q", "csv")
 
