@@ -9,11 +9,12 @@ Runs are read through ``RunStore.iter_features`` and explanations through ``Inte
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,8 @@ from ..run.store import RunStore
 from . import neuronpedia as np_fmt
 
 FORMATS = ("neuronpedia", "jsonl")
+READ_BATCH = 256
+"""Latents read per query: their examples are Python objects until written (~70 MB per 256 latents of 70 examples)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def _write_jsonl(store: RunStore, best: dict, path: Path, gz: bool, progress: bo
     n = n_examples = n_explained = 0
     total = store.n_features()
     with _open_text(path, gz) as f:
-        for feature in store.iter_features():
+        for feature in store.iter_features(batch_size=READ_BATCH):
             explained = _explanation_of(feature, best)
             f.write(_dumps(jsonl_record(feature, store.decode, explained)) + "\n")
             n, n_examples, n_explained = n + 1, n_examples + len(feature.examples), n_explained + bool(explained)
@@ -241,21 +244,12 @@ def _write_neuronpedia(store: RunStore, best: dict, root: Path, opts: Neuronpedi
         (folder / sub).mkdir()
     total = store.n_features()
     n = n_examples = n_explained = 0
-    batch: list[FeatureRow] = []
-    checked = False
-    for feature in store.iter_features(batch_size=batch_features):
-        batch.append(feature)
-        if len(batch) == batch_features:
-            counts = _neuronpedia_batch(folder, n // batch_features, batch, store.decode, best, common, set_name,
-                                        run_hash, str(corpus.get("name") or ""), validate=not checked)
-            checked, n = True, n + len(batch)
-            n_examples, n_explained = n_examples + counts[0], n_explained + counts[1]
-            batch = []
-            _progress(n, total, progress)
-    if batch:
+    stream = store.iter_features(batch_size=READ_BATCH)
+    while (first := next(stream, None)) is not None:  # one file batch at a time, streamed: memory stays flat
+        batch = itertools.chain([first], itertools.islice(stream, batch_features - 1))
         counts = _neuronpedia_batch(folder, n // batch_features, batch, store.decode, best, common, set_name,
-                                    run_hash, str(corpus.get("name") or ""), validate=not checked)
-        n, n_examples, n_explained = n + len(batch), n_examples + counts[0], n_explained + counts[1]
+                                    run_hash, str(corpus.get("name") or ""), validate=n == 0)
+        n, n_examples, n_explained = n + counts[0], n_examples + counts[1], n_explained + counts[2]
         _progress(n, total, progress)
     return (n, n_examples, n_explained), Path(model_id) / source_id
 
@@ -271,14 +265,16 @@ def release_fields(sae_path: str) -> dict[str, str]:
     return {"saelensRelease": found[0], "saelensSaeId": found[1], "hfRepoId": entry.repo_id, "hfFolderId": entry.saes[found[1]]}
 
 
-def _neuronpedia_batch(folder: Path, index: int, batch: list[FeatureRow], decode, best: dict, common: dict, set_name: str,
-                       run_hash: str, data_source: str, validate: bool) -> tuple[int, int]:
+def _neuronpedia_batch(folder: Path, index: int, batch: Iterable[FeatureRow], decode, best: dict, common: dict,
+                       set_name: str, run_hash: str, data_source: str, validate: bool) -> tuple[int, int, int]:
+    """Write one ``batch-N.jsonl.gz`` of each table; returns (latents, examples, explanations) written."""
     name = f"batch-{index}.jsonl.gz"
-    n_examples = n_explained = 0
+    n_features = n_examples = n_explained = 0
     with _open_text(folder / "features" / name, True) as features, \
             _open_text(folder / "activations" / name, True) as activations:
         explanations: list[str] = []
         for feature in batch:
+            n_features += 1
             record = np_fmt.neuron(feature, decode, set_name=set_name, **common)
             if validate:
                 np_fmt.validate("Neuron", record)
@@ -302,4 +298,4 @@ def _neuronpedia_batch(folder: Path, index: int, batch: list[FeatureRow], decode
     if explanations:
         with _open_text(folder / "explanations" / name, True) as f:
             f.writelines(explanations)
-    return n_examples, n_explained
+    return n_features, n_examples, n_explained
