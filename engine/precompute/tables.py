@@ -170,6 +170,7 @@ def _hub_stream(spec: TableSpec) -> tuple[Column, Iterator[pa.Array]]:
         raise ValueError(f"corpus {describe(spec)}: Hugging Face datasets need the 'datasets' package: {HF_EXTRA} "
                          "(local Parquet/Arrow files need nothing extra)") from None
     split = spec.split or "train"
+    _check_hub_reachable(spec, datasets)
     try:
         ds = datasets.load_dataset(spec.name, split=split, streaming=True)
     except Exception as err:  # datasets raises many kinds: not found, offline, bad split, no connection
@@ -193,6 +194,24 @@ def _hub_stream(spec: TableSpec) -> tuple[Column, Iterator[pa.Array]]:
             yield pa.chunked_array(table.column(column.name)).combine_chunks()
 
     return column, arrays()
+
+
+def _check_hub_reachable(spec: TableSpec, datasets) -> None:
+    """Fail at once when the hub cannot be reached (huggingface_hub would retry for ~25 s first)."""
+    import os
+
+    from huggingface_hub import constants
+
+    from ..saes.releases import unreachable
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if Path(spec.name).exists() or datasets.config.HF_HUB_OFFLINE or offline:
+        return  # a local folder, or offline: datasets answers from its cache (or says it cannot) at once
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    why = unreachable(endpoint)
+    if why is not None:
+        raise ValueError(f"cannot reach the Hugging Face hub at {endpoint} to stream dataset {spec.name!r} ({why}); "
+                         "a local Parquet/Arrow copy works offline")
 
 
 def open_stream(spec: TableSpec) -> tuple[Column, Iterator[pa.Array]]:

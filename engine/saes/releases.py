@@ -144,14 +144,14 @@ def download(repo_id: str, filename: str, *, cache_dir: str | Path | None = None
     cache = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     where = f"{filename} of {repo_id}"
-    unreachable = None if offline else _unreachable(endpoint)
+    unreachable_why = None if offline else unreachable(endpoint)
     try:
-        if unreachable is not None:  # huggingface_hub would retry for ~25 s: read the cache only, at once
+        if unreachable_why is not None:  # huggingface_hub would retry for ~25 s: read the cache only, at once
             found = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
             if isinstance(found, str):
                 return Path(found)
             raise ValueError(f"cannot reach the Hugging Face hub at {endpoint} to download {where}, and it is not "
-                             f"cached ({unreachable}); HF_HUB_CACHE names the cache, HF_ENDPOINT the hub")
+                             f"cached ({unreachable_why}); HF_HUB_CACHE names the cache, HF_ENDPOINT the hub")
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=offline, endpoint=endpoint,
                                     etag_timeout=10))
     except GatedRepoError as err:
@@ -171,7 +171,7 @@ def download(repo_id: str, filename: str, *, cache_dir: str | Path | None = None
         raise ValueError(f"cannot download {where} from the Hugging Face hub: {cause(err)}") from err
 
 
-def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+def unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
     """Why a TCP connection to the hub cannot be opened (None: it can, or a proxy is in the way and decides)."""
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
         return None

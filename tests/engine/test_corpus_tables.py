@@ -156,6 +156,25 @@ def test_unreachable_or_unknown_hub_dataset_fails_fast(monkeypatch, tmp_path):
     assert time.perf_counter() - started < 10
 
 
+def test_unreachable_hub_fails_in_seconds(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    datasets = pytest.importorskip("datasets")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"cannot reach the Hugging Face hub at http://127.0.0.1:{port} to stream dataset"):
+        list(iter_contexts(tiny_tokenizer(), "hf:o/d", 8))
+    assert time.perf_counter() - started < 10
+
+
 def test_mixed_directory_and_hashes(tmp_path):
     (tmp_path / "m").mkdir()
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "m" / "a.parquet")
