@@ -21,6 +21,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .absorption import AbsorptionConfig
+    from .evaluate import EvaluateConfig, evaluate_run
+    from .sparse_probing import ProbingConfig
+    from .storage import read_evaluation
+
+    cfg = EvaluateConfig(
+        parts=tuple(p for p in args.parts.split(",") if p), tokens=args.tokens, batch_size=args.batch_size,
+        probe_corpus=args.probe_corpus,
+        probing=ProbingConfig(train_per_class=args.train_per_class, test_per_class=args.test_per_class),
+        absorption=AbsorptionConfig(words=args.absorption_words),
+    )
+    path = evaluate_run(args.run, cfg, device=args.device, dtype=args.dtype)
+    found = read_evaluation(args.run)
+    assert found is not None
+    table, meta = found
+    summary = {
+        f"{r['group']}/{r['metric']}" + (f"@{r['k']}" if r["k"] is not None else ""): round(r["value"], 4)
+        for r in table.to_pylist() if r["task"] is None
+    }
+    print(json.dumps({"out": str(path), **summary, "timings": meta.get("timings")}, indent=2))
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("compare", help="compare runs of SAEs on the same model and hook: matched latents, splitting")
     p.add_argument("runs", nargs="+", metavar="RUN", help="two runs or more (sorted by width; each compared with the next)")
@@ -37,3 +61,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("evaluate", help="SAEBench-style metrics of a run's SAE (offline) into <RUN>/evaluation.parquet")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--parts", default="core,sparse_probing,absorption", help="comma-separated parts to compute")
+    p.add_argument("--tokens", type=int, default=16384, help="sample tokens of the run for the core metrics")
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per model forward")
+    p.add_argument("--probe-corpus", help="corpus of the sparse-probing texts (default: the run's corpus)")
+    p.add_argument("--train-per-class", type=int, default=400, help="probing texts per class, train side")
+    p.add_argument("--test-per-class", type=int, default=100, help="probing texts per class, test side")
+    p.add_argument("--absorption-words", type=int, default=4000,
+                   help="vocabulary words of the first-letter task (0: every letter-only token, as SAEBench)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_evaluate)

@@ -82,6 +82,7 @@ EVALUATION_SCHEMA = pa.schema([
     ("k", pa.int32()),  # latents the metric uses (k-sparse probes); null otherwise
     ("value", pa.float64()),
     ("n", pa.int64()),  # samples behind the value (tokens, test texts, words); null if not one count
+    ("latents", pa.list_(pa.int32())),  # the latents a k-sparse probe used (or a letter's main latents)
 ])
 
 

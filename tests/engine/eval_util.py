@@ -46,3 +46,32 @@ def build_width_runs(root: Path, corpus: Path | None = None) -> dict[str, Path]:
         out[name] = root / "runs" / name
         precompute(lm, load_sae(path), corpus, out[name], context_len=32, sae_path=path, progress=False)
     return out
+
+
+PROSE = [
+    "The function returns a new list\nwith the items in sorted order.",
+    "A module is a file containing definitions\nand statements that other code can import.",
+    "When the loop ends the value is printed\nand the program exits cleanly.",
+]
+CODE = [
+    "     >>> x = sorted([3, 1, 2])\n     >>> x\n     [1, 2, 3]",
+    "     def add(a, b):\n         return a + b",
+    "     import numpy as np; x = np.zeros(3)",
+]
+
+
+def write_probe_corpus(path: Path, n_docs: int = 60) -> Path:
+    """Info-like documents of three manual chapters (1, 5, 7), each alternating prose paragraphs and indented
+    code examples: labels for both probing datasets (``engine.eval.probing_data``)."""
+    import json
+
+    gen = torch.Generator().manual_seed(0)
+    with path.open("w") as f:
+        for d in range(n_docs):
+            chapter = ("1", "5", "7")[d % 3]
+            parts = [f"{chapter}.{d}.1 Section {d}\n" + "." * 12]
+            for _ in range(6):
+                parts.append(PROSE[int(torch.randint(3, (1,), generator=gen))])
+                parts.append(CODE[int(torch.randint(3, (1,), generator=gen))])
+            f.write(json.dumps({"source": "python-docs", "title": f"s{d}", "text": "\n\n".join(parts)}) + "\n")
+    return path
