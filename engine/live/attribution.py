@@ -272,3 +272,104 @@ def dfa_from_capture(sae: SAE, capture: AttentionCapture, latent: int, position:
     activation = float(sae.encode(x)[latent])
     return DFA(latent, position, out.contributions[0, :, : position + 1].cpu(), float(out.pre[0]), float(out.bias[0]),
                activation)
+
+
+class LatentReadout(NamedTuple):
+    """Every latent's encoder row and constant, float32, prepared once for many ``dfa_compact`` calls."""
+
+    rows: torch.Tensor
+    """``[d_sae, d_in]``: ``W[:, i]`` as rows."""
+    bias: torch.Tensor
+    """``[d_sae]``: ``b[i] - a * b_dec . W[:, i]``, the part of ``pre`` no source contributes."""
+
+
+def latent_readout(sae: SAE, device: torch.device | str | None = None) -> LatentReadout:
+    """``LatentReadout`` of a linear-encoder SAE (a ValueError otherwise), on ``device`` (default the SAE's)."""
+    W, b = linear_encoder(sae)
+    rows = W.T.contiguous()
+    bias = b - rows @ _b_dec(sae)
+    return LatentReadout(rows.to(device or W.device), bias.to(device or W.device))
+
+
+class CompactDFA(NamedTuple):
+    """DFA of P (context, latent, destination) pairs kept as each pair's ``n`` largest (head, source) contributions
+    by magnitude, the sum of the others, and the per-head totals: ``value.sum(1) + rest + bias == pre``."""
+
+    head: torch.Tensor
+    """``[P, n]`` int64, -1 where fewer than ``n`` (head, source) pairs contribute (sources after the destination, and
+    heads a one-head SAE does not read, contribute exactly 0 and are left out)."""
+    source: torch.Tensor
+    """``[P, n]`` int64 source positions (-1 likewise)."""
+    value: torch.Tensor
+    """``[P, n]`` float32 contributions, largest magnitude first (0 where padded)."""
+    rest: torch.Tensor
+    """``[P]``: the sum of every other (head, source) contribution."""
+    by_head: torch.Tensor
+    """``[P, n_heads]``: contributions summed over all sources (sums to ``pre - bias``)."""
+    pre: torch.Tensor
+    """``[P]``: the pre-activation, computed from ``z`` directly."""
+    bias: torch.Tensor
+    """``[P]``: ``b[i] - a * b_dec . W[:, i]``."""
+
+
+def dfa_compact(
+    sae: SAE,
+    capture: AttentionCapture,
+    latents: torch.Tensor | list[int],
+    positions: torch.Tensor | list[int],
+    rows: torch.Tensor | list[int],
+    n_top: int,
+    readout: LatentReadout | None = None,
+) -> CompactDFA:
+    """``dfa_pairs`` reduced on the fly to ``CompactDFA`` (no ``[P, n_heads, pos]`` output): the streaming form for
+    precompute's top examples. ``readout`` (``latent_readout``) saves re-deriving the encoder on every call."""
+    readout = readout if readout is not None else latent_readout(sae)
+    dev = readout.rows.device
+    latents, positions, rows = (torch.as_tensor(t, dtype=torch.long, device=dev) for t in (latents, positions, rows))
+    if not latents.shape == positions.shape == rows.shape or latents.ndim != 1:
+        raise ValueError(
+            f"latents, positions and rows must be 1-D of one length, got {tuple(latents.shape)}, "
+            f"{tuple(positions.shape)}, {tuple(rows.shape)}"
+        )
+    z, pattern, values = (t.to(dev, torch.float32) for t in (capture.z, capture.pattern, capture.values))
+    n_batch, n_pos, n_heads, _ = z.shape
+    if len(latents) and (latents.min() < 0 or latents.max() >= sae.cfg.d_sae):
+        raise ValueError(f"latent ids out of range for d_sae={sae.cfg.d_sae}")
+    if len(positions) and (positions.min() < 0 or positions.max() >= n_pos or rows.min() < 0 or rows.max() >= n_batch):
+        raise ValueError(f"positions must lie in [0, {n_pos}) and rows in [0, {n_batch})")
+    if n_top < 1:
+        raise ValueError(f"n_top must be >= 1, got {n_top}")
+    n = min(n_top, n_heads * n_pos)
+    x = sae.select_input(z[rows, positions])
+    x = x if sae.cfg.hook_head_index is not None else x.flatten(-2)
+    scale = _scale(sae, x)
+    rows_enc, bias = readout.rows[latents], readout.bias[latents]
+    pre = scale * (x * rows_enc).sum(-1) + bias
+
+    P = len(latents)
+    head = torch.full((P, n), -1, dtype=torch.long, device=dev)
+    source = torch.full((P, n), -1, dtype=torch.long, device=dev)
+    value = torch.zeros(P, n, device=dev)
+    rest = torch.zeros(P, device=dev)
+    by_head = torch.zeros(P, n_heads, device=dev)
+    src = torch.arange(n_pos, device=dev)
+    for row in rows.unique().tolist():
+        by_src = values[row].permute(1, 2, 0)  # [n_heads, d_head, src]
+        for pick in (rows == row).nonzero().squeeze(1).split(_PAIR_CHUNK):
+            blocks = _per_head(sae, rows_enc[pick], n_heads).transpose(0, 1)  # [n_heads, p, d_head]
+            projected = torch.bmm(blocks, by_src)  # [n_heads, p, src]
+            projected *= pattern[row].index_select(1, positions[pick])
+            terms = projected.transpose(0, 1) * scale[pick, None, None]  # [p, n_heads, src]
+            by_head[pick] = terms.sum(-1)
+            flat = terms.flatten(1)
+            # exact zeros (sources after the destination, heads a one-head SAE does not read) are never kept
+            after = (src[None, :] > positions[pick, None])[:, None, :].expand_as(terms).flatten(1)
+            empty = after | (flat == 0)
+            top = flat.abs().masked_fill(empty, -1.0).topk(n, dim=1).indices
+            kept = flat.gather(1, top)
+            real = ~empty.gather(1, top)
+            value[pick] = kept * real
+            head[pick] = torch.where(real, top // n_pos, -1)
+            source[pick] = torch.where(real, top % n_pos, -1)
+            rest[pick] = flat.sum(1) - value[pick].sum(1)
+    return CompactDFA(head, source, value, rest, by_head, pre, bias)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.attention import AttentionCapture, capture_attention
+from ..model.families import parse_hook_name
 from ..model.loading import LoadedModel
 
 MASSIVE_FACTOR = 10.0
@@ -24,6 +26,8 @@ class ActivationBatch:
     """``[batch, pos, width]`` in the model's dtype, on the model's device (hook_z heads flattened, or one head)."""
     mask: torch.Tensor
     """``[batch, pos]`` bool on the model's device: tokens that count for statistics and training."""
+    attention: AttentionCapture | None = None
+    """The hook's layer's attention pattern and values (``attention=True`` on an ``attn.hook_z`` hook), else None."""
 
 
 def stats_mask(
@@ -61,19 +65,30 @@ def iter_activations(
     include_first: bool = False,
     include_massive: bool = False,
     head_index: int | None = None,
+    attention: bool = False,
 ) -> Iterator[ActivationBatch]:
     """Run the model up to ``hook_name`` (stopping there) on batches of contexts.
 
     The mask drops position 0, special tokens and massive-activation tokens unless told to keep them.
     ``head_index`` keeps one head of a per-head hook (an SAE's ``hook_head_index``) instead of all heads flattened.
+    ``attention`` (an ``attn.hook_z`` hook only) also captures the layer's attention pattern and values
+    (``capture_attention``: the same forward plus two re-runs of the attention module), for head attribution.
     """
     point = lm.hooks.check(hook_name)
     if head_index is not None and not 0 <= head_index < point.n_heads:
         raise ValueError(
             f"head_index={head_index} needs a per-head hook point with more heads; {hook_name} has {point.n_heads or 'no'} heads"
         )
+    layer, kind = parse_hook_name(hook_name) if attention else (0, "")
+    if attention and kind != "attn.hook_z":
+        raise ValueError(f"attention patterns come with attn.hook_z hooks only, not {hook_name}")
     for token_ids in batched(contexts, batch_size):
-        acts = lm.capture(token_ids, hook_name)[hook_name]
+        capture = None
+        if attention:
+            capture = capture_attention(lm, layer, token_ids)
+            acts = capture.z.to(lm.dtype)  # the hook's own values (captured exactly, as float32)
+        else:
+            acts = lm.capture(token_ids, hook_name)[hook_name]
         if head_index is not None:
             acts = acts[..., head_index, :]
         elif acts.ndim == 4:
@@ -83,4 +98,4 @@ def iter_activations(
         if not include_massive and mask.any():
             norms = acts.float().norm(dim=-1)
             mask &= norms < MASSIVE_FACTOR * norms[mask].median()
-        yield ActivationBatch(token_ids, acts, mask)
+        yield ActivationBatch(token_ids, acts, mask, capture)

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..model.attention import attention_module
+from ..model.families import parse_hook_name
 from ..model.loading import LoadedModel
 from ..model.tokens import short_token
 from ..saes import SAE
@@ -22,15 +24,39 @@ class TopBottom(NamedTuple):
 
 
 @torch.inference_mode()
+def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024) -> torch.Tensor:
+    """``[d_sae, d_model]``: each latent's decoder row as the residual-stream direction it writes. An
+    ``attn.hook_z`` SAE writes per-head outputs before the attention's output projection, so its rows go through
+    that projection (bias left out; a one-head SAE's rows fill its head's block); other SAEs' rows already are."""
+    dirs = sae.decoder_directions().detach()
+    layer, kind = parse_hook_name(sae.cfg.hook_name)
+    if kind != "attn.hook_z":
+        return dirs
+    out_proj = getattr(attention_module(lm, layer), lm.family.out_proj)
+    weight = next(out_proj.parameters())
+    zero = out_proj(torch.zeros(1, lm.n_heads * lm.d_head, device=weight.device, dtype=weight.dtype))
+    head = sae.cfg.hook_head_index
+    out = []
+    for rows in dirs.split(chunk):
+        if head is not None:
+            full = rows.new_zeros(len(rows), lm.n_heads, lm.d_head)
+            full[:, head] = rows
+            rows = full.flatten(1)
+        out.append((out_proj(rows.to(weight.device, weight.dtype)) - zero).float())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
 def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> TopBottom:
-    """Each latent's decoder row, scaled by the final norm's weight, through the unembedding: top/bottom ``n`` tokens."""
+    """Each latent's residual direction (``residual_directions``), scaled by the final norm's weight, through the
+    unembedding: top/bottom ``n`` tokens."""
     W_U = lm.unembed_matrix().detach()
-    if W_U.shape[1] != sae.cfg.d_in:
+    dirs = residual_directions(lm, sae)
+    if W_U.shape[1] != dirs.shape[1]:
         raise ValueError(f"logit effects need d_in == d_model ({lm.d_model}); this SAE has d_in={sae.cfg.d_in}")
     scale = lm.final_norm_scale().to(W_U.device)
     W_U = W_U.to(torch.float32 if W_U.device.type == "cpu" and W_U.dtype == torch.float16 else W_U.dtype)
     parts: list[list[torch.Tensor]] = [[], [], [], []]
-    dirs = sae.decoder_directions().detach()
     n = min(n, W_U.shape[0])
     for start in range(0, dirs.shape[0], chunk):
         rows = (dirs[start : start + chunk].to(W_U.device).float() * scale).to(W_U.dtype)

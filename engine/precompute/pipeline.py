@@ -30,6 +30,7 @@ from .accumulators import FeatureStats, sparse_codes
 from .activations import iter_activations
 from .corpus import corpus_files, iter_contexts
 from .darkmatter import LinearErrorStats
+from .heads import HeadAttribution, attention_hook
 from .metrics import ReconStats
 from .reservoirs import ExampleReservoirs
 from .runwriter import RunWriter
@@ -75,6 +76,8 @@ class PrecomputeConfig:
     """Nearest latents by decoder cosine."""
     ridge: float = 1e-6
     """Ridge of the linear error map, relative to the mean activation variance."""
+    dfa_sources: int = 16
+    """``attn.hook_z`` SAEs: (head, source token) contributions kept per top example (0: no head attribution)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class PrecomputeConfig:
             raise ValueError(f"context length must be at least 2, got {self.context_len}")
         if self.tokens is not None and self.tokens < self.context_len:
             raise ValueError(f"--tokens ({self.tokens}) must be at least one context ({self.context_len} tokens)")
+        if self.dfa_sources < 0:
+            raise ValueError(f"dfa_sources must be >= 0 (0: no head attribution), got {self.dfa_sources}")
         for name in ("batch_size", "top_k", "quantile_bins", "per_bin", "ce_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -102,6 +107,10 @@ class _Pass:
     recon: ReconStats
     dark: LinearErrorStats
     sample: ContextSample
+    heads: HeadAttribution | None = None
+    """Head attribution of an ``attn.hook_z`` SAE (None for other hooks, or when it does not apply)."""
+    heads_note: dict | None = None
+    """For an ``attn.hook_z`` SAE without head attribution: why (the manifest's ``head_attribution``)."""
     n_contexts: int = 0
     n_tokens: int = 0
 
@@ -175,30 +184,42 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     target = n_contexts * cfg.context_len if n_contexts else None
     writer = RunWriter(lm, sae, run_sae, hook, corpus, cfg, staging, out_dir, identity, sae_path, target, started)
 
+    heads, why_not = HeadAttribution.setup(lm, sae, cfg.dfa_sources)
+    note = None
+    if heads is None and attention_hook(hook) is not None:
+        note = {"layer": attention_hook(hook), "n_heads": lm.n_heads, "dfa": False, "reason": why_not}
     tick = time.perf_counter()
-    state, context_file = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress, writer, timings)
+    state, context_file = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress, writer, timings,
+                                     heads, note)
     timings["main_pass_seconds"] = time.perf_counter() - tick - writer.timings["snapshot_seconds"]
+    if heads is not None:
+        timings["head_attribution_seconds"] = heads.seconds
     timings["tokens_per_second"] = state.n_tokens / max(timings["main_pass_seconds"], 1e-9)
     timings["snapshots"] = writer.snapshots
     return writer.final(state, context_file, timings)
 
 
 @torch.inference_mode()
-def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_contexts, progress, writer: RunWriter, timings):
+def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_contexts, progress, writer: RunWriter, timings,
+               heads: HeadAttribution | None, heads_note: dict | None):
     dev, d_in, d_sae = sae.device, sae.cfg.d_in, sae.cfg.d_sae
     state = _Pass(
         stats=FeatureStats(d_sae, dev, n_bins=cfg.hist_bins),
         examples=ExampleReservoirs(d_sae, cfg.context_len, dev, top_k=cfg.top_k, n_bins=cfg.quantile_bins,
-                                   per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=cfg.seed),
+                                   per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=cfg.seed,
+                                   payload=heads.payload_spec() if heads is not None else None),
         recon=ReconStats(d_in, dev),
         dark=LinearErrorStats(d_in, dev),
         sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=cfg.seed),
+        heads=heads,
+        heads_note=heads_note,
     )
     context_file = parquet.ContextWriter(staging / schema.CONTEXTS)
     total = n_contexts * cfg.context_len if n_contexts else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="precompute")
     batches = iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
-                               include_first=cfg.include_first, include_massive=cfg.include_massive)
+                               include_first=cfg.include_first, include_massive=cfg.include_massive,
+                               head_index=sae.cfg.hook_head_index, attention=heads is not None)
     for batch in batches:
         n_batch, n_pos = batch.token_ids.shape
         context_ids = torch.arange(state.n_contexts, state.n_contexts + n_batch)
@@ -209,7 +230,12 @@ def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_
         codes = sparse_codes(out.codes, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
         n_included = int(flat_mask.sum())
         l0 = state.stats.update(codes, n_batch * n_pos, n_included)
-        state.examples.update(codes, context_ids)
+        if heads is not None and batch.attention is not None:
+            # the top examples' attribution, while this batch's attention is in memory (no second pass)
+            found = state.examples.top_candidates(codes, n_batch)
+            state.examples.update(codes, context_ids, heads.payload(batch.attention, found))
+        else:
+            state.examples.update(codes, context_ids)
         x_in = x[flat_mask].float()
         state.recon.update(x_in, out.x_hat[flat_mask], n_active=len(codes.value))
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]

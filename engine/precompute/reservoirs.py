@@ -19,6 +19,12 @@ are written (no shifting of the ``[d_sae, slots, pos]`` activation buffer).
 
 Activations are stored as float16 ratios to the item's maximum (exact shape, ~3 significant digits,
 no overflow), and returned as float32 activations.
+
+Top slots can carry a *payload* per item (e.g. the head attribution at the item's maximum), computed while its
+batch is still in memory: ``top_candidates`` names the batch's (latent, context) pairs that can still enter the
+top k, those whose maximum reaches the k-th largest maximum seen so far, buffered batches included (that value
+only grows, and an item that enters at a merge is at least the k-th largest of everything merged, so every
+entrant is among them); ``update`` takes their payload, and a merge copies the entrants' rows into their slots.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class ExampleRows:
     max_act: np.ndarray
     acts: np.ndarray
     """``[rows, pos]`` float32."""
+    payload: dict[str, np.ndarray] | None = None
+    """Each row's payload by name (``[rows, *shape]``): meaningful for top rows (``kind`` 0) only."""
 
 
 class _Batch(NamedTuple):
@@ -60,6 +68,19 @@ class _Batch(NamedTuple):
     """``[d_sae, batch]`` each context's maximum activation of each latent (0 = does not fire)."""
     ctx: torch.Tensor
     """``[batch]`` context ids."""
+    payload: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+    """Sorted keys ``context_id * d_sae + latent`` of the candidates' payload rows, and those rows by name."""
+
+
+class TopCandidates(NamedTuple):
+    """A batch's (latent, context) pairs that may enter the top k: what a payload must be computed for."""
+
+    latent: torch.Tensor
+    """``[P]`` latent ids."""
+    row: torch.Tensor
+    """``[P]`` context index within the batch."""
+    pos: torch.Tensor
+    """``[P]`` the earliest position of the context holding the latent's maximum (the item's ``max_pos``)."""
 
 
 def _rank_in_group(group: torch.Tensor) -> torch.Tensor:
@@ -101,6 +122,7 @@ class ExampleReservoirs:
         internal_bins: int = 20,
         merge_contexts: int = 64,
         seed: int = 0,
+        payload: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
     ):
         if internal_bins < n_bins:
             raise ValueError(f"internal_bins ({internal_bins}) must be at least n_bins ({n_bins})")
@@ -117,15 +139,50 @@ class ExampleReservoirs:
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.merge_contexts = merge_contexts
         self._pending: list[tuple[SparseCodes, torch.Tensor]] = []
+        # payload of the top slots (``payload`` names each item's shape and dtype), and of buffered candidates
+        self.payload = {
+            name: torch.zeros(d_sae, top_k, *shape, dtype=dtype, device=device)
+            for name, (shape, dtype) in (payload or {}).items()
+        }
+        self._pending_payload: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._seen_top = torch.zeros(d_sae, top_k, device=device) if payload else None
+        self._candidates: TopCandidates | None = None
 
-    def update(self, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
+    def top_candidates(self, sparse: SparseCodes, n_contexts: int) -> TopCandidates:
+        """The pairs of the next batch (``sparse`` as ``update`` takes it, ``n_contexts`` contexts) that may enter
+        the top k; call it once per batch before ``update``, which then takes their payload, row for row."""
+        if self._seen_top is None:
+            raise ValueError("top_candidates needs reservoirs built with a payload")
+        d_sae, n_pos = self.val.shape[0], self.acts.shape[2]
+        pair = (sparse.token // n_pos) * d_sae + sparse.latent
+        cmax = torch.zeros(n_contexts * d_sae, device=self.device).scatter_reduce_(0, pair, sparse.value, "amax")
+        cand = cmax.view(n_contexts, d_sae).T
+        self._seen_top = torch.cat([self._seen_top, cand], 1).topk(self.k, dim=1).values
+        latent, row = ((cand >= self._seen_top[:, -1:]) & (cand > 0)).nonzero(as_tuple=True)
+        at_max = sparse.value == cmax[pair]
+        first = torch.full((n_contexts * d_sae,), n_pos, dtype=torch.long, device=self.device)
+        first.scatter_reduce_(0, pair[at_max], sparse.token[at_max] % n_pos, "amin")
+        found = TopCandidates(latent, row, first[row * d_sae + latent])
+        self._candidates = found
+        return found
+
+    def update(self, sparse: SparseCodes, context_ids: torch.Tensor, payload: dict[str, torch.Tensor] | None = None) -> None:
         """Offer a batch of contexts: the positive codes at their statistic tokens (token index ``context * pos +
-        position``, flattened over the batch) and the contexts' ids ``[batch]``, in increasing id order.
+        position``, flattened over the batch) and the contexts' ids ``[batch]``, in increasing id order; with a
+        payload, each of the batch's ``top_candidates`` pairs' rows (``[P, *shape]`` per name).
 
         Batches are buffered and merged ``merge_contexts`` contexts at a time: a merge's cost is mostly per
         latent, not per candidate, so fewer, wider merges are cheaper (the result is the same).
         """
-        self._pending.append((sparse, context_ids.to(self.device, torch.int64)))
+        context_ids = context_ids.to(self.device, torch.int64)
+        if self.payload:
+            if self._candidates is None or payload is None or set(payload) != set(self.payload):
+                raise ValueError(f"these reservoirs carry a payload ({', '.join(self.payload)}): call top_candidates "
+                                 "for each batch, then update with the candidates' payload")
+            found, self._candidates = self._candidates, None
+            keys = context_ids[found.row] * self.val.shape[0] + found.latent
+            self._pending_payload.append((keys, {name: payload[name].to(self.device) for name in self.payload}))
+        self._pending.append((sparse, context_ids))
         if sum(len(ids) for _, ids in self._pending) >= self.merge_contexts:
             self.flush()
 
@@ -148,16 +205,21 @@ class ExampleReservoirs:
             torch.cat([sp.value for sp, _ in self._pending]),
         )
         context_ids = torch.cat([ids for _, ids in self._pending])
-        self._pending = []
-        self._merge(sparse, context_ids)
+        payload = None
+        if self.payload:
+            keys = torch.cat([k for k, _ in self._pending_payload])
+            keys, order = keys.sort()
+            payload = (keys, {name: torch.cat([p[name] for _, p in self._pending_payload])[order] for name in self.payload})
+        self._pending, self._pending_payload = [], []
+        self._merge(sparse, context_ids, payload)
 
     @torch.inference_mode()
-    def _merge(self, sparse: SparseCodes, context_ids: torch.Tensor) -> None:
+    def _merge(self, sparse: SparseCodes, context_ids: torch.Tensor, payload=None) -> None:
         n_batch, d_sae, n_pos = len(context_ids), self.val.shape[0], self.acts.shape[2]
         row, pos = sparse.token // n_pos, sparse.token % n_pos
         cmax = torch.zeros(n_batch * d_sae, device=self.device)
         cmax.scatter_reduce_(0, row * d_sae + sparse.latent, sparse.value, "amax")
-        batch = _Batch(sparse, row, pos, cmax.view(n_batch, d_sae).T.contiguous(), context_ids)
+        batch = _Batch(sparse, row, pos, cmax.view(n_batch, d_sae).T.contiguous(), context_ids, payload)
         self._merge_top(batch)
         self._merge_quantile(batch)
 
@@ -226,6 +288,8 @@ class ExampleReservoirs:
         value = batch.cand[lat, b]
         self.val[lat, phys] = value
         self.ctx[lat, phys] = batch.ctx[b]
+        if lo == 0 and batch.payload is not None:
+            self._take_payload(lat, phys, batch.ctx[b] * len(self.val) + lat, batch.payload)
         # the entrants' activation rows, from the sparse codes (O(nnz), not a strided gather of dense rows)
         n_batch, d_sae, n_pos = len(batch.ctx), self.val.shape[0], self.acts.shape[2]
         entrant = torch.full((n_batch * d_sae,), -1, dtype=torch.int64, device=self.device)
@@ -237,6 +301,15 @@ class ExampleReservoirs:
         self.acts[lat[which], phys[which], at] = (v / value[which]).to(torch.float16)
         first_max = torch.where(v == value[which], at, n_pos)  # earliest position holding the maximum
         self.pos[lat, phys] = torch.full_like(lat, n_pos).scatter_reduce_(0, which, first_max, "amin").to(torch.int16)
+
+    def _take_payload(self, lat, slot, keys, payload) -> None:
+        """Copy the payload rows of entrants (``keys``) into their top slots."""
+        sorted_keys, rows = payload
+        at = torch.searchsorted(sorted_keys, keys).clamp_(max=max(len(sorted_keys) - 1, 0))
+        if not len(sorted_keys) or not bool((sorted_keys[at] == keys).all()):
+            raise RuntimeError("a top-k entrant has no payload: top_candidates missed it")
+        for name, buffer in self.payload.items():
+            buffer[lat, slot] = rows[name][at]
 
     # --- results ---------------------------------------------------------------------------
     def max_act(self) -> torch.Tensor:
@@ -286,6 +359,8 @@ class ExampleReservoirs:
         lat, slots, kind, rank, qbins = (t[valid] for t in (lat, slots, kind, rank, qbins))
         value = self.val[lat, slots]
         acts = self.acts[lat, slots].float() * value[:, None]
+        top_slot = slots.clamp(max=k - 1)  # quantile rows read some top slot: their payload means nothing
+        payload = {name: buffer[lat, top_slot].cpu().numpy() for name, buffer in self.payload.items()} or None
         return ExampleRows(
             feature_id=lat.cpu().numpy().astype(np.int32),
             kind=kind.cpu().numpy().astype(np.int8),
@@ -295,4 +370,5 @@ class ExampleReservoirs:
             max_pos=self.pos[lat, slots].cpu().numpy().astype(np.int16),
             max_act=value.cpu().numpy().astype(np.float32),
             acts=acts.cpu().numpy(),
+            payload=payload,
         )

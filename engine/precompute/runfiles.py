@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from ..run import parquet, schema
 from .darkmatter import LinearErrorMap
 from .features import decoder_neighbors, labels_from_examples, logit_effects
+from .heads import HEAD_TERMS, data_shares, weight_shares
 from .reservoirs import ExampleReservoirs, ExampleRows
 from .sampling import ContextSample
 
@@ -53,12 +54,18 @@ def token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErro
     return cols, corr
 
 
-def write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str]) -> tuple[list[str], list[np.ndarray]]:
-    """Write examples.parquet a chunk of latents at a time; returns each latent's label and top tokens."""
+def write_examples(
+    staging: Path, reservoirs: ExampleReservoirs, vocab: list[str]
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None] | None]:
+    """Write examples.parquet and attribution.parquet (rows only when the reservoirs carry head attribution) a chunk
+    of latents at a time; returns each latent's label, top tokens and data-based head shares (None: no attribution)."""
     ctx_ids, ctx_tokens = parquet.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
     labels: list[str] = []
     tops: list[np.ndarray] = []
-    with pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer:
+    terms = reservoirs.payload.get(HEAD_TERMS)
+    head_sums = None if terms is None else np.zeros((terms.shape[0], terms.shape[2]), np.float64)
+    with (pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer,
+          pq.ParquetWriter(staging / schema.ATTRIBUTION, schema.ATTRIBUTION_SCHEMA, compression="zstd") as dfa_writer):
         for latents, rows in reservoirs.iter_rows(chunk=256):
             if len(rows.context_id):
                 tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
@@ -68,20 +75,45 @@ def write_examples(staging: Path, reservoirs: ExampleReservoirs, vocab: list[str
             labels += chunk_labels
             tops += [t[t >= 0] for t in chunk_tops]
             writer.write_table(parquet.table(example_columns(rows), schema.EXAMPLES_SCHEMA), row_group_size=8192)
-    return labels, tops
+            if rows.payload is not None and head_sums is not None:
+                top = rows.kind == 0
+                np.add.at(head_sums, rows.feature_id[top], rows.payload[HEAD_TERMS][top])
+                dfa_writer.write_table(parquet.table(attribution_columns(rows, top), schema.ATTRIBUTION_SCHEMA),
+                                       row_group_size=8192)
+    return labels, tops, None if head_sums is None else data_shares(head_sums)
+
+
+def attribution_columns(rows: ExampleRows, top: np.ndarray) -> dict:
+    """attribution.parquet columns of the top rows of ``rows`` (the kept contributions are a prefix: padding last)."""
+    payload = rows.payload or {}
+    heads, sources, values = (payload[name][top] for name in ("dfa_head", "dfa_source", "dfa_value"))
+    kept = heads >= 0
+    offsets = np.concatenate([[0], np.cumsum(kept.sum(1))])
+    return {
+        "feature_id": rows.feature_id[top],
+        "rank": rows.rank[top],
+        "context_id": rows.context_id[top],
+        "max_pos": rows.max_pos[top],
+        "dfa_heads": parquet.list_array(heads[kept], offsets, pa.int16()),
+        "dfa_sources": parquet.list_array(sources[kept], offsets, pa.int16()),
+        "dfa_values": parquet.list_array(values[kept].astype(np.float32), offsets),
+        "dfa_rest": payload["dfa_rest"][top].astype(np.float32),
+        "dfa_bias": payload["dfa_bias"][top].astype(np.float32),
+        "head_terms": parquet.list_array(payload[HEAD_TERMS][top].astype(np.float32)),
+    }
 
 
 def latent_facts(lm, sae, cfg) -> dict:
     """The feature columns that depend on the weights only (logit effects, decoder neighbours): computed once
     per run, whatever the number of snapshots."""
     d_sae = sae.cfg.d_sae
-    if sae.cfg.d_in == lm.d_model:
-        effects = logit_effects(lm, sae, cfg.n_logits)
-        logits = [effects.top_ids, effects.top_values, effects.bottom_ids, effects.bottom_values]
-    else:  # e.g. attn.hook_z: the decoder writes into head space, not the residual stream
-        logits = [np.zeros((d_sae, 0), np.int32), np.zeros((d_sae, 0), np.float32)] * 2
+    # attn.hook_z decoders write per-head outputs: logit_effects maps them through the output projection first
+    effects = logit_effects(lm, sae, cfg.n_logits)
+    logits = [effects.top_ids, effects.top_values, effects.bottom_ids, effects.bottom_values]
     neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors)
+    shares = weight_shares(lm, sae)
     return {
+        "head_weight_shares": pa.nulls(d_sae, pa.list_(pa.float32())) if shares is None else parquet.list_array(shares),
         "top_logit_ids": parquet.list_array(logits[0], pa_type=pa.int32()),
         "top_logit_values": parquet.list_array(logits[1]),
         "bottom_logit_ids": parquet.list_array(logits[2], pa_type=pa.int32()),
@@ -91,9 +123,13 @@ def latent_facts(lm, sae, cfg) -> dict:
     }
 
 
-def feature_columns(facts: dict, summary, labels: list[str], top_tokens: list[np.ndarray]) -> dict:
-    """features.parquet columns: the pass's statistics and labels next to the weight-only ``latent_facts``."""
+def feature_columns(
+    facts: dict, summary, labels: list[str], top_tokens: list[np.ndarray], head_data: list[np.ndarray | None] | None = None
+) -> dict:
+    """features.parquet columns: the pass's statistics and labels next to the weight-only ``latent_facts``, and the
+    data-based head shares (None: no head attribution in this run)."""
     d_sae = len(summary.fire_count)
+    data_type = pa.list_(pa.float32())
     return {
         "feature_id": np.arange(d_sae, dtype=np.int32),
         "fire_count": summary.fire_count,
@@ -107,6 +143,8 @@ def feature_columns(facts: dict, summary, labels: list[str], top_tokens: list[np
         "top_token_ids": parquet.ragged_list_array(top_tokens, pa.int32()),
         "label": labels,
         "explanation": [None] * d_sae,
+        "head_data_shares": pa.nulls(d_sae, data_type) if head_data is None else pa.array(
+            [None if v is None else v.tolist() for v in head_data], type=data_type),
     }
 
 
@@ -125,7 +163,7 @@ def write_files(staging: Path, features: dict, vocab: list[str], token_rows: dic
         },
         str(staging / schema.DARK_MATTER),
     )
-    names = (schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS)
+    names = (schema.FEATURES, schema.EXAMPLES, schema.ATTRIBUTION, schema.CONTEXTS, schema.VOCAB, schema.TOKENS)
     return {
         name: {"rows": pq.ParquetFile(staging / name).metadata.num_rows, "bytes": (staging / name).stat().st_size}
         for name in names

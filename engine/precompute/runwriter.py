@@ -116,8 +116,8 @@ class RunWriter:
             self._vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
         if self._facts is None:
             self._facts = runfiles.latent_facts(lm, sae, cfg)
-        labels, top_tokens = runfiles.write_examples(folder, state.examples, self._vocab)
-        features = runfiles.feature_columns(self._facts, summary, labels, top_tokens)
+        labels, top_tokens, head_data = runfiles.write_examples(folder, state.examples, self._vocab)
+        features = runfiles.feature_columns(self._facts, summary, labels, top_tokens, head_data)
         features_seconds = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -150,7 +150,9 @@ class RunWriter:
                 "path": str(self.sae_path) if self.sae_path else None, "hash": self.identity["sae_hash"],
                 "architecture": sae.cfg.architecture, "hook": self.hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                 "k": sae.cfg.k, "compute_dtype": str(self.run_sae.dtype).removeprefix("torch."),
+                "hook_head_index": sae.cfg.hook_head_index,
             },
+            "head_attribution": state.heads.manifest() if state.heads is not None else state.heads_note,
             "corpus": {
                 "path": str(self.corpus), "name": Path(self.corpus).name, "hash": corpus_hash(self.corpus),
                 "n_contexts": state.n_contexts, "context_len": cfg.context_len, "n_tokens": state.n_tokens,

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
 from . import schema, sql
 
@@ -37,19 +38,26 @@ def build_index(run_dir: str | Path, target: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     target = Path(target) if target else run_dir / schema.INDEX
     with building(target) as con:
-        for table, (name, _) in sql.TABLES.items():
+        for table, (name, table_schema) in sql.TABLES.items():
             source = {"path": str(run_dir / name)}
             if not (run_dir / name).is_file():
+                if name in schema.OPTIONAL_FILES:  # a run written before the file existed
+                    con.execute(sql.create_empty_statement(table))
+                    continue
                 raise FileNotFoundError(f"run directory {run_dir} lacks {name}")
+            present = tuple(pq.read_schema(run_dir / name).names)
+            missing = tuple(c for c in table_schema.names if c not in present)
+            if any(c not in schema.OPTIONAL_COLUMNS.get(name, ()) for c in missing):
+                raise ValueError(f"{run_dir / name} lacks columns {', '.join(missing)}: not a saescope run file")
             fixed = {}
-            if sql.list_columns(table):
-                widths = con.execute(sql.list_widths_statement(table), source).fetchone()
+            if sql.list_columns(table, present):
+                widths = con.execute(sql.list_widths_statement(table, present), source).fetchone()
                 assert widths is not None  # an aggregate query returns one row
-                for i, (column, _) in enumerate(sql.list_columns(table)):
+                for i, (column, _) in enumerate(sql.list_columns(table, present)):
                     lo, hi = widths[2 * i], widths[2 * i + 1]
                     if lo is not None and lo == hi and lo > 0:
                         fixed[column] = lo
-            con.execute(sql.build_statement(table, fixed), source)
+            con.execute(sql.build_statement(table, fixed, missing), source)
         for statement in dict.fromkeys(sql.BUILD_ORDERED.values()):
             con.execute(statement)
         con.execute(sql.INDEX_VERSION_WRITE, {"version": sql.INDEX_VERSION})

@@ -35,9 +35,15 @@ def ragged_list_array(rows: list[np.ndarray], pa_type) -> pa.Array:
 
 
 def table(columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema) -> pa.Table:
-    """An Arrow table whose columns follow ``table_schema`` exactly (values cast to the schema's types)."""
+    """An Arrow table whose columns follow ``table_schema`` exactly (values cast to the schema's types); optional
+    columns (``schema.OPTIONAL_COLUMNS``) left out are nulls."""
     arrays = []
+    optional = {name for names in schema.OPTIONAL_COLUMNS.values() for name in names}
+    n_rows = len(next(iter(columns.values()))) if columns else 0
     for field in table_schema:
+        if field.name not in columns and field.name in optional:
+            arrays.append(pa.nulls(n_rows, field.type))
+            continue
         value = columns[field.name]
         if isinstance(value, pa.Array):
             # pyarrow ships no type information, so isinstance cannot narrow the union for the checker

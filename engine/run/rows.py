@@ -103,8 +103,41 @@ class FeatureRow(NamedTuple):
     """Automatic label from its top tokens (``""`` if dead)."""
     explanation: str | None
     """Written explanation (None: none)."""
+    head_weight_shares: list[float] | None
+    """``attn.hook_z`` SAEs: each head's share of ``||W_dec[i]||^2`` (None for other SAEs and older runs)."""
+    head_data_shares: list[float] | None
+    """``attn.hook_z`` SAEs: each head's share of the pre-activation (minus bias) at the top examples' max tokens,
+    summed over them (sums to 1; negative for a head that works against the latent; None without examples)."""
     examples: list[Example]
     """Top examples (by rank), then quantile examples (by bin, then rank)."""
+
+
+class ExampleDFA(NamedTuple):
+    """The head and source-token attribution of one top example of an ``attn.hook_z`` SAE's latent (an
+    ``attribution.parquet`` row without ``feature_id``): what ``RunStore.attribution`` returns."""
+
+    rank: int
+    """The top example's rank (its ``Example.rank``)."""
+    context_id: int
+    """Its context."""
+    max_pos: int
+    """The destination token: the example's max position."""
+    dfa_heads: list[int]
+    """Head of each kept (head, source) contribution, largest magnitude first."""
+    dfa_sources: list[int]
+    """Source position (in the context, ``<= max_pos``) of each."""
+    dfa_values: list[float]
+    """Each one's contribution to the latent's pre-activation at ``max_pos``."""
+    dfa_rest: float
+    """The sum of every other (head, source) contribution."""
+    dfa_bias: float
+    """The part of the pre-activation no source contributes."""
+    head_terms: list[float]
+    """Contributions summed over all sources, per head."""
+
+    def pre(self) -> float:
+        """The latent's pre-activation at ``max_pos``: kept contributions + rest + bias."""
+        return float(sum(self.dfa_values)) + self.dfa_rest + self.dfa_bias
 
 
 # --- contexts.parquet and tokens.parquet -----------------------------------------------------------

@@ -31,7 +31,8 @@ from . import schema
 PARTIAL = ".partial"
 SNAPSHOTS = ".snapshots"
 RUN_FILES = (
-    schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS, schema.DARK_MATTER, schema.INDEX,
+    schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS, schema.ATTRIBUTION, schema.DARK_MATTER,
+    schema.INDEX,
 )
 
 

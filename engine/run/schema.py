@@ -12,6 +12,7 @@ EXAMPLES = "examples.parquet"
 CONTEXTS = "contexts.parquet"
 VOCAB = "vocab.parquet"
 TOKENS = "tokens.parquet"
+ATTRIBUTION = "attribution.parquet"  # head / source-token attribution of top examples (attn.hook_z SAEs)
 DARK_MATTER = "dark_matter.safetensors"
 INDEX = "index.duckdb"  # DuckDB tables built from the Parquet files (sorted for the query layer)
 
@@ -34,6 +35,9 @@ FEATURES_SCHEMA = pa.schema(
         ("top_token_ids", pa.list_(pa.int32())),  # tokens carrying most activation in its examples
         ("label", pa.string()),
         ("explanation", pa.string()),
+        # attn.hook_z SAEs only (null otherwise, and absent from runs written before them): per head, in head order
+        ("head_weight_shares", pa.list_(pa.float32())),  # share of ||W_dec[i]||^2 in the head's block
+        ("head_data_shares", pa.list_(pa.float32())),  # share of pre - bias on the top examples' max tokens
     ]
 )
 
@@ -50,6 +54,28 @@ EXAMPLES_SCHEMA = pa.schema(
         ("acts", pa.list_(pa.float32())),  # activation on each token of the window
     ]
 )
+
+# One row per top example of an attn.hook_z SAE (no rows for other SAEs): the latent's pre-activation at the
+# example's max token split over (head, source token), as its largest contributions plus the rest.
+ATTRIBUTION_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.int32()),
+        ("rank", pa.int16()),  # the top example's rank (examples.parquet: kind 'top')
+        ("context_id", pa.int32()),
+        ("max_pos", pa.int16()),  # the destination token
+        ("dfa_heads", pa.list_(pa.int16())),  # head of each kept contribution, largest magnitude first
+        ("dfa_sources", pa.list_(pa.int16())),  # its source position in the context (<= max_pos)
+        ("dfa_values", pa.list_(pa.float32())),  # its contribution to the pre-activation
+        ("dfa_rest", pa.float32()),  # the sum of every other (head, source) contribution
+        ("dfa_bias", pa.float32()),  # the part no source contributes: pre = sum(dfa_values) + dfa_rest + dfa_bias
+        ("head_terms", pa.list_(pa.float32())),  # contributions summed over all sources, per head
+    ]
+)
+
+OPTIONAL_COLUMNS = {FEATURES: ("head_weight_shares", "head_data_shares")}
+"""Columns a run written by an older saescope may lack (read as nulls)."""
+OPTIONAL_FILES = (ATTRIBUTION,)
+"""Files a run written by an older saescope may lack (read as empty)."""
 
 CONTEXTS_SCHEMA = pa.schema([("context_id", pa.int32()), ("token_ids", pa.list_(pa.int32()))])
 

@@ -19,34 +19,57 @@ TABLES = {
     "contexts": (schema.CONTEXTS, schema.CONTEXTS_SCHEMA),
     "vocab": (schema.VOCAB, schema.VOCAB_SCHEMA),
     "tokens": (schema.TOKENS, schema.TOKENS_SCHEMA),
+    "attribution": (schema.ATTRIBUTION, schema.ATTRIBUTION_SCHEMA),
 }
 NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 CHECKPOINT = "CHECKPOINT"
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 """Bumped whenever the index's tables change; ``RunStore.open`` rebuilds an index of another version."""
 INDEX_VERSION_WRITE = "CREATE TABLE index_info AS SELECT $version::INTEGER AS version"
 INDEX_VERSION_READ = "SELECT max(version) FROM index_info"
-_ELEMENT_TYPES = {"int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE"}
+_ELEMENT_TYPES = {
+    "int16": "SMALLINT", "int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE", "bool": "BOOLEAN",
+    "string": "VARCHAR",
+}
 
 
-def list_columns(table: str) -> list[tuple[str, str]]:
-    """(column, DuckDB element type) of a run table's list columns, from the schema (the allow-list)."""
-    return [(f.name, _ELEMENT_TYPES[str(f.type.value_type)]) for f in TABLES[table][1] if str(f.type).startswith("list<")]
+def _type(field) -> str:
+    """The DuckDB type of a schema field (scalars and lists of scalars)."""
+    text = str(field.type)
+    return f"{_ELEMENT_TYPES[str(field.type.value_type)]}[]" if text.startswith("list<") else _ELEMENT_TYPES[text]
 
 
-def list_widths_statement(table: str) -> str:
-    """Min and max length of each list column of a run table's Parquet file (``$path``)."""
-    parts = [f"min(len({name})), max(len({name}))" for name, _ in list_columns(table)]
+def list_columns(table: str, present: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """(column, DuckDB element type) of a run table's list columns, from the schema (the allow-list); ``present``:
+    only those among these names."""
+    return [
+        (f.name, _ELEMENT_TYPES[str(f.type.value_type)]) for f in TABLES[table][1]
+        if str(f.type).startswith("list<") and (present is None or f.name in present)
+    ]
+
+
+def list_widths_statement(table: str, present: tuple[str, ...] | None = None) -> str:
+    """Min and max length of each list column (of those ``present``) of a run table's Parquet file (``$path``)."""
+    parts = [f"min(len({name})), max(len({name}))" for name, _ in list_columns(table, present)]
     return f"SELECT {', '.join(parts)} FROM read_parquet($path)"
 
 
-def build_statement(table: str, fixed: dict[str, int]) -> str:
+def build_statement(table: str, fixed: dict[str, int], missing: tuple[str, ...] = ()) -> str:
     """``CREATE TABLE`` for a run table from its Parquet file (``$path``), casting ``fixed`` list columns to
-    ARRAYs of the given (integer) widths."""
+    ARRAYs of the given (integer) widths and adding the schema's ``missing`` columns as nulls (a run written
+    before them)."""
     types = dict(list_columns(table))
     casts = [f"{name}::{types[name]}[{int(width)}] AS {name}" for name, width in fixed.items()]
     replace = f" REPLACE ({', '.join(casts)})" if casts else ""
-    return f"CREATE TABLE {table} AS SELECT *{replace} FROM read_parquet($path)"
+    fields = {f.name: f for f in TABLES[table][1]}
+    nulls = "".join(f", NULL::{_type(fields[name])} AS {name}" for name in missing)
+    return f"CREATE TABLE {table} AS SELECT *{replace}{nulls} FROM read_parquet($path)"
+
+
+def create_empty_statement(table: str) -> str:
+    """``CREATE TABLE`` for a run table with no rows (its file is absent from a run written before it existed)."""
+    columns = ", ".join(f"{f.name} {_type(f)}" for f in TABLES[table][1])
+    return f"CREATE TABLE {table} ({columns})"
 
 
 # --- features -------------------------------------------------------------------------------
@@ -67,6 +90,12 @@ FROM examples
 WHERE feature_id = $feature_id AND ($kind IS NULL OR kind = $kind)
 """
 CONTEXTS = "SELECT context_id, token_ids FROM contexts WHERE context_id = ANY($context_ids)"
+# attribution.parquet is written in (feature_id, rank) order: no ORDER BY, as for examples
+ATTRIBUTION = """
+SELECT rank, context_id, max_pos, dfa_heads, dfa_sources, dfa_values, dfa_rest, dfa_bias, head_terms
+FROM attribution
+WHERE feature_id = $feature_id
+"""
 
 # bulk reads (exports): a range of latents per statement, in the order the single-latent statements give
 MAX_FEATURE_ID = "SELECT max(feature_id) FROM features"

@@ -28,6 +28,7 @@ from .rows import (
     ContextErrors,
     DarkMatterSummary,
     Example,
+    ExampleDFA,
     FeatureRow,
     FeatureSummary,
     RunMetrics,
@@ -244,6 +245,15 @@ class RunStore:
             ids = list(contexts[context_id][start : start + len(acts)])
             out.append(Example(kind_, rank, quantile_bin, context_id, max_pos, max_act, start, list(acts), ids, self.decode(ids)))
         return out
+
+    def attribution(self, feature_id: int) -> list[ExampleDFA]:
+        """Head and source-token attribution of a latent's top examples, by rank (empty for SAEs not on
+        ``attn.hook_z`` and for runs written before it)."""
+        rows = _select(self._execute(sql.ATTRIBUTION, {"feature_id": int(feature_id)}), ExampleDFA._fields)
+        return [
+            ExampleDFA(rank, context_id, max_pos, list(heads), list(sources), list(values), rest, bias, list(terms))
+            for rank, context_id, max_pos, heads, sources, values, rest, bias, terms in rows
+        ]
 
     def iter_features(self, batch_size: int = 1024) -> Iterator[FeatureRow]:
         """Every latent's ``feature`` row, examples included, in feature-id order: the bulk read of an export, one

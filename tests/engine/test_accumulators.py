@@ -97,3 +97,35 @@ def test_linear_error_map_closed_form_r2():
     ncoef, *_ = np.linalg.lstsq(X[~held], norm[~held], rcond=None)
     nr2 = 1 - ((norm[held] - X[held] @ ncoef) ** 2).sum() / ((norm[held] - norm[held].mean()) ** 2).sum()
     assert fit.metrics["heldout_norm_r2"] == pytest.approx(nr2, abs=1e-3)
+
+
+def test_reservoir_payload_follows_its_top_items_across_merges():
+    """Payloads computed for ``top_candidates`` only (ties included: values on a coarse grid) land in the slots of
+    exactly the top items, at their max position; buffering several batches per merge changes nothing."""
+    d, pos = 7, 6
+    spec = {"tag": ((2,), torch.float32)}
+    res = ExampleReservoirs(d, pos, top_k=3, n_bins=4, per_bin=2, internal_bins=8, merge_contexts=12, payload=spec)
+    plain = ExampleReservoirs(d, pos, top_k=3, n_bins=4, per_bin=2, internal_bins=8, merge_contexts=12)
+    offered = 0
+    for i, codes in enumerate(_batches()):
+        codes = (codes * 2).round() / 2  # ties between contexts and within one
+        mask = torch.ones(codes.shape[:2], dtype=torch.bool)
+        mask[:, 0] = False
+        sparse = sparse_codes(codes.reshape(-1, d), mask.reshape(-1))
+        ids = torch.arange(i * 4, i * 4 + 4)
+        found = res.top_candidates(sparse, len(ids))
+        offered += len(found.latent)
+        tag = torch.stack([(ids[found.row] * 100 + found.latent).float(), found.pos.float()], 1)
+        res.update(sparse, ids, {"tag": tag})
+        plain.update(sparse, ids)
+    rows, ref = res.rows(), plain.rows()
+    for name in ("feature_id", "kind", "rank", "context_id", "max_pos", "max_act"):
+        np.testing.assert_array_equal(getattr(rows, name), getattr(ref, name))
+    top = rows.kind == 0
+    assert rows.payload is not None
+    np.testing.assert_array_equal(rows.payload["tag"][top, 0], rows.context_id[top] * 100 + rows.feature_id[top])
+    np.testing.assert_array_equal(rows.payload["tag"][top, 1], rows.max_pos[top])
+    n_firing = sum(int((c.amax(1) > 0).sum()) for c in _batches())
+    assert offered < n_firing / 2  # candidates only, not every firing (latent, context)
+    with pytest.raises(ValueError, match="payload"):
+        res.update(sparse, ids)
