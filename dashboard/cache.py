@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import streamlit as st
 
-from engine.run.rows import FeatureRow
+from engine.run.rows import ExampleDFA, FeatureRow
 from engine.run.rundir import is_run
 from engine.run.schema import MANIFEST
 
@@ -144,6 +144,25 @@ def lens(
         lm, sae(sae_path, str(lm.device)), list(token_ids), top_k=top_k, max_tokens=max_tokens,
         linear_map=linear_map(run_dir), with_ce=True, encode_kwargs=kwargs,
     )
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _attribution(run_dir: str, stamp: float, feature_id: int) -> list[ExampleDFA]:
+    return store(run_dir).attribution(feature_id)
+
+
+def attribution(run_dir: str, feature_id: int) -> list[ExampleDFA]:
+    """Head and source-token attribution of a latent's top examples (empty for SAEs not on ``attn.hook_z``)."""
+    return _attribution(run_dir, stamp(run_dir), int(feature_id))
+
+
+@st.cache_resource(show_spinner="Attributing to heads and source tokens…", max_entries=64, ttl=900)
+def dfa(model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], latent: int, position: int):
+    """``engine.live.attribution.dfa`` of ``latent`` at ``position`` of a prompt, on the run's model and SAE."""
+    from engine.live.attribution import dfa as live_dfa
+
+    lm = model(*model_key, device())
+    return live_dfa(lm, sae(sae_path, str(lm.device)), list(token_ids), latent, position)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

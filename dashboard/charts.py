@@ -65,3 +65,16 @@ def value_histogram(series: dict[str, Sequence[float | None]], *, x: str, bins: 
     if log_y:
         fig.update_yaxes(type="log")
     return _layout(fig, x=x, y="tokens")
+
+
+def head_shares(names: Sequence[str], weight: Sequence[float] | None, data: Sequence[float] | None) -> go.Figure:
+    """Per-head shares of one latent side by side: from the decoder weights and from its top examples (either may
+    be None)."""
+    fig = go.Figure()
+    for values, label, color, what in ((weight, "weights", GREY, "of ‖W_dec‖²"), (data, "top examples", ORANGE, "of pre − bias")):
+        if values is not None:
+            fig.add_trace(go.Bar(x=list(names), y=list(values), name=label, marker_color=color,
+                                 hovertemplate=f"%{{x}}: %{{y:.1%}} {what}<extra>{label}</extra>"))
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(tickformat=".0%")
+    return _layout(fig, x="head", y="share", height=260)

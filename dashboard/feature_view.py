@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from dashboard import cache, charts, common, explain_view, render
+from dashboard import cache, charts, common, explain_view, heads_view, render
 from dashboard.render import fmt
 from engine.run.rows import Example
 
@@ -81,6 +81,7 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
     if len(top) > EXAMPLES_SHOWN:
         with st.expander(f"{len(top) - EXAMPLES_SHOWN} more top examples"):
             st.html("".join(example_html(e, scale) for e in top[EXAMPLES_SHOWN:]))
+    heads_view.show(run, row)
     quantile = [e for e in examples if e.kind == "quantile"]
     if quantile:
         st.subheader("Quantile examples")

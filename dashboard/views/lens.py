@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import cache, common, render
+from dashboard import cache, common, heads_view, render
 from engine.live.lens import tokenize_prompt
 
 PROMPT_LIMIT = 512  # tokens analysed: a longer prompt is cut, with a notice
@@ -123,3 +123,19 @@ if not tops:
     st.caption("No latent is active on this token." + skipped)
 for latent_id, value in tops:
     common.feature_link(latent_id, cache.describe(run, [latent_id]).get(latent_id, ""), suffix=f" — {value:.3f}")
+
+layer = heads_view.attention_layer(sae.cfg.hook_name)
+if layer is not None and tops:  # an attention SAE: which heads and source tokens make the latent fire here
+    st.subheader("Heads and source tokens")
+    strongest = dict(tops)
+    attributed = st.selectbox("Attribute latent", list(strongest), format_func=lambda i: f"#{i} · {strongest[i]:.3f}",
+                              key=f"lens_dfa_{version}_{pos}",
+                              help="Its pre-activation on this token, split over each head and each earlier token it "
+                                   "attends to (direct feature attribution)")
+    names = heads_view.head_names(layer, lm.n_heads)
+    with common.shown_errors("Could not attribute the latent"):
+        found = cache.dfa(common.model_source(man), common.sae_source(man), tuple(ids[: pos + 1]), attributed, pos)
+        st.caption("Each token is tinted by what it contributes through the heads' attention, red adding and blue "
+                   "subtracting; hover for the heads. The inspected token is underlined.")
+        st.html(heads_view.dfa_html(strings[: pos + 1], heads_view.live_by_source(found, names), pos,
+                                    note=heads_view.live_note(found, names)))

@@ -27,6 +27,13 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_attn_run(tmp_path_factory) -> Path:
+    """A precomputed run of a TopK SAE on the tiny model's ``blocks.1.attn.hook_z`` (head attribution included)."""
+    root = tmp_path_factory.mktemp("tiny_attn")
+    return build_tiny_run(root, "topk", hook="blocks.1.attn.hook_z", name="attn")
+
+
+@pytest.fixture(scope="session")
 def broken_model_run(tiny_runs, tmp_path_factory) -> Path:
     """A copy of the TopK run whose manifest names a model that is not there."""
     run = tmp_path_factory.mktemp("broken") / "run"

@@ -32,8 +32,9 @@ def write_corpus(path: Path, n_docs: int = 48) -> Path:
     return path
 
 
-def make_sae(architecture: str, d_in: int = 64, d_sae: int = 256, seed: int = 0):
-    """A random SAE whose encoder is its decoder's transpose (so latents fire on matching directions)."""
+def make_sae(architecture: str, d_in: int = 64, d_sae: int = 256, seed: int = 0, hook: str = HOOK):
+    """A random SAE whose encoder is its decoder's transpose (so latents fire on matching directions); on
+    ``attn.hook_z`` (the tiny model's 4 heads x 16) it reads the heads' outputs concatenated."""
     from engine.saes import SAEConfig, build_sae
 
     gen = torch.Generator().manual_seed(seed)
@@ -42,15 +43,18 @@ def make_sae(architecture: str, d_in: int = 64, d_sae: int = 256, seed: int = 0)
     extra = {"k": 8} if architecture == "topk" else {}
     if architecture == "matching_pursuit":
         extra = {"max_iterations": 16}
-    cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name=HOOK, **extra)
+    if hook.endswith("attn.hook_z"):
+        extra["reshape_activations"] = "hook_z"
+    cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name=hook, **extra)
     state = {"W_dec": W_dec, "b_dec": torch.zeros(d_in)}
     if architecture != "matching_pursuit":
         state.update(W_enc=W_dec.T.contiguous(), b_enc=torch.zeros(d_sae))
     return build_sae(cfg, state)
 
 
-def build_tiny_run(root: Path, architecture: str = "topk") -> Path:
-    """Model, SAE, corpus and a precomputed run under ``root``; returns the run directory."""
+def build_tiny_run(root: Path, architecture: str = "topk", hook: str = HOOK, name: str | None = None) -> Path:
+    """Model, SAE, corpus and a precomputed run under ``root`` (in ``runs/<name or architecture>``); returns the run
+    directory."""
     from engine.model.loading import load_model
     from engine.model.tiny import save_tiny_model
     from engine.precompute.pipeline import precompute
@@ -60,9 +64,10 @@ def build_tiny_run(root: Path, architecture: str = "topk") -> Path:
     model_dir = root / "model"
     if not (model_dir / "config.json").is_file():
         save_tiny_model(model_dir)
-    sae_dir = make_sae(architecture).save(root / f"sae_{architecture}")
+    name = name or architecture
+    sae_dir = make_sae(architecture, hook=hook).save(root / f"sae_{name}")
     corpus = write_corpus(root / "corpus.jsonl")
     lm = load_model(model_dir, device="cpu", dtype="float32")
-    run = root / "runs" / architecture
+    run = root / "runs" / name
     precompute(lm, load_sae(sae_dir), corpus, run, context_len=32, sae_path=sae_dir, progress=False)
     return run
