@@ -109,10 +109,11 @@ def build_prompts(tokenizer, words: list[tuple[int, str]], pool: list[tuple[int,
 
 
 @torch.inference_mode()
-def word_activations(lm: LoadedModel, hook: str, prompts: Prompts, batch_size: int) -> torch.Tensor:
-    """``[n, d]`` float32 activations at each prompt's word (right-padded batches of similar length)."""
+def word_activations(lm: LoadedModel, sae: SAE, prompts: Prompts, batch_size: int) -> torch.Tensor:
+    """``[n, d_in]`` float32: what ``sae`` reads at each prompt's word (right-padded batches of similar length)."""
+    hook = sae.cfg.hook_name
     order = sorted(range(len(prompts.ids)), key=lambda i: len(prompts.ids[i]))
-    out = torch.zeros(len(order), lm.hook_width(hook))
+    out = torch.zeros(len(order), sae.cfg.d_in)
     pad = next((v for v in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id) if isinstance(v, int)), 0)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -120,8 +121,8 @@ def word_activations(lm: LoadedModel, hook: str, prompts: Prompts, batch_size: i
         batch = torch.full((len(rows), width), pad, dtype=torch.long)
         for r, i in enumerate(rows):
             batch[r, : len(prompts.ids[i])] = torch.tensor(prompts.ids[i])
-        acts = lm.capture(batch, hook)[hook]
-        acts = acts.flatten(-2) if acts.ndim == 4 else acts
+        acts = sae.select_input(lm.capture(batch, hook)[hook])
+        acts = acts.flatten(-2) if acts.ndim == 4 else acts  # hook_z, all heads
         pos = torch.tensor([prompts.position[i] for i in rows])
         out[torch.tensor(rows)] = acts[torch.arange(len(rows)), pos.to(acts.device)].float().cpu()
     return out
@@ -196,7 +197,7 @@ def absorption(lm: LoadedModel, sae: SAE, cfg: AbsorptionConfig | None = None) -
     """The first-letter absorption metrics of ``sae`` (see the module docstring) as result rows."""
     cfg = cfg or AbsorptionConfig()
     rng = np.random.default_rng(cfg.seed)
-    hook, run = sae.cfg.hook_name, compute_copy(sae, lm)
+    run = compute_copy(sae, lm)
     vocab = alpha_vocab(lm.tokenizer, lm.special_token_ids)
     if cfg.words and len(vocab) > cfg.words:
         vocab = [vocab[i] for i in sorted(rng.choice(len(vocab), cfg.words, replace=False))]
@@ -205,8 +206,8 @@ def absorption(lm: LoadedModel, sae: SAE, cfg: AbsorptionConfig | None = None) -
     shuffled = [vocab[i] for i in rng.permutation(len(vocab))]
     cut = int(0.8 * len(shuffled))
     train, test = shuffled[:cut], shuffled[cut:]
-    x_tr = word_activations(lm, hook, build_prompts(lm.tokenizer, train, train, cfg.icl_examples, rng), cfg.batch_size)
-    x_te = word_activations(lm, hook, build_prompts(lm.tokenizer, test, test, cfg.icl_examples, rng), cfg.batch_size)
+    x_tr = word_activations(lm, sae, build_prompts(lm.tokenizer, train, train, cfg.icl_examples, rng), cfg.batch_size)
+    x_te = word_activations(lm, sae, build_prompts(lm.tokenizer, test, test, cfg.icl_examples, rng), cfg.batch_size)
     y_tr = np.array([first_letter(t) for _, t in train])
     y_te = np.array([first_letter(t) for _, t in test])
     c_tr, c_te = encode(run, x_tr), encode(run, x_te)
@@ -241,7 +242,7 @@ def absorption(lm: LoadedModel, sae: SAE, cfg: AbsorptionConfig | None = None) -
         if not words:
             continue
         fresh = build_prompts(lm.tokenizer, words, vocab, cfg.icl_examples, rng)
-        x = word_activations(lm, hook, fresh, cfg.batch_size)
+        x = word_activations(lm, sae, fresh, cfg.batch_size)
         direction = torch.as_tensor(probe.coef, dtype=torch.float32)
         direction = direction / direction.norm()
         fractions, full = absorption_scores(x, encode(run, x), direction, dec @ direction, main)

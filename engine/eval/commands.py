@@ -25,7 +25,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .absorption import AbsorptionConfig
     from .evaluate import EvaluateConfig, evaluate_run
     from .sparse_probing import ProbingConfig
-    from .storage import read_evaluation
+    from .storage import evaluation_summary
 
     cfg = EvaluateConfig(
         parts=tuple(p for p in args.parts.split(",") if p), tokens=args.tokens, batch_size=args.batch_size,
@@ -34,13 +34,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         absorption=AbsorptionConfig(words=args.absorption_words),
     )
     path = evaluate_run(args.run, cfg, device=args.device, dtype=args.dtype)
-    found = read_evaluation(args.run)
+    found = evaluation_summary(args.run)
     assert found is not None
-    table, meta = found
-    summary = {
-        f"{r['group']}/{r['metric']}" + (f"@{r['k']}" if r["k"] is not None else ""): round(r["value"], 4)
-        for r in table.to_pylist() if r["task"] is None
-    }
+    values, meta, _ = found
+    summary = {key: round(value, 4) for key, value in values.items()}
     print(json.dumps({"out": str(path), **summary, "timings": meta.get("timings")}, indent=2))
     return 0
 

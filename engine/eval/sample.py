@@ -52,11 +52,12 @@ def sample_pass(
     lm: LoadedModel, saes: Sequence[SAE], contexts: Sequence[list[int]], batch_size: int = 16
 ) -> Iterator[SampleBatch]:
     """Run the model to the SAEs' hook (all the same) once per batch, and every SAE on the counted tokens."""
-    hooks = {sae.cfg.hook_name for sae in saes}
+    hooks = {(sae.cfg.hook_name, sae.cfg.hook_head_index) for sae in saes}
     if len(hooks) != 1:
-        raise ValueError(f"the SAEs read different hook points: {', '.join(sorted(hooks))}")
+        raise ValueError(f"the SAEs read different hook points: {', '.join(sorted(str(h) for h in hooks))}")
+    hook, head = hooks.pop()
     runs = [compute_copy(sae, lm) for sae in saes]
-    for batch in iter_activations(lm, hooks.pop(), contexts, batch_size):
+    for batch in iter_activations(lm, hook, contexts, batch_size, head_index=head):
         x = batch.acts[batch.mask]
         if not len(x):
             continue

@@ -76,7 +76,7 @@ def pooled(lm: LoadedModel, sae: SAE, texts: Sequence[str], max_tokens: int = 12
     run = compute_copy(sae, lm)
     pad = _pad_id(lm)
     ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    raw = np.zeros((len(texts), lm.hook_width(hook)))
+    raw = np.zeros((len(texts), sae.cfg.d_in))
     codes = np.zeros((len(texts), sae.cfg.d_sae), dtype=np.float32)
     counts = np.zeros(len(texts), dtype=np.int64)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -88,8 +88,8 @@ def pooled(lm: LoadedModel, sae: SAE, texts: Sequence[str], max_tokens: int = 12
         for r, i in enumerate(rows):
             batch[r, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
             real[r, : len(ids[i])] = True
-        acts = lm.capture(batch, hook)[hook]
-        acts = acts.flatten(-2) if acts.ndim == 4 else acts
+        acts = sae.select_input(lm.capture(batch, hook)[hook])
+        acts = acts.flatten(-2) if acts.ndim == 4 else acts  # hook_z, all heads
         mask = (stats_mask(batch, lm.special_token_ids) & real).to(acts.device)
         if not mask.any():
             continue

@@ -156,6 +156,16 @@ class Comparison:
         rows = pq.read_table(self.folder / MATCHES, filters=[("a_id", "=", int(a_id))]).to_pylist()
         return rows[0] if rows else None
 
+    def match_b(self, b_id: int) -> dict | None:
+        """The ``matches_b.parquet`` row of latent ``b_id`` of B, or None."""
+        rows = pq.read_table(self.folder / MATCHES_B, filters=[("b_id", "=", int(b_id))]).to_pylist()
+        return rows[0] if rows else None
+
+    def parents(self, b_id: int) -> pa.Table:
+        """The candidate pairs of latent ``b_id`` of B (the latents of A it may split; children first)."""
+        pairs = pq.read_table(self.folder / PAIRS, filters=[("b_id", "=", int(b_id))])
+        return pairs.sort_by([("child", "descending"), ("cos", "descending")])
+
 
 def write_evaluation(run_dir: str | Path, columns: dict[str, list], meta: dict) -> Path:
     """Write ``<run>/evaluation.parquet`` (replacing an older one atomically); ``meta`` goes in its metadata."""
@@ -168,6 +178,25 @@ def write_evaluation(run_dir: str | Path, columns: dict[str, list], meta: dict) 
     pq.write_table(data, tmp, compression="zstd")
     os.replace(tmp, path)
     return path
+
+
+def summary_key(group: str, metric: str, k: int | None) -> str:
+    """``group/metric`` or ``group/metric@k``: how a whole-group result is named in summaries."""
+    return f"{group}/{metric}" + (f"@{k}" if k is not None else "")
+
+
+def evaluation_summary(run_dir: str | Path, manifest: dict | None = None) -> tuple[dict[str, float], dict, bool] | None:
+    """The run's whole-group results (``summary_key`` -> value), the file's metadata and whether it is stale (it
+    was computed for another SAE or another computation of the run than ``manifest`` describes); None if none."""
+    found = read_evaluation(run_dir)
+    if found is None:
+        return None
+    table, meta = found
+    values = {summary_key(r["group"], r["metric"], r["k"]): r["value"] for r in table.to_pylist() if r["task"] is None}
+    stale = False
+    if manifest is not None:
+        stale = meta.get("sae_hash") != (manifest.get("sae") or {}).get("hash") or meta.get("created") != manifest.get("created")
+    return values, meta, stale
 
 
 def read_evaluation(run_dir: str | Path) -> tuple[pa.Table, dict] | None:
