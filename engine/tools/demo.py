@@ -69,8 +69,8 @@ DEMO_SAES: tuple[DemoSAE, ...] = (
             "TopK, 4,608 latents, k=48, on block 20's attention output per head (hook_z: 9 heads x 64, before o_proj)"),
     DemoSAE("demo-w1152", "demo_sae_w1152", DEMO_HOOK,
             "TopK, 1,152 latents (2 x d_model), k=64, at the main SAE's hook: a quarter of its width"),
-    DemoSAE("demo-w18432", "demo_sae_w18432", DEMO_HOOK,
-            "TopK, 18,432 latents (32 x d_model) at the main SAE's hook: four times its width"),
+    DemoSAE("demo-w9216", "demo_sae_w9216", DEMO_HOOK,
+            "TopK, 9,216 latents (16 x d_model), k=64, at the main SAE's hook: twice its width"),
 )
 """The demo's SAEs, main one first: it is the run the app opens on, and the one the demo needs."""
 

@@ -100,11 +100,11 @@ def test_demo_registry_offers_the_saes_on_disk(demo_data):
     with pytest.raises(FileNotFoundError, match="demo SAE is missing"):
         demo_saes()  # the main one is required
     make_sae("topk").save(demo_data / "demo_sae")
-    make_sae("topk").save(demo_data / "demo_sae_w18432")
+    make_sae("topk").save(demo_data / "demo_sae_w9216")
     (demo_data / "demo_sae_attn").mkdir()  # being written: no cfg.json yet
-    assert [s.run for s in demo_saes()] == ["demo", "demo-w18432"]  # registry order; missing folders skipped
-    assert [s.run for s in demo_saes(["demo-w18432"])] == ["demo-w18432"]
-    assert demo_saes()[1].run_dir == demo_data / "runs" / "demo-w18432" == serve.demo_runs_dir() / "demo-w18432"
+    assert [s.run for s in demo_saes()] == ["demo", "demo-w9216"]  # registry order; missing folders skipped
+    assert [s.run for s in demo_saes(["demo-w9216"])] == ["demo-w9216"]
+    assert demo_saes()[1].run_dir == demo_data / "runs" / "demo-w9216" == serve.demo_runs_dir() / "demo-w9216"
     with pytest.raises(FileNotFoundError, match="'demo-attn-l20' is missing.*demo_sae_attn"):
         demo_saes(["demo", "demo-attn-l20"])  # asked for by name: an error, not a silent skip
 
