@@ -24,6 +24,7 @@ pages = [
     st.Page("views/lens.py", title="Prompt lens", icon=":material/text_fields:"),
     st.Page("views/dark_matter.py", title="Dark matter", icon=":material/dark_mode:"),
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
 ]
 common.run_picker()
 st.navigation(pages).run()

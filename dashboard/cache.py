@@ -276,3 +276,53 @@ def explainer():
     if configured is None:
         raise ValueError(f"no explainer is configured: start the app with `saescope serve --explainer ...` (${EXPLAINER_ENV})")
     return _explainer(*configured, device())
+
+
+# --- evaluation and comparison of runs (engine.eval) ------------------------------------------------------------
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _evaluation(run_dir: str, stamp: float, file_stamp: float):
+    from engine.eval.storage import evaluation_summary
+
+    return evaluation_summary(run_dir, manifest(run_dir))
+
+
+def evaluation(run_dir: str):
+    """The run's ``evaluation.parquet`` summary ``(values, meta, stale)`` (see ``engine.eval.storage``), or None."""
+    from engine.eval.storage import EVALUATION
+
+    return _evaluation(run_dir, stamp(run_dir), _mtime(Path(run_dir) / EVALUATION))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _card(run_dir: str, stamp: float) -> dict:
+    from engine.eval.runs import card
+
+    return card(store(run_dir))
+
+
+def card(run_dir: str) -> dict:
+    """The run's eval card (width and aggregate metrics from its manifest)."""
+    return _card(run_dir, stamp(run_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _comparison(folder: str, file_stamp: float):
+    from engine.eval import storage
+
+    comp = storage.Comparison(folder)
+    tables = {name: comp.table(name).to_pandas() for name in (storage.MATCHES, storage.MATCHES_B, storage.PAIRS)}
+    return comp.info, tables
+
+
+def comparison(folder: str):
+    """A comparison folder's ``comparison.json`` and its tables as DataFrames (``matches``, ``matches_b``, ``pairs``)."""
+    from engine.eval.storage import COMPARISON
+
+    return _comparison(folder, _mtime(Path(folder) / COMPARISON))

@@ -78,3 +78,17 @@ def head_shares(names: Sequence[str], weight: Sequence[float] | None, data: Sequ
     fig.update_layout(barmode="group")
     fig.update_yaxes(tickformat=".0%")
     return _layout(fig, x="head", y="share", height=260)
+
+
+def width_curves(widths: Sequence[int], series: dict[str, Sequence[float | None]], *, y: str) -> go.Figure:
+    """Metrics of SAEs of several widths on one hook: one line per named series over the width (log axis)."""
+    colors = [ORANGE, VIOLET, GREY, "#1c7ed6", "#2f9e44"]
+    fig = go.Figure()
+    order = np.argsort(np.asarray(widths))
+    xs = [int(widths[i]) for i in order]
+    for (name, values), color in zip(series.items(), colors, strict=False):
+        ys = [values[i] for i in order]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, marker_color=color, line_color=color,
+                                 hovertemplate="%{x:,} latents: %{y:.4g}<extra>" + name + "</extra>"))
+    fig.update_xaxes(type="log", tickvals=xs, ticktext=[f"{x:,}" for x in xs])
+    return _layout(fig, x="latents (d_sae)", y=y)

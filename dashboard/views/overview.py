@@ -3,8 +3,19 @@
 import numpy as np
 import streamlit as st
 
-from dashboard import charts, common
+from dashboard import cache, charts, common
+from dashboard.compare_view import EVALUATION
 from dashboard.render import fmt
+
+EVALUATION_HELP = {
+    "core/l2_ratio": "mean ‖x̂‖ / ‖x‖ over a token sample (below 1: shrinkage)",
+    "core/relative_reconstruction_bias": "E‖x̂‖² / E[x·x̂] (Gated SAE paper, eq. 10): below 1, the SAE shrinks",
+    "sparse_probing/sae_top_k_accuracy": "test accuracy of logistic probes on the k latents whose class means differ most, "
+                                         "averaged over tasks (manual part, code vs prose)",
+    "sparse_probing/llm_accuracy": "the same probe on every dimension of x: the ceiling",
+    "absorption/mean_absorption_fraction": "first-letter task: share of the probe projection that other latents absorb "
+                                           "when the letter's main latents fail",
+}
 
 run = common.current_run()
 store = common.run_store(run)
@@ -56,6 +67,22 @@ alive = densities[densities > 0]
 if alive.size:
     st.caption(f"Median density of live latents {fmt(float(np.median(alive)))}; "
                f"{int((alive < 1e-4).sum()):,} fire on fewer than 1 in 10,000 tokens.")
+
+evaluation = cache.evaluation(run)
+if evaluation is not None:  # written by `saescope evaluate`
+    values, meta, stale = evaluation
+    st.subheader("Evaluation")
+    if stale:
+        st.warning("These results were computed for an earlier computation of this run: rerun `saescope evaluate`.")
+    shown = [(key, label) for key, label in EVALUATION.items() if key in values]
+    for start in range(0, len(shown), 6):
+        for col, (key, label) in zip(st.columns(6), shown[start : start + 6], strict=False):
+            col.metric(label, fmt(values[key]), help=EVALUATION_HELP.get(key.split("@")[0]))
+    letters = values.get("absorption/letters_evaluated")
+    if letters is not None and "absorption/mean_absorption_fraction" not in values:
+        st.caption(f"Absorption: only {letters:.0f} letters have a first-letter probe with F1 > 0.6 (SAEBench needs 20).")
+    st.caption("SAEBench-style metrics (definitions: docs/evaluation.md); "
+               f"settings and timings in the file's metadata (CPU: {(meta.get('machine') or {}).get('cpu', '?')}).")
 
 with st.expander("Manifest"):
     st.json(man, expanded=1)

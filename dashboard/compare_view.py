@@ -1,0 +1,134 @@
+"""Parts of the Compare page: the runs it can compare, eval cards side by side, curves across widths, a latent and
+its counterparts in the other run with their top examples side by side. Engine calls only (``engine.eval``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import cache, charts, common, render
+from dashboard.feature_view import example_html
+from dashboard.render import fmt
+from engine.run.schema import MANIFEST
+
+CARD = {
+    "l0": "L0", "explained_variance": "Explained variance", "ce_loss_recovered": "CE loss recovered",
+    "kl_div": "KL to clean", "dead_fraction": "Dead fraction", "dense_fraction": "Dense fraction (> 10%)",
+    "dm_error_r2": "Dark matter: error variance predicted", "dm_norm_r2": "Dark matter: ‖e‖ predicted",
+}
+EVALUATION = {
+    "core/l2_ratio": "L2 ratio ‖x̂‖/‖x‖", "core/relative_reconstruction_bias": "Relative reconstruction bias",
+    "core/cosine": "cos(x, x̂)", "core/frac_over_1pct": "Latents firing on > 1%",
+    "core/frac_over_10pct": "Latents firing on > 10%",
+    "sparse_probing/llm_accuracy": "Probing: dense probe on x (ceiling)",
+    "sparse_probing/sae_top_k_accuracy@1": "Probing: 1 latent", "sparse_probing/sae_top_k_accuracy@5": "Probing: 5 latents",
+    "sparse_probing/sae_top_k_accuracy@20": "Probing: 20 latents",
+    "absorption/mean_absorption_fraction": "Absorption fraction", "absorption/mean_full_absorption": "Full absorption rate",
+    "absorption/mean_num_split_features": "Split features per letter",
+}
+EXAMPLES = 5
+
+
+def known_runs() -> dict[str, str]:
+    """Name -> path of every complete run the app serves (a directory of runs gives several)."""
+    root = cache.run_root()
+    if root is None or not root.exists():
+        return {}
+    return {Path(p).name: p for p in cache.list_runs(str(root)) if (Path(p) / MANIFEST).is_file()}
+
+
+def identity(run: str) -> tuple:
+    man = cache.manifest(run)
+    model, sae = man.get("model") or {}, man.get("sae") or {}
+    return model.get("hash"), sae.get("hook"), sae.get("d_in")
+
+
+def cards(names: list[str], paths: list[str]) -> None:
+    """The runs' eval cards (and evaluation results where a run has them) as one table, a column per run."""
+    rows = {label: [cache.card(p).get(key) for p in paths] for key, label in CARD.items()}
+    evaluations = [cache.evaluation(p) for p in paths]
+    for key, label in EVALUATION.items():
+        values = [e[0].get(key) if e else None for e in evaluations]
+        if any(v is not None for v in values):
+            rows[label] = values
+    columns = [f"{n} ({cache.card(p)['d_sae']:,})" for n, p in zip(names, paths, strict=True)]
+    table = pd.DataFrame({"metric": list(rows), **{c: [fmt(rows[m][i], 4) for m in rows] for i, c in enumerate(columns)}})
+    st.dataframe(table, hide_index=True, width="stretch")
+    for name, e in zip(names, evaluations, strict=True):
+        if e is None:
+            st.caption(f"`{name}` has no evaluation yet: `saescope evaluate` on it adds SAEBench-style rows here.")
+        elif e[2]:
+            st.warning(f"The evaluation of `{name}` was computed for an earlier computation of the run: "
+                       "rerun `saescope evaluate`.")
+
+
+def width_curves(paths: list[str]) -> None:
+    """Explained variance and dark matter across widths (three runs of one model and hook or more)."""
+    cards_ = [cache.card(p) for p in paths]
+    widths = [c["d_sae"] for c in cards_]
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(charts.width_curves(widths, {"explained variance": [c["explained_variance"] for c in cards_],
+                                                     "CE loss recovered": [c["ce_loss_recovered"] for c in cards_]},
+                                            y="fraction"), key="cmp_ev_curve")
+    with right:
+        st.plotly_chart(charts.width_curves(widths, {"error variance predicted": [c["dm_error_r2"] for c in cards_],
+                                                     "‖e‖ predicted": [c["dm_norm_r2"] for c in cards_]},
+                                            y="held-out R² of the linear map x → e"), key="cmp_dm_curve")
+    st.caption("Dark matter (“Decomposing the Dark Matter of SAEs”): how much of the SAE error a linear map from x "
+               "predicts; it grows with width when the wider SAE leaves less structured error behind.")
+
+
+def examples(run: str, feature_id: int, title: str) -> None:
+    """A latent's heading, stats and top examples."""
+    row = cache.feature(run, feature_id)
+    if row is None:
+        st.warning(f"No latent {feature_id} in `{Path(run).name}`.")
+        return
+    label = cache.describe(run, [feature_id]).get(feature_id, "")
+    st.markdown(f"**{render.md(title)}** · #{feature_id}" + (f" · {render.md(label)}" if label else ""))
+    st.caption(f"density {fmt(row.density)} · max activation {fmt(row.max_act)}")
+    top = [e for e in row.examples if e.kind == "top"][:EXAMPLES]
+    if not top:
+        st.caption("No examples: it never fired in its run.")
+    st.html("".join(example_html(e, float(row.max_act or 1.0)) for e in top))
+
+
+def pick_latent(key: str, ids: list[int]) -> None:
+    """Selecting a row of a table opens that latent (``latent=`` in the URL)."""
+    rows = st.session_state[key].selection.rows
+    if rows:
+        st.query_params["latent"] = str(ids[rows[0]])
+
+
+def latent_panel(a: str, b: str, latent: int, folder: str, swapped: bool) -> None:
+    """Latent ``latent`` of run ``a`` beside its counterparts in ``b``: its split children (or, for a latent of
+    the wider run, the latent it splits off), else its best decoder match. ``swapped``: ``a`` is the wider run
+    (the comparison's B side)."""
+    from engine.eval.storage import Comparison
+
+    comp = Comparison(folder)
+    kin = "the latent it splits off" if swapped else "split child"
+    related = (comp.parents(latent) if swapped else comp.children(latent)).to_pylist()
+    other = "a_id" if swapped else "b_id"
+    counterparts = [(int(r[other]), f"{kin} · cos {r['cos']:.2f} · P(parent fires | child fires) {fmt(r['p_a_given_b'])}")
+                    for r in related if r["child"]]
+    if not swapped and len(counterparts) < 2:  # one child is a match, not a split
+        counterparts = []
+    if not counterparts:
+        row = comp.match_b(latent) if swapped else comp.match(latent)
+        if row is None:
+            common.fail(f"Latent {latent} does not exist in `{Path(a).name}`.")
+        best, partner = (row["best_a"], row["partner_a"]) if swapped else (row["best_b"], row["partner_b"])
+        counterparts = [(int(best), f"best decoder match · cos {row['best_cos']:.2f}")]
+        if partner is not None and partner != best:
+            cos = "" if swapped else f" · cos {fmt(row['partner_cos'])} · activation corr. {fmt(row['partner_corr'])}"
+            counterparts.append((int(partner), f"one-to-one partner{cos}"))
+    left, right = st.columns(2)
+    with left:
+        examples(a, latent, Path(a).name)
+    with right:
+        for fid, why in counterparts:
+            examples(b, fid, f"{Path(b).name}: {why}")
