@@ -6,12 +6,14 @@ Screenshots of each page go to ``test-artifacts/`` (git-ignored). Never download
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,16 +37,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``saescope serve --run <tiny run>`` on a free port of 127.0.0.1; yields the base URL."""
-    run = build_tiny_run(tmp_path_factory.mktemp("e2e"), "topk")
+@contextlib.contextmanager
+def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``saescope serve --run RUN`` on a free port of 127.0.0.1, up and healthy; yields the base URL."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("log") / "serve.log").open("w+")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    log = (log_dir / "serve.log").open("w+")
+    full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--port", str(port), *extra_args],
+        cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -69,6 +70,14 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``saescope serve --run <tiny run>``; yields the base URL."""
+    run = build_tiny_run(tmp_path_factory.mktemp("e2e"), "topk")
+    with serving(run, tmp_path_factory.mktemp("log")) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
