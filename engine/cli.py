@@ -93,7 +93,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, include_special=args.include_special, include_first=args.include_first,
         include_massive=args.include_massive,
         force=args.force, sae_path=sae_path, top_k=args.top_k, sample_contexts=args.sample_contexts,
-        snapshot_tokens=args.snapshot_tokens,
+        snapshot_tokens=args.snapshot_tokens, dfa_sources=args.dfa_sources,
     )
     keys = ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")
     summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in keys}}
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-contexts", type=int, default=32, help="held-out contexts for per-token rows and CE metrics")
     p.add_argument("--snapshot-tokens", type=int, default=16384,
                    help="publish a browsable snapshot after this many tokens, then at doubling counts (0: none)")
+    p.add_argument("--dfa-sources", type=int, default=16,
+                   help="attn.hook_z SAEs: (head, source token) contributions kept per top example (0: no head attribution)")
     p.add_argument("--force", action="store_true", help="replace a run of another model or SAE in --out")
     p.add_argument("--stop-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_precompute)

@@ -30,6 +30,9 @@ from .interventions import check_sae_fits
 
 _PAIR_CHUNK = 1024
 """Pairs of one context projected onto its values at once in ``dfa_pairs`` (memory: chunk x heads x pos floats)."""
+_WIDTH_GROUPS = 4
+"""``dfa_compact`` splits a context's pairs into this many groups by destination, each computed over the sources up
+to its last destination (about 3/8 less work than every pair over the whole context)."""
 
 
 def linear_encoder(sae: SAE) -> EncoderAffine:
@@ -352,24 +355,26 @@ def dfa_compact(
     value = torch.zeros(P, n, device=dev)
     rest = torch.zeros(P, device=dev)
     by_head = torch.zeros(P, n_heads, device=dev)
-    src = torch.arange(n_pos, device=dev)
     for row in rows.unique().tolist():
-        by_src = values[row].permute(1, 2, 0)  # [n_heads, d_head, src]
-        for pick in (rows == row).nonzero().squeeze(1).split(_PAIR_CHUNK):
+        # pairs by destination, in a few groups, each computed over the sources up to its last destination only
+        picks = (rows == row).nonzero().squeeze(1)
+        picks = picks[positions[picks].argsort()]
+        for pick in picks.split(min(_PAIR_CHUNK, -(-len(picks) // _WIDTH_GROUPS))):
+            width = int(positions[pick].max()) + 1
+            by_src = values[row, :width].permute(1, 2, 0)  # [n_heads, d_head, src]
             blocks = _per_head(sae, rows_enc[pick], n_heads).transpose(0, 1)  # [n_heads, p, d_head]
             projected = torch.bmm(blocks, by_src)  # [n_heads, p, src]
-            projected *= pattern[row].index_select(1, positions[pick])
+            projected *= pattern[row, :, :, :width].index_select(1, positions[pick])
             terms = projected.transpose(0, 1) * scale[pick, None, None]  # [p, n_heads, src]
             by_head[pick] = terms.sum(-1)
             flat = terms.flatten(1)
-            # exact zeros (sources after the destination, heads a one-head SAE does not read) are never kept
-            after = (src[None, :] > positions[pick, None])[:, None, :].expand_as(terms).flatten(1)
-            empty = after | (flat == 0)
-            top = flat.abs().masked_fill(empty, -1.0).topk(n, dim=1).indices
+            # exact zeros (sources after the destination: the pattern is 0 there; heads a one-head SAE does not
+            # read) rank below every other term and are never kept
+            top = flat.abs().topk(min(n, flat.shape[1]), dim=1).indices
             kept = flat.gather(1, top)
-            real = ~empty.gather(1, top)
-            value[pick] = kept * real
-            head[pick] = torch.where(real, top // n_pos, -1)
-            source[pick] = torch.where(real, top % n_pos, -1)
-            rest[pick] = flat.sum(1) - value[pick].sum(1)
+            real = kept != 0
+            value[pick, : top.shape[1]] = kept
+            head[pick, : top.shape[1]] = torch.where(real, top // width, -1)
+            source[pick, : top.shape[1]] = torch.where(real, top % width, -1)
+            rest[pick] = flat.sum(1) - kept.sum(1)
     return CompactDFA(head, source, value, rest, by_head, pre, bias)

@@ -3,10 +3,11 @@
 Per batch of contexts: the model runs up to the SAE's hook and stops; the SAE encodes and decodes;
 streaming accumulators on the device take the codes (``FeatureStats``, ``ExampleReservoirs``), the
 reconstruction (``ReconStats``), the error's sufficient statistics (``LinearErrorStats``) and a
-reservoir of held-out contexts (``ContextSample``). Now and then, and at the end, ``RunWriter`` turns
-that state into a run: CE losses on the sampled contexts, the linear error map, logit effects,
-neighbours and labels; then the files, the DuckDB index and, last, ``manifest.json`` (a snapshot
-while the pass goes on, the finished run at its end).
+reservoir of held-out contexts (``ContextSample``). For an ``attn.hook_z`` SAE the forward also captures the
+layer's attention, and the top examples' head / source-token attribution rides in the reservoirs (``heads``).
+Now and then, and at the end, ``RunWriter`` turns that state into a run: CE losses on the sampled contexts, the
+linear error map, logit effects, neighbours and labels; then the files, the DuckDB index and, last,
+``manifest.json`` (a snapshot while the pass goes on, the finished run at its end).
 """
 
 from __future__ import annotations
