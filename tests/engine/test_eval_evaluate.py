@@ -93,3 +93,12 @@ def test_evaluate_command_and_its_errors(evaluated, capsys):
     assert main(["evaluate", str(runs["narrow"]), "--parts", "sparse_probing", "--probe-corpus", str(corpus.parent / "x.jsonl"),
                  "--device", "cpu", "--dtype", "float32"]) == 2
     assert "no corpus for the probing texts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["compare", "evaluate"])
+def test_help_of_the_eval_commands(command, capsys):
+    from engine.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0 and command in capsys.readouterr().out
