@@ -52,7 +52,9 @@ def activation_histogram(counts: Sequence[int], edges: Sequence[float]) -> go.Fi
     return _layout(fig, x="activation (where the latent fires)", y="tokens", height=260)
 
 
-def value_histogram(series: dict[str, Sequence[float | None]], *, x: str, bins: int = 60, log_y: bool = False) -> go.Figure:
+def value_histogram(
+    series: dict[str, Sequence[float | None]], *, x: str, bins: int = 60, log_y: bool = False, y: str = "tokens"
+) -> go.Figure:
     """Overlaid histograms of up to four named value series (e.g. error norms: total, linear, nonlinear); None and
     NaN values are left out."""
     colors = [VIOLET, ORANGE, GREY, "#1c7ed6"]
@@ -64,7 +66,7 @@ def value_histogram(series: dict[str, Sequence[float | None]], *, x: str, bins: 
     fig.update_layout(barmode="overlay")
     if log_y:
         fig.update_yaxes(type="log")
-    return _layout(fig, x=x, y="tokens")
+    return _layout(fig, x=x, y=y)
 
 
 def head_shares(names: Sequence[str], weight: Sequence[float] | None, data: Sequence[float] | None) -> go.Figure:

@@ -55,7 +55,7 @@ def cards(names: list[str], paths: list[str]) -> None:
             rows[label] = values
     columns = [f"{n} ({cache.card(p)['d_sae']:,})" for n, p in zip(names, paths, strict=True)]
     table = pd.DataFrame({"metric": list(rows), **{c: [fmt(rows[m][i], 4) for m in rows] for i, c in enumerate(columns)}})
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch", height=35 * (len(table) + 1) + 3)  # every row, no scrolling
     for name, e in zip(names, evaluations, strict=True):
         if e is None:
             st.caption(f"`{name}` has no evaluation yet: `saescope evaluate` on it adds SAEBench-style rows here.")

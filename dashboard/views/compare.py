@@ -66,7 +66,8 @@ narrow, wide = (b, a) if swapped else (a, b)
 m, mb, pairs = tables["matches.parquet"], tables["matches_b.parquet"], tables["pairs.parquet"]
 s = info["summary"]
 cols = st.columns(5)
-cols[0].metric(f"Best-match cos, {narrow} → {wide}", fmt(s["mean_best_cos"]), help="mean over the narrow run's latents")
+cols[0].metric("Mean best-match cos", fmt(s["mean_best_cos"]),
+               help=f"decoder cosine of each latent of {narrow} with its closest latent of {wide}, averaged")
 cols[1].metric("Share with cos > 0.9", fmt(s["frac_best_cos_over_0.9"]))
 cols[2].metric("One-to-one pairs", f"{s['n_assigned']:,}", help=f"assignment: {info['assignment']['method']} "
                f"({'exact LSA on the sparsified similarity' if info['assignment']['method'] == 'lsa' else 'greedy by cosine'})")
@@ -76,9 +77,10 @@ st.caption(f"Sample: {info['sample']['n_tokens']:,} tokens of `{Path(info['sampl
            f"run once (CPU: {info['machine']['cpu']}); comparison folder `{folder}`.")
 h1, h2 = st.columns(2)
 cos_series = {f"{narrow} → {wide}": m["best_cos"].tolist(), f"{wide} → {narrow}": mb["best_cos"].tolist()}
-h1.plotly_chart(charts.value_histogram(cos_series, x="decoder cosine of the best match"), key="cmp_cos_hist")
+h1.plotly_chart(charts.value_histogram(cos_series, x="decoder cosine of the best match", y="latents"), key="cmp_cos_hist")
 corr_series = {"one-to-one pairs": m["partner_corr"].tolist(), "best matches": m["best_corr"].tolist()}
-h2.plotly_chart(charts.value_histogram(corr_series, x="activation correlation over the sample"), key="cmp_corr_hist")
+h2.plotly_chart(charts.value_histogram(corr_series, x="activation correlation over the sample", y="latents"),
+                key="cmp_corr_hist")
 
 tab_pairs, tab_splits = st.tabs(["Matched pairs", "Feature splitting"])
 with tab_pairs:
