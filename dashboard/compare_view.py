@@ -77,8 +77,8 @@ def width_curves(paths: list[str]) -> None:
         st.plotly_chart(charts.width_curves(widths, {"error variance predicted": [c["dm_error_r2"] for c in cards_],
                                                      "‖e‖ predicted": [c["dm_norm_r2"] for c in cards_]},
                                             y="held-out R² of the linear map x → e"), key="cmp_dm_curve")
-    st.caption("Dark matter (“Decomposing the Dark Matter of SAEs”): how much of the SAE error a linear map from x "
-               "predicts; it grows with width when the wider SAE leaves less structured error behind.")
+    st.caption("Dark matter (“Decomposing the Dark Matter of SAEs”): how much of the SAE error e, and of its norm, a "
+               "linear map from x predicts on held-out tokens; the rest is the nonlinear part of the error.")
 
 
 def examples(run: str, feature_id: int, title: str) -> None:
