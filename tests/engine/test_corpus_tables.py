@@ -62,7 +62,7 @@ def test_arrow_stream_and_file_formats(tmp_path):
 
 
 def test_datasets_save_to_disk_and_splits(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra
     tok = tiny_tokenizer()
     train, test = _rows(4, [8], seed=1), _rows(3, [8], seed=2)
     datasets.DatasetDict({
@@ -87,7 +87,7 @@ def test_text_column_is_tokenized_like_jsonl(tmp_path):
 
 def test_hub_route_through_datasets_matches_pyarrow(tmp_path):
     """The hf: path streams through ``datasets.load_dataset`` (here on a local folder laid out as a hub dataset)."""
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401  (in the test extra)
     for name in ("tok", "txt"):
         (tmp_path / name / "data").mkdir(parents=True)
     rows, held = _rows(9, [8, 4]), _rows(2, [8], seed=3)
@@ -147,7 +147,7 @@ def test_hub_dataset_needs_datasets(monkeypatch):
 
 
 def test_unreachable_or_unknown_hub_dataset_fails_fast(monkeypatch, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 (the tests' default) sets it
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     started = time.perf_counter()
@@ -159,9 +159,8 @@ def test_unreachable_or_unknown_hub_dataset_fails_fast(monkeypatch, tmp_path):
 def test_unreachable_hub_fails_in_seconds(monkeypatch):
     import socket
 
+    import datasets  # in the test extra
     import huggingface_hub.constants
-
-    datasets = pytest.importorskip("datasets")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
