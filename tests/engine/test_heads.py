@@ -125,9 +125,7 @@ def test_data_shares_are_the_top_examples_head_split(attn_run, tiny_llama):
 
 def test_head_attribution_leaves_the_pass_unchanged(attn_run, tiny_llama, root):
     """The attention capture feeds the SAE the hook's exact values: statistics and examples equal a run without it."""
-    if attn_run["n"] != 6:
-        pytest.skip("once is enough")
-    out, manifest = _precompute(tiny_llama, attn_run["sae"], root, "attn_off", dfa_sources=0)
+    out, manifest = _precompute(tiny_llama, attn_run["sae"], root, f"attn_off{attn_run['n']}", dfa_sources=0)
     assert manifest["head_attribution"] == {"layer": 1, "n_heads": tiny_llama.n_heads, "dfa": False,
                                             "reason": "turned off (dfa_sources = 0)"}
     for name in ("features", "examples"):
