@@ -1,4 +1,8 @@
-"""Training a TopK SAE on streamed activations (``saescope train-sae``)."""
+"""Training a TopK SAE on streamed activations (``saescope train-sae``).
+
+Dead latents (not fired for ``--dead-tokens`` training tokens, default 1M; the TopK paper, Gao et al., uses 10M)
+feed the AuxK loss, scaled by ``min(n_dead / (d_in // 2), 1)`` as in sparsify, and the report's ``dead_fraction``.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ class TrainConfig:
     aux_coef: float = 1 / 32
     """Weight of the auxiliary loss that revives dead latents."""
     dead_tokens: int = 1_000_000
-    """A latent that has not fired for this many training tokens counts as dead."""
+    """A latent that has not fired for this many training tokens counts as dead (Gao et al. use 10M)."""
     eval_contexts: int = 64
     """Held-out contexts for the report (reconstruction metrics)."""
     ce_contexts: int = 32

@@ -104,3 +104,41 @@ def test_interrupt_leaves_no_sae(tmp_path, corpus):
     assert "interrupted" in err
     assert not (out / "cfg.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sae.tmp")]
+
+
+@pytest.mark.parametrize("n_dead", [3, 20])
+def test_auxk_loss_is_scaled_by_the_dead_count(n_dead):
+    """The step's loss is fvu + aux_coef * min(n_dead / (d_in // 2), 1) * aux, checked through its gradient."""
+    from engine.train import TopKTrainer
+
+    d_in, width, k, coef = 16, 64, 4, 0.5
+    cfg = TrainConfig(hook_name=HOOK, corpus="unused", width=width, k=k, tokens=1, dead_tokens=100, aux_coef=coef)
+    trainer = TopKTrainer(d_in, cfg, torch.device("cpu"))
+    trainer.autocast = False  # exact fp32 so the hand computation matches
+    x = torch.randn(32, d_in, generator=torch.Generator().manual_seed(1))
+    trainer.init_b_dec(x)
+    dead = torch.zeros(width, dtype=torch.bool)
+    dead[torch.randperm(width, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
+    trainer.since_fired[dead] = 101
+    W_enc, b_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in
+                                  (trainer.W_enc, trainer.b_enc, trainer.W_dec, trainer.b_dec))
+
+    pre = (x - b_dec) @ W_enc + b_enc
+    top = pre.topk(k, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    err = x - (codes @ W_dec + b_dec)
+    fvu = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    k_aux = min(d_in // 2, n_dead)
+    dead_top = pre[:, dead].topk(k_aux, dim=-1)
+    aux_codes = torch.zeros(32, n_dead).scatter(-1, dead_top.indices, dead_top.values.relu())
+    e = err.detach()
+    aux = (aux_codes @ W_dec[dead] - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    scale = min(n_dead / (d_in // 2), 1.0)
+    assert scale == (3 / 8 if n_dead == 3 else 1.0)
+    (fvu + coef * scale * aux).backward()
+
+    trainer.step(x, lr_scale=1.0)
+    # the trainer keeps this step's gradients; W_enc's and b_enc's are not projected
+    torch.testing.assert_close(trainer.W_enc.grad, W_enc.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trainer.b_enc.grad, b_enc.grad, atol=1e-5, rtol=1e-4)
+    assert aux.item() > 0 and float(b_enc.grad[dead].abs().sum()) > 0  # the aux term reached the dead latents
