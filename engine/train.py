@@ -209,7 +209,8 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     mask = stats_mask(ids, lm.special_token_ids)
     summary.update(ce_metrics(lm, sae, ids, mask).to_dict())
     density = fires.double() / max(stats.n, 1)
-    summary["eval_dead_fraction"] = float((fires == 0).double().mean())
+    # never fired on these few held-out tokens: overstates dead latents (``dead_fraction`` is over training tokens)
+    summary["heldout_silent_fraction"] = float((fires == 0).double().mean())
     summary["dense_fraction"] = float((density > 0.1).double().mean())
     return summary
 

@@ -37,7 +37,7 @@ def test_trainer_learns_and_writes_a_loadable_sae(tiny_llama, corpus, tmp_path):
     assert 1 - last["fvu"] > (1 - first["fvu"]) + 0.2, (first, last)
     assert report["heldout"]["explained_variance"] > 0.5
     assert report["tokens_seen"] == 30_000
-    for key in ("mse", "l0", "dead_fraction", "dense_fraction", "ce_loss_clean", "ce_loss_with_sae",
+    for key in ("mse", "l0", "dead_fraction", "heldout_silent_fraction", "dense_fraction", "ce_loss_clean", "ce_loss_with_sae",
                 "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div"):
         assert key in report["heldout"]
     assert report["heldout"]["l0"] == pytest.approx(8, abs=0.5)
