@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .model.loading import LoadedModel
 from .model.machine import choose_dtype
-from .precompute.activations import MASSIVE_FACTOR, iter_activations, stats_mask
+from .precompute.activations import iter_activations, stats_mask
 from .precompute.corpus import corpus_files, iter_contexts
 from .precompute.metrics import ReconStats, ce_metrics
 from .saes import SAEConfig, build_sae
@@ -190,24 +190,30 @@ def _write_atomically(out: Path, sae, report: dict) -> None:
 
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int) -> dict:
-    """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``."""
+    """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``.
+
+    Tokens count by precompute's rule (``iter_activations``' mask: no position 0, special or massive-activation
+    token), so the CE metrics splice and score exactly where a run's would; ``explained_variance`` also counts
+    the massive tokens (``explained_variance_typical`` does not).
+    """
     stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    for ab in iter_activations(lm, hook, contexts, batch, include_massive=True):
-        x = ab.acts[ab.mask].float().to(sae.device)
+    masks: list[torch.Tensor] = []
+    for ab in iter_activations(lm, hook, contexts, batch):
+        masks.append(ab.mask.cpu())
+        with_massive = stats_mask(ab.token_ids, lm.special_token_ids).to(ab.mask.device)
+        x = ab.acts[with_massive].float().to(sae.device)
         out = sae(x)
         stats.update(x, out.x_hat, out.codes)
         # massive-activation tokens (sinks beyond position 0) can dominate the variance; report without them too
-        norms = x.norm(dim=-1)
-        keep = norms < MASSIVE_FACTOR * norms.median()
+        keep = ab.mask[with_massive].to(sae.device)
         typical.update(x[keep], out.x_hat[keep], out.codes[keep])
         fires += (out.codes > 0).sum(0).cpu()
     summary = stats.summary()
     summary["explained_variance_typical"] = typical.summary()["explained_variance"]
     summary["massive_tokens"] = stats.n - typical.n
     ids = torch.tensor(contexts[:ce_contexts], dtype=torch.long)
-    mask = stats_mask(ids, lm.special_token_ids)
-    summary.update(ce_metrics(lm, sae, ids, mask).to_dict())
+    summary.update(ce_metrics(lm, sae, ids, torch.cat(masks)[:ce_contexts]).to_dict())
     density = fires.double() / max(stats.n, 1)
     # never fired on these few held-out tokens: overstates dead latents (``dead_fraction`` is over training tokens)
     summary["heldout_silent_fraction"] = float((fires == 0).double().mean())
