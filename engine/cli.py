@@ -106,8 +106,13 @@ def _stop_with_parent(parent: int) -> None:
     """End this process (as Ctrl-C would: nothing half-written is left) once ``parent``, the process that started
     it, is gone (it is no longer this one's parent), e.g. the demo's server stopped by a signal this child did not
     get. The pid is passed in, not read at start, so a parent that dies while this one is still importing counts."""
+    import signal
     import threading
     import time
+
+    # interrupt_main raises KeyboardInterrupt only while Python handles SIGINT; a child started by a process that
+    # ignores SIGINT (a background job, nohup, a test runner) inherits the ignoring, and would never stop
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while os.getppid() == parent:

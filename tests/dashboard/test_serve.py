@@ -330,7 +330,11 @@ def test_background_precompute_stops_with_the_process_that_started_it(tmp_path, 
     parent = ("import os, subprocess, sys, time; p = subprocess.Popen([*sys.argv[1:], str(os.getpid())]); "
               "print(p.pid, flush=True); time.sleep(3)")
     env = {**os.environ, "PYTHONPATH": str(serve.ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", parent, *cmd], stdout=subprocess.PIPE, text=True, env=env)
+    # the parent ignores SIGINT, as a background job or nohup does, and its child inherits that: it must stop anyway
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", parent, *cmd], stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout is not None
     child_pid = int(proc.stdout.readline())
     proc.wait(timeout=30)  # the parent exits after 3 s; the child is mid-run

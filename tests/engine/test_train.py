@@ -91,7 +91,9 @@ def test_interrupt_leaves_no_sae(tmp_path, corpus):
            "--corpus", str(big), "--width", "256", "--k", "8", "--tokens", "50000000", "--context-len", "64",
            "--batch-size", "512", "--out", str(out)]
     # unbuffered: the progress bar's first line reaches us at once (~6M tokens of corpus: minutes of training)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # started as a terminal starts it (SIGINT handled), even under a runner that ignores SIGINT (children inherit that)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     deadline = time.time() + 120
     while b"train-sae:" not in seen and time.time() < deadline and proc.poll() is None:
