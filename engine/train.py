@@ -209,11 +209,11 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
         keep = ab.mask[with_massive].to(sae.device)
         typical.update(x[keep], out.x_hat[keep], out.codes[keep])
         fires += (out.codes > 0).sum(0).cpu()
-    summary = stats.summary()
+    summary: dict[str, float | None] = dict(stats.summary())
     summary["explained_variance_typical"] = typical.summary()["explained_variance"]
     summary["massive_tokens"] = stats.n - typical.n
     ids = torch.tensor(contexts[:ce_contexts], dtype=torch.long)
-    summary.update(ce_metrics(lm, sae, ids, torch.cat(masks)[:ce_contexts]).to_dict())
+    summary.update(ce_metrics(lm, sae, ids, torch.cat(masks)[:ce_contexts]).to_dict(extended=True))
     density = fires.double() / max(stats.n, 1)
     # never fired on these few held-out tokens: overstates dead latents (``dead_fraction`` is over training tokens)
     summary["heldout_silent_fraction"] = float((fires == 0).double().mean())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,32 +64,40 @@ class CEMetrics:
     ce_loss_recovered: float
     kl_div: float
     n_predictions: int
+    ce_loss_increase: float
+    """Nats: ``ce_loss_with_sae - ce_loss_clean`` (the headline; the ratio hides how much loss is lost)."""
+    ce_loss_increase_ci95: float | None
+    """Half-width of its 95% interval: ``1.96 * std / sqrt(n)`` of the per-prediction increases (None: not summed)."""
+    kl_div_with_ablation: float | None
+    """Mean KL(clean || zero-ablated) (None: not summed)."""
+    kl_score: float | None
+    """``1 - kl_div / kl_div_with_ablation``."""
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self, extended: bool = False) -> dict[str, float | None]:
+        """The run manifest's CE keys (docs/run-format.md), or with ``extended`` every field (training report)."""
+        out = asdict(self)
+        return out if extended else {k: out[k] for k in MANIFEST_CE_KEYS}
 
 
-def _token_losses(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Loss of predicting ``token_ids[:, p+1]`` at position p: ``[batch, pos-1]``."""
-    return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), token_ids[:, 1:].flatten().to(logits.device), reduction="none"
-    ).view(token_ids.shape[0], -1)
+MANIFEST_CE_KEYS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div",
+                    "n_predictions")
+"""CE keys of ``manifest.metrics`` (``RunMetrics`` fields); the run writer does not sum the new totals yet."""
 
 
 def _loss_rows(
     clean: torch.Tensor, spliced: torch.Tensor, ablated: torch.Tensor, token_ids: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Per-position losses ``[batch, pos-1]`` from the three runs' logits, and KL(clean || with SAE)."""
+    """Per-position losses ``[batch, pos-1]`` from the three runs' logits, KL(clean || with SAE) and
+    KL(clean || zero-ablated)."""
     targets = token_ids[:, 1:].to(clean.device).unsqueeze(-1)
     logp_clean = clean[:, :-1].float().log_softmax(-1)  # each log-softmax once: over a 50k vocabulary they dominate
-    logp_sae = spliced[:, :-1].float().log_softmax(-1)
-    kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)
-    return {
-        "clean": -logp_clean.gather(-1, targets).squeeze(-1),
-        "sae": -logp_sae.gather(-1, targets).squeeze(-1),
-        "zero": _token_losses(ablated, token_ids),
-        "kl": kl,
-    }
+    p_clean = logp_clean.exp()
+    out = {"clean": -logp_clean.gather(-1, targets).squeeze(-1)}
+    for key, kl_key, logits in (("sae", "kl", spliced), ("zero", "kl_zero", ablated)):
+        logp = logits[:, :-1].float().log_softmax(-1)
+        out[key] = -logp.gather(-1, targets).squeeze(-1)
+        out[kl_key] = (p_clean * (logp_clean - logp)).sum(-1)
+    return out
 
 
 @torch.inference_mode()
@@ -131,29 +140,48 @@ def per_token_ce_from_acts(
 
 def ce_metrics(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 8) -> CEMetrics:
     """Aggregate CE loss recovered and KL over predictions made at masked positions."""
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    totals: dict[str, float] = dict.fromkeys(("clean", "sae", "zero", "kl", "kl_zero", "sq_increase"), 0.0)
     count = 0
     for start in range(0, token_ids.shape[0], batch_size):
         ids, m = token_ids[start : start + batch_size], mask[start : start + batch_size]
         losses = per_token_ce(lm, sae, ids, m)
         pred_mask = m[:, :-1].to(losses["clean"].device)
         count += int(pred_mask.sum())
-        for key in totals:
-            totals[key] += float(losses[key][pred_mask].double().sum())
+        for key, total in ce_totals(losses, pred_mask).items():
+            totals[key] += total
     return summarize_ce(totals, count)
 
 
+def ce_totals(rows: dict[str, torch.Tensor], pred: torch.Tensor) -> dict[str, float]:
+    """What ``summarize_ce`` takes from ``per_token_ce`` rows: sums over the predictions where ``pred`` is true."""
+    sums = {k: float(rows[k][pred].double().sum()) for k in ("clean", "sae", "zero", "kl", "kl_zero") if k in rows}
+    sums["sq_increase"] = float((rows["sae"][pred].double() - rows["clean"][pred].double()).pow(2).sum())
+    return sums
+
+
 def summarize_ce(totals: dict[str, float], count: int) -> CEMetrics:
-    """``CEMetrics`` from summed per-prediction losses (keys clean, sae, zero, kl) over ``count`` predictions."""
+    """``CEMetrics`` from summed per-prediction losses (keys clean, sae, zero, kl; optional kl_zero and
+    sq_increase, the sum of squared per-prediction increases) over ``count`` predictions."""
     if count == 0:
         raise ValueError("no predictions to score: every position was masked out")
     clean, with_sae, zero = (totals[k] / count for k in ("clean", "sae", "zero"))
     denom = zero - clean
+    increase = with_sae - clean
+    ci95 = None
+    if "sq_increase" in totals and count > 1:
+        var = max(totals["sq_increase"] - count * increase**2, 0.0) / (count - 1)  # sample variance
+        ci95 = 1.96 * math.sqrt(var / count)
+    kl_zero = totals["kl_zero"] / count if "kl_zero" in totals else None
+    kl = totals["kl"] / count
     return CEMetrics(
         ce_loss_clean=clean,
         ce_loss_with_sae=with_sae,
         ce_loss_zero_ablation=zero,
         ce_loss_recovered=(zero - with_sae) / denom if denom != 0 else float("nan"),
-        kl_div=totals["kl"] / count,
+        kl_div=kl,
         n_predictions=count,
+        ce_loss_increase=increase,
+        ce_loss_increase_ci95=ci95,
+        kl_div_with_ablation=kl_zero,
+        kl_score=1 - kl / kl_zero if kl_zero else None,
     )

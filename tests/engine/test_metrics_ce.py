@@ -1,4 +1,5 @@
-"""The training report's CE metrics count the tokens precompute counts (massive-activation tokens left out)."""
+"""The training report's CE metrics count the tokens precompute counts (massive-activation tokens left out);
+the loss increase, its 95% interval, KL to the zero-ablated model and the KL score, against a hand computation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,23 @@ import torch
 
 import engine.train
 from engine.precompute.corpus import iter_contexts
+from engine.precompute.metrics import ce_metrics
 from engine.saes import SAEConfig, build_sae
 
-from .test_independent_ce import BATCH, CTX, D_SAE, K, _capture, _counted, _hand_ce, _weights, corpus, lm  # noqa: F401
+from .test_independent_ce import (  # noqa: F401
+    BATCH,
+    CTX,
+    D_SAE,
+    HandHook,
+    K,
+    _capture,
+    _counted,
+    _hand_ce,
+    _log_softmax64,
+    _weights,
+    corpus,
+    lm,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -45,3 +60,49 @@ def test_train_evaluate_scores_ce_where_precompute_does(lm, sae_and_contexts, mo
     assert summary["n_predictions"] == hand["n_predictions"]
     for key in ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div"):
         assert summary[key] == pytest.approx(hand[key], rel=1e-5, abs=1e-6), key
+    assert summary["ce_loss_increase"] == pytest.approx(hand["ce_loss_with_sae"] - hand["ce_loss_clean"], abs=1e-6)
+    assert summary["ce_loss_increase_ci95"] > 0 and 0 < summary["kl_score"] <= 1
+
+
+def _hand_kl_to_ablation(lm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: F811
+    """KL(clean || activation zeroed at counted positions) per prediction ``[n, ctx-1]``, float64."""
+    rows = []
+    for row in range(len(ids)):
+        one, keep = ids[row : row + 1], mask[row : row + 1, :, None]
+        with HandHook(lm, HOOK) as hh, torch.no_grad():
+            clean = _log_softmax64(lm.hf_model(input_ids=one).logits[0, :-1])
+            hh.replace = lambda a, keep=keep: torch.where(keep, torch.zeros_like(a), a)
+            zero = _log_softmax64(lm.hf_model(input_ids=one).logits[0, :-1])
+        rows.append((clean.exp() * (clean - zero)).sum(-1))
+    return torch.stack(rows)
+
+
+def test_loss_increase_interval_and_kl_score_match_the_hand_computation(lm, sae_and_contexts):  # noqa: F811
+    sae, w, contexts = sae_and_contexts
+    ids = torch.tensor(contexts[:16])
+    mask, _ = _counted(lm, HOOK, ids)
+    got = ce_metrics(lm, sae, ids, mask, batch_size=5)  # batches that do not divide the contexts
+    hand = _hand_ce(lm, HOOK, w, ids, mask)
+    pred = hand["pred"]
+    delta = (hand["rows"]["sae"] - hand["rows"]["clean"])[pred]
+    n = len(delta)
+    mean = float(delta.sum()) / n
+    std = (sum((float(d) - mean) ** 2 for d in delta) / (n - 1)) ** 0.5
+    kl_zero = float(_hand_kl_to_ablation(lm, ids, mask)[pred].mean())
+    assert got.n_predictions == n
+    assert got.ce_loss_increase == pytest.approx(hand["ce_loss_with_sae"] - hand["ce_loss_clean"], rel=1e-5, abs=1e-6)
+    assert got.ce_loss_increase == pytest.approx(mean, rel=1e-5, abs=1e-6)
+    assert got.ce_loss_increase_ci95 == pytest.approx(1.96 * std / n**0.5, rel=1e-4)
+    assert got.kl_div_with_ablation == pytest.approx(kl_zero, rel=1e-5)
+    assert got.kl_score == pytest.approx(1 - hand["kl_div"] / kl_zero, rel=1e-5)
+    assert kl_zero > hand["kl_div"] > 0 and got.ce_loss_increase_ci95 > 0
+    new = {"ce_loss_increase", "ce_loss_increase_ci95", "kl_div_with_ablation", "kl_score"}
+    assert set(got.to_dict(extended=True)) >= new and not set(got.to_dict()) & new  # manifest keys unchanged
+
+
+def test_summaries_without_the_new_sums_leave_them_unknown():
+    from engine.precompute.metrics import summarize_ce
+
+    got = summarize_ce({"clean": 2.0, "sae": 2.5, "zero": 6.0, "kl": 0.3}, count=2)
+    assert got.ce_loss_increase == pytest.approx(0.25) and got.ce_loss_recovered == pytest.approx(3.5 / 4)
+    assert got.ce_loss_increase_ci95 is None and got.kl_div_with_ablation is None and got.kl_score is None
