@@ -46,16 +46,26 @@ with right.container(border=True):
 densities = store.densities()
 dead = int((densities <= 0).sum())
 dense = int((densities > 0.1).sum())
-row = st.columns(6)
+recorded = man.get("metrics") or {}
+clean, with_sae = metrics.ce_loss_clean, metrics.ce_loss_with_sae
+increase = None if clean is None or with_sae is None else with_sae - clean
+ci95 = recorded.get("ce_loss_increase_ci95")
+kl_ablation = recorded.get("kl_div_with_ablation")
+row = st.columns(7)
 row[0].metric("L0 (latents per token)", fmt(metrics.l0))
 row[1].metric("Explained variance", fmt(metrics.explained_variance))
-row[2].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
+row[2].metric("CE loss increase", "–" if increase is None else f"{fmt(increase)} nats" + (f" ± {fmt(ci95)}" if ci95 else ""),
+              help="Mean next-token loss with the SAE spliced in minus clean, over "
+                   f"{metrics.n_predictions or 0:,} predictions" + (" (± 95% interval)" if ci95 else ""))
+row[3].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
               help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
-row[3].metric("KL to clean", fmt(metrics.kl_div),
-              help="Mean KL divergence of next-token distributions, SAE spliced in vs clean")
-row[4].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
-row[5].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
-if "ce_loss_clean" in (man.get("metrics") or {}):  # a run recording CE metrics (null ones: it had no CE sample)
+row[4].metric("KL to clean", fmt(metrics.kl_div),
+              help="Mean KL divergence of next-token distributions, SAE spliced in vs clean"
+                   + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(recorded.get('kl_score'))}"
+                      if kl_ablation else ""))
+row[5].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
+row[6].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
+if "ce_loss_clean" in recorded:  # a run recording CE metrics (null ones: it had no CE sample)
     st.caption(
         f"Next-token loss: clean {fmt(metrics.ce_loss_clean)} · with the SAE {fmt(metrics.ce_loss_with_sae)} · "
         f"zero-ablated {fmt(metrics.ce_loss_zero_ablation)}"
