@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..interp.search import IVF_MIN, N_LISTS, N_PROBE, VectorIndex, unit
+from ..interp.vectors import IVF_MIN, N_LISTS, N_PROBE, VectorIndex, unit
 
 QUERY_TEXTS = ["month names in dates", "third-person pronouns", "closing parenthesis in Python code",
                "words about money and prices", "the end of a sentence", "numbers in scientific tables",

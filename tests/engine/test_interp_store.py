@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from engine.interp import scorers, storage
-from engine.interp import search as search_mod
 from engine.interp import store as store_mod
+from engine.interp import vectors as vectors_mod
 from engine.interp.search import SemanticSearch, VectorIndex, unit
 from engine.interp.store import INTERP_DB, InterpStore
 from engine.run import schema
@@ -337,7 +337,7 @@ def test_search_index_cached_and_invalidated(tmp_path):
 
 
 def test_ivf_recall_and_filters(tmp_path, monkeypatch):
-    monkeypatch.setattr(search_mod, "SUBSET_EXACT", 1000)  # filtered searches go through the IVF lists too
+    monkeypatch.setattr(vectors_mod, "SUBSET_EXACT", 1000)  # filtered searches go through the IVF lists too
     n, dim = 30_000, 64
     vectors = synthetic_vectors(n, dim, n_topics=3000, n_super=40, noise=1.0, seed=3)  # 10 per topic: top 50 spans lists
     rng = np.random.default_rng(0)
