@@ -59,6 +59,18 @@ class _Moments:
         self.xy += (x.T @ y).double()
         self.yy += y.pow(2).sum(0).double()
 
+    def merge(self, other: _Moments, dx: torch.Tensor, dy: torch.Tensor) -> None:
+        """Add ``other``'s sums, whose tokens were shifted by ``dx, dy`` more than this one's (``x_self = x_other
+        - dx``): re-centred exactly, since the sums of a shifted variable follow from those of the original."""
+        dx, dy = dx.double().to(self.sx.device), dy.double().to(self.sx.device)
+        n, sx, sy = other.n, other.sx.to(self.sx.device), other.sy.to(self.sx.device)
+        self.xx += other.xx.to(self.xx.device) - torch.outer(dx, sx) - torch.outer(sx, dx) + n * torch.outer(dx, dx)
+        self.xy += other.xy.to(self.xy.device) - torch.outer(dx, sy) - torch.outer(sx, dy) + n * torch.outer(dx, dy)
+        self.yy += other.yy.to(self.yy.device) - 2 * dy * sy + n * dy.pow(2)
+        self.sx += sx - n * dx
+        self.sy += sy - n * dy
+        self.n += n
+
     def sse(self, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
         """Per-target sum of squared residuals of ``y ~ x @ coef + intercept`` on these tokens."""
         xc = self.xx @ coef
@@ -95,6 +107,18 @@ class LinearErrorStats:
         x, y = x - self.shift_x, y - self.shift_y
         self.fit_part.add(x[~heldout], y[~heldout])
         self.score_part.add(x[heldout], y[heldout])
+
+    def merge(self, other: LinearErrorStats) -> None:
+        """Add another state over disjoint tokens (its sums re-centred on this state's shift): the state of all."""
+        if other.shift_x is None or other.shift_y is None:
+            return
+        if self.shift_x is None or self.shift_y is None:
+            self.shift_x, self.shift_y = other.shift_x.clone(), other.shift_y.clone()
+        # other's sums are of (v - other.shift); this state's of (v - self.shift) = (v - other.shift) - d
+        dx = (self.shift_x - other.shift_x.to(self.shift_x.device)).double()
+        dy = (self.shift_y - other.shift_y.to(self.shift_y.device)).double()
+        self.fit_part.merge(other.fit_part, dx, dy)
+        self.score_part.merge(other.score_part, dx, dy)
 
     def fit(self, ridge: float = 1e-6) -> LinearErrorMap:
         """Ridge fit on held-in tokens (``ridge`` relative to the mean feature variance), scored on held-out."""

@@ -42,6 +42,12 @@ class ReconStats:
         self.sum_cos += F.cosine_similarity(x, x_hat, dim=-1).sum()
         self.sum_l0 += l0
 
+    def merge(self, other: ReconStats) -> None:
+        """Add another state's sums (tokens disjoint from this one's): the state of all the tokens."""
+        self.n += other.n
+        for name in ("sum_x", "sum_sq_x", "sse", "sum_cos", "sum_l0"):
+            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
         total_var = self.sum_sq_x - self.sum_x.pow(2).sum() / n
