@@ -27,7 +27,7 @@ from ..live.interventions import check_sae_fits
 from ..model.loading import LoadedModel
 from ..run import parquet, rundir, schema
 from ..saes import SAE
-from .accumulators import FeatureStats, sparse_codes
+from .accumulators import FeatureStats, SparseCodes, sparse_codes
 from .activations import iter_activations
 from .corpus import corpus_files, iter_contexts
 from .darkmatter import LinearErrorStats
@@ -200,55 +200,94 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     return writer.final(state, context_file, timings)
 
 
-@torch.inference_mode()
-def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_contexts, progress, writer: RunWriter, timings,
-               heads: HeadAttribution | None, heads_note: dict | None):
-    dev, d_in, d_sae = sae.device, sae.cfg.d_in, sae.cfg.d_sae
-    state = _Pass(
+def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = None, heads_note: dict | None = None, *,
+              latents: range | None = None, seed: int | None = None) -> _Pass:
+    """Empty accumulators for a pass of ``sae`` (on its device), over all latents or the slice ``latents``.
+
+    ``seed`` (default ``cfg.seed``) seeds the random draws (quantile keys, the context sample): a shard of a
+    sharded run passes its own (``shards.shard_seed``)."""
+    dev, d_in = sae.device, sae.cfg.d_in
+    d_sae = len(latents) if latents is not None else sae.cfg.d_sae
+    seed = cfg.seed if seed is None else seed
+    return _Pass(
         stats=FeatureStats(d_sae, dev, n_bins=cfg.hist_bins),
         examples=ExampleReservoirs(d_sae, cfg.context_len, dev, top_k=cfg.top_k, n_bins=cfg.quantile_bins,
-                                   per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=cfg.seed,
+                                   per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=seed,
                                    payload=heads.payload_spec() if heads is not None else None),
         recon=ReconStats(d_in, dev),
         dark=LinearErrorStats(d_in, dev),
-        sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=cfg.seed),
+        sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=seed),
         heads=heads,
         heads_note=heads_note,
     )
-    context_file = parquet.ContextWriter(staging / schema.CONTEXTS)
-    total = n_contexts * cfg.context_len if n_contexts else None
-    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="precompute")
-    batches = iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
-                               include_first=cfg.include_first, include_massive=cfg.include_massive,
-                               head_index=sae.cfg.hook_head_index, attention=heads is not None)
-    for batch in batches:
-        n_batch, n_pos = batch.token_ids.shape
-        context_ids = torch.arange(state.n_contexts, state.n_contexts + n_batch)
-        x = batch.acts.to(dev).reshape(n_batch * n_pos, -1)
-        mask = batch.mask.to(dev)
-        flat_mask = mask.reshape(-1)
-        out = sae(x)
-        codes = sparse_codes(out.codes, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
-        n_included = int(flat_mask.sum())
+
+
+def step(state: _Pass, sae: SAE, batch, first_context: int, context_file: parquet.ContextWriter | None, *,
+         latents: range | None = None) -> int:
+    """Add one batch of activations (contexts numbered from ``first_context``) to ``state``; returns its tokens.
+
+    With ``latents`` (a slice of a sharded run) only those latents' statistics and examples are kept, and the
+    token-level state (reconstruction, dark matter, context sample, contexts file) only by the slice starting at
+    latent 0, so that merging the slices counts every token once."""
+    dev = sae.device
+    n_batch, n_pos = batch.token_ids.shape
+    context_ids = torch.arange(first_context, first_context + n_batch)
+    x = batch.acts.to(dev).reshape(n_batch * n_pos, -1)
+    mask = batch.mask.to(dev)
+    flat_mask = mask.reshape(-1)
+    out = sae(x)
+    codes = sparse_codes(out.codes, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
+    n_included, n_active = int(flat_mask.sum()), len(codes.value)
+    primary = latents is None or latents.start == 0
+    if latents is not None:
+        l0 = torch.bincount(codes.token, minlength=n_batch * n_pos) if primary else None
+        keep = (codes.latent >= latents.start) & (codes.latent < latents.stop)
+        codes = SparseCodes(codes.token[keep], codes.latent[keep] - latents.start, codes.value[keep])
+        state.stats.update(codes, n_batch * n_pos, n_included)
+    else:
         l0 = state.stats.update(codes, n_batch * n_pos, n_included)
-        if heads is not None and batch.attention is not None:
-            # the top examples' attribution, while this batch's attention is in memory (no second pass)
-            found = state.examples.top_candidates(codes, n_batch)
-            state.examples.update(codes, context_ids, heads.payload(batch.attention, found))
-        else:
-            state.examples.update(codes, context_ids)
+    heads = state.heads
+    if heads is not None and batch.attention is not None:
+        # the top examples' attribution, while this batch's attention is in memory (no second pass)
+        found = state.examples.top_candidates(codes, n_batch)
+        if latents is not None:  # the SAE's own latent ids
+            found = found._replace(latent=found.latent + latents.start)
+        state.examples.update(codes, context_ids, heads.payload(batch.attention, found))
+    else:
+        state.examples.update(codes, context_ids)
+    if primary:
+        assert l0 is not None
         x_in = x[flat_mask].float()
-        state.recon.update(x_in, out.x_hat[flat_mask], n_active=len(codes.value))
+        state.recon.update(x_in, out.x_hat[flat_mask], n_active=n_active)
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
         state.dark.update(x_in, out.error[flat_mask], heldout)
         state.sample.offer(context_ids, batch.token_ids, batch.mask, x.view(n_batch, n_pos, -1).float(),
                            out.error.view(n_batch, n_pos, -1), l0.view(n_batch, n_pos))
-        context_file.add(context_ids.numpy(), batch.token_ids.numpy())
-        state.n_contexts += n_batch
-        state.n_tokens += n_included
-        bar.update(n_batch * n_pos)
+        if context_file is not None:
+            context_file.add(context_ids.numpy(), batch.token_ids.numpy())
+    state.n_contexts += n_batch
+    state.n_tokens += n_included
+    return n_batch * n_pos
+
+
+def activation_batches(lm, sae: SAE, hook: str, contexts, cfg: PrecomputeConfig, heads: HeadAttribution | None):
+    """The pass's batches of activations (``iter_activations`` with the run's token rules)."""
+    return iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
+                            include_first=cfg.include_first, include_massive=cfg.include_massive,
+                            head_index=sae.cfg.hook_head_index, attention=heads is not None)
+
+
+@torch.inference_mode()
+def _main_pass(lm, sae, hook, contexts, cfg: PrecomputeConfig, staging: Path, n_contexts, progress, writer: RunWriter, timings,
+               heads: HeadAttribution | None, heads_note: dict | None):
+    state = new_state(sae, cfg, heads, heads_note)
+    context_file = parquet.ContextWriter(staging / schema.CONTEXTS)
+    total = n_contexts * cfg.context_len if n_contexts else None
+    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="precompute")
+    for batch in activation_batches(lm, sae, hook, contexts, cfg, heads):
+        bar.update(step(state, sae, batch, state.n_contexts, context_file))
         # at a merge boundary of the reservoirs, so that taking a snapshot does not change what follows
-        if state.examples.pending_contexts == 0 and writer.snapshot_due(state.n_contexts * n_pos):
+        if state.examples.pending_contexts == 0 and writer.snapshot_due(state.n_contexts * cfg.context_len):
             writer.snapshot(state, context_file, timings)
             bar.set_postfix_str(f"snapshot {writer.snapshots} published", refresh=False)
     bar.close()
