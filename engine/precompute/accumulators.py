@@ -101,6 +101,33 @@ class FeatureStats:
         self.hist[idx] = merged
         self.hi[idx] = new_hi
 
+    def merge(self, other: FeatureStats) -> None:
+        """Add another state over disjoint tokens (it is consumed): both histograms move to the merged range
+        (power-of-two doubling, so exactly) and add; counts and sums add; maxima take the larger."""
+        other = other.to(self.fire_count.device)
+        self.n_tokens += other.n_tokens
+        self.fire_count += other.fire_count
+        self.act_sum += other.act_sum
+        self.max_act = torch.maximum(self.max_act, other.max_act)
+        self._grow(self.max_act)
+        other._grow(self.max_act)
+        self.hist += other.hist
+
+    def to(self, device: torch.device | str) -> FeatureStats:
+        """This state with its tensors on ``device`` (in place)."""
+        for name in ("fire_count", "act_sum", "max_act", "hi", "hist"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @classmethod
+    def concat(cls, parts: list[FeatureStats]) -> FeatureStats:
+        """One state over the latents of ``parts`` (slices of the latents, in order, over the same tokens)."""
+        out = cls(0, parts[0].fire_count.device, n_bins=parts[0].n_bins)
+        out.n_tokens = parts[0].n_tokens
+        for name in ("fire_count", "act_sum", "max_act", "hi", "hist"):
+            setattr(out, name, torch.cat([getattr(p, name).to(out.fire_count.device) for p in parts]))
+        return out
+
     def summary(self) -> FeatureSummary:
         """Counts, density (over included tokens), max, mean over firing tokens, trimmed histograms."""
         fire = self.fire_count.cpu().numpy()

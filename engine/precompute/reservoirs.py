@@ -311,6 +311,72 @@ class ExampleReservoirs:
         for name, buffer in self.payload.items():
             buffer[lat, slot] = rows[name][at]
 
+    # --- partial states (sharded runs) ----------------------------------------------------------
+    STATE = ("val", "key", "ctx", "pos", "acts", "hi")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the merged state (buffered batches are merged first); ``payload.<name>`` for payloads."""
+        self.flush()
+        return {**{name: getattr(self, name) for name in self.STATE},
+                **{f"payload.{name}": buffer for name, buffer in self.payload.items()}}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], latents: range | None = None) -> ExampleReservoirs:
+        """Take the state ``state_dict`` gave (its latents ``latents``, all by default; in place), on this device."""
+        part = slice(latents.start, latents.stop) if latents is not None else slice(None)
+        for name in self.STATE:
+            setattr(self, name, tensors[name][part].to(self.device))
+        self.payload = {name[len("payload."):]: t[part].to(self.device) for name, t in tensors.items()
+                        if name.startswith("payload.")}
+        self._seen_top = self.val[:, : self.k].clone() if self.payload else None
+        self._pending, self._pending_payload = [], []
+        return self
+
+    @torch.inference_mode()
+    def merge(self, other: ExampleReservoirs) -> None:
+        """Add the reservoirs of the same latents over other contexts (disjoint ids): the top k of both, exactly as
+        one pass would keep them (ties to the lower context id); per quantile bin, the smallest keys of both (a
+        uniform sample of the union, since keys are independent uniforms: each side must draw its own)."""
+        self.flush()
+        other.flush()
+        k, n_pos = self.k, self.acts.shape[2]
+
+        def both(name: str, lo: int, hi: int | None) -> torch.Tensor:
+            return torch.cat([getattr(self, name)[:, lo:hi], getattr(other, name)[:, lo:hi].to(self.device)], 1)
+
+        def take(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, order.view(*order.shape, *([1] * (t.ndim - 2))).expand(*order.shape, *t.shape[2:]))
+
+        # top: the k largest maxima of both, ties to the lower context id
+        top_val, top_ctx = both("val", 0, k), both("ctx", 0, k)
+        top = _by_value_then_id(top_val, top_ctx, k)
+        top_acts, top_pos = take(both("acts", 0, k), top), take(both("pos", 0, k), top)
+        for name, buffer in self.payload.items():
+            self.payload[name] = take(torch.cat([buffer, other.payload[name].to(self.device)], 1), top)
+        # quantile: per bin of the merged range, the per_int smallest keys of both
+        n_int, n_q = self.n_int, self.key.shape[1]
+        self.hi = torch.maximum(self.hi, other.hi.to(self.device))
+        keys, vals = both("key", 0, None), both("val", k, None)
+        live = keys < EMPTY_KEY
+        bins = torch.where(live, (vals * (n_int / self.hi.clamp_min(1e-30))[:, None]).floor_().clamp_(max=n_int - 1),
+                           float(n_int)).long()
+        _, order = torch.where(live, bins.double() + keys.double(), float("inf")).sort(dim=1)
+        sorted_bins = bins.gather(1, order)
+        won = (_rank_in_group(sorted_bins) < self.per_int) & (sorted_bins < n_int)
+        first = torch.sort((~won).to(torch.int8), dim=1, stable=True).indices[:, :n_q]  # winners first, in key order
+        kept, won = order.gather(1, first), won.gather(1, first)
+        q_val = vals.gather(1, kept).masked_fill_(~won, 0.0)
+        q_key = keys.gather(1, kept).masked_fill_(~won, EMPTY_KEY)
+        q_ctx = both("ctx", k, None).gather(1, kept).masked_fill_(~won, -1)
+        q_pos = both("pos", k, None).gather(1, kept)
+        q_acts = take(both("acts", k, None), kept).masked_fill_(~won[:, :, None].expand(-1, -1, n_pos), 0.0)
+        self.val = torch.cat([top_val.gather(1, top), q_val], 1)
+        self.ctx = torch.cat([top_ctx.gather(1, top), q_ctx], 1)
+        self.pos = torch.cat([top_pos, q_pos], 1)
+        self.acts = torch.cat([top_acts, q_acts], 1)
+        self.key = q_key
+        if self._seen_top is not None:
+            self._seen_top = self.val[:, :k].clone()
+
     # --- results ---------------------------------------------------------------------------
     def max_act(self) -> torch.Tensor:
         """Largest context maximum seen per latent ``[d_sae]``."""

@@ -7,6 +7,7 @@ corpus length.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 HELDOUT_EVERY = 10
@@ -47,6 +48,32 @@ class ContextSample:
             self.x[slot] = x[row]
             self.err[slot] = err[row]
             self.l0[slot] = l0[row]
+
+    def merge(self, other: ContextSample, gen: np.random.Generator) -> None:
+        """Become a uniform sample of the union of this sample's and ``other``'s contexts (disjoint; each a uniform
+        sample of its own): how many come from each side is hypergeometric, which of them uniform, and the slots
+        are shuffled, so the first slots are again a uniform sample (the CE scoring takes those)."""
+        population = self.seen + other.seen
+        size = min(self.capacity, population)
+        from_self = int(gen.hypergeometric(self.seen, other.seen, size)) if self.seen and other.seen else (
+            size if other.seen == 0 else 0)
+
+        def pick(sample: ContextSample, n: int) -> list[tuple[ContextSample, int]]:
+            filled = (sample.context_id >= 0).nonzero(as_tuple=True)[0].numpy()
+            return [(sample, int(i)) for i in gen.choice(filled, size=n, replace=False)]
+
+        chosen = pick(self, from_self) + pick(other, size - from_self)
+        chosen = [chosen[i] for i in gen.permutation(len(chosen))]
+        names = ("context_id", "token_ids", "mask", "x", "err", "l0")
+        # stacked (copied) before this sample's buffers are cleared: some rows are this sample's own
+        rows = {name: torch.stack([getattr(src, name)[i].to(getattr(self, name).device) for src, i in chosen])
+                for name in names} if chosen else {}
+        for name in names:
+            buffer = getattr(self, name)
+            buffer.fill_(-1) if name == "context_id" else buffer.zero_()
+            if rows:
+                buffer[: len(chosen)] = rows[name]
+        self.seen = population
 
     def taken(self) -> torch.Tensor:
         """Indices of filled slots, ordered by context id."""
