@@ -14,8 +14,10 @@ from dashboard.render import fmt
 from engine.run.schema import MANIFEST
 
 CARD = {
-    "l0": "L0", "explained_variance": "Explained variance", "ce_loss_recovered": "CE loss recovered",
-    "kl_div": "KL to clean", "dead_fraction": "Dead fraction", "dense_fraction": "Dense fraction (> 10%)",
+    "l0": "L0", "explained_variance": "Explained variance", "ce_loss_increase": "CE loss increase (nats)",
+    "ce_loss_increase_ci95": "CE loss increase: ± 95% interval", "ce_loss_recovered": "CE loss recovered",
+    "kl_div": "KL to clean", "kl_score": "KL score", "dead_fraction": "Dead fraction",
+    "dense_fraction": "Dense fraction (> 10%)",
     "dm_error_r2": "Dark matter: error variance predicted", "dm_norm_r2": "Dark matter: ‖e‖ predicted",
 }
 EVALUATION = {

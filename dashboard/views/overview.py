@@ -48,9 +48,10 @@ dead = int((densities <= 0).sum())
 dense = int((densities > 0.1).sum())
 recorded = man.get("metrics") or {}
 clean, with_sae = metrics.ce_loss_clean, metrics.ce_loss_with_sae
-increase = None if clean is None or with_sae is None else with_sae - clean
-ci95 = recorded.get("ce_loss_increase_ci95")
-kl_ablation = recorded.get("kl_div_with_ablation")
+increase = metrics.ce_loss_increase  # runs written before it was recorded: from the two losses
+if increase is None and clean is not None and with_sae is not None:
+    increase = with_sae - clean
+ci95, kl_ablation = metrics.ce_loss_increase_ci95, metrics.kl_div_with_ablation
 row = st.columns(7)
 row[0].metric("L0 (latents per token)", fmt(metrics.l0))
 row[1].metric("Explained variance", fmt(metrics.explained_variance))
@@ -61,7 +62,7 @@ row[3].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
               help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
 row[4].metric("KL to clean", fmt(metrics.kl_div),
               help="Mean KL divergence of next-token distributions, SAE spliced in vs clean"
-                   + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(recorded.get('kl_score'))}"
+                   + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(metrics.kl_score)}"
                       if kl_ablation else ""))
 row[5].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
 row[6].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
@@ -69,6 +70,8 @@ if "ce_loss_clean" in recorded:  # a run recording CE metrics (null ones: it had
     st.caption(
         f"Next-token loss: clean {fmt(metrics.ce_loss_clean)} · with the SAE {fmt(metrics.ce_loss_with_sae)} · "
         f"zero-ablated {fmt(metrics.ce_loss_zero_ablation)}"
+        + (f" · KL score {fmt(metrics.kl_score)} (1 − KL with the SAE / KL zero-ablated {fmt(kl_ablation)})"
+           if metrics.kl_score is not None else "")
     )
 
 st.subheader("Latent densities")

@@ -13,8 +13,8 @@ from ..run.store import RunStore
 from ..saes import SAE
 
 CARD_FIELDS = (
-    "l0", "explained_variance", "ce_loss_recovered", "kl_div", "dead_fraction", "dense_fraction", "dm_error_r2",
-    "dm_norm_r2",
+    "l0", "explained_variance", "ce_loss_increase", "ce_loss_increase_ci95", "ce_loss_recovered", "kl_div", "kl_score",
+    "dead_fraction", "dense_fraction", "dm_error_r2", "dm_norm_r2",
 )
 """The eval card of a run, in display order (``card``)."""
 
@@ -27,8 +27,10 @@ def card(store: RunStore) -> dict:
     return {
         "run": str(store.run_dir), "d_sae": int(sae.get("d_sae") or 0), "architecture": sae.get("architecture"),
         "k": sae.get("k"), "n_tokens": metrics.n_tokens, "l0": metrics.l0,
-        "explained_variance": metrics.explained_variance, "ce_loss_recovered": metrics.ce_loss_recovered,
-        "kl_div": metrics.kl_div, "dead_fraction": metrics.dead_fraction, "dense_fraction": metrics.dense_fraction,
+        "explained_variance": metrics.explained_variance, "ce_loss_increase": metrics.ce_loss_increase,
+        "ce_loss_increase_ci95": metrics.ce_loss_increase_ci95, "ce_loss_recovered": metrics.ce_loss_recovered,
+        "kl_div": metrics.kl_div, "kl_score": metrics.kl_score, "dead_fraction": metrics.dead_fraction,
+        "dense_fraction": metrics.dense_fraction,
         "dm_error_r2": dm.heldout_error_r2 if dm else None, "dm_norm_r2": dm.heldout_norm_r2 if dm else None,
     }
 

@@ -80,14 +80,15 @@ class CEMetrics:
     """``1 - kl_div / kl_div_with_ablation``."""
 
     def to_dict(self, extended: bool = False) -> dict[str, float | None]:
-        """The run manifest's CE keys (docs/run-format.md), or with ``extended`` every field (training report)."""
+        """Every field (``extended``: what run manifests and training reports record), or only the six CE keys
+        that manifests and reports written before the loss increase and KL score existed carry."""
         out = asdict(self)
         return out if extended else {k: out[k] for k in MANIFEST_CE_KEYS}
 
 
 MANIFEST_CE_KEYS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div",
                     "n_predictions")
-"""CE keys of ``manifest.metrics`` (``RunMetrics`` fields); the run writer does not sum the new totals yet."""
+"""The CE keys of older run manifests; runs now record every ``CEMetrics`` field (``runwriter.CE_KEYS``)."""
 
 
 def _loss_rows(

@@ -29,11 +29,14 @@ from ..run import parquet, rundir, schema
 from ..run.index import build_index
 from . import runfiles
 from .corpus import corpus_hash
-from .metrics import per_token_ce, per_token_ce_from_acts, summarize_ce
+from .metrics import CEMetrics, ce_totals, per_token_ce, per_token_ce_from_acts, summarize_ce
 from .sampling import ContextSample
 
-LOSS_KEYS = ("clean", "sae", "zero", "kl")
-CE_KEYS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div", "n_predictions")
+LOSS_KEYS = ("clean", "sae", "zero", "kl", "kl_zero")
+"""Per-prediction rows kept for each scored context (``per_token_ce``'s keys: losses clean / with the SAE /
+zero-ablated, KL(clean || with SAE), KL(clean || zero-ablated))."""
+CE_KEYS = tuple(CEMetrics.__dataclass_fields__)
+"""The CE keys of ``manifest.metrics``: every ``CEMetrics`` field (``to_dict(extended=True)``)."""
 SNAPSHOT_COST_FACTOR = 10.0
 """A later snapshot waits at least this many times the previous one's cost."""
 SNAPSHOT_MIN_REMAINING = float(os.environ.get("SAESCOPE_SNAPSHOT_MIN_SECONDS", 60))
@@ -93,9 +96,11 @@ class RunWriter:
         self._next_tokens, self._next_time = 2 * seen, time.perf_counter() + SNAPSHOT_COST_FACTOR * cost
         return manifest
 
-    def final(self, state, contexts: parquet.ContextWriter, timings: dict) -> dict:
-        """Write the finished run into the staging folder and swap it in; returns the manifest."""
-        contexts.close()
+    def final(self, state, contexts: parquet.ContextWriter | None, timings: dict) -> dict:
+        """Write the finished run into the staging folder and swap it in; returns the manifest. ``contexts`` is
+        None when the staging folder already holds the contexts file (a sharded run's merge)."""
+        if contexts is not None:
+            contexts.close()
         manifest = self._write(state, self.staging, final=True, timings=timings)
         rundir.finalize(self.out_dir, self.staging, manifest)
         return manifest
@@ -134,7 +139,8 @@ class RunWriter:
             dead_fraction=float(len(dead) / len(summary.fire_count)),
             dense_fraction=float((summary.density > 0.1).mean()),
         )
-        metrics.update(losses["metrics"].to_dict() if losses is not None else dict.fromkeys(CE_KEYS))  # null: no CE sample
+        # null: no CE sample
+        metrics.update(losses["metrics"].to_dict(extended=True) if losses is not None else dict.fromkeys(CE_KEYS))
         seen = state.n_contexts * cfg.context_len
         return {
             "schema_version": schema.SCHEMA_VERSION,
@@ -201,4 +207,4 @@ class RunWriter:
         count = int(pred.sum())
         if count == 0:
             return None
-        return {**out, "metrics": summarize_ce({k: float(out[k][pred].double().sum()) for k in LOSS_KEYS}, count)}
+        return {**out, "metrics": summarize_ce(ce_totals(out, pred), count)}

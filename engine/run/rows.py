@@ -252,6 +252,15 @@ class RunMetrics(NamedTuple):
     """Mean KL(clean next-token distribution || with SAE)."""
     n_predictions: int | None
     """Predictions in the CE sample."""
+    ce_loss_increase: float | None
+    """Nats: ``ce_loss_with_sae - ce_loss_clean`` (None in runs written before it was recorded)."""
+    ce_loss_increase_ci95: float | None
+    """Half-width of its 95% interval: ``1.96 * std / sqrt(n_predictions)`` of the per-prediction increases (the
+    interval is ``ce_loss_increase ± ce_loss_increase_ci95``)."""
+    kl_div_with_ablation: float | None
+    """Mean KL(clean next-token distribution || activation zeroed at statistic positions)."""
+    kl_score: float | None
+    """``1 - kl_div / kl_div_with_ablation``."""
     n_dead: int | None
     """Latents that never fire."""
     dead_fraction: float | None

@@ -51,6 +51,8 @@ def test_cards_curves_and_matches_side_by_side(runs, open_app):
         wide = card(store)
     row = cards[cards["metric"] == "Explained variance"].iloc[0]
     assert row["wide (256)"] == fmt(wide["explained_variance"], 4)
+    for key, label in (("kl_score", "KL score"), ("ce_loss_increase_ci95", "CE loss increase: ± 95% interval")):
+        assert wide[key] is not None and cards[cards["metric"] == label].iloc[0]["wide (256)"] == fmt(wide[key], 4)
     assert cards[cards["metric"] == "L2 ratio ‖x̂‖/‖x‖"].iloc[0]["wide (256)"] == "–"  # only narrow was evaluated
     charts = plotly(at)
     assert len(charts) == 4  # EV and dark-matter curves across the three widths, cosine and correlation histograms
@@ -113,7 +115,9 @@ def test_overview_shows_the_evaluation(runs, open_app):
     assert any(s.value == "Evaluation" for s in at.subheader)
     from engine.eval.storage import evaluation_summary
 
-    values, _, stale = evaluation_summary(runs["narrow"], json.loads((runs["narrow"] / "manifest.json").read_text()))
+    summary = evaluation_summary(runs["narrow"], json.loads((runs["narrow"] / "manifest.json").read_text()))
+    assert summary is not None
+    values, _, stale = summary
     assert not stale
     assert metric(at, "L2 ratio ‖x̂‖/‖x‖") == fmt(values["core/l2_ratio"])
     assert metric(at, "cos(x, x̂)") == fmt(values["core/cosine"])

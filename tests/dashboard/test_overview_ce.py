@@ -1,4 +1,8 @@
-"""The Overview's CE cards: the loss increase in nats beside the ratio."""
+"""The Overview's CE cards: the loss increase in nats (± its 95% interval) beside the ratio, and the KL score;
+runs written before the manifest recorded the increase still show it, from the two losses."""
+
+import json
+import shutil
 
 import pytest
 
@@ -7,6 +11,8 @@ from engine.run.store import RunStore
 
 from .test_pages import metric, no_crash
 
+NEW_KEYS = ("ce_loss_increase", "ce_loss_increase_ci95", "kl_div_with_ablation", "kl_score")
+
 
 @pytest.fixture(scope="module")
 def store(tiny_runs):
@@ -14,9 +20,29 @@ def store(tiny_runs):
         yield s
 
 
-def test_overview_shows_the_ce_loss_increase_beside_the_ratio(tiny_runs, open_app, store):
+def test_overview_shows_the_ce_loss_increase_and_interval_beside_the_ratio(tiny_runs, open_app, store):
     at = open_app(tiny_runs["topk"])
     no_crash(at)
     m = store.manifest()["metrics"]
-    assert metric(at, "CE loss increase") == f"{fmt(m['ce_loss_with_sae'] - m['ce_loss_clean'])} nats"
+    assert m["ce_loss_increase"] == pytest.approx(m["ce_loss_with_sae"] - m["ce_loss_clean"], abs=1e-9)
+    assert m["ce_loss_increase_ci95"] > 0 and m["kl_div_with_ablation"] > m["kl_div"]
+    assert metric(at, "CE loss increase") == f"{fmt(m['ce_loss_increase'])} nats ± {fmt(m['ce_loss_increase_ci95'])}"
     assert metric(at, "CE loss recovered") == fmt(m["ce_loss_recovered"])
+    assert any(f"KL score {fmt(m['kl_score'])}" in c.value for c in at.caption)
+
+
+def test_a_run_without_the_new_keys_shows_the_increase_from_its_losses(tiny_runs, open_app, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(tiny_runs["topk"], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    for key in NEW_KEYS:
+        del manifest["metrics"][key]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with RunStore.open(run) as old:
+        got = old.metrics()
+    assert all(getattr(got, key) is None for key in NEW_KEYS) and got.ce_loss_clean is not None
+    at = open_app(run)
+    no_crash(at)
+    m = manifest["metrics"]
+    assert metric(at, "CE loss increase") == f"{fmt(m['ce_loss_with_sae'] - m['ce_loss_clean'])} nats"
+    assert not any("KL score" in c.value for c in at.caption)

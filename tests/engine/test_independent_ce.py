@@ -173,7 +173,7 @@ def _counted(lm, hook: str, ids: torch.Tensor, include_massive: bool = False) ->
 
 def _hand_ce(lm, hook: str, w: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """Per-prediction losses and KL ``[n, ctx-1]`` (float64) and their means over counted predictions."""
-    out = {k: [] for k in ("clean", "sae", "zero", "kl")}
+    out = {k: [] for k in ("clean", "sae", "zero", "kl", "kl_zero")}
     for row in range(len(ids)):
         one, keep = ids[row : row + 1], mask[row : row + 1, :, None]
         logp = {}
@@ -187,10 +187,12 @@ def _hand_ce(lm, hook: str, w: dict, ids: torch.Tensor, mask: torch.Tensor) -> d
         for key in ("clean", "sae", "zero"):
             out[key].append(-logp[key].gather(-1, target)[:, 0])
         out["kl"].append((logp["clean"].exp() * (logp["clean"] - logp["sae"])).sum(-1))
+        out["kl_zero"].append((logp["clean"].exp() * (logp["clean"] - logp["zero"])).sum(-1))
     rows = {k: torch.stack(v) for k, v in out.items()}
     pred = mask[:, :-1]
     means = {k: float(v[pred].mean()) for k, v in rows.items()}
     clean, sae, zero = means["clean"], means["sae"], means["zero"]
+    increase = (rows["sae"] - rows["clean"])[pred]
     return {
         "rows": rows,
         "pred": pred,
@@ -200,10 +202,15 @@ def _hand_ce(lm, hook: str, w: dict, ids: torch.Tensor, mask: torch.Tensor) -> d
         "ce_loss_recovered": (zero - sae) / (zero - clean),
         "kl_div": means["kl"],
         "n_predictions": int(pred.sum()),
+        "ce_loss_increase": float(increase.mean()),
+        "ce_loss_increase_ci95": 1.96 * float(increase.std(unbiased=True)) / len(increase) ** 0.5,
+        "kl_div_with_ablation": means["kl_zero"],
+        "kl_score": 1 - means["kl"] / means["kl_zero"],
     }
 
 
-METRICS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div")
+METRICS = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "kl_div",
+           "ce_loss_increase", "ce_loss_increase_ci95", "kl_div_with_ablation", "kl_score")
 
 
 @pytest.fixture(scope="module", params=HOOKS)
@@ -251,6 +258,11 @@ def test_precompute_manifest_ce_metrics_match_the_hand_computation(case, lm):
     assert metrics["n_predictions"] == hand["n_predictions"]
     for key in METRICS:
         assert metrics[key] == pytest.approx(hand[key], rel=1e-5, abs=1e-6), key
+    # the training report's computation (ce_metrics) on the same contexts and tokens records the same CE keys
+    report = ce_metrics(lm, case["sae"], case["ids"][case["heldout"]], case["mask"][case["heldout"]]).to_dict(extended=True)
+    assert set(report) <= set(metrics)
+    for key, value in report.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     if case["n_massive"]:
         # the rule matters: counting the massive tokens gives other metrics than the run's
         loose, _ = _counted(lm, case["hook"], case["ids"], include_massive=True)

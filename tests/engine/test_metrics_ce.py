@@ -95,9 +95,9 @@ def test_loss_increase_interval_and_kl_score_match_the_hand_computation(lm, sae_
     assert got.ce_loss_increase_ci95 == pytest.approx(1.96 * std / n**0.5, rel=1e-4)
     assert got.kl_div_with_ablation == pytest.approx(kl_zero, rel=1e-5)
     assert got.kl_score == pytest.approx(1 - hand["kl_div"] / kl_zero, rel=1e-5)
-    assert kl_zero > hand["kl_div"] > 0 and got.ce_loss_increase_ci95 > 0
+    assert got.ce_loss_increase_ci95 is not None and got.ce_loss_increase_ci95 > 0 and kl_zero > hand["kl_div"] > 0
     new = {"ce_loss_increase", "ce_loss_increase_ci95", "kl_div_with_ablation", "kl_score"}
-    assert set(got.to_dict(extended=True)) >= new and not set(got.to_dict()) & new  # manifest keys unchanged
+    assert set(got.to_dict(extended=True)) >= new and not set(got.to_dict()) & new  # to_dict(): older runs' six keys
 
 
 def test_summaries_without_the_new_sums_leave_them_unknown():
