@@ -30,6 +30,8 @@ from . import schema
 
 PARTIAL = ".partial"
 SNAPSHOTS = ".snapshots"
+SHARDS = ".shards"
+"""A sharded precompute's job and task states (``precompute.shards``), kept until its merge has put the run in place."""
 RUN_FILES = (
     schema.FEATURES, schema.EXAMPLES, schema.CONTEXTS, schema.VOCAB, schema.TOKENS, schema.ATTRIBUTION, schema.DARK_MATTER,
     schema.INDEX,
@@ -97,7 +99,8 @@ def prepare(out: str | Path, *, model_hash: str, sae_hash: str, force: bool) -> 
                     "pass --force (force=True) to replace it, or choose another --out"
                 )
         else:
-            foreign = sorted(p.name for p in out.iterdir() if p.name not in (*RUN_FILES, PARTIAL, SNAPSHOTS, schema.MANIFEST))
+            known = (*RUN_FILES, PARTIAL, SNAPSHOTS, SHARDS, schema.MANIFEST)
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in known)
             if foreign:
                 raise FileExistsError(
                     f"run directory {out} holds files that are not a saescope run ({', '.join(foreign[:5])}); "
@@ -183,6 +186,11 @@ def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
     _write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)
+
+
+def rewrite_manifest(out: str | Path, manifest: dict) -> None:
+    """Replace a finished run's manifest (atomically) with ``manifest``, e.g. one with more sections."""
+    _write_manifest(Path(out), manifest)
 
 
 def _current_manifest(out: Path) -> dict | None:

@@ -1,0 +1,188 @@
+"""``saescope precompute --shards N [--latent-shards M] [--ray ADDRESS]``: a sharded precompute on Ray.
+
+The driver loads the model and SAE once (their fingerprints name the run; the merge needs them), plans the job
+(``shards.Job``) into the run's staging area and runs each unfinished task as a Ray task: one GPU per task where
+the cluster has GPUs, one CPU otherwise. Without an address a local Ray instance is started (and stopped after);
+with one, the job joins that cluster, whose nodes must see the run directory, the model, the SAE and the corpus
+at the same paths (a shared filesystem). Ray retries a task whose worker died; a task that fails for good stops
+the job, and running the same command again redoes only the tasks without a saved state. Then ``merge_run``
+writes the run (``--no-merge``: later, with ``saescope merge``).
+
+``runner="inline"`` runs the tasks one after another in this process (no Ray): the same plan, states and merge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..run import rundir
+from .corpus import iter_contexts
+from .merge import merge_run
+from .pipeline import PrecomputeConfig, check_inputs
+from .shards import Job, done, load_inputs, prepare_job, run_task
+
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
+              "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+
+
+def plan(model: str, sae_path: str, corpus: str | Path, out: str | Path, *, shards: int, latent_shards: int = 1,
+         device: str = "auto", dtype: str = "auto", force: bool = False, inputs=None, **options) -> tuple[Job, tuple]:
+    """Check the inputs and ``out``, count the contexts and save the job; returns it and the loaded ``(lm, sae)``."""
+    if shards < 1 or latent_shards < 1:
+        raise ValueError(f"--shards and --latent-shards must be >= 1, got {shards} and {latent_shards}")
+    cfg = PrecomputeConfig(**options)
+    lm, sae = inputs if inputs is not None else _load(model, sae_path, device, dtype)
+    if latent_shards > sae.cfg.d_sae:
+        raise ValueError(f"--latent-shards {latent_shards} exceeds the SAE's {sae.cfg.d_sae} latents")
+    check_inputs(lm, sae, corpus, cfg.context_len)
+    identity = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
+    shutil.rmtree(rundir.prepare(out, **identity, force=force))  # only its checks: tasks stage in .shards
+    contexts = iter_contexts(lm.tokenizer, corpus, cfg.context_len)
+    limit = cfg.tokens // cfg.context_len if cfg.tokens else None
+    n_contexts = sum(1 for _ in itertools.islice(contexts, limit))
+    if n_contexts == 0:
+        raise ValueError(f"corpus {corpus} is shorter than one context of {cfg.context_len} tokens")
+    if shards > n_contexts:
+        raise ValueError(f"--shards {shards} exceeds the run's {n_contexts} contexts")
+    job = Job(model=str(model), device=str(device), dtype=str(dtype), sae=str(sae_path), corpus=str(corpus),
+              config={k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, n_contexts=n_contexts, shards=shards,
+              latent_shards=latent_shards, d_sae=sae.cfg.d_sae, identity=identity)
+    prepare_job(out, job)
+    return job, (lm, sae)
+
+
+def _load(model: str, sae_path: str, device: str, dtype: str):
+    from ..model.loading import load_model
+    from ..saes import load_sae
+
+    lm = load_model(model, device=device, dtype=dtype)
+    return lm, load_sae(sae_path).to(lm.device)
+
+
+def precompute_sharded(model: str, sae_path: str, corpus: str | Path, out: str | Path, *, shards: int,
+                       latent_shards: int = 1, ray_address: str | None = None, runner: str = "ray",
+                       device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
+                       merge: bool = True, inputs=None, cpus_per_task: int = 1, **options) -> dict | None:
+    """Plan, run and (with ``merge``) merge a sharded precompute; returns the manifest (None without ``merge``).
+    ``options`` are ``PrecomputeConfig`` fields; ``inputs`` the loaded ``(lm, sae)`` (else loaded from the paths)."""
+    job, inputs = plan(model, sae_path, corpus, out, shards=shards, latent_shards=latent_shards, device=device,
+                       dtype=dtype, force=force, inputs=inputs, **options)
+    finished = {t.index for t in done(Path(out) / rundir.SHARDS, job)}
+    todo = [t.index for t in job.tasks() if t.index not in finished]
+    if progress and finished:
+        print(f"precompute: {len(finished)} of {len(job.tasks())} tasks already done", file=sys.stderr, flush=True)
+    if runner == "inline":
+        _run_inline(out, job, todo, inputs, progress)
+    elif runner == "ray":
+        _run_on_ray(out, job, todo, ray_address, progress, cpus_per_task)
+    else:
+        raise ValueError(f"unknown runner {runner!r}: use 'ray' or 'inline'")
+    return merge_run(out, inputs=inputs, progress=progress) if merge else None
+
+
+class _Progress:
+    """One bar for the whole job; per-task throughput in its postfix."""
+
+    def __init__(self, job: Job, todo: list[int], progress: bool):
+        tasks = job.tasks()
+        per_slice = {i: (tasks[i].contexts[1] - tasks[i].contexts[0]) * job.config["context_len"] for i in todo}
+        self.bar = tqdm(total=sum(per_slice.values()), unit="tok", unit_scale=True, disable=not progress,
+                        desc=f"precompute {job.shards}x{job.latent_shards} tasks")
+        self.seen: dict[int, tuple[int, float]] = {}
+
+    def update(self, seen: dict[int, tuple[int, float]]) -> None:
+        self.seen.update(seen)
+        total = sum(tokens for tokens, _ in self.seen.values())
+        self.bar.update(total - self.bar.n)
+        rates = [f"t{i}:{tokens / max(sec, 1e-9) / 1e3:.1f}k" for i, (tokens, sec) in sorted(self.seen.items())]
+        self.bar.set_postfix_str(" ".join(rates[-8:]) + " tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_inline(out, job: Job, todo: list[int], inputs, progress: bool) -> None:
+    bar = _Progress(job, todo, progress)
+    try:
+        for index in todo:
+            run_task(out, index, report=lambda i, tokens, sec: bar.update({i: (tokens, sec)}), inputs=inputs)
+    finally:
+        bar.close()
+
+
+def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: bool, cpus_per_task: int) -> None:
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("--shards runs on Ray, which is not installed: pip install 'saescope[ray]'") from err
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=progress, configure_logging=False,
+                 runtime_env={"env_vars": WORKER_ENV})
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+
+        @ray.remote
+        class Reporter:
+            def __init__(self):
+                self.seen: dict[int, tuple[int, float]] = {}
+
+            def report(self, index: int, tokens: int, seconds: float) -> None:
+                self.seen[index] = (tokens, seconds)
+
+            def read(self) -> dict[int, tuple[int, float]]:
+                return self.seen
+
+        @ray.remote(max_retries=2, num_gpus=1 if gpus else 0, num_cpus=1 if gpus else cpus_per_task)
+        def task(out: str, index: int, reporter) -> dict:
+            last = [0.0]
+
+            def report(i: int, tokens: int, seconds: float) -> None:
+                if seconds - last[0] >= 0.5:
+                    last[0] = seconds
+                    reporter.report.remote(i, tokens, seconds)
+
+            summary = run_task(out, index, report=report)
+            reporter.report.remote(index, summary["positions"], summary["seconds"])
+            return summary
+
+        reporter = Reporter.remote()
+        pending = [task.remote(str(out), index, reporter) for index in todo]
+        bar = _Progress(job, todo, progress)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, timeout=0.5)
+                for ref in ready:
+                    ray.get(ref)  # a task that failed for good raises here (its state is not saved)
+                bar.update(ray.get(reporter.read.remote()))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            bar.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def sharded_merge(out: str | Path, *, device: str | None = None, progress: bool = True, keep_states: bool = False) -> dict:
+    """``saescope merge RUN``: merge a sharded precompute whose tasks are done (the model and SAE loaded from its
+    job, on ``device`` when given)."""
+    folder = Path(out) / rundir.SHARDS
+    job = Job.load(folder)
+    if device is not None:
+        job.device = device
+    start = time.perf_counter()
+    inputs = load_inputs(job)
+    if progress:
+        print(f"merge: model and SAE loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return merge_run(out, inputs=inputs, progress=progress, keep_states=keep_states)

@@ -1,0 +1,177 @@
+"""``saescope merge``: the saved states of a sharded precompute's tasks (``shards``) merged into one run.
+
+Token shards merge exactly (``FeatureStats.merge``, ``ExampleReservoirs.merge``, ``ReconStats.merge``,
+``LinearErrorStats.merge``; the context sample as a uniform sample of the union, ``ContextSample.merge``); latent
+slices are laid side by side. The example reservoirs are never merged whole: ``ShardedExamples`` merges them a
+chunk of latents at a time from the memory-mapped task states while the examples file is written, so the merge
+holds a few hundred latents' reservoirs however wide the SAE. The run is written as a single-process run is
+(``RunWriter``: CE losses on the sampled contexts, logit effects, neighbours, the index), into the run's private
+staging folder, and the manifest comes last: a merge killed at any point leaves no run that looks complete, and
+the task states stay until the run is in place, so the merge can simply be run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..run import rundir, schema
+from .accumulators import FeatureStats
+from .pipeline import PrecomputeConfig, _Pass, compute_copy
+from .reservoirs import ExampleReservoirs
+from .runwriter import RunWriter
+from .shards import Job, Task, contexts_path, done, load_inputs, load_state, shards_dir, state_path
+
+
+class ShardedExamples:
+    """The merged example reservoirs of a sharded run, as ``runfiles.write_examples`` reads them, merged lazily a
+    chunk of latents at a time (``iter_rows``)."""
+
+    def __init__(self, slices: list[tuple[range, list[dict]]], cfg: PrecomputeConfig, device: torch.device | str = "cpu"):
+        self.slices, self.cfg, self.device = slices, cfg, device
+        first = slices[0][1][0]
+        d_sae = sum(len(r) for r, _ in slices)
+        # only shapes are read from the payload (no memory): the rows carry the values
+        self.payload = {name.removeprefix("payload."): torch.empty(d_sae, *t.shape[1:], dtype=t.dtype, device="meta")
+                        for name, t in first.items() if name.startswith("payload.")}
+
+    def _reservoirs(self, width: int) -> ExampleReservoirs:
+        cfg = self.cfg
+        return ExampleReservoirs(width, cfg.context_len, self.device, top_k=cfg.top_k, n_bins=cfg.quantile_bins,
+                                 per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=cfg.seed)
+
+    def merged(self, latents: range) -> ExampleReservoirs:
+        """The merged reservoirs of ``latents`` (within one slice)."""
+        for full, parts in self.slices:
+            if full.start <= latents.start and latents.stop <= full.stop:
+                local = range(latents.start - full.start, latents.stop - full.start)
+                out = self._reservoirs(0).load_state(parts[0], local)
+                for other in parts[1:]:
+                    out.merge(self._reservoirs(0).load_state(other, local))
+                return out
+        raise ValueError(f"latents {latents} cross a slice boundary")
+
+    def iter_rows(self, chunk: int = 1024):
+        for full, _ in self.slices:
+            for lo in range(full.start, full.stop, chunk):
+                latents = range(lo, min(lo + chunk, full.stop))
+                rows = self.merged(latents).rows()
+                yield latents, dataclasses.replace(rows, feature_id=rows.feature_id + np.int32(lo))
+
+    def context_ids(self) -> np.ndarray:
+        """Every context id some task's reservoirs hold (a superset of the merged reservoirs' ids)."""
+        ids = [np.zeros(0, np.int64)]
+        for _, parts in self.slices:
+            for part in parts:
+                ctx = part["ctx"]
+                for lo in range(0, len(ctx), 4096):
+                    block = ctx[lo : lo + 4096]
+                    ids.append(torch.unique(block[block >= 0]).numpy())
+        return np.unique(np.concatenate(ids))
+
+
+def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_states: bool = False) -> dict:
+    """Merge the finished tasks of the sharded precompute in run directory ``out`` into the run; returns the
+    manifest. ``inputs`` is the loaded ``(lm, sae)`` when the caller has them. The task states are removed once
+    the run is in place (``keep_states`` keeps them)."""
+    started = time.perf_counter()
+    out = Path(out)
+    folder = shards_dir(out)
+    job = Job.load(folder)
+    tasks = job.tasks()
+    missing = sorted(set(t.index for t in tasks) - {t.index for t in done(folder, job)})
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(tasks)} tasks of the sharded precompute in {out} are not finished "
+                           f"(tasks {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}); run the "
+                           "same `saescope precompute --shards ...` again: it redoes only those, then merges")
+    lm, sae = inputs if inputs is not None else load_inputs(job)
+    cfg = PrecomputeConfig(**job.config)
+    staging = rundir.prepare(out, **job.identity, force=True)  # the job's own run: checked when it was planned
+    try:
+        return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, started)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, progress, keep_states, started) -> dict:
+    if progress:
+        print(f"merge: {len(tasks)} task states of {out}", file=sys.stderr, flush=True)
+    states = {t.index: load_state(state_path(folder, t)) for t in tasks}
+    primary = [t for t in tasks if t.primary]
+    first = states[primary[0].index]
+    state = _Pass(stats=FeatureStats(0), examples=None, recon=first["recon"], dark=first["dark"],  # type: ignore[arg-type]
+                  sample=first["sample"], heads=None, heads_note=first["heads_note"])
+    state.n_contexts, state.n_tokens = first["n_contexts"], first["n_tokens"]
+    gen = np.random.default_rng(cfg.seed)
+    for task in primary[1:]:
+        part = states[task.index]
+        state.recon.merge(part["recon"])
+        state.dark.merge(part["dark"])
+        state.sample.merge(part["sample"], gen)
+        state.n_contexts += part["n_contexts"]
+        state.n_tokens += part["n_tokens"]
+    tick = time.perf_counter()
+    _join_contexts(staging / schema.CONTEXTS, [contexts_path(folder, t) for t in primary])
+    contexts_seconds = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    slices = sorted({t.latents for t in tasks})
+    per_slice = [[states[t.index] for t in tasks if t.latents == lat] for lat in slices]  # in shard order
+    stats = []
+    for parts in per_slice:
+        merged = parts[0]["stats"]
+        for part in parts[1:]:
+            merged.merge(part["stats"])
+        stats.append(merged)
+    state.stats = FeatureStats.concat(stats) if len(stats) > 1 else stats[0]
+    state.examples = ShardedExamples([(range(*lat), [p["examples"] for p in parts])  # type: ignore[assignment]
+                                      for lat, parts in zip(slices, per_slice, strict=True)], cfg)
+    if first["heads"] is not None:
+        from .heads import HeadAttribution
+
+        state.heads, _ = HeadAttribution.setup(lm, sae, cfg.dfa_sources)
+        if state.heads is not None:
+            state.heads.seconds = sum(states[t.index]["heads"]["seconds"] for t in tasks)
+            state.heads.pairs = sum(states[t.index]["heads"]["pairs"] for t in tasks)
+    stats_seconds = time.perf_counter() - tick
+
+    summaries = [states[t.index]["summary"] for t in tasks]
+    pass_seconds = max(s["seconds"] + s["setup_seconds"] for s in summaries)
+    timings = {
+        "setup_seconds": max(s["setup_seconds"] for s in summaries),
+        "main_pass_seconds": max(s["seconds"] for s in summaries),
+        "tokens_per_second": state.n_tokens / max(max(s["seconds"] for s in summaries), 1e-9),
+        "snapshots": 0,
+        "merge_contexts_seconds": contexts_seconds,
+        "merge_stats_seconds": stats_seconds,
+    }
+    writer = RunWriter(lm, sae, compute_copy(sae, lm), sae.cfg.hook_name, job.corpus, cfg, staging, out, job.identity,
+                       job.sae, state.n_contexts * cfg.context_len, started - pass_seconds)
+    tick = time.perf_counter()
+    manifest_timings = {**timings, "merge_seconds": 0.0}
+    manifest = writer.final(state, None, manifest_timings)  # examples merge while they are written
+    manifest["timings"]["merge_seconds"] = round(time.perf_counter() - started, 4)
+    manifest["sharding"] = {"shards": job.shards, "latent_shards": job.latent_shards, "seed_rule": "shards.shard_seed",
+                            "tasks": summaries, "write_seconds": round(time.perf_counter() - tick, 4)}
+    rundir.rewrite_manifest(out, manifest)
+    if not keep_states:
+        shutil.rmtree(folder, ignore_errors=True)
+    return manifest
+
+
+def _join_contexts(dest: Path, parts: list[Path]) -> None:
+    """The primary tasks' contexts files, in shard order (context ids ascending), as one file."""
+    with pq.ParquetWriter(dest, schema.CONTEXTS_SCHEMA, compression="zstd") as writer:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=4096):
+                writer.write_batch(batch)
+        if not parts:
+            writer.write_table(schema.CONTEXTS_SCHEMA.empty_table())
