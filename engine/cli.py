@@ -88,6 +88,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         sae_path = str(demo_sae_dir())
     sae = load_sae(sae_path)
     lm = _model(args.model, args.device, args.dtype)
+    if args.shards or args.latent_shards > 1 or args.ray:
+        return _precompute_sharded(args, lm, sae, sae_path)
     manifest = precompute(
         lm, sae.to(lm.device), args.corpus, args.out, tokens=args.tokens, context_len=args.context_len,
         batch_size=args.batch_size, include_special=args.include_special, include_first=args.include_first,
@@ -95,11 +97,38 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         force=args.force, sae_path=sae_path, top_k=args.top_k, sample_contexts=args.sample_contexts,
         snapshot_tokens=args.snapshot_tokens, dfa_sources=args.dfa_sources,
     )
+    return _print_run_summary(args.out, manifest)
+
+
+def _precompute_sharded(args: argparse.Namespace, lm, sae, sae_path: str) -> int:
+    from .precompute.distributed import precompute_sharded
+
+    model = args.model if args.model != "demo" else lm.name
+    manifest = precompute_sharded(
+        model, sae_path, args.corpus, args.out, shards=args.shards or 1, latent_shards=args.latent_shards,
+        ray_address=args.ray, device=args.device, dtype=args.dtype, force=args.force, merge=not args.no_merge,
+        inputs=(lm, sae), tokens=args.tokens, context_len=args.context_len, batch_size=args.batch_size,
+        include_special=args.include_special, include_first=args.include_first, include_massive=args.include_massive,
+        top_k=args.top_k, sample_contexts=args.sample_contexts, dfa_sources=args.dfa_sources, snapshot_tokens=0,
+    )
+    if manifest is None:
+        print(json.dumps({"out": args.out, "merged": False, "next": f"saescope merge {args.out}"}, indent=2))
+        return 0
+    return _print_run_summary(args.out, manifest)
+
+
+def _print_run_summary(out: str, manifest: dict) -> int:
     keys = ("n_tokens", "l0", "explained_variance", "ce_loss_recovered", "n_dead")
-    summary = {"out": args.out, **{k: manifest["metrics"].get(k) for k in keys}}
+    summary = {"out": out, **{k: manifest["metrics"].get(k) for k in keys}}
     summary["seconds"] = manifest["timings"]["total_seconds"]
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .precompute.distributed import sharded_merge
+
+    return _print_run_summary(args.run, sharded_merge(args.run, device=args.device, keep_states=args.keep_states))
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -245,8 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dfa-sources", type=int, default=16,
                    help="attn.hook_z SAEs: (head, source token) contributions kept per top example (0: no head attribution)")
     p.add_argument("--force", action="store_true", help="replace a run of another model or SAE in --out")
+    p.add_argument("--shards", type=int, metavar="N",
+                   help="split the corpus into N shards run as Ray tasks (one GPU each where there are GPUs) and merge "
+                        "them exactly; needs pip install 'saescope[ray]' (docs/scaling.md)")
+    p.add_argument("--latent-shards", type=int, default=1, metavar="M",
+                   help="also split the latents into M slices per shard: each task holds 1/M of the example reservoirs "
+                        "(for SAEs of ~100k latents and more; every slice re-runs its shard's forward)")
+    p.add_argument("--ray", metavar="ADDRESS", help="join this Ray cluster (default: start a local Ray instance)")
+    p.add_argument("--no-merge", action="store_true", help="with --shards: leave the merge to `saescope merge`")
     p.add_argument("--stop-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("merge", help="merge a sharded precompute's finished tasks into its run (precompute --no-merge)")
+    p.add_argument("run", help="the run directory given to precompute --shards as --out")
+    p.add_argument("--device", help="device for the merge's model forwards (default: the job's)")
+    p.add_argument("--keep-states", action="store_true", help="keep the task states after the run is written")
+    p.set_defaults(func=cmd_merge)
 
     def app_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -191,7 +191,7 @@ def run_task(out: str | Path, index: int, report: Callable[[int, int, float], No
         os.replace(ctx_file.path, contexts_path(folder, task))
     summary = {"index": task.index, "shard": task.shard, "contexts": list(task.contexts), "latents": list(task.latents),
                "n_tokens": state.n_tokens, "positions": tokens, "seconds": seconds, "setup_seconds": tick - started,
-               "tokens_per_second": tokens / max(seconds, 1e-9), "host": os.uname().nodename,
+               "tokens_per_second": tokens / max(seconds, 1e-9), "host": os.uname().nodename, "pid": os.getpid(),
                "device": str(lm.device), "dtype": str(run_sae.dtype).removeprefix("torch.")}
     save_state(state_path(folder, task), state, summary)
     return summary
