@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .model.loading import LoadedModel
 from .model.machine import choose_dtype
-from .precompute.activations import iter_activations, stats_mask
+from .precompute.activations import iter_activations
 from .precompute.corpus import corpus_files, iter_contexts
 from .precompute.metrics import ReconStats, ce_metrics
 from .saes import SAEConfig, build_sae
@@ -193,25 +193,27 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``.
 
     Tokens count by precompute's rule (``iter_activations``' mask: no position 0, special or massive-activation
-    token), so the CE metrics splice and score exactly where a run's would; ``explained_variance`` also counts
-    the massive tokens (``explained_variance_typical`` does not).
+    token), so the CE metrics splice and score exactly where a run's would. The reconstruction metrics count the
+    massive tokens too (``explained_variance`` = ``explained_variance_with_massive``), which can dominate the
+    variance; ``explained_variance_without_massive`` leaves them out, as a run's statistics do by default.
     """
     stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     masks: list[torch.Tensor] = []
     for ab in iter_activations(lm, hook, contexts, batch):
+        assert ab.massive is not None  # iter_activations always flags them
         masks.append(ab.mask.cpu())
-        with_massive = stats_mask(ab.token_ids, lm.special_token_ids).to(ab.mask.device)
-        x = ab.acts[with_massive].float().to(sae.device)
+        counted = ab.mask | ab.massive
+        x = ab.acts[counted].float().to(sae.device)
         out = sae(x)
         stats.update(x, out.x_hat, out.codes)
-        # massive-activation tokens (sinks beyond position 0) can dominate the variance; report without them too
-        keep = ab.mask[with_massive].to(sae.device)
+        keep = ab.mask[counted].to(sae.device)
         typical.update(x[keep], out.x_hat[keep], out.codes[keep])
         fires += (out.codes > 0).sum(0).cpu()
     summary: dict[str, float | None] = dict(stats.summary())
-    summary["explained_variance_typical"] = typical.summary()["explained_variance"]
-    summary["massive_tokens"] = stats.n - typical.n
+    summary["explained_variance_with_massive"] = summary["explained_variance"]
+    summary["explained_variance_without_massive"] = typical.summary()["explained_variance"]
+    summary["n_massive_tokens"] = stats.n - typical.n
     ids = torch.tensor(contexts[:ce_contexts], dtype=torch.long)
     summary.update(ce_metrics(lm, sae, ids, torch.cat(masks)[:ce_contexts]).to_dict(extended=True))
     density = fires.double() / max(stats.n, 1)

@@ -52,20 +52,30 @@ increase = metrics.ce_loss_increase  # runs written before it was recorded: from
 if increase is None and clean is not None and with_sae is not None:
     increase = with_sae - clean
 ci95, kl_ablation = metrics.ce_loss_increase_ci95, metrics.kl_div_with_ablation
-row = st.columns(7)
+ev_with, ev_without = metrics.explained_variance_with_massive, metrics.explained_variance_without_massive
+if ev_with is None and ev_without is None:  # runs written before both were recorded: the statistic tokens' one
+    counts_massive = bool((man.get("settings") or {}).get("include_massive"))
+    ev_with, ev_without = (metrics.explained_variance, None) if counts_massive else (None, metrics.explained_variance)
+row = st.columns(8)
 row[0].metric("L0 (latents per token)", fmt(metrics.l0))
-row[1].metric("Explained variance", fmt(metrics.explained_variance))
-row[2].metric("CE loss increase", "–" if increase is None else f"{fmt(increase)} nats" + (f" ± {fmt(ci95)}" if ci95 else ""),
+n_massive = "?" if metrics.n_massive_tokens is None else f"{metrics.n_massive_tokens:,}"
+row[1].metric("Explained variance (all counted tokens)", fmt(ev_with),
+              help="1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over every token but position 0 and special tokens, the "
+                   f"{n_massive} massive-activation tokens (norm ≥ 10× their batch's median) included")
+row[2].metric("Explained variance (without massive tokens)", fmt(ev_without),
+              help="The same without the massive-activation tokens (attention sinks beyond position 0, which can "
+                   "dominate the variance)")
+row[3].metric("CE loss increase", "–" if increase is None else f"{fmt(increase)} nats" + (f" ± {fmt(ci95)}" if ci95 else ""),
               help="Mean next-token loss with the SAE spliced in minus clean, over "
                    f"{metrics.n_predictions or 0:,} predictions" + (" (± 95% interval)" if ci95 else ""))
-row[3].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
+row[4].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
               help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
-row[4].metric("KL to clean", fmt(metrics.kl_div),
+row[5].metric("KL to clean", fmt(metrics.kl_div),
               help="Mean KL divergence of next-token distributions, SAE spliced in vs clean"
                    + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(metrics.kl_score)}"
                       if kl_ablation else ""))
-row[5].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
-row[6].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
+row[6].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
+row[7].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
 if "ce_loss_clean" in recorded:  # a run recording CE metrics (null ones: it had no CE sample)
     st.caption(
         f"Next-token loss: clean {fmt(metrics.ce_loss_clean)} · with the SAE {fmt(metrics.ce_loss_with_sae)} · "

@@ -28,6 +28,9 @@ class ActivationBatch:
     """``[batch, pos]`` bool on the model's device: tokens that count for statistics and training."""
     attention: AttentionCapture | None = None
     """The hook's layer's attention pattern and values (``attention=True`` on an ``attn.hook_z`` hook), else None."""
+    massive: torch.Tensor | None = None
+    """``[batch, pos]`` bool on the model's device: the massive-activation tokens (``massive_tokens``) among those
+    position 0 and special tokens leave, whether ``mask`` excludes them (the default) or not."""
 
 
 def stats_mask(
@@ -41,6 +44,15 @@ def stats_mask(
     if not include_special and specials:
         mask &= ~torch.isin(token_ids, torch.tensor(specials, dtype=token_ids.dtype))
     return mask
+
+
+def massive_tokens(acts: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Which ``counted [batch, pos]`` tokens of ``acts [batch, pos, width]`` are massive: activation norm not below
+    ``MASSIVE_FACTOR`` x the median norm of the batch's counted tokens."""
+    if not counted.any():
+        return torch.zeros_like(counted)
+    norms = acts.float().norm(dim=-1)
+    return counted & ~(norms < MASSIVE_FACTOR * norms[counted].median())
 
 
 def batched(contexts: Iterable[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
@@ -95,7 +107,7 @@ def iter_activations(
             acts = acts.flatten(-2)
         mask = stats_mask(token_ids, lm.special_token_ids, include_special=include_special, include_first=include_first)
         mask = mask.to(acts.device)
-        if not include_massive and mask.any():
-            norms = acts.float().norm(dim=-1)
-            mask &= norms < MASSIVE_FACTOR * norms[mask].median()
-        yield ActivationBatch(token_ids, acts, mask, capture)
+        massive = massive_tokens(acts, mask)
+        if not include_massive:
+            mask &= ~massive
+        yield ActivationBatch(token_ids, acts, mask, capture, massive)

@@ -50,14 +50,42 @@ class ReconStats:
 
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
-        total_var = self.sum_sq_x - self.sum_x.pow(2).sum() / n
         return {
-            "explained_variance": float(1 - self.sse / total_var) if total_var > 0 else float("nan"),
+            "explained_variance": explained_variance(self),
             "mse": float(self.sse / (n * self.sum_x.numel())),
             "cosine_sim": float(self.sum_cos / n),
             "l0": float(self.sum_l0 / n),
             "n_tokens": int(self.n),
         }
+
+
+def explained_variance(*parts: ReconStats, minus: ReconStats | None = None) -> float:
+    """``1 - SSE / sum ||x - mean(x)||^2`` (variance about the mean) over the tokens of ``parts`` (disjoint) taken
+    together, less the tokens of ``minus`` (a subset of them); NaN without variance."""
+    signed = [(p, 1.0) for p in parts] + ([(minus, -1.0)] if minus is not None else [])
+    n = sum(sign * p.n for p, sign in signed)
+    sum_x = sum(sign * p.sum_x.cpu() for p, sign in signed)
+    sum_sq_x = sum(sign * float(p.sum_sq_x) for p, sign in signed)
+    sse = sum(sign * float(p.sse) for p, sign in signed)
+    total_var = sum_sq_x - float(torch.as_tensor(sum_x).pow(2).sum()) / n if n > 0 else 0.0
+    return 1 - sse / total_var if total_var > 0 else float("nan")
+
+
+def explained_variances(stats: ReconStats, massive: ReconStats | None, stats_count_massive: bool) -> dict:
+    """Explained variance with and without the massive-activation tokens, from the statistic tokens' ``stats`` and
+    the massive tokens' ``massive`` (None: not accumulated, so only the statistic tokens' variant is known).
+    ``stats_count_massive``: the statistic tokens include the massive ones (``include_massive``)."""
+    if massive is None:
+        known = explained_variance(stats)
+        return {"explained_variance_with_massive": known if stats_count_massive else None,
+                "explained_variance_without_massive": None if stats_count_massive else known,
+                "n_massive_tokens": None}
+    if stats_count_massive:
+        with_massive, without = explained_variance(stats), explained_variance(stats, minus=massive)
+    else:
+        with_massive, without = explained_variance(stats, massive), explained_variance(stats)
+    return {"explained_variance_with_massive": with_massive, "explained_variance_without_massive": without,
+            "n_massive_tokens": int(massive.n)}
 
 
 @dataclass

@@ -108,6 +108,9 @@ class _Pass:
     recon: ReconStats
     dark: LinearErrorStats
     sample: ContextSample
+    recon_massive: ReconStats | None = None
+    """Reconstruction sums over the massive-activation tokens (whether or not the statistics count them), for the
+    explained variance with and without them (None: not accumulated, e.g. a state saved before it existed)."""
     heads: HeadAttribution | None = None
     """Head attribution of an ``attn.hook_z`` SAE (None for other hooks, or when it does not apply)."""
     heads_note: dict | None = None
@@ -217,6 +220,7 @@ def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = N
         recon=ReconStats(d_in, dev),
         dark=LinearErrorStats(d_in, dev),
         sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=seed),
+        recon_massive=ReconStats(d_in, dev),
         heads=heads,
         heads_note=heads_note,
     )
@@ -259,6 +263,9 @@ def step(state: _Pass, sae: SAE, batch, first_context: int, context_file: parque
         assert l0 is not None
         x_in = x[flat_mask].float()
         state.recon.update(x_in, out.x_hat[flat_mask], n_active=n_active)
+        if state.recon_massive is not None and batch.massive is not None and batch.massive.any():
+            massive = batch.massive.to(dev).reshape(-1)
+            state.recon_massive.update(x[massive].float(), out.x_hat[massive], out.codes[massive])
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
         state.dark.update(x_in, out.error[flat_mask], heldout)
         state.sample.offer(context_ids, batch.token_ids, batch.mask, x.view(n_batch, n_pos, -1).float(),

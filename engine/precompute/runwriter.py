@@ -29,7 +29,7 @@ from ..run import parquet, rundir, schema
 from ..run.index import build_index
 from . import runfiles
 from .corpus import corpus_hash
-from .metrics import CEMetrics, ce_totals, per_token_ce, per_token_ce_from_acts, summarize_ce
+from .metrics import CEMetrics, ce_totals, explained_variances, per_token_ce, per_token_ce_from_acts, summarize_ce
 from .sampling import ContextSample
 
 LOSS_KEYS = ("clean", "sae", "zero", "kl", "kl_zero")
@@ -133,6 +133,7 @@ class RunWriter:
             self.timings.update(ce_sample_seconds=ce_seconds, features_seconds=features_seconds, write_seconds=write_seconds)
 
         metrics = state.recon.summary()
+        metrics.update(explained_variances(state.recon, state.recon_massive, cfg.include_massive))
         dead = np.nonzero(summary.fire_count == 0)[0]
         metrics.update(
             n_dead=int(len(dead)),

@@ -235,7 +235,15 @@ class RunMetrics(NamedTuple):
     l0: float | None
     """Mean number of firing latents per token."""
     explained_variance: float | None
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
+    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the statistic tokens (without the massive-activation
+    tokens unless the run counts them, ``settings.include_massive``)."""
+    explained_variance_with_massive: float | None
+    """The same over every token position 0 and special tokens leave, massive-activation tokens included (None in
+    runs written before it was recorded)."""
+    explained_variance_without_massive: float | None
+    """The same without the massive-activation tokens (norm >= 10x the batch median)."""
+    n_massive_tokens: int | None
+    """Massive-activation tokens among those position 0 and special tokens leave."""
     mse: float | None
     """``sum ||x - x_hat||^2 / (n_tokens * d_in)``."""
     cosine_sim: float | None

@@ -1,5 +1,6 @@
-"""The Overview's CE cards: the loss increase in nats (± its 95% interval) beside the ratio, and the KL score;
-runs written before the manifest recorded the increase still show it, from the two losses."""
+"""The Overview's cards: explained variance with and without the massive-activation tokens, the CE loss increase
+in nats (± its 95% interval) beside the ratio, and the KL score; runs written before the manifest recorded these
+still show what they have (the increase from the two losses, the statistic tokens' explained variance)."""
 
 import json
 import shutil
@@ -11,7 +12,9 @@ from engine.run.store import RunStore
 
 from .test_pages import metric, no_crash
 
-NEW_KEYS = ("ce_loss_increase", "ce_loss_increase_ci95", "kl_div_with_ablation", "kl_score")
+NEW_KEYS = ("ce_loss_increase", "ce_loss_increase_ci95", "kl_div_with_ablation", "kl_score",
+            "explained_variance_with_massive", "explained_variance_without_massive", "n_massive_tokens")
+EV_ALL, EV_TYPICAL = "Explained variance (all counted tokens)", "Explained variance (without massive tokens)"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,8 @@ def test_overview_shows_the_ce_loss_increase_and_interval_beside_the_ratio(tiny_
     assert metric(at, "CE loss increase") == f"{fmt(m['ce_loss_increase'])} nats ± {fmt(m['ce_loss_increase_ci95'])}"
     assert metric(at, "CE loss recovered") == fmt(m["ce_loss_recovered"])
     assert any(f"KL score {fmt(m['kl_score'])}" in c.value for c in at.caption)
+    assert metric(at, EV_ALL) == fmt(m["explained_variance_with_massive"])
+    assert metric(at, EV_TYPICAL) == fmt(m["explained_variance_without_massive"]) == fmt(m["explained_variance"])
 
 
 def test_a_run_without_the_new_keys_shows_the_increase_from_its_losses(tiny_runs, open_app, tmp_path):
@@ -46,3 +51,4 @@ def test_a_run_without_the_new_keys_shows_the_increase_from_its_losses(tiny_runs
     m = manifest["metrics"]
     assert metric(at, "CE loss increase") == f"{fmt(m['ce_loss_with_sae'] - m['ce_loss_clean'])} nats"
     assert not any("KL score" in c.value for c in at.caption)
+    assert metric(at, EV_ALL) == "–" and metric(at, EV_TYPICAL) == fmt(m["explained_variance"])

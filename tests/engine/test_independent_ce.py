@@ -301,6 +301,16 @@ def test_precompute_reconstruction_metrics_match_the_hand_computation(case, lm):
     metrics = case["manifest"]["metrics"]
     ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert metrics["explained_variance"] == pytest.approx(float(ev), rel=1e-5, abs=1e-6)
+    assert metrics["explained_variance_without_massive"] == metrics["explained_variance"]  # the run's default
+    # with the massive-activation tokens: every token position 0 and special tokens leave
+    loose, _ = _counted(lm, case["hook"], case["ids"], include_massive=True)
+    x_all = _capture(lm, case["hook"], case["ids"]).double()[loose]
+    x_hat_all = _hand_reconstruction(x_all.float(), case["w"]).double()
+    ev_all = 1 - (x_all - x_hat_all).pow(2).sum() / (x_all - x_all.mean(0)).pow(2).sum()
+    assert metrics["n_massive_tokens"] == case["n_massive"] == int(loose.sum() - case["mask"].sum())
+    assert metrics["explained_variance_with_massive"] == pytest.approx(float(ev_all), rel=1e-5, abs=1e-6)
+    if case["n_massive"]:
+        assert abs(float(ev_all) - float(ev)) > 1e-3  # the massive tokens move it
     assert metrics["mse"] == pytest.approx(float((x - x_hat).pow(2).sum() / x.numel()), rel=1e-5)
     cos = (x * x_hat).sum(-1) / (x.norm(dim=-1) * x_hat.norm(dim=-1))
     assert metrics["cosine_sim"] == pytest.approx(float(cos.mean()), rel=1e-5)

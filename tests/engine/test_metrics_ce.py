@@ -53,7 +53,7 @@ def test_train_evaluate_scores_ce_where_precompute_does(lm, sae_and_contexts, mo
     ids = torch.tensor(contexts[:16])
     rule, n_massive = _counted(lm, HOOK, ids)  # precompute's rule, written out by hand
     loose, _ = _counted(lm, HOOK, ids, include_massive=True)
-    assert n_massive > 0 and summary["massive_tokens"] >= n_massive  # the batch has massive tokens
+    assert n_massive > 0 and summary["n_massive_tokens"] >= n_massive  # the batch has massive tokens
     torch.testing.assert_close(seen["ids"], ids)
     assert torch.equal(seen["mask"].cpu(), rule) and not torch.equal(rule, loose)
     hand = _hand_ce(lm, HOOK, w, ids, rule)
