@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ from engine.saes import load_sae
 from .runs_util import write_corpus
 from .saes_util import random_sae
 
-OPTS = {"context_len": 16, "batch_size": 8, "top_k": 5, "sample_contexts": 6, "ce_every": 1}
+OPTS: dict[str, Any] = {"context_len": 16, "batch_size": 8, "top_k": 5, "sample_contexts": 6, "ce_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_ray_sharded_runs_equal_the_single_process_run_and_resume(setup, ray_clu
 
     # a lost task is redone alone: the others' saved states are reused, and the run is the same
     out = setup["root"] / "ray-resume"
-    kwargs = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
+    kwargs: dict[str, Any] = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
     assert precompute_sharded(setup["model"], setup["sae"], setup["corpus"], out, shards=3, merge=False, **kwargs) is None
     states = sorted((out / ".shards").glob("task-*.pt"))
     assert len(states) == 3 and not (out / "manifest.json").exists()
@@ -142,7 +143,7 @@ def test_ray_sharded_runs_equal_the_single_process_run_and_resume(setup, ray_clu
 
 def test_merge_refuses_unfinished_tasks_and_a_killed_merge_leaves_no_run(setup, tmp_path):
     out = tmp_path / "run"
-    kwargs = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
+    kwargs: dict[str, Any] = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
     precompute_sharded(setup["model"], setup["sae"], setup["corpus"], out, shards=2, runner="inline", merge=False, **kwargs)
     job = Job.load(out / ".shards")
     assert job.shards == 2 and len(job.tasks()) == 2

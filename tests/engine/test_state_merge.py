@@ -95,11 +95,13 @@ def test_feature_stats_merge_equals_one_stream(cuts):
     codes = _codes(48)
     whole = FeatureStats(D_SAE, n_bins=16)
     _feed(whole, None, codes, 0)
-    merged = None
+    parts = []
     for rows in torch.tensor_split(torch.arange(len(codes)), cuts):
-        part = FeatureStats(D_SAE, n_bins=16)
-        _feed(part, None, codes[rows], int(rows[0]))
-        merged = part if merged is None else (merged.merge(part) or merged)
+        parts.append(FeatureStats(D_SAE, n_bins=16))
+        _feed(parts[-1], None, codes[rows], int(rows[0]))
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part)
     a, b = whole.summary(), merged.summary()
     assert b.n_tokens == a.n_tokens
     for name in ("fire_count", "max_act", "density"):
@@ -115,11 +117,13 @@ def test_reservoir_merge_keeps_the_exact_top_k_and_full_quantile_bins(cuts):
     codes = _codes(48)
     whole = _reservoirs(seed=0)
     _feed(None, whole, codes, 0)
-    merged = None
+    parts = []
     for i, rows in enumerate(torch.tensor_split(torch.arange(len(codes)), cuts)):
-        part = _reservoirs(seed=100 + i)
-        _feed(None, part, codes[rows], int(rows[0]))
-        merged = part if merged is None else (merged.merge(part) or merged)
+        parts.append(_reservoirs(seed=100 + i))
+        _feed(None, parts[-1], codes[rows], int(rows[0]))
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part)
     a, b = whole.rows(), merged.rows()
     top_a, top_b = a.kind == 0, b.kind == 0
     for name in ("feature_id", "rank", "context_id", "max_pos", "max_act", "acts"):
