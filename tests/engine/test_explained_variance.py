@@ -106,3 +106,28 @@ def test_training_report_labels_both(lm, corpus, sae_w):  # noqa: F811
     for key in ("explained_variance_with_massive", "explained_variance_without_massive"):
         assert summary[key] == pytest.approx(hand[key], rel=1e-5, abs=1e-6), key
     assert summary["explained_variance"] == summary["explained_variance_with_massive"]
+
+
+def test_the_massive_tokens_sums_merge_exactly_over_halves():
+    """Two shards' states (statistic tokens and massive tokens, each over disjoint halves) merge into the state of
+    every token: the same explained variances."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 1.0, (300, 8))
+    x[::50] *= 40
+    x_hat = x + rng.normal(0, 0.3, x.shape)
+    massive = np.zeros(len(x), bool)
+    massive[::50] = True
+
+    def states(rows: slice) -> tuple[ReconStats, ReconStats]:
+        xs, hs, ms = x[rows], x_hat[rows], massive[rows]
+        return _stats(xs[~ms], hs[~ms]), _stats(xs[ms], hs[ms])
+
+    whole = explained_variances(*states(slice(None)), False)
+    (stats, big), (stats_b, big_b) = states(slice(0, 140)), states(slice(140, None))
+    stats.merge(stats_b)
+    big.merge(big_b)
+    merged = explained_variances(stats, big, False)
+    assert merged["n_massive_tokens"] == whole["n_massive_tokens"] == 6
+    for key in ("explained_variance_with_massive", "explained_variance_without_massive"):
+        assert merged[key] == pytest.approx(whole[key], rel=1e-12) and merged[key] == pytest.approx(
+            _ev(x, x_hat) if key.endswith("with_massive") else _ev(x[~massive], x_hat[~massive]), rel=1e-12)
