@@ -108,12 +108,14 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
     primary = [t for t in tasks if t.primary]
     first = states[primary[0].index]
     state = _Pass(stats=FeatureStats(0), examples=None, recon=first["recon"], dark=first["dark"],  # type: ignore[arg-type]
-                  sample=first["sample"], heads=None, heads_note=first["heads_note"])
+                  sample=first["sample"], heads=None, heads_note=first["heads_note"], recon_massive=first["recon_massive"])
     state.n_contexts, state.n_tokens = first["n_contexts"], first["n_tokens"]
     gen = np.random.default_rng(cfg.seed)
     for task in primary[1:]:
         part = states[task.index]
         state.recon.merge(part["recon"])
+        if state.recon_massive is not None:
+            state.recon_massive.merge(part["recon_massive"])
         state.dark.merge(part["dark"])
         state.sample.merge(part["sample"], gen)
         state.n_contexts += part["n_contexts"]

@@ -226,6 +226,29 @@ def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = N
     )
 
 
+CODE_BUDGET = 2**26
+"""Dense code elements per SAE forward: a batch of a wide SAE is encoded in chunks of tokens, so its dense codes
+(and the encoder's pre-activations) take a few hundred MB whatever the width (at 1M latents, 64 tokens a chunk)."""
+
+
+def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
+    """The positive codes of ``x [n, d_in]`` at tokens ``mask [n]`` (``sparse_codes``), the reconstruction and the
+    error; in chunks of ``CODE_BUDGET // d_sae`` tokens."""
+    rows = max(1, CODE_BUDGET // sae.cfg.d_sae)
+    if len(x) <= rows:
+        out = sae(x)
+        return sparse_codes(out.codes, mask), out.x_hat, out.error
+    codes, x_hat, error = [], [], []
+    for lo in range(0, len(x), rows):
+        out = sae(x[lo : lo + rows])
+        part = sparse_codes(out.codes, mask[lo : lo + rows])
+        codes.append(part._replace(token=part.token + lo))
+        x_hat.append(out.x_hat)
+        error.append(out.error)
+    joined = SparseCodes(*(torch.cat(parts) for parts in zip(*codes, strict=True)))
+    return joined, torch.cat(x_hat), torch.cat(error)
+
+
 def step(state: _Pass, sae: SAE, batch, first_context: int, context_file: parquet.ContextWriter | None, *,
          latents: range | None = None) -> int:
     """Add one batch of activations (contexts numbered from ``first_context``) to ``state``; returns its tokens.
@@ -239,8 +262,7 @@ def step(state: _Pass, sae: SAE, batch, first_context: int, context_file: parque
     x = batch.acts.to(dev).reshape(n_batch * n_pos, -1)
     mask = batch.mask.to(dev)
     flat_mask = mask.reshape(-1)
-    out = sae(x)
-    codes = sparse_codes(out.codes, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
+    codes, x_hat, error = encode(sae, x, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
     n_included, n_active = int(flat_mask.sum()), len(codes.value)
     primary = latents is None or latents.start == 0
     if latents is not None:
@@ -262,14 +284,15 @@ def step(state: _Pass, sae: SAE, batch, first_context: int, context_file: parque
     if primary:
         assert l0 is not None
         x_in = x[flat_mask].float()
-        state.recon.update(x_in, out.x_hat[flat_mask], n_active=n_active)
+        state.recon.update(x_in, x_hat[flat_mask], n_active=n_active)
         if state.recon_massive is not None and batch.massive is not None and batch.massive.any():
             massive = batch.massive.to(dev).reshape(-1)
-            state.recon_massive.update(x[massive].float(), out.x_hat[massive], out.codes[massive])
+            alone = sae(x[massive])  # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
+            state.recon_massive.update(x[massive].float(), alone.x_hat, alone.codes)
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
-        state.dark.update(x_in, out.error[flat_mask], heldout)
+        state.dark.update(x_in, error[flat_mask], heldout)
         state.sample.offer(context_ids, batch.token_ids, batch.mask, x.view(n_batch, n_pos, -1).float(),
-                           out.error.view(n_batch, n_pos, -1), l0.view(n_batch, n_pos))
+                           error.view(n_batch, n_pos, -1), l0.view(n_batch, n_pos))
         if context_file is not None:
             context_file.add(context_ids.numpy(), batch.token_ids.numpy())
     state.n_contexts += n_batch

@@ -208,6 +208,7 @@ def save_state(path: Path, state, summary: dict) -> None:
         "stats": state.stats.to("cpu"),
         "examples": {k: v.cpu() for k, v in state.examples.state_dict().items()},
         "recon": _cpu(state.recon),
+        "recon_massive": None if state.recon_massive is None else _cpu(state.recon_massive),
         "dark": _cpu(state.dark),
         "sample": _cpu(sample),
         "heads": None if state.heads is None else {"seconds": state.heads.seconds, "pairs": state.heads.pairs},

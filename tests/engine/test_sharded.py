@@ -66,7 +66,8 @@ def assert_same_run(single: Path, sharded: Path, m_single: dict, m_sharded: dict
     assert "quantile" in pq.read_table(sharded / "examples.parquet").column("kind").to_pylist()  # quantile rows too
     for key in ("n_contexts", "n_tokens"):
         assert m_single["corpus"][key] == m_sharded["corpus"][key]
-    for key in ("explained_variance", "mse", "cosine_sim", "l0", "n_dead", "dense_fraction"):
+    for key in ("explained_variance", "explained_variance_with_massive", "explained_variance_without_massive", "mse",
+                "cosine_sim", "l0", "n_dead", "dense_fraction", "n_massive_tokens"):
         assert m_sharded["metrics"][key] == pytest.approx(m_single["metrics"][key], rel=1e-9), key
     for key in ("heldout_error_r2", "heldout_norm_r2", "train_error_r2", "n_train_tokens", "n_heldout_tokens"):
         assert m_sharded["dark_matter"][key] == pytest.approx(m_single["dark_matter"][key], rel=1e-6), key
