@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -192,7 +193,9 @@ def run_task(out: str | Path, index: int, report: Callable[[int, int, float], No
     summary = {"index": task.index, "shard": task.shard, "contexts": list(task.contexts), "latents": list(task.latents),
                "n_tokens": state.n_tokens, "positions": tokens, "seconds": seconds, "setup_seconds": tick - started,
                "tokens_per_second": tokens / max(seconds, 1e-9), "host": os.uname().nodename, "pid": os.getpid(),
-               "device": str(lm.device), "dtype": str(run_sae.dtype).removeprefix("torch.")}
+               "device": str(lm.device), "dtype": str(run_sae.dtype).removeprefix("torch."),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if lm.device.type == "cuda" else None}
     save_state(state_path(folder, task), state, summary)
     return summary
 
