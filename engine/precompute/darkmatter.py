@@ -4,6 +4,11 @@ Following "Decomposing the Dark Matter of Sparse Autoencoders" (Engels et al.), 
 (ridge least squares) and a scalar probe ``||e|| ~ x @ w + c``. Only sufficient statistics are kept:
 ``X^T X``, ``X^T [E, |E|]``, sums and sums of squares, separately for held-in tokens (fitting) and
 held-out tokens (scoring), so both fits and their held-out R^2 come in closed form after a single pass.
+The held-out tokens are those of every tenth context (``sampling.is_heldout``); R^2 pools the dimensions.
+
+Beside it, the paper's own quantities (its repository's ``utils.run_lstsq`` and ``calculate_r_squared``): a
+least-squares fit *without* bias of ``e`` and of ``||e||^2`` on ``x``, fitted and scored on a random token split
+(``token_split``), R^2 averaged over the error's dimensions (``paper_*`` metrics).
 
 Numerics: per-batch products run in float32 on data shifted by a fixed point (the first batch's mean),
 which keeps the statistics well conditioned; running totals are float64.
@@ -14,6 +19,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+PAPER_HELDOUT_FRACTION = 0.5
+"""Share of the tokens the paper-style fit is scored on (the paper fits on 150k random tokens, scores on 150k)."""
+PAPER_SPLIT_SEED = 0
+"""Seed of ``token_split``'s hash."""
+_MASK32 = 0xFFFFFFFF
+
+
+def token_split(x: torch.Tensor, fraction: float = PAPER_HELDOUT_FRACTION, seed: int = PAPER_SPLIT_SEED) -> torch.Tensor:
+    """Held-out flags ``[n]`` of a seeded random token split: a token is held out when a hash of its activation's
+    float32 bits ``x [n, d]`` (weights drawn from ``seed``) falls below ``fraction`` of the 32-bit range. A function
+    of the token alone, so batching and sharding do not move it (identical activations share a side)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randint(1, 2**16, (x.shape[-1],), generator=gen, dtype=torch.int64).to(x.device)
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    h = (bits * weights).sum(-1)  # < d * 2^48: exact in int64 for d < 2^15
+    h = ((h ^ (h >> 32)) & _MASK32) ^ (seed * 0x9E3779B1 & _MASK32)
+    for _ in range(2):  # a 32-bit integer mixer (products stay below 2^59)
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & _MASK32
+    h = (h >> 16) ^ h
+    return h < int(fraction * 2**32)
 
 
 @dataclass(frozen=True)
@@ -29,7 +55,7 @@ class LinearErrorMap:
     b_norm: float
     metrics: dict[str, float]
     """``heldout_error_r2`` (fraction of the held-out error variance the map predicts), ``heldout_norm_r2``,
-    the same on held-in tokens, token counts and the ridge used."""
+    the same on held-in tokens, token counts and the ridge used; the ``paper_*`` quantities (``paper_metrics``)."""
 
     def split(self, x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearly predictable and nonlinear parts of errors ``e [n, d_in]`` of activations ``x [n, d_in]``."""
@@ -97,28 +123,40 @@ class LinearErrorStats:
         self.score_part = _Moments(d_in, d_in + 1, device)
         self.shift_x: torch.Tensor | None = None
         self.shift_y: torch.Tensor | None = None
+        # the paper's quantities: targets z = [e, ||e||^2] on the random token split (``token_split``)
+        self.split_fit = _Moments(d_in, d_in + 1, device)
+        self.split_score = _Moments(d_in, d_in + 1, device)
+        self.shift_z: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, e: torch.Tensor, heldout: torch.Tensor) -> None:
-        """Add tokens ``x, e [n, d_in]``; ``heldout [n]`` bool marks scoring tokens."""
+        """Add tokens ``x, e [n, d_in]``; ``heldout [n]`` bool marks scoring tokens (the random token split of the
+        paper-style fit is drawn here, from ``x``)."""
         x, e = x.float(), e.float()
         y = torch.cat([e, e.norm(dim=-1, keepdim=True)], 1)
-        if self.shift_x is None or self.shift_y is None:  # both are set by the first update
-            self.shift_x, self.shift_y = x.mean(0), y.mean(0)
-        x, y = x - self.shift_x, y - self.shift_y
+        z = torch.cat([e, e.pow(2).sum(-1, keepdim=True)], 1)
+        if self.shift_x is None or self.shift_y is None or self.shift_z is None:  # all set by the first update
+            self.shift_x, self.shift_y, self.shift_z = x.mean(0), y.mean(0), z.mean(0)
+        held = token_split(x)
+        x, y, z = x - self.shift_x, y - self.shift_y, z - self.shift_z
         self.fit_part.add(x[~heldout], y[~heldout])
         self.score_part.add(x[heldout], y[heldout])
+        self.split_fit.add(x[~held], z[~held])
+        self.split_score.add(x[held], z[held])
 
     def merge(self, other: LinearErrorStats) -> None:
         """Add another state over disjoint tokens (its sums re-centred on this state's shift): the state of all."""
-        if other.shift_x is None or other.shift_y is None:
+        if other.shift_x is None or other.shift_y is None or other.shift_z is None:
             return
-        if self.shift_x is None or self.shift_y is None:
-            self.shift_x, self.shift_y = other.shift_x.clone(), other.shift_y.clone()
+        if self.shift_x is None or self.shift_y is None or self.shift_z is None:
+            self.shift_x, self.shift_y, self.shift_z = other.shift_x.clone(), other.shift_y.clone(), other.shift_z.clone()
         # other's sums are of (v - other.shift); this state's of (v - self.shift) = (v - other.shift) - d
         dx = (self.shift_x - other.shift_x.to(self.shift_x.device)).double()
         dy = (self.shift_y - other.shift_y.to(self.shift_y.device)).double()
+        dz = (self.shift_z - other.shift_z.to(self.shift_z.device)).double()
         self.fit_part.merge(other.fit_part, dx, dy)
         self.score_part.merge(other.score_part, dx, dy)
+        self.split_fit.merge(other.split_fit, dx, dz)
+        self.split_score.merge(other.split_score, dx, dz)
 
     def fit(self, ridge: float = 1e-6) -> LinearErrorMap:
         """Ridge fit on held-in tokens (``ridge`` relative to the mean feature variance), scored on held-out."""
@@ -156,5 +194,34 @@ class LinearErrorStats:
                 "n_train_tokens": int(m.n),
                 "n_heldout_tokens": int(self.score_part.n),
                 "ridge": lam,
+                **self.paper_metrics(),
             },
         )
+
+    def paper_metrics(self) -> dict[str, float]:
+        """The paper's quantities: ``e ~ x @ W`` and ``||e||^2 ~ x @ w``, least squares without bias (minimum-norm
+        where singular) on the ``token_split`` fitting tokens; R^2 on the held-out ones, for ``e`` averaged over
+        its dimensions (``1 - SSE_i / SST_i``, SST about the held-out mean; dimensions without variance left out)."""
+        d, m = self.d_in, self.split_fit
+        out = {"paper_heldout_fraction": PAPER_HELDOUT_FRACTION, "paper_split_seed": PAPER_SPLIT_SEED,
+               "paper_n_train_tokens": int(m.n), "paper_n_heldout_tokens": int(self.split_score.n)}
+        names = ("paper_heldout_error_r2_mean_dim", "paper_heldout_norm_sq_r2", "paper_train_error_r2_mean_dim",
+                 "paper_train_norm_sq_r2")
+        if self.shift_x is None or self.shift_z is None or m.n == 0:
+            return {**out, **dict.fromkeys(names, float("nan"))}
+        sx, sz = self.shift_x.double(), self.shift_z.double()
+        raw = _Moments(d, d + 1, m.xx.device)
+        raw.merge(m, -sx, -sz)  # the sums of the unshifted tokens: a fit without bias needs X^T X, X^T Z about 0
+        coef = torch.linalg.lstsq(raw.xx.cpu(), raw.xy.cpu(), driver="gelsd").solution.to(m.xx.device)
+        # on the shifted sums, z - x @ coef = z' - x' @ coef - (sx @ coef - sz)
+        intercept = sx @ coef - sz
+
+        def r2(part: _Moments) -> tuple[float, float]:
+            if part.n < 2:
+                return float("nan"), float("nan")
+            sse, sst = part.sse(coef, intercept), part.sst()
+            varies = sst[:d] > 0
+            err = float((1 - sse[:d][varies] / sst[:d][varies]).mean()) if varies.any() else float("nan")
+            return err, float(1 - sse[d] / sst[d]) if sst[d] > 0 else float("nan")
+
+        return {**out, **dict(zip(names, (*r2(self.split_score), *r2(m)), strict=True))}

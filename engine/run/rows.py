@@ -279,7 +279,9 @@ class RunMetrics(NamedTuple):
 
 class DarkMatterSummary(NamedTuple):
     """How much of the SAE error a linear map from x predicts (``manifest.dark_matter``): what
-    ``RunStore.dark_matter`` returns."""
+    ``RunStore.dark_matter`` returns. Two fits (docs/run-format.md): ours (ridge with intercept, every tenth context
+    held out, R^2 pooled over dimensions, ``||e||``) and the paper's (``paper_*``: no bias, a random token split,
+    R^2 averaged per dimension, ``||e||^2``); the ``paper_*`` fields are None in runs written before them."""
 
     heldout_error_r2: float | None
     """Fraction of the held-out error variance the linear map predicts."""
@@ -299,3 +301,20 @@ class DarkMatterSummary(NamedTuple):
     """The ridge used."""
     n_token_rows: int | None
     """Rows in ``tokens.parquet``."""
+    paper_heldout_error_r2_mean_dim: float | None
+    """``e ~ x @ W`` without bias: ``1 - SSE_i / SST_i`` on the held-out tokens of the random token split, averaged
+    over the error's dimensions ``i``."""
+    paper_heldout_norm_sq_r2: float | None
+    """R^2 of ``||e||^2 ~ x @ w`` without bias on those tokens."""
+    paper_train_error_r2_mean_dim: float | None
+    """``paper_heldout_error_r2_mean_dim`` on the fitting tokens."""
+    paper_train_norm_sq_r2: float | None
+    """``paper_heldout_norm_sq_r2`` on the fitting tokens."""
+    paper_n_train_tokens: int | None
+    """Tokens of the random split the paper-style maps were fitted on."""
+    paper_n_heldout_tokens: int | None
+    """Tokens they were scored on."""
+    paper_heldout_fraction: float | None
+    """Share of tokens the random split holds out (0.5)."""
+    paper_split_seed: int | None
+    """Seed of the split's hash (``darkmatter.token_split``)."""

@@ -316,3 +316,23 @@ def test_precompute_reconstruction_metrics_match_the_hand_computation(case, lm):
     assert metrics["cosine_sim"] == pytest.approx(float(cos.mean()), rel=1e-5)
     assert metrics["l0"] == pytest.approx(float(l0.mean()), rel=1e-9)
 
+
+
+def test_precompute_dark_matter_paper_quantities_match_numpy(case, lm):
+    """The manifest's ``paper_*`` dark matter: least squares without bias of e and ||e||^2 on x over the run's
+    tokens of the random token split, R^2 per error dimension averaged, recomputed with numpy."""
+    from engine.precompute.darkmatter import token_split
+
+    x32 = _capture(lm, case["hook"], case["ids"])[case["mask"]].float()
+    e = (x32.double() - _hand_reconstruction(x32, case["w"]).double()).numpy()
+    x = x32.double().numpy()
+    held = token_split(x32).numpy()
+    dm = case["manifest"]["dark_matter"]
+    assert dm["paper_n_heldout_tokens"] == held.sum() and dm["paper_n_train_tokens"] == (~held).sum()
+    sq = (e**2).sum(1)
+    W, *_ = np.linalg.lstsq(x[~held], e[~held], rcond=None)
+    w, *_ = np.linalg.lstsq(x[~held], sq[~held], rcond=None)
+    r2 = 1 - ((e[held] - x[held] @ W) ** 2).sum(0) / ((e[held] - e[held].mean(0)) ** 2).sum(0)
+    r2_sq = 1 - ((sq[held] - x[held] @ w) ** 2).sum() / ((sq[held] - sq[held].mean()) ** 2).sum()
+    assert dm["paper_heldout_error_r2_mean_dim"] == pytest.approx(float(r2.mean()), abs=1e-4)
+    assert dm["paper_heldout_norm_sq_r2"] == pytest.approx(float(r2_sq), abs=1e-4)
