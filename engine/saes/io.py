@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .base import CFG_FILE, SAE, WEIGHTS_FILE, sae_class
 from .config import SAEConfig
@@ -160,10 +161,10 @@ def build_sae(
                 f"d_sae={cfg.d_sae}) implies {shape}"
             )
     target = dtype or state["W_dec"].dtype
-    sae = cls(cfg)
-    with torch.no_grad():
-        for name, tensor in state.items():
-            getattr(sae, name).data = tensor.to(device=device, dtype=target)
+    with torch.device("meta"):  # no placeholder weights: a 1M-latent SAE is loaded once, not twice
+        sae = cls(cfg)
+    for name, tensor in state.items():
+        setattr(sae, name, nn.Parameter(tensor.to(device=device, dtype=target), requires_grad=False))
     cfg.dtype = str(target).removeprefix("torch.")
     return sae
 
