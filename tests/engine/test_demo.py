@@ -71,8 +71,8 @@ def test_committed_demo_sae_matches_its_report(demo_lm, demo):
     quick = evaluate(demo_lm, sae.to(torch.float32), demo.hook, contexts, ce_contexts=6, batch=6)
     held = report["heldout"]
     print(f"\n{demo.run}: quick vs report:", {key: (round(quick[key], 4), round(held[key], 4)) for key in
-                                                ("explained_variance_typical", "ce_loss_recovered", "l0")})
-    assert quick["explained_variance_typical"] == pytest.approx(held["explained_variance_typical"], abs=0.05)
+                                                ("explained_variance_without_massive", "ce_loss_recovered", "l0")})
+    assert quick["explained_variance_without_massive"] == pytest.approx(held["explained_variance_without_massive"], abs=0.05)
     assert quick["ce_loss_recovered"] == pytest.approx(held["ce_loss_recovered"], abs=0.06)
     assert quick["l0"] == pytest.approx(held["l0"], abs=1)
 
@@ -120,7 +120,7 @@ def test_committed_demo_sae_report_remeasured_independently(demo_lm):
     the 64 largest of ``(x - b_dec) @ W_enc + b_enc``, ReLU'd, decoded with ``W_dec`` and ``b_dec``) in fp32;
     activations from a plain torch forward hook on ``model.layers[15]`` (the output of block 15:
     ``hook_resid_post``); counted tokens = not position 0 and not a special token. ``explained_variance`` counts
-    every such token; ``explained_variance_typical`` also drops massive activations (norm >= 10x the median of
+    every such token; ``explained_variance_without_massive`` also drops massive activations (norm >= 10x the median of
     the batch of ``model_batch`` contexts), as the report does. CE figures: the first ``ce_contexts`` (32)
     contexts, the reconstruction (or zeros) put in at counted positions by the same hook, predictions made at
     counted positions, log-softmax and KL written out (float32 per position, summed in float64).
@@ -197,7 +197,7 @@ def test_committed_demo_sae_report_remeasured_independently(demo_lm):
         ev_typical = 1 - sums["sse_t"] / float((x_typ - x_typ.mean(0)).pow(2).sum())
 
         # CE figures on the first ce_contexts contexts
-        totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+        totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
         n_pred = 0
         for row in range(settings["ce_contexts"]):
             # one forward of three copies of the context: clean, with the reconstruction, zero-ablated
@@ -214,28 +214,37 @@ def test_committed_demo_sae_report_remeasured_independently(demo_lm):
             for key in ("clean", "sae", "zero"):
                 totals[key] += float(-logp[key].gather(-1, target)[pred].double().sum())
             totals["kl"] += float((logp["clean"].exp() * (logp["clean"] - logp["sae"])).sum(-1)[pred].double().sum())
+            totals["kl_zero"] += float((logp["clean"].exp() * (logp["clean"] - logp["zero"])).sum(-1)[pred].double().sum())
             n_pred += int(pred.sum())
     finally:
         handle.remove()
     clean, with_sae, zero = (totals[key] / n_pred for key in ("clean", "sae", "zero"))
     mine = {
         "n_tokens": n_tokens, "n_predictions": n_pred, "l0": sums["l0"] / n_tokens, "explained_variance": ev,
-        "explained_variance_typical": ev_typical, "massive_tokens": n_tokens - len(x_typ), "cosine_sim": sums["cos"] / n_tokens,
+        "explained_variance_without_massive": ev_typical, "n_massive_tokens": n_tokens - len(x_typ),
+        "cosine_sim": sums["cos"] / n_tokens,
         "ce_loss_clean": clean, "ce_loss_with_sae": with_sae, "ce_loss_zero_ablation": zero,
         "ce_loss_recovered": (zero - with_sae) / (zero - clean), "kl_div": totals["kl"] / n_pred,
+        "ce_loss_increase": with_sae - clean, "kl_div_with_ablation": totals["kl_zero"] / n_pred,
+        "kl_score": 1 - totals["kl"] / totals["kl_zero"],
         "dense_fraction": float((fires / n_tokens > 0.1).double().mean()),
     }
     print("\nindependent vs report:", {key: (round(value, 5), round(held[key], 5)) for key, value in mine.items()})
     # the same tokens and predictions, exactly
-    for key in ("n_tokens", "n_predictions", "massive_tokens"):
+    for key in ("n_tokens", "n_predictions", "n_massive_tokens"):
         assert mine[key] == held[key], key
     assert mine["l0"] == pytest.approx(held["l0"], abs=0.05)
     assert mine["explained_variance"] == pytest.approx(held["explained_variance"], abs=0.01)
-    assert mine["explained_variance_typical"] == pytest.approx(held["explained_variance_typical"], abs=0.01)
+    assert mine["explained_variance_without_massive"] == pytest.approx(held["explained_variance_without_massive"], abs=0.01)
     assert mine["cosine_sim"] == pytest.approx(held["cosine_sim"], abs=0.005)
     assert mine["ce_loss_clean"] == pytest.approx(held["ce_loss_clean"], abs=0.03)
     assert mine["ce_loss_with_sae"] == pytest.approx(held["ce_loss_with_sae"], abs=0.03)
     assert mine["ce_loss_zero_ablation"] == pytest.approx(held["ce_loss_zero_ablation"], rel=0.01)
     assert mine["ce_loss_recovered"] == pytest.approx(held["ce_loss_recovered"], abs=0.005)
     assert mine["kl_div"] == pytest.approx(held["kl_div"], rel=0.1)
+    # the keys added by re-evaluating the committed SAE (``reevaluated``)
+    assert mine["ce_loss_increase"] == pytest.approx(held["ce_loss_increase"], abs=0.01)
+    assert mine["kl_div_with_ablation"] == pytest.approx(held["kl_div_with_ablation"], rel=0.02)
+    assert mine["kl_score"] == pytest.approx(held["kl_score"], abs=0.005)
+    assert mine["explained_variance"] == pytest.approx(held["explained_variance_with_massive"], abs=0.01)
     assert mine["dense_fraction"] == pytest.approx(held["dense_fraction"], abs=0.002)  # 0.002: about 9 of 4,608 latents
