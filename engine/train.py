@@ -195,7 +195,9 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     Tokens count by precompute's rule (``iter_activations``' mask: no position 0, special or massive-activation
     token), so the CE metrics splice and score exactly where a run's would. The reconstruction metrics count the
     massive tokens too (``explained_variance`` = ``explained_variance_with_massive``), which can dominate the
-    variance; ``explained_variance_without_massive`` leaves them out, as a run's statistics do by default.
+    variance; ``explained_variance_without_massive`` leaves them out, as a run's statistics do by default. The
+    massive-token rule's median is per batch of ``batch`` contexts: the same tokens as a precompute over
+    ``contexts`` when ``batch`` is its ``batch_size`` (docs/run-format.md, "Which tokens count").
     """
     stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
