@@ -69,7 +69,8 @@ def assert_same_run(single: Path, sharded: Path, m_single: dict, m_sharded: dict
     for key in ("explained_variance", "explained_variance_with_massive", "explained_variance_without_massive", "mse",
                 "cosine_sim", "l0", "n_dead", "dense_fraction", "n_massive_tokens"):
         assert m_sharded["metrics"][key] == pytest.approx(m_single["metrics"][key], rel=1e-9), key
-    for key in ("heldout_error_r2", "heldout_norm_r2", "train_error_r2", "n_train_tokens", "n_heldout_tokens"):
+    for key in ("heldout_error_r2", "heldout_norm_r2", "train_error_r2", "n_train_tokens", "n_heldout_tokens",
+                "paper_heldout_error_r2_mean_dim", "paper_heldout_norm_sq_r2", "paper_n_heldout_tokens"):
         assert m_sharded["dark_matter"][key] == pytest.approx(m_single["dark_matter"][key], rel=1e-6), key
     import safetensors.torch as st
 
