@@ -72,6 +72,7 @@ def precompute_sharded(model: str, sae_path: str, corpus: str | Path, out: str |
                        merge: bool = True, inputs=None, cpus_per_task: int = 1, **options) -> dict | None:
     """Plan, run and (with ``merge``) merge a sharded precompute; returns the manifest (None without ``merge``).
     ``options`` are ``PrecomputeConfig`` fields; ``inputs`` the loaded ``(lm, sae)`` (else loaded from the paths)."""
+    started = time.perf_counter()
     job, inputs = plan(model, sae_path, corpus, out, shards=shards, latent_shards=latent_shards, device=device,
                        dtype=dtype, force=force, inputs=inputs, **options)
     finished = {t.index for t in done(Path(out) / rundir.SHARDS, job)}
@@ -84,7 +85,7 @@ def precompute_sharded(model: str, sae_path: str, corpus: str | Path, out: str |
         _run_on_ray(out, job, todo, ray_address, progress, cpus_per_task)
     else:
         raise ValueError(f"unknown runner {runner!r}: use 'ray' or 'inline'")
-    return merge_run(out, inputs=inputs, progress=progress) if merge else None
+    return merge_run(out, inputs=inputs, progress=progress, started=started) if merge else None
 
 
 class _Progress:
@@ -102,7 +103,8 @@ class _Progress:
         total = sum(tokens for tokens, _ in self.seen.values())
         self.bar.update(total - self.bar.n)
         rates = [f"t{i}:{tokens / max(sec, 1e-9) / 1e3:.1f}k" for i, (tokens, sec) in sorted(self.seen.items())]
-        self.bar.set_postfix_str(" ".join(rates[-8:]) + " tok/s", refresh=False)
+        if rates:
+            self.bar.set_postfix_str(" ".join(rates[-8:]) + " tok/s", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -160,9 +162,11 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
         try:
             while pending:
                 ready, pending = ray.wait(pending, timeout=0.5)
+                seen: dict[int, tuple[int, float]] = dict(ray.get(reporter.read.remote()))
                 for ref in ready:
-                    ray.get(ref)  # a task that failed for good raises here (its state is not saved)
-                bar.update(ray.get(reporter.read.remote()))
+                    summary = ray.get(ref)  # a task that failed for good raises here (its state is not saved)
+                    seen[summary["index"]] = (summary["positions"], summary["seconds"])
+                bar.update(seen)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -77,11 +77,13 @@ class ShardedExamples:
         return np.unique(np.concatenate(ids))
 
 
-def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_states: bool = False) -> dict:
+def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_states: bool = False,
+              started: float | None = None) -> dict:
     """Merge the finished tasks of the sharded precompute in run directory ``out`` into the run; returns the
     manifest. ``inputs`` is the loaded ``(lm, sae)`` when the caller has them. The task states are removed once
-    the run is in place (``keep_states`` keeps them)."""
-    started = time.perf_counter()
+    the run is in place (``keep_states`` keeps them). ``started`` (``time.perf_counter``) is when the whole job
+    started, for ``timings.total_seconds`` (default: the slowest task's time before this merge)."""
+    merge_started = time.perf_counter()
     out = Path(out)
     folder = shards_dir(out)
     job = Job.load(folder)
@@ -95,13 +97,14 @@ def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_state
     cfg = PrecomputeConfig(**job.config)
     staging = rundir.prepare(out, **job.identity, force=True)  # the job's own run: checked when it was planned
     try:
-        return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, started)
+        return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, merge_started, started)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, progress, keep_states, started) -> dict:
+def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, progress, keep_states, merge_started,
+           job_started) -> dict:
     if progress:
         print(f"merge: {len(tasks)} task states of {out}", file=sys.stderr, flush=True)
     states = {t.index: load_state(state_path(folder, t)) for t in tasks}
@@ -156,11 +159,12 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
         "merge_stats_seconds": stats_seconds,
     }
     writer = RunWriter(lm, sae, compute_copy(sae, lm), sae.cfg.hook_name, job.corpus, cfg, staging, out, job.identity,
-                       job.sae, state.n_contexts * cfg.context_len, started - pass_seconds)
+                       job.sae, state.n_contexts * cfg.context_len,
+                       job_started if job_started is not None else merge_started - pass_seconds)
     tick = time.perf_counter()
     manifest_timings = {**timings, "merge_seconds": 0.0}
     manifest = writer.final(state, None, manifest_timings)  # examples merge while they are written
-    manifest["timings"]["merge_seconds"] = round(time.perf_counter() - started, 4)
+    manifest["timings"]["merge_seconds"] = round(time.perf_counter() - merge_started, 4)
     manifest["sharding"] = {"shards": job.shards, "latent_shards": job.latent_shards, "seed_rule": "shards.shard_seed",
                             "tasks": summaries, "write_seconds": round(time.perf_counter() - tick, 4)}
     rundir.rewrite_manifest(out, manifest)
