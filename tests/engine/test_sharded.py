@@ -127,6 +127,17 @@ def test_ray_sharded_runs_equal_the_single_process_run_and_resume(setup, ray_clu
         assert os.getpid() not in pids and 1 <= len(pids) <= 2  # in the cluster's (two) worker processes
         assert_same_run(setup["root"] / "single", out, setup["single"], manifest)
 
+    # the command line, on the same cluster
+    from engine.cli import main
+
+    out = setup["root"] / "ray-cli"
+    assert main(["precompute", "--model", setup["model"], "--sae", setup["sae"], "--corpus", str(setup["corpus"]),
+                 "--out", str(out), "--shards", "2", "--device", "cpu", "--dtype", "float32", "--context-len", "16",
+                 "--batch-size", "8", "--top-k", "5", "--sample-contexts", "6"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sharding"]["shards"] == 2 and manifest["settings"]["top_k"] == 5
+    assert _features(out)["fire_count"] == _features(setup["root"] / "single")["fire_count"]
+
     # a lost task is redone alone: the others' saved states are reused, and the run is the same
     out = setup["root"] / "ray-resume"
     kwargs: dict[str, Any] = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
