@@ -31,6 +31,19 @@ cols[2].metric("corr(‖linear part‖, ‖e‖)", fmt(dm.err_norm_corr), help="
 cols[3].metric("Explained variance of x", fmt(metrics.explained_variance), help="1 − Σ‖e‖² / Σ‖x − mean x‖²")
 st.caption(f"Map fitted on {dm.n_train_tokens or 0:,} tokens, scored on {dm.n_heldout_tokens or 0:,}; "
            f"per-token rows below come from {dm.n_token_rows or 0:,} sampled tokens.")
+if dm.paper_heldout_error_r2_mean_dim is not None:
+    st.markdown("**As the paper measures it** (least squares without bias, R² averaged per dimension, the squared "
+                "norm ‖e‖² as the norm target, a random split of tokens)")
+    paper = st.columns(4)
+    paper[0].metric("Error predicted (held-out R², mean per dimension)", fmt(dm.paper_heldout_error_r2_mean_dim),
+                    help=f"on the fitting tokens: {fmt(dm.paper_train_error_r2_mean_dim)}")
+    paper[1].metric("‖e‖² predicted (held-out R²)", fmt(dm.paper_heldout_norm_sq_r2),
+                    help=f"on the fitting tokens: {fmt(dm.paper_train_norm_sq_r2)}")
+    paper[2].metric("Tokens: fitted / scored", f"{dm.paper_n_train_tokens or 0:,} / {dm.paper_n_heldout_tokens or 0:,}",
+                    help=f"a seeded random token split (seed {dm.paper_split_seed}), "
+                         f"{fmt(dm.paper_heldout_fraction)} of the tokens held out")
+    st.caption("The first row is saescope's: a ridge fit with an intercept, R² pooled over dimensions, ‖e‖ as the "
+               "norm target, contexts held out by id. docs/run-format.md defines both.")
 
 rows = store.token_rows(order_by="err_norm", limit=SAMPLE_ROWS)
 if not rows:

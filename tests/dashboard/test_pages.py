@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from dashboard.render import fmt
 from engine.live.lens import tokenize_prompt
 from engine.live.steering import SteeringSpec, compare, steering_intervention
 from engine.model.loading import load_model
@@ -234,6 +235,9 @@ def test_dark_matter_page(tiny_runs, open_app, store):
     no_crash(at)
     dm = store.dark_matter()
     assert metric(at, "Error variance predicted (held-out R²)") == f"{dm.heldout_error_r2:.3g}"
+    assert dm.paper_heldout_error_r2_mean_dim is not None  # the paper's quantities beside ours
+    assert metric(at, "Error predicted (held-out R², mean per dimension)") == fmt(dm.paper_heldout_error_r2_mean_dim)
+    assert metric(at, "‖e‖² predicted (held-out R²)") == fmt(dm.paper_heldout_norm_sq_r2)
     err_hist, ce_hist = plotly(at)
     assert [t["name"] for t in err_hist["data"]] == ["‖e‖", "linear part", "nonlinear part"]
     assert len(values(err_hist["data"][0]["x"])) == dm.n_token_rows
