@@ -130,7 +130,8 @@ def test_overview(server, page):
     page.get_by_role("heading", name="Latent densities").wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
     assert page.get_by_text("256", exact=True).count() >= 1  # SAE width
-    assert page.get_by_text("Explained variance").is_visible()
+    for label in ("Explained variance (all counted tokens)", "Explained variance (without massive tokens)"):
+        assert page.get_by_text(label, exact=True).is_visible()
     shot(page, "overview")
 
 
