@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -127,8 +128,16 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=progress, configure_logging=False,
-                 runtime_env={"env_vars": WORKER_ENV})
+        _check_reachable(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=progress, configure_logging=False,
+                     runtime_env={"env_vars": WORKER_ENV})
+        except ConnectionError as err:
+            raise ConnectionError(
+                f"could not join the Ray cluster at {address}: {err}. Give the head's address as `ray start --head` "
+                "printed it (or --ray auto on a node of the cluster); a cluster with token authentication (Ray's "
+                "default) also needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN"
+            ) from err
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
 
@@ -176,6 +185,19 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds on a HOST:PORT where nothing listens (Ray itself retries for minutes)."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"could not join the Ray cluster at {address}: nothing answers there ({err}). Give the "
+                              "head's address as `ray start --head` printed it, or --ray auto on a node of the "
+                              "cluster") from err
 
 
 def sharded_merge(out: str | Path, *, device: str | None = None, progress: bool = True, keep_states: bool = False) -> dict:

@@ -108,6 +108,8 @@ def test_inline_sharded_runs_equal_the_single_process_run(setup, shards, latent_
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="the ray extra is in the test extra: pip install -e '.[test]'")
+    if ray.is_initialized():  # seen once in a whole-suite run; this fixture needs its own 2-CPU cluster
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
                                        "HF_HUB_OFFLINE": "1"}})
