@@ -68,17 +68,52 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> T
     return TopBottom(top_ids.astype(np.int32), top_vals, bot_ids.astype(np.int32), bot_vals)
 
 
+BF16_DOT_ERROR = 0.015
+"""A bound on |cos - the bf16 product of bf16-rounded unit vectors|: 2 x 2^-8 for rounding both inputs, 2^-8 for
+rounding the result, with room for the accumulation; the candidate search's margin."""
+
+
 @torch.inference_mode()
-def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` other latents with the most similar decoder directions (cosine): ids and cosines ``[d_sae, n]``."""
+def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024, search_dtype: torch.dtype | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` other latents with the most similar decoder directions (cosine): ids and cosines ``[d_sae, n]``.
+
+    ``search_dtype=torch.bfloat16`` (where bf16 matmuls are fast: AMX CPUs, GPUs) finds ``8n`` candidates per latent
+    in bf16 and ranks them in fp32; a latent whose fp32 ``n``-th best does not clear the best non-candidate's bf16
+    cosine by ``BF16_DOT_ERROR`` is redone in fp32, so the result is the fp32 one either way (~2x faster at 131k
+    latents on AMX, where the d_sae^2 products dominate)."""
     dirs = sae.decoder_directions().detach().float()
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     d_sae = dirs.shape[0]
     n = min(n, d_sae - 1)
+    wide = min(8 * n, d_sae - 1)
+    fast = search_dtype is not None and search_dtype != torch.float32 and wide > n
+    low = dirs.to(search_dtype) if fast else None
     ids, cos = [], []
     for start in range(0, d_sae, chunk):
-        sims = dirs[start : start + chunk] @ dirs.T
-        rows = torch.arange(sims.shape[0], device=sims.device)
+        block = dirs[start : start + chunk]
+        rows = torch.arange(block.shape[0], device=block.device)
+        if low is not None:
+            sims = low[start : start + chunk] @ low.T  # ranked in bf16: a float copy would cost as much as the product
+            sims[rows, rows + start] = -float("inf")
+            cand = sims.topk(wide + 1, dim=1)
+            exact = torch.einsum("bd,bkd->bk", block, dirs[cand.indices[:, :wide]])
+            top = exact.topk(n, dim=1)
+            top_ids = cand.indices[:, :wide].gather(1, top.indices)
+            # a non-candidate's true cosine is at most its bf16 one (<= the (wide+1)-th value) plus the error bound
+            unsure = top.values[:, -1] <= cand.values[:, wide].float() + BF16_DOT_ERROR
+            top_values = top.values
+            if bool(unsure.any()):
+                redo = unsure.nonzero(as_tuple=True)[0]
+                full = block[redo] @ dirs.T
+                full[torch.arange(len(redo), device=full.device), redo + start] = -float("inf")
+                again = full.topk(n, dim=1)
+                top_ids, top_values = top_ids.clone(), top_values.clone()
+                top_ids[redo], top_values[redo] = again.indices, again.values
+            ids.append(top_ids.cpu())
+            cos.append(top_values.cpu())
+            continue
+        sims = block @ dirs.T
         sims[rows, rows + start] = -float("inf")  # not its own neighbour
         top = sims.topk(n, dim=1)
         ids.append(top.indices.cpu())

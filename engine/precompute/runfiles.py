@@ -110,7 +110,9 @@ def latent_facts(lm, sae, cfg) -> dict:
     # attn.hook_z decoders write per-head outputs: logit_effects maps them through the output projection first
     effects = logit_effects(lm, sae, cfg.n_logits)
     logits = [effects.top_ids, effects.top_values, effects.bottom_ids, effects.bottom_values]
-    neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors)
+    # bf16 candidates where the model runs in bf16 (auto picks it only where bf16 matmuls are fast)
+    search = torch.bfloat16 if lm.dtype == torch.bfloat16 else None
+    neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors, search_dtype=search)
     shares = weight_shares(lm, sae)
     return {
         "head_weight_shares": pa.nulls(d_sae, pa.list_(pa.float32())) if shares is None else parquet.list_array(shares),

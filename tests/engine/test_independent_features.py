@@ -243,3 +243,30 @@ def test_iter_contexts_separator_and_short_tail(corpus_dir, tmp_path):
     n = len(tok.encode("a b", add_special_tokens=False)) + 1
     assert list(iter_contexts(tok, one, n + 1)) == []
     assert list(iter_contexts(tok, one, n)) == [tok.encode("a b", add_special_tokens=False) + [tok.eos_token_id]]
+
+
+def _sae_with_decoder(W_dec: torch.Tensor):
+    from .saes_util import random_sae
+
+    sae = random_sae("topk", d_in=W_dec.shape[1], d_sae=W_dec.shape[0])
+    sae.W_dec.data = W_dec.float()
+    return sae
+
+
+@pytest.mark.parametrize("kind", ["random", "near_ties"])
+def test_bf16_candidate_search_gives_the_fp32_neighbours(kind):
+    """bf16 candidates ranked in fp32 (with the margin check) equal the dense fp32 ranking: on random directions,
+    and on directions whose cosines crowd within bf16's error (where the check must send rows back to fp32)."""
+    gen = torch.Generator().manual_seed(3)
+    if kind == "random":
+        W = torch.randn(3000, 48, generator=gen)
+    else:  # one shared direction plus noise: cosines crowd within bf16's error yet differ in fp32 (without the
+        # margin check this case fails: the bf16 candidates miss true neighbours)
+        W = torch.randn(1, 48, generator=gen) + 0.05 * torch.randn(600, 48, generator=gen)
+    sae = _sae_with_decoder(W)
+    cos = _brute_neighbors(sae)
+    ids, values = decoder_neighbors(sae, n=N, chunk=256, search_dtype=torch.bfloat16)
+    _check_ranking(cos, ids, values, largest=True, rtol=1e-6, atol=2e-7)
+    plain_ids, _ = decoder_neighbors(sae, n=N, chunk=256)
+    agree = (ids == plain_ids).mean()
+    assert agree > 0.99, agree  # same ids as the fp32 search (ties aside)
