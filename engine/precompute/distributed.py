@@ -27,7 +27,7 @@ from ..run import rundir
 from .corpus import iter_contexts
 from .merge import merge_run
 from .pipeline import PrecomputeConfig, check_inputs
-from .shards import Job, done, load_inputs, prepare_job, run_task
+from .shards import Job, done, load_inputs, load_model_and_sae, prepare_job, run_task
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
@@ -39,7 +39,7 @@ def plan(model: str, sae_path: str, corpus: str | Path, out: str | Path, *, shar
     if shards < 1 or latent_shards < 1:
         raise ValueError(f"--shards and --latent-shards must be >= 1, got {shards} and {latent_shards}")
     cfg = PrecomputeConfig(**options)
-    lm, sae = inputs if inputs is not None else _load(model, sae_path, device, dtype)
+    lm, sae = inputs if inputs is not None else load_model_and_sae(model, sae_path, device, dtype)
     if latent_shards > sae.cfg.d_sae:
         raise ValueError(f"--latent-shards {latent_shards} exceeds the SAE's {sae.cfg.d_sae} latents")
     check_inputs(lm, sae, corpus, cfg.context_len)
@@ -57,14 +57,6 @@ def plan(model: str, sae_path: str, corpus: str | Path, out: str | Path, *, shar
               latent_shards=latent_shards, d_sae=sae.cfg.d_sae, identity=identity)
     prepare_job(out, job)
     return job, (lm, sae)
-
-
-def _load(model: str, sae_path: str, device: str, dtype: str):
-    from ..model.loading import load_model
-    from ..saes import load_sae
-
-    lm = load_model(model, device=device, dtype=dtype)
-    return lm, load_sae(sae_path).to(lm.device)
 
 
 def precompute_sharded(model: str, sae_path: str, corpus: str | Path, out: str | Path, *, shards: int,

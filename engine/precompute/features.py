@@ -87,38 +87,34 @@ def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024, search_dtype: to
     d_sae = dirs.shape[0]
     n = min(n, d_sae - 1)
     wide = min(8 * n, d_sae - 1)
-    fast = search_dtype is not None and search_dtype != torch.float32 and wide > n
-    low = dirs.to(search_dtype) if fast else None
+    low = dirs.to(search_dtype) if search_dtype not in (None, torch.float32) and wide > n else None
     ids, cos = [], []
     for start in range(0, d_sae, chunk):
         block = dirs[start : start + chunk]
-        rows = torch.arange(block.shape[0], device=block.device)
-        if low is not None:
-            sims = low[start : start + chunk] @ low.T  # ranked in bf16: a float copy would cost as much as the product
-            sims[rows, rows + start] = -float("inf")
-            cand = sims.topk(wide + 1, dim=1)
-            exact = torch.einsum("bd,bkd->bk", block, dirs[cand.indices[:, :wide]])
+        if low is None:
+            top_ids, top_values = _nearest(block, dirs, start, n)
+        else:
+            cand = _nearest(low[start : start + chunk], low, start, wide + 1)
+            exact = torch.einsum("bd,bkd->bk", block, dirs[cand[0][:, :wide]])
             top = exact.topk(n, dim=1)
-            top_ids = cand.indices[:, :wide].gather(1, top.indices)
+            top_ids, top_values = cand[0][:, :wide].gather(1, top.indices), top.values
             # a non-candidate's true cosine is at most its bf16 one (<= the (wide+1)-th value) plus the error bound
-            unsure = top.values[:, -1] <= cand.values[:, wide].float() + BF16_DOT_ERROR
-            top_values = top.values
-            if bool(unsure.any()):
-                redo = unsure.nonzero(as_tuple=True)[0]
-                full = block[redo] @ dirs.T
-                full[torch.arange(len(redo), device=full.device), redo + start] = -float("inf")
-                again = full.topk(n, dim=1)
-                top_ids, top_values = top_ids.clone(), top_values.clone()
-                top_ids[redo], top_values[redo] = again.indices, again.values
-            ids.append(top_ids.cpu())
-            cos.append(top_values.cpu())
-            continue
-        sims = block @ dirs.T
-        sims[rows, rows + start] = -float("inf")  # not its own neighbour
-        top = sims.topk(n, dim=1)
-        ids.append(top.indices.cpu())
-        cos.append(top.values.cpu())
+            redo = (top_values[:, -1] <= cand[1][:, wide].float() + BF16_DOT_ERROR).nonzero(as_tuple=True)[0]
+            if len(redo):
+                top_ids[redo], top_values[redo] = _nearest(block[redo], dirs, start, n, rows=redo)
+        ids.append(top_ids.cpu())
+        cos.append(top_values.cpu())
     return torch.cat(ids).numpy().astype(np.int32), torch.cat(cos).numpy()
+
+
+def _nearest(block: torch.Tensor, dirs: torch.Tensor, start: int, n: int, rows: torch.Tensor | None = None):
+    """Ids and cosines of the ``n`` nearest of ``dirs`` to each row of ``block`` (latents ``start + rows``, by default
+    ``start + arange``), itself excluded."""
+    sims = block @ dirs.T
+    rows = torch.arange(len(block), device=block.device) if rows is None else rows
+    sims[torch.arange(len(block), device=block.device), rows + start] = -float("inf")  # not its own neighbour
+    top = sims.topk(n, dim=1)
+    return top.indices, top.values
 
 
 def labels_from_examples(

@@ -188,10 +188,7 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     target = n_contexts * cfg.context_len if n_contexts else None
     writer = RunWriter(lm, sae, run_sae, hook, corpus, cfg, staging, out_dir, identity, sae_path, target, started)
 
-    heads, why_not = HeadAttribution.setup(lm, sae, cfg.dfa_sources)
-    note = None
-    if heads is None and attention_hook(hook) is not None:
-        note = {"layer": attention_hook(hook), "n_heads": lm.n_heads, "dfa": False, "reason": why_not}
+    heads, note = head_attribution(lm, sae, hook, cfg)
     tick = time.perf_counter()
     state, context_file = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress, writer, timings,
                                      heads, note)
@@ -201,6 +198,16 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
     timings["tokens_per_second"] = state.n_tokens / max(timings["main_pass_seconds"], 1e-9)
     timings["snapshots"] = writer.snapshots
     return writer.final(state, context_file, timings)
+
+
+def head_attribution(lm, sae: SAE, hook: str, cfg: PrecomputeConfig) -> tuple[HeadAttribution | None, dict | None]:
+    """The pass's head attribution (``attn.hook_z`` SAEs), or None and, for an attention hook without it, the
+    manifest's note saying why."""
+    heads, why_not = HeadAttribution.setup(lm, sae, cfg.dfa_sources)
+    note = None
+    if heads is None and attention_hook(hook) is not None:
+        note = {"layer": attention_hook(hook), "n_heads": lm.n_heads, "dfa": False, "reason": why_not}
+    return heads, note
 
 
 def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = None, heads_note: dict | None = None, *,

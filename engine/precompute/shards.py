@@ -137,13 +137,18 @@ def prepare_job(out: str | Path, job: Job) -> Path:
     return folder
 
 
-def load_inputs(job: Job):
-    """The job's model and SAE, loaded as a worker (or the merge) needs them, checked against the job's identity."""
+def load_model_and_sae(model: str, sae_path: str, device: str = "auto", dtype: str = "auto"):
+    """A model and an SAE from their paths (or hub names), the SAE on the model's device."""
     from ..model.loading import load_model
     from ..saes import load_sae
 
-    lm = load_model(job.model, device=job.device, dtype=job.dtype)
-    sae = load_sae(job.sae).to(lm.device)
+    lm = load_model(model, device=device, dtype=dtype)
+    return lm, load_sae(sae_path).to(lm.device)
+
+
+def load_inputs(job: Job):
+    """The job's model and SAE, loaded as a worker (or the merge) needs them, checked against the job's identity."""
+    lm, sae = load_model_and_sae(job.model, job.sae, job.device, job.dtype)
     found = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
     if found != job.identity:
         raise ValueError(f"the model or SAE changed since the job was planned ({found} != {job.identity}); "
@@ -157,8 +162,7 @@ def run_task(out: str | Path, index: int, report: Callable[[int, int, float], No
 
     ``report(index, tokens, seconds)`` is called after every batch (a progress bar); ``inputs`` is the loaded
     ``(lm, sae)`` when the caller has them (else they are loaded from the job)."""
-    from .heads import HeadAttribution, attention_hook
-    from .pipeline import PrecomputeConfig, activation_batches, check_inputs, compute_copy, new_state, step
+    from .pipeline import PrecomputeConfig, activation_batches, check_inputs, compute_copy, head_attribution, new_state, step
 
     folder = shards_dir(out)
     job = Job.load(folder)
@@ -168,10 +172,7 @@ def run_task(out: str | Path, index: int, report: Callable[[int, int, float], No
     cfg = PrecomputeConfig(**job.config)
     hook = check_inputs(lm, sae, job.corpus, cfg.context_len)
     run_sae = compute_copy(sae, lm)
-    heads, why_not = HeadAttribution.setup(lm, sae, cfg.dfa_sources)
-    note = None
-    if heads is None and attention_hook(hook) is not None:
-        note = {"layer": attention_hook(hook), "n_heads": lm.n_heads, "dfa": False, "reason": why_not}
+    heads, note = head_attribution(lm, sae, hook, cfg)
     latents = range(*task.latents) if job.latent_shards > 1 else None
     state = new_state(run_sae, cfg, heads, note, latents=latents, seed=shard_seed(cfg.seed, task.shard))
     lo, hi = task.contexts
