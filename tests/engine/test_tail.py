@@ -132,3 +132,19 @@ def test_shared_model_is_unchanged():
     assert dict(lm.model.named_modules()) == modules and lm.config.to_dict() == config
     for name, t in lm.model.state_dict().items():
         assert torch.equal(t, before[name]), name
+
+
+def test_no_deprecated_transformers_api_in_resume_or_steering():
+    """The lock's transformers and the newest both: no FutureWarning or DeprecationWarning from saescope's calls
+    (transformers 5.25 renamed ``past_key_values`` to ``cache`` in the mask builders and the models' forward)."""
+    import warnings
+
+    from engine.live.steering import generate
+
+    lm = _model("gemma2")  # both mask builders: sliding and full layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resume_logits(lm, "blocks.0.hook_resid_post", lm.capture(_ids(), "blocks.0.hook_resid_post")["blocks.0.hook_resid_post"])
+        tokens = list(generate(lm, [5, 6, 7], max_new_tokens=4, temperature=0.0, stop_at_eos=False))
+    assert len(tokens) == 4
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
