@@ -87,12 +87,13 @@ def compile_(out: Path, *, hashes: bool, upgrade: bool, oldest: bool, exclude: l
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp) / "torch.txt"
         constraints.write_text(f"torch=={torch_version()}\n")
-        cmd = [*uv(), "pip", "compile", str(PYPROJECT.relative_to(ROOT)), "-", "--all-extras", "--universal",
-               "--python-version", minimum, "--no-header", "--constraint", str(constraints),
-               "--output-file", str(out), "--quiet"]
+        cmd = [*uv(), "pip", "compile", str(PYPROJECT.relative_to(ROOT)), "-", "--all-extras", "--no-header",
+               "--constraint", str(constraints), "--output-file", str(out), "--quiet"]
+        # the lock serves every platform and Python; the oldest set is for this interpreter, where it is tested
+        cmd += ["--resolution", "lowest-direct", "--python", sys.executable] if oldest else [
+            "--universal", "--python-version", minimum]
         cmd += ["--generate-hashes"] if hashes else []
         cmd += ["--upgrade"] if upgrade else []
-        cmd += ["--resolution", "lowest-direct"] if oldest else []
         for name in exclude:
             cmd += ["--no-emit-package", name]
         subprocess.run(cmd, input="\n".join(build_requires(proj)) + "\n", text=True, check=True, cwd=ROOT)

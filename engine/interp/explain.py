@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -334,7 +334,7 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
 def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
                    on_explanation) -> None:
     name = explainer.name if explainer is not None else "none"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     need = [lat for lat in batch if lat.shown and lat.feature_id not in have]
     answers = explainer.chat([explain_messages(lat) for lat in need], max_tokens=cfg.max_tokens) if need and explainer else []
     texts: dict[int, tuple[str | None, str, str]] = {lat.feature_id: outcome(answer)
@@ -381,7 +381,7 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
     for baseline, texts in ((SHUFFLED, shuffled), (LABELS, {f: labels.get(f) or None for f in order})):
         _, complete = _done(run_dir, baseline, wanted)
         todo = [f for f in order if f not in complete]
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for i in range(0, len(todo), cfg.batch_size):
             batch = load_latents(examples, todo[i : i + cfg.batch_size], cfg)
             score_rows, fids, txts, sts = [], [], [], []

@@ -24,7 +24,7 @@ import dataclasses
 import operator
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -128,7 +128,7 @@ def explain_latent(run_dir: str | Path, feature_id: int, explainer: ChatBackend,
 def _live(run_dir: Path, lat: LatentData, quiet: list[Excerpt], explainer: ChatBackend, judge: ChatBackend,
           embedder, wanted: list[str], cfg: ExplainConfig, stored: _Stored) -> Generator[str, None, LiveResult]:
     name = explainer.name
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     pieces: list[str] = []
     if lat.shown:
         stream = explainer.stream(explain.explain_messages(lat), max_tokens=cfg.max_tokens)

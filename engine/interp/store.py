@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ INTERP_DB = "interp.duckdb"
 DB_VERSION = 2
 """Bumped whenever interp.duckdb's tables change; an older file is rebuilt."""
 BASELINE_PREFIX = "baseline:"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --- building (a writable connection reading the Parquet files; file lists are bound parameters) ------------------
 _ORD = "list_position($files, filename) * 1099511627776 + file_row_number"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,7 @@ class RunWriter:
         seen = state.n_contexts * cfg.context_len
         return {
             "schema_version": schema.SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "snapshot": {"final": final, "index": self.snapshots, "n_tokens": state.n_tokens, "seen_tokens": seen,
                          "target_tokens": self.target_tokens, **self.writer_id},
             "model": {

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -202,7 +202,7 @@ def _write_neuronpedia(store: RunStore, best: dict, root: Path, opts: Neuronpedi
         raise ValueError(f"cannot tell the layer from hook {manifest.get('sae', {}).get('hook')!r}: pass --layer")
     source_id = f"{layer}-{set_name}"
     release = np_fmt.check_id(opts.release or set_name, "release")
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     sae, corpus, model = manifest.get("sae", {}), manifest.get("corpus", {}), manifest.get("model", {})
     run_hash = f"{model.get('hash')}:{sae.get('hash')}:{corpus.get('hash')}"
     hook = str(sae.get("hook") or "")

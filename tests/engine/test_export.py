@@ -3,7 +3,7 @@
 import ast
 import gzip
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,7 +33,7 @@ def run_dir(tiny_llama, tmp_path_factory):
     out = root / "run"
     precompute(tiny_llama, random_sae("topk", hook="blocks.1.hook_resid_post"), write_corpus(root / "c.jsonl", n_docs=16),
                out, context_len=16, batch_size=8, sample_contexts=4, progress=False)
-    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
     storage.write_part(out, {storage.EXPLANATIONS: pa.table({
         "feature_id": list(EXPLAINED), "explanation": list(EXPLAINED.values()), "explainer": ["m"] * 2,
         "prompt_version": ["v1"] * 2, "created_at": [t0] * 2, "status": ["ok"] * 2, "reason": [""] * 2,

@@ -171,7 +171,9 @@ def test_embedding_scores_auroc_of_cosines():
 def split(tmp_path_factory):
     """Every latent's excerpts, the non-activating pool, and the SAE codes recomputed on the pool contexts."""
     run = build_run(tmp_path_factory.mktemp("interp_split") / "build")
-    cfg = ExplainConfig(pool_contexts=64)
+    # the pool in float32 like the codes below: "auto" picks bf16 where this CPU runs it faster, and a TopK near-tie
+    # then admits another latent
+    cfg = ExplainConfig(pool_contexts=64, device="cpu", dtype="float32")
     examples = RunExamples(run, before=cfg.before, after=cfg.after)
     manifest = rundir.read_manifest(run)
     pool = quiet_pool(run, manifest, examples, cfg)

@@ -4,7 +4,7 @@ import json
 import os
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ from engine.run import schema
 from engine.run.parquet import write_table
 from engine.tools.bench_search import synthetic_queries, synthetic_vectors
 
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 HOSTILE = ["'; DROP TABLE explanations; --", "%' OR '1'='1", "$feature_id", "\\", '"quoted"', "ǘ🙂 ‮rtl", "a\nb\tc",
            "\x00nul", "?", " " * 3, "x" * 2000]
 
