@@ -50,7 +50,7 @@ browser:
 # The linters as configured in pyproject.toml: ruff (style, imports, bugbear) and pyright (types, basic mode).
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/pyright
+	$(BIN)/pyright --pythonpath $(BIN)/python
 
 # Everything, slow tests included (the demo model is fetched from PyPI on first use).
 test: setup browser lint
@@ -66,14 +66,16 @@ lock: setup
 	$(BIN)/python scripts/lock.py
 
 # The whole suite, linters included, against the newest releases pyproject.toml allows, in a separate environment
-# ($(LATEST)): how the team learns of the next breaking release before a user does. On success the versions are
-# recorded in requirements/latest-passed.txt.
+# ($(LATEST)): how the team learns of the next breaking release before a user does. torch stays at TORCH_VERSION
+# (make test-latest TORCH_VERSION=X tries another). On success the versions are recorded in
+# requirements/latest-passed.txt.
 test-latest: browser
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
 	$(LATEST)/bin/pip install --quiet $(TORCH_INSTALL)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt -e ".[test]"
 	$(LATEST)/bin/pip check
 	$(LATEST)/bin/ruff check .
 	$(LATEST)/bin/pyright --pythonpath $(LATEST)/bin/python
