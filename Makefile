@@ -95,7 +95,7 @@ test-oldest: browser setup
 	$(OLDEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	$(OLDEST)/bin/pip check
 	$(OLDEST)/bin/python -m pytest -q -m "" --durations=15 -p no:cacheprovider
-	$(OLDEST)/bin/python scripts/versions.py --record requirements/oldest-passed.txt --what "make test-oldest (the whole suite)"
+	$(OLDEST)/bin/python scripts/versions.py --record requirements/oldest-passed.txt --what "make test-oldest TORCH_VERSION=$(TORCH_VERSION) (the whole suite)"
 
 demo: setup
 	$(BIN)/saescope demo

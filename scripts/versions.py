@@ -16,14 +16,12 @@ from importlib import metadata
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu() -> str:
+    """The CPU's model name and ISA flags, as ``saescope bench`` reports them."""
+    from engine.model.machine import cpu_facts
+
+    facts = cpu_facts()
+    return f"{facts.model} ({', '.join(facts.flags) or 'none of the reported ISA flags'})"
 
 
 def installed() -> list[str]:
@@ -40,9 +38,10 @@ def main() -> None:
     parser.add_argument("--record", type=Path, required=True, help="the file to write")
     parser.add_argument("--what", default="the whole suite (make test-latest)", help="what passed, for the header")
     args = parser.parse_args()
+    packages = installed()  # before cpu() imports torch, which puts setuptools' vendored packages on the path
     head = [f"# {args.what} passed on {date.today().isoformat()} with these versions",
-            f"# Python {platform.python_version()} on {platform.system()} {platform.machine()}, CPU: {cpu_model()}"]
-    args.record.write_text("\n".join(head + installed()) + "\n")
+            f"# Python {platform.python_version()} on {platform.system()} {platform.machine()}, CPU: {cpu()}"]
+    args.record.write_text("\n".join(head + packages) + "\n")
     print(f"wrote {args.record}")
 
 
