@@ -56,7 +56,7 @@ def build_requires(proj: dict | None = None) -> list[str]:
     return list((proj or project())["build-system"]["requires"])
 
 
-def inputs_digest(proj: dict | None = None, torch: str | None = None) -> str:
+def inputs_digest(proj: dict | None = None) -> str:
     """A digest of everything the lock is resolved from: Python range, dependencies, extras, build backend, torch."""
     proj = proj or project()
     inputs = {
@@ -64,7 +64,7 @@ def inputs_digest(proj: dict | None = None, torch: str | None = None) -> str:
         "dependencies": sorted(proj["project"].get("dependencies", [])),
         "optional-dependencies": {k: sorted(v) for k, v in sorted(proj["project"].get("optional-dependencies", {}).items())},
         "build-system": sorted(build_requires(proj)),
-        "torch": torch or torch_version(),
+        "torch": torch_version(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
