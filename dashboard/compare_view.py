@@ -109,7 +109,7 @@ def latent_panel(a: str, b: str, latent: int, folder: str, swapped: bool) -> Non
     """Latent ``latent`` of run ``a`` beside its counterparts in ``b``: its split children (or, for a latent of
     the wider run, the latent it splits off), else its best decoder match. ``swapped``: ``a`` is the wider run
     (the comparison's B side)."""
-    from engine.eval.storage import Comparison
+    from engine.eval.files import Comparison
 
     comp = Comparison(folder)
     kin = "the latent it splits off" if swapped else "split child"

@@ -12,7 +12,8 @@ from dashboard import cache, render
 from dashboard.render import fmt
 
 if TYPE_CHECKING:
-    from engine.interp.store import ExcerptResult, Explanation, ScoreDetail
+    from engine.interp.rows import Explanation
+    from engine.interp.scorers import ExcerptResult, ScoreDetail
     from engine.run.rows import FeatureRow
     from engine.run.store import RunStore
 

@@ -18,7 +18,7 @@ from dashboard.render import fmt
 from engine.run.rows import Example, ExampleDFA, FeatureRow
 
 if TYPE_CHECKING:
-    from engine.live.attribution import DFA
+    from engine.analysis.dfa import DFA
 
 EXAMPLES_SHOWN = 6
 HEADS_ON_HOVER = 4

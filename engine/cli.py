@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from . import settings
+
 
 def _model(name: str, device: str, dtype: str):
     from .model.loading import load_model
@@ -181,8 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _app_explainer(args: argparse.Namespace) -> None:
     """``--explainer``/``--explainer-model`` into the environment the app server inherits (dashboard/cache.py)."""
     if args.explainer:
-        os.environ["SAESCOPE_EXPLAINER"] = args.explainer
-        os.environ["SAESCOPE_EXPLAINER_MODEL"] = args.explainer_model or ""
+        os.environ[settings.EXPLAINER.name] = args.explainer
+        os.environ[settings.EXPLAINER_MODEL.name] = args.explainer_model or ""
     elif args.explainer_model:
         raise ValueError("--explainer-model names the model an --explainer endpoint serves: pass --explainer too")
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .analysis.metrics import ReconStats, ce_metrics
+from .data.activations import iter_activations
+from .data.corpus import corpus_files, iter_contexts
 from .model.loading import LoadedModel
 from .model.machine import choose_dtype
-from .precompute.activations import iter_activations
-from .precompute.corpus import corpus_files, iter_contexts
-from .precompute.metrics import ReconStats, ce_metrics
 from .saes import SAEConfig, build_sae
 
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from engine.live.attribution import dfa
+from engine.analysis.dfa import dfa
+from engine.data.corpus import iter_contexts
 from engine.model.loading import load_model
-from engine.precompute.corpus import iter_contexts
 from engine.precompute.pipeline import precompute
 from engine.saes import load_sae
 from engine.tools.bench import _forward_seconds, machine_facts
@@ -68,9 +68,9 @@ def _live_dfa_ms(lm, sae, contexts, context_len, repeats=12) -> dict:
 def _capture_over_forward(lm, sae, contexts, batch_size, n_batches=12) -> float:
     """The attention capture (forward to hook_z + two attention re-runs) over a plain forward to the hook, timed
     batch by batch, alternating (sum over ``n_batches`` batches)."""
+    from engine.data.activations import batched
     from engine.model.attention import capture_attention
     from engine.model.families import parse_hook_name
-    from engine.precompute.activations import batched
 
     layer, _ = parse_hook_name(sae.cfg.hook_name)
     plain = captured = 0.0

@@ -30,7 +30,7 @@ def evaluate_report(sae_dir: Path) -> dict:
     import torch
 
     from engine import load_model, load_sae
-    from engine.precompute.corpus import iter_contexts
+    from engine.data.corpus import iter_contexts
     from engine.train import evaluate
 
     settings = json.loads((sae_dir / "training_report.json").read_text())["settings"]

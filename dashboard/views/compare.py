@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import cache, charts, common, compare_view
 from dashboard.render import fmt
-from engine.eval.storage import find_comparison
+from engine.eval.files import find_comparison
 
 runs = compare_view.known_runs()
 st.title("Compare")

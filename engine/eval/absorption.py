@@ -32,8 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..analysis.interventions import compute_copy
 from ..model.loading import LoadedModel
-from ..precompute.pipeline import compute_copy
 from ..saes import SAE
 from .probe import balanced_weights, f1, fit_logistic
 from .sparse_probing import Row

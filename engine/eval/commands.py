@@ -24,8 +24,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .absorption import AbsorptionConfig
     from .evaluate import EvaluateConfig, evaluate_run
+    from .files import evaluation_summary
     from .sparse_probing import ProbingConfig
-    from .storage import evaluation_summary
 
     cfg = EvaluateConfig(
         parts=tuple(p for p in args.parts.split(",") if p), tokens=args.tokens, batch_size=args.batch_size,

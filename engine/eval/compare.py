@@ -17,11 +17,12 @@ import numpy as np
 
 from ..model.loading import LoadedModel
 from ..model.machine import cpu_facts
+from ..run.loaded import load_run_model, load_run_sae
 from ..run.store import RunStore
-from . import storage
+from . import files, schema
 from .matching import DENSE_LIMIT, one_to_one, top_matches
 from .pairstats import PairStats
-from .runs import card, check_comparable, load_run_model, load_run_sae
+from .runs import card, check_comparable
 from .sample import sample_contexts, sample_pass
 from .splitting import SplitCriteria, candidates, children, split_parents
 
@@ -97,8 +98,8 @@ def _compare(stores: list[RunStore], cfg: CompareConfig, out, lm, device, dtype)
     started = time.perf_counter()
     check_comparable(stores)
     stores = sorted(stores, key=lambda s: int((s.manifest().get("sae") or {}).get("d_sae") or 0))
-    lm = load_run_model(stores[0], lm, device, dtype)
-    saes = [load_run_sae(s, lm.device) for s in stores]
+    lm = load_run_model(stores[0].manifest(), f"run {stores[0].run_dir}", lm=lm, device=device, dtype=dtype)
+    saes = [load_run_sae(s.manifest(), f"run {s.run_dir}", device=lm.device) for s in stores]
     timings = {"load_seconds": time.perf_counter() - started}
 
     tick = time.perf_counter()
@@ -121,15 +122,15 @@ def _compare(stores: list[RunStore], cfg: CompareConfig, out, lm, device, dtype)
     written = []
     for p in pairs:
         info = _finish(p, stores, cfg, n_tokens, len(contexts), timings, str(lm.device))
-        written.append(storage.write_folder(p.folder, p.tables, info))
+        written.append(files.write_folder(p.folder, p.tables, info))
     if len(stores) >= 3:
         cards = [card(s) for s in stores]
-        table = {name: [c[name] for c in cards] for name in storage.WIDTHS_SCHEMA.names}
-        target = Path(out) if out is not None else Path(stores[0].run_dir) / storage.COMPARE_DIR
+        table = {name: [c[name] for c in cards] for name in schema.WIDTHS_SCHEMA.names}
+        target = Path(out) if out is not None else Path(stores[0].run_dir) / schema.COMPARE_DIR
         target.mkdir(parents=True, exist_ok=True)
         from ..run.parquet import write_table
 
-        write_table(target / storage.WIDTHS, table, storage.WIDTHS_SCHEMA)
+        write_table(target / schema.WIDTHS, table, schema.WIDTHS_SCHEMA)
     return written
 
 
@@ -150,16 +151,16 @@ def _match(a: int, b: int, stores, saes, cfg: CompareConfig, out) -> _Pair:
     partner_a[assign.partner[matched]] = ids[matched]
     second = top.ids.shape[1] > 1
     tables = {
-        storage.MATCHES: {
+        schema.MATCHES: {
             "a_id": ids, "best_b": top.ids[:, 0], "best_cos": top.cos[:, 0],
             "second_b": top.ids[:, 1] if second else np.full(n_a, -1),
             "second_cos": top.cos[:, 1] if second else np.full(n_a, np.nan),
             "partner_b": assign.partner, "partner_cos": assign.cos,
         },
-        storage.MATCHES_B: {"b_id": np.arange(n_b), "best_a": back.ids[:, 0], "best_cos": back.cos[:, 0], "partner_a": partner_a},
-        storage.PAIRS: {"a_id": cand_a, "b_id": cand_b, "cos": cand_cos},
+        schema.MATCHES_B: {"b_id": np.arange(n_b), "best_a": back.ids[:, 0], "best_cos": back.cos[:, 0], "partner_a": partner_a},
+        schema.PAIRS: {"a_id": cand_a, "b_id": cand_b, "cos": cand_cos},
     }
-    folder = storage.default_folder(stores[a].run_dir, stores[b].run_dir, out)
+    folder = files.default_folder(stores[a].run_dir, stores[b].run_dir, out)
     return _Pair(a, b, folder, tables, keys // n_b, keys % n_b, assign.method)
 
 
@@ -176,7 +177,7 @@ def _finish(p: _Pair, stores, cfg: CompareConfig, n_tokens: int, n_contexts: int
         out = values[np.minimum(pos, len(keys) - 1)]
         return np.where(b_ids >= 0, out, fill)
 
-    m, mb, pr = p.tables[storage.MATCHES], p.tables[storage.MATCHES_B], p.tables[storage.PAIRS]
+    m, mb, pr = p.tables[schema.MATCHES], p.tables[schema.MATCHES_B], p.tables[schema.PAIRS]
     m["best_corr"] = lookup(m["a_id"], m["best_b"], res.corr, np.nan)
     m["partner_corr"] = lookup(m["a_id"], m["partner_b"], res.corr, np.nan)
     m["a_fires"] = res.fires_a

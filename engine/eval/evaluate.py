@@ -3,7 +3,7 @@
 Parts: ``core`` (``core``: L2 ratio, relative reconstruction bias, cosine over a token sample of the run;
 firing fractions from the run's densities), ``sparse_probing`` (``sparse_probing`` on texts of a corpus,
 ``probing_data``), ``absorption`` (``absorption``, on the model's vocabulary). Each writes rows of
-``storage.EVALUATION_SCHEMA``; the settings, the run's identity, timings and the CPU go in the file's metadata.
+``schema.EVALUATION_SCHEMA``; the settings, the run's identity, timings and the CPU go in the file's metadata.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from ..model.loading import LoadedModel
 from ..model.machine import cpu_facts
+from ..run.loaded import load_run_model, load_run_sae
 from ..run.store import RunStore
-from . import storage
+from . import files, schema
 from .absorption import AbsorptionConfig, absorption
 from .core import CoreStats, firing_fractions
 from .probing_data import corpus_blocks, datasets
-from .runs import load_run_model, load_run_sae
 from .sample import sample_contexts, sample_pass
 from .sparse_probing import ProbingConfig, Row, means, pooled, probe_dataset
 
@@ -82,8 +82,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, *, lm: 
     cfg = cfg or EvaluateConfig()
     started = time.perf_counter()
     with RunStore.open(run_dir) as store:
-        lm = load_run_model(store, lm, device, dtype)
-        sae = load_run_sae(store, lm.device)
+        lm = load_run_model(store.manifest(), f"run {store.run_dir}", lm=lm, device=device, dtype=dtype)
+        sae = load_run_sae(store.manifest(), f"run {store.run_dir}", device=lm.device)
         timings = {"load_seconds": time.perf_counter() - started}
         rows: list[Row] = []
         for part, fn in (("core", core_rows), ("sparse_probing", probing_rows), ("absorption", None)):
@@ -100,5 +100,5 @@ def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, *, lm: 
         "settings": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()},
         "machine": {"cpu": facts.model, "threads": facts.threads, "device": str(lm.device), "dtype": str(lm.dtype)},
     }
-    columns = {name: [getattr(r, name) for r in rows] for name in storage.EVALUATION_SCHEMA.names}
-    return storage.write_evaluation(run_dir, columns, meta)
+    columns = {name: [getattr(r, name) for r in rows] for name in schema.EVALUATION_SCHEMA.names}
+    return files.write_evaluation(run_dir, columns, meta)

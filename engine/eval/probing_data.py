@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..precompute.corpus import iter_documents
+from ..data.corpus import iter_documents
 
 CHAPTERS = {"1": "whats_new", "4": "language_reference", "5": "library", "7": "c_api", "10": "howto"}
 TEST_EVERY = 5

@@ -5,12 +5,8 @@ with)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from ..model.loading import LoadedModel
-from ..run import rundir
 from ..run.store import RunStore
-from ..saes import SAE
 
 CARD_FIELDS = (
     "l0", "explained_variance", "ce_loss_increase", "ce_loss_increase_ci95", "ce_loss_recovered", "kl_div", "kl_score",
@@ -46,31 +42,3 @@ def check_comparable(stores: Sequence[RunStore]) -> None:
         lines = "; ".join(f"{run}: model {name} ({h}), hook {hook}, d_in {d}" for run, (h, name, hook, d) in seen.items())
         raise ValueError(f"these runs are not SAEs on the same model and hook point, so their latents cannot be "
                          f"compared: {lines}")
-
-
-def load_run_sae(store: RunStore, device=None) -> SAE:
-    """The SAE the run's manifest names, checked against the fingerprint the run recorded."""
-    from ..saes import load_sae
-
-    sae_info = store.manifest().get("sae") or {}
-    path = sae_info.get("path")
-    if not path or not Path(path).exists():
-        raise FileNotFoundError(f"the SAE of run {store.run_dir} is not at {path!r} (the path its manifest records)")
-    sae = load_sae(path, device=device or "cpu")
-    if sae_info.get("hash") and rundir.sae_fingerprint(sae) != sae_info["hash"]:
-        raise ValueError(f"the SAE at {path} is not the one run {store.run_dir} was computed with (its weights changed)")
-    return sae
-
-
-def load_run_model(store: RunStore, lm: LoadedModel | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """The run's model (``lm`` if given), checked against the fingerprint the run recorded."""
-    from ..model.loading import load_model
-
-    model = store.manifest().get("model") or {}
-    if lm is None:
-        if not model.get("name"):
-            raise ValueError(f"the manifest of {store.run_dir} does not say which model the run was computed on")
-        lm = load_model(model["name"], device=device, dtype=dtype)
-    if model.get("hash") and rundir.model_fingerprint(lm) != model["hash"]:
-        raise ValueError(f"the model {lm.name} is not the one run {store.run_dir} was computed on")
-    return lm

@@ -2,7 +2,7 @@
 
 Compare and evaluate both need activations the run did not store: they take ``sample_contexts`` of the run
 (spread evenly over its contexts), run the model up to the hook once per batch and every SAE on the same
-tokens. Tokens count as in precompute (``engine.precompute.activations.iter_activations``): position 0,
+tokens. Tokens count as in precompute (``engine.data.activations.iter_activations``): position 0,
 special tokens and massive-activation tokens are left out.
 """
 
@@ -15,9 +15,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..analysis.interventions import compute_copy
+from ..data.activations import iter_activations
 from ..model.loading import LoadedModel
-from ..precompute.activations import iter_activations
-from ..precompute.pipeline import compute_copy
 from ..run import schema
 from ..run.parquet import read_context_tokens
 from ..run.store import RunStore

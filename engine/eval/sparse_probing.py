@@ -21,9 +21,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..analysis.interventions import compute_copy
+from ..data.activations import MASSIVE_FACTOR, stats_mask
 from ..model.loading import LoadedModel
-from ..precompute.activations import MASSIVE_FACTOR, stats_mask
-from ..precompute.pipeline import compute_copy
 from ..saes import SAE
 from .probe import accuracy, fit_logistic, top_k_mean_diff
 from .probing_data import Dataset

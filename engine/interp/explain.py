@@ -26,8 +26,9 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from ..run import rundir, schema
-from . import prompts, scorers, storage
+from ..run import rundir
+from ..run import schema as run_schema
+from . import parts, prompts, schema, scorers
 from .backends import ChatBackend
 from .data import LatentData, QuietPool, RunExamples
 from .scorers import Excerpt
@@ -98,7 +99,7 @@ def finished_manifest(run_dir: Path) -> dict:
         raise FileNotFoundError(f"{run_dir} has no finished run yet (a precompute is writing it, or was stopped before "
                                 "its first snapshot): explain it once precompute has finished")
     if manifest is None:
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no {schema.MANIFEST}): run saescope precompute first")
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {run_schema.MANIFEST}): run saescope precompute first")
     if manifest.get("data_dir") or not (manifest.get("snapshot") or {}).get("final", True):
         raise ValueError(f"{run_dir} is still being computed (a snapshot): explain it once precompute has finished")
     return manifest
@@ -107,27 +108,24 @@ def finished_manifest(run_dir: Path) -> dict:
 def quiet_pool(run_dir: Path, manifest: dict, examples: RunExamples, cfg: ExplainConfig) -> QuietPool:
     """Where each latent fires on a pool of random run contexts, from one run of the run's own model and SAE
     (cached in ``.interp/pool.npz``): the source of non-activating excerpts."""
-    cache = run_dir / storage.INTERP_DIR / "pool.npz"
+    cache = run_dir / schema.INTERP_DIR / "pool.npz"
     key = f"{manifest['sae']['hash']}:{manifest['model']['hash']}:{cfg.pool_contexts}:{cfg.seed}"
     if cache.is_file():
         with np.load(cache) as z:
             if str(z["key"]) == key:
                 return QuietPool(z["ids"], int(z["ctx_len"]), z["latents"], z["where"], int(z["d_sae"]))
-    from ..model.loading import load_model
-    from ..precompute.activations import iter_activations
-    from ..saes import load_sae
+    from ..data.activations import iter_activations
+    from ..run.loaded import load_run_model, load_run_sae
 
     all_ids = examples.context_ids()
     rng = np.random.default_rng(cfg.seed)
     ids = np.sort(rng.choice(all_ids, size=min(cfg.pool_contexts, len(all_ids)), replace=False))
     contexts = examples.contexts([int(i) for i in ids])
     try:
-        lm = load_model(manifest["model"]["name"], device=cfg.device, dtype=cfg.dtype)
-        sae = load_sae(manifest["sae"]["path"], device=lm.device)
+        lm = load_run_model(manifest, f"run {run_dir}", device=cfg.device, dtype=cfg.dtype)
+        sae = load_run_sae(manifest, f"run {run_dir}", device=lm.device)
     except (OSError, ValueError) as err:
         raise ValueError(f"explain needs the run's model and SAE to find contexts where a latent is silent: {err}") from err
-    if rundir.sae_fingerprint(sae) != manifest["sae"]["hash"]:
-        raise ValueError(f"the SAE at {manifest['sae']['path']} has changed since the run was computed: recompute the run")
     s = manifest["settings"]
     ctx_len = len(contexts[int(ids[0])])
     latents, where, row = [], [], 0
@@ -168,8 +166,8 @@ def explain_messages(latent: LatentData) -> list[dict[str, str]]:
 
 def _done(run_dir: Path, explainer: str, wanted: list[str]) -> tuple[dict[int, str | None], set[int]]:
     """Existing explanations of ``explainer`` (None: failed or skipped) and the latents whose scores are all there."""
-    ex = storage.read_all(run_dir, storage.EXPLANATIONS)
-    sc = storage.read_all(run_dir, storage.SCORES)
+    ex = parts.read_all(run_dir, schema.EXPLANATIONS)
+    sc = parts.read_all(run_dir, schema.SCORES)
     have: dict[int, str | None] = {}
     for fid, text, who, version in zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(),
                                        ex["explainer"].to_pylist(), ex["prompt_version"].to_pylist(), strict=True):
@@ -192,7 +190,7 @@ def explanation_rows(feature_ids, texts, explainer, statuses, reasons, now) -> p
     n = len(feature_ids)
     return pa.table({"feature_id": feature_ids, "explanation": texts, "explainer": [explainer] * n,
                      "prompt_version": [prompts.EXPLAIN_VERSION] * n, "created_at": [now] * n, "status": statuses,
-                     "reason": reasons}, schema=storage.EXPLANATIONS_SCHEMA)
+                     "reason": reasons}, schema=schema.EXPLANATIONS_SCHEMA)
 
 
 def outcome(answer: str) -> tuple[str | None, str, str]:
@@ -213,9 +211,7 @@ def wanted_scorers(names: tuple[str, ...] | list[str], judge: ChatBackend | None
 
 def feature_stats(examples: RunExamples) -> tuple[np.ndarray, np.ndarray]:
     """Density and maximum activation of every latent of the run, by id."""
-    dens = examples._con.execute("SELECT density, max_act FROM read_parquet($p) ORDER BY feature_id",
-                                 {"p": str(examples.run_dir / schema.FEATURES)}).fetchnumpy()
-    return np.asarray(dens["density"], np.float64), np.asarray(dens["max_act"], np.float64)
+    return examples.store.density_and_max()
 
 
 def load_latents(examples: RunExamples, ids: list[int], cfg: ExplainConfig) -> list[LatentData]:
@@ -246,10 +242,10 @@ def score_and_embed(lat: LatentData, quiet: list[Excerpt], text: str, name: str,
 
 def write_rows(run_dir: Path, explanations: pa.Table, score_rows: list[dict], emb_rows: list[dict]) -> Path:
     """One part folder holding these explanation, score and embedding rows."""
-    return storage.write_part(run_dir, {
-        storage.EXPLANATIONS: explanations,
-        storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
-        storage.EMBEDDINGS: pa.Table.from_pylist(emb_rows, schema=storage.EMBEDDINGS_SCHEMA),
+    return parts.write_part(run_dir, {
+        schema.EXPLANATIONS: explanations,
+        schema.SCORES: pa.Table.from_pylist(score_rows, schema=schema.SCORES_SCHEMA),
+        schema.EMBEDDINGS: pa.Table.from_pylist(emb_rows, schema=schema.EMBEDDINGS_SCHEMA),
     })
 
 
@@ -295,7 +291,7 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
     cfg = cfg or ExplainConfig()
     run_dir = Path(run_dir)
     manifest = finished_manifest(run_dir)
-    storage.consolidate(run_dir)
+    parts.consolidate(run_dir)
     judge = judge or explainer
     # only the scorers that can run here are waited for: with --no-embed, a missing embedding score would make a
     # rerun take every latent for unfinished and ask the scorer model everything again
@@ -325,7 +321,7 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
         stats["latents_per_minute"] = round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None
         if cfg.baselines:
             stats["baselines"] = score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool)
-        storage.consolidate(run_dir)
+        parts.consolidate(run_dir)
         return stats
     finally:
         examples.close()
@@ -366,7 +362,7 @@ def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg
 
 def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool) -> dict:
     """Score the shuffled explanations and the top-token labels on the same latents and excerpts."""
-    ex = storage.read_all(run_dir, storage.EXPLANATIONS)
+    ex = parts.read_all(run_dir, schema.EXPLANATIONS)
     mine = {f: t for f, t, who, v in zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(), ex["explainer"].to_pylist(),
                                          ex["prompt_version"].to_pylist(), strict=True)
             if who == name and v == prompts.EXPLAIN_VERSION and t is not None and f in set(ids)}
@@ -395,9 +391,9 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
                 scores = score_one(lat, quiet_for(examples, pool, lat, cfg), text, wanted, judge, embedder, None, cfg.seed)
                 score_rows += _score_rows(lat.feature_id, baseline, scores)
             reasons = ["" if t else "empty label" for t in txts]
-            storage.write_part(run_dir, {
-                storage.EXPLANATIONS: explanation_rows(fids, txts, baseline, sts, reasons, now),
-                storage.SCORES: pa.Table.from_pylist(score_rows, schema=storage.SCORES_SCHEMA),
+            parts.write_part(run_dir, {
+                schema.EXPLANATIONS: explanation_rows(fids, txts, baseline, sts, reasons, now),
+                schema.SCORES: pa.Table.from_pylist(score_rows, schema=schema.SCORES_SCHEMA),
             })
         counts[baseline] = len(todo)
     return counts
@@ -405,7 +401,7 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
 
 def summary(run_dir: str | Path, feature_ids: list[int] | None = None) -> dict[str, dict[str, float]]:
     """Mean score per explainer and scorer (over latents with a defined score), e.g. for the README's table."""
-    sc = storage.read_all(Path(run_dir), storage.SCORES)
+    sc = parts.read_all(Path(run_dir), schema.SCORES)
     acc: dict[str, dict[str, list[float]]] = {}
     wanted = set(feature_ids) if feature_ids is not None else None
     for fid, who, scorer, score in zip(sc["feature_id"].to_pylist(), sc["explainer"].to_pylist(), sc["scorer"].to_pylist(),

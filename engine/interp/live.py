@@ -2,7 +2,7 @@
 
 ``explain_latent`` checks its arguments and prepares the latent's excerpts when called, and returns a generator:
 iterating it streams the explainer's reply (the pieces it yields), then scores the cleaned explanation and writes
-one part folder (``storage.write_part``) with its explanations, scores and embedding rows; the generator's return
+one part folder (``parts.write_part``) with its explanations, scores and embedding rows; the generator's return
 value is a ``LiveResult`` (``result = yield from ...``, or wrap it in ``Streamed`` for a consumer that only
 iterates, such as ``st.write_stream``). Same prompt and prompt version, junk filter, excerpt split and row schema
 as ``explain_run``, under the explainer's own name: a later ``saescope explain`` with that explainer takes the
@@ -30,12 +30,12 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from . import explain, prompts, storage
+from . import explain, prompts, schema
 from .backends import ChatBackend
 from .data import LatentData, RunExamples
 from .explain import ExplainConfig
+from .index import source_files
 from .scorers import Excerpt
-from .store import source_files
 
 _KEY = "feature_id = $feature_id AND explainer = $explainer AND prompt_version = $prompt_version"
 STORED_STATUS = f"""
@@ -174,12 +174,12 @@ def _stored(run_dir: Path, fid: int, name: str) -> _Stored:
             with duckdb.connect() as con:
                 status = scorers = None
                 embedded = 0
-                if files := [str(p) for p in source_files(run_dir, storage.EXPLANATIONS)]:
+                if files := [str(p) for p in source_files(run_dir, schema.EXPLANATIONS)]:
                     row = con.execute(STORED_STATUS, {"files": files, **key}).fetchone()
                     status = row[0] if row else None
-                if files := [str(p) for p in source_files(run_dir, storage.SCORES)]:
+                if files := [str(p) for p in source_files(run_dir, schema.SCORES)]:
                     scorers = [r[0] for r in con.execute(STORED_SCORERS, {"files": files, **key}).fetchall()]
-                if files := [str(p) for p in source_files(run_dir, storage.EMBEDDINGS)]:
+                if files := [str(p) for p in source_files(run_dir, schema.EMBEDDINGS)]:
                     embedded = (con.execute(STORED_EMBEDDING, {"files": files, **key}).fetchone() or (0,))[0]
             return _Stored(status, frozenset(scorers or ()), bool(embedded))
         except (duckdb.IOException, FileNotFoundError):  # a running explain folded its parts in meanwhile: again

@@ -15,6 +15,7 @@ prediction (``details``), so the app can show which contexts the scorer got wron
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -126,3 +127,93 @@ def embedding(embedder, explanation: str, excerpts: list[Excerpt], explanation_v
                "labels": labels.astype(int).tolist(),
                "similarities": [round(float(s), 4) for s in sims]}
     return Score("embedding", auroc(labels, sims), len(excerpts), details)
+
+
+# --- what a score row's details say, per excerpt (the app shows where a scorer went wrong) ---------------------
+@dataclass(frozen=True)
+class ExcerptResult:
+    """How a scorer did on one held-out excerpt."""
+
+    context_id: int
+    activating: bool
+    value: float | None
+    """The judge's P(1)/(P(0)+P(1)) (detection, fuzzing) or cosine(explanation, excerpt) (embedding)."""
+    predicted: bool | None
+    """``value > 0.5`` for detection and fuzzing; None for embedding (a ranking, no threshold)."""
+    misordered: int
+    """Excerpts of the other class ranked on the wrong side of this one (strictly); AUROC = 1 - pairs / (P * N)."""
+    wrong: bool
+    """Detection/fuzzing: the prediction differs from the label. Embedding: ``misordered > 0`` (an activating
+    excerpt ranked below a non-activating one, or a non-activating one above an activating one)."""
+    window: tuple[int, int] | None = None
+    """``[start, end)`` of the excerpt in its context (None: scored before windows were recorded)."""
+
+
+@dataclass(frozen=True)
+class ScoreDetail:
+    """One scorer's result on one explanation, with its per-excerpt details parsed."""
+
+    feature_id: int
+    explainer: str
+    prompt_version: str
+    scorer: str
+    score: float | None
+    n_examples: int
+    auroc: float | None
+    """AUROC of the judge's probabilities (detection, fuzzing) or of the similarities (embedding)."""
+    excerpts: tuple[ExcerptResult, ...]
+
+    @property
+    def wrong(self) -> tuple[ExcerptResult, ...]:
+        return tuple(e for e in self.excerpts if e.wrong)
+
+    @property
+    def missed(self) -> tuple[ExcerptResult, ...]:
+        """Activating excerpts the scorer got wrong (false negatives, or ranked below a non-activating one)."""
+        return tuple(e for e in self.excerpts if e.wrong and e.activating)
+
+    @property
+    def false_alarms(self) -> tuple[ExcerptResult, ...]:
+        """Non-activating excerpts the scorer got wrong."""
+        return tuple(e for e in self.excerpts if e.wrong and not e.activating)
+
+
+def _misordered(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per excerpt: how many excerpts of the other class sit strictly on the wrong side of it."""
+    pos, neg = values[labels], values[~labels]
+    out = np.zeros(len(values), np.int64)
+    out[labels] = (values[labels][:, None] < neg[None, :]).sum(1)
+    out[~labels] = (values[~labels][:, None] > pos[None, :]).sum(1)
+    return out
+
+
+def parse_details(scorer: str, details: str | dict | None) -> tuple[float | None, tuple[ExcerptResult, ...]]:
+    """(auroc, per-excerpt results) from a scores row's ``details`` JSON (see ``engine.interp.scorers``)."""
+    d = json.loads(details) if isinstance(details, str) else (details or {})
+    ids = d.get("context_ids") or []
+    labels = np.array([bool(x) for x in d.get("labels") or []], bool)
+    raw = (d.get("similarities") if "similarities" in d else d.get("probabilities")) or []
+    if not (len(ids) == len(labels) == len(raw)):
+        return d.get("auroc"), ()
+    values = np.array([np.nan if v is None else float(v) for v in raw], np.float64)
+    windows = d.get("windows") or []
+    if len(windows) != len(ids):
+        windows = [None] * len(ids)
+    finite = np.isfinite(values)
+    ranked = np.where(finite, values, -np.inf)
+    misordered = _misordered(labels, ranked)
+    out = []
+    for i, cid in enumerate(ids):
+        value = float(values[i]) if finite[i] else None
+        if scorer == "embedding":
+            predicted, wrong = None, bool(misordered[i] > 0)
+        else:
+            predicted = bool(value is not None and value > 0.5)
+            wrong = predicted != bool(labels[i])
+        window = windows[i]
+        span = (int(window[0]), int(window[1])) if window and len(window) == 2 and int(window[0]) >= 0 else None
+        out.append(ExcerptResult(int(cid), bool(labels[i]), value, predicted, int(misordered[i]), wrong, span))
+    auc = d.get("auroc")
+    if auc is None and scorer == "embedding" and labels.any() and (~labels).any():
+        auc = auroc(labels, ranked)
+    return (None if auc is None else float(auc)), tuple(out)

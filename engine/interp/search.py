@@ -22,9 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..run import schema
-from . import storage
-from .store import InterpStore, fallback_dir, source_files
+from ..run import schema as run_schema
+from ..run.store import RunStore
+from . import schema
+from .index import fallback_dir, source_files
+from .store import InterpStore
 from .vectors import INDEX_VERSION, IVF_MIN, N_LISTS, N_PROBE, Hit, VectorIndex, unit
 
 __all__ = ["IVF_MIN", "N_LISTS", "N_PROBE", "Hit", "SemanticSearch", "VectorIndex", "unit"]
@@ -77,9 +79,9 @@ def _embedding_rows(files: list[Path], ords: np.ndarray) -> tuple[np.ndarray, np
 def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
     """The embedding of each latent's best embedded explanation, with its score, density and source."""
     chosen = store.embedded_best(model)
-    files = source_files(run_dir, storage.EMBEDDINGS)
+    files = source_files(run_dir, schema.EMBEDDINGS)
     key_columns = ["feature_id", "explainer", "prompt_version", "model"]
-    sub = pa.schema([storage.EMBEDDINGS_SCHEMA.field(c) for c in key_columns])
+    sub = pa.schema([schema.EMBEDDINGS_SCHEMA.field(c) for c in key_columns])
     keys = pa.concat_tables([pq.read_table(f, columns=key_columns).cast(sub) for f in files] or [sub.empty_table()])
     keys = keys.append_column("_ord", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
     con = duckdb.connect()
@@ -99,15 +101,11 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
     vectors = vectors[ok] if not ok.all() else vectors
     fids = chosen["feature_id"][i]
     density = np.full(len(fids), np.nan)
-    features = run_dir / schema.FEATURES
-    if features.is_file():
-        ft = pq.read_table(features, columns=["feature_id", "density"])
-        f_ids = ft["feature_id"].to_numpy()
-        f_dens = ft["density"].to_numpy(zero_copy_only=False).astype(np.float64)
-        order = np.argsort(f_ids, kind="stable")
-        pos = np.searchsorted(f_ids[order], fids)
-        found = (pos < len(order)) & (f_ids[order][np.minimum(pos, len(order) - 1)] == fids)
-        density[found] = f_dens[order][pos[found]]
+    if (run_dir / run_schema.MANIFEST).is_file():
+        with RunStore.open(run_dir) as run:
+            f_dens = run.densities()  # latent ids are 0..d_sae-1, so a latent's density is at its id
+        found = (fids >= 0) & (fids < len(f_dens))
+        density[found] = f_dens[fids[found]]
     names = sorted(set(zip(chosen["explainer"][i].tolist(), chosen["prompt_version"][i].tolist(), strict=True)))
     code = {name: j for j, name in enumerate(names)}
     source = np.array([code[(a, b)] for a, b in zip(chosen["explainer"][i], chosen["prompt_version"][i], strict=True)],
@@ -146,10 +144,10 @@ class SemanticSearch:
         if model is None or model not in models:
             return cls(store, None, model, own)
         run_dir = store.run_dir
-        key_src = [INDEX_VERSION, store.signature, _file_key(run_dir / schema.FEATURES), model,
+        key_src = [INDEX_VERSION, store.signature, _file_key(run_dir / run_schema.FEATURES), model,
                    "ivf" if ivf_min else "exact", ivf_min, n_lists, seed]
         key = hashlib.sha256(json.dumps(key_src).encode()).hexdigest()[:24]
-        root = run_dir / storage.INTERP_DIR / SEARCH_DIR
+        root = run_dir / schema.INTERP_DIR / SEARCH_DIR
         writable = os.access(run_dir, os.W_OK) and (not root.parent.exists() or os.access(root.parent, os.W_OK))
         if not writable:
             root = fallback_dir(run_dir) / SEARCH_DIR

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..analysis.interventions import check_sae_fits
+from ..data.activations import stats_mask
 from ..model.loading import LoadedModel
 from ..model.tail import can_resume, resume_logits
 from ..model.tokens import display_tokens
-from ..precompute.activations import stats_mask
 from ..saes import SAE
-from .interventions import check_sae_fits
 
 
 @dataclass(frozen=True)

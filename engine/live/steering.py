@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..analysis.interventions import add_vector, check_sae_fits, clamp_latents, steering_vector
 from ..model.compat import cache_argument, output_cache
 from ..model.loading import LoadedModel
 from ..saes import SAE
-from .interventions import add_vector, check_sae_fits, clamp_latents, steering_vector
 
 InterventionFactory = Callable[[], AbstractContextManager]
 

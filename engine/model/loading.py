@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from ..saes import DTYPES
+from ..dtypes import DTYPES
 from .families import Family, decoder_layers, family_for, first_path, parse_hook_name
 from .hooks import HookManager, StopForward, interventions
 from .machine import DtypeChoice, choose_dtype

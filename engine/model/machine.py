@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .. import settings
+
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
 """CPU flags worth reporting next to a measurement (from ``/proc/cpuinfo``)."""
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -30,7 +32,7 @@ BF16_MIN_SPEEDUP = 1.25
 """bf16 is chosen only when it runs the benchmark at least this many times faster than fp32: a near-tie is
 not worth bf16's lost precision."""
 CACHE_VERSION = 1
-CACHE_ENV = "SAESCOPE_CACHE_DIR"
+CACHE_ENV = settings.CACHE_DIR.name
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ def cpu_facts() -> CpuFacts:
 
 def cache_dir() -> Path:
     """``$SAESCOPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/saescope``, else ``~/.cache/saescope``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    if (configured := settings.get(settings.CACHE_DIR)) is not None:
+        return configured
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "saescope"
 

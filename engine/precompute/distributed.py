@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..data.corpus import iter_contexts
 from ..run import rundir
-from .corpus import iter_contexts
 from .merge import merge_run
 from .pipeline import PrecomputeConfig, check_inputs
 from .shards import Job, done, load_inputs, load_model_and_sae, prepare_job, run_task

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..live.attribution import LatentReadout, dfa_compact, head_weight_shares, latent_readout
+from ..analysis.dfa import LatentReadout, dfa_compact, head_weight_shares, latent_readout
 from ..model.attention import AttentionCapture
 from ..model.families import parse_hook_name
 from ..model.loading import LoadedModel

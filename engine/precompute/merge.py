@@ -22,9 +22,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..analysis.interventions import compute_copy
 from ..run import rundir, schema
 from .accumulators import FeatureStats
-from .pipeline import PrecomputeConfig, _Pass, compute_copy
+from .pipeline import PassState, PrecomputeConfig
 from .reservoirs import ExampleReservoirs
 from .runwriter import RunWriter
 from .shards import Job, Task, contexts_path, done, load_inputs, load_state, shards_dir, state_path
@@ -110,7 +111,7 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
     states = {t.index: load_state(state_path(folder, t)) for t in tasks}
     primary = [t for t in tasks if t.primary]
     first = states[primary[0].index]
-    state = _Pass(stats=FeatureStats(0), examples=None, recon=first["recon"], dark=first["dark"],  # type: ignore[arg-type]
+    state = PassState(stats=FeatureStats(0), examples=None, recon=first["recon"], dark=first["dark"],  # type: ignore[arg-type]
                   sample=first["sample"], heads=None, heads_note=first["heads_note"], recon_massive=first["recon_massive"])
     state.n_contexts, state.n_tokens = first["n_contexts"], first["n_tokens"]
     gen = np.random.default_rng(cfg.seed)

@@ -12,7 +12,6 @@ linear error map, logit effects, neighbours and labels; then the files, the Duck
 
 from __future__ import annotations
 
-import copy
 import itertools
 import shutil
 import sys
@@ -23,16 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..live.interventions import check_sae_fits
+from ..analysis.interventions import check_sae_fits, compute_copy
+from ..analysis.metrics import ReconStats
+from ..data.activations import iter_activations
+from ..data.corpus import corpus_files, iter_contexts
 from ..model.loading import LoadedModel
 from ..run import parquet, rundir, schema
 from ..saes import SAE
 from .accumulators import FeatureStats, SparseCodes, sparse_codes
-from .activations import iter_activations
-from .corpus import corpus_files, iter_contexts
 from .darkmatter import LinearErrorStats
 from .heads import HeadAttribution, attention_hook
-from .metrics import ReconStats
 from .reservoirs import ExampleReservoirs
 from .runwriter import RunWriter
 from .sampling import ContextSample, is_heldout
@@ -100,7 +99,7 @@ class PrecomputeConfig:
 
 
 @dataclass
-class _Pass:
+class PassState:
     """Everything the streaming pass accumulates."""
 
     stats: FeatureStats
@@ -126,17 +125,6 @@ def check_inputs(lm: LoadedModel, sae: SAE, corpus: str | Path, context_len: int
         raise ValueError(f"context length {context_len} exceeds the model's maximum of {lm.max_context} positions")
     corpus_files(corpus)
     return hook
-
-
-def compute_copy(sae: SAE, lm: LoadedModel) -> SAE:
-    """The SAE as precompute runs it: on the model's device, and in the model's dtype when that is bf16, or
-    fp16 off the CPU (16-bit matmuls are several times faster on GPUs and AMX CPUs, while fp16 is slow on
-    CPUs); the SAE's own weights are left untouched."""
-    fast = lm.dtype == torch.bfloat16 or (lm.dtype == torch.float16 and lm.device.type != "cpu")
-    dtype = lm.dtype if fast else sae.dtype
-    if sae.dtype == dtype and sae.device == lm.device:
-        return sae
-    return copy.deepcopy(sae).to(device=lm.device, dtype=dtype)
 
 
 def precompute(
@@ -211,7 +199,7 @@ def head_attribution(lm, sae: SAE, hook: str, cfg: PrecomputeConfig) -> tuple[He
 
 
 def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = None, heads_note: dict | None = None, *,
-              latents: range | None = None, seed: int | None = None) -> _Pass:
+              latents: range | None = None, seed: int | None = None) -> PassState:
     """Empty accumulators for a pass of ``sae`` (on its device), over all latents or the slice ``latents``.
 
     ``seed`` (default ``cfg.seed``) seeds the random draws (quantile keys, the context sample): a shard of a
@@ -219,7 +207,7 @@ def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = N
     dev, d_in = sae.device, sae.cfg.d_in
     d_sae = len(latents) if latents is not None else sae.cfg.d_sae
     seed = cfg.seed if seed is None else seed
-    return _Pass(
+    return PassState(
         stats=FeatureStats(d_sae, dev, n_bins=cfg.hist_bins),
         examples=ExampleReservoirs(d_sae, cfg.context_len, dev, top_k=cfg.top_k, n_bins=cfg.quantile_bins,
                                    per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=seed,
@@ -256,7 +244,7 @@ def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor) -> tuple[SparseCodes, 
     return joined, torch.cat(x_hat), torch.cat(error)
 
 
-def step(state: _Pass, sae: SAE, batch, first_context: int, context_file: parquet.ContextWriter | None, *,
+def step(state: PassState, sae: SAE, batch, first_context: int, context_file: parquet.ContextWriter | None, *,
          latents: range | None = None) -> int:
     """Add one batch of activations (contexts numbered from ``first_context``) to ``state``; returns its tokens.
 

@@ -15,7 +15,6 @@ one snapshot keeps its losses for the next.
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import settings
+from ..analysis.metrics import CEMetrics, ce_totals, explained_variances, per_token_ce, per_token_ce_from_acts, summarize_ce
+from ..data.corpus import corpus_hash
 from ..model.tail import can_resume
 from ..model.tokens import token_strings
 from ..run import parquet, rundir, schema
 from ..run.index import build_index
+from ..run.loaded import local_path
 from . import runfiles
-from .corpus import corpus_hash
-from .metrics import CEMetrics, ce_totals, explained_variances, per_token_ce, per_token_ce_from_acts, summarize_ce
 from .sampling import ContextSample
 
 LOSS_KEYS = ("clean", "sae", "zero", "kl", "kl_zero")
@@ -39,7 +40,7 @@ CE_KEYS = tuple(CEMetrics.__dataclass_fields__)
 """The CE keys of ``manifest.metrics``: every ``CEMetrics`` field (``to_dict(extended=True)``)."""
 SNAPSHOT_COST_FACTOR = 10.0
 """A later snapshot waits at least this many times the previous one's cost."""
-SNAPSHOT_MIN_REMAINING = float(os.environ.get("SAESCOPE_SNAPSHOT_MIN_SECONDS", 60))
+SNAPSHOT_MIN_REMAINING = settings.get(settings.SNAPSHOT_MIN_SECONDS, 60.0)
 """Seconds the pass must still have to go (at its throughput so far) for a snapshot to be worth publishing: a run
 that ends sooner is browsed when it ends (``$SAESCOPE_SNAPSHOT_MIN_SECONDS``, default 60)."""
 
@@ -149,19 +150,20 @@ class RunWriter:
             "snapshot": {"final": final, "index": self.snapshots, "n_tokens": state.n_tokens, "seen_tokens": seen,
                          "target_tokens": self.target_tokens, **self.writer_id},
             "model": {
-                "name": lm.name, "hash": self.identity["model_hash"], "family": lm.family.name,
+                "name": lm.name, "path": local_path(lm.name) if Path(lm.name).exists() else None,
+                "hash": self.identity["model_hash"], "family": lm.family.name,
                 "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device), "n_layers": lm.n_layers,
                 "d_model": lm.d_model, "vocab_size": len(self._vocab),
             },
             "sae": {
-                "path": str(self.sae_path) if self.sae_path else None, "hash": self.identity["sae_hash"],
+                "path": local_path(self.sae_path) if self.sae_path else None, "hash": self.identity["sae_hash"],
                 "architecture": sae.cfg.architecture, "hook": self.hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                 "k": sae.cfg.k, "compute_dtype": str(self.run_sae.dtype).removeprefix("torch."),
                 "hook_head_index": sae.cfg.hook_head_index,
             },
             "head_attribution": state.heads.manifest() if state.heads is not None else state.heads_note,
             "corpus": {
-                "path": str(self.corpus), "name": Path(self.corpus).name, "hash": corpus_hash(self.corpus),
+                "path": local_path(self.corpus), "name": Path(self.corpus).name, "hash": corpus_hash(self.corpus),
                 "n_contexts": state.n_contexts, "context_len": cfg.context_len, "n_tokens": state.n_tokens,
             },
             "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},

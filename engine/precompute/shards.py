@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.corpus import iter_contexts
 from ..run import parquet, rundir
-from .corpus import iter_contexts
 
 JOB = "job.json"
 JOB_VERSION = 1
@@ -162,7 +162,8 @@ def run_task(out: str | Path, index: int, report: Callable[[int, int, float], No
 
     ``report(index, tokens, seconds)`` is called after every batch (a progress bar); ``inputs`` is the loaded
     ``(lm, sae)`` when the caller has them (else they are loaded from the job)."""
-    from .pipeline import PrecomputeConfig, activation_batches, check_inputs, compute_copy, head_attribution, new_state, step
+    from ..analysis.interventions import compute_copy
+    from .pipeline import PrecomputeConfig, activation_batches, check_inputs, head_attribution, new_state, step
 
     folder = shards_dir(out)
     job = Job.load(folder)

@@ -90,6 +90,16 @@ FROM examples
 WHERE feature_id = $feature_id AND ($kind IS NULL OR kind = $kind)
 """
 CONTEXTS = "SELECT context_id, token_ids FROM contexts WHERE context_id = ANY($context_ids)"
+CONTEXT_IDS = "SELECT context_id FROM contexts ORDER BY context_id"
+# explanations: many latents' examples at once, each latent's top examples by rank, then its quantile examples
+EXAMPLES_OF = """
+SELECT feature_id, kind, rank, quantile_bin, context_id, max_pos, start, acts
+FROM examples
+WHERE feature_id = ANY($feature_ids)
+ORDER BY feature_id, kind DESC, rank
+"""
+LABELS = "SELECT feature_id, label FROM features WHERE feature_id = ANY($feature_ids)"
+DENSITY_AND_MAX = "SELECT density, max_act FROM features ORDER BY feature_id"
 # attribution.parquet is written in (feature_id, rank) order: no ORDER BY, as for examples
 ATTRIBUTION = """
 SELECT rank, context_id, max_pos, dfa_heads, dfa_sources, dfa_values, dfa_rest, dfa_bias, head_terms

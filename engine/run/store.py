@@ -207,6 +207,39 @@ class RunStore:
         vocab, n = self._vocab, len(self._vocab)
         return [vocab[i] if 0 <= i < n else f"<id {i}>" for i in map(int, token_ids)]
 
+    @property
+    def vocab(self) -> list[str]:
+        """Display string of every token id, in id order."""
+        return self._vocab
+
+    def contexts(self, context_ids: Iterable[int]) -> dict[int, list[int]]:
+        """Token ids of each of ``context_ids`` that the run holds."""
+        wanted = sorted({int(c) for c in context_ids})
+        if not wanted:
+            return {}
+        return {int(c): list(t) for c, t in self._execute(sql.CONTEXTS, {"context_ids": wanted}).fetchall()}
+
+    def context_ids(self) -> np.ndarray:
+        """Every context id the run holds, ascending."""
+        return np.asarray(self._execute(sql.CONTEXT_IDS).fetchnumpy()["context_id"], dtype=np.int64)
+
+    def labels(self, feature_ids: Iterable[int]) -> dict[int, str]:
+        """The top-token label of each latent of ``feature_ids`` ("" when it has none)."""
+        ids = [int(f) for f in feature_ids]
+        return {int(f): lab or "" for f, lab in self._execute(sql.LABELS, {"feature_ids": ids}).fetchall()}
+
+    def density_and_max(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every latent's firing density and maximum activation, in feature-id order."""
+        got = self._execute(sql.DENSITY_AND_MAX).fetchnumpy()
+        return np.asarray(got["density"], np.float64), np.asarray(got["max_act"], np.float64)
+
+    def example_rows(self, feature_ids: Iterable[int]) -> list[tuple]:
+        """``(feature_id, kind, rank, quantile_bin, context_id, max_pos, start, acts)`` of every example of the
+        latents ``feature_ids``: per latent its top examples by rank, then its quantile examples (bulk reads for
+        explanations; ``examples`` is one latent's, with tokens)."""
+        ids = [int(f) for f in feature_ids]
+        return [tuple(r) for r in self._execute(sql.EXAMPLES_OF, {"feature_ids": ids}).fetchall()]
+
     def context(self, context_id: int) -> Context | None:
         """One context's token ids and display strings; None for an unknown id."""
         row = self._execute(sql.CONTEXT, {"context_id": int(context_id)}).fetchone()

@@ -35,11 +35,14 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
+from .. import settings
 from .base import CFG_FILE, SAE, WEIGHTS_FILE
+from .build import build_sae
 from .config import SAEConfig
+from .folder import read_folder
 
 RELEASES_FILE = Path(__file__).with_name("releases.json")
-ENV_FILES = "SAESCOPE_RELEASES"
+ENV_FILES = settings.RELEASES.name
 FORMATS = ("saelens", "gemma_scope")
 _GEMMA_HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
 
@@ -86,7 +89,7 @@ def _read(path: Path) -> dict[str, Release]:
 def registry() -> dict[str, Release]:
     """Every known release: the shipped list, then the files named by ``$SAESCOPE_RELEASES`` over it."""
     releases = _read(RELEASES_FILE)
-    for extra in filter(None, os.environ.get(ENV_FILES, "").split(os.pathsep)):
+    for extra in filter(None, settings.get(settings.RELEASES, "").split(os.pathsep)):
         releases.update(_read(Path(extra)))
     return releases
 
@@ -233,14 +236,13 @@ def center_input(sae: SAE) -> SAE:
 def load_release_sae(release: str, sae_id: str, *, device: str | torch.device = "cpu",
                      dtype: torch.dtype | None = None, cache_dir: str | Path | None = None) -> SAE:
     """Download (or read from the hub cache) and load SAE ``sae_id`` of SAELens release ``release``."""
-    from .io import build_sae, load_sae
-
     entry, folder = resolve(release, sae_id)
     prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
     if entry.format == "saelens":
         cfg_path = download(entry.repo_id, f"{prefix}{CFG_FILE}", cache_dir=cache_dir)
         download(entry.repo_id, f"{prefix}{WEIGHTS_FILE}", cache_dir=cache_dir)
-        sae = load_sae(cfg_path.parent, device="cpu", dtype=torch.float32)
+        cfg, state = read_folder(cfg_path.parent)
+        sae = build_sae(cfg, state, dtype=torch.float32)
     else:
         cfg, state = _gemma_scope(entry, folder, download(entry.repo_id, f"{prefix}params.npz", cache_dir=cache_dir))
         sae = build_sae(cfg, state)

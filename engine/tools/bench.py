@@ -83,7 +83,7 @@ def _load(which: str):
 def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
     import torch
 
-    from ..precompute.activations import batched
+    from ..data.activations import batched
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -124,7 +124,7 @@ def child_main(argv: list[str]) -> None:
     """One precompute measurement in a fresh process; prints a JSON line."""
     import itertools
 
-    from ..precompute.corpus import iter_contexts
+    from ..data.corpus import iter_contexts
     from ..precompute.pipeline import precompute
 
     which, corpus = argv[0], argv[1]
@@ -239,7 +239,7 @@ def run_bench(*, model: str | None = None, tiny: bool = False, tokens: int | Non
               search_latents: int = 1_000_000) -> dict:
     """All measurements as one dict (see the module docstring). ``model``: ``demo`` (default when present),
     ``gpt2`` or ``tiny``."""
-    from .demo import data_dir
+    from ..assets import data_dir
 
     if model is not None and model not in MODELS:
         raise ValueError(f"bench model must be one of {', '.join(MODELS)}, got {model!r}")

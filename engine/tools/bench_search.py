@@ -65,7 +65,7 @@ def synthetic_queries(n: int, dim: int, *, n_topics: int = N_TOPICS, n_super: in
 
 
 def _cache_root() -> Path:
-    from .demo import data_dir
+    from ..assets import data_dir
 
     return data_dir() / "cache" / "bench-search"
 

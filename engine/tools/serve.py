@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from .. import settings
 from ..run.schema import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "dashboard" / "app.py"
-RUN_ENV = "SAESCOPE_RUN"
+RUN_ENV = settings.RUN.name
 DEMO_TOKENS = 200_000
 """Demo precompute budget: ~1 minute on a 2-core CPU with AMX (bf16), ~6 on an AVX2-only one (fp32, ~575 tokens/s);
 the app opens at the first snapshot (16k tokens) either way."""
@@ -95,7 +96,7 @@ def _exec(cmd: list[str], env: dict[str, str]) -> int:
 
 def demo_runs_dir() -> Path:
     """Where the demo's runs live (one per demo SAE): ``saescope demo`` serves this directory."""
-    from .demo import data_dir
+    from ..assets import data_dir
 
     return data_dir() / "runs"
 
@@ -109,7 +110,7 @@ def demo_run_dir() -> Path:
 
 def demo_corpus() -> Path:
     """The held-out corpus every demo run is precomputed on (checked: it is committed)."""
-    from .demo import data_dir
+    from ..assets import data_dir
 
     corpus = data_dir() / "corpus" / "heldout.jsonl.xz"
     if not corpus.is_file():
@@ -234,7 +235,10 @@ def run_state(run: Path, sae) -> str:
         manifest = read_manifest(run)
     except ValueError:
         return "stale"
-    if manifest is None or not Path((manifest.get("model") or {}).get("name") or "").exists():
+    if manifest is None:
+        return "stale"  # nothing yet
+    model = manifest.get("model") or {}
+    if not Path(model.get("path") or model.get("name") or "").exists():
         return "stale"  # nothing yet, or the checkout moved: the live pages could not find the model
     if (manifest.get("sae") or {}).get("hash") != sae_fingerprint(sae):
         return "stale"  # the committed SAE was retrained

@@ -113,7 +113,7 @@ def test_overview_shows_the_evaluation(runs, open_app):
     at = open_app(runs["root"], run="narrow")
     no_crash(at)
     assert any(s.value == "Evaluation" for s in at.subheader)
-    from engine.eval.storage import evaluation_summary
+    from engine.eval.files import evaluation_summary
 
     summary = evaluation_summary(runs["narrow"], json.loads((runs["narrow"] / "manifest.json").read_text()))
     assert summary is not None

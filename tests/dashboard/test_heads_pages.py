@@ -8,7 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from engine.live.attribution import dfa
+from engine.analysis.dfa import dfa
 from engine.live.lens import tokenize_prompt
 from engine.model.loading import load_model
 from engine.run.store import RunStore

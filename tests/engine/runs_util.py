@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from engine.data.activations import stats_mask
 from engine.model.tiny import TINY_TEXT
-from engine.precompute.activations import stats_mask
 
 LINES = [line for line in TINY_TEXT.replace(". ", ".\n").splitlines() if line.strip()]
 

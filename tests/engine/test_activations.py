@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.precompute.activations import iter_activations, stats_mask
+from engine.data.activations import iter_activations, stats_mask
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import load_sae
-from engine.live.attribution import (
+from engine.analysis.dfa import (
     dfa,
     dfa_from_capture,
     dfa_pairs,
@@ -17,14 +17,14 @@ from engine.live.attribution import (
     head_weight_shares,
     pair_head_terms,
 )
-from engine.live.interventions import add_vector, check_sae_fits, clamp_latents, splice_sae
+from engine.analysis.interventions import add_vector, check_sae_fits, clamp_latents, splice_sae
+from engine.analysis.metrics import per_token_ce
+from engine.data.activations import iter_activations
 from engine.live.lens import prompt_lens
 from engine.model.attention import capture_attention
 from engine.model.families import decoder_layers
 from engine.model.loading import from_module
 from engine.model.tiny import tiny_config, tiny_tokenizer
-from engine.precompute.activations import iter_activations
-from engine.precompute.metrics import per_token_ce
 
 from .saes_util import random_sae
 

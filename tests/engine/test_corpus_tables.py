@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engine.data import tables
+from engine.data.corpus import corpus_files, corpus_hash, iter_contexts
 from engine.model.tiny import tiny_tokenizer
-from engine.precompute import tables
-from engine.precompute.corpus import corpus_files, corpus_hash, iter_contexts
 
 from .runs_util import LINES
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import load_model, load_sae
-from engine.precompute.corpus import iter_contexts
+from engine.data.corpus import iter_contexts
 from engine.tools.demo import DEMO_HOOK, DEMO_SAES, demo_sae_dir, ensure_demo_model, verify_model_dir
 from engine.train import evaluate
 

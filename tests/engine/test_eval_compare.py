@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.eval import storage
+from engine.data.activations import MASSIVE_FACTOR, stats_mask
+from engine.eval import files, schema
 from engine.eval.compare import CompareConfig, compare_runs
 from engine.eval.pairstats import PairStats
 from engine.eval.sample import sample_contexts
 from engine.eval.splitting import SplitCriteria, children, split_parents
 from engine.model.loading import load_model
-from engine.precompute.activations import MASSIVE_FACTOR, stats_mask
 from engine.run.store import RunStore
 from engine.saes import load_sae
 
@@ -94,10 +94,10 @@ def brute_sample(lm, sae_a, sae_b, contexts, batch_size=16):
 
 def test_compare_writes_matches_correlations_and_splits(runs, lm, compared):
     assert compared == runs["narrow"] / "compare" / "wide"  # the narrower run holds it, whatever the order given
-    info = json.loads((compared / storage.COMPARISON).read_text())
+    info = json.loads((compared / schema.COMPARISON).read_text())
     assert info["a"]["d_sae"] == 64 and info["b"]["d_sae"] == 256 and info["assignment"]["method"] == "lsa"
     sae_a, sae_b = load_sae(runs["model"].parent / "sae_narrow"), load_sae(runs["model"].parent / "sae_wide")
-    matches = pq.read_table(compared / storage.MATCHES).to_pandas()
+    matches = pq.read_table(compared / schema.MATCHES).to_pandas()
     wa = sae_a.W_dec.double().numpy()
     wb = sae_b.W_dec.double().numpy()
     cos = (wa / np.linalg.norm(wa, axis=1, keepdims=True)) @ (wb / np.linalg.norm(wb, axis=1, keepdims=True)).T
@@ -116,7 +116,7 @@ def test_compare_writes_matches_correlations_and_splits(runs, lm, compared):
             want = np.corrcoef(ca[:, row.a_id], cb[:, int(row.partner_b)])[0, 1]
             assert row.partner_corr == pytest.approx(want, abs=1e-4)
 
-    pairs = pq.read_table(compared / storage.PAIRS).to_pandas()
+    pairs = pq.read_table(compared / schema.PAIRS).to_pandas()
     for row in pairs.itertuples():
         assert row.n_both == int(((ca[:, row.a_id] > 0) & (cb[:, row.b_id] > 0)).sum())
     # the wide SAE holds two perturbed copies of each of the narrow one's first 8 latents: each is split in two
@@ -127,9 +127,9 @@ def test_compare_writes_matches_correlations_and_splits(runs, lm, compared):
 
 
 def test_comparison_reader_and_lookup(runs, compared):
-    found = storage.find_comparison(runs["wide"], runs["narrow"])
+    found = files.find_comparison(runs["wide"], runs["narrow"])
     assert found == (compared, True)
-    comp = storage.Comparison(compared)
+    comp = files.Comparison(compared)
     assert comp.match(3)["a_id"] == 3 and comp.match(999) is None
     kids = comp.children(0).to_pylist()
     assert [k["b_id"] for k in kids[:2]] in ([0, 1], [1, 0]) and all(k["child"] for k in kids[:2])
@@ -156,7 +156,7 @@ def test_compare_command_and_its_errors(runs, tmp_path, capsys):
                  "--dtype", "float32", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report[0]["folder"] == str(tmp_path / "narrow--wide") and report[0]["n_split"] >= 0
-    assert (tmp_path / "narrow--wide" / storage.COMPARISON).is_file()
+    assert (tmp_path / "narrow--wide" / schema.COMPARISON).is_file()
     assert main(["compare", str(runs["narrow"]), str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "saescope compare: error:" in err and "does not exist" in err

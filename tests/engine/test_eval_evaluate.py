@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from engine.cli import main
+from engine.data.activations import MASSIVE_FACTOR, stats_mask
 from engine.eval.absorption import AbsorptionConfig
 from engine.eval.evaluate import EvaluateConfig, evaluate_run
+from engine.eval.files import read_evaluation
 from engine.eval.sample import sample_contexts
 from engine.eval.sparse_probing import K_VALUES, ProbingConfig
-from engine.eval.storage import read_evaluation
 from engine.model.loading import load_model
-from engine.precompute.activations import MASSIVE_FACTOR, stats_mask
 from engine.run.store import RunStore
 from engine.saes import load_sae
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.precompute.corpus import iter_contexts
-from engine.precompute.metrics import ReconStats, explained_variance, explained_variances
+from engine.analysis.metrics import ReconStats, explained_variance, explained_variances
+from engine.data.corpus import iter_contexts
 from engine.precompute.pipeline import precompute
 from engine.saes import SAEConfig, build_sae
 from engine.train import evaluate

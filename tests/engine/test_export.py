@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.cli import main
-from engine.interp import storage
+from engine.interp import parts, schema
 from engine.precompute.pipeline import precompute
 from engine.run.store import RunStore
 from engine.tools import export as export_mod
@@ -34,13 +34,13 @@ def run_dir(tiny_llama, tmp_path_factory):
     precompute(tiny_llama, random_sae("topk", hook="blocks.1.hook_resid_post"), write_corpus(root / "c.jsonl", n_docs=16),
                out, context_len=16, batch_size=8, sample_contexts=4, progress=False)
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    storage.write_part(out, {storage.EXPLANATIONS: pa.table({
+    parts.write_part(out, {schema.EXPLANATIONS: pa.table({
         "feature_id": list(EXPLAINED), "explanation": list(EXPLAINED.values()), "explainer": ["m"] * 2,
         "prompt_version": ["v1"] * 2, "created_at": [t0] * 2, "status": ["ok"] * 2, "reason": [""] * 2,
-    }, schema=storage.EXPLANATIONS_SCHEMA), storage.SCORES: pa.table({
+    }, schema=schema.EXPLANATIONS_SCHEMA), schema.SCORES: pa.table({
         "feature_id": [3], "explainer": ["m"], "prompt_version": ["v1"], "scorer": ["detection"], "score": [0.75],
         "n_examples": [4], "details": ["{}"],
-    }, schema=storage.SCORES_SCHEMA)})
+    }, schema=schema.SCORES_SCHEMA)})
     return out
 
 

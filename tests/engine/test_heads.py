@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.live.attribution import dfa, dfa_from_capture, dfa_pairs
+from engine.analysis.dfa import dfa, dfa_from_capture, dfa_pairs
 from engine.model.attention import capture_attention
 from engine.precompute.pipeline import precompute
 from engine.run.store import RunStore

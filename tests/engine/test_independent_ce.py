@@ -3,7 +3,7 @@
 Nothing here calls the engine to get a reference: the model is run as a plain ``transformers`` module, the SAE's
 reconstruction is computed from its weight tensors with the TopK formula, it is put in place by a plain torch
 forward hook on the Hugging Face module of the hook point, and log-softmax, cross-entropy and KL are written out
-in float64. The results are compared with ``engine.precompute.metrics.ce_metrics`` and with what a real
+in float64. The results are compared with ``engine.analysis.metrics.ce_metrics`` and with what a real
 ``precompute`` writes (manifest metrics, ``tokens.parquet`` per-token losses).
 
 Which positions count (docs/run-format.md, "Which tokens count"; engine/precompute/activations.py): a position
@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from engine.analysis.metrics import ce_metrics
+from engine.data.corpus import iter_contexts
 from engine.model.tiny import tiny_model
-from engine.precompute.corpus import iter_contexts
-from engine.precompute.metrics import ce_metrics
 from engine.precompute.pipeline import precompute
 from engine.saes import SAEConfig, build_sae
 

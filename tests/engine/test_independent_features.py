@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from engine.data.corpus import iter_contexts
 from engine.model.tiny import TINY_TEXT, tiny_model, tiny_tokenizer
-from engine.precompute.corpus import iter_contexts
 from engine.precompute.features import decoder_neighbors, logit_effects
 from engine.precompute.pipeline import precompute
 from engine.saes import SAEConfig, build_sae

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import cli
-from engine.interp import prompts, storage
+from engine.interp import parts, prompts, schema
 from engine.interp.data import RunExamples
 from engine.interp.explain import LABELS, SHUFFLED, ExplainConfig, explain_messages, explain_run, parse_features
-from engine.run import rundir, schema
+from engine.run import rundir
+from engine.run import schema as run_schema
 
 from .interp_util import DEAD, ScriptedChat, build_run
 
@@ -42,13 +43,13 @@ def keys(table, names) -> list[tuple]:
 
 
 def assert_unique_and_complete(run: Path, explainer: str, ids: list[int], scorers=SCORERS) -> None:
-    ex = storage.read_all(run, storage.EXPLANATIONS)
-    sc = storage.read_all(run, storage.SCORES)
-    ex_keys = keys(ex, storage.KEYS[storage.EXPLANATIONS])
-    sc_keys = keys(sc, storage.KEYS[storage.SCORES])
+    ex = parts.read_all(run, schema.EXPLANATIONS)
+    sc = parts.read_all(run, schema.SCORES)
+    ex_keys = keys(ex, schema.KEYS[schema.EXPLANATIONS])
+    sc_keys = keys(sc, schema.KEYS[schema.SCORES])
     assert len(ex_keys) == len(set(ex_keys)) and len(sc_keys) == len(set(sc_keys))
-    for path, key in ((run / storage.EXPLANATIONS, storage.KEYS[storage.EXPLANATIONS]),
-                      (run / storage.SCORES, storage.KEYS[storage.SCORES])):
+    for path, key in ((run / schema.EXPLANATIONS, schema.KEYS[schema.EXPLANATIONS]),
+                      (run / schema.SCORES, schema.KEYS[schema.SCORES])):
         rows = keys(pq.read_table(path), key)
         assert len(rows) == len(set(rows)), f"{path.name} holds a key twice"
     assert sorted(f for f, who, _ in ex_keys if who == explainer) == sorted(ids)
@@ -73,13 +74,13 @@ def test_interrupted_explain_resumes_without_loss_duplication_or_rework(run):
     with pytest.raises(KeyboardInterrupt):
         explain_run(run, first, cfg=cfg, progress=False, on_explanation=interrupt_in_second_batch)
     assert seen == [0, 1, 2, 3, 4]
-    ex = storage.read_all(run, storage.EXPLANATIONS)
+    ex = parts.read_all(run, schema.EXPLANATIONS)
     assert ex["feature_id"].to_pylist() == [0, 1, 2, 3], "the first batch is kept, the one in flight is not"
     assert len(first.chats) == 4 + 3, "batch 2 (4-7, 5 dead) was explained before the interrupt"
     created = dict(zip(ex["feature_id"].to_pylist(), ex["created_at"].to_pylist(), strict=True))
     first_texts = dict(zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(), strict=True))
-    (storage.parts_dir(run) / ".tmp-killed").mkdir()  # a batch killed while being written: never read
-    (storage.parts_dir(run) / ".tmp-killed" / storage.EXPLANATIONS).write_bytes(b"half a file")
+    (parts.parts_dir(run) / ".tmp-killed").mkdir()  # a batch killed while being written: never read
+    (parts.parts_dir(run) / ".tmp-killed" / schema.EXPLANATIONS).write_bytes(b"half a file")
 
     second = ScriptedChat()
     stats = explain_run(run, second, cfg=cfg, progress=False)
@@ -87,11 +88,11 @@ def test_interrupted_explain_resumes_without_loss_duplication_or_rework(run):
     assert len(second.chats) == 7, "only the latents not done are explained again (5 is dead)"
     assert len(second.questions) == 7 * len(SCORERS) * 8
     assert_unique_and_complete(run, "scripted", list(range(12)))
-    ex = storage.read_all(run, storage.EXPLANATIONS)
+    ex = parts.read_all(run, schema.EXPLANATIONS)
     again = dict(zip(ex["feature_id"].to_pylist(), ex["created_at"].to_pylist(), strict=True))
     assert all(again[f] == created[f] for f in range(4)), "the first batch's rows are the ones written first"
     assert all(ex["explanation"].to_pylist()[f] == first_texts[f] for f in range(4))
-    assert not [p for p in storage.parts_dir(run).iterdir() if not p.name.startswith(".")], "parts are folded in"
+    assert not [p for p in parts.parts_dir(run).iterdir() if not p.name.startswith(".")], "parts are folded in"
 
     third = ScriptedChat()
     stats = explain_run(run, third, cfg=cfg, progress=False)
@@ -111,8 +112,8 @@ def test_interrupt_while_scoring_loses_only_that_batch(run):
     cfg = ExplainConfig(features="0-3,6-9", **CFG)
     with pytest.raises(KeyboardInterrupt):
         explain_run(run, StopsInSecondScoringBatch(), cfg=cfg, progress=False)
-    assert storage.read_all(run, storage.EXPLANATIONS)["feature_id"].to_pylist() == [0, 1, 2, 3]
-    assert sorted(set(storage.read_all(run, storage.SCORES)["feature_id"].to_pylist())) == [0, 1, 2, 3]
+    assert parts.read_all(run, schema.EXPLANATIONS)["feature_id"].to_pylist() == [0, 1, 2, 3]
+    assert sorted(set(parts.read_all(run, schema.SCORES)["feature_id"].to_pylist())) == [0, 1, 2, 3]
     again = ScriptedChat()
     explain_run(run, again, cfg=cfg, progress=False)
     assert len(again.chats) == 4
@@ -125,7 +126,7 @@ def test_rerun_without_an_embedder_is_complete(run):
     cfg = ExplainConfig(features="0-3", scorers=("detection", "fuzzing", "embedding"), batch_size=4, n_heldout=4,
                         pool_contexts=32)
     explain_run(run, ScriptedChat(), embedder=None, cfg=cfg, progress=False)
-    assert set(storage.read_all(run, storage.SCORES)["scorer"].to_pylist()) == {"detection", "fuzzing"}
+    assert set(parts.read_all(run, schema.SCORES)["scorer"].to_pylist()) == {"detection", "fuzzing"}
     again = ScriptedChat()
     stats = explain_run(run, again, embedder=None, cfg=cfg, progress=False)
     assert stats["already_done"] == 4 and again.questions == [] and again.chats == []
@@ -138,9 +139,9 @@ def test_a_new_explainer_or_scorer_adds_rows_beside_the_old(run):
     more = ScriptedChat(name="a")
     stats = explain_run(run, more, cfg=ExplainConfig(features="0-3", **CFG), progress=False)
     assert stats["already_done"] == 0 and more.chats == [], "explanations are kept, only scores are added"
-    ex = storage.read_all(run, storage.EXPLANATIONS)
+    ex = parts.read_all(run, schema.EXPLANATIONS)
     assert sorted(keys(ex, ("explainer", "feature_id"))) == [(w, f) for w in "ab" for f in range(4)]
-    sc = storage.read_all(run, storage.SCORES)
+    sc = parts.read_all(run, schema.SCORES)
     assert sorted(keys(sc, ("explainer", "scorer", "feature_id"))) == sorted(
         [("a", s, f) for s in SCORERS for f in range(4)] + [("b", "detection", f) for f in range(4)])
 
@@ -170,7 +171,7 @@ def test_junk_answers_fail_with_a_reason_dead_latents_are_skipped_and_the_run_go
     chat = ScriptedChat(answer=by_prompt.__getitem__)
     stats = explain_run(run, chat, cfg=ExplainConfig(features=",".join(map(str, ids)), **CFG), progress=False)
     assert (stats["explained"], stats["failed"], stats["skipped"]) == (4, 4, 2)
-    rows = {r["feature_id"]: r for r in pq.read_table(run / storage.EXPLANATIONS).to_pylist()}
+    rows = {r["feature_id"]: r for r in pq.read_table(run / schema.EXPLANATIONS).to_pylist()}
     for fid, why in ((0, "empty answer"), (1, "no words"), (2, "echoes the excerpts"), (4, "echoes the excerpts")):
         assert rows[fid]["status"] == "failed" and rows[fid]["explanation"] is None and why in rows[fid]["reason"], rows[fid]
     for fid in DEAD:
@@ -179,7 +180,7 @@ def test_junk_answers_fail_with_a_reason_dead_latents_are_skipped_and_the_run_go
     assert rows[7]["explanation"].endswith("...") and len(rows[7]["explanation"]) <= prompts.MAX_CHARS + 3
     assert rows[8]["explanation"] == answers[8], "markup is kept as text (the app escapes it)"
     assert all(rows[f]["status"] == "ok" and rows[f]["reason"] == "" for f in (3, 6, 7, 8))
-    scored = {(r["feature_id"], r["scorer"]) for r in pq.read_table(run / storage.SCORES).to_pylist()}
+    scored = {(r["feature_id"], r["scorer"]) for r in pq.read_table(run / schema.SCORES).to_pylist()}
     assert scored == {(f, s) for f in (3, 6, 7, 8) for s in SCORERS}
 
 
@@ -193,15 +194,15 @@ def test_a_run_still_being_computed_is_refused(built, tmp_path, capsys):
     out = tmp_path / "live"
     folder = out / rundir.SNAPSHOTS / "00000001"
     shutil.copytree(built["run"], folder)
-    manifest = json.loads((folder / schema.MANIFEST).read_text())
-    (folder / schema.MANIFEST).unlink()
+    manifest = json.loads((folder / run_schema.MANIFEST).read_text())
+    (folder / run_schema.MANIFEST).unlink()
     manifest["snapshot"]["final"] = False
     rundir.publish_snapshot(out, folder, manifest)
     with pytest.raises(ValueError, match="still being computed"):
         explain_run(out, ScriptedChat(), cfg=ExplainConfig(features="0-3", **CFG), progress=False)
     assert cli.main(["explain", str(out), *OFFLINE]) == 2
     assert "still being computed" in capsys.readouterr().err
-    assert not (out / storage.INTERP_DIR).exists() and not (out / storage.EXPLANATIONS).exists()
+    assert not (out / schema.INTERP_DIR).exists() and not (out / schema.EXPLANATIONS).exists()
 
 
 def test_a_precompute_that_has_not_published_yet_is_called_that(tmp_path, capsys):
@@ -222,7 +223,7 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys, kind):
         path.write_text("not a run")
     elif kind == "bad-manifest":
         path.mkdir()
-        (path / schema.MANIFEST).write_text("{not json")
+        (path / run_schema.MANIFEST).write_text("{not json")
     with pytest.raises((FileNotFoundError, ValueError), match="not a run directory|not valid JSON"):
         explain_run(path, ScriptedChat(), progress=False)
     assert cli.main(["explain", str(path), *OFFLINE]) == 2
@@ -237,7 +238,7 @@ def test_bad_scorer_and_features_are_refused_before_any_work(run, capsys):
     for spec, message in (("300", "latent 300 does not exist"), ("20-10", "runs backwards"), ("top:5", "use all")):
         assert cli.main(["explain", str(run), "--features", spec, *OFFLINE]) == 2
         assert message in capsys.readouterr().err
-    assert chat.chats == [] and not (run / storage.INTERP_DIR).exists()
+    assert chat.chats == [] and not (run / schema.INTERP_DIR).exists()
 
 
 # --- --features ------------------------------------------------------------------------------------------------
@@ -284,13 +285,13 @@ def test_baselines_score_shuffled_explanations_and_labels(run):
     stats = explain_run(run, ScriptedChat(), cfg=cfg, progress=False)
     live = [f for f in range(8) if f not in DEAD]
     assert stats["baselines"] == {SHUFFLED: len(live), LABELS: len(live)}
-    ex = {(r["explainer"], r["feature_id"]): r for r in pq.read_table(run / storage.EXPLANATIONS).to_pylist()}
+    ex = {(r["explainer"], r["feature_id"]): r for r in pq.read_table(run / schema.EXPLANATIONS).to_pylist()}
     own = {f: ex[("scripted", f)]["explanation"] for f in live}
     shuffled = {f: ex[(SHUFFLED, f)]["explanation"] for f in live}
     assert sorted(shuffled.values()) == sorted(own.values()) and all(shuffled[f] != own[f] for f in live)
-    labels = {r["feature_id"]: r["label"] for r in pq.read_table(run / schema.FEATURES).to_pylist()}
+    labels = {r["feature_id"]: r["label"] for r in pq.read_table(run / run_schema.FEATURES).to_pylist()}
     assert all(ex[(LABELS, f)]["explanation"] == (labels[f] or None) for f in live)
-    sc = storage.read_all(run, storage.SCORES)
+    sc = parts.read_all(run, schema.SCORES)
     for who in (SHUFFLED, LABELS):
         got = sorted((f, s) for f, w, s in keys(sc, ("feature_id", "explainer", "scorer")) if w == who)
         assert got == [(f, s) for f in live if ex[(who, f)]["explanation"] for s in sorted(SCORERS)]

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from engine import cli
-from engine.interp import backends, prompts, scorers, storage
+from engine.interp import backends, parts, prompts, schema, scorers
 from engine.interp.backends import KEY_ENV, EndpointError, LocalChat, OpenAIChat
 from engine.interp.data import RunExamples
 from engine.interp.embed import Embedder
@@ -105,10 +105,10 @@ def test_explain_over_http_matches_the_model_in_process(env, monkeypatch):
     ids = [0, 1, 2, 3, 4, 5, 77]
     assert stats["features"] == 7 and stats["skipped"] == len(DEAD) and stats["explained"] + stats["failed"] == 5
     assert stats["explained"] >= 3, "the tiny chat model should give mostly usable (lettered) answers"
-    assert not [p for p in storage.parts_dir(run).iterdir() if not p.name.startswith(".")], "parts are folded in"
-    ex = pq.read_table(run / storage.EXPLANATIONS).to_pylist()
-    sc = pq.read_table(run / storage.SCORES).to_pylist()
-    em = pq.read_table(run / storage.EMBEDDINGS).to_pylist()
+    assert not [p for p in parts.parts_dir(run).iterdir() if not p.name.startswith(".")], "parts are folded in"
+    ex = pq.read_table(run / schema.EXPLANATIONS).to_pylist()
+    sc = pq.read_table(run / schema.SCORES).to_pylist()
+    em = pq.read_table(run / schema.EMBEDDINGS).to_pylist()
     assert sorted(r["feature_id"] for r in ex) == ids
     assert {r["explainer"] for r in ex} == {f"openai:{SERVED}@{env['url']}"}
     assert {r["prompt_version"] for r in ex} == {prompts.EXPLAIN_VERSION}
@@ -239,11 +239,11 @@ def test_cli_explain_against_llm_server_subprocess(env, capsys):
         assert rc == 0
         stats = json.loads(out)
         assert stats["features"] == 3 and stats["explained"] + stats["failed"] == 3
-        ex = pq.read_table(run / storage.EXPLANATIONS).to_pylist()
-        sc = pq.read_table(run / storage.SCORES).to_pylist()
+        ex = pq.read_table(run / schema.EXPLANATIONS).to_pylist()
+        sc = pq.read_table(run / schema.SCORES).to_pylist()
         assert [r["feature_id"] for r in ex] == [0, 1, 2]
         assert sorted(r["feature_id"] for r in sc) == [r["feature_id"] for r in ex if r["status"] == "ok"]
-        assert {r["scorer"] for r in sc} <= {"detection"} and not (run / storage.EMBEDDINGS).exists()
+        assert {r["scorer"] for r in sc} <= {"detection"} and not (run / schema.EMBEDDINGS).exists()
         assert f"openai:{SERVED}@{url}" in stats["mean_scores"] or not sc
     finally:
         proc.terminate()
@@ -386,14 +386,14 @@ def test_unreachable_endpoint_mid_run_keeps_what_was_written(env, monkeypatch, c
     cfg = ExplainConfig(features="0-3", scorers=("detection",), batch_size=2, n_heldout=4, pool_contexts=32)
     first = ScriptedChat()
     explain_run(run, first, cfg=cfg, progress=False)
-    before = (run / storage.EXPLANATIONS).read_bytes(), (run / storage.SCORES).read_bytes()
+    before = (run / schema.EXPLANATIONS).read_bytes(), (run / schema.SCORES).read_bytes()
 
     dead_url = f"http://127.0.0.1:{closed_port()}/v1"
     with pytest.raises(EndpointError):
         explain_run(run, OpenAIChat(dead_url, "m", **FAST), cfg=ExplainConfig(**{**cfg.__dict__, "features": "0-7"}),
                     progress=False)
-    assert ((run / storage.EXPLANATIONS).read_bytes(), (run / storage.SCORES).read_bytes()) == before
-    ex = storage.read_all(run, storage.EXPLANATIONS)
+    assert ((run / schema.EXPLANATIONS).read_bytes(), (run / schema.SCORES).read_bytes()) == before
+    ex = parts.read_all(run, schema.EXPLANATIONS)
     assert ex["feature_id"].to_pylist() == [0, 1, 2, 3] and set(ex["explainer"].to_pylist()) == {"scripted"}
 
     # the command says what happened and that a rerun continues; with small backoff it is quick
@@ -404,7 +404,7 @@ def test_unreachable_endpoint_mid_run_keeps_what_was_written(env, monkeypatch, c
     err = capsys.readouterr().err
     assert rc == 2 and "saescope explain: error:" in err and "rerun to continue" in err and "Traceback" not in err
     assert time.perf_counter() - started < 10
-    assert storage.read_all(run, storage.EXPLANATIONS)["feature_id"].to_pylist() == [0, 1, 2, 3]
+    assert parts.read_all(run, schema.EXPLANATIONS)["feature_id"].to_pylist() == [0, 1, 2, 3]
 
 
 def test_a_400_from_the_endpoint_stops_the_run_without_retrying(env):
@@ -415,7 +415,7 @@ def test_a_400_from_the_endpoint_stops_the_run_without_retrying(env):
                         cfg=ExplainConfig(features="0-7", scorers=(), batch_size=4, pool_contexts=32), progress=False)
         sent = [json.dumps(r["json"]["messages"]) for r in ep.requests]
         assert 1 <= len(sent) <= 4 and len(set(sent)) == len(sent), "no request is retried, and the run stops at batch 1"
-    assert storage.read_all(run, storage.EXPLANATIONS).num_rows == 0
+    assert parts.read_all(run, schema.EXPLANATIONS).num_rows == 0
 
 
 # --- streaming ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.interp import prompts, storage
+from engine.interp import parts as interp_parts
+from engine.interp import prompts, schema
 from engine.interp.backends import EndpointError, LocalChat, OpenAIChat
 from engine.interp.data import RunExamples
 from engine.interp.embed import Embedder
@@ -62,7 +63,7 @@ def drain(pieces) -> tuple[list[str], LiveResult]:
 
 
 def parts(run) -> list:
-    return storage.part_folders(run)
+    return interp_parts.part_folders(run)
 
 
 def auroc(labels: list[int], values: list[float]) -> float:
@@ -99,13 +100,13 @@ def test_live_explanation_over_the_llm_server_is_stored_as_explain_run_stores_it
         [detail] = store.scores(fid, endpoint.name)
         assert detail.scorer == "embedding" and detail.score == result.scores["embedding"]
         assert store.summary().embedding_models == {"embedder": 1}
-    score = pq.read_table(parts(run)[0] / storage.SCORES).to_pylist()[0]
+    score = pq.read_table(parts(run)[0] / schema.SCORES).to_pylist()[0]
     details = json.loads(score["details"])
     assert score["score"] == pytest.approx(auroc(details["labels"], details["similarities"]), abs=1e-3)
     shown = {e.context_id for e in lat.shown}
     assert not shown & set(details["context_ids"]), "the scorer never sees a context the explainer saw"
     assert sum(details["labels"]) == len(lat.heldout) == len(details["labels"]) // 2
-    [emb] = pq.read_table(parts(run)[0] / storage.EMBEDDINGS).to_pylist()
+    [emb] = pq.read_table(parts(run)[0] / schema.EMBEDDINGS).to_pylist()
     np.testing.assert_allclose(emb["embedding"], built["embedder"].encode([text])[0], atol=1e-6)
 
     # the same latent through explain_run, in-process, on a copy: the same rows (but the explainer's name and time)
@@ -113,8 +114,8 @@ def test_live_explanation_over_the_llm_server_is_stored_as_explain_run_stores_it
     shutil.copytree(built["run"], other)
     explain_run(other, built["chat"], embedder=built["embedder"], progress=False,
                 cfg=ExplainConfig(**{**CFG.__dict__, "features": str(fid), "scorers": ("embedding",)}))
-    for name, drop in ((storage.EXPLANATIONS, {"explainer", "created_at"}), (storage.SCORES, {"explainer"}),
-                       (storage.EMBEDDINGS, {"explainer"})):
+    for name, drop in ((schema.EXPLANATIONS, {"explainer", "created_at"}), (schema.SCORES, {"explainer"}),
+                       (schema.EMBEDDINGS, {"explainer"})):
         live = [{k: v for k, v in r.items() if k not in drop} for r in pq.read_table(parts(run)[0] / name).to_pylist()]
         batch = [{k: v for k, v in r.items() if k not in drop} for r in pq.read_table(other / name).to_pylist()]
         assert live == batch, name
@@ -147,11 +148,11 @@ def test_a_second_live_explanation_replaces_the_first(built, run):
     with InterpStore.open(run) as store:
         [row] = store.explanations(fid)
         assert row.text == "third-person pronouns" and row.scores == result.scores
-    storage.consolidate(run)
-    for name in storage.FILES:
-        keys = [tuple(r[k] for k in storage.KEYS[name]) for r in pq.read_table(run / name).to_pylist()]
+    interp_parts.consolidate(run)
+    for name in schema.FILES:
+        keys = [tuple(r[k] for k in schema.KEYS[name]) for r in pq.read_table(run / name).to_pylist()]
         assert len(keys) == len(set(keys)), name
-    [emb] = pq.read_table(run / storage.EMBEDDINGS).to_pylist()
+    [emb] = pq.read_table(run / schema.EMBEDDINGS).to_pylist()
     np.testing.assert_allclose(emb["embedding"], built["embedder"].encode(["third-person pronouns"])[0], atol=1e-6)
 
     # a junk answer does not replace a usable explanation; a replacement without an embedder is refused up front
@@ -183,8 +184,8 @@ def test_explain_run_after_a_live_explanation_neither_duplicates_nor_loses_it(bu
         [row] = store.explanations(3)
         assert (row.text, row.created_at) == ("words that start a sentence", created)
         assert row.scores["embedding"] == result.scores["embedding"] and row.scores["detection"] is not None
-    for name in storage.FILES:
-        keys = [tuple(r[k] for k in storage.KEYS[name]) for r in pq.read_table(run / name).to_pylist()]
+    for name in schema.FILES:
+        keys = [tuple(r[k] for k in schema.KEYS[name]) for r in pq.read_table(run / name).to_pylist()]
         assert len(keys) == len(set(keys)), name
     again = explain_run(run, ScriptedChat(), embedder=built["embedder"], cfg=cfg, progress=False)
     assert again["already_done"] == 5
@@ -200,7 +201,7 @@ def test_unknown_latent_or_scorer_is_refused_before_anything_happens(built, run)
             explain_latent(run, bad, chat, cfg=CFG)  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="unknown scorer 'detect'"):
         explain_latent(run, 0, chat, scorers=("detect",), cfg=CFG)
-    assert chat.chats == [] and not (run / storage.INTERP_DIR).exists()
+    assert chat.chats == [] and not (run / schema.INTERP_DIR).exists()
     _, result = drain(explain_latent(run, np.int64(255), chat, cfg=CFG))
     assert result.feature_id == 255
 
@@ -215,7 +216,7 @@ def test_a_dead_latent_is_recorded_skipped(built, run):
         [row] = store.explanations(DEAD[0])
         assert (row.text, row.status, row.reason, row.explainer) == (None, "skipped", SKIPPED_REASON, "scripted")
         assert store.best([DEAD[0]]) == {}
-    assert pq.read_table(parts(run)[0] / storage.SCORES).num_rows == 0
+    assert pq.read_table(parts(run)[0] / schema.SCORES).num_rows == 0
 
 
 def closed_port() -> int:

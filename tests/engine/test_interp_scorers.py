@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.interp import prompts, scorers, storage
+from engine.data.activations import stats_mask
+from engine.interp import parts, prompts, schema, scorers
 from engine.interp.data import RunExamples
 from engine.interp.explain import ExplainConfig, explain_run, quiet_pool
 from engine.interp.scorers import Excerpt, auroc, balanced_accuracy
-from engine.precompute.activations import stats_mask
-from engine.run import rundir, schema
+from engine.run import rundir
+from engine.run import schema as run_schema
 
 from .interp_util import DEAD, ScriptedChat, build_run
 
@@ -195,7 +196,7 @@ def split(tmp_path_factory):
 
 def test_explainer_sees_even_ranks_scorers_odd_ranks_and_quantiles_never_the_same_context(split):
     run, examples = split["run"], split["examples"]
-    table = pq.read_table(run / schema.EXAMPLES).to_pylist()
+    table = pq.read_table(run / run_schema.EXAMPLES).to_pylist()
     lats = examples.latents(list(range(256)), n_shown=4, n_top_heldout=3, n_quantile_heldout=4)
     assert [lat.feature_id for lat in lats] == list(range(256))
     for lat in lats:
@@ -247,7 +248,7 @@ def test_explain_scores_no_context_the_explainer_saw(split):
     explain_run(run, ScriptedChat(), cfg=cfg, progress=False)
     shown = {lat.feature_id: {e.context_id for e in lat.shown}
              for lat in split["examples"].latents(list(range(64)), n_shown=8, n_top_heldout=5, n_quantile_heldout=5)}
-    rows = storage.read_all(run, storage.SCORES).to_pylist()
+    rows = parts.read_all(run, schema.SCORES).to_pylist()
     assert len(rows) == 64 - len([d for d in DEAD if d < 64])
     for row in rows:
         details = json.loads(row["details"])

@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine.interp import scorers, storage
-from engine.interp import store as store_mod
+from engine.interp import index as index_mod
+from engine.interp import parts, schema, scorers
 from engine.interp import vectors as vectors_mod
 from engine.interp.search import SemanticSearch, VectorIndex, unit
-from engine.interp.store import INTERP_DB, InterpStore
-from engine.run import schema
+from engine.interp.sql import INTERP_DB
+from engine.interp.store import InterpStore
+from engine.run import schema as run_schema
 from engine.run.parquet import write_table
 from engine.tools.bench_search import synthetic_queries, synthetic_vectors
 
@@ -27,13 +28,13 @@ HOSTILE = ["'; DROP TABLE explanations; --", "%' OR '1'='1", "$feature_id", "\\"
 def write_features(run, densities):
     n = len(densities)
     empty_i, empty_f = [[] for _ in range(n)], [[] for _ in range(n)]
-    write_table(run / schema.FEATURES, {
+    write_table(run / run_schema.FEATURES, {
         "feature_id": np.arange(n), "fire_count": np.zeros(n, np.int64), "density": np.asarray(densities, np.float64),
         "max_act": np.ones(n, np.float32), "mean_act": np.ones(n, np.float32), "dead": np.zeros(n, bool),
         "hist_counts": empty_i, "hist_edges": empty_f, "top_logit_ids": empty_i, "top_logit_values": empty_f,
         "bottom_logit_ids": empty_i, "bottom_logit_values": empty_f, "neighbor_ids": empty_i, "neighbor_cos": empty_f,
         "top_token_ids": empty_i, "label": [""] * n, "explanation": [None] * n,
-    }, schema.FEATURES_SCHEMA)
+    }, run_schema.FEATURES_SCHEMA)
 
 
 def ex_rows(rows):
@@ -42,7 +43,7 @@ def ex_rows(rows):
         "feature_id": [r[0] for r in rows], "explanation": [r[2] for r in rows], "explainer": [r[1] for r in rows],
         "prompt_version": ["v1"] * len(rows), "created_at": [T0 + timedelta(seconds=r[4]) for r in rows],
         "status": [r[3] for r in rows], "reason": ["" if r[3] == "ok" else "junk" for r in rows],
-    }, schema=storage.EXPLANATIONS_SCHEMA)
+    }, schema=schema.EXPLANATIONS_SCHEMA)
 
 
 def details(labels, values, key="probabilities"):
@@ -58,7 +59,7 @@ def sc_rows(rows):
         "feature_id": [r[0] for r in rows], "explainer": [r[1] for r in rows], "prompt_version": ["v1"] * len(rows),
         "scorer": [r[2] for r in rows], "score": [r[3] for r in rows], "n_examples": [4] * len(rows),
         "details": [r[4] if r[4] is not None else "{}" for r in rows],
-    }, schema=storage.SCORES_SCHEMA)
+    }, schema=schema.SCORES_SCHEMA)
 
 
 def emb_rows(rows, model="mini"):
@@ -67,7 +68,7 @@ def emb_rows(rows, model="mini"):
         "feature_id": [r[0] for r in rows], "explainer": [r[1] for r in rows], "prompt_version": ["v1"] * len(rows),
         "model": [model] * len(rows),
         "embedding": [None if r[2] is None else np.asarray(r[2], np.float32).tolist() for r in rows],
-    }, schema=storage.EMBEDDINGS_SCHEMA)
+    }, schema=schema.EMBEDDINGS_SCHEMA)
 
 
 @pytest.fixture
@@ -75,14 +76,14 @@ def run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     write_features(run, np.linspace(0.0, 0.1, 10))
-    storage.write_part(run, {
-        storage.EXPLANATIONS: ex_rows([
+    parts.write_part(run, {
+        schema.EXPLANATIONS: ex_rows([
             (1, "A", "a one", "ok", 0), (1, "B", "b one", "ok", 0), (1, "baseline:shuffled", "shuffled", "ok", 0),
             (2, "A", "a two", "ok", 0), (2, "B", "b two newer", "ok", 5),
             (3, "A", None, "failed", 0), (3, "baseline:top-tokens", "tokens", "ok", 0),
             (4, "A", "a four unscored", "ok", 0), (4, "B", None, "failed", 0),
         ]),
-        storage.SCORES: sc_rows([
+        schema.SCORES: sc_rows([
             (1, "A", "detection", 0.6, None), (1, "A", "fuzzing", 0.8, None),
             (1, "B", "detection", 0.9, None), (1, "B", "fuzzing", None, None),
             (1, "baseline:shuffled", "detection", 0.95, None),
@@ -90,7 +91,7 @@ def run(tmp_path):
             (3, "baseline:top-tokens", "detection", 0.99, None),
         ]),
     })
-    storage.consolidate(run)
+    parts.consolidate(run)
     return run
 
 
@@ -141,8 +142,8 @@ def test_scores_details_parsed(tmp_path):
     run.mkdir()
     det = details([1, 1, 1, 0, 0, 0], [0.9, 0.4, 0.7, 0.2, 0.6, 0.1])
     emb = details([1, 1, 0, 0], [0.8, 0.3, 0.5, 0.1], key="similarities")
-    storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(7, "A", "x", "ok", 0)]),
-                             storage.SCORES: sc_rows([(7, "A", "detection", 0.6667, det), (7, "A", "embedding", 0.75, emb)])})
+    parts.write_part(run, {schema.EXPLANATIONS: ex_rows([(7, "A", "x", "ok", 0)]),
+                             schema.SCORES: sc_rows([(7, "A", "detection", 0.6667, det), (7, "A", "embedding", 0.75, emb)])})
     with InterpStore.open(run) as st:
         got = {s.scorer: s for s in st.scores(7, "A")}
         assert set(got) == {"detection", "embedding"}
@@ -177,15 +178,15 @@ def test_run_without_explanations(tmp_path):
 
 def test_parts_visible_newest_wins_and_rebuild(run):
     redo = ex_rows([(5, "A", "pending five", "ok", 9), (2, "A", "a two redone", "ok", 9)])
-    storage.write_part(run, {storage.EXPLANATIONS: redo, storage.SCORES: sc_rows([(2, "A", "detection", 0.95, None)])})
-    (storage.parts_dir(run) / ".tmp-writing").mkdir()  # a batch another process is writing now: left alone
+    parts.write_part(run, {schema.EXPLANATIONS: redo, schema.SCORES: sc_rows([(2, "A", "detection", 0.95, None)])})
+    (parts.parts_dir(run) / ".tmp-writing").mkdir()  # a batch another process is writing now: left alone
     with InterpStore.open(run) as st:
         assert st.best([5])[5].text == "pending five"
         assert (st.best([2])[2].text, st.best([2])[2].mean_score) == ("a two redone", 0.95)
         assert not st.stale()
-        storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(6, "A", "six", "ok", 10)])})
+        parts.write_part(run, {schema.EXPLANATIONS: ex_rows([(6, "A", "six", "ok", 10)])})
         assert st.stale() and st.best([6]) == {}
-    assert (storage.parts_dir(run) / ".tmp-writing").is_dir()
+    assert (parts.parts_dir(run) / ".tmp-writing").is_dir()
     with InterpStore.open(run) as st:
         assert st.best([6])[6].text == "six"
         before = {f: e.text for f, e in st.best().items()}
@@ -193,8 +194,8 @@ def test_parts_visible_newest_wins_and_rebuild(run):
     with InterpStore.open(run) as st:  # nothing changed: not rebuilt
         assert st.best()[6].text == "six"
     assert (run / INTERP_DB).stat().st_mtime_ns == built
-    (storage.parts_dir(run) / ".tmp-writing").rmdir()
-    storage.consolidate(run)
+    (parts.parts_dir(run) / ".tmp-writing").rmdir()
+    parts.consolidate(run)
     with InterpStore.open(run) as st:
         assert {f: e.text for f, e in st.best().items()} == before
 
@@ -217,8 +218,8 @@ def test_hostile_strings_round_trip(tmp_path):
     run.mkdir()
     rows = [(i, h, h, "ok", i) for i, h in enumerate(HOSTILE)]
     det = details([1, 0], [0.9, 0.1])
-    storage.write_part(run, {storage.EXPLANATIONS: ex_rows(rows),
-                             storage.SCORES: sc_rows([(i, h, "detection", 0.5, det) for i, h in enumerate(HOSTILE)])})
+    parts.write_part(run, {schema.EXPLANATIONS: ex_rows(rows),
+                             schema.SCORES: sc_rows([(i, h, "detection", 0.5, det) for i, h in enumerate(HOSTILE)])})
     with InterpStore.open(run) as st:
         for i, h in enumerate(HOSTILE):
             (e,) = st.explanations(i)
@@ -237,8 +238,8 @@ def test_read_only_run_dir_builds_elsewhere(run, monkeypatch):
     def access(path, mode):
         return False if mode == os.W_OK and str(path) == str(run) else real(path, mode)
 
-    monkeypatch.setattr(store_mod.os, "access", access)
-    monkeypatch.setattr(store_mod.tempfile, "gettempdir", lambda: str(run.parent / "tmp"))
+    monkeypatch.setattr(index_mod.os, "access", access)
+    monkeypatch.setattr(index_mod.tempfile, "gettempdir", lambda: str(run.parent / "tmp"))
     (run.parent / "tmp").mkdir()
     with InterpStore.open(run) as st:
         assert st.best([1])[1].explainer == "B"
@@ -270,8 +271,8 @@ def search_run(tmp_path, n=3000, dim=32, seed=0):
         sc += [(int(i), "baseline:shuffled", "detection", 0.99, None) for i in ids[sl]]
         emb = [(int(i), "A", vecs_a[i]) for i in ids[sl]] + [(int(i), "B", vecs_b[i]) for i in ids[sl][b_embedded[sl]]]
         emb += [(int(i), "baseline:shuffled", -vecs_a[i]) for i in ids[sl]]
-        storage.write_part(run, {storage.EXPLANATIONS: ex_rows(ex), storage.SCORES: sc_rows(sc),
-                                 storage.EMBEDDINGS: emb_rows(emb)})
+        parts.write_part(run, {schema.EXPLANATIONS: ex_rows(ex), schema.SCORES: sc_rows(sc),
+                                 schema.EMBEDDINGS: emb_rows(emb)})
     # the indexed vector: B's where B (the best) is embedded, else A's (B unembedded falls back to A)
     indexed = np.where(b_embedded[:, None], vecs_b, vecs_a)
     score = np.where(b_embedded, 0.9, score_a)
@@ -315,7 +316,7 @@ def test_search_exact_matches_brute_force(tmp_path):
 
 def test_search_index_cached_and_invalidated(tmp_path):
     run, indexed, _, _ = search_run(tmp_path, n=500)
-    root = run / storage.INTERP_DIR / "search"
+    root = run / schema.INTERP_DIR / "search"
     with SemanticSearch.open(run) as s1:
         assert s1.index is not None
         folder = s1.index.folder
@@ -326,7 +327,7 @@ def test_search_index_cached_and_invalidated(tmp_path):
     target = unit(np.random.default_rng(9).standard_normal(32)).astype(np.float32)
     time.sleep(0.01)
     new = ex_rows([(500, "A", "the new one", "ok", 0), (501, "A", "no vector", "ok", 0)])
-    storage.write_part(run, {storage.EXPLANATIONS: new, storage.EMBEDDINGS: emb_rows([(500, "A", target), (501, "A", None)])})
+    parts.write_part(run, {schema.EXPLANATIONS: new, schema.EMBEDDINGS: emb_rows([(500, "A", target), (501, "A", None)])})
     with SemanticSearch.open(run) as s3:
         assert s3.index is not None and s3.index.folder != folder and not folder.exists()
         assert len(s3) == 501 and 501 not in s3.index.ids  # a null embedding is left out
@@ -388,8 +389,8 @@ def test_search_per_embedding_model(tmp_path):
     run, indexed, _, _ = search_run(tmp_path, n=300)
     other = unit(np.random.default_rng(4).standard_normal((300, 8))).astype(np.float32)
     # another explainer's explanations, embedded by another model (one embedding per explanation: storage's key)
-    storage.write_part(run, {storage.EXPLANATIONS: ex_rows([(i, "C", f"c{i}", "ok", 0) for i in range(200)]),
-                             storage.EMBEDDINGS: emb_rows([(i, "C", other[i]) for i in range(200)], model="other")})
+    parts.write_part(run, {schema.EXPLANATIONS: ex_rows([(i, "C", f"c{i}", "ok", 0) for i in range(200)]),
+                             schema.EMBEDDINGS: emb_rows([(i, "C", other[i]) for i in range(200)], model="other")})
     with SemanticSearch.open(run) as default, SemanticSearch.open(run, model="other") as by_other:
         assert default.model == "mini" and len(default) == 300 and default.index is not None
         assert by_other.model == "other" and len(by_other) == 200 and by_other.index is not None
@@ -402,8 +403,8 @@ def test_search_per_embedding_model(tmp_path):
     # the same explanations embedded by a second model are kept beside the first model's, through consolidation
     with InterpStore.open(run) as st:
         before = st.embedding_models()
-    storage.write_part(run, {storage.EMBEDDINGS: emb_rows([(i, "C", other[i]) for i in range(200)], model="other2")})
-    storage.consolidate(run)
+    parts.write_part(run, {schema.EMBEDDINGS: emb_rows([(i, "C", other[i]) for i in range(200)], model="other2")})
+    parts.consolidate(run)
     with InterpStore.open(run) as st:
         assert st.embedding_models() == {**before, "other2": 200} and before["other"] == 200
 
@@ -417,28 +418,28 @@ def test_concurrent_writers_claim_distinct_parts_and_consolidate_spares_live_one
 
     import pyarrow as pa
 
-    from engine.interp import storage
+    from engine.interp import parts, schema
 
     def one(i: int) -> str:
         row = {"feature_id": [i], "explainer": ["w"], "prompt_version": ["v"], "explanation": [f"text {i}"],
                "status": ["ok"], "reason": [""], "created_at": [0]}
-        table = pa.table({f.name: row.get(f.name, [None]) for f in storage.EXPLANATIONS_SCHEMA})
-        return storage.write_part(tmp_path, {storage.EXPLANATIONS: table.cast(storage.EXPLANATIONS_SCHEMA)}).name
+        table = pa.table({f.name: row.get(f.name, [None]) for f in schema.EXPLANATIONS_SCHEMA})
+        return parts.write_part(tmp_path, {schema.EXPLANATIONS: table.cast(schema.EXPLANATIONS_SCHEMA)}).name
 
     with ThreadPoolExecutor(8) as pool:
         names = list(pool.map(one, range(64)))
     assert len(set(names)) == 64 and sorted(names) == [f"{i:08d}" for i in range(64)]
-    parts = storage.parts_dir(tmp_path)
+    parts = parts.parts_dir(tmp_path)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
         (parts / f".tmp-{alive.pid}-abc").mkdir()
         (parts / f".tmp-{dead.pid}-def").mkdir()
-        counts = storage.consolidate(tmp_path)
-        assert counts[storage.EXPLANATIONS] == 64
+        counts = parts.consolidate(tmp_path)
+        assert counts[schema.EXPLANATIONS] == 64
         assert (parts / f".tmp-{alive.pid}-abc").is_dir() and not (parts / f".tmp-{dead.pid}-def").exists()
-        assert storage.read_all(tmp_path, storage.EXPLANATIONS)["feature_id"].to_pylist() == list(range(64))
+        assert parts.read_all(tmp_path, schema.EXPLANATIONS)["feature_id"].to_pylist() == list(range(64))
     finally:
         alive.kill()
         alive.wait()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import engine.train
-from engine.precompute.corpus import iter_contexts
-from engine.precompute.metrics import ce_metrics
+from engine.analysis.metrics import ce_metrics
+from engine.data.corpus import iter_contexts
 from engine.saes import SAEConfig, build_sae
 
 from .test_independent_ce import (  # noqa: F401
@@ -101,7 +101,7 @@ def test_loss_increase_interval_and_kl_score_match_the_hand_computation(lm, sae_
 
 
 def test_summaries_without_the_new_sums_leave_them_unknown():
-    from engine.precompute.metrics import summarize_ce
+    from engine.analysis.metrics import summarize_ce
 
     got = summarize_ce({"clean": 2.0, "sae": 2.5, "zero": 6.0, "kl": 0.3}, count=2)
     assert got.ce_loss_increase == pytest.approx(0.25) and got.ce_loss_recovered == pytest.approx(3.5 / 4)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.analysis.metrics import ReconStats
 from engine.precompute.darkmatter import LinearErrorStats
-from engine.precompute.metrics import ReconStats
 
 
 def _data(n: int = 600, d: int = 6, seed: int = 0):

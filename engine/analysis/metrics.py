@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..live.interventions import splice_sae
 from ..model.loading import LoadedModel
 from ..saes import SAE
+from .interventions import splice_sae
 
 
 class ReconStats:

@@ -1,11 +1,5 @@
-"""Where explanations, scores and explanation embeddings live in a run directory (docs/run-format.md).
-
-``explain`` appends each finished batch as one part folder under ``<run>/.interp/parts/`` (written aside and
-renamed into place, so a batch is all there or absent); ``consolidate`` folds the parts into
-``explanations.parquet``, ``scores.parquet`` and ``explanation_embeddings.parquet`` (each replaced atomically,
-rows deduplicated by key, the newest kept) and removes them. Ctrl-C at any point therefore loses at most the
-batch in flight and never duplicates a row.
-"""
+"""Where explanations, scores and explanation embeddings live in a run directory, and how batches become files
+(docs/run-format.md)."""
 
 from __future__ import annotations
 
@@ -19,46 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-EXPLANATIONS = "explanations.parquet"
-SCORES = "scores.parquet"
-EMBEDDINGS = "explanation_embeddings.parquet"
-INTERP_DIR = ".interp"
-
-EXPLANATIONS_SCHEMA = pa.schema([
-    ("feature_id", pa.int32()),
-    ("explanation", pa.string()),  # null when the explainer failed (see status, reason)
-    ("explainer", pa.string()),
-    ("prompt_version", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    ("status", pa.string()),  # 'ok', 'failed' (junk or error) or 'skipped' (no examples)
-    ("reason", pa.string()),
-])
-SCORES_SCHEMA = pa.schema([
-    ("feature_id", pa.int32()),
-    ("explainer", pa.string()),
-    ("prompt_version", pa.string()),
-    ("scorer", pa.string()),
-    ("score", pa.float64()),  # balanced accuracy (detection, fuzzing) or AUROC (embedding); null if undefined
-    ("n_examples", pa.int32()),
-    ("details", pa.string()),  # JSON: per-excerpt context ids, labels, predictions; auroc of the classifiers
-])
-EMBEDDINGS_SCHEMA = pa.schema([
-    ("feature_id", pa.int32()),
-    ("explainer", pa.string()),
-    ("prompt_version", pa.string()),
-    ("model", pa.string()),  # the embedding model
-    ("embedding", pa.list_(pa.float32())),  # unit length
-])
-FILES = {EXPLANATIONS: EXPLANATIONS_SCHEMA, SCORES: SCORES_SCHEMA, EMBEDDINGS: EMBEDDINGS_SCHEMA}
-KEYS = {
-    EXPLANATIONS: ("feature_id", "explainer", "prompt_version"),
-    SCORES: ("feature_id", "explainer", "prompt_version", "scorer"),
-    EMBEDDINGS: ("feature_id", "explainer", "prompt_version", "model"),  # one per embedding model
-}
+from . import schema
 
 
 def parts_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / INTERP_DIR / "parts"
+    return Path(run_dir) / schema.INTERP_DIR / "parts"
 
 
 def write_part(run_dir: Path, tables: dict[str, pa.Table]) -> Path:
@@ -69,7 +28,7 @@ def write_part(run_dir: Path, tables: dict[str, pa.Table]) -> Path:
     tmp.mkdir()
     try:
         for name, table in tables.items():
-            pq.write_table(table.cast(FILES[name]), tmp / name, compression="zstd")
+            pq.write_table(table.cast(schema.FILES[name]), tmp / name, compression="zstd")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -100,14 +59,14 @@ def read_all(run_dir: Path, name: str) -> pa.Table:
     """Every row of one kind: the consolidated file, then the parts in order, deduplicated (newest kept)."""
     tables = []
     if (Path(run_dir) / name).is_file():
-        tables.append(pq.read_table(Path(run_dir) / name).cast(FILES[name]))
+        tables.append(pq.read_table(Path(run_dir) / name).cast(schema.FILES[name]))
     for part in part_folders(run_dir):
         if (part / name).is_file():
-            tables.append(pq.read_table(part / name).cast(FILES[name]))
+            tables.append(pq.read_table(part / name).cast(schema.FILES[name]))
     if not tables:
-        return FILES[name].empty_table()
+        return schema.FILES[name].empty_table()
     table = pa.concat_tables(tables)
-    return _dedupe(table, KEYS[name])
+    return _dedupe(table, schema.KEYS[name])
 
 
 def _dedupe(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
@@ -151,7 +110,7 @@ def consolidate(run_dir: Path) -> dict[str, int]:
                 shutil.rmtree(leftover, ignore_errors=True)
     folders = part_folders(run_dir)
     counts = {}
-    for name, file_schema in FILES.items():
+    for name, file_schema in schema.FILES.items():
         table = read_all(run_dir, name)
         counts[name] = table.num_rows
         if not folders and (run_dir / name).is_file():

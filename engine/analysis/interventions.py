@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -118,3 +119,14 @@ def clamp_latents(lm: LoadedModel, sae: SAE, values: Mapping[int, float]) -> Ite
 
     with lm.hooks.intervene(hook, fn):
         yield
+
+
+def compute_copy(sae: SAE, lm: LoadedModel) -> SAE:
+    """The SAE as precompute runs it: on the model's device, and in the model's dtype when that is bf16, or
+    fp16 off the CPU (16-bit matmuls are several times faster on GPUs and AMX CPUs, while fp16 is slow on
+    CPUs); the SAE's own weights are left untouched."""
+    fast = lm.dtype == torch.bfloat16 or (lm.dtype == torch.float16 and lm.device.type != "cpu")
+    dtype = lm.dtype if fast else sae.dtype
+    if sae.dtype == dtype and sae.device == lm.device:
+        return sae
+    return copy.deepcopy(sae).to(device=lm.device, dtype=dtype)

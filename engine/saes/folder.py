@@ -9,22 +9,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
-from .base import CFG_FILE, SAE, WEIGHTS_FILE, sae_class
+from .base import CFG_FILE, WEIGHTS_FILE, sae_class
 from .config import SAEConfig
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-"""The dtype names saescope accepts (models and SAEs alike)."""
 SPARSIFY_WEIGHTS = "sae.safetensors"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _SPARSIFY_HOOK = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
 
 
@@ -47,7 +37,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _resolve_dir(path: Path) -> Path:
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"refusing to load {path}: pickle checkpoints can run arbitrary code; saescope reads safetensors only")
     if path.is_file():
         path = path.parent
@@ -142,52 +132,9 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tupl
     return cfg, state
 
 
-def build_sae(
-    cfg: SAEConfig, state: dict[str, torch.Tensor], *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> SAE:
-    """Instantiate and fill an SAE, checking every tensor's presence and shape first."""
-    cls = sae_class(cfg.architecture)
-    expected = cls.tensor_shapes(cfg)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{cfg.architecture} SAE is missing tensor(s) {missing} (file has {sorted(state)})")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{cfg.architecture} SAE file has unexpected tensor(s) {unexpected}; expected {sorted(expected)}")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(
-                f"tensor {name} has shape {tuple(state[name].shape)} but the config (d_in={cfg.d_in}, "
-                f"d_sae={cfg.d_sae}) implies {shape}"
-            )
-    target = dtype or state["W_dec"].dtype
-    with torch.device("meta"):  # no placeholder weights: a 1M-latent SAE is loaded once, not twice
-        sae = cls(cfg)
-    for name, tensor in state.items():
-        setattr(sae, name, nn.Parameter(tensor.to(device=device, dtype=target), requires_grad=False))
-    cfg.dtype = str(target).removeprefix("torch.")
-    return sae
-
-
-def load_sae(
-    path: str | Path, *, sae_id: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
-) -> SAE:
-    """Load an SAE from an SAELens (v6 or pre-6) or sparsify directory; safetensors only. A path that does not
-    exist may be ``RELEASE/SAE_ID`` of a SAELens release, or pass the release as ``path`` with ``sae_id`` (``releases``).
-
-    ``dtype=None`` keeps the stored dtype, except that fp16 weights are computed in fp32 on the CPU.
-    """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if sae_id is not None or (not Path(path).exists() and Path(path).suffix not in _PICKLE_SUFFIXES):
-        from . import releases
-
-        found = (str(path), sae_id) if sae_id is not None else releases.parse_release(str(path))
-        if found is None:
-            raise FileNotFoundError(releases.unknown_path_message(str(path)))
-        return releases.load_release_sae(*found, device=device, dtype=dtype)
+def read_folder(path: str | Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of the SAE in an SAELens (v6 or pre-6) or sparsify folder (or a file in one);
+    safetensors only."""
     folder = _resolve_dir(Path(path))
     cfg_path = folder / CFG_FILE
     if (folder / SPARSIFY_WEIGHTS).is_file():
@@ -199,13 +146,11 @@ def load_sae(
             raise ValueError(f"SAE directory {folder} has {WEIGHTS_FILE} but no cfg.json")
         cfg, state = _from_saelens(_read_json(cfg_path), _read_tensors(folder / WEIGHTS_FILE))
     else:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise ValueError(f"refusing to load {pickles} in {folder}: saescope reads safetensors only (pickle can run code)")
         subdirs = sorted(p.name for p in folder.iterdir() if (p / SPARSIFY_WEIGHTS).is_file() or (p / WEIGHTS_FILE).is_file())
         if subdirs:
             raise ValueError(f"{folder} holds several SAEs; pass one of its sub-directories: {', '.join(subdirs)}")
         raise ValueError(f"no SAE found in {folder}: expected {WEIGHTS_FILE} (SAELens) or {SPARSIFY_WEIGHTS} (sparsify)")
-    if dtype is None and torch.device(device).type == "cpu" and state["W_dec"].dtype == torch.float16:
-        dtype = torch.float32  # fp16 matmuls are ~25x slower than fp32 on CPUs; compute in fp32 unless asked
-    return build_sae(cfg, state, device=device, dtype=dtype)
+    return cfg, state
