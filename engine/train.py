@@ -9,9 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import atomic, lock
 from .analysis.metrics import ReconStats, ce_metrics
 from .data.activations import iter_activations
 from .data.corpus import corpus_files, iter_contexts
@@ -168,24 +166,27 @@ def _lr_scale(step: int, total: int, warmup: int = 100) -> float:
 def prepare_output(out: str | Path, force: bool) -> Path:
     """Refuse an output directory that already holds something unless ``force``."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()):
+        is_sae = (out / "cfg.json").is_file() and (out / "sae_weights.safetensors").is_file()
+        if not is_sae:  # --force replaces an SAE (a retrained one), never a folder of something else
+            raise FileExistsError(f"output directory {out} holds files that are not an SAE ({_sample(out)}); "
+                                  "--force replaces only an earlier SAE: choose another --out")
         if not force:
-            what = "an SAE" if (out / "cfg.json").exists() else "files"
-            raise FileExistsError(f"output directory {out} already holds {what}; pass --force to replace it")
+            raise FileExistsError(f"output directory {out} already holds an SAE; pass --force to replace it")
     return out
 
 
+def _sample(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
 def _write_atomically(out: Path, sae, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic.build_dir(out) as tmp:  # the old folder is replaced only once the new one is whole
         sae.save(tmp)
         (tmp / "training_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.inference_mode()
@@ -227,78 +228,79 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
 
 def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict:
     """Train a TopK SAE at ``cfg.hook_name`` and write an SAELens directory plus ``training_report.json``."""
-    out = prepare_output(out, force)
-    lm.hooks.check(cfg.hook_name)
-    corpus_files(cfg.corpus)  # fails early on a missing or empty path
-    d_in = lm.hook_width(cfg.hook_name)
-    torch.manual_seed(cfg.seed)
-    start = time.time()
+    with lock.hold(Path(out).parent, f"saescope train-sae --out {out}", name=f".{Path(out).name}.saescope.lock"):
+        out = prepare_output(out, force)
+        lm.hooks.check(cfg.hook_name)
+        corpus_files(cfg.corpus)  # fails early on a missing or empty path
+        d_in = lm.hook_width(cfg.hook_name)
+        torch.manual_seed(cfg.seed)
+        start = time.time()
 
-    train_iter = iter_contexts(lm.tokenizer, cfg.corpus, cfg.context_len)
-    if cfg.eval_corpus:
-        eval_ctx = list(itertools.islice(iter_contexts(lm.tokenizer, cfg.eval_corpus, cfg.context_len), cfg.eval_contexts))
-    else:
-        eval_ctx = list(itertools.islice(train_iter, cfg.eval_contexts))
-    if not eval_ctx:
-        raise ValueError(f"the evaluation corpus yields no context of {cfg.context_len} tokens")
+        train_iter = iter_contexts(lm.tokenizer, cfg.corpus, cfg.context_len)
+        if cfg.eval_corpus:
+            eval_ctx = list(itertools.islice(iter_contexts(lm.tokenizer, cfg.eval_corpus, cfg.context_len), cfg.eval_contexts))
+        else:
+            eval_ctx = list(itertools.islice(train_iter, cfg.eval_contexts))
+        if not eval_ctx:
+            raise ValueError(f"the evaluation corpus yields no context of {cfg.context_len} tokens")
 
-    trainer = TopKTrainer(d_in, cfg, lm.device)
-    total_steps = max(1, cfg.tokens * cfg.reuse // cfg.batch_size)
-    buffer = torch.empty(cfg.buffer_tokens, d_in, dtype=torch.float32, device=lm.device)
-    fill, seen, step = 0, 0, 0
-    log: list[dict] = []
-    bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, disable=not progress, desc="train-sae")
-    stream = iter_activations(lm, cfg.hook_name, train_iter, cfg.model_batch)
-    carry = torch.empty(0, d_in, device=lm.device)
-    exhausted = False
-    while seen < cfg.tokens and not exhausted:
-        while fill < cfg.buffer_tokens and seen < cfg.tokens:
-            if not len(carry):
-                ab = next(stream, None)
-                if ab is None:
-                    exhausted = True
-                    break
-                carry = ab.acts[ab.mask].float()
-            take = min(len(carry), cfg.buffer_tokens - fill, cfg.tokens - seen)
-            buffer[fill : fill + take] = carry[:take]
-            carry = carry[take:]
-            fill, seen = fill + take, seen + take
-            bar.update(take)
-        if fill < cfg.batch_size:
-            if step == 0:
-                raise ValueError(
-                    f"the corpus gives only {fill} usable tokens, fewer than one batch of {cfg.batch_size}; "
-                    "use a larger corpus or a smaller --batch-size"
-                )
-            break
-        if step == 0:
-            trainer.init_b_dec(buffer[:fill])
-        for _ in range(cfg.reuse):
-            perm = torch.randperm(fill, device=lm.device)
-            for i in range(0, fill - cfg.batch_size + 1, cfg.batch_size):
-                metrics = trainer.step(buffer[perm[i : i + cfg.batch_size]], _lr_scale(step, total_steps))
-                step += 1
-                if step % 10 == 0 or step == 1:
-                    bar.set_postfix(
-                        loss=f"{metrics['fvu']:.3f}", ev=f"{1 - metrics['fvu']:.3f}", l0=f"{metrics['l0']:.0f}",
-                        dead=f"{metrics['dead']:.1%}",
+        trainer = TopKTrainer(d_in, cfg, lm.device)
+        total_steps = max(1, cfg.tokens * cfg.reuse // cfg.batch_size)
+        buffer = torch.empty(cfg.buffer_tokens, d_in, dtype=torch.float32, device=lm.device)
+        fill, seen, step = 0, 0, 0
+        log: list[dict] = []
+        bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, disable=not progress, desc="train-sae")
+        stream = iter_activations(lm, cfg.hook_name, train_iter, cfg.model_batch)
+        carry = torch.empty(0, d_in, device=lm.device)
+        exhausted = False
+        while seen < cfg.tokens and not exhausted:
+            while fill < cfg.buffer_tokens and seen < cfg.tokens:
+                if not len(carry):
+                    ab = next(stream, None)
+                    if ab is None:
+                        exhausted = True
+                        break
+                    carry = ab.acts[ab.mask].float()
+                take = min(len(carry), cfg.buffer_tokens - fill, cfg.tokens - seen)
+                buffer[fill : fill + take] = carry[:take]
+                carry = carry[take:]
+                fill, seen = fill + take, seen + take
+                bar.update(take)
+            if fill < cfg.batch_size:
+                if step == 0:
+                    raise ValueError(
+                        f"the corpus gives only {fill} usable tokens, fewer than one batch of {cfg.batch_size}; "
+                        "use a larger corpus or a smaller --batch-size"
                     )
-                    log.append({"step": step, "tokens": seen, **metrics})
-        fill = 0
-    bar.close()
-    train_seconds = time.time() - start
-    sae = trainer.export(cfg.hook_name, lm.name, torch.float32)
-    heldout = evaluate(lm, sae, cfg.hook_name, eval_ctx, cfg.ce_contexts, cfg.model_batch)
-    window = min(cfg.dead_tokens, step * cfg.batch_size)
-    heldout["dead_fraction"] = float((trainer.since_fired >= window).double().mean())
-    report = {
-        "settings": {**asdict(cfg), "model": lm.name, "d_in": d_in, "device": str(lm.device), "model_dtype": str(lm.dtype)},
-        "tokens_seen": seen,
-        "steps": step,
-        "wall_time_seconds": round(time.time() - start, 1),
-        "train_seconds": round(train_seconds, 1),
-        "heldout": heldout,
-        "log": log[-200:],
-    }
-    _write_atomically(out, sae, report)
-    return report
+                break
+            if step == 0:
+                trainer.init_b_dec(buffer[:fill])
+            for _ in range(cfg.reuse):
+                perm = torch.randperm(fill, device=lm.device)
+                for i in range(0, fill - cfg.batch_size + 1, cfg.batch_size):
+                    metrics = trainer.step(buffer[perm[i : i + cfg.batch_size]], _lr_scale(step, total_steps))
+                    step += 1
+                    if step % 10 == 0 or step == 1:
+                        bar.set_postfix(
+                            loss=f"{metrics['fvu']:.3f}", ev=f"{1 - metrics['fvu']:.3f}", l0=f"{metrics['l0']:.0f}",
+                            dead=f"{metrics['dead']:.1%}",
+                        )
+                        log.append({"step": step, "tokens": seen, **metrics})
+            fill = 0
+        bar.close()
+        train_seconds = time.time() - start
+        sae = trainer.export(cfg.hook_name, lm.name, torch.float32)
+        heldout = evaluate(lm, sae, cfg.hook_name, eval_ctx, cfg.ce_contexts, cfg.model_batch)
+        window = min(cfg.dead_tokens, step * cfg.batch_size)
+        heldout["dead_fraction"] = float((trainer.since_fired >= window).double().mean())
+        report = {
+            "settings": {**asdict(cfg), "model": lm.name, "d_in": d_in, "device": str(lm.device), "model_dtype": str(lm.dtype)},
+            "tokens_seen": seen,
+            "steps": step,
+            "wall_time_seconds": round(time.time() - start, 1),
+            "train_seconds": round(train_seconds, 1),
+            "heldout": heldout,
+            "log": log[-200:],
+        }
+        _write_atomically(out, sae, report)
+        return report

@@ -9,12 +9,14 @@ co-firing of all those pairs at once (``pairstats``). Each pair's results go to 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .. import lock
 from ..model.loading import LoadedModel
 from ..model.machine import cpu_facts
 from ..run.loaded import load_run_model, load_run_sae
@@ -86,12 +88,11 @@ def compare_runs(run_dirs: list[str | Path], *, cfg: CompareConfig | None = None
         raise ValueError("compare needs two runs or more")
     if len({Path(r).resolve() for r in run_dirs}) < len(run_dirs):
         raise ValueError("the same run was given twice")
-    stores = [RunStore.open(r) for r in run_dirs]
-    try:
+    with contextlib.ExitStack() as held:
+        for r in run_dirs:  # no precompute --force may rewrite a run while it is compared
+            held.enter_context(lock.hold(r, shared=True))
+        stores = [held.enter_context(RunStore.open(r)) for r in run_dirs]
         return _compare(stores, cfg, out, lm, device, dtype)
-    finally:
-        for store in stores:
-            store.close()
 
 
 def _compare(stores: list[RunStore], cfg: CompareConfig, out, lm, device, dtype) -> list[Path]:

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import lock
 from ..model.loading import LoadedModel
 from ..model.machine import cpu_facts
 from ..run.loaded import load_run_model, load_run_sae
@@ -79,26 +80,27 @@ def probing_rows(lm: LoadedModel, sae, store: RunStore, cfg: EvaluateConfig) -> 
 def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, *, lm: LoadedModel | None = None,
                  device: str = "auto", dtype: str = "auto") -> Path:
     """Evaluate the run's SAE (see the module docstring); returns the path of ``evaluation.parquet``."""
-    cfg = cfg or EvaluateConfig()
-    started = time.perf_counter()
-    with RunStore.open(run_dir) as store:
-        lm = load_run_model(store.manifest(), f"run {store.run_dir}", lm=lm, device=device, dtype=dtype)
-        sae = load_run_sae(store.manifest(), f"run {store.run_dir}", device=lm.device)
-        timings = {"load_seconds": time.perf_counter() - started}
-        rows: list[Row] = []
-        for part, fn in (("core", core_rows), ("sparse_probing", probing_rows), ("absorption", None)):
-            if part not in cfg.parts:
-                continue
-            tick = time.perf_counter()
-            rows += fn(lm, sae, store, cfg) if fn is not None else absorption(lm, sae, cfg.absorption)
-            timings[f"{part}_seconds"] = time.perf_counter() - tick
-        man = store.manifest()
-    facts = cpu_facts()
-    meta = {
-        "run": str(run_dir), "created": man.get("created"), "model_hash": (man.get("model") or {}).get("hash"),
-        "sae_hash": (man.get("sae") or {}).get("hash"), "n_tokens": (man.get("corpus") or {}).get("n_tokens"),
-        "settings": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()},
-        "machine": {"cpu": facts.model, "threads": facts.threads, "device": str(lm.device), "dtype": str(lm.dtype)},
-    }
-    columns = {name: [getattr(r, name) for r in rows] for name in schema.EVALUATION_SCHEMA.names}
-    return files.write_evaluation(run_dir, columns, meta)
+    with lock.hold(run_dir, shared=True), lock.hold(run_dir, "saescope evaluate", name=".saescope-evaluate.lock"):
+        cfg = cfg or EvaluateConfig()
+        started = time.perf_counter()
+        with RunStore.open(run_dir) as store:
+            lm = load_run_model(store.manifest(), f"run {store.run_dir}", lm=lm, device=device, dtype=dtype)
+            sae = load_run_sae(store.manifest(), f"run {store.run_dir}", device=lm.device)
+            timings = {"load_seconds": time.perf_counter() - started}
+            rows: list[Row] = []
+            for part, fn in (("core", core_rows), ("sparse_probing", probing_rows), ("absorption", None)):
+                if part not in cfg.parts:
+                    continue
+                tick = time.perf_counter()
+                rows += fn(lm, sae, store, cfg) if fn is not None else absorption(lm, sae, cfg.absorption)
+                timings[f"{part}_seconds"] = time.perf_counter() - tick
+            man = store.manifest()
+        facts = cpu_facts()
+        meta = {
+            "run": str(run_dir), "created": man.get("created"), "model_hash": (man.get("model") or {}).get("hash"),
+            "sae_hash": (man.get("sae") or {}).get("hash"), "n_tokens": (man.get("corpus") or {}).get("n_tokens"),
+            "settings": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()},
+            "machine": {"cpu": facts.model, "threads": facts.threads, "device": str(lm.device), "dtype": str(lm.dtype)},
+        }
+        columns = {name: [getattr(r, name) for r in rows] for name in schema.EVALUATION_SCHEMA.names}
+        return files.write_evaluation(run_dir, columns, meta)

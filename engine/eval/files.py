@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import atomic
 from ..run.parquet import write_table
 from . import schema
 
@@ -18,15 +17,10 @@ def write_folder(folder: Path, tables: dict[str, dict], info: dict) -> Path:
     """Write a comparison folder whole: the tables into ``<folder>.partial``, then ``comparison.json`` last,
     then swap it into place (an older folder is replaced)."""
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name, columns in tables.items():
-        write_table(staging / name, columns, schema.SCHEMAS[name])
-    (staging / schema.COMPARISON).write_text(json.dumps(info, indent=2, default=_json_default, allow_nan=False))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+    with atomic.build_dir(folder) as staging:  # a unique folder aside: two writers never share one
+        for name, columns in tables.items():
+            write_table(staging / name, columns, schema.SCHEMAS[name])
+        (staging / schema.COMPARISON).write_text(json.dumps(info, indent=2, default=_json_default, allow_nan=False))
     return folder
 
 
@@ -99,10 +93,7 @@ def write_evaluation(run_dir: str | Path, columns: dict[str, list], meta: dict) 
     path = Path(run_dir) / schema.EVALUATION
     data = table(columns, schema.EVALUATION_SCHEMA)
     data = data.replace_schema_metadata({schema.EVALUATION_META: json.dumps(meta, default=_json_default).encode()})
-    tmp = path.with_name(f".{schema.EVALUATION}.tmp")
-    pq.write_table(data, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_file(path, lambda tmp: pq.write_table(data, tmp, compression="zstd"))
 
 
 def summary_key(group: str, metric: str, k: int | None) -> str:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from .. import lock
 from ..run import rundir
 from ..run import schema as run_schema
 from . import parts, prompts, schema, scorers
@@ -288,43 +289,44 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
     ``judge`` (default: the explainer) answers the detection and fuzzing questions; ``embedder`` (an
     ``Embedder``) scores embedding and makes explanations searchable. Either may be None to skip those scorers.
     """
-    cfg = cfg or ExplainConfig()
-    run_dir = Path(run_dir)
-    manifest = finished_manifest(run_dir)
-    parts.consolidate(run_dir)
-    judge = judge or explainer
-    # only the scorers that can run here are waited for: with --no-embed, a missing embedding score would make a
-    # rerun take every latent for unfinished and ask the scorer model everything again
-    wanted = wanted_scorers(cfg.scorers, judge, embedder)
-    examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
-    try:
-        density, max_act = feature_stats(examples)
-        ids = parse_features(cfg.features, len(density), density, max_act, cfg.seed)
-        name = explainer.name if explainer is not None else "none"
-        have, complete = _done(run_dir, name, wanted)
-        todo = [i for i in ids if i not in complete]
-        stats: dict[str, object] = {"features": len(ids), "already_done": len(ids) - len(todo), "explained": 0, "failed": 0,
-                                    "skipped": 0}
-        if not todo and not cfg.baselines:
-            return stats
-        pool = quiet_pool(run_dir, manifest, examples, cfg)
-        started = time.perf_counter()
-        bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)
-        for i in range(0, len(todo), cfg.batch_size):
-            batch = load_latents(examples, todo[i : i + cfg.batch_size], cfg)
-            _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
-                           on_explanation)
-            bar.update(len(batch))
-        bar.close()
-        elapsed = time.perf_counter() - started
-        stats["seconds"] = round(elapsed, 2)
-        stats["latents_per_minute"] = round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None
-        if cfg.baselines:
-            stats["baselines"] = score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool)
+    with lock.hold(run_dir, shared=True), lock.hold(run_dir, "saescope explain", name=".saescope-explain.lock"):
+        cfg = cfg or ExplainConfig()
+        run_dir = Path(run_dir)
+        manifest = finished_manifest(run_dir)
         parts.consolidate(run_dir)
-        return stats
-    finally:
-        examples.close()
+        judge = judge or explainer
+        # only the scorers that can run here are waited for: with --no-embed, a missing embedding score would make a
+        # rerun take every latent for unfinished and ask the scorer model everything again
+        wanted = wanted_scorers(cfg.scorers, judge, embedder)
+        examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
+        try:
+            density, max_act = feature_stats(examples)
+            ids = parse_features(cfg.features, len(density), density, max_act, cfg.seed)
+            name = explainer.name if explainer is not None else "none"
+            have, complete = _done(run_dir, name, wanted)
+            todo = [i for i in ids if i not in complete]
+            stats: dict[str, object] = {"features": len(ids), "already_done": len(ids) - len(todo), "explained": 0, "failed": 0,
+                                        "skipped": 0}
+            if not todo and not cfg.baselines:
+                return stats
+            pool = quiet_pool(run_dir, manifest, examples, cfg)
+            started = time.perf_counter()
+            bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)
+            for i in range(0, len(todo), cfg.batch_size):
+                batch = load_latents(examples, todo[i : i + cfg.batch_size], cfg)
+                _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
+                               on_explanation)
+                bar.update(len(batch))
+            bar.close()
+            elapsed = time.perf_counter() - started
+            stats["seconds"] = round(elapsed, 2)
+            stats["latents_per_minute"] = round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None
+            if cfg.baselines:
+                stats["baselines"] = score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool)
+            parts.consolidate(run_dir)
+            return stats
+        finally:
+            examples.close()
 
 
 def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,

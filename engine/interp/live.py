@@ -30,6 +30,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from .. import lock
 from . import explain, prompts, schema
 from .backends import ChatBackend
 from .data import LatentData, RunExamples
@@ -98,31 +99,32 @@ def explain_latent(run_dir: str | Path, feature_id: int, explainer: ChatBackend,
     its ``features``, ``scorers`` and ``baselines`` are not used. Raises here, before anything is asked or
     written: ``ValueError`` for an unknown latent or scorer, or a replacement that needs an embedder;
     ``FileNotFoundError``/``ValueError`` for a directory that is not a finished run."""
-    cfg = cfg or ExplainConfig()
-    run_dir = Path(run_dir)
-    manifest = explain.finished_manifest(run_dir)
-    name = explainer.name
-    requested = scorers if scorers is not None else ("embedding", "detection", "fuzzing") if judge else ("embedding",)
-    explain.wanted_scorers(requested, explainer, embedder)  # unknown names
-    examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
-    try:
-        n_features = len(explain.feature_stats(examples)[0])
-        fid = _feature_id(feature_id, n_features)
-        lat = explain.load_latents(examples, [fid], cfg)[0]
-        stored = _stored(run_dir, fid, name)
-        if stored.status == "ok" and lat.shown:  # a replacement: the old text's scores and embedding are all computed again
-            if embedder is None and (stored.embedded or "embedding" in stored.scorers):
-                raise ValueError(f"latent {fid} already has an embedded explanation by {name}: pass an embedder so "
-                                 "the new explanation's embedding replaces it")
-            requested = (*requested, *sorted(stored.scorers - set(requested)))
-        judge = judge or explainer
-        wanted = explain.wanted_scorers(requested, judge, embedder)
-        quiet: list[Excerpt] = []
-        if wanted and lat.shown:
-            quiet = explain.quiet_for(examples, explain.quiet_pool(run_dir, manifest, examples, cfg), lat, cfg)
-    finally:
-        examples.close()
-    return _live(run_dir, lat, quiet, explainer, judge, embedder, wanted, cfg, stored)
+    with lock.hold(run_dir, shared=True), lock.hold(run_dir, "saescope explain (the app)", name=".saescope-explain.lock"):
+        cfg = cfg or ExplainConfig()
+        run_dir = Path(run_dir)
+        manifest = explain.finished_manifest(run_dir)
+        name = explainer.name
+        requested = scorers if scorers is not None else ("embedding", "detection", "fuzzing") if judge else ("embedding",)
+        explain.wanted_scorers(requested, explainer, embedder)  # unknown names
+        examples = RunExamples(run_dir, before=cfg.before, after=cfg.after)
+        try:
+            n_features = len(explain.feature_stats(examples)[0])
+            fid = _feature_id(feature_id, n_features)
+            lat = explain.load_latents(examples, [fid], cfg)[0]
+            stored = _stored(run_dir, fid, name)
+            if stored.status == "ok" and lat.shown:  # a replacement: the old text's scores and embedding are all computed again
+                if embedder is None and (stored.embedded or "embedding" in stored.scorers):
+                    raise ValueError(f"latent {fid} already has an embedded explanation by {name}: pass an embedder so "
+                                     "the new explanation's embedding replaces it")
+                requested = (*requested, *sorted(stored.scorers - set(requested)))
+            judge = judge or explainer
+            wanted = explain.wanted_scorers(requested, judge, embedder)
+            quiet: list[Excerpt] = []
+            if wanted and lat.shown:
+                quiet = explain.quiet_for(examples, explain.quiet_pool(run_dir, manifest, examples, cfg), lat, cfg)
+        finally:
+            examples.close()
+        return _live(run_dir, lat, quiet, explainer, judge, embedder, wanted, cfg, stored)
 
 
 def _live(run_dir: Path, lat: LatentData, quiet: list[Excerpt], explainer: ChatBackend, judge: ChatBackend,

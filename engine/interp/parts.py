@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import atomic
 from . import schema
 
 
@@ -34,11 +35,13 @@ def write_part(run_dir: Path, tables: dict[str, pa.Table]) -> Path:
         raise
     # Claim the next number: rename fails on a folder another writer (the app's live explain beside a running
     # `saescope explain`) took meanwhile, because a part folder is never empty; then take the next one.
+    atomic.fsync_tree(tmp)
     for _ in range(1000):
         existing = [p.name for p in part_folders(run_dir)]
         final = parts / f"{int(existing[-1]) + 1 if existing else 0:08d}"
         try:
             os.rename(tmp, final)
+            atomic.fsync_dir(parts)
             return final
         except OSError:
             if not final.exists():
@@ -117,9 +120,8 @@ def consolidate(run_dir: Path) -> dict[str, int]:
             continue
         if table.num_rows == 0 and not (run_dir / name).is_file():
             continue
-        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-        pq.write_table(table.cast(file_schema), tmp, compression="zstd", row_group_size=65536)
-        os.replace(tmp, run_dir / name)
+        atomic.write_file(run_dir / name, lambda tmp, table=table, file_schema=file_schema: pq.write_table(
+            table.cast(file_schema), tmp, compression="zstd", row_group_size=65536))
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     return counts

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..run import schema as run_schema
-from ..run.store import RunStore
+from ..run.store import feature_densities
 from . import schema
 from .index import fallback_dir, source_files
 from .store import InterpStore
@@ -101,9 +101,8 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
     vectors = vectors[ok] if not ok.all() else vectors
     fids = chosen["feature_id"][i]
     density = np.full(len(fids), np.nan)
-    if (run_dir / run_schema.MANIFEST).is_file():
-        with RunStore.open(run_dir) as run:
-            f_dens = run.densities()  # latent ids are 0..d_sae-1, so a latent's density is at its id
+    f_dens = feature_densities(run_dir)
+    if f_dens is not None:
         found = (fids >= 0) & (fids < len(f_dens))
         density[found] = f_dens[fids[found]]
     names = sorted(set(zip(chosen["explainer"][i].tolist(), chosen["prompt_version"][i].tolist(), strict=True)))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import settings
+from .. import atomic, settings
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
 """CPU flags worth reporting next to a measurement (from ``/proc/cpuinfo``)."""
@@ -170,9 +170,7 @@ def _write_cache(path: Path, key: str, entry: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache(path)
         data[key] = entry
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic.write_json(path, data, indent=1)
     except OSError:
         pass
 

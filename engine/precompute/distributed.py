@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import lock
 from ..data.corpus import iter_contexts
 from ..run import rundir
 from .merge import merge_run
@@ -65,20 +66,21 @@ def precompute_sharded(model: str, sae_path: str, corpus: str | Path, out: str |
                        merge: bool = True, inputs=None, cpus_per_task: int = 1, **options) -> dict | None:
     """Plan, run and (with ``merge``) merge a sharded precompute; returns the manifest (None without ``merge``).
     ``options`` are ``PrecomputeConfig`` fields; ``inputs`` the loaded ``(lm, sae)`` (else loaded from the paths)."""
-    started = time.perf_counter()
-    job, inputs = plan(model, sae_path, corpus, out, shards=shards, latent_shards=latent_shards, device=device,
-                       dtype=dtype, force=force, inputs=inputs, **options)
-    finished = {t.index for t in done(Path(out) / rundir.SHARDS, job)}
-    todo = [t.index for t in job.tasks() if t.index not in finished]
-    if progress and finished:
-        print(f"precompute: {len(finished)} of {len(job.tasks())} tasks already done", file=sys.stderr, flush=True)
-    if runner == "inline":
-        _run_inline(out, job, todo, inputs, progress)
-    elif runner == "ray":
-        _run_on_ray(out, job, todo, ray_address, progress, cpus_per_task)
-    else:
-        raise ValueError(f"unknown runner {runner!r}: use 'ray' or 'inline'")
-    return merge_run(out, inputs=inputs, progress=progress, started=started) if merge else None
+    with lock.hold(out, "saescope precompute --shards"):
+        started = time.perf_counter()
+        job, inputs = plan(model, sae_path, corpus, out, shards=shards, latent_shards=latent_shards, device=device,
+                           dtype=dtype, force=force, inputs=inputs, **options)
+        finished = {t.index for t in done(Path(out) / rundir.SHARDS, job)}
+        todo = [t.index for t in job.tasks() if t.index not in finished]
+        if progress and finished:
+            print(f"precompute: {len(finished)} of {len(job.tasks())} tasks already done", file=sys.stderr, flush=True)
+        if runner == "inline":
+            _run_inline(out, job, todo, inputs, progress)
+        elif runner == "ray":
+            _run_on_ray(out, job, todo, ray_address, progress, cpus_per_task)
+        else:
+            raise ValueError(f"unknown runner {runner!r}: use 'ray' or 'inline'")
+        return merge_run(out, inputs=inputs, progress=progress, started=started) if merge else None
 
 
 class _Progress:

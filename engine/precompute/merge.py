@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from .. import lock
 from ..analysis.interventions import compute_copy
 from ..run import rundir, schema
 from .accumulators import FeatureStats
@@ -84,24 +85,25 @@ def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_state
     manifest. ``inputs`` is the loaded ``(lm, sae)`` when the caller has them. The task states are removed once
     the run is in place (``keep_states`` keeps them). ``started`` (``time.perf_counter``) is when the whole job
     started, for ``timings.total_seconds`` (default: the slowest task's time before this merge)."""
-    merge_started = time.perf_counter()
-    out = Path(out)
-    folder = shards_dir(out)
-    job = Job.load(folder)
-    tasks = job.tasks()
-    missing = sorted(set(t.index for t in tasks) - {t.index for t in done(folder, job)})
-    if missing:
-        raise RuntimeError(f"{len(missing)} of {len(tasks)} tasks of the sharded precompute in {out} are not finished "
-                           f"(tasks {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}); run the "
-                           "same `saescope precompute --shards ...` again: it redoes only those, then merges")
-    lm, sae = inputs if inputs is not None else load_inputs(job)
-    cfg = PrecomputeConfig(**job.config)
-    staging = rundir.prepare(out, **job.identity, force=True)  # the job's own run: checked when it was planned
-    try:
-        return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, merge_started, started)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with lock.hold(out, "saescope merge"):
+        merge_started = time.perf_counter()
+        out = Path(out)
+        folder = shards_dir(out)
+        job = Job.load(folder)
+        tasks = job.tasks()
+        missing = sorted(set(t.index for t in tasks) - {t.index for t in done(folder, job)})
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(tasks)} tasks of the sharded precompute in {out} are not finished "
+                               f"(tasks {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}); run the "
+                               "same `saescope precompute --shards ...` again: it redoes only those, then merges")
+        lm, sae = inputs if inputs is not None else load_inputs(job)
+        cfg = PrecomputeConfig(**job.config)
+        staging = rundir.prepare(out, **job.identity, force=True)  # the job's own run: checked when it was planned
+        try:
+            return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, merge_started, started)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, progress, keep_states, merge_started,

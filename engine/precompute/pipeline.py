@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import lock
 from ..analysis.interventions import check_sae_fits, compute_copy
 from ..analysis.metrics import ReconStats
 from ..data.activations import iter_activations
@@ -121,6 +122,10 @@ class PassState:
 def check_inputs(lm: LoadedModel, sae: SAE, corpus: str | Path, context_len: int) -> str:
     """Fail fast on a hook the model lacks, a width mismatch, a too-long context or a missing corpus."""
     hook = check_sae_fits(lm, sae)
+    for name, tensor in sae.named_parameters():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"the SAE's {name} holds NaN or infinite values: it cannot be run (a corrupt file, or "
+                             "training diverged)")
     if context_len > lm.max_context:
         raise ValueError(f"context length {context_len} exceeds the model's maximum of {lm.max_context} positions")
     corpus_files(corpus)
@@ -144,24 +149,25 @@ def precompute(
     **options,
 ) -> dict:
     """Compute a run directory for ``sae`` on ``corpus``; returns the manifest. See ``PrecomputeConfig``."""
-    cfg = PrecomputeConfig(
-        context_len=context_len, tokens=tokens, batch_size=batch_size, include_special=include_special,
-        include_first=include_first, **options,
-    )
-    started = time.perf_counter()
-    hook = check_inputs(lm, sae, corpus, cfg.context_len)
-    contexts = iter_contexts(lm.tokenizer, corpus, cfg.context_len)
-    first = next(contexts, None)
-    if first is None:
-        raise ValueError(f"corpus {corpus} is shorter than one context of {cfg.context_len} tokens")
-    identity = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
-    staging = rundir.prepare(out_dir, **identity, force=force)
-    try:
-        return _run(lm, sae, compute_copy(sae, lm), hook, corpus, itertools.chain([first], contexts), cfg, staging, Path(out_dir),
-                    identity, sae_path, progress, started)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with lock.hold(out_dir, "saescope precompute"):
+        cfg = PrecomputeConfig(
+            context_len=context_len, tokens=tokens, batch_size=batch_size, include_special=include_special,
+            include_first=include_first, **options,
+        )
+        started = time.perf_counter()
+        hook = check_inputs(lm, sae, corpus, cfg.context_len)
+        contexts = iter_contexts(lm.tokenizer, corpus, cfg.context_len)
+        first = next(contexts, None)
+        if first is None:
+            raise ValueError(f"corpus {corpus} is shorter than one context of {cfg.context_len} tokens")
+        identity = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
+        staging = rundir.prepare(out_dir, **identity, force=force)
+        try:
+            return _run(lm, sae, compute_copy(sae, lm), hook, corpus, itertools.chain([first], contexts), cfg, staging,
+                        Path(out_dir), identity, sae_path, progress, started)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identity, sae_path, progress, started) -> dict:
@@ -185,6 +191,7 @@ def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identi
         timings["head_attribution_seconds"] = heads.seconds
     timings["tokens_per_second"] = state.n_tokens / max(timings["main_pass_seconds"], 1e-9)
     timings["snapshots"] = writer.snapshots
+    timings["snapshots_failed"] = len(writer.failed_snapshots)
     return writer.final(state, context_file, timings)
 
 
@@ -244,6 +251,20 @@ def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor) -> tuple[SparseCodes, 
     return joined, torch.cat(x_hat), torch.cat(error)
 
 
+def check_finite(x: torch.Tensor, flat_mask: torch.Tensor, context_ids: torch.Tensor) -> None:
+    """Stop at the first batch whose counted activations hold NaN or infinity (a broken model or dtype overflow):
+    they would encode to garbage or to all-zero codes and make every latent look dead."""
+    bad = ~torch.isfinite(x).all(dim=1) & flat_mask
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        n_pos = x.shape[0] // len(context_ids)
+        first = int(rows[0])
+        raise ValueError(f"the model's activations hold NaN or infinite values at {len(rows)} counted token(s) of the "
+                         f"batch of contexts {int(context_ids[0])}-{int(context_ids[-1])}, first at context "
+                         f"{int(context_ids[first // n_pos])} position {first % n_pos}: the model overflows in this "
+                         "dtype (try --dtype float32) or its weights are broken; nothing was written")
+
+
 def step(state: PassState, sae: SAE, batch, first_context: int, context_file: parquet.ContextWriter | None, *,
          latents: range | None = None) -> int:
     """Add one batch of activations (contexts numbered from ``first_context``) to ``state``; returns its tokens.
@@ -257,6 +278,7 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
     x = batch.acts.to(dev).reshape(n_batch * n_pos, -1)
     mask = batch.mask.to(dev)
     flat_mask = mask.reshape(-1)
+    check_finite(x, flat_mask, context_ids)
     codes, x_hat, error = encode(sae, x, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
     n_included, n_active = int(flat_mask.sum()), len(codes.value)
     primary = latents is None or latents.start == 0

@@ -15,6 +15,8 @@ one snapshot keeps its losses for the next.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +64,8 @@ class RunWriter:
         self.target_tokens, self.started = target_tokens, started
         self.writer_id = rundir.writer_identity()
         self.snapshots = 0
+        self.failed_snapshots: list[str] = []
+        """Why each snapshot that could not be written failed (recorded in the manifest's timings)."""
         self.timings = {"snapshot_seconds": 0.0, "ce_sample_seconds": 0.0, "features_seconds": 0.0, "write_seconds": 0.0}
         self._facts: dict | None = None
         self._vocab: list[str] | None = None
@@ -83,14 +87,24 @@ class RunWriter:
         remaining = (self.target_tokens - n_seen_tokens) * elapsed / max(n_seen_tokens, 1)
         return n_seen_tokens < 0.75 * self.target_tokens and remaining >= SNAPSHOT_MIN_REMAINING
 
-    def snapshot(self, state, contexts: parquet.ContextWriter, timings: dict) -> dict:
-        """Write and publish a snapshot of ``state``; returns its manifest."""
+    def snapshot(self, state, contexts: parquet.ContextWriter, timings: dict) -> dict | None:
+        """Write and publish a snapshot of ``state``; returns its manifest (None: it failed, was logged and
+        removed, and the previous snapshot stays published)."""
         tick = time.perf_counter()
         self.snapshots += 1
         folder = rundir.snapshot_dir(self.out_dir, self.snapshots)
-        contexts.export(folder / schema.CONTEXTS)
-        manifest = self._write(state, folder, final=False, timings=timings)
-        rundir.publish_snapshot(self.out_dir, folder, manifest)
+        manifest = None
+        try:
+            contexts.export(folder / schema.CONTEXTS)
+            manifest = self._write(state, folder, final=False, timings=timings)
+            rundir.publish_snapshot(self.out_dir, folder, manifest)
+        except (OSError, MemoryError, RuntimeError) as err:  # disk full, out of memory (torch's is a RuntimeError)
+            # a snapshot is a convenience: the previous one stays published and the pass goes on
+            shutil.rmtree(folder, ignore_errors=True)
+            self.snapshots -= 1
+            self.failed_snapshots.append(f"{type(err).__name__}: {err}")
+            print(f"\nprecompute: a snapshot failed ({type(err).__name__}: {err}); the previous snapshot stays "
+                  "published and the pass goes on", file=sys.stderr, flush=True)
         cost = time.perf_counter() - tick
         self.timings["snapshot_seconds"] += cost
         seen = state.n_contexts * self.cfg.context_len

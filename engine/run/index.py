@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from .. import atomic
 from . import schema, sql
 
 
@@ -25,7 +26,9 @@ def building(target: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         yield con
         con.execute(sql.CHECKPOINT)
         con.close()
+        atomic.fsync_file(tmp)
         os.replace(tmp, target)
+        atomic.fsync_dir(target.parent)
     except BaseException:
         con.close()
         for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):

@@ -20,12 +20,15 @@ import json
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import atomic
+from ..lock import LOCK_FILE
 from . import schema
 
 PARTIAL = ".partial"
@@ -99,8 +102,8 @@ def prepare(out: str | Path, *, model_hash: str, sae_hash: str, force: bool) -> 
                     "pass --force (force=True) to replace it, or choose another --out"
                 )
         else:
-            known = (*RUN_FILES, PARTIAL, SNAPSHOTS, SHARDS, schema.MANIFEST)
-            foreign = sorted(p.name for p in out.iterdir() if p.name not in known)
+            known = (*RUN_FILES, PARTIAL, SNAPSHOTS, SHARDS, schema.MANIFEST, LOCK_FILE, schema.STALE, *schema.DERIVED)
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in known and not p.name.startswith(".saescope"))
             if foreign:
                 raise FileExistsError(
                     f"run directory {out} holds files that are not a saescope run ({', '.join(foreign[:5])}); "
@@ -158,11 +161,44 @@ def snapshot_dir(out: str | Path, index: int) -> Path:
     return path
 
 
+def identity(manifest: dict | None) -> dict | None:
+    """What a run's latents and examples depend on: model, SAE, corpus and settings (their fingerprints)."""
+    if manifest is None:
+        return None
+    return {"model": (manifest.get("model") or {}).get("hash"), "sae": (manifest.get("sae") or {}).get("hash"),
+            "corpus": (manifest.get("corpus") or {}).get("hash"), "settings": manifest.get("settings")}
+
+
+def set_aside_stale(out: Path, current: dict | None, new: dict) -> Path | None:
+    """Move what was derived from the run in ``out`` (explanations, scores, evaluation, comparisons) out of the way
+    when the run is being replaced by one of another identity; returns where it went (None: nothing to move)."""
+    if current is None or identity(current) == identity(new):
+        return None
+    found = [out / name for name in schema.DERIVED if (out / name).exists()]
+    if not found:
+        return None
+    old = identity(current) or {}
+    dest = out / schema.STALE / f"{old.get('sae') or 'unknown'}-{old.get('corpus') or 'unknown'}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        target = dest / path.name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(path, target)
+    atomic.fsync_dir(out)
+    print(f"saescope: {out} now holds a run of another model, SAE, corpus or settings; what was derived from the "
+          f"old one ({', '.join(p.name for p in found)}) no longer describes its latents and was moved to {dest}",
+          file=sys.stderr, flush=True)
+    return dest
+
+
 def publish_snapshot(out: str | Path, folder: Path, manifest: dict) -> None:
     """Point the run's manifest at the complete snapshot in ``folder`` (atomically), then drop all but the
     previous snapshot folder."""
     out = Path(out)
     current = _current_manifest(out)
+    set_aside_stale(out, current, manifest)
+    atomic.fsync_tree(folder)  # the files first: a manifest must never name files still in the page cache only
     _write_manifest(out, {**manifest, "data_dir": folder.relative_to(out).as_posix()})
     previous = data_dir(out, current).resolve() if current is not None else None
     for old in sorted((out / SNAPSHOTS).iterdir()):
@@ -176,13 +212,16 @@ def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
     under the manifest; a manifest describing top-level files is removed first."""
     out = Path(out)
     current = _current_manifest(out)
+    set_aside_stale(out, current, manifest)
     if current is None or data_dir(out, current).resolve() == out.resolve():
         (out / schema.MANIFEST).unlink(missing_ok=True)
     for name in RUN_FILES:
         if not (staging / name).exists():
             (out / name).unlink(missing_ok=True)
+    atomic.fsync_tree(staging)
     for path in staging.iterdir():
         os.replace(path, out / path.name)
+    atomic.fsync_dir(out)
     _write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)
@@ -204,12 +243,8 @@ def _current_manifest(out: Path) -> dict | None:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / f".{schema.MANIFEST}.tmp"
-    with tmp.open("w") as f:
-        json.dump(_finite(manifest), f, indent=2, default=_json_default, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / schema.MANIFEST)
+    text = json.dumps(_finite(manifest), indent=2, default=_json_default, allow_nan=False)
+    atomic.write_text(out / schema.MANIFEST, text)
 
 
 def _finite(value):

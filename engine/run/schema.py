@@ -97,3 +97,12 @@ TOKENS_SCHEMA = pa.schema(
         ("ce_delta", pa.float32()),
     ]
 )
+
+DERIVED = (
+    "explanations.parquet", "scores.parquet", "explanation_embeddings.parquet", ".interp", "interp.duckdb",
+    "evaluation.parquet", "compare",
+)
+"""What other commands derive from a run's latents and store inside it (explain: engine/interp/schema.py and
+interp.duckdb; evaluate and compare: engine/eval/schema.py). When a run is recomputed for another model, SAE, corpus
+or settings, these no longer describe its latents: ``rundir`` moves them to ``STALE/<old fingerprint>/``."""
+STALE = "stale"

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import schema, sql
 from .index import build_index, cursor, index_current, open_read_only
@@ -74,6 +75,21 @@ def _as_list(value: Any) -> Any:
 def _section(manifest: dict, key: str) -> dict:
     value = manifest.get(key)
     return value if isinstance(value, dict) else {}
+
+
+def feature_densities(run_dir: str | Path) -> np.ndarray | None:
+    """Every latent's firing density, by id, read from the run's features file alone (no index needed: search
+    builds its own index beside it); None when the run has no features file."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir) if (run_dir / schema.MANIFEST).is_file() else None
+    path = (data_dir(run_dir, manifest) if manifest is not None else run_dir) / schema.FEATURES
+    if not path.is_file():
+        return None
+    table = pq.read_table(path, columns=["feature_id", "density"])
+    ids = table["feature_id"].to_numpy()
+    out = np.full(int(ids.max()) + 1 if len(ids) else 0, np.nan)
+    out[ids] = table["density"].to_numpy(zero_copy_only=False).astype(np.float64)
+    return out
 
 
 class RunStore:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from .. import atomic, lock
 from ..run.rows import FeatureRow
 from ..run.store import RunStore
 from . import neuronpedia as np_fmt
@@ -76,23 +77,46 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+EXPORT_MARK = ".saescope-export.json"
+"""Written into every folder export: ``--force`` replaces a folder only when it carries this mark."""
+
+
+def check_out(run_dir: Path, out: Path, force: bool) -> None:
+    """Refuse an ``out`` that is, holds or lies inside the run, and (even with ``force``) one that exists and is not
+    an earlier export: ``--force`` replaces an export, never a folder or file of something else."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or run.is_relative_to(target) or target.is_relative_to(run):
+        raise ValueError(f"refusing to export {run_dir} to {out}: the output would replace or sit inside the run "
+                         "itself; choose a folder outside it")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise FileExistsError(f"{out} already exists: pass --force to replace it")
+    if out.is_dir():
+        if not (out / EXPORT_MARK).is_file():
+            raise FileExistsError(f"{out} is not an earlier saescope export (no {EXPORT_MARK}): --force replaces only "
+                                  "an export; choose another output")
+    elif not out.name.endswith((".jsonl", ".jsonl.gz")):
+        raise FileExistsError(f"{out} is a file that is not a jsonl export: --force replaces only an export")
+
+
 @contextmanager
 def written_aside(out: Path, force: bool) -> Iterator[Path]:
     """A sibling path to write ``out`` into; renamed to ``out`` when the block ends normally, removed otherwise."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove(tmp)
+    tmp = atomic.aside(out)
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
+        if tmp.is_dir():
+            atomic.replace_dir(tmp, out)  # the old export stays whole until the new one is
         else:
+            atomic.fsync_file(tmp)
+            if out.is_dir():
+                _remove(out)
             os.replace(tmp, out)
+            atomic.fsync_dir(out.parent)
     except BaseException:
         _remove(tmp)
         raise
@@ -125,9 +149,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "neuronpedia", *
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     started = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not force:  # before opening anything
-        raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    with RunStore.open(run_dir) as store:
+    check_out(run_dir, out, force)  # before opening anything
+    with lock.hold(run_dir, shared=True), RunStore.open(run_dir) as store:
         best = _best_explanations(run_dir)
         with written_aside(out, force) as tmp:
             if fmt == "jsonl":
@@ -136,6 +159,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "neuronpedia", *
             else:
                 counts, rel = _write_neuronpedia(store, best, tmp, options or NeuronpediaOptions(), batch_features,
                                                  progress)
+                atomic.write_json(tmp / EXPORT_MARK, {"run": str(run_dir.resolve()), "format": fmt})
                 source_dir = out / rel
     return ExportSummary(out, fmt, *counts, seconds=time.perf_counter() - started, source_dir=source_dir)
 

@@ -39,7 +39,7 @@ def broken_model_run(tiny_runs, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("broken") / "run"
     shutil.copytree(tiny_runs["topk"], run)
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["model"]["name"] = str(run / "no-such-model")
+    manifest["model"]["name"] = manifest["model"]["path"] = str(run / "no-such-model")
     (run / "manifest.json").write_text(json.dumps(manifest))
     return run
 

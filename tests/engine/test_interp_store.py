@@ -12,6 +12,7 @@ import pytest
 
 from engine.interp import index as index_mod
 from engine.interp import parts, schema, scorers
+from engine.interp import store as store_mod
 from engine.interp import vectors as vectors_mod
 from engine.interp.search import SemanticSearch, VectorIndex, unit
 from engine.interp.sql import INTERP_DB
@@ -238,7 +239,7 @@ def test_read_only_run_dir_builds_elsewhere(run, monkeypatch):
     def access(path, mode):
         return False if mode == os.W_OK and str(path) == str(run) else real(path, mode)
 
-    monkeypatch.setattr(index_mod.os, "access", access)
+    monkeypatch.setattr(store_mod.os, "access", access)
     monkeypatch.setattr(index_mod.tempfile, "gettempdir", lambda: str(run.parent / "tmp"))
     (run.parent / "tmp").mkdir()
     with InterpStore.open(run) as st:
@@ -429,16 +430,16 @@ def test_concurrent_writers_claim_distinct_parts_and_consolidate_spares_live_one
     with ThreadPoolExecutor(8) as pool:
         names = list(pool.map(one, range(64)))
     assert len(set(names)) == 64 and sorted(names) == [f"{i:08d}" for i in range(64)]
-    parts = parts.parts_dir(tmp_path)
+    folder = parts.parts_dir(tmp_path)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        (parts / f".tmp-{alive.pid}-abc").mkdir()
-        (parts / f".tmp-{dead.pid}-def").mkdir()
+        (folder / f".tmp-{alive.pid}-abc").mkdir()
+        (folder / f".tmp-{dead.pid}-def").mkdir()
         counts = parts.consolidate(tmp_path)
         assert counts[schema.EXPLANATIONS] == 64
-        assert (parts / f".tmp-{alive.pid}-abc").is_dir() and not (parts / f".tmp-{dead.pid}-def").exists()
+        assert (folder / f".tmp-{alive.pid}-abc").is_dir() and not (folder / f".tmp-{dead.pid}-def").exists()
         assert parts.read_all(tmp_path, schema.EXPLANATIONS)["feature_id"].to_pylist() == list(range(64))
     finally:
         alive.kill()
