@@ -3,7 +3,7 @@
     python scripts/versions.py --record requirements/latest-passed.txt
 
 The file starts with the date, Python, platform and CPU, then one ``name==version`` line per installed
-distribution (saescope itself left out), sorted: the set the suite last passed on, for the README and for anyone
+distribution (saescope itself left out), sorted: the set the suite last passed on, for docs/dependencies.md and for anyone
 bisecting the next breaking release.
 """
 

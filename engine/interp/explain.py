@@ -402,7 +402,8 @@ def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, 
 
 
 def summary(run_dir: str | Path, feature_ids: list[int] | None = None) -> dict[str, dict[str, float]]:
-    """Mean score per explainer and scorer (over latents with a defined score), e.g. for the README's table."""
+    """Mean score per explainer and scorer (over latents with a defined score), e.g. for the table in
+    docs/explanations.md."""
     sc = parts.read_all(Path(run_dir), schema.SCORES)
     acc: dict[str, dict[str, list[float]]] = {}
     wanted = set(feature_ids) if feature_ids is not None else None

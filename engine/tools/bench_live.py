@@ -94,7 +94,7 @@ def steering_over_baseline(lm: LoadedModel, sae: SAE, new_tokens: int = 32, repe
 
 
 RATIOS = ("lens_over_forward", "steering_tokens_per_s_ratio")
-"""The figures the README reports: each must be a positive finite number."""
+"""The figures docs/performance.md reports: each must be a positive finite number."""
 
 
 def check_live(result: dict) -> None:

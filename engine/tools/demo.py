@@ -34,7 +34,7 @@ class DemoSAE:
     hook: str
     """The hook point it reads (also in its ``cfg.json``; checked by the demo tests)."""
     about: str
-    """One line saying what it is, for the README and ``saescope demo``'s messages."""
+    """One line saying what it is, for docs/demo.md and ``saescope demo``'s messages."""
 
     @property
     def sae_dir(self) -> Path:
