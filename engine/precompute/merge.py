@@ -13,6 +13,7 @@ the task states stay until the run is in place, so the merge can simply be run a
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .. import lock
+from .. import atomic, lock
 from ..analysis.interventions import compute_copy
 from ..run import rundir, schema
 from .accumulators import FeatureStats
@@ -89,6 +90,10 @@ def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_state
         merge_started = time.perf_counter()
         out = Path(out)
         folder = shards_dir(out)
+        shutil.rmtree(folder.with_name(f".{folder.name}.old-removing"), ignore_errors=True)  # a removal cut short
+        finished = rundir.read_manifest(out)
+        if not folder.is_dir() and finished is not None and (finished.get("snapshot") or {}).get("final", True):
+            return finished  # merged already (the states were removed after the run was in place)
         job = Job.load(folder)
         tasks = job.tasks()
         missing = sorted(set(t.index for t in tasks) - {t.index for t in done(folder, job)})
@@ -172,8 +177,17 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
                             "tasks": summaries, "write_seconds": round(time.perf_counter() - tick, 4)}
     rundir.rewrite_manifest(out, manifest)
     if not keep_states:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_states(folder)
     return manifest
+
+
+def remove_states(folder: Path) -> None:
+    """Remove the task states once the run is in place: renamed away first, so that a crash part-way through the
+    removal never leaves a job folder with some states gone (``merge_run`` finishes such a removal)."""
+    gone = folder.with_name(f".{folder.name}.old-removing")
+    os.replace(folder, gone)
+    atomic.fsync_dir(folder.parent)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _join_contexts(dest: Path, parts: list[Path]) -> None:

@@ -251,18 +251,19 @@ def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor) -> tuple[SparseCodes, 
     return joined, torch.cat(x_hat), torch.cat(error)
 
 
-def check_finite(x: torch.Tensor, flat_mask: torch.Tensor, context_ids: torch.Tensor) -> None:
-    """Stop at the first batch whose counted activations hold NaN or infinity (a broken model or dtype overflow):
-    they would encode to garbage or to all-zero codes and make every latent look dead."""
-    bad = ~torch.isfinite(x).all(dim=1) & flat_mask
+def check_finite(x: torch.Tensor, context_ids: torch.Tensor) -> None:
+    """Stop at the first batch whose activations hold NaN or infinity (a broken model or dtype overflow), counted
+    tokens or not: the massive-activation rule would otherwise drop them silently (an infinite norm is "massive"),
+    and counted ones would encode to garbage or to all-zero codes and make every latent look dead."""
+    bad = ~torch.isfinite(x).all(dim=1)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten()
         n_pos = x.shape[0] // len(context_ids)
         first = int(rows[0])
-        raise ValueError(f"the model's activations hold NaN or infinite values at {len(rows)} counted token(s) of the "
+        raise ValueError(f"the model's activations hold NaN or infinite values at {len(rows)} token(s) of the "
                          f"batch of contexts {int(context_ids[0])}-{int(context_ids[-1])}, first at context "
                          f"{int(context_ids[first // n_pos])} position {first % n_pos}: the model overflows in this "
-                         "dtype (try --dtype float32) or its weights are broken; nothing was written")
+                         "dtype (try --dtype float32) or its weights are broken; the run was not written")
 
 
 def step(state: PassState, sae: SAE, batch, first_context: int, context_file: parquet.ContextWriter | None, *,
@@ -278,7 +279,7 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
     x = batch.acts.to(dev).reshape(n_batch * n_pos, -1)
     mask = batch.mask.to(dev)
     flat_mask = mask.reshape(-1)
-    check_finite(x, flat_mask, context_ids)
+    check_finite(x, context_ids)
     codes, x_hat, error = encode(sae, x, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
     n_included, n_active = int(flat_mask.sum()), len(codes.value)
     primary = latents is None or latents.start == 0
