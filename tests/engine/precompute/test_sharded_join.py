@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine.model.tiny import save_tiny_model
-
-from .runs_util import write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import random_sae
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")

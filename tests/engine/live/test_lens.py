@@ -7,8 +7,7 @@ import engine.live.lens as lens_mod
 from engine.live.lens import prompt_lens, tokenize_prompt
 from engine.model.tail import can_resume, resume_logits
 from engine.model.tiny import tiny_model
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

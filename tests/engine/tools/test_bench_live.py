@@ -15,8 +15,7 @@ from engine.tools.bench_live import (
     lens_over_forward,
     steering_over_baseline,
 )
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 
 def _positive_finite(value) -> bool:

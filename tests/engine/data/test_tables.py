@@ -13,7 +13,7 @@ from engine.data import tables
 from engine.data.corpus import corpus_files, corpus_hash, iter_contexts
 from engine.model.tiny import tiny_tokenizer
 
-from .runs_util import LINES
+from tests.engine.runs_util import LINES
 
 VOCAB = 384
 

@@ -17,8 +17,7 @@ from engine.eval.sparse_probing import K_VALUES, ProbingConfig
 from engine.model.loading import load_model
 from engine.run.store import RunStore
 from engine.saes import load_sae
-
-from .eval_util import build_width_runs, write_probe_corpus
+from tests.engine.eval_util import build_width_runs, write_probe_corpus
 
 
 @pytest.fixture(scope="module")

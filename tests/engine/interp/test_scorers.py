@@ -20,8 +20,7 @@ from engine.interp.explain import ExplainConfig, explain_run, quiet_pool
 from engine.interp.scorers import Excerpt, auroc, balanced_accuracy
 from engine.run import rundir
 from engine.run import schema as run_schema
-
-from .interp_util import DEAD, ScriptedChat, build_run
+from tests.engine.interp_util import DEAD, ScriptedChat, build_run
 
 # --- balanced accuracy and AUROC -------------------------------------------------------------------------------
 

@@ -17,11 +17,10 @@ from engine.run.store import RunStore
 from engine.tools import export as export_mod
 from engine.tools import neuronpedia as np_fmt
 from engine.tools.export import NeuronpediaOptions, export_run
+from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import random_sae
 
-from .runs_util import write_corpus
-from .saes_util import random_sae
-
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "neuronpedia"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "neuronpedia"
 MODELS = {"Neuron": "feature", "Activation": "activation", "Explanation": "explanation", "Model": "model", "Source": "source",
           "SourceSet": "source_set", "SourceRelease": "source_release"}
 EXPLAINED = {3: "quotes and <b>markup</b> 'x'", 5: "the letter e"}

@@ -9,8 +9,7 @@ from engine import add_vector, check_sae_fits, clamp_latents, splice_sae, steeri
 from engine.model.families import supported_model_types
 from engine.model.hooks import StopForward
 from engine.model.tiny import tiny_model
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 FAMILIES = ["gpt2", "llama", "qwen2", "gpt_neox", "gemma", "gemma2"]
 

@@ -35,8 +35,7 @@ from engine.data.corpus import iter_contexts
 from engine.model.tiny import tiny_model
 from engine.precompute.pipeline import precompute
 from engine.saes import SAEConfig, build_sae
-
-from .runs_util import write_corpus
+from tests.engine.runs_util import write_corpus
 
 CTX, BATCH, N_CONTEXTS, K = 24, 8, 60, 8
 TRAIN_STEPS = 40

@@ -25,8 +25,7 @@ from engine.model.attention import capture_attention
 from engine.model.families import decoder_layers
 from engine.model.loading import from_module
 from engine.model.tiny import tiny_config, tiny_tokenizer
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 FAMILIES = ["gpt2", "llama", "qwen2", "gpt_neox", "gemma", "gemma2"]
 N_POS = 12

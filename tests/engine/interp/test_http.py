@@ -34,9 +34,8 @@ from engine.interp.embed import Embedder
 from engine.interp.explain import ExplainConfig, explain_messages, explain_run, quiet_pool
 from engine.interp.server import make_handler, start_server
 from engine.run import rundir
-
-from . import interp_util
-from .interp_util import DEAD, ScriptedChat, ScriptedEndpoint, build_run, completion, save_chat_model, save_embedder
+from tests.engine import interp_util
+from tests.engine.interp_util import DEAD, ScriptedChat, ScriptedEndpoint, build_run, completion, save_chat_model, save_embedder
 
 SERVED = "tiny-chat"
 FAST = {"retries": 2, "backoff": 0.01}
@@ -226,7 +225,7 @@ def test_cli_explain_against_llm_server_subprocess(env, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "llm-server", "--model", str(env["chat_dir"]), "--name",
                              SERVED, "--port", "0", "--device", "cpu", "--dtype", "float32"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[3])
     try:
         line = proc.stdout.readline()
         assert "llm-server" in line and SERVED in line, proc.stderr.read() if proc.poll() is not None else line

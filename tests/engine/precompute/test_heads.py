@@ -13,9 +13,8 @@ from engine.analysis.dfa import dfa, dfa_from_capture, dfa_pairs
 from engine.model.attention import capture_attention
 from engine.precompute.pipeline import precompute
 from engine.run.store import RunStore
-
-from .runs_util import write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import random_sae
 
 CTX, BATCH, TOP_K = 16, 4, 4
 HOOK = "blocks.1.attn.hook_z"

@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 
 from engine.precompute.pipeline import precompute
 from engine.precompute.sampling import HELDOUT_EVERY
-
-from .runs_util import brute_force, top_contexts, write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import brute_force, top_contexts, write_corpus
+from tests.engine.saes_util import random_sae
 
 CTX, BATCH, TOP_K = 16, 8, 5
 DEAD = [0, 1, 2]
@@ -286,7 +285,7 @@ P.precompute(tiny_model("llama"), load_sae(sys.argv[1]), sys.argv[2], sys.argv[3
 def test_sigkill_leaves_no_manifest_and_rerun_completes(tiny_llama, run, tmp_path):
     sae_dir = run["sae"].save(tmp_path / "sae")
     out, flag = tmp_path / "killed", tmp_path / "started"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(sae_dir), str(run["corpus"]), str(out), str(flag)], env=env)
     try:
         deadline = time.time() + 60

@@ -12,9 +12,8 @@ from engine.run import schema, sql
 from engine.run.index import building, cursor, open_read_only
 from engine.run.rows import ContextErrors, DarkMatterSummary, Example, FeatureRow, FeatureSummary, RunMetrics, TokenRow
 from engine.run.store import RunStore
-
-from .runs_util import write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import random_sae
 
 HOSTILE = ["'; DROP TABLE features; --", "%", "_", "'", '"', "\\", "%' OR '1'='1", "$text", "?", "\x00", "ǘ🙂", " " * 3]
 

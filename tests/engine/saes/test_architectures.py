@@ -10,10 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from engine import architectures, load_sae
 from engine.saes import SAEConfig
+from tests.engine.saes_util import D_IN, D_SAE, random_sae
 
-from .saes_util import D_IN, D_SAE, random_sae
-
-REFERENCE = Path(__file__).parents[1] / "fixtures" / "reference"
+REFERENCE = Path(__file__).parents[2] / "fixtures" / "reference"
 
 
 def _np(t):

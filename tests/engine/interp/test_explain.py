@@ -18,8 +18,7 @@ from engine.interp.data import RunExamples
 from engine.interp.explain import LABELS, SHUFFLED, ExplainConfig, explain_messages, explain_run, parse_features
 from engine.run import rundir
 from engine.run import schema as run_schema
-
-from .interp_util import DEAD, ScriptedChat, build_run
+from tests.engine.interp_util import DEAD, ScriptedChat, build_run
 
 SCORERS = ("detection", "fuzzing")
 CFG = {"scorers": SCORERS, "batch_size": 4, "n_shown": 4, "n_heldout": 4, "pool_contexts": 32}

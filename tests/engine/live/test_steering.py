@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from engine.live.steering import SteeringSpec, compare, generate, steering_intervention
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 
 def test_same_seed_same_tokens_and_steering_changes_them(tiny_llama):

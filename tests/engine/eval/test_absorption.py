@@ -17,8 +17,7 @@ from engine.eval.absorption import (
     main_latents,
 )
 from engine.model.tiny import tiny_tokenizer
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 U = torch.tensor([1.0, 0.0, 0.0])  # the probe's unit direction
 COS = torch.tensor([0.9, 0.5, 0.05, 0.3, -0.2])  # each latent's decoder cosine with it

@@ -34,8 +34,7 @@ from engine.model.tiny import TINY_TEXT, tiny_model, tiny_tokenizer
 from engine.precompute.features import decoder_neighbors, logit_effects
 from engine.precompute.pipeline import precompute
 from engine.saes import SAEConfig, build_sae
-
-from .runs_util import write_corpus
+from tests.engine.runs_util import write_corpus
 
 N, D_SAE, CTX, BATCH, N_CONTEXTS = 10, 200, 16, 8, 24
 PARALLEL = {5: (7, 3.0), 9: (11, -1.0)}  # row r = factor * row s

@@ -22,8 +22,7 @@ from engine.interp.explain import SKIPPED_REASON, ExplainConfig, explain_message
 from engine.interp.live import LiveResult, Streamed, explain_latent
 from engine.interp.server import start_server
 from engine.interp.store import InterpStore
-
-from .interp_util import DEAD, ScriptedChat, build_run, save_chat_model, save_embedder
+from tests.engine.interp_util import DEAD, ScriptedChat, build_run, save_chat_model, save_embedder
 
 CFG = ExplainConfig(n_shown=4, n_heldout=4, pool_contexts=48)
 FAST = {"retries": 1, "backoff": 0.01}

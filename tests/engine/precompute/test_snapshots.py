@@ -15,9 +15,8 @@ from engine.precompute import runwriter
 from engine.precompute.pipeline import precompute
 from engine.run import rundir
 from engine.run.store import RunStore
-
-from .runs_util import brute_force, top_contexts, write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import brute_force, top_contexts, write_corpus
+from tests.engine.saes_util import random_sae
 
 CTX, BATCH = 16, 4
 EVERY = CTX * BATCH * 2  # a snapshot after two batches, then at doubling token counts

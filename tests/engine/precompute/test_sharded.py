@@ -23,9 +23,8 @@ from engine.precompute.distributed import precompute_sharded, sharded_merge
 from engine.precompute.pipeline import precompute
 from engine.precompute.shards import Job, split
 from engine.saes import load_sae
-
-from .runs_util import write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import random_sae
 
 OPTS: dict[str, Any] = {"context_len": 16, "batch_size": 8, "top_k": 5, "sample_contexts": 6, "ce_every": 1}
 

@@ -20,8 +20,7 @@ from engine.eval.splitting import SplitCriteria, children, split_parents
 from engine.model.loading import load_model
 from engine.run.store import RunStore
 from engine.saes import load_sae
-
-from .eval_util import build_width_runs
+from tests.engine.eval_util import build_width_runs
 
 TOKENS = 2048
 
