@@ -275,34 +275,58 @@ def test_pre_hook_met_without_kwargs_is_a_no_op_for_other_threads(tiny_llama):
     assert seen == [None]
 
 
-def test_handover_never_leaves_two_dispatchers(tiny_llama, monkeypatch):
-    """A scope entering a point while the last one there is still taking its dispatcher off waits: one call per forward."""
-    import time
+class SignallingLock:
+    """A lock that sets ``contended`` when a thread finds it held and has to wait for it."""
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self):
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_handover_never_leaves_two_dispatchers(tiny_llama, monkeypatch):
+    """A scope entering a point while the last one there is still taking its dispatcher off waits: one call per forward.
+
+    The leaving thread is held in the middle of removing its dispatcher until the entering scope has found the
+    manager's lock taken and waits for it; a manager that removed dispatchers outside its lock would let the entering
+    scope install a second dispatcher and run its forward through both (two calls), and would never be waited for."""
     lm = tiny_llama
     name = "blocks.0.hook_resid_post"
+    lock = SignallingLock()
+    monkeypatch.setattr(lm.hooks, "_lock", lock)
     real_remove = torch.utils.hooks.RemovableHandle.remove
+    removing = threading.Event()
 
-    def slow_remove(handle):
-        time.sleep(0.05)  # the leaving thread is preempted in the middle of removing its dispatcher
+    def held_remove(handle):
+        if threading.current_thread().name == "leaver":
+            removing.set()
+            lock.contended.wait(10)  # the leaving thread stays mid-removal until the entering scope waits on it
         real_remove(handle)
 
-    monkeypatch.setattr(torch.utils.hooks.RemovableHandle, "remove", slow_remove)
-    entered = threading.Event()
+    monkeypatch.setattr(torch.utils.hooks.RemovableHandle, "remove", held_remove)
 
     def leave():
         with lm.hooks.intervene(name, lambda x: None):
-            entered.set()
+            pass
 
-    leaver = threading.Thread(target=leave)
+    leaver = threading.Thread(target=leave, name="leaver")
     leaver.start()
-    entered.wait()
-    time.sleep(0.01)
+    assert removing.wait(10), "the leaving scope never removed its dispatcher"
     calls = []
     with lm.hooks.intervene(name, lambda x: calls.append(1)):
         lm.logits(_ids(lm, n=1, length=4))
     leaver.join()
+    assert lock.contended.is_set(), "the entering scope did not wait for the removal in progress"
     assert calls == [1]
+    assert lm.hooks.installed() == []
 
 
 def test_other_hooks_on_the_module_see_the_intervened_activation(tiny_llama):
