@@ -41,10 +41,47 @@ def test_strength_units(tiny_llama):
 
 
 def test_clamp_mode_generates(tiny_llama):
+    """Clamping latent 2 at 1.0 max activation (30.0) gives the logits and the generation of a hand-written clamp: a
+    plain torch hook on layer 0's output adding ``(30 - f_2(x)) * W_dec[2]`` (``f_2`` the ReLU encoder written out),
+    greedy decoding recomputed from the whole sequence at each step (no KV cache)."""
+    lm = tiny_llama
     sae = random_sae("standard", hook="blocks.0.hook_resid_post")
-    factory = steering_intervention(tiny_llama, sae, SteeringSpec({2: 1.0}, mode="clamp"), max_acts={2: 30.0})
-    tokens = list(generate(tiny_llama, [5, 6, 7], max_new_tokens=5, seed=0, intervention=factory, stop_at_eos=False))
-    assert len(tokens) == 5
+    factory = steering_intervention(lm, sae, SteeringSpec({2: 1.0}, mode="clamp"), max_acts={2: 30.0})
+    prompt = [5, 6, 7]
+    tokens = list(generate(lm, prompt, max_new_tokens=5, temperature=0.0, intervention=factory, stop_at_eos=False))
+
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    assert sae.cfg.apply_b_dec_to_input
+
+    def clamp(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        x = h.double()
+        f2 = torch.relu((x - b_dec) @ W_enc[:, 2] + b_enc[2])
+        new = (x + (30.0 - f2)[..., None] * W_dec[2]).to(h.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def greedy(hooked: bool) -> tuple[list[int], torch.Tensor]:
+        """Five greedy tokens, and the logits of the prompt and all but the last of them."""
+        ids = list(prompt)
+        handle = lm.hf_model.model.layers[0].register_forward_hook(clamp) if hooked else None
+        try:
+            with torch.inference_mode():
+                for _ in range(5):
+                    logits = lm.hf_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                    ids.append(int(logits[-1].argmax()))
+        finally:
+            if handle is not None:
+                handle.remove()
+        return ids[len(prompt):], logits
+
+    want_tokens, want_logits = greedy(hooked=True)
+    assert tokens == want_tokens
+    with factory(), torch.inference_mode():
+        got_logits = lm.logits(torch.tensor([prompt + tokens[:-1]]))[0]
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    plain = list(generate(lm, prompt, max_new_tokens=5, temperature=0.0, stop_at_eos=False))
+    plain_tokens, _ = greedy(hooked=False)
+    assert plain == plain_tokens and plain != tokens, "the clamp changes what is generated"
 
 
 def test_empty_and_too_long_prompts(tiny_llama):
