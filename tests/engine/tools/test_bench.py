@@ -2,10 +2,14 @@
 timing, and (slow) the whole ``saescope bench`` on the tiny model."""
 
 import json
+import statistics
+import types
 
+import pyarrow.parquet as pq
 import pytest
 
 from engine.cli import main
+from engine.run import schema
 from engine.run.store import RunStore
 from engine.tools.bench import format_report, query_bench
 from engine.tools.bench_live import check_live
@@ -24,12 +28,54 @@ def test_synthetic_store_is_a_readable_run(tmp_path):
         assert page is not None and len(page.examples) == 20
         assert all(len(e.acts) == len(e.tokens) == 64 for e in page.examples)
         top = store.top_features(sort_by="density", limit=50)
-        assert len(top) == 50 and top[0].density >= top[-1].density
+    densities = pq.read_table(path / schema.FEATURES, columns=["density"])["density"].to_pylist()
+    assert len(densities) == 3000
+    assert [t.density for t in top] == sorted(densities, reverse=True)[:50]  # the 50 densest, by brute force
 
 
-def test_query_bench_reports_latencies(tmp_path):
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between closest ranks, written out."""
+    s = sorted(values)
+    h = (len(s) - 1) * q / 100
+    lo = int(h)
+    return s[lo] if lo + 1 == len(s) else s[lo] + (h - lo) * (s[lo + 1] - s[lo])
+
+
+def test_query_bench_reports_latencies(tmp_path, monkeypatch):
+    """The reported p95 and median are those of the timed queries (after 20 warm-up ones), measured with a clock that
+    each real store query advances by a known number of milliseconds; the queries answer real pages."""
+    from engine.tools import bench
+
+    clock = [0.0]
+    taken: dict[str, list[float]] = {"feature": [], "top_features": []}
+    answers: dict[str, list] = {"feature": [], "top_features": []}
+
+    def timed(name, ms_of):
+        real = getattr(RunStore, name)
+
+        def query(self, *args, **kwargs):
+            answers[name].append(real(self, *args, **kwargs))
+            ms = ms_of(len(taken[name]))
+            taken[name].append(ms)
+            clock[0] += ms / 1e3
+            return answers[name][-1]
+
+        monkeypatch.setattr(RunStore, name, query)
+
+    # slow cold queries during the warm-up, then 1..13 ms (and 0.25..4.25 ms) in a scrambled order
+    timed("feature", lambda i: 50.0 + i if i < 20 else 1.0 + (i * 7) % 13)
+    timed("top_features", lambda i: 40.0 - i if i < 20 else 0.25 * (1 + (i * 5) % 17))
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     out = query_bench(tmp_path / "s", n=30, n_features=2000, n_contexts=300, vocab=200)
-    assert out["feature_query_p95_ms"] > 0 and out["topn_query_p95_ms"] > 0 and out["store"]["latents"] == 2000
+
+    assert len(taken["feature"]) == len(taken["top_features"]) == 20 + 30
+    assert all(page is not None for page in answers["feature"]) and {len(t) for t in answers["top_features"]} == {50}
+    for name, key in (("feature", "feature_query"), ("top_features", "topn_query")):
+        timed_ms = taken[name][20:]
+        assert out[f"{key}_p95_ms"] == pytest.approx(percentile(timed_ms, 95), rel=1e-9), name
+        assert out[f"{key}_median_ms"] == pytest.approx(statistics.median(timed_ms), rel=1e-9), name
+    assert out["store"] == {"path": str(tmp_path / "s"), "latents": 2000, "examples_per_latent": 20, "tokens_per_example": 64,
+                            "prepare_seconds": 0.0}
 
 
 @pytest.mark.slow
