@@ -190,7 +190,7 @@ def test_mixed_directory_and_hashes(tmp_path):
 def test_precompute_on_a_pretokenized_corpus_stores_exactly_its_rows(tiny_llama, tmp_path):
     from engine.precompute.pipeline import precompute
 
-    from .saes_util import random_sae
+    from tests.engine.saes_util import random_sae
 
     rows = _rows(12, [16], seed=4)
     pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), tmp_path / "tok.parquet")

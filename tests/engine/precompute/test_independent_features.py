@@ -245,7 +245,7 @@ def test_iter_contexts_separator_and_short_tail(corpus_dir, tmp_path):
 
 
 def _sae_with_decoder(W_dec: torch.Tensor):
-    from .saes_util import random_sae
+    from tests.engine.saes_util import random_sae
 
     sae = random_sae("topk", d_in=W_dec.shape[1], d_sae=W_dec.shape[0])
     sae.W_dec.data = W_dec.float()
