@@ -4,8 +4,7 @@ import pytest
 
 from engine.cli import build_parser, main
 from engine.model.tiny import save_tiny_model
-
-from .saes_util import random_sae
+from tests.engine.saes_util import random_sae
 
 
 @pytest.mark.parametrize("command", ["info", "train-sae", "precompute", "serve", "demo", "bench"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -94,11 +95,19 @@ def test_interrupt_leaves_no_sae(tmp_path, corpus):
     # started as a terminal starts it (SIGINT handled), even under a runner that ignores SIGINT (children inherit that)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # the progress bar shows the loss once the first optimisation step is done: training is under way
     seen = b""
-    deadline = time.time() + 120
-    while b"train-sae:" not in seen and time.time() < deadline and proc.poll() is None:
-        seen += os.read(proc.stderr.fileno(), 4096)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 120  # generous for a loaded machine; normally seconds
+    try:
+        while b"loss=" not in seen:
+            ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no training step within 120 s: {seen.decode(errors='replace')[-2000:]}"
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, f"train-sae exited ({proc.wait(timeout=60)}) before its first step: {seen.decode(errors='replace')}"
+            seen += chunk
+    except BaseException:
+        proc.kill()  # not minutes of training left behind
+        raise
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)  # generous for a loaded machine; normally seconds
     err = (seen + err).decode(errors="replace")

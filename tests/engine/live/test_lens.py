@@ -1,0 +1,101 @@
+"""Prompt lens and the resumed (tail-only) forward it relies on."""
+
+import pytest
+import torch
+
+import engine.live.lens as lens_mod
+from engine.live.lens import prompt_lens, tokenize_prompt
+from engine.model.tail import can_resume, resume_logits
+from engine.model.tiny import tiny_model
+from tests.engine.saes_util import random_sae
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
+def test_resume_from_hook_equals_full_forward(family, hook):
+    lm = tiny_model(family)
+    ids = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert can_resume(lm, hook)
+    x = lm.capture(ids, hook)[hook]
+    torch.testing.assert_close(resume_logits(lm, hook, x), lm.logits(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_not_offered_where_unsupported():
+    assert not can_resume(tiny_model("llama"), "blocks.0.hook_mlp_out")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gemma", "gemma2"])
+def test_lens_fast_path_equals_fallback(family, monkeypatch):
+    lm = tiny_model(family)
+    sae = random_sae("topk", hook="blocks.0.hook_resid_post")
+    ids = tokenize_prompt(lm, "The quick brown fox jumps over the lazy dog.")
+    assert can_resume(lm, "blocks.0.hook_resid_post")
+    fast = prompt_lens(lm, sae, ids)
+    monkeypatch.setattr(lens_mod, "can_resume", lambda *a: False)
+    slow = prompt_lens(lm, sae, ids)
+    deltas = [(a.ce_delta, c.ce_delta) for a, c in zip(fast.tokens, slow.tokens, strict=True) if a.ce_delta is not None]
+    assert len(deltas) == len(ids) - 1 and any(abs(c) > 1e-3 for _, c in deltas)
+    for a, c in deltas:
+        assert a == pytest.approx(c, abs=1e-4)
+
+
+def test_lens_matches_brute_force(tiny_llama):
+    lm = tiny_llama
+    sae = random_sae("topk", hook="blocks.0.hook_resid_post")
+    ids = tokenize_prompt(lm, "The quick brown fox <script>alert(1)</script>")
+    result = prompt_lens(lm, sae, ids, top_k=3)
+    x = lm.capture(torch.tensor([ids]), "blocks.0.hook_resid_post")["blocks.0.hook_resid_post"][0]
+    codes = sae.encode(x)
+    assert not result.tokens[0].included and result.tokens[0].top_latents == []
+    for tok in result.tokens[1:]:
+        values, latents = codes[tok.position].topk(3)
+        assert [i for i, _ in tok.top_latents] == latents.tolist()
+        assert tok.l0 == int((codes[tok.position] > 0).sum())
+        assert tok.err_norm == pytest.approx(float((x[tok.position] - sae(x[tok.position]).x_hat).norm()), rel=1e-4)
+    assert "".join(t.token for t in result.tokens) == lm.tokenizer.decode(ids)
+    # the CE delta of the fast path equals a full spliced forward's
+    full = lm.logits(torch.tensor([ids]))
+    mask = torch.ones(1, len(ids), dtype=torch.bool)
+    mask[0, 0] = False
+    from engine import splice_sae
+
+    with splice_sae(lm, sae, mask=mask):
+        spliced = lm.logits(torch.tensor([ids]))
+    targets = torch.tensor(ids[1:])
+    delta = torch.nn.functional.cross_entropy(spliced[0, :-1], targets, reduction="none") - torch.nn.functional.cross_entropy(
+        full[0, :-1], targets, reduction="none"
+    )
+    got = torch.tensor([t.ce_delta for t in result.tokens[:-1]])
+    torch.testing.assert_close(got, delta, atol=1e-4, rtol=1e-4)
+    assert result.tokens[-1].ce_delta is None
+
+
+def test_lens_linear_split_and_fallback_path(tiny_llama, monkeypatch):
+    lm = tiny_llama
+    sae = random_sae("standard", hook="blocks.0.hook_resid_post")
+    ids = tokenize_prompt(lm, "def add(a, b): return a + b")
+    W, b = torch.eye(64) * 0.5, torch.zeros(64)
+    fast = prompt_lens(lm, sae, ids, linear_map=(W, b))
+    monkeypatch.setattr(lens_mod, "can_resume", lambda *a: False)
+    slow = prompt_lens(lm, sae, ids, linear_map=(W, b))
+    for a, c in zip(fast.tokens, slow.tokens, strict=True):
+        assert a.err_linear_norm == pytest.approx(c.err_linear_norm, rel=1e-5)
+        assert a.err_linear_norm == pytest.approx(0.5 * a.x_norm, rel=1e-5)
+        if a.ce_delta is not None:
+            assert a.ce_delta == pytest.approx(c.ce_delta, abs=1e-4)
+
+
+def test_lens_truncates_and_refuses_empty(tiny_llama):
+    sae = random_sae("standard", hook="blocks.0.hook_resid_post")
+    result = prompt_lens(tiny_llama, sae, list(range(1, 100)), max_tokens=32)
+    assert result.truncated and len(result.tokens) == 32 and result.n_input_tokens == 99
+    with pytest.raises(ValueError, match="prompt is empty"):
+        prompt_lens(tiny_llama, sae, [])
+
+
+def test_lens_matching_pursuit_steps(tiny_llama):
+    sae = random_sae("matching_pursuit", hook="blocks.0.hook_resid_post", residual_threshold=0.0, stop_on_duplicate_support=False)
+    ids = list(range(5, 25))
+    one = prompt_lens(tiny_llama, sae, ids, encode_kwargs={"max_iterations": 1}, with_ce=False)
+    many = prompt_lens(tiny_llama, sae, ids, encode_kwargs={"max_iterations": 12}, with_ce=False)
+    assert max(t.l0 for t in one.tokens) == 1 and max(t.l0 for t in many.tokens) > 1
