@@ -17,7 +17,7 @@ TORCH_INSTALL = torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_
 export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser lint test test-fast test-latest test-oldest lock demo bench clean-runs
+.PHONY: setup browser lint test test-fast test-faults test-latest test-oldest lock demo bench clean-runs
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,12 @@ test: setup browser lint
 # Linters and unit tests only (seconds): no demo model, no browser.
 test-fast: setup lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The fault-injection suite at full size: every writing command SIGKILLed at FAULT_POINTS seeded kill points
+# (make test runs it with 3 per command).
+FAULT_POINTS ?= 20
+test-faults: setup
+	FAULT_POINTS=$(FAULT_POINTS) $(BIN)/python -m pytest -q -m slow tests/faults -s -p no:cacheprovider
 
 # Refresh the lock to the newest releases pyproject.toml allows (uv, resolving for every platform and Python).
 lock: setup

@@ -17,9 +17,8 @@ from engine.precompute import runwriter
 from engine.precompute.pipeline import precompute
 from engine.run import loaded, rundir
 from engine.saes import build_sae, load_sae
-
-from .runs_util import write_corpus
-from .saes_util import random_sae
+from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import random_sae
 
 OPTIONS = {"context_len": 16, "batch_size": 4, "tokens": 16 * 32, "progress": False}
 
