@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` from a checkou
 
 import streamlit as st  # noqa: E402
 
-from dashboard import common  # noqa: E402
+from dashboard import access, common  # noqa: E402
 
 st.set_page_config(page_title="saescope", page_icon="🔬", layout="wide")
 
@@ -26,5 +26,8 @@ pages = [
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
 ]
+if not access.granted():  # before anything that names a run: the form only
+    st.navigation(pages, position="hidden")  # the link's page opens once the token is given
+    st.stop()
 common.run_picker()
 st.navigation(pages).run()

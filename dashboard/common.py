@@ -40,7 +40,7 @@ def shown_errors(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        st.error(f"{what}: {err}", icon=":material/error:")
+        st.error(f"{what}: {render.md(err)}", icon=":material/error:")
 
 
 def _multi_root() -> Path | None:
@@ -62,7 +62,7 @@ def run_picker() -> None:
     if choice not in runs:  # first visit (a shared link may name the run), or the run is gone
         wanted = st.query_params.get("run")
         choice = wanted if wanted in runs else runs[0]
-    name = st.sidebar.selectbox("Run", runs, index=runs.index(choice), key="run_picker", help=f"runs under {root}")
+    name = st.sidebar.selectbox("Run", runs, index=runs.index(choice), key="run_picker", help=f"runs under {render.code(root)}")
     st.session_state["run_choice"] = name
     st.query_params["run"] = name
 
@@ -73,13 +73,13 @@ def current_run() -> str:
     if root is None:
         fail("No run to show: start the app with `saescope serve --run RUN_DIR` (or `saescope demo`).")
     if not root.exists():
-        fail(f"The run directory `{root}` does not exist.")
+        fail(f"The run directory {render.code(root)} does not exist.")
     multi = _multi_root()
     if multi is not None:
         name = st.session_state.get("run_choice")
         if not name:
             fail(
-                f"`{root}` holds no complete run (no sub-directory with a `{MANIFEST}`). "
+                f"{render.code(root)} holds no complete run (no sub-directory with a `{MANIFEST}`). "
                 "Precompute one with `saescope precompute`, or wait for a running precompute to finish."
             )
         run = multi / name
@@ -88,13 +88,13 @@ def current_run() -> str:
     if not (run / MANIFEST).is_file():
         if (run / PARTIAL).is_dir():  # a precompute is writing it: its first snapshot will do
             st.info(
-                f"A precompute is writing `{run}`; its first snapshot (after ~16k tokens) is not there yet. "
+                f"A precompute is writing {render.code(run)}; its first snapshot (after ~16k tokens) is not there yet. "
                 "This page opens it by itself as soon as it is.", icon=":material/hourglass_top:",
             )
             _watch_run(str(run), 0.0)
             st.stop()
         fail(
-            f"`{run}` has no `{MANIFEST}`: the run is incomplete (its precompute was interrupted before its first "
+            f"{render.code(run)} has no `{MANIFEST}`: the run is incomplete (its precompute was interrupted before its first "
             "snapshot). Run `saescope precompute` again to finish it."
         )
     live_notice(str(run))
@@ -113,7 +113,7 @@ def live_notice(run: str) -> None:
         return
     seen, target = snap.get("seen_tokens") or 0, snap.get("target_tokens")
     where_in = f"{seen:,} of {target:,} tokens ({seen / target:.0%}, " if target else f"the first {seen:,} tokens ("
-    share = f"{where_in}snapshot {snap.get('index')})"
+    share = f"{where_in}snapshot {render.md(snap.get('index'))})"
     alive = writer_alive(man)
     if alive is False:
         st.warning(
@@ -122,7 +122,7 @@ def live_notice(run: str) -> None:
             icon=":material/pause_circle:",
         )
         return
-    where = "" if alive else f" on {snap.get('host')}"
+    where = "" if alive else f" on {render.md(snap.get('host'))}"
     st.info(
         f"Still computing{where}: this page reflects {share}. "
         "Refinement continues; the page updates itself when the next snapshot lands.",
@@ -157,14 +157,14 @@ def run_store(run_dir: str) -> RunStore:
     try:
         return cache.store(run_dir)
     except Exception as err:
-        fail(f"Could not open the run `{run_dir}`: {err}")
+        fail(f"Could not open the run {render.code(run_dir)}: {render.md(err)}")
 
 
 def manifest(run_dir: str) -> dict:
     try:
         return cache.manifest(run_dir)
     except Exception as err:
-        fail(f"Could not read the manifest of `{run_dir}`: {err}")
+        fail(f"Could not read the manifest of {render.code(run_dir)}: {render.md(err)}")
 
 
 def model_source(man: dict) -> tuple[str, str]:
@@ -198,16 +198,16 @@ def live(run_dir: str):
     try:
         lm = cache.model(source, dtype, cache.device())
     except Exception as err:
-        fail(f"Could not load the model `{source}`: {err}")
+        fail(f"Could not load the model {render.code(source)}: {render.md(err)}")
     try:
         sae = cache.sae(sae_source(man), str(lm.device))
     except Exception as err:
-        fail(f"Could not load the SAE `{sae_source(man)}`: {err}")
+        fail(f"Could not load the SAE {render.code(sae_source(man))}: {render.md(err)}")
     try:
         loaded.check_model(lm, (man.get("model") or {}).get("hash"), "this run")
         loaded.check_sae(sae, (man.get("sae") or {}).get("hash"), sae_source(man), "this run")
     except loaded.FingerprintMismatch as err:
-        fail(f"Live pages are off for this run: {err}")
+        fail(f"Live pages are off for this run: {render.md(err)}")
     return lm, sae
 
 

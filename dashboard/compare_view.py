@@ -42,9 +42,34 @@ def known_runs() -> dict[str, str]:
 
 
 def identity(run: str) -> tuple:
+    """What two runs must share to be compared: the model's hash, the SAE's hook point and input width."""
     man = cache.manifest(run)
     model, sae = man.get("model") or {}, man.get("sae") or {}
     return model.get("hash"), sae.get("hook"), sae.get("d_in")
+
+
+def peers(identities: dict[str, tuple]) -> dict[str, list[str]]:
+    """Each run -> the other runs it can be compared with (the same identity), in the given order."""
+    return {n: [m for m in identities if m != n and identities[m] == ident] for n, ident in identities.items()}
+
+
+def opening_pair(peers: dict[str, list[str]], a: str | None, b: str | None, fallback: str | None) -> tuple[str, str] | None:
+    """The pair the page opens on: ``a`` (a link's) if it can be compared with something, else ``fallback`` (the
+    sidebar's run) if it can, else the first run that can; with ``b`` when it is one of its peers, else its first
+    peer. ``None`` when no two runs can be compared."""
+    first = next((n for n in (a, fallback, *peers) if n in peers and peers[n]), None)
+    if first is None:
+        return None
+    return first, b if b in peers[first] else peers[first][0]
+
+
+def describe_runs(names: list[str], identities: dict[str, tuple]) -> str:
+    """Markdown naming each run with its hook point, runs that can be compared grouped together."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        groups.setdefault(identities[name], []).append(name)
+    return "; ".join(", ".join(render.code(n) for n in group) + f" (on {render.code(ident[1])})"
+                     for ident, group in groups.items())
 
 
 def cards(names: list[str], paths: list[str]) -> None:
@@ -60,9 +85,9 @@ def cards(names: list[str], paths: list[str]) -> None:
     st.dataframe(table, hide_index=True, width="stretch", height=35 * (len(table) + 1) + 3)  # every row, no scrolling
     for name, e in zip(names, evaluations, strict=True):
         if e is None:
-            st.caption(f"`{name}` has no evaluation yet: `saescope evaluate` on it adds SAEBench-style rows here.")
+            st.caption(f"{render.code(name)} has no evaluation yet: `saescope evaluate` on it adds SAEBench-style rows here.")
         elif e[2]:
-            st.warning(f"The evaluation of `{name}` was computed for an earlier computation of the run: "
+            st.warning(f"The evaluation of {render.code(name)} was computed for an earlier computation of the run: "
                        "rerun `saescope evaluate`.")
 
 
@@ -87,7 +112,7 @@ def examples(run: str, feature_id: int, title: str) -> None:
     """A latent's heading, stats and top examples."""
     row = cache.feature(run, feature_id)
     if row is None:
-        st.warning(f"No latent {feature_id} in `{Path(run).name}`.")
+        st.warning(f"No latent {feature_id} in {render.code(Path(run).name)}.")
         return
     label = cache.describe(run, [feature_id]).get(feature_id, "")
     st.markdown(f"**{render.md(title)}** · #{feature_id}" + (f" · {render.md(label)}" if label else ""))
@@ -122,7 +147,7 @@ def latent_panel(a: str, b: str, latent: int, folder: str, swapped: bool) -> Non
     if not counterparts:
         row = comp.match_b(latent) if swapped else comp.match(latent)
         if row is None:
-            common.fail(f"Latent {latent} does not exist in `{Path(a).name}`.")
+            common.fail(f"Latent {latent} does not exist in {render.code(Path(a).name)}.")
         best, partner = (row["best_a"], row["partner_a"]) if swapped else (row["best_b"], row["partner_b"])
         counterparts = [(int(best), f"best decoder match · cos {row['best_cos']:.2f}")]
         if partner is not None and partner != best:

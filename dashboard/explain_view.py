@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import streamlit as st
 
-from dashboard import cache, render
+from dashboard import access, cache, render
 from dashboard.render import fmt
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def show(run: str, store: RunStore, row: FeatureRow) -> None:
     try:
         every = cache.interp(run).explanations(feature_id)
     except Exception as err:  # a damaged explanation file must not take the feature page down
-        st.warning(f"Could not read this run's explanations: {err}")
+        st.warning(f"Could not read this run's explanations: {render.md(err)}")
         every = []
     usable = [e for e in every if e.text and not e.is_baseline]
     if usable:
@@ -146,8 +146,10 @@ def live_explain(run: str, feature_id: int, *, again: bool) -> None:
     if configured is None:
         return
     label = "Explain again now" if again else "Explain this latent now"
-    if not st.button(label, icon=":material/auto_awesome:", key=f"explain_now_{feature_id}",
-                     help=f"Ask {configured[1] or configured[0]} now; the answer is scored and stored in the run"):
+    if not access.write_button(label, writes="explanations into the run", icon=":material/auto_awesome:",
+                               key=f"explain_now_{feature_id}",
+                               help=f"Ask {render.md(configured[1] or configured[0])} now; the answer is scored and "
+                                    "stored in the run"):
         return
     from engine.interp.backends import EndpointError
     from engine.interp.live import Streamed, explain_latent
@@ -158,7 +160,7 @@ def live_explain(run: str, feature_id: int, *, again: bool) -> None:
             streamed = Streamed(explain_latent(run, feature_id, explainer, embedder=embedder))
         st.write_stream(render.md(piece) for piece in streamed)
     except (EndpointError, ValueError, OSError, RuntimeError) as err:
-        st.error(f"Could not explain latent {feature_id}: {err}", icon=":material/error:")
+        st.error(f"Could not explain latent {feature_id}: {render.md(err)}", icon=":material/error:")
         return
     result = streamed.result
     if result is None:

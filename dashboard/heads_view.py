@@ -104,7 +104,7 @@ def show(run: str, row: FeatureRow) -> None:
     hook = str((man.get("sae") or {}).get("hook") or "")
     layer = attention_layer(hook)
     if layer is None:
-        st.caption(f"Head attribution applies to attention-output SAEs (`attn.hook_z`); this SAE reads `{hook}`.")
+        st.caption(f"Head attribution applies to attention-output SAEs (`attn.hook_z`); this SAE reads {render.code(hook)}.")
         return
     if row.head_weight_shares is None:
         st.caption("This run was precomputed without head attribution: run `saescope precompute` again to see which "
@@ -120,7 +120,7 @@ def show(run: str, row: FeatureRow) -> None:
     top = [e for e in row.examples if e.kind == "top" and e.rank in attributed]
     if not top:
         info = man.get("head_attribution") or {}
-        st.caption(f"No source-token attribution here: {info.get('reason') or 'this latent has no top examples'}.")
+        st.caption(f"No source-token attribution here: {render.md(info.get('reason') or 'this latent has no top examples')}.")
         return
     st.markdown("**Source tokens** (direct feature attribution at each top example's max token, underlined)")
     st.caption("Each source token is tinted by what it contributes through the heads' attention, red adding and blue "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 
 # Whitespace a reader cannot see otherwise.
@@ -33,12 +34,31 @@ def escape(text: object) -> str:
 
 
 _MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:")
+# Streamlit turns ``:material/name:``, ``:streamlit:`` and emoji codes (``:smile:``) into pictures whether their colons
+# are escaped or not (``:material/`` even inside code spans): a zero-width word joiner after the colon breaks the
+# pattern and shows nothing. A colon at the end counts too: streamed pieces are escaped one by one.
+_ICON = re.compile(r":(?=[\w+-]|$)")
+_CODE_ICON = re.compile(r":(?=material/)")
+_JOINER = "\u2060"
 
 
 def md(text: object) -> str:
-    """Text made literal for Streamlit markdown (labels made of tokens can hold ``*``, ``_``, backticks, ...)."""
+    """Any text (a label, a run name, a URL parameter, an error) made literal for Streamlit markdown: ``*``, ``_``,
+    backticks, links, HTML, ``$math$`` and icon codes show as the characters they are. Everything user- or
+    file-controlled that reaches ``st.markdown``, ``st.caption``, alerts, titles or widget labels goes through this
+    or ``code``."""
     text = str(text)
-    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in visible(text)) if text else ""
+    if not text:
+        return ""
+    return _ICON.sub(":" + _JOINER, "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in visible(text)))
+
+
+def code(text: object) -> str:
+    """Text as an inline code span that shows it exactly (a path, a hook name, a command), whatever backticks it
+    holds: the fence is one backtick longer than the longest run inside."""
+    text = _CODE_ICON.sub(":" + _JOINER, visible(str(text)))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"  # CommonMark strips one space each side: a leading or trailing ` stays content
 
 
 def visible(token: str) -> str:

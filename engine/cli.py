@@ -193,11 +193,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .tools.serve import serve
 
     _app_explainer(args)
-    return serve(args.run, host=args.host, port=args.port)
+    return serve(args.run, host=args.host, port=args.port, token=args.token, read_only=args.read_only)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tools.serve import demo_runs_dir, ensure_demo_runs, port_is_free, serve, start_demo_runs
+    from .tools.serve import access_token, demo_runs_dir, ensure_demo_runs, port_is_free, serve, start_demo_runs
 
     names = [n.strip() for arg in args.sae for n in arg.split(",") if n.strip()] if args.sae else None
     opts = {"tokens": args.tokens, "force": args.force, "device": args.device, "dtype": args.dtype}
@@ -209,11 +209,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if not port_is_free(args.host, args.port):  # before starting a background precompute
         raise ValueError(f"port {args.port} on {args.host} is already in use: pass another with --port")
+    access_token(args.host, args.token)  # a token too short is refused before then too
     _app_explainer(args)
     from .tools.demo import demo_saes
 
     runs = start_demo_runs(names, **opts)
-    return serve(runs, host=args.host, port=args.port, first=demo_saes(names)[0].run)
+    return serve(runs, host=args.host, port=args.port, first=demo_saes(names)[0].run, token=args.token,
+                 read_only=args.read_only)
 
 
 CORPUS_HELP = ("text/jsonl file (.gz/.xz ok) or a directory of them; a Parquet/Arrow file or directory; or a Hugging Face "
@@ -294,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     def app_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; any "
+                       "other needs an access token, generated when none is given)")
+        p.add_argument("--token", help="access token each browser session must give once (default: $SAESCOPE_TOKEN, "
+                       "which stays out of the process list; 16 characters or more)")
+        p.add_argument("--read-only", action="store_true",
+                       help="turn off the app's actions that write into runs (Explain now, Compare now)")
         p.add_argument("--port", type=int, default=8501)
         p.add_argument("--explainer", help="enable 'Explain this latent now' on feature pages: demo, a chat model folder "
                        "or hub id, or an OpenAI-compatible endpoint http://host:port/v1 (key: $SAESCOPE_EXPLAINER_KEY)")

@@ -78,6 +78,9 @@ EXPLAINER_KEY = _declare("SAESCOPE_EXPLAINER_KEY", str, "",
                          "The explainer endpoint's API key ($OPENAI_API_KEY is read when this is unset).", secret=True)
 RELEASES = _declare("SAESCOPE_RELEASES", str, "",
                     "JSON files (os.pathsep-separated) of SAELens releases that add to or replace the shipped list.")
+TOKEN = _declare("SAESCOPE_TOKEN", str, "", "The access token every browser session of the app must give once "
+                 "(serve --token sets it; required beyond loopback).", secret=True)
+READ_ONLY = _declare("SAESCOPE_READ_ONLY", bool, False, "The app writes nothing into runs (serve --read-only).")
 SNAPSHOT_MIN_SECONDS = _declare("SAESCOPE_SNAPSHOT_MIN_SECONDS", float, 60.0,
                                 "Seconds a pass must still have to go for a snapshot to be worth publishing.")
 

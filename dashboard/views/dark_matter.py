@@ -22,26 +22,27 @@ st.caption(
 if dm is None:
     common.fail("This run has no dark-matter statistics (its manifest has no `dark_matter` section).")
 
-cols = st.columns(4)
-cols[0].metric("Error variance predicted (held-out R²)", fmt(dm.heldout_error_r2),
-               help=f"on held-in tokens: {fmt(dm.train_error_r2)}")
-cols[1].metric("‖e‖ predicted (held-out R²)", fmt(dm.heldout_norm_r2),
-               help=f"on held-in tokens: {fmt(dm.train_norm_r2)}")
+cols = st.columns(4)  # short labels, the detail in the help: each card shows whole at a 1366 px laptop width
+cols[0].metric("Error variance predicted", fmt(dm.heldout_error_r2),
+               help=f"Held-out R² of the linear map x → e; on held-in tokens: {fmt(dm.train_error_r2)}")
+cols[1].metric("‖e‖ predicted", fmt(dm.heldout_norm_r2),
+               help=f"Held-out R² of a linear probe for ‖e‖ from x; on held-in tokens: {fmt(dm.train_norm_r2)}")
 cols[2].metric("corr(‖linear part‖, ‖e‖)", fmt(dm.err_norm_corr), help="over the run's sampled tokens")
 cols[3].metric("Explained variance of x", fmt(metrics.explained_variance), help="1 − Σ‖e‖² / Σ‖x − mean x‖²")
-st.caption(f"Map fitted on {dm.n_train_tokens or 0:,} tokens, scored on {dm.n_heldout_tokens or 0:,}; "
+st.caption(f"Held-out R². Map fitted on {dm.n_train_tokens or 0:,} tokens, scored on {dm.n_heldout_tokens or 0:,}; "
            f"per-token rows below come from {dm.n_token_rows or 0:,} sampled tokens.")
 if dm.paper_heldout_error_r2_mean_dim is not None:
     st.markdown("**As the paper measures it** (least squares without bias, R² averaged per dimension, the squared "
                 "norm ‖e‖² as the norm target, a random split of tokens)")
     paper = st.columns(4)
-    paper[0].metric("Error predicted (held-out R², mean per dimension)", fmt(dm.paper_heldout_error_r2_mean_dim),
-                    help=f"on the fitting tokens: {fmt(dm.paper_train_error_r2_mean_dim)}")
-    paper[1].metric("‖e‖² predicted (held-out R²)", fmt(dm.paper_heldout_norm_sq_r2),
-                    help=f"on the fitting tokens: {fmt(dm.paper_train_norm_sq_r2)}")
-    paper[2].metric("Tokens: fitted / scored", f"{dm.paper_n_train_tokens or 0:,} / {dm.paper_n_heldout_tokens or 0:,}",
-                    help=f"a seeded random token split (seed {dm.paper_split_seed}), "
-                         f"{fmt(dm.paper_heldout_fraction)} of the tokens held out")
+    paper[0].metric("Error predicted", fmt(dm.paper_heldout_error_r2_mean_dim),
+                    help=f"Held-out R², averaged per dimension; on the fitting tokens: {fmt(dm.paper_train_error_r2_mean_dim)}")
+    paper[1].metric("‖e‖² predicted", fmt(dm.paper_heldout_norm_sq_r2),
+                    help=f"Held-out R²; on the fitting tokens: {fmt(dm.paper_train_norm_sq_r2)}")
+    split = (f"a seeded random token split (seed {render.md(dm.paper_split_seed)}), "
+             f"{fmt(dm.paper_heldout_fraction)} of the tokens held out")
+    paper[2].metric("Tokens fitted", f"{dm.paper_n_train_tokens or 0:,}", help=split)
+    paper[3].metric("Tokens scored", f"{dm.paper_n_heldout_tokens or 0:,}", help=split)
     st.caption("The first row is saescope's: a ridge fit with an intercept, R² pooled over dimensions, ‖e‖ as the "
                "norm target, contexts held out by id. docs/run-format.md defines both.")
 

@@ -6,7 +6,7 @@ from functools import partial
 import pandas as pd
 import streamlit as st
 
-from dashboard import cache, common, feature_view
+from dashboard import cache, common, feature_view, render
 
 PAGE_SIZE = 50
 SORT_KEYS = {
@@ -40,7 +40,7 @@ def open_typed() -> None:
 if "feature" in st.query_params:
     feature_id = common.query_int("feature")
     if feature_id is None:
-        common.fail(f"`{st.query_params['feature']}` is not a feature id: ids are whole numbers.")
+        common.fail(f"{render.code(st.query_params['feature'])} is not a feature id: ids are whole numbers.")
     feature_view.show(run, store, feature_id)
     st.stop()
 
@@ -80,11 +80,11 @@ def by_meaning(query: str) -> None:
         return
     embedder = cache.embedder()
     if search.model != embedder.name:
-        st.warning(f"The explanations were embedded with `{search.model}`, not `{embedder.name}`: "
+        st.warning(f"The explanations were embedded with {render.code(search.model)}, not {render.code(embedder.name)}: "
                    "similarities are not comparable.")
     hits = search.search_text(query, embedder, k=PAGE_SIZE, min_density=None if lo <= -8 else 10**lo,
                               max_density=None if hi >= 0 else 10**hi, min_score=min_score or None)
-    st.caption(f"{len(hits)} latents closest in meaning to {query!r} among {len(search):,} explained"
+    st.caption(f"{len(hits)} latents closest in meaning to {render.md(repr(query))} among {len(search):,} explained"
                + (f", best explanation scoring at least {min_score:.2f}" if min_score else ""))
     if not hits:
         st.info("No explained latent passes these filters.")
@@ -110,7 +110,7 @@ with common.shown_errors("Search failed"):
         by_meaning(text.strip())
     elif text.strip():
         rows = store.search(text.strip(), by=by, limit=PAGE_SIZE)
-        st.caption(f"{len(rows)} match{'es' if len(rows) != 1 else ''} for {text.strip()!r} by {by}"
+        st.caption(f"{len(rows)} match{'es' if len(rows) != 1 else ''} for {render.md(repr(text.strip()))} by {by}"
                    + (" (showing the first 50)" if len(rows) == PAGE_SIZE else ""))
     else:
         rows = store.top_features(

@@ -13,7 +13,7 @@ man = common.manifest(run)
 common.restore_widgets("lens", {"lens_top_k": 5})
 st.title("Prompt lens")
 lm, sae = common.live(run)
-st.caption(f"Which latents fire on each token at `{sae.cfg.hook_name}`, and what the SAE misses there.")
+st.caption(f"Which latents fire on each token at {render.code(sae.cfg.hook_name)}, and what the SAE misses there.")
 
 text = st.text_area("Text", key="lens_text", height=110, placeholder="Type or paste text…")
 c1, c2, c3 = st.columns(3)
@@ -38,7 +38,7 @@ try:
     ids = tokenize_prompt(lm, text, chat=chat)
     result = cache.lens(run, common.model_source(man), common.sae_source(man), tuple(ids), top_k, PROMPT_LIMIT, steps)
 except Exception as err:
-    common.fail(f"Could not run the prompt: {err}")
+    common.fail(f"Could not run the prompt: {render.md(err)}")
 if result.truncated:
     st.warning(f"The prompt has {result.n_input_tokens} tokens: only the first {len(result.tokens)} were analysed.")
 

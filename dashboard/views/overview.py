@@ -3,7 +3,7 @@
 import numpy as np
 import streamlit as st
 
-from dashboard import cache, charts, common
+from dashboard import cache, charts, common, render
 from dashboard.compare_view import EVALUATION
 from dashboard.render import fmt
 
@@ -24,23 +24,25 @@ metrics = store.metrics()
 model, sae, corpus = man.get("model") or {}, man.get("sae") or {}, man.get("corpus") or {}
 
 st.title("Overview")
-st.caption(f"Run `{run}`")
+st.caption("Run " + render.code(run))
 
 left, mid, right = st.columns(3)
 with left.container(border=True):
     st.markdown("**Model**")
-    st.markdown(f"`{model.get('name', '?')}`")
-    st.caption(f"dtype {model.get('dtype', '?')} · hash {model.get('hash', '?')}")
+    st.markdown(render.code(model.get("name", "?")))
+    st.caption(f"dtype {render.md(model.get('dtype', '?'))} · hash {render.md(model.get('hash', '?'))}")
 with mid.container(border=True):
     st.markdown("**SAE**")
-    st.markdown(f"{sae.get('architecture', '?')} · **{sae.get('d_sae', 0):,}** latents · d_in {sae.get('d_in', '?')}")
-    st.caption(f"hook `{sae.get('hook', sae.get('hook_name', '?'))}`" + (f" · k = {sae['k']}" if sae.get("k") else ""))
+    st.markdown(f"{render.md(sae.get('architecture', '?'))} · **{sae.get('d_sae', 0):,}** latents · "
+                f"d_in {render.md(sae.get('d_in', '?'))}")
+    st.caption("hook " + render.code(sae.get("hook", sae.get("hook_name", "?")))
+               + (f" · k = {render.md(sae['k'])}" if sae.get("k") else ""))
 with right.container(border=True):
     st.markdown("**Corpus**")
-    st.markdown(f"`{corpus.get('name', '?')}`")
+    st.markdown(render.code(corpus.get("name", "?")))
     st.caption(
         f"{corpus.get('n_tokens', 0):,} tokens · {corpus.get('n_contexts', 0):,} contexts of "
-        f"{corpus.get('context_len', '?')} tokens"
+        f"{render.md(corpus.get('context_len', '?'))} tokens"
     )
 
 densities = store.densities()
@@ -56,26 +58,29 @@ ev_with, ev_without = metrics.explained_variance_with_massive, metrics.explained
 if ev_with is None and ev_without is None:  # runs written before both were recorded: the statistic tokens' one
     counts_massive = bool((man.get("settings") or {}).get("include_massive"))
     ev_with, ev_without = (metrics.explained_variance, None) if counts_massive else (None, metrics.explained_variance)
-row = st.columns(8)
-row[0].metric("L0 (latents per token)", fmt(metrics.l0))
+# Four cards a row: at a 1366 px laptop width with the sidebar open each is ~210 px, enough for the whole label and
+# value; the details go to the help text (and the interval under the value).
+top, bottom = st.columns(4), st.columns(4)
+top[0].metric("L0 (latents per token)", fmt(metrics.l0), help="Mean number of latents active on a counted token")
 n_massive = "?" if metrics.n_massive_tokens is None else f"{metrics.n_massive_tokens:,}"
-row[1].metric("Explained variance (all counted tokens)", fmt(ev_with),
-              help="1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over every token but position 0 and special tokens, the "
-                   f"{n_massive} massive-activation tokens (norm ≥ 10× their batch's median) included")
-row[2].metric("Explained variance (without massive tokens)", fmt(ev_without),
-              help="The same without the massive-activation tokens (attention sinks beyond position 0, which can "
-                   "dominate the variance)")
-row[3].metric("CE loss increase", "–" if increase is None else f"{fmt(increase)} nats" + (f" ± {fmt(ci95)}" if ci95 else ""),
+top[1].metric("Explained variance", fmt(ev_with),
+              help="1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over every counted token (all but position 0 and special tokens), "
+                   f"the {n_massive} massive-activation tokens (norm ≥ 10× their batch's median) included")
+top[2].metric("EV without massive tokens", fmt(ev_without),
+              help="Explained variance without the massive-activation tokens (attention sinks beyond position 0, which "
+                   "can dominate the variance)")
+top[3].metric("CE loss increase (nats)", fmt(increase), delta=f"± {fmt(ci95)}" if ci95 else None, delta_color="off",
+              delta_arrow="off", delta_description="95% interval" if ci95 else None,
               help="Mean next-token loss with the SAE spliced in minus clean, over "
-                   f"{metrics.n_predictions or 0:,} predictions" + (" (± 95% interval)" if ci95 else ""))
-row[4].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
-              help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
-row[5].metric("KL to clean", fmt(metrics.kl_div),
-              help="Mean KL divergence of next-token distributions, SAE spliced in vs clean"
-                   + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(metrics.kl_score)}"
-                      if kl_ablation else ""))
-row[6].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
-row[7].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
+                   f"{metrics.n_predictions or 0:,} predictions" + (" (± its 95% interval)" if ci95 else ""))
+bottom[0].metric("CE loss recovered", fmt(metrics.ce_loss_recovered),
+                 help="(CE zero-ablated − CE with SAE) / (CE zero-ablated − CE clean)")
+bottom[1].metric("KL to clean", fmt(metrics.kl_div),
+                 help="Mean KL divergence of next-token distributions, SAE spliced in vs clean"
+                      + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(metrics.kl_score)}"
+                         if kl_ablation else ""))
+bottom[2].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
+bottom[3].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
 if "ce_loss_clean" in recorded:  # a run recording CE metrics (null ones: it had no CE sample)
     st.caption(
         f"Next-token loss: clean {fmt(metrics.ce_loss_clean)} · with the SAE {fmt(metrics.ce_loss_with_sae)} · "
@@ -98,14 +103,14 @@ if evaluation is not None:  # written by `saescope evaluate`
     if stale:
         st.warning("These results were computed for an earlier computation of this run: rerun `saescope evaluate`.")
     shown = [(key, label) for key, label in EVALUATION.items() if key in values]
-    for start in range(0, len(shown), 6):
-        for col, (key, label) in zip(st.columns(6), shown[start : start + 6], strict=False):
+    for start in range(0, len(shown), 3):  # three a row: "Probing: dense probe on x (ceiling)" shows whole at 1366 px
+        for col, (key, label) in zip(st.columns(3), shown[start : start + 3], strict=False):
             col.metric(label, fmt(values[key]), help=EVALUATION_HELP.get(key.split("@")[0]))
     letters = values.get("absorption/letters_evaluated")
     if letters is not None and "absorption/mean_absorption_fraction" not in values:
         st.caption(f"Absorption: only {letters:.0f} letters have a first-letter probe with F1 > 0.6 (SAEBench needs 20).")
     st.caption("SAEBench-style metrics (definitions: docs/evaluation.md); "
-               f"settings and timings in the file's metadata (CPU: {(meta.get('machine') or {}).get('cpu', '?')}).")
+               f"settings and timings in the file's metadata (CPU: {render.md((meta.get('machine') or {}).get('cpu', '?'))}).")
 
 with st.expander("Manifest"):
     st.json(man, expanded=1)

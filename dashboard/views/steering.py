@@ -71,7 +71,7 @@ if url and url != st.session_state.get("steer_url"):
         apply(SteerSettings.from_query(url))
         st.session_state["steer_autorun"] = "prompt" in url
     except ValueError as err:
-        st.warning(f"Ignored the steering settings in the link: {err}")
+        st.warning(f"Ignored the steering settings in the link: {render.md(err)}")
 added = common.query_int("add")
 if added is not None:
     del st.query_params["add"]

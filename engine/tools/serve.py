@@ -7,13 +7,15 @@ process), so the engine never imports Streamlit.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import urlencode
 
 from .. import settings
 from ..run.schema import MANIFEST
@@ -21,6 +23,11 @@ from ..run.schema import MANIFEST
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "dashboard" / "app.py"
 RUN_ENV = settings.RUN.name
+TOKEN_ENV = settings.TOKEN.name
+"""The access token the app asks every browser session for (``dashboard/access.py``); ``--token`` sets it."""
+READ_ONLY_ENV = settings.READ_ONLY.name
+"""``1``: the app does not write into runs (``--read-only``)."""
+MIN_TOKEN = 16
 DEMO_TOKENS = 200_000
 """Demo precompute budget: ~1 minute on a 2-core CPU with AMX (bf16), ~6 on an AVX2-only one (fp32, ~575 tokens/s);
 the app opens at the first snapshot (16k tokens) either way."""
@@ -62,9 +69,35 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501, first: str | None = None) -> int:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def access_token(host: str, token: str | None) -> tuple[str | None, bool]:
+    """The token the app will ask for, and whether it was generated here: ``token`` (``--token``), else
+    ``$SAESCOPE_TOKEN``, else none on a loopback host and a fresh random one on any other (the app must never be
+    open to the network)."""
+    token = token or settings.get(settings.TOKEN) or None
+    if token is not None and len(token) < MIN_TOKEN:
+        raise ValueError(f"the access token is {len(token)} characters long: use {MIN_TOKEN} or more (or pass none beyond "
+                         "loopback, and serve generates one)")
+    if token is None and not is_loopback(host):
+        return secrets.token_urlsafe(24), True
+    return token, False
+
+
+def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501, first: str | None = None,
+          token: str | None = None, read_only: bool = False) -> int:
     """Run the app on ``run`` (a run directory or a directory of runs): this process becomes the Streamlit server.
-    ``first``: the run of a directory of runs that the printed link opens (the picker's ``run=``)."""
+    ``first``: the run of a directory of runs that the printed link opens (the picker's ``run=``). ``token``: the
+    access token each browser session must give (``access_token``: required, and generated when not given, for a
+    host other machines can reach). ``read_only``: the app's buttons that write into runs are turned off."""
     path = Path(run).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"run directory {path} does not exist")
@@ -75,12 +108,24 @@ def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8501, 
     elif not (path / MANIFEST).is_file() and path == find_runs(path)[0]:
         print(f"saescope serve: a precompute is writing {path}; the app opens its first snapshot when it lands",
               file=sys.stderr)
+    token, generated = access_token(host, token)
     if not port_is_free(host, port):
         raise ValueError(f"port {port} on {host} is already in use: pass another with --port")
-    env = {**os.environ, RUN_ENV: str(path), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    shown_host = f"[{host}]" if ":" in host else host
-    link = f"http://{shown_host}:{port}" + (f"/?run={quote(first)}" if first else "")
-    print(f"saescope: serving {path} at {link}  (Ctrl-C to stop)", flush=True)
+    read_only = read_only or settings.get(settings.READ_ONLY, False)
+    env = {**os.environ, RUN_ENV: str(path), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           TOKEN_ENV: token or "", READ_ONLY_ENV: "1" if read_only else ""}
+    if not is_loopback(host):
+        print(f"saescope serve: warning: {host} is not a loopback address: other machines can reach the app, over plain "
+              "HTTP (put an HTTPS proxy in front of it beyond a trusted network). Each browser session must give the "
+              "access token once." + ("" if read_only else " Add --read-only to keep visitors from writing into the runs."),
+              file=sys.stderr)
+    if generated:
+        print(f"saescope serve: access token (generated; choose one with --token or ${TOKEN_ENV}): {token}", file=sys.stderr)
+    wildcard = host in ("0.0.0.0", "::", "[::]", "")
+    shown_host = socket.gethostname() if wildcard else f"[{host}]" if ":" in host else host
+    query = {k: v for k, v in (("run", first), ("token", token)) if v}
+    link = f"http://{shown_host}:{port}" + (f"/?{urlencode(query)}" if query else "")
+    print(f"saescope: serving {path} at {link}  (Ctrl-C to stop)" + ("; read-only" if read_only else ""), flush=True)
     sys.stderr.flush()
     # cwd = the repository root so Streamlit also reads .streamlit/config.toml (theme). The server replaces this
     # process: signals (Ctrl-C, SIGTERM) reach it directly, no orphan is left, and memory used to prepare a run

@@ -18,7 +18,7 @@ from engine.saes import load_sae
 from tests.dashboard.tinyrun import make_sae
 from tests.engine.eval_util import build_width_runs
 
-from .test_pages import errors, htmls, metric, no_crash, plotly
+from .test_pages import htmls, metric, no_crash, plotly
 
 COMPARE = "views/compare.py"
 
@@ -90,17 +90,64 @@ def test_missing_comparison_is_computed_on_request(runs, open_app, tmp_path):
     shutil.rmtree(runs["mid"] / "compare")
 
 
-def test_runs_of_another_hook_are_refused(runs, open_app, tmp_path):
+def _other_hook(runs, root, name="other"):
+    """A copy of the wide run whose manifest says it reads another hook: it can be compared with none of the others."""
+    shutil.copytree(runs["wide"], root / name)
+    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest["sae"]["hook"] = "blocks.1.hook_resid_post"
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_runs_of_another_hook_are_not_offered_and_none_comparable_says_so(runs, open_app, tmp_path):
     root = tmp_path / "runs"
     root.mkdir()
     shutil.copytree(runs["narrow"], root / "narrow")
-    shutil.copytree(runs["wide"], root / "other")
-    manifest = json.loads((root / "other" / "manifest.json").read_text())
-    manifest["sae"]["hook"] = "blocks.1.hook_resid_post"
-    (root / "other" / "manifest.json").write_text(json.dumps(manifest))
+    _other_hook(runs, root)
     at = open_app(root, COMPARE, a="narrow", b="other")
     no_crash(at)
-    assert "not SAEs on the same model and hook point" in errors(at)
+    assert not at.error and not [box for box in at.selectbox if box.key in ("cmp_a", "cmp_b")]
+    (note,) = at.info
+    assert "No two of these runs can be compared" in note.value
+    assert "` narrow ` (on ` blocks.0.hook_resid_post `)" in note.value
+    assert "` other ` (on ` blocks.1.hook_resid_post `)" in note.value
+
+
+def test_the_page_opens_on_a_comparable_pair(runs, open_app, tmp_path):
+    """The demo's case: the sidebar's run (or a link) names a run on another hook; the page opens on a pair that can
+    be compared instead of an error, and says which runs go together."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    for name in ("narrow", "wide"):
+        shutil.copytree(runs[name], root / name)
+    _other_hook(runs, root, "attn")  # sorted first: the sidebar's default run
+    at = open_app(root, COMPARE)
+    no_crash(at)
+    assert at.selectbox(key="run_picker").value == "attn" and not at.error
+    assert (at.selectbox(key="cmp_a").value, at.selectbox(key="cmp_b").value) == ("narrow", "wide")
+    assert at.selectbox(key="cmp_a").options == ["narrow", "wide"] and at.selectbox(key="cmp_b").options == ["wide"]
+    assert any("Not offered" in c.value and "` attn `" in c.value for c in at.caption)
+    assert metric(at, "One-to-one pairs") == "64"
+
+    at = open_app(root, COMPARE, a="narrow", b="attn")  # a shared link to a pair that cannot be compared
+    no_crash(at)
+    assert not at.error and "are not SAEs on the same model and hook point" in at.warning[0].value
+    assert "` narrow `, ` wide ` (on ` blocks.0.hook_resid_post `)" in at.warning[0].value
+    assert (at.selectbox(key="cmp_a").value, at.selectbox(key="cmp_b").value) == ("narrow", "wide")
+    assert at.query_params["b"] == "wide"
+
+
+def test_opening_pair():
+    from dashboard.compare_view import opening_pair, peers
+
+    ids = {"attn": ("m", "z"), "narrow": ("m", "r"), "mid": ("m", "r"), "wide": ("m", "r"), "alone": ("n", "r")}
+    p = peers(ids)
+    assert p["attn"] == [] and p["mid"] == ["narrow", "wide"] and p["alone"] == []
+    assert opening_pair(p, None, None, "attn") == ("narrow", "mid")  # the sidebar's run has no peer
+    assert opening_pair(p, None, None, "wide") == ("wide", "narrow")
+    assert opening_pair(p, "mid", "wide", "narrow") == ("mid", "wide")  # a link wins
+    assert opening_pair(p, "mid", "attn", None) == ("mid", "narrow")  # ... where its B can be compared with its A
+    assert opening_pair(p, "attn", "alone", None) == ("narrow", "mid")
+    assert opening_pair(peers({"a": (1,), "b": (2,)}), "a", "b", "a") is None
 
 
 def test_one_run_is_not_enough(runs, open_app):

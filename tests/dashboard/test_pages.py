@@ -59,7 +59,7 @@ def test_overview_shows_the_run_and_its_metrics(tiny_runs, open_app, store):
     assert "topk" in text and "256" in text and "blocks.0.hook_resid_post" in text and "corpus.jsonl" in text
     assert f"{man['corpus']['n_tokens']:,} tokens" in text
     assert metric(at, "L0 (latents per token)") == "8.00"
-    assert metric(at, "Explained variance (without massive tokens)") == f"{man['metrics']['explained_variance']:.3g}"
+    assert metric(at, "EV without massive tokens") == f"{man['metrics']['explained_variance']:.3g}"
     assert metric(at, "Dead latents") == str(int((store.densities() == 0).sum()))
     assert metric(at, "Dense latents") == str(int((store.densities() > 0.1).sum()))
     (spec,) = plotly(at)
@@ -234,10 +234,12 @@ def test_dark_matter_page(tiny_runs, open_app, store):
     at = open_app(tiny_runs["topk"], DARK)
     no_crash(at)
     dm = store.dark_matter()
-    assert metric(at, "Error variance predicted (held-out R²)") == f"{dm.heldout_error_r2:.3g}"
+    assert metric(at, "Error variance predicted") == f"{dm.heldout_error_r2:.3g}"
     assert dm.paper_heldout_error_r2_mean_dim is not None  # the paper's quantities beside ours
-    assert metric(at, "Error predicted (held-out R², mean per dimension)") == fmt(dm.paper_heldout_error_r2_mean_dim)
-    assert metric(at, "‖e‖² predicted (held-out R²)") == fmt(dm.paper_heldout_norm_sq_r2)
+    assert metric(at, "Error predicted") == fmt(dm.paper_heldout_error_r2_mean_dim)
+    assert metric(at, "‖e‖² predicted") == fmt(dm.paper_heldout_norm_sq_r2)
+    assert metric(at, "Tokens fitted") == f"{dm.paper_n_train_tokens:,}"
+    assert metric(at, "Tokens scored") == f"{dm.paper_n_heldout_tokens:,}"
     err_hist, ce_hist = plotly(at)
     assert [t["name"] for t in err_hist["data"]] == ["‖e‖", "linear part", "nonlinear part"]
     assert len(values(err_hist["data"][0]["x"])) == dm.n_token_rows

@@ -62,6 +62,39 @@ def test_serve_passes_the_explainer_to_the_app(tiny_runs, launches, capsys, monk
     assert env["SAESCOPE_EXPLAINER"] == "http://127.0.0.1:9/v1" and env["SAESCOPE_EXPLAINER_MODEL"] == "m"
 
 
+def test_serve_beyond_loopback_warns_and_requires_a_token(tiny_runs, launches, capsys, monkeypatch):
+    monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(serve.READ_ONLY_ENV, raising=False)
+    run, port = str(tiny_runs["topk"]), str(_free_port())
+    assert cli.main(["serve", "--run", run, "--port", port]) == 0  # loopback: open, as before
+    assert launches[-1][2][serve.TOKEN_ENV] == "" and launches[-1][2][serve.READ_ONLY_ENV] == ""
+    assert "warning" not in capsys.readouterr().err
+
+    assert cli.main(["serve", "--run", run, "--port", port, "--host", "0.0.0.0"]) == 0  # no token given: one is made
+    ((cmd, _, env),) = launches[1:]
+    token = env[serve.TOKEN_ENV]
+    assert len(token) >= serve.MIN_TOKEN and dict(zip(cmd[5::2], cmd[6::2], strict=True))["--server.address"] == "0.0.0.0"
+    out, err = capsys.readouterr()
+    assert "warning: 0.0.0.0 is not a loopback address" in err and "access token (generated" in err and token in err
+    assert f"?token={token}" in out and "--read-only" in err
+    assert cli.main(["serve", "--run", run, "--port", port, "--host", "0.0.0.0"]) == 0
+    assert launches[-1][2][serve.TOKEN_ENV] not in ("", token)  # a fresh one each start
+
+    assert cli.main(["serve", "--run", run, "--port", port, "--host", "0.0.0.0", "--token", "short"]) == 2
+    assert "16 or more" in capsys.readouterr().err and len(launches) == 3
+    monkeypatch.setenv(serve.TOKEN_ENV, "chosen-in-the-environment")
+    assert cli.main(["serve", "--run", run, "--port", port, "--host", "0.0.0.0", "--read-only"]) == 0
+    env = launches[-1][2]
+    assert env[serve.TOKEN_ENV] == "chosen-in-the-environment" and env[serve.READ_ONLY_ENV] == "1"
+    out, err = capsys.readouterr()
+    assert "generated" not in err and "read-only" in out
+
+
+def test_loopback_addresses():
+    assert all(serve.is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1", "[::1]"))
+    assert not any(serve.is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.org", "10.0.0.1"))
+
+
 def test_find_runs(tiny_runs, tmp_path):
     assert serve.find_runs(tiny_runs["topk"]) == [tiny_runs["topk"]]
     assert serve.find_runs(tiny_runs["topk"].parent) == sorted([tiny_runs["topk"], tiny_runs["mp"]])

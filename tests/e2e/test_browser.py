@@ -102,10 +102,35 @@ def page(browser):
     context.close()
 
 
+APP_IDLE = """() => document.querySelector('[data-testid="stApp"]')?.dataset.testScriptState === 'notRunning'"""
+"""True once the app's script has run and is not running (Streamlit keeps the state on the app's root element)."""
+DRAWN = """() => document.fonts.status === 'loaded'
+    && [...document.querySelectorAll('.js-plotly-plot')].every(p => p.querySelector('.main-svg'))
+    && [...document.querySelectorAll('[data-testid="stDataFrame"]')].every(d => d.querySelector('canvas'))"""
+"""True once the web fonts are in (they set every text's width) and every chart and table has drawn itself."""
+
+
+def idle(page) -> None:
+    """Wait until the app has finished its script run and drawn what it sent."""
+    page.wait_for_function(APP_IDLE)
+    page.wait_for_function(DRAWN)
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    time.sleep(0.5)  # let plotly and the grid finish drawing
+    idle(page)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def count_runs(page) -> None:
+    """From now on count the app's finished script runs in ``window.saescopeRuns`` (a run is finished when the root
+    element's state leaves ``running``); arm it before the click that starts a run, so no run goes unseen."""
+    page.evaluate("""() => {
+        window.saescopeRuns = 0;
+        new MutationObserver(records => records.forEach(r => { if (r.oldValue === 'running') window.saescopeRuns++; }))
+            .observe(document.querySelector('[data-testid="stApp"]'),
+                     {attributes: true, attributeFilter: ['data-test-script-state'], attributeOldValue: true});
+    }""")
 
 
 def generations(page) -> list[str]:
@@ -113,16 +138,12 @@ def generations(page) -> list[str]:
     return [boxes.nth(i).inner_text() for i in range(boxes.count())]
 
 
-def settled_generations(page, timeout: float = 90) -> list[str]:
-    """The two continuations once streaming has finished (no cursor, unchanged for a moment)."""
-    end, last = time.time() + timeout, None
-    while time.time() < end:
-        now = generations(page)
-        if len(now) == 2 and not any("▌" in t for t in now) and now == last:
-            return now
-        last = now
-        time.sleep(0.6)
-    raise AssertionError(f"generation did not settle: {last}")
+def settled_generations(page) -> list[str]:
+    """The two continuations once the script run that streams them has finished (no cursor left)."""
+    page.wait_for_function("""() => document.querySelector('[data-testid="stApp"]').dataset.testScriptState === 'notRunning'
+        && [...document.querySelectorAll('.saescope-generation')].filter(b => !b.innerText.includes('▌')).length === 2""",
+                           timeout=90_000)
+    return generations(page)
 
 
 def test_overview(server, page):
@@ -143,11 +164,9 @@ def test_search_and_open_a_feature(server, page):
     page.get_by_text("for 'the' by label").wait_for()
     grid = page.locator('[data-testid="stDataFrame"]').first
     grid.wait_for(state="visible")
+    # the grid canvas lays out after the element appears
+    page.wait_for_function("""() => document.querySelector('[data-testid="stDataFrame"]').getBoundingClientRect().height >= 60""")
     box = grid.bounding_box()
-    deadline = time.time() + 20
-    while (box is None or box["height"] < 60) and time.time() < deadline:  # the grid canvas lays out after the element appears
-        time.sleep(0.2)
-        box = grid.bounding_box()
     assert box is not None, "the search results table never rendered"
     page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)  # the first row's selection cell
     page.get_by_role("heading", name="Feature #").wait_for()
@@ -182,8 +201,10 @@ def test_steering_slider_changes_the_continuation(server, page):
     slider.focus()
     slider.press("End")  # the maximum strength
     page.wait_for_function("() => location.search.includes('latents=5%3A20')")
+    page.wait_for_function(APP_IDLE)  # the slider's run is over: the next run to finish is the one Generate starts
+    count_runs(page)
     page.get_by_role("button", name="Generate").click()
-    time.sleep(1.0)
+    page.wait_for_function("() => window.saescopeRuns > 0", timeout=90_000)
     baseline2, steered2 = settled_generations(page)
     assert baseline2 == baseline and steered2 != baseline2
     shot(page, "steering")
