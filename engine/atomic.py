@@ -144,3 +144,14 @@ def stale_temporaries(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
+
+
+def remove_stale(folder: str | Path, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove what killed writers left in ``folder`` (of ``names`` only, if given); call it only while holding the
+    lock of what is written there, so no live writer's temporary file is taken. Returns what was removed."""
+    removed = []
+    for path in stale_temporaries(folder):
+        if names is None or any(path.name.startswith(f".{n}{TMP_MARK}") for n in names):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

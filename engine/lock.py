@@ -107,8 +107,8 @@ def hold(folder: str | Path, command: str | None = None, *, shared: bool = False
     once if a writer (or, for an exclusive lock, any holder) has it. A shared hold of a missing folder holds
     nothing (and creates nothing)."""
     folder = Path(folder)
-    if shared and not folder.is_dir():
-        yield Lock(folder, -1, True, None)  # nothing there to protect: the command says what is missing
+    if (shared and not folder.is_dir()) or (folder.exists() and not folder.is_dir()):
+        yield Lock(folder, -1, shared, None)  # nothing there to protect: the command says what is wrong
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name

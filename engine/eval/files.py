@@ -93,6 +93,7 @@ def write_evaluation(run_dir: str | Path, columns: dict[str, list], meta: dict) 
     path = Path(run_dir) / schema.EVALUATION
     data = table(columns, schema.EVALUATION_SCHEMA)
     data = data.replace_schema_metadata({schema.EVALUATION_META: json.dumps(meta, default=_json_default).encode()})
+    atomic.remove_stale(path.parent, (path.name,))  # a killed evaluate's (the caller holds the lock)
     return atomic.write_file(path, lambda tmp: pq.write_table(data, tmp, compression="zstd"))
 
 

@@ -111,6 +111,7 @@ def consolidate(run_dir: Path) -> dict[str, int]:
         for leftover in parts_dir(run_dir).glob(".tmp-*"):  # batches a killed writer left half-written
             if not _writer_alive(leftover):
                 shutil.rmtree(leftover, ignore_errors=True)
+    atomic.remove_stale(run_dir, tuple(schema.FILES))  # a killed explain's (explain holds its lock)
     folders = part_folders(run_dir)
     counts = {}
     for name, file_schema in schema.FILES.items():

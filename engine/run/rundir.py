@@ -110,6 +110,8 @@ def prepare(out: str | Path, *, model_hash: str, sae_hash: str, force: bool) -> 
                     "pass --force (force=True) to write the run there anyway, or choose another --out"
                 )
     staging = out / PARTIAL
+    if out.is_dir():
+        atomic.remove_stale(out)  # a killed writer's (precompute holds the run's lock)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)

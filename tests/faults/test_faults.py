@@ -192,7 +192,7 @@ def finished(inputs, tmp_path_factory):
     return run
 
 
-EXPLAIN = {"features": [0, 1, 2, 3, 4, 5], "batch_size": 2, "pool_contexts": 16, "n_shown": 4, "n_heldout": 4}
+EXPLAIN = {"features": "0-5", "batch_size": 2, "pool_contexts": 16, "n_shown": 4, "n_heldout": 4}
 
 
 def test_explain_survives_kills(finished, tmp_path):
