@@ -62,9 +62,11 @@ def load(path: Path) -> dict[str, Any]:
                          f"{meta.get('format')!r}, version {meta.get('version')!r}): delete it and re-run its task")
     try:
         tree = json.loads(meta["state"])
+        out = _decode(tree, tensors, str(path))
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: the task state's JSON is missing or malformed ({err})") from err
-    out = _decode(tree, tensors, str(path))
+    except RecursionError as err:
+        raise ValueError(f"{path}: the task state's JSON is nested too deeply to be a task state") from err
     if not isinstance(out, dict):
         raise ValueError(f"{path}: a task state is a dict, found {type(out).__name__}")
     return out

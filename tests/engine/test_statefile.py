@@ -134,6 +134,17 @@ def test_a_forged_state_is_refused_with_a_clear_message(tmp_path, tree, message)
         statefile.load(path)
 
 
+def test_a_state_nested_without_end_is_refused(tmp_path):
+    path = tmp_path / "task-0000.safetensors"
+    save_file({"x": torch.zeros(1)}, path, metadata={"format": statefile.FORMAT, "version": statefile.VERSION,
+                                                    "state": '{"type": "list", "items": [' * 100_000 + "]}" * 100_000})
+    with pytest.raises(ValueError, match="nested too deeply"):
+        statefile.load(path)
+    save_file({"x": torch.zeros(1)}, path, metadata={"format": statefile.FORMAT, "version": statefile.VERSION})
+    with pytest.raises(ValueError, match="JSON is missing or malformed"):
+        statefile.load(path)
+
+
 def test_objects_outside_the_allow_list_are_not_saved(tmp_path):
     with pytest.raises(TypeError, match="cannot save .gen of type Generator"):
         statefile.save(tmp_path / "s.safetensors", {"gen": torch.Generator()})
