@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-shards", type=int, default=1, metavar="M",
                    help="also split the latents into M slices per shard: each task holds 1/M of the example reservoirs "
                         "(for SAEs of ~100k latents and more; every slice re-runs its shard's forward)")
-    p.add_argument("--ray", metavar="ADDRESS", help="join this Ray cluster (default: start a local Ray instance)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="join this Ray cluster (auto: the one RAY_ADDRESS or `ray start` on this node names; default: "
+                        "a new local Ray instance, never a cluster found running)")
     p.add_argument("--no-merge", action="store_true", help="with --shards: leave the merge to `saescope merge`")
     p.add_argument("--stop-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_precompute)

@@ -76,6 +76,12 @@ EXPLAINER = _declare("SAESCOPE_EXPLAINER", str, "",
 EXPLAINER_MODEL = _declare("SAESCOPE_EXPLAINER_MODEL", str, "", "The served model's name, for an endpoint explainer.")
 EXPLAINER_KEY = _declare("SAESCOPE_EXPLAINER_KEY", str, "",
                          "The explainer endpoint's API key ($OPENAI_API_KEY is read when this is unset).", secret=True)
+LLM_TOKEN = _declare("SAESCOPE_LLM_TOKEN", str, "", "The bearer token saescope llm-server requires (required beyond "
+                     "loopback); clients send it when SAESCOPE_EXPLAINER_KEY is unset.", secret=True)
+EXPLAINER_ALLOW_HTTP = _declare("SAESCOPE_EXPLAINER_ALLOW_HTTP", bool, False,
+                                "Send an API key over plain http to a host that is not loopback.")
+DUCKDB_MEMORY_LIMIT = _declare("SAESCOPE_DUCKDB_MEMORY_LIMIT", str, "",
+                               "DuckDB's memory limit for a run's connection (e.g. 4GB); default 1GB.")
 RELEASES = _declare("SAESCOPE_RELEASES", str, "",
                     "JSON files (os.pathsep-separated) of SAELens releases that add to or replace the shipped list.")
 TOKEN = _declare("SAESCOPE_TOKEN", str, "", "The access token every browser session of the app must give once "

@@ -264,6 +264,8 @@ def dfa(lm: LoadedModel, sae: SAE, token_ids: list[int] | torch.Tensor, latent: 
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     if ids.ndim != 1 or not 0 <= position < len(ids):
         raise ValueError(f"position {position} is outside the prompt's {len(ids)} tokens")
+    if position >= lm.max_context:
+        raise ValueError(f"position {position} is past the model's context of {lm.max_context} tokens")
     capture = capture_attention(lm, layer, ids[: position + 1])  # later tokens cannot matter (causal attention)
     return dfa_from_capture(sae, capture, latent, position)
 

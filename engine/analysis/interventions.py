@@ -4,12 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from ..model.loading import LoadedModel
 from ..saes import SAE
+
+MAX_STEERED_LATENTS = 256
+"""Latents one steering or clamp may touch: enough for any experiment a person sets up; more is a runaway request
+(a URL or a script asking for thousands), refused rather than run token by token."""
+
+
+def check_strengths(strengths: Mapping[int, float], d_sae: int | None = None) -> dict[int, float]:
+    """``strengths`` (latent -> strength or clamp value) as plain ints and floats, after checking there are at most
+    ``MAX_STEERED_LATENTS``, every latent is an integer in ``[0, d_sae)`` and every value a finite number."""
+    if len(strengths) > MAX_STEERED_LATENTS:
+        raise ValueError(f"{len(strengths)} latents to steer: at most {MAX_STEERED_LATENTS} at once")
+    out: dict[int, float] = {}
+    for latent, value in strengths.items():
+        if isinstance(latent, bool) or not isinstance(latent, numbers.Integral):
+            raise ValueError(f"latent ids are integers, got {latent!r}")
+        if latent < 0 or (d_sae is not None and latent >= d_sae):
+            raise ValueError(f"latent {latent} out of range: this SAE has {d_sae} latents" if d_sae is not None
+                             else f"latent ids are >= 0, got {latent}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"the strength of latent {latent} must be a finite number, got {value!r}")
+        out[int(latent)] = float(value)
+    return out
 
 
 def check_sae_fits(lm: LoadedModel, sae: SAE, hook_name: str | None = None) -> str:
@@ -80,11 +104,12 @@ def splice_sae(
 def steering_vector(sae: SAE, strengths: Mapping[int, float], scales: Mapping[int, float] | None = None) -> torch.Tensor:
     """``sum_i strength_i * scale_i * W_dec[i]`` in float32 (scale = max activation for 'units of max act')."""
     vector = torch.zeros(sae.cfg.d_in, dtype=torch.float32, device=sae.device)
-    for latent, strength in strengths.items():
-        if not 0 <= latent < sae.cfg.d_sae:
-            raise ValueError(f"latent {latent} out of range: this SAE has {sae.cfg.d_sae} latents")
+    for latent, strength in check_strengths(strengths, sae.cfg.d_sae).items():
         scale = 1.0 if scales is None else float(scales[latent])
-        vector += float(strength) * scale * sae.W_dec[latent].float()
+        vector += strength * scale * sae.W_dec[latent].float()
+    if not bool(torch.isfinite(vector).all()):
+        raise ValueError(f"the steering vector is not finite (strengths {dict(strengths)}, scales {scales}): a strength "
+                         "or a latent's max activation is too large")
     return vector
 
 
@@ -104,10 +129,11 @@ def add_vector(lm: LoadedModel, hook_name: str, vector: torch.Tensor, *, head_in
 def clamp_latents(lm: LoadedModel, sae: SAE, values: Mapping[int, float]) -> Iterator[None]:
     """Set latents to fixed values: ``x + (c - f_i(x)) * W_dec[i]`` at every position."""
     hook = check_sae_fits(lm, sae)
+    values = check_strengths(values, sae.cfg.d_sae)
     ids = torch.tensor(list(values), dtype=torch.long, device=sae.device)
     targets = torch.tensor(list(values.values()), dtype=torch.float32, device=sae.device)
-    if len(ids) and (ids.min() < 0 or ids.max() >= sae.cfg.d_sae):
-        raise ValueError(f"latent ids {list(values)} out of range for d_sae={sae.cfg.d_sae}")
+    if not bool(torch.isfinite(targets).all()):
+        raise ValueError(f"clamp values {list(values.values())} do not fit in float32")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x_in = sae.select_input(x)

@@ -13,12 +13,14 @@ Both answer two calls on a batch of conversations (lists of ``{"role", "content"
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import math
 import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +33,32 @@ from .. import settings
 
 Messages = list[dict[str, str]]
 KEY_ENV = settings.EXPLAINER_KEY.name
-"""Environment variable holding the endpoint's API key (``OPENAI_API_KEY`` is read when it is unset)."""
+"""Environment variable holding the explainer endpoint's API key, sent to whatever endpoint ``--explainer`` names."""
+TOKEN_ENV = settings.LLM_TOKEN.name
+"""The bearer token of ``saescope llm-server`` (it requires it when set); a client sends it when ``KEY_ENV`` is unset."""
+OPENAI_HOST = "api.openai.com"
+"""``$OPENAI_API_KEY`` is sent only here (over https): a key meant for OpenAI never goes to another --explainer URL."""
+ALLOW_HTTP_ENV = settings.EXPLAINER_ALLOW_HTTP.name
+"""Set to 1 to send an API key over plain http to a host that is not loopback (e.g. inside a trusted network)."""
 
 
 class EndpointError(RuntimeError):
     """The endpoint could not be reached or kept failing after retries."""
+
+
+class PromptTooLong(ValueError):
+    """A prompt (with the tokens asked for) does not fit the model's context."""
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` (or a name under it) or a loopback address: traffic that never leaves this machine."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ChatBackend(Protocol):
@@ -91,11 +114,18 @@ class LocalChat:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.ones, self.zeros = _digit_ids(self.tokenizer)
         self.batch_size = batch_size
+        self.max_context = self.lm.max_context
         self._lock = threading.Lock()
 
-    def _encode(self, conversations: list[Messages]) -> dict[str, torch.Tensor]:
+    def _encode(self, conversations: list[Messages], reserve: int = 0) -> dict[str, torch.Tensor]:
+        """The conversations' prompts, left-padded; a ``PromptTooLong`` when the longest with ``reserve`` more tokens
+        (the reply) exceeds the model's context (past it a model writes noise, or fails)."""
         texts = [str(self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)) for c in conversations]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        n = enc["input_ids"].shape[1]
+        if n + reserve > self.max_context:
+            raise PromptTooLong(f"the prompt is {n} tokens{f' and {reserve} more were asked for' if reserve else ''}: "
+                                f"more than the model's context of {self.max_context} tokens")
         return {k: v.to(self.lm.device) for k, v in enc.items()}
 
     def _generate(self, enc: dict[str, torch.Tensor], max_tokens: int, temperature: float, **extra) -> torch.Tensor:
@@ -110,7 +140,7 @@ class LocalChat:
         out: list[str] = []
         with self._lock:
             for i in range(0, len(conversations), self.batch_size):
-                enc = self._encode(conversations[i : i + self.batch_size])
+                enc = self._encode(conversations[i : i + self.batch_size], reserve=max_tokens)
                 gen = self._generate(enc, max_tokens, temperature)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -123,7 +153,7 @@ class LocalChat:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         with self._lock:
-            enc = self._encode([messages])
+            enc = self._encode([messages], reserve=max_tokens)
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)  # pyright: ignore[reportArgumentType]
             stop = threading.Event()
             failed: list[BaseException] = []
@@ -162,18 +192,50 @@ class LocalChat:
         return out
 
 
+def endpoint_key(url: str) -> str | None:
+    """The API key for endpoint ``url`` from the environment: ``$SAESCOPE_EXPLAINER_KEY``, else ``llm-server``'s
+    ``$SAESCOPE_LLM_TOKEN``, else ``$OPENAI_API_KEY`` only when ``url`` is OpenAI's own (https) API."""
+    parts = urllib.parse.urlsplit(url)
+    openai = parts.scheme == "https" and (parts.hostname or "").lower() == OPENAI_HOST
+    return (settings.get(settings.EXPLAINER_KEY) or settings.get(settings.LLM_TOKEN)
+            or (os.environ.get("OPENAI_API_KEY") if openai else None) or None)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """An endpoint's redirect is an error: urllib would send the request's headers, the API key among them, to
+    wherever the redirect points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise EndpointError(f"{req.full_url} redirected (HTTP {code}) to {newurl}: saescope does not follow an "
+                            "endpoint's redirects (its API key would go along); give the final URL as --explainer")
+
+
 class OpenAIChat:
     """Any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, Ollama, OpenAI, ``saescope
     llm-server``): bounded concurrency, retries with exponential backoff on connection errors, 429 and 5xx,
-    and a timeout per request. The key comes from ``$SAESCOPE_EXPLAINER_KEY`` or ``$OPENAI_API_KEY``."""
+    and a timeout per request.
+
+    The key (``endpoint_key``) goes only to ``base_url``: a redirect is an ``EndpointError``, and a key is not sent
+    over plain http to a host other than loopback unless ``allow_http`` (default: ``$SAESCOPE_EXPLAINER_ALLOW_HTTP``
+    is 1)."""
 
     def __init__(self, base_url: str, model: str, *, concurrency: int = 4, retries: int = 4, timeout: float = 60.0,
-                 backoff: float = 0.5, api_key: str | None = None):
+                 backoff: float = 0.5, api_key: str | None = None, allow_http: bool | None = None):
         if not model:
             raise ValueError("an OpenAI-compatible explainer needs --explainer-model NAME (the served model's name)")
         self.base_url = base_url.rstrip("/")
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"an endpoint is http(s)://HOST[:PORT]/PATH, got {base_url!r}")
         self.model, self.concurrency, self.retries, self.timeout, self.backoff = model, concurrency, retries, timeout, backoff
-        self.api_key = api_key if api_key is not None else os.environ.get(KEY_ENV) or os.environ.get("OPENAI_API_KEY")
+        self.api_key = api_key if api_key is not None else endpoint_key(self.base_url)
+        if allow_http is None:
+            allow_http = settings.get(settings.EXPLAINER_ALLOW_HTTP, False)
+        if self.api_key and parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_http:
+            raise ValueError(f"refusing to send an API key in clear text to {self.base_url} (plain http to a host that "
+                             f"is not this machine): use https, or set {ALLOW_HTTP_ENV}=1 where the network is trusted")
+        self._open = urllib.request.build_opener(_RefuseRedirects).open
         self.name = f"openai:{model}@{self.base_url}"
 
     @property
@@ -191,7 +253,7 @@ class OpenAIChat:
         last = ""
         for attempt in range(self.retries + 1):
             try:
-                with urllib.request.urlopen(self._request(payload), timeout=self.timeout) as resp:
+                with self._open(self._request(payload), timeout=self.timeout) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as err:
                 last = _refused_or_transient(url, err)
@@ -229,7 +291,7 @@ class OpenAIChat:
         for attempt in range(self.retries + 1):
             started = False
             try:
-                with urllib.request.urlopen(self._request(payload), timeout=self.timeout) as resp:
+                with self._open(self._request(payload), timeout=self.timeout) as resp:
                     for piece in _sse_pieces(resp, url):
                         started = True
                         yield piece

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from .. import settings
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -31,11 +34,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_llm_server(args: argparse.Namespace) -> int:
-    from .backends import LocalChat
-    from .server import serve_forever
+    from .backends import TOKEN_ENV, LocalChat, is_loopback
+    from .server import ServerConfig, new_token, serve_forever
 
+    token = settings.get(settings.LLM_TOKEN) or None
+    if token is None and not is_loopback(args.host):
+        token = new_token()
+        print(f"saescope llm-server: {args.host} is not loopback and ${TOKEN_ENV} is unset, so clients need this "
+              f"generated token (saescope clients: export {TOKEN_ENV}={token})", file=sys.stderr, flush=True)
+    config = ServerConfig(token=token, max_requests=args.max_requests, timeout=args.timeout,
+                          allow_hosts=tuple(args.allow_host or ()))
     chat = LocalChat(args.model, device=args.device, dtype=args.dtype)
-    serve_forever(chat, args.host, args.port, args.name or chat.name)
+    serve_forever(chat, args.host, args.port, args.name or chat.name, config)
     return 0
 
 
@@ -49,7 +59,9 @@ def add_parsers(sub) -> None:
                    help="a local chat model (directory, hub id, or 'demo' = SmolLM2-135M-Instruct) or an "
                         "OpenAI-compatible endpoint http://host:port/v1")
     p.add_argument("--explainer-model",
-                   help="the served model's name, with an endpoint (key: $SAESCOPE_EXPLAINER_KEY or $OPENAI_API_KEY)")
+                   help="the served model's name, with an endpoint (key: $SAESCOPE_EXPLAINER_KEY, else llm-server's "
+                        "$SAESCOPE_LLM_TOKEN, else $OPENAI_API_KEY for https://api.openai.com only; a key goes over plain "
+                        "http only to loopback unless $SAESCOPE_EXPLAINER_ALLOW_HTTP=1)")
     p.add_argument("--scorers", default="detection,fuzzing,embedding",
                    help="comma-separated: detection,fuzzing,embedding ('' for none)")
     p.add_argument("--scorer-model",
@@ -68,11 +80,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("llm-server", help="serve a local chat model over an OpenAI-compatible API")
+    p = sub.add_parser("llm-server", help="serve a local chat model over an OpenAI-compatible API (token: $SAESCOPE_LLM_TOKEN)")
     p.add_argument("--model", default="demo", help="directory, hub id, or 'demo'")
     p.add_argument("--name", help="the model name clients send (default: local:<model>)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1); any other than loopback needs a token: $SAESCOPE_LLM_TOKEN, "
+                        "else one is generated and printed")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name clients may call the server by (repeatable; loopback names, IP addresses and --host "
+                        "are always accepted)")
+    p.add_argument("--max-requests", type=int, default=4, help="chat requests taken at once; more are answered 503")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a socket read or write may block (a client that stops reading is dropped)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_llm_server)

@@ -48,8 +48,18 @@ class LensResult:
         return self.codes[:, latent].tolist()
 
 
+MAX_PROMPT_CHARS = 1 << 16
+"""Characters of a typed prompt, checked before tokenizing: a prompt is capped in tokens by the model's context
+(``prompt_lens`` truncates, ``steering.generate`` and ``attribution.dfa`` refuse), and 64k characters is several
+times that for any tokenizer, so a pasted book is refused before it costs a tokenizer pass."""
+
+
 def tokenize_prompt(lm: LoadedModel, text: str, *, chat: bool = False) -> list[int]:
-    """Token ids of ``text`` (as a user chat message rendered with the model's template when ``chat``)."""
+    """Token ids of ``text`` (as a user chat message rendered with the model's template when ``chat``); a
+    ``ValueError`` past ``MAX_PROMPT_CHARS``."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(text):,} characters: at most {MAX_PROMPT_CHARS:,} (the model reads "
+                         f"{lm.max_context:,} tokens at most)")
     tok = lm.tokenizer
     if chat:
         if not getattr(tok, "chat_template", None):

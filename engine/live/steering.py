@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 
-from ..analysis.interventions import add_vector, check_sae_fits, clamp_latents, steering_vector
+from ..analysis.interventions import add_vector, check_sae_fits, check_strengths, clamp_latents, steering_vector
 from ..model.compat import cache_argument, output_cache
 from ..model.loading import LoadedModel
 from ..saes import SAE
@@ -33,6 +34,7 @@ class SteeringSpec:
             raise ValueError(f"steering mode must be 'add' or 'clamp', got {self.mode!r}")
         if self.unit not in ("max_act", "raw"):
             raise ValueError(f"steering unit must be 'max_act' or 'raw', got {self.unit!r}")
+        check_strengths(self.strengths)  # at most MAX_STEERED_LATENTS, integer ids, finite strengths
 
 
 def steering_intervention(
@@ -43,8 +45,12 @@ def steering_intervention(
     if spec.unit == "max_act" and spec.strengths and max_acts is None:
         raise ValueError("strength in units of max activation needs the latents' max activations (from a run)")
     scales = {i: float(max_acts[i]) for i in spec.strengths} if spec.unit == "max_act" and max_acts is not None else None
+    if scales is not None:
+        bad = {i: v for i, v in scales.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"the max activations of latents {bad} are not finite: steer them in raw units")
     if spec.mode == "clamp":
-        values = {i: s * (scales[i] if scales else 1.0) for i, s in spec.strengths.items()}
+        values = check_strengths({i: s * (scales[i] if scales else 1.0) for i, s in spec.strengths.items()}, sae.cfg.d_sae)
         return lambda: clamp_latents(lm, sae, values)
     vector = steering_vector(sae, spec.strengths, scales).to(lm.device)
     return lambda: add_vector(lm, hook, vector, head_index=sae.cfg.hook_head_index)

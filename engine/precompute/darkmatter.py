@@ -63,7 +63,7 @@ class LinearErrorMap:
         return linear, e.float() - linear
 
 
-class _Moments:
+class Moments:
     """Sums over tokens of shifted ``x [n, d]`` and targets ``y [n, q]`` (float64 totals)."""
 
     def __init__(self, d: int, q: int, device: torch.device | str):
@@ -85,7 +85,7 @@ class _Moments:
         self.xy += (x.T @ y).double()
         self.yy += y.pow(2).sum(0).double()
 
-    def merge(self, other: _Moments, dx: torch.Tensor, dy: torch.Tensor) -> None:
+    def merge(self, other: Moments, dx: torch.Tensor, dy: torch.Tensor) -> None:
         """Add ``other``'s sums, whose tokens were shifted by ``dx, dy`` more than this one's (``x_self = x_other
         - dx``): re-centred exactly, since the sums of a shifted variable follow from those of the original."""
         dx, dy = dx.double().to(self.sx.device), dy.double().to(self.sx.device)
@@ -119,13 +119,13 @@ class LinearErrorStats:
 
     def __init__(self, d_in: int, device: torch.device | str = "cpu"):
         self.d_in = d_in
-        self.fit_part = _Moments(d_in, d_in + 1, device)
-        self.score_part = _Moments(d_in, d_in + 1, device)
+        self.fit_part = Moments(d_in, d_in + 1, device)
+        self.score_part = Moments(d_in, d_in + 1, device)
         self.shift_x: torch.Tensor | None = None
         self.shift_y: torch.Tensor | None = None
         # the paper's quantities: targets z = [e, ||e||^2] on the random token split (``token_split``)
-        self.split_fit = _Moments(d_in, d_in + 1, device)
-        self.split_score = _Moments(d_in, d_in + 1, device)
+        self.split_fit = Moments(d_in, d_in + 1, device)
+        self.split_score = Moments(d_in, d_in + 1, device)
         self.shift_z: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, e: torch.Tensor, heldout: torch.Tensor) -> None:
@@ -169,7 +169,7 @@ class LinearErrorStats:
         coef = torch.linalg.solve(cxx + lam * torch.eye(d, dtype=cxx.dtype, device=cxx.device), cxy)
         intercept = mu_y - mu_x @ coef
 
-        def r2(part: _Moments) -> tuple[float, float]:
+        def r2(part: Moments) -> tuple[float, float]:
             if part.n < 2:
                 return float("nan"), float("nan")
             sse, sst = part.sse(coef, intercept), part.sst()
@@ -210,13 +210,13 @@ class LinearErrorStats:
         if self.shift_x is None or self.shift_z is None or m.n == 0:
             return {**out, **dict.fromkeys(names, float("nan"))}
         sx, sz = self.shift_x.double(), self.shift_z.double()
-        raw = _Moments(d, d + 1, m.xx.device)
+        raw = Moments(d, d + 1, m.xx.device)
         raw.merge(m, -sx, -sz)  # the sums of the unshifted tokens: a fit without bias needs X^T X, X^T Z about 0
         coef = torch.linalg.lstsq(raw.xx.cpu(), raw.xy.cpu(), driver="gelsd").solution.to(m.xx.device)
         # on the shifted sums, z - x @ coef = z' - x' @ coef - (sx @ coef - sz)
         intercept = sx @ coef - sz
 
-        def r2(part: _Moments) -> tuple[float, float]:
+        def r2(part: Moments) -> tuple[float, float]:
             if part.n < 2:
                 return float("nan"), float("nan")
             sse, sst = part.sse(coef, intercept), part.sst()

@@ -2,11 +2,13 @@
 
 The driver loads the model and SAE once (their fingerprints name the run; the merge needs them), plans the job
 (``shards.Job``) into the run's staging area and runs each unfinished task as a Ray task: one GPU per task where
-the cluster has GPUs, one CPU otherwise. Without an address a local Ray instance is started (and stopped after);
-with one, the job joins that cluster, whose nodes must see the run directory, the model, the SAE and the corpus
-at the same paths (a shared filesystem). Ray retries a task whose worker died; a task that fails for good stops
-the job, and running the same command again redoes only the tasks without a saved state. Then ``merge_run``
-writes the run (``--no-merge``: later, with ``saescope merge``).
+the cluster has GPUs, one CPU otherwise. Without an address a new local Ray instance is started (and stopped
+after), even where a cluster runs on this machine or ``RAY_ADDRESS`` names one: a job never joins a cluster by
+accident (``ray.init()`` with no address would join either). With an address (``auto``: the one ``RAY_ADDRESS`` or
+``ray start`` on this node names) the job joins that cluster, whose nodes must see the run directory, the model,
+the SAE and the corpus at the same paths (a shared filesystem). Ray retries a task whose worker died; a task that
+fails for good stops the job, and running the same command again redoes only the tasks without a saved state. Then
+``merge_run`` writes the run (``--no-merge``: later, with ``saescope merge``).
 
 ``runner="inline"`` runs the tasks one after another in this process (no Ray): the same plan, states and merge.
 """
@@ -30,6 +32,8 @@ from .merge import merge_run
 from .pipeline import PrecomputeConfig, check_inputs
 from .shards import Job, done, load_inputs, load_model_and_sae, prepare_job, run_task
 
+LOCAL = "local"
+"""Ray's address for a new local instance: never one found on this machine or in ``RAY_ADDRESS``."""
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
 
@@ -124,7 +128,7 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
     if started_here:
         _check_reachable(address)
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=progress, configure_logging=False,
+            ray.init(address=address or LOCAL, include_dashboard=False, log_to_driver=progress, configure_logging=False,
                      runtime_env={"env_vars": WORKER_ENV})
         except ConnectionError as err:
             raise ConnectionError(

@@ -12,7 +12,8 @@ Seed rule: shard ``s`` draws its random numbers (quantile keys, the context samp
 which is ``seed`` itself for shard 0, so a one-shard run repeats the single-process run exactly; the merge draws
 from ``numpy.random.default_rng(seed)``.
 
-Layout, in ``<run>/.shards/``: ``job.json`` (the plan), then per finished task ``task-NNNN.pt`` (its state) and,
+Layout, in ``<run>/.shards/``: ``job.json`` (the plan), then per finished task ``task-NNNN.safetensors`` (its state:
+tensors and typed JSON, no pickle, see ``statefile``) and,
 for the primary slice, ``task-NNNN.contexts.parquet``. Each is written under a temporary name and renamed, the
 state last, so a task's state exists only when the task is complete: a re-run of the same job redoes only the
 tasks without one.
@@ -34,9 +35,11 @@ import torch
 
 from ..data.corpus import iter_contexts
 from ..run import parquet, rundir
+from . import statefile
 
 JOB = "job.json"
-JOB_VERSION = 1
+JOB_VERSION = 2
+"""2: task states in safetensors (``statefile``); a job of version 1 (pickled states) is planned again."""
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -110,7 +113,7 @@ def shards_dir(run_dir: str | Path) -> Path:
 
 
 def state_path(folder: Path, task: Task) -> Path:
-    return folder / f"task-{task.index:04d}.pt"
+    return folder / f"task-{task.index:04d}.safetensors"
 
 
 def contexts_path(folder: Path, task: Task) -> Path:
@@ -205,35 +208,23 @@ def run_task(out: str | Path, index: int, report: Callable[[int, int, float], No
 def save_state(path: Path, state, summary: dict) -> None:
     """One task's state (tensors on the CPU), written under a temporary name and renamed."""
     sample = state.sample
-    sample.gen = None  # the merge draws its own numbers; a generator does not pickle
+    sample.gen = None  # the merge draws its own numbers (a generator's state is not a task's result)
     payload = {
         "summary": summary,
         "n_contexts": state.n_contexts,
         "n_tokens": state.n_tokens,
-        "stats": state.stats.to("cpu"),
+        "stats": state.stats,
         "examples": {k: v.cpu() for k, v in state.examples.state_dict().items()},
-        "recon": _cpu(state.recon),
-        "recon_massive": None if state.recon_massive is None else _cpu(state.recon_massive),
-        "dark": _cpu(state.dark),
-        "sample": _cpu(sample),
+        "recon": state.recon,
+        "recon_massive": state.recon_massive,
+        "dark": state.dark,
+        "sample": sample,
         "heads": None if state.heads is None else {"seconds": state.heads.seconds, "pairs": state.heads.pairs},
         "heads_note": state.heads_note,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    statefile.save(path, payload)
 
 
 def load_state(path: Path) -> dict:
     """A task's saved state; tensors memory-mapped, so a merge reads only the latents it works on."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-
-
-def _cpu(obj):
-    """``obj`` with every tensor attribute (also in nested plain objects) moved to the CPU, in place."""
-    for name, value in vars(obj).items():
-        if isinstance(value, torch.Tensor):
-            setattr(obj, name, value.cpu())
-        elif hasattr(value, "__dict__") and not isinstance(value, type):
-            _cpu(value)
-    return obj
+    return statefile.load(path)

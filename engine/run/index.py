@@ -75,14 +75,16 @@ latency (feature page p95 14 -> 10 ms at 1M latents on 2 cores); concurrent sess
 ATTACHED = "db"
 
 
-def open_read_only(path: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the DuckDB file at ``path`` as it is now, with file access then switched off.
+def open_read_only(path: Path, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the DuckDB file at ``path`` as it is now, with file access then switched off (and
+    its memory capped at ``memory_limit``, a DuckDB size such as ``1GB``, when given).
 
     Not ``duckdb.connect(path)``: DuckDB shares one database instance per path within a process, so a file rebuilt
     and renamed into place (``building``) while an older connection to it is still open would be read through the
     old instance, stale. A fresh in-memory instance with the file attached always reads the file there now. Take
     cursors with ``cursor``: each must be pointed at the attached database."""
-    con = duckdb.connect(config={"threads": READ_THREADS})
+    limit = {} if memory_limit is None else {"memory_limit": memory_limit}
+    con = duckdb.connect(config={"threads": READ_THREADS, **limit})
     try:
         con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {ATTACHED} (READ_ONLY)")
         con.execute(f"USE {ATTACHED}")

@@ -1,7 +1,8 @@
 """Query layer over one run directory: DuckDB tables built from the run's Parquet files, opened read-only.
 
 ``RunStore.open(run_dir)`` connects to ``index.duckdb`` (built by precompute; rebuilt here if missing)
-read-only with external access disabled, so no statement can touch other files. Every method runs
+read-only with external access disabled, so no statement can touch other files, and with its memory capped
+(``MEMORY_LIMIT``). Every method runs
 named statements from ``engine.run.sql`` with bound parameters on a fresh cursor, so one store can be
 shared by threads (e.g. Streamlit sessions). Rows come back as the immutable row types of
 ``engine.run.rows`` (attribute access, built straight from DuckDB's result tuples); ``manifest()`` is the
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import settings
 from . import schema, sql
 from .index import build_index, cursor, index_current, open_read_only
 from .rows import (
@@ -39,6 +41,11 @@ from .rows import (
 from .rundir import data_dir, read_manifest
 
 SEARCH_MODES = ("label", "token", "id")
+MEMORY_LIMIT_ENV = settings.DUCKDB_MEMORY_LIMIT.name
+MEMORY_LIMIT = "1GB"
+"""DuckDB's memory cap per open run (``$SAESCOPE_DUCKDB_MEMORY_LIMIT`` overrides it; -1: none). DuckDB's own default
+is 80% of the machine's memory per connection, and an app may hold several runs open; the store's queries are point
+lookups, top-N and pre-sorted scans, which need far less."""
 
 # Columns each query returns, in the order of the row type's leading fields (checked by name at fetch time).
 _FEATURE_COLUMNS = FeatureRow._fields[:-1]  # every features.parquet column; examples are added
@@ -70,6 +77,18 @@ def _select(cursor: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> list[t
 def _as_list(value: Any) -> Any:
     """A list column's value as a list (a fixed-size ARRAY comes back as a tuple); None stays None."""
     return None if value is None else list(value)
+
+
+def memory_limit() -> str:
+    """The memory cap for a run's connection: ``$SAESCOPE_DUCKDB_MEMORY_LIMIT`` if set (checked), else ``MEMORY_LIMIT``."""
+    value = settings.get(settings.DUCKDB_MEMORY_LIMIT, "").strip()
+    if not value:
+        return MEMORY_LIMIT
+    try:
+        duckdb.connect(config={"memory_limit": value}).close()
+    except duckdb.Error as err:
+        raise ValueError(f"${MEMORY_LIMIT_ENV}={value!r} is not a memory size DuckDB reads (e.g. 1GB, 512MB): {err}") from err
+    return value
 
 
 def _section(manifest: dict, key: str) -> dict:
@@ -105,8 +124,9 @@ class RunStore:
         self._vocab: list[str] = [row[0] for row in cursor(con).execute(sql.VOCAB).fetchall()]
 
     @classmethod
-    def open(cls, run_dir: str | Path, attempts: int = 5) -> RunStore:
+    def open(cls, run_dir: str | Path, attempts: int = 5, memory_limit: str | None = None) -> RunStore:
         """Open a complete run or snapshot (one with ``manifest.json``); builds the DuckDB index if it is missing.
+        ``memory_limit`` caps DuckDB's memory (default: the module's ``memory_limit()``).
 
         A run still being computed may publish a newer snapshot and remove an old one between reading the
         manifest and opening its files: the open then starts over from the new manifest.
@@ -122,14 +142,14 @@ class RunStore:
                     "run `saescope precompute` into it, or wait for its first snapshot"
                 )
             try:
-                return cls._open_files(run_dir, manifest)
+                return cls._open_files(run_dir, manifest, memory_limit)
             except (duckdb.IOException, FileNotFoundError):
                 if attempt == attempts - 1 or read_manifest(run_dir) == manifest:
                     raise
         raise AssertionError("not reached")
 
     @classmethod
-    def _open_files(cls, run_dir: Path, manifest: dict) -> RunStore:
+    def _open_files(cls, run_dir: Path, manifest: dict, limit: str | None = None) -> RunStore:
         files = data_dir(run_dir, manifest)  # a snapshot's folder while the run is still being computed
         # held open from here: a snapshot folder removed later stays readable through this handle
         dark = (files / schema.DARK_MATTER).open("rb")
@@ -143,7 +163,7 @@ class RunStore:
                 else:  # read-only run directory: keep the index next to the temp files
                     index = Path(tempfile.mkdtemp(prefix="saescope-index-")) / schema.INDEX
                     build_index(files, index)
-            return cls(run_dir, manifest, open_read_only(index), dark)
+            return cls(run_dir, manifest, open_read_only(index, limit or memory_limit()), dark)
         except BaseException:
             dark.close()
             raise

@@ -99,16 +99,18 @@ def test_concurrency_is_bounded_and_order_kept():
 
 def test_api_key_is_sent_as_bearer(monkeypatch):
     with ScriptedEndpoint([(200, completion("x"))]) as ep:
-        monkeypatch.delenv(KEY_ENV, raising=False)
-        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        for name in (KEY_ENV, backends.TOKEN_ENV, "OPENAI_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
         OpenAIChat(ep.url, "m").chat([CONV])
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")  # meant for OpenAI's API, not for this endpoint
+        OpenAIChat(ep.url, "m").chat([CONV])
+        monkeypatch.setenv(backends.TOKEN_ENV, "llm-server-token")
         OpenAIChat(ep.url, "m").chat([CONV])
         monkeypatch.setenv(KEY_ENV, "sk-saescope")
         OpenAIChat(ep.url, "m").chat([CONV])
         OpenAIChat(ep.url, "m", api_key="sk-explicit").chat([CONV])
         auth = [{k.lower(): v for k, v in r["headers"].items()}.get("authorization") for r in ep.requests]
-        assert auth == [None, "Bearer sk-openai", "Bearer sk-saescope", "Bearer sk-explicit"]
+        assert auth == [None, None, "Bearer llm-server-token", "Bearer sk-saescope", "Bearer sk-explicit"]
         assert all(r["path"] == "/v1/chat/completions" and r["json"]["model"] == "m" for r in ep.requests)
 
 

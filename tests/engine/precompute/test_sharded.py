@@ -143,7 +143,7 @@ def test_ray_sharded_runs_equal_the_single_process_run_and_resume(setup, ray_clu
     out = setup["root"] / "ray-resume"
     kwargs: dict[str, Any] = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
     assert precompute_sharded(setup["model"], setup["sae"], setup["corpus"], out, shards=3, merge=False, **kwargs) is None
-    states = sorted((out / ".shards").glob("task-*.pt"))
+    states = sorted((out / ".shards").glob("task-*.safetensors"))
     assert len(states) == 3 and not (out / "manifest.json").exists()
     states[1].unlink()
     kept = {p: p.stat().st_mtime_ns for p in (states[0], states[2])}
@@ -161,13 +161,13 @@ def test_merge_refuses_unfinished_tasks_and_a_killed_merge_leaves_no_run(setup, 
     precompute_sharded(setup["model"], setup["sae"], setup["corpus"], out, shards=2, runner="inline", merge=False, **kwargs)
     job = Job.load(out / ".shards")
     assert job.shards == 2 and len(job.tasks()) == 2
-    moved = out / ".shards" / "task-0001.pt"
-    moved.rename(tmp_path / "aside.pt")
+    moved = out / ".shards" / "task-0001.safetensors"
+    moved.rename(tmp_path / "aside.safetensors")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "engine.cli", "merge", str(out)]
     done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and "1 of 2 tasks" in done.stderr and "task" in done.stderr
-    (tmp_path / "aside.pt").rename(moved)
+    (tmp_path / "aside.safetensors").rename(moved)
 
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
@@ -177,7 +177,7 @@ def test_merge_refuses_unfinished_tasks_and_a_killed_merge_leaves_no_run(setup, 
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the merge ended before it could be killed"
     assert not (out / "manifest.json").exists()  # nothing that looks like a run
-    assert len(list((out / ".shards").glob("task-*.pt"))) == 2  # the task states survive
+    assert len(list((out / ".shards").glob("task-*.safetensors"))) == 2  # the task states survive
 
     done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
