@@ -38,13 +38,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``saescope serve --run RUN`` on a free port of 127.0.0.1, up and healthy; yields the base URL."""
+def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
+            host: str = "127.0.0.1") -> Iterator[str]:
+    """``saescope serve --run RUN --host HOST`` on a free port, up and healthy; yields the base URL on 127.0.0.1 (its
+    output is in ``log_dir/serve.log``)."""
     port = free_port()
     log = (log_dir / "serve.log").open("w+")
     full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--port", str(port), *extra_args],
+        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--host", host, "--port", str(port), *extra_args],
         cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -61,7 +63,7 @@ def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | No
                 pytest.fail(f"saescope serve did not come up:\n{log.read()}")
             time.sleep(0.3)
         log.seek(0)
-        assert f"serving {run} at {base}" in log.read()
+        assert f"serving {run} at {base if host == '127.0.0.1' else ''}" in log.read()
         yield base
     finally:
         proc.terminate()  # serve exec'd Streamlit: the signal reaches the server itself
