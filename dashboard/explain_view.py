@@ -114,11 +114,11 @@ def show(run: str, store: RunStore, row: FeatureRow) -> None:
     if details:
         cols = st.columns(len(details))
         for col, detail in zip(cols, details, strict=True):
-            col.metric(detail.scorer.capitalize(), fmt(detail.score), help=SCORER_HELP.get(detail.scorer),
+            col.metric(render.md(detail.scorer.capitalize()), fmt(detail.score), help=SCORER_HELP.get(detail.scorer),
                        delta=None if detail.auroc is None or detail.scorer == "embedding" else f"AUROC {detail.auroc:.2f}",
                        delta_color="off")
         with st.expander("What the scorers got wrong"):
-            tabs = st.tabs([d.scorer for d in details])
+            tabs = st.tabs([render.md(d.scorer) for d in details])
             for tab, detail in zip(tabs, details, strict=True):
                 with tab:
                     confusion(detail, row, store)

@@ -39,11 +39,12 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
     explain_view.show(run, store, row)
     density = float(row.density)
     cols = st.columns([2, 2, 2, 2, 3])
-    cols[0].metric("Density", f"{density:.3%}" if density >= 1e-4 else fmt(density),
+    cols[0].metric("Density", f"{density * 100:.3g}%" if density >= 1e-4 else fmt(density),
                    help=f"fires on {row.fire_count:,} tokens" + (f" (1 in {1 / density:,.0f})" if density else ""))
-    cols[1].metric("Max activation", fmt(row.max_act))
-    cols[2].metric("Mean activation", fmt(row.mean_act), help="over the tokens where it fires")
-    cols[3].metric("Fires on", f"{row.fire_count:,}")
+    exact = {name: "–" if value is None else f"{value:.6g}" for name, value in (("max", row.max_act), ("mean", row.mean_act))}
+    cols[1].metric("Max activation", render.compact(row.max_act), help=exact["max"])
+    cols[2].metric("Mean activation", render.compact(row.mean_act), help=f"{exact['mean']} over the tokens where it fires")
+    cols[3].metric("Fires on", render.compact(row.fire_count), help=f"{row.fire_count:,} tokens")
     with cols[4]:
         if row.dead:
             st.warning("Dead: never fired in this run.")

@@ -78,6 +78,20 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits - 1}f}"
 
 
+def compact(value: float | None) -> str:
+    """A number short enough for a metric card at a laptop width (seven characters or so): ``fmt``'s three
+    significant digits below 1,000, whole numbers with separators below a million, then 1.23M, 4.56B, 7.89T."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if abs(value) < 1000:
+        return str(value) if isinstance(value, int) else fmt(value)
+    value = round(value)
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}" if abs(value) < 1000 * scale else fmt(value)
+    return f"{value:,}"
+
+
 def tint(value: float, scale: float, color: str = "act") -> str:
     """``background`` style for ``value`` on a 0..``scale`` ramp of ``color`` (empty when it is zero)."""
     if not value or not scale or math.isnan(value):

@@ -86,11 +86,13 @@ cols[0].metric("Mean best cos", fmt(s["mean_best_cos"]),
                     "averaged")
 cols[1].metric("Best cos > 0.9", fmt(s["frac_best_cos_over_0.9"]),
                help=f"Share of the latents of {render.md(narrow)} whose closest latent has decoder cosine above 0.9")
-cols[2].metric("One-to-one pairs", f"{s['n_assigned']:,}", help=f"Assignment: {render.md(method)} "
-               f"({'exact LSA on the sparsified similarity' if method == 'lsa' else 'greedy by cosine'})")
+cols[2].metric("One-to-one pairs", render.compact(s["n_assigned"]),
+               help=f"{s['n_assigned']:,} pairs; assignment: {render.md(method)} "
+                    f"({'exact LSA on the sparsified similarity' if method == 'lsa' else 'greedy by cosine'})")
 cols[3].metric("Pair correlation", fmt(s["mean_assigned_corr"]),
                help="Mean Pearson correlation of the one-to-one pairs' activations over the sample")
-cols[4].metric("Split latents", f"{s['n_split']:,}", help=f"{s['n_children']:,} children in {render.md(wide)}")
+cols[4].metric("Split latents", render.compact(s["n_split"]),
+               help=f"{s['n_split']:,} latents of {render.md(narrow)} split into {s['n_children']:,} of {render.md(wide)}")
 st.caption(f"Sample: {info['sample']['n_tokens']:,} tokens of {render.code(Path(info['sample']['from_run']).name)}, model "
            f"and both SAEs run once (CPU: {render.md(info['machine']['cpu'])}); comparison folder {render.code(folder)}.")
 h1, h2 = st.columns(2)

@@ -41,8 +41,9 @@ if dm.paper_heldout_error_r2_mean_dim is not None:
                     help=f"Held-out R²; on the fitting tokens: {fmt(dm.paper_train_norm_sq_r2)}")
     split = (f"a seeded random token split (seed {render.md(dm.paper_split_seed)}), "
              f"{fmt(dm.paper_heldout_fraction)} of the tokens held out")
-    paper[2].metric("Tokens fitted", f"{dm.paper_n_train_tokens or 0:,}", help=split)
-    paper[3].metric("Tokens scored", f"{dm.paper_n_heldout_tokens or 0:,}", help=split)
+    fitted, scored = dm.paper_n_train_tokens or 0, dm.paper_n_heldout_tokens or 0
+    paper[2].metric("Tokens fitted", render.compact(fitted), help=f"{fitted:,} tokens: {split}")
+    paper[3].metric("Tokens scored", render.compact(scored), help=f"{scored:,} tokens: {split}")
     st.caption("The first row is saescope's: a ridge fit with an intercept, R² pooled over dimensions, ‖e‖ as the "
                "norm target, contexts held out by id. docs/run-format.md defines both.")
 

@@ -79,8 +79,8 @@ bottom[1].metric("KL to clean", fmt(metrics.kl_div),
                  help="Mean KL divergence of next-token distributions, SAE spliced in vs clean"
                       + (f"; zero-ablated vs clean {fmt(kl_ablation)}, KL score {fmt(metrics.kl_score)}"
                          if kl_ablation else ""))
-bottom[2].metric("Dead latents", f"{dead:,}", help="Never fired on this run's tokens")
-bottom[3].metric("Dense latents", f"{dense:,}", help="Fire on more than 10% of tokens")
+bottom[2].metric("Dead latents", render.compact(dead), help=f"{dead:,} latents never fired on this run's tokens")
+bottom[3].metric("Dense latents", render.compact(dense), help=f"{dense:,} latents fire on more than 10% of tokens")
 if "ce_loss_clean" in recorded:  # a run recording CE metrics (null ones: it had no CE sample)
     st.caption(
         f"Next-token loss: clean {fmt(metrics.ce_loss_clean)} · with the SAE {fmt(metrics.ce_loss_with_sae)} · "

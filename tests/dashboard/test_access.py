@@ -114,6 +114,12 @@ def test_run_names_and_manifest_fields_are_escaped(hostile_runs, open_app):
     at = open_app(root, COMPARE)
     no_crash(at)
     assert render.code(run.name) in body(at) and render.code(HOSTILE) in body(at)  # not comparable: named as it is
+    at = open_app(root, FEATURES, run=run.name, feature=3)  # the heads panel names the hook it does not apply to
+    no_crash(at)
+    assert f"this SAE reads {render.code(HOSTILE)}." in body(at)
+    at = open_app(root, "views/lens.py", run=run.name)  # a model that cannot load, named in the error
+    no_crash(at)
+    assert f"Could not load the model {render.code(HOSTILE)}: " in body(at)
 
 
 def test_url_parameters_are_escaped(tiny_runs, open_app):

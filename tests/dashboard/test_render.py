@@ -75,3 +75,18 @@ def test_bad_steering_links_are_refused_with_a_reason(query, message):
 def test_markdown_escaping_keeps_labels_literal():
     assert render.md("a*b_c `x` [l](u)") == "a\\*b\\_c \\`x\\` \\[l\\]\\(u\\)"
     assert render.md("\n") == "⏎" and render.md("") == ""
+
+
+def test_compact_numbers_fit_a_metric_card():
+    assert [render.compact(v) for v in (0, 999, 1000, 123_456, 999_999, 999_999.7, 1_234_567, 98_765_432_100)] == [
+        "0", "999", "1,000", "123,456", "999,999", "1M", "1.23M", "98.8B"]
+    assert render.compact(0.2734) == "0.273" and render.compact(-2500.4) == "-2,500" and render.compact(None) == "–"
+    assert max(len(render.compact(10.0**e * m)) for e in range(-8, 16) for m in (1, 4.5678, 9.99999)) <= 8
+
+
+def test_code_spans_hold_any_text_and_markdown_stays_literal():
+    assert render.code("a`b") == "`` a`b ``" and render.code("``x`") == "``` ``x` ```"
+    assert render.code(":material/home:") == ":\u2060material/home:".join(["` ", " `"])  # no icon even in code
+    assert render.md("[x](javascript:alert(1)) $m$ :smile:") == (
+        "\\[x\\]\\(javascript\\:\u2060alert\\(1\\)\\) \\$m\\$ \\:\u2060smile\\:\u2060")
+    assert render.md("ends with:").endswith(":\u2060")  # the next streamed piece cannot complete an icon code

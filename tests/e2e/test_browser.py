@@ -38,13 +38,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``saescope serve --run RUN`` on a free port of 127.0.0.1, up and healthy; yields the base URL."""
+def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
+            host: str = "127.0.0.1") -> Iterator[str]:
+    """``saescope serve --run RUN --host HOST`` on a free port, up and healthy; yields the base URL on 127.0.0.1 (its
+    output is in ``log_dir/serve.log``)."""
     port = free_port()
     log = (log_dir / "serve.log").open("w+")
     full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--port", str(port), *extra_args],
+        [sys.executable, "-m", "engine.cli", "serve", "--run", str(run), "--host", host, "--port", str(port), *extra_args],
         cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -61,7 +63,7 @@ def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | No
                 pytest.fail(f"saescope serve did not come up:\n{log.read()}")
             time.sleep(0.3)
         log.seek(0)
-        assert f"serving {run} at {base}" in log.read()
+        assert f"serving {run} at {base if host == '127.0.0.1' else ''}" in log.read()
         yield base
     finally:
         proc.terminate()  # serve exec'd Streamlit: the signal reaches the server itself
@@ -104,10 +106,12 @@ def page(browser):
 
 APP_IDLE = """() => document.querySelector('[data-testid="stApp"]')?.dataset.testScriptState === 'notRunning'"""
 """True once the app's script has run and is not running (Streamlit keeps the state on the app's root element)."""
-DRAWN = """() => document.fonts.status === 'loaded'
-    && [...document.querySelectorAll('.js-plotly-plot')].every(p => p.querySelector('.main-svg'))
-    && [...document.querySelectorAll('[data-testid="stDataFrame"]')].every(d => d.querySelector('canvas'))"""
-"""True once the web fonts are in (they set every text's width) and every chart and table has drawn itself."""
+DRAWN = """() => { const shown = s => [...document.querySelectorAll(s)].filter(e => e.checkVisibility());
+    return document.fonts.status === 'loaded' && shown('[data-testid="stSkeleton"]').length === 0
+        && shown('.js-plotly-plot').every(p => p.querySelector('.main-svg'))
+        && shown('[data-testid="stDataFrame"]').every(d => d.querySelector('canvas')); }"""
+"""True once the web fonts are in (they set every text's width), no element in view waits for its code (Streamlit
+shows a skeleton meanwhile) and every chart and table in view has drawn itself."""
 
 
 def idle(page) -> None:
@@ -151,7 +155,7 @@ def test_overview(server, page):
     page.get_by_role("heading", name="Latent densities").wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
     assert page.get_by_text("256", exact=True).count() >= 1  # SAE width
-    for label in ("Explained variance (all counted tokens)", "Explained variance (without massive tokens)"):
+    for label in ("Explained variance", "EV without massive tokens", "CE loss increase (nats)"):
         assert page.get_by_text(label, exact=True).is_visible()
     shot(page, "overview")
 
