@@ -169,7 +169,7 @@ def prepare_output(out: str | Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()):
-        is_sae = (out / "cfg.json").is_file() and (out / "sae_weights.safetensors").is_file()
+        is_sae = (out / "cfg.json").is_file()
         if not is_sae:  # --force replaces an SAE (a retrained one), never a folder of something else
             raise FileExistsError(f"output directory {out} holds files that are not an SAE ({_sample(out)}); "
                                   "--force replaces only an earlier SAE: choose another --out")

@@ -149,18 +149,18 @@ def precompute(
     **options,
 ) -> dict:
     """Compute a run directory for ``sae`` on ``corpus``; returns the manifest. See ``PrecomputeConfig``."""
+    cfg = PrecomputeConfig(
+        context_len=context_len, tokens=tokens, batch_size=batch_size, include_special=include_special,
+        include_first=include_first, **options,
+    )
+    started = time.perf_counter()
+    hook = check_inputs(lm, sae, corpus, cfg.context_len)  # before anything is created: bad inputs leave nothing
+    contexts = iter_contexts(lm.tokenizer, corpus, cfg.context_len)
+    first = next(contexts, None)
+    if first is None:
+        raise ValueError(f"corpus {corpus} is shorter than one context of {cfg.context_len} tokens")
+    identity = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
     with lock.hold(out_dir, "saescope precompute"):
-        cfg = PrecomputeConfig(
-            context_len=context_len, tokens=tokens, batch_size=batch_size, include_special=include_special,
-            include_first=include_first, **options,
-        )
-        started = time.perf_counter()
-        hook = check_inputs(lm, sae, corpus, cfg.context_len)
-        contexts = iter_contexts(lm.tokenizer, corpus, cfg.context_len)
-        first = next(contexts, None)
-        if first is None:
-            raise ValueError(f"corpus {corpus} is shorter than one context of {cfg.context_len} tokens")
-        identity = {"model_hash": rundir.model_fingerprint(lm), "sae_hash": rundir.sae_fingerprint(sae)}
         staging = rundir.prepare(out_dir, **identity, force=force)
         try:
             return _run(lm, sae, compute_copy(sae, lm), hook, corpus, itertools.chain([first], contexts), cfg, staging,
