@@ -24,6 +24,11 @@ def _model(name: str, device: str, dtype: str):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.settings:
+        for name, value, doc in settings.describe():
+            print(f"{name} = {value}\n    {doc}")
+        if not args.model and not args.path:
+            return 0
     if args.model:
         lm = _model(args.model, args.device, args.dtype)
         print(f"model: {lm.name}\nfamily: {lm.family.name} ({lm.config.model_type})")
@@ -237,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe an SAE and/or list a model's hook points")
     p.add_argument("path", nargs="?", help="SAE directory (SAELens or sparsify) or SAELens RELEASE/SAE_ID")
     model_opts(p, required=False)
+    p.add_argument("--settings", action="store_true",
+                   help="list every SAESCOPE_* environment variable, its value here (secrets hidden) and what it does")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train-sae", help="train a TopK SAE on streamed activations")
