@@ -15,6 +15,9 @@ from pathlib import Path
 
 from . import tables
 
+CORPUS_HELP = ("text/jsonl file (.gz/.xz ok) or a directory of them; a Parquet/Arrow file or directory; or a Hugging Face "
+               "dataset hf:NAME[:split][:column] (pip install 'saescope[hf]'); input_ids/tokens columns are used as stored")
+"""What ``--corpus`` takes (the help of every command that reads a corpus)."""
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.xz", ".jsonl.xz")
 
 

@@ -12,6 +12,7 @@ linear error map, logit effects, neighbours and labels; then the files, the Duck
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shutil
 import sys
@@ -38,7 +39,7 @@ from .runwriter import RunWriter
 from .sampling import ContextSample, is_heldout
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecomputeConfig:
     """Settings of one precompute run (recorded in the manifest)."""
 
@@ -137,22 +138,16 @@ def precompute(
     sae: SAE,
     corpus: str | Path,
     out_dir: str | Path,
+    cfg: PrecomputeConfig | None = None,
     *,
-    tokens: int | None = None,
-    context_len: int = 128,
-    batch_size: int = 16,
-    include_special: bool = False,
-    include_first: bool = False,
     force: bool = False,
     progress: bool = True,
     sae_path: str | Path | None = None,
-    **options,
+    **settings,
 ) -> dict:
-    """Compute a run directory for ``sae`` on ``corpus``; returns the manifest. See ``PrecomputeConfig``."""
-    cfg = PrecomputeConfig(
-        context_len=context_len, tokens=tokens, batch_size=batch_size, include_special=include_special,
-        include_first=include_first, **options,
-    )
+    """Compute a run directory for ``sae`` on ``corpus`` with the settings ``cfg`` (passed whole; ``settings``
+    replace some of its fields, e.g. ``context_len=64``); returns the manifest."""
+    cfg = dataclasses.replace(cfg or PrecomputeConfig(), **settings)
     started = time.perf_counter()
     hook = check_inputs(lm, sae, corpus, cfg.context_len)  # before anything is created: bad inputs leave nothing
     contexts = iter_contexts(lm.tokenizer, corpus, cfg.context_len)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.train
+import engine.train.sae
 from engine.analysis.metrics import ce_metrics
 from engine.data.corpus import iter_contexts
 from engine.saes import SAEConfig, build_sae
@@ -42,14 +42,14 @@ def sae_and_contexts(lm, corpus):  # noqa: F811
 def test_train_evaluate_scores_ce_where_precompute_does(lm, sae_and_contexts, monkeypatch):  # noqa: F811
     sae, w, contexts = sae_and_contexts
     seen = {}
-    real = engine.train.ce_metrics
+    real = engine.train.sae.ce_metrics
 
     def spy(lm_, sae_, ids, mask, **kw):
         seen["ids"], seen["mask"] = ids, mask
         return real(lm_, sae_, ids, mask, **kw)
 
-    monkeypatch.setattr(engine.train, "ce_metrics", spy)
-    summary = engine.train.evaluate(lm, sae, HOOK, contexts, ce_contexts=16, batch=BATCH)
+    monkeypatch.setattr(engine.train.sae, "ce_metrics", spy)
+    summary = engine.train.sae.evaluate(lm, sae, HOOK, contexts, ce_contexts=16, batch=BATCH)
     ids = torch.tensor(contexts[:16])
     rule, n_massive = _counted(lm, HOOK, ids)  # precompute's rule, written out by hand
     loose, _ = _counted(lm, HOOK, ids, include_massive=True)

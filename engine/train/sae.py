@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import atomic, lock
-from .analysis.metrics import ReconStats, ce_metrics
-from .data.activations import iter_activations
-from .data.corpus import corpus_files, iter_contexts
-from .model.loading import LoadedModel
-from .model.machine import choose_dtype
-from .saes import SAEConfig, build_sae
+from .. import atomic, lock
+from ..analysis.metrics import ReconStats, ce_metrics
+from ..data.activations import iter_activations
+from ..data.corpus import corpus_files, iter_contexts
+from ..model.loading import LoadedModel
+from ..model.machine import choose_dtype
+from ..saes import SAEConfig, build_sae
 
 
 @dataclass
