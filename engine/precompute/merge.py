@@ -29,7 +29,7 @@ from ..run import rundir, schema
 from .accumulators import FeatureStats
 from .pipeline import PassState, PrecomputeConfig
 from .reservoirs import ExampleReservoirs
-from .runwriter import RunWriter
+from .runwriter import RunTarget, RunWriter
 from .shards import Job, Task, contexts_path, done, load_inputs, load_state, shards_dir, state_path
 
 
@@ -166,9 +166,9 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
         "merge_contexts_seconds": contexts_seconds,
         "merge_stats_seconds": stats_seconds,
     }
-    writer = RunWriter(lm, sae, compute_copy(sae, lm), sae.cfg.hook_name, job.corpus, cfg, staging, out, job.identity,
-                       job.sae, state.n_contexts * cfg.context_len,
-                       job_started if job_started is not None else merge_started - pass_seconds)
+    writer = RunWriter(RunTarget(lm, sae, compute_copy(sae, lm), sae.cfg.hook_name, job.corpus, cfg, staging, Path(out),
+                                 job.identity, job.sae, state.n_contexts * cfg.context_len,
+                                 job_started if job_started is not None else merge_started - pass_seconds))
     tick = time.perf_counter()
     manifest_timings = {**timings, "merge_seconds": 0.0}
     manifest = writer.final(state, None, manifest_timings)  # examples merge while they are written

@@ -35,7 +35,7 @@ from .accumulators import FeatureStats, SparseCodes, sparse_codes
 from .darkmatter import LinearErrorStats
 from .heads import HeadAttribution, attention_hook
 from .reservoirs import ExampleReservoirs
-from .runwriter import RunWriter
+from .runwriter import RunTarget, RunWriter
 from .sampling import ContextSample, is_heldout
 
 
@@ -158,29 +158,31 @@ def precompute(
     with lock.hold(out_dir, "saescope precompute"):
         staging = rundir.prepare(out_dir, **identity, force=force)
         try:
-            return _run(lm, sae, compute_copy(sae, lm), hook, corpus, itertools.chain([first], contexts), cfg, staging,
-                        Path(out_dir), identity, sae_path, progress, started)
+            run = RunTarget(lm, sae, compute_copy(sae, lm), hook, corpus, cfg, staging, Path(out_dir), identity, sae_path,
+                            None, started)
+            return _run(run, itertools.chain([first], contexts), progress)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
 
-def _run(lm, sae, run_sae, hook, corpus, contexts, cfg, staging, out_dir, identity, sae_path, progress, started) -> dict:
+def _run(run: RunTarget, contexts, progress: bool) -> dict:
+    lm, sae, hook, cfg = run.lm, run.sae, run.hook, run.cfg
     timings: dict[str, float] = {}
     n_contexts = cfg.tokens // cfg.context_len if cfg.tokens else None
     if n_contexts is None and progress:  # one cheap tokenizing pass, so the bar can show an ETA
         print("precompute: counting the corpus' contexts (pass --tokens to skip this)...", file=sys.stderr, flush=True)
-        n_contexts = sum(1 for _ in iter_contexts(lm.tokenizer, corpus, cfg.context_len))
+        n_contexts = sum(1 for _ in iter_contexts(lm.tokenizer, run.corpus, cfg.context_len))
     if cfg.tokens:
         contexts = itertools.islice(contexts, n_contexts)
-    timings["setup_seconds"] = time.perf_counter() - started
-    target = n_contexts * cfg.context_len if n_contexts else None
-    writer = RunWriter(lm, sae, run_sae, hook, corpus, cfg, staging, out_dir, identity, sae_path, target, started)
+    timings["setup_seconds"] = time.perf_counter() - run.started
+    run = dataclasses.replace(run, target_tokens=n_contexts * cfg.context_len if n_contexts else None)
+    writer = RunWriter(run)
 
     heads, note = head_attribution(lm, sae, hook, cfg)
     tick = time.perf_counter()
-    state, context_file = _main_pass(lm, run_sae, hook, contexts, cfg, staging, n_contexts, progress, writer, timings,
-                                     heads, note)
+    state, context_file = _main_pass(lm, run.run_sae, hook, contexts, cfg, run.staging, n_contexts, progress, writer,
+                                     timings, heads, note)
     timings["main_pass_seconds"] = time.perf_counter() - tick - writer.timings["snapshot_seconds"]
     if heads is not None:
         timings["head_attribution_seconds"] = heads.seconds

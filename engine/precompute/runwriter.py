@@ -18,8 +18,10 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,14 +56,41 @@ def ce_contexts(n_contexts: int, cfg) -> int:
     return min(cfg.sample_contexts, max(1, n_contexts // cfg.ce_every))
 
 
+@dataclass(frozen=True)
+class RunTarget:
+    """One run being written: what it is computed from, with which settings, and where it goes (passed whole)."""
+
+    lm: Any
+    """The model (``LoadedModel``)."""
+    sae: Any
+    """The SAE as loaded (its fingerprint names the run)."""
+    run_sae: Any
+    """The SAE as the pass runs it (``compute_copy``: the model's device and, where faster, dtype)."""
+    hook: str
+    corpus: str | Path
+    cfg: Any
+    """The run's ``PrecomputeConfig``."""
+    staging: Path
+    """Where the final files are written before they move into ``out_dir``."""
+    out_dir: Path
+    identity: dict
+    """``{"model_hash", "sae_hash"}``."""
+    sae_path: str | Path | None
+    target_tokens: int | None
+    """Tokens the pass will process (None: not known in advance)."""
+    started: float
+    """``time.perf_counter()`` when the run started."""
+
+
 class RunWriter:
     """Writes snapshots and the final run of one precompute (see the module docstring)."""
 
-    def __init__(self, lm, sae, run_sae, hook: str, corpus, cfg, staging: Path, out_dir: Path, identity: dict,
-                 sae_path, target_tokens: int | None, started: float):
-        self.lm, self.sae, self.run_sae, self.hook, self.corpus, self.cfg = lm, sae, run_sae, hook, corpus, cfg
-        self.staging, self.out_dir, self.identity, self.sae_path = staging, Path(out_dir), identity, sae_path
-        self.target_tokens, self.started = target_tokens, started
+    def __init__(self, run: RunTarget):
+        self.run = run
+        self.lm, self.sae, self.run_sae, self.hook, self.corpus, self.cfg = (
+            run.lm, run.sae, run.run_sae, run.hook, run.corpus, run.cfg)
+        self.staging, self.out_dir, self.identity, self.sae_path = run.staging, Path(run.out_dir), run.identity, run.sae_path
+        self.target_tokens, self.started = run.target_tokens, run.started
         self.writer_id = rundir.writer_identity()
         self.snapshots = 0
         self.failed_snapshots: list[str] = []
@@ -70,10 +99,10 @@ class RunWriter:
         self._facts: dict | None = None
         self._vocab: list[str] | None = None
         self._losses: dict[int, dict[str, torch.Tensor]] = {}
-        self._next_tokens = cfg.snapshot_tokens or 0
+        self._next_tokens = run.cfg.snapshot_tokens or 0
         self._next_time = 0.0
         self._pass_started = time.perf_counter()
-        self._resume = can_resume(lm, hook)
+        self._resume = can_resume(run.lm, run.hook)
 
     # --- snapshots ---------------------------------------------------------------------------------
     def snapshot_due(self, n_seen_tokens: int) -> bool:
