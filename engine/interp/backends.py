@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .. import settings
@@ -69,6 +70,16 @@ class ChatBackend(Protocol):
     def stream(self, messages: Messages, max_tokens: int = 48, temperature: float = 0.0) -> Iterator[str]: ...
 
     def yes_probability(self, conversations: list[Messages]) -> list[float]: ...
+
+
+class SentenceEmbedder(Protocol):
+    """What the embedding scorer and search by meaning need: unit-length vectors for texts (``embed.Embedder``, or
+    any model wrapped this way)."""
+
+    name: str
+    """Recorded with each stored embedding: vectors of different models are never compared."""
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
 def _digit_ids(tokenizer) -> tuple[list[int], list[int]]:

@@ -30,7 +30,7 @@ from .. import lock
 from ..run import rundir
 from ..run import schema as run_schema
 from . import parts, prompts, schema, scorers
-from .backends import ChatBackend
+from .backends import ChatBackend, SentenceEmbedder
 from .data import LatentData, QuietPool, RunExamples
 from .scorers import Excerpt
 
@@ -201,7 +201,7 @@ def outcome(answer: str) -> tuple[str | None, str, str]:
     return (text, "ok", "") if text is not None else (None, "failed", f"{reason}: {answer[:80]!r}")
 
 
-def wanted_scorers(names: tuple[str, ...] | list[str], judge: ChatBackend | None, embedder) -> list[str]:
+def wanted_scorers(names: tuple[str, ...] | list[str], judge: ChatBackend | None, embedder: SentenceEmbedder | None) -> list[str]:
     """The scorers among ``names`` that can run here (a judge for detection and fuzzing, an embedder for
     embedding); an unknown name is a ``ValueError``."""
     unknown = [s for s in names if s not in scorers.SCORERS]
@@ -229,7 +229,8 @@ def quiet_for(examples: RunExamples, pool: QuietPool, lat: LatentData, cfg: Expl
 
 
 def score_and_embed(lat: LatentData, quiet: list[Excerpt], text: str, name: str, wanted: list[str],
-                    judge: ChatBackend | None, embedder, seed: int) -> tuple[list[scorers.Score], list[dict], dict | None]:
+                    judge: ChatBackend | None, embedder: SentenceEmbedder | None, seed: int
+                    ) -> tuple[list[scorers.Score], list[dict], dict | None]:
     """Score one explanation on the latent's held-out and ``quiet`` excerpts and embed it: (scores, their rows, the
     embedding row or None without an embedder)."""
     vector = embedder.encode([text])[0] if embedder is not None else None
@@ -251,7 +252,7 @@ def write_rows(run_dir: Path, explanations: pa.Table, score_rows: list[dict], em
 
 
 def score_one(latent: LatentData, quiet: list[Excerpt], explanation: str, wanted: list[str], judge: ChatBackend | None,
-              embedder, vector: np.ndarray | None, seed: int) -> list[scorers.Score]:
+              embedder: SentenceEmbedder | None, vector: np.ndarray | None, seed: int) -> list[scorers.Score]:
     excerpts = latent.heldout + quiet
     out = []
     for name in wanted:
@@ -281,8 +282,8 @@ def _finite(value):
     return value
 
 
-def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: ChatBackend | None = None, embedder=None,
-                cfg: ExplainConfig | None = None, progress: bool = True,
+def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: ChatBackend | None = None,
+                embedder: SentenceEmbedder | None = None, cfg: ExplainConfig | None = None, progress: bool = True,
                 on_explanation: Callable[[int, str | None], None] | None = None) -> dict:
     """Explain and score the latents ``cfg.features`` of a finished run; returns counts and the throughput.
 

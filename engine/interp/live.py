@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import lock
 from . import explain, prompts, schema
-from .backends import ChatBackend
+from .backends import ChatBackend, SentenceEmbedder
 from .data import LatentData, RunExamples
 from .explain import ExplainConfig
 from .index import source_files
@@ -87,7 +87,7 @@ class Streamed:
         self.result = yield from self._pieces
 
 
-def explain_latent(run_dir: str | Path, feature_id: int, explainer: ChatBackend, *, embedder=None,
+def explain_latent(run_dir: str | Path, feature_id: int, explainer: ChatBackend, *, embedder: SentenceEmbedder | None = None,
                    scorers: tuple[str, ...] | None = None, judge: ChatBackend | None = None,
                    cfg: ExplainConfig | None = None) -> Generator[str, None, LiveResult]:
     """Explain latent ``feature_id`` of a finished run now: a generator of the reply's text pieces that returns a

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import prompts
-from .backends import ChatBackend
+from .backends import ChatBackend, SentenceEmbedder
 
 SCORERS = ("detection", "fuzzing", "embedding")
 
@@ -118,7 +118,8 @@ def fuzzing(backend: ChatBackend, explanation: str, excerpts: list[Excerpt], see
     return _classifier("fuzzing", labels, backend.yes_probability(convs), excerpts)
 
 
-def embedding(embedder, explanation: str, excerpts: list[Excerpt], explanation_vector: np.ndarray | None = None) -> Score:
+def embedding(embedder: SentenceEmbedder, explanation: str, excerpts: list[Excerpt],
+              explanation_vector: np.ndarray | None = None) -> Score:
     query = explanation_vector if explanation_vector is not None else embedder.encode([explanation])[0]
     vectors = embedder.encode([e.text for e in excerpts])
     sims = vectors @ query

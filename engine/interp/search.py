@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ..run import schema as run_schema
 from ..run.store import feature_densities
 from . import schema
+from .backends import SentenceEmbedder
 from .index import fallback_dir, source_files
 from .store import InterpStore
 from .vectors import INDEX_VERSION, IVF_MIN, N_LISTS, N_PROBE, Hit, VectorIndex, unit
@@ -194,6 +195,6 @@ class SemanticSearch:
         return [Hit(h.feature_id, h.similarity, h.density, h.score, h.explainer, h.prompt_version,
                     texts.get((h.feature_id, h.explainer, h.prompt_version))) for h in hits]
 
-    def search_text(self, text: str, embedder, k: int = 50, **filters) -> list[Hit]:
+    def search_text(self, text: str, embedder: SentenceEmbedder, k: int = 50, **filters) -> list[Hit]:
         """Embed ``text`` with ``embedder`` (an ``engine.interp.embed.Embedder``) and search."""
         return self.search(embedder.encode([text])[0], k, **filters)
