@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 import streamlit as st
 
 from dashboard import cache, render
+from engine.run.manifest import sections
 from engine.run.rows import FeatureSummary
 from engine.run.rundir import PARTIAL, writer_alive
 from engine.run.schema import MANIFEST
@@ -108,12 +109,12 @@ def live_notice(run: str) -> None:
         man = cache.manifest(run)
     except Exception:
         return
-    snap = man.get("snapshot") or {}
-    if snap.get("final", True):
+    snap = sections(man).snapshot
+    if snap.final:
         return
-    seen, target = snap.get("seen_tokens") or 0, snap.get("target_tokens")
+    seen, target = snap.seen_tokens or 0, snap.target_tokens
     where_in = f"{seen:,} of {target:,} tokens ({seen / target:.0%}, " if target else f"the first {seen:,} tokens ("
-    share = f"{where_in}snapshot {render.md(snap.get('index'))})"
+    share = f"{where_in}snapshot {render.md(snap.index)})"
     alive = writer_alive(man)
     if alive is False:
         st.warning(
@@ -122,7 +123,7 @@ def live_notice(run: str) -> None:
             icon=":material/pause_circle:",
         )
         return
-    where = "" if alive else f" on {render.md(snap.get('host'))}"
+    where = "" if alive else f" on {render.md(snap.host)}"
     st.info(
         f"Still computing{where}: this page reflects {share}. "
         "Refinement continues; the page updates itself when the next snapshot lands.",
@@ -204,8 +205,8 @@ def live(run_dir: str):
     except Exception as err:
         fail(f"Could not load the SAE {render.code(sae_source(man))}: {render.md(err)}")
     try:
-        loaded.check_model(lm, (man.get("model") or {}).get("hash"), "this run")
-        loaded.check_sae(sae, (man.get("sae") or {}).get("hash"), sae_source(man), "this run")
+        loaded.check_model(lm, sections(man).model.hash, "this run")
+        loaded.check_sae(sae, sections(man).sae.hash, sae_source(man), "this run")
     except loaded.FingerprintMismatch as err:
         fail(f"Live pages are off for this run: {render.md(err)}")
     return lm, sae

@@ -11,6 +11,7 @@ import streamlit as st
 from dashboard import cache, charts, common, render
 from dashboard.feature_view import example_html
 from dashboard.render import fmt
+from engine.run.manifest import sections
 from engine.run.schema import MANIFEST
 
 CARD = {
@@ -43,9 +44,8 @@ def known_runs() -> dict[str, str]:
 
 def identity(run: str) -> tuple:
     """What two runs must share to be compared: the model's hash, the SAE's hook point and input width."""
-    man = cache.manifest(run)
-    model, sae = man.get("model") or {}, man.get("sae") or {}
-    return model.get("hash"), sae.get("hook"), sae.get("d_in")
+    info = sections(cache.manifest(run))
+    return info.model.hash, info.sae.hook, info.sae.d_in
 
 
 def peers(identities: dict[str, tuple]) -> dict[str, list[str]]:

@@ -15,6 +15,7 @@ import streamlit as st
 
 from dashboard import cache, charts, render
 from dashboard.render import fmt
+from engine.run.manifest import sections
 from engine.run.rows import Example, ExampleDFA, FeatureRow
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def example_dfa_html(example: Example, row: ExampleDFA, names: list[str]) -> str
 def show(run: str, row: FeatureRow) -> None:
     """The feature page's head panel (a one-line note for SAEs not on ``attn.hook_z`` and runs without it)."""
     man = cache.manifest(run)
-    hook = str((man.get("sae") or {}).get("hook") or "")
+    hook = str(sections(man).sae.hook or "")
     layer = attention_layer(hook)
     if layer is None:
         st.caption(f"Head attribution applies to attention-output SAEs (`attn.hook_z`); this SAE reads {render.code(hook)}.")

@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard import cache, charts, common, render
 from dashboard.compare_view import EVALUATION
 from dashboard.render import fmt
+from engine.run.manifest import sections
 
 EVALUATION_HELP = {
     "core/l2_ratio": "mean ‖x̂‖ / ‖x‖ over a token sample (below 1: shrinkage)",
@@ -21,7 +22,8 @@ run = common.current_run()
 store = common.run_store(run)
 man = store.manifest()
 metrics = store.metrics()
-model, sae, corpus = man.get("model") or {}, man.get("sae") or {}, man.get("corpus") or {}
+run_info = sections(man)
+model, sae, corpus = run_info.model, run_info.sae, run_info.corpus
 
 st.title("Overview")
 st.caption("Run " + render.code(run))
@@ -29,20 +31,19 @@ st.caption("Run " + render.code(run))
 left, mid, right = st.columns(3)
 with left.container(border=True):
     st.markdown("**Model**")
-    st.markdown(render.code(model.get("name", "?")))
-    st.caption(f"dtype {render.md(model.get('dtype', '?'))} · hash {render.md(model.get('hash', '?'))}")
+    st.markdown(render.code(model.name or "?"))
+    st.caption(f"dtype {render.md(model.dtype or '?')} · hash {render.md(model.hash or '?')}")
 with mid.container(border=True):
     st.markdown("**SAE**")
-    st.markdown(f"{render.md(sae.get('architecture', '?'))} · **{sae.get('d_sae', 0):,}** latents · "
-                f"d_in {render.md(sae.get('d_in', '?'))}")
-    st.caption("hook " + render.code(sae.get("hook", sae.get("hook_name", "?")))
-               + (f" · k = {render.md(sae['k'])}" if sae.get("k") else ""))
+    st.markdown(f"{render.md(sae.architecture or '?')} · **{sae.d_sae or 0:,}** latents · "
+                f"d_in {render.md(sae.d_in or '?')}")
+    st.caption("hook " + render.code(sae.hook or "?") + (f" · k = {render.md(sae.k)}" if sae.k else ""))
 with right.container(border=True):
     st.markdown("**Corpus**")
-    st.markdown(render.code(corpus.get("name", "?")))
+    st.markdown(render.code(corpus.name or "?"))
     st.caption(
-        f"{corpus.get('n_tokens', 0):,} tokens · {corpus.get('n_contexts', 0):,} contexts of "
-        f"{render.md(corpus.get('context_len', '?'))} tokens"
+        f"{corpus.n_tokens or 0:,} tokens · {corpus.n_contexts or 0:,} contexts of "
+        f"{render.md(corpus.context_len or '?')} tokens"
     )
 
 densities = store.densities()
@@ -56,7 +57,7 @@ if increase is None and clean is not None and with_sae is not None:
 ci95, kl_ablation = metrics.ce_loss_increase_ci95, metrics.kl_div_with_ablation
 ev_with, ev_without = metrics.explained_variance_with_massive, metrics.explained_variance_without_massive
 if ev_with is None and ev_without is None:  # runs written before both were recorded: the statistic tokens' one
-    counts_massive = bool((man.get("settings") or {}).get("include_massive"))
+    counts_massive = bool(run_info.settings.get("include_massive"))
     ev_with, ev_without = (metrics.explained_variance, None) if counts_massive else (None, metrics.explained_variance)
 # Four cards a row: at a 1366 px laptop width with the sidebar open each is ~210 px, enough for the whole label and
 # value; the details go to the help text (and the interval under the value).

@@ -20,6 +20,7 @@ from .. import lock
 from ..model.loading import LoadedModel
 from ..model.machine import cpu_facts
 from ..run.loaded import load_run_model, load_run_sae
+from ..run.manifest import sections
 from ..run.store import RunStore
 from . import files, schema
 from .matching import DENSE_LIMIT, one_to_one, top_matches
@@ -98,7 +99,7 @@ def compare_runs(run_dirs: list[str | Path], *, cfg: CompareConfig | None = None
 def _compare(stores: list[RunStore], cfg: CompareConfig, out, lm, device, dtype) -> list[Path]:
     started = time.perf_counter()
     check_comparable(stores)
-    stores = sorted(stores, key=lambda s: int((s.manifest().get("sae") or {}).get("d_sae") or 0))
+    stores = sorted(stores, key=lambda s: int(sections(s.manifest()).sae.d_sae or 0))
     lm = load_run_model(stores[0].manifest(), f"run {stores[0].run_dir}", lm=lm, device=device, dtype=dtype)
     saes = [load_run_sae(s.manifest(), f"run {s.run_dir}", device=lm.device) for s in stores]
     timings = {"load_seconds": time.perf_counter() - started}
@@ -207,10 +208,10 @@ def _finish(p: _Pair, stores, cfg: CompareConfig, n_tokens: int, n_contexts: int
     a_store, b_store = stores[p.a], stores[p.b]
     facts = cpu_facts()
     return {
-        "a": {**card(a_store), "model": (a_store.manifest().get("model") or {}).get("name"),
-              "sae_hash": (a_store.manifest().get("sae") or {}).get("hash")},
-        "b": {**card(b_store), "sae_hash": (b_store.manifest().get("sae") or {}).get("hash")},
-        "hook": (a_store.manifest().get("sae") or {}).get("hook"),
+        "a": {**card(a_store), "model": sections(a_store.manifest()).model.name,
+              "sae_hash": sections(a_store.manifest()).sae.hash},
+        "b": {**card(b_store), "sae_hash": sections(b_store.manifest()).sae.hash},
+        "hook": sections(a_store.manifest()).sae.hook,
         "settings": asdict(cfg),
         "assignment": {"method": p.method, "cells": len(best_cos) * n_b, "dense_limit": DENSE_LIMIT},
         "sample": {"n_tokens": n_tokens, "n_contexts": n_contexts, "from_run": str(stores[0].run_dir)},

@@ -16,6 +16,7 @@ from .. import lock
 from ..model.loading import LoadedModel
 from ..model.machine import cpu_facts
 from ..run.loaded import load_run_model, load_run_sae
+from ..run.manifest import sections
 from ..run.store import RunStore
 from . import files, schema
 from .absorption import AbsorptionConfig, absorption
@@ -59,7 +60,7 @@ def core_rows(lm: LoadedModel, sae, store: RunStore, cfg: EvaluateConfig) -> lis
 
 
 def probing_rows(lm: LoadedModel, sae, store: RunStore, cfg: EvaluateConfig) -> list[Row]:
-    corpus = cfg.probe_corpus or (store.manifest().get("corpus") or {}).get("path")
+    corpus = cfg.probe_corpus or sections(store.manifest()).corpus.path
     if not corpus or not Path(corpus).exists():
         raise FileNotFoundError(f"no corpus for the probing texts at {corpus!r}: pass --probe-corpus")
     blocks = corpus_blocks(corpus)
@@ -97,8 +98,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, *, lm: 
             man = store.manifest()
         facts = cpu_facts()
         meta = {
-            "run": str(run_dir), "created": man.get("created"), "model_hash": (man.get("model") or {}).get("hash"),
-            "sae_hash": (man.get("sae") or {}).get("hash"), "n_tokens": (man.get("corpus") or {}).get("n_tokens"),
+            "run": str(run_dir), "created": man.get("created"), "model_hash": sections(man).model.hash,
+            "sae_hash": sections(man).sae.hash, "n_tokens": sections(man).corpus.n_tokens,
             "settings": asdict(cfg), "timings": {k: round(v, 3) for k, v in timings.items()},
             "machine": {"cpu": facts.model, "threads": facts.threads, "device": str(lm.device), "dtype": str(lm.dtype)},
         }

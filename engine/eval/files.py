@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import atomic
+from ..run.manifest import sections
 from ..run.parquet import write_table
 from . import schema
 
@@ -112,7 +113,7 @@ def evaluation_summary(run_dir: str | Path, manifest: dict | None = None) -> tup
     values = {summary_key(r["group"], r["metric"], r["k"]): r["value"] for r in table.to_pylist() if r["task"] is None}
     stale = False
     if manifest is not None:
-        stale = meta.get("sae_hash") != (manifest.get("sae") or {}).get("hash") or meta.get("created") != manifest.get("created")
+        stale = meta.get("sae_hash") != sections(manifest).sae.hash or meta.get("created") != manifest.get("created")
     return values, meta, stale
 
 

@@ -19,6 +19,7 @@ from ..analysis.interventions import compute_copy
 from ..data.activations import iter_activations
 from ..model.loading import LoadedModel
 from ..run import schema
+from ..run.manifest import sections
 from ..run.parquet import read_context_tokens
 from ..run.store import RunStore
 from ..saes import SAE, ForwardOutput
@@ -35,8 +36,8 @@ class SampleBatch(NamedTuple):
 
 def sample_contexts(store: RunStore, tokens: int) -> list[list[int]]:
     """About ``tokens`` tokens of the run's contexts: whole contexts, evenly spread over the run."""
-    corpus = store.manifest().get("corpus") or {}
-    n_contexts, context_len = int(corpus.get("n_contexts") or 0), int(corpus.get("context_len") or 0)
+    corpus = sections(store.manifest()).corpus
+    n_contexts, context_len = int(corpus.n_contexts or 0), int(corpus.context_len or 0)
     if n_contexts < 1 or context_len < 1:
         raise ValueError(f"the run {store.run_dir} records no contexts in its manifest")
     want = min(n_contexts, max(1, math.ceil(tokens / context_len)))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import lock
 from ..run import rundir
 from ..run import schema as run_schema
+from ..run.manifest import sections
 from . import parts, prompts, schema, scorers
 from .backends import ChatBackend, SentenceEmbedder
 from .data import LatentData, QuietPool, RunExamples
@@ -101,7 +102,7 @@ def finished_manifest(run_dir: Path) -> dict:
                                 "its first snapshot): explain it once precompute has finished")
     if manifest is None:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {run_schema.MANIFEST}): run saescope precompute first")
-    if manifest.get("data_dir") or not (manifest.get("snapshot") or {}).get("final", True):
+    if manifest.get("data_dir") or not sections(manifest).snapshot.final:
         raise ValueError(f"{run_dir} is still being computed (a snapshot): explain it once precompute has finished")
     return manifest
 

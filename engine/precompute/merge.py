@@ -26,6 +26,7 @@ import torch
 from .. import atomic, lock
 from ..analysis.interventions import compute_copy
 from ..run import rundir, schema
+from ..run.manifest import sections
 from .accumulators import FeatureStats
 from .pipeline import PassState, PrecomputeConfig
 from .reservoirs import ExampleReservoirs
@@ -92,7 +93,7 @@ def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_state
         folder = shards_dir(out)
         shutil.rmtree(folder.with_name(f".{folder.name}.old-removing"), ignore_errors=True)  # a removal cut short
         finished = rundir.read_manifest(out)
-        if not folder.is_dir() and finished is not None and (finished.get("snapshot") or {}).get("final", True):
+        if not folder.is_dir() and finished is not None and sections(finished).snapshot.final:
             return finished  # merged already (the states were removed after the run was in place)
         job = Job.load(folder)
         tasks = job.tasks()

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..model.loading import LoadedModel, load_model
 from ..saes import SAE, load_sae
+from .manifest import sections
 from .rundir import model_fingerprint, sae_fingerprint
 
 
@@ -30,15 +31,14 @@ def local_path(source: str | Path) -> str:
 def model_source(manifest: Mapping[str, Any]) -> str:
     """Where the run's model comes from: its recorded local path, else its name (a hub id or an older manifest's
     path as typed)."""
-    model = manifest.get("model") or {}
-    source = model.get("path") or model.get("name")
+    source = sections(manifest).model.source
     if not source:
         raise ValueError("the run's manifest does not say which model it was computed on")
     return str(source)
 
 
 def sae_source(manifest: Mapping[str, Any]) -> str:
-    path = (manifest.get("sae") or {}).get("path")
+    path = sections(manifest).sae.path
     if not path:
         raise ValueError("the run's manifest does not say where its SAE is stored")
     return str(path)
@@ -63,7 +63,7 @@ def load_run_model(manifest: Mapping[str, Any], what: str, *, lm: LoadedModel | 
     run in messages."""
     if lm is None:
         lm = load_model(model_source(manifest), device=device, dtype=dtype)
-    check_model(lm, (manifest.get("model") or {}).get("hash"), what)
+    check_model(lm, sections(manifest).model.hash, what)
     return lm
 
 
@@ -74,5 +74,5 @@ def load_run_sae(manifest: Mapping[str, Any], what: str, *, device: Any = "cpu")
         sae = load_sae(path, device=device)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"the SAE of {what} is not at {path!r} (the path its manifest records): {err}") from err
-    check_sae(sae, (manifest.get("sae") or {}).get("hash"), path, what)
+    check_sae(sae, sections(manifest).sae.hash, path, what)
     return sae

@@ -30,6 +30,7 @@ import torch
 from .. import atomic
 from ..lock import LOCK_FILE
 from . import schema
+from .manifest import sections
 
 PARTIAL = ".partial"
 SNAPSHOTS = ".snapshots"
@@ -140,17 +141,17 @@ def writer_identity() -> dict:
 def writer_alive(manifest: dict) -> bool | None:
     """Whether the process that published this snapshot still runs: True/False on its own host, None elsewhere
     (e.g. a run written on a GPU node into a shared folder), and False for a complete run."""
-    snap = manifest.get("snapshot") or {}
-    if snap.get("final", True):
+    snap = sections(manifest).snapshot
+    if snap.final:
         return False
-    if snap.get("host") != socket.gethostname():
+    if snap.host != socket.gethostname():
         return None
     try:
-        os.kill(int(snap.get("pid", -1)), 0)
+        os.kill(int(snap.pid if snap.pid is not None else -1), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, OverflowError):
-        return True if isinstance(snap.get("pid"), int) else None
+        return True if isinstance(snap.pid, int) else None
     return True
 
 
@@ -167,8 +168,7 @@ def identity(manifest: dict | None) -> dict | None:
     """What a run's latents and examples depend on: model, SAE, corpus and settings (their fingerprints)."""
     if manifest is None:
         return None
-    return {"model": (manifest.get("model") or {}).get("hash"), "sae": (manifest.get("sae") or {}).get("hash"),
-            "corpus": (manifest.get("corpus") or {}).get("hash"), "settings": manifest.get("settings")}
+    return sections(manifest).identity()
 
 
 def set_aside_stale(out: Path, current: dict | None, new: dict) -> Path | None:
@@ -179,8 +179,8 @@ def set_aside_stale(out: Path, current: dict | None, new: dict) -> Path | None:
     found = [out / name for name in schema.DERIVED if (out / name).exists()]
     if not found:
         return None
-    old = identity(current) or {}
-    dest = out / schema.STALE / f"{old.get('sae') or 'unknown'}-{old.get('corpus') or 'unknown'}"
+    old = sections(current)
+    dest = out / schema.STALE / f"{old.sae.hash or 'unknown'}-{old.corpus.hash or 'unknown'}"
     dest.mkdir(parents=True, exist_ok=True)
     for path in found:
         target = dest / path.name

@@ -274,6 +274,7 @@ def wait_for_snapshot(run: Path, child: subprocess.Popen, poll: float = 0.5) -> 
 def run_state(run: Path, sae) -> str:
     """``complete`` (a finished run of this SAE), ``computing`` (a snapshot whose writer still runs here),
     ``partial`` (a snapshot of this SAE whose writer stopped), or ``stale`` (none of these: compute it)."""
+    from ..run.manifest import sections
     from ..run.rundir import read_manifest, sae_fingerprint, writer_alive
 
     try:
@@ -282,10 +283,10 @@ def run_state(run: Path, sae) -> str:
         return "stale"
     if manifest is None:
         return "stale"  # nothing yet
-    model = manifest.get("model") or {}
-    if not Path(model.get("path") or model.get("name") or "").exists():
+    info = sections(manifest)
+    if not Path(info.model.source or "").exists():
         return "stale"  # nothing yet, or the checkout moved: the live pages could not find the model
-    if (manifest.get("sae") or {}).get("hash") != sae_fingerprint(sae):
+    if info.sae.hash != sae_fingerprint(sae):
         return "stale"  # the committed SAE was retrained
     snap = manifest.get("snapshot") or {"final": True}
     if snap.get("final", True):
