@@ -8,10 +8,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: spin-waiting is 3-70x slower on shared CPUs
 
 import argparse
+import errno
 import sys
 
 from .eval import commands as eval_commands
 from .interp import commands as interp_commands
+from .lock import Locked
 from .precompute import commands as precompute_commands
 from .tools import commands as tools_commands
 from .train import commands as train_commands
@@ -32,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, Locked) as err:
         print(f"saescope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        print(f"saescope {args.command}: error: {err} (the previous output, if any, is left as it was)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"saescope {args.command}: interrupted; nothing half-written was left behind", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,10 +30,12 @@ def building(target: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         atomic.fsync_file(tmp)
         os.replace(tmp, target)
         atomic.fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as err:
         con.close()
         for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
             leftover.unlink(missing_ok=True)
+        if isinstance(err, duckdb.Error) and "No space left on device" in str(err):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {target.name} in {target.parent}") from err
         raise
 
 

@@ -251,3 +251,32 @@ def test_evaluate_survives_kills(finished, tmp_path):
         lambda w: evaluate_run(w / "run", EvaluateConfig(**{**options, "parts": tuple(options["parts"])}),
                                device="cpu", dtype="float32"),
         compare, tmp_path)
+
+
+def test_two_writers_started_at_once_one_wins(inputs, tmp_path):
+    """Two ``saescope precompute`` processes into one run directory at the same moment: one writes the run, the
+    other is refused naming it, and the run equals an uninterrupted one."""
+    from engine.model.loading import load_model
+    from engine.precompute.pipeline import precompute
+    from engine.saes import load_sae
+    from tests.engine.runs_util import write_corpus
+
+    out = tmp_path / "run"
+    corpus = str(write_corpus(tmp_path / "long.jsonl", n_docs=400))  # a pass of seconds: the two overlap
+    options = {**OPTIONS, "tokens": 16 * 1200}
+    cmd = [sys.executable, "-m", "engine.cli", "precompute", "--model", inputs["model"], "--sae", inputs["sae"],
+           "--corpus", corpus, "--out", str(out), "--dtype", "float32", "--device", "cpu",
+           *[f for k, v in options.items() for f in (f"--{k.replace('_', '-')}", str(v))]]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(300), p.stderr.read() if p.stderr else "") for p in procs]
+    codes = sorted(code for code, _ in results)
+    refused = [err for code, err in results if code != 0]
+    assert codes == [0, 2], results
+    assert "is being written by `saescope precompute" in refused[0] and "pid" in refused[0]
+    reference = tmp_path / "reference"
+    lm = load_model(inputs["model"], device="cpu", dtype="float32")
+    precompute(lm, load_sae(inputs["sae"]), corpus, reference, progress=False, **options)
+    assert run_tables(out) == run_tables(reference)
+    assert not leftovers(out)
