@@ -110,6 +110,7 @@ def show(run: str, store: RunStore, row: FeatureRow) -> None:
     live_explain(run, feature_id, again=bool(usable))
     if not usable:
         return
+    best = usable[0]
     details = cache.interp(run).scores(feature_id, best.explainer, best.prompt_version)
     if details:
         cols = st.columns(len(details))

@@ -84,6 +84,7 @@ else:
     values = result.latent_acts(latent)
 st.html(render.tokens_html(strings, values, titles=titles, color=color, signed=signed))
 if choice.startswith("latent:"):
+    latent = int(choice.split(":")[1])
     common.feature_link(latent, labels.get(latent, ""), suffix=f" — max {fired[latent]:.3g} here; open its feature page")
 
 included = [t for t in rows if t.included]

@@ -164,7 +164,8 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
             return summary
 
         reporter = Reporter.remote()
-        pending = [task.remote(str(out), index, reporter) for index in todo]
+        pending = [task.remote(str(out), index, reporter)  # pyright: ignore[reportAttributeAccessIssue]  (ray's decorator returns a RemoteFunction; its stub types it as the plain function)
+                   for index in todo]
         bar = _Progress(job, todo, progress)
         try:
             while pending:
