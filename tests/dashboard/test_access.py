@@ -95,7 +95,7 @@ def hostile_runs(tiny_runs, tmp_path_factory):
     run = root / HOSTILE.replace("/", "|")
     shutil.copytree(tiny_runs["topk"], run)
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["model"].update(name=HOSTILE, dtype=HOSTILE, hash=HOSTILE)
+    manifest["model"].update(name=HOSTILE, path=HOSTILE, dtype=HOSTILE, hash=HOSTILE)
     manifest["sae"].update(architecture=HOSTILE, hook=HOSTILE)
     manifest["corpus"]["name"] = HOSTILE
     (run / "manifest.json").write_text(json.dumps(manifest))
