@@ -44,7 +44,7 @@ if result.truncated:
 
 rows = result.tokens
 strings = [t.token for t in rows]
-fired = result.codes.max(dim=0).values
+fired = result.max_per_latent()
 order = [int(i) for i in fired.argsort(descending=True)[: min(40, int((fired > 0).sum()))]]
 labels = cache.describe(run, order)  # best explanation, else the top-token label
 options = ["top"] + [f"latent:{i}" for i in order] + ["error", "ce"]

@@ -39,13 +39,23 @@ class TokenLens:
 class LensResult:
     tokens: list[TokenLens]
     codes: torch.Tensor
-    """Dense codes ``[pos, d_sae]`` (float32, CPU); zero rows where not included."""
+    """The active codes, sparse: a ``[pos, d_sae]`` float32 COO tensor on the CPU (nothing where not included).
+    A dense one is 2 MB per token at 1M latents, and the app caches 16 results."""
     truncated: bool
     n_input_tokens: int
 
     def latent_acts(self, latent: int) -> list[float]:
         """Activation of ``latent`` on every token."""
-        return self.codes[:, latent].tolist()
+        index, values = self.codes.indices(), self.codes.values()
+        out = torch.zeros(self.codes.shape[0])
+        hit = index[1] == latent
+        out[index[0][hit]] = values[hit]
+        return out.tolist()
+
+    def max_per_latent(self) -> torch.Tensor:
+        """Each latent's largest activation over the tokens (0 where it never fires), ``[d_sae]``."""
+        index, values = self.codes.indices(), self.codes.values()
+        return torch.zeros(self.codes.shape[1]).scatter_reduce(0, index[1], values, reduce="amax")
 
 
 MAX_PROMPT_CHARS = 1 << 16
@@ -152,4 +162,4 @@ def _describe(lm, ids, cap, mask, logits, top_k, linear_map, truncated, n_input)
                 included=bool(mask[p]),
             )
         )
-    return LensResult(rows, codes.cpu(), truncated, n_input)
+    return LensResult(rows, codes.float().cpu().to_sparse().coalesce(), truncated, n_input)
