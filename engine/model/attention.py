@@ -17,13 +17,13 @@ import copy
 import inspect
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .families import decoder_layers
-from .hooks import StopForward
+from .hooks import ActFn, StopForward
 from .loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -61,8 +61,11 @@ def _eager_twin(attn: nn.Module) -> nn.Module:
     return twin
 
 
-def _additive(mask: torch.Tensor | None, n_pos: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The forward's attention mask as eager attention adds it: 0 where attended, the dtype's minimum elsewhere."""
+def _additive(mask: object, n_pos: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The forward's attention mask as eager attention adds it: 0 where attended, the dtype's minimum elsewhere.
+
+    ``mask`` is whatever the forward passed the attention module: None, a tensor, or another implementation's mask
+    object (flex attention's ``BlockMask``), which is refused."""
     if mask is None:  # sdpa's causal shortcut: no padding, no window shorter than the context
         keep = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()[None, None]
     elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
@@ -83,14 +86,15 @@ def capture_attention(lm: LoadedModel, layer: int, input_ids: torch.Tensor | lis
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     ids = (ids[None] if ids.ndim == 1 else ids).to(lm.device)
     attn, hook_z = attention_module(lm, layer), f"blocks.{layer}.attn.hook_z"
-    owner, seen = threading.get_ident(), {}
+    owner = threading.get_ident()
+    seen: dict[str, Any] = {}
 
-    def record_inputs(module, args, kwargs):
+    def record_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if threading.get_ident() == owner and "call" not in seen:  # other threads' forwards pass untouched
             seen["call"] = inspect.signature(module.forward).bind(*args, **kwargs)
 
-    def record_z(key: str):
-        def fn(z: torch.Tensor):
+    def record_z(key: str) -> ActFn:
+        def fn(z: torch.Tensor) -> None:
             seen[key] = z.float()
             raise StopForward
 
@@ -111,9 +115,10 @@ def capture_attention(lm: LoadedModel, layer: int, input_ids: torch.Tensor | lis
     n_pos, dtype = ids.shape[1], lm.dtype
     twin = _eager_twin(attn)
 
-    def run(mask: torch.Tensor):
-        arguments = {**call.arguments, "attention_mask": mask}
-        kwargs = arguments.pop("kwargs", {})
+    def run(mask: torch.Tensor) -> tuple[Any, ...]:
+        """The twin's output (attention output, weights) on the recorded inputs with ``mask``."""
+        arguments: dict[str, Any] = {**call.arguments, "attention_mask": mask}
+        kwargs: dict[str, Any] = arguments.pop("kwargs", {})
         return twin.forward(**arguments, **kwargs)
 
     pattern = run(_additive(call.arguments.get("attention_mask"), n_pos, dtype, lm.device))[1]

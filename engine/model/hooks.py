@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,7 +127,9 @@ class HookManager:
 
             # ``kwargs=None``: a forward in another thread can meet this hook in the instant between
             # torch registering it and marking it with_kwargs; that thread has no fns here anyway.
-            def pre_hook(module, args, kwargs=None):
+            def pre_hook(
+                module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+            ) -> tuple[tuple[Any, ...], dict[str, Any] | None] | None:
                 fns = self._fns(point.name)
                 if not fns:
                     return None
@@ -139,7 +142,7 @@ class HookManager:
 
             return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
 
-        def post_hook(module, args, output):
+        def post_hook(module: nn.Module, args: tuple[Any, ...], output: object) -> object:
             fns = self._fns(point.name)
             if not fns:
                 return None
@@ -149,7 +152,7 @@ class HookManager:
         return point.module.register_forward_hook(post_hook, prepend=True)
 
     @contextlib.contextmanager
-    def intervene(self, name: str, fn: ActFn) -> Iterator[None]:
+    def intervene(self, name: str, fn: ActFn) -> Generator[None]:
         """Run ``fn`` at hook point ``name`` for forwards made by this thread inside the block."""
         point = self.check(name)
         self._acquire(point)
@@ -198,7 +201,7 @@ class HookManager:
 
 
 @contextlib.contextmanager
-def interventions(manager: HookManager, pairs: Sequence[tuple[str, ActFn]]) -> Iterator[None]:
+def interventions(manager: HookManager, pairs: Sequence[tuple[str, ActFn]]) -> Generator[None]:
     """Several interventions at once (applied in order at each hook point)."""
     with contextlib.ExitStack() as stack:
         for name, fn in pairs:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -221,7 +221,7 @@ def _hub_unreachable() -> str | None:
 
 
 def load_model(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike[str],
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
@@ -239,7 +239,7 @@ def load_model(
     is_local = path.exists()
     if not is_local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"model path {source!r} does not exist")
-    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     if not is_local:
         reason = _hub_unreachable()
         if reason:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class CpuFacts:
     torch: str
     arch: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "flags": list(self.flags)}
 
 
@@ -77,7 +78,7 @@ class DtypeChoice:
             return None
         return self.fp32_ms / self.bf16_ms
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bf16_speedup": self.bf16_speedup}
 
 
@@ -156,7 +157,7 @@ def _cache_key(facts: CpuFacts, width: int) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _read_cache(path: Path) -> dict:
+def _read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -164,7 +165,7 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(path: Path, key: str, entry: dict) -> None:
+def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
     """Add ``entry`` under ``key``; an unwritable cache directory only costs a re-measurement next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def choose_cpu_dtype(
     return _decide(fp32_ms, bf16_ms, "benchmark")
 
 
-def choose_dtype(device: torch.device, width: int = 576, **kwargs) -> DtypeChoice:
+def choose_dtype(device: torch.device, width: int = 576, **kwargs: Any) -> DtypeChoice:
     """What ``--dtype auto`` means on ``device`` for a model of ``width``."""
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():

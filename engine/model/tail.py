@@ -21,7 +21,7 @@ from .families import get_path, parse_hook_name
 from .loading import LoadedModel
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 _CACHE_ARG = cache_argument(create_causal_mask)
@@ -61,7 +61,7 @@ def can_resume(lm: LoadedModel, hook_name: str) -> bool:
     )
 
 
-def _layer_type(config, index: int) -> str:
+def _layer_type(config: PretrainedConfig, index: int) -> str:
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         return layer_types[index]

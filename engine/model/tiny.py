@@ -59,7 +59,7 @@ def tiny_config(family: str = "llama", *, vocab_size: int = 384, d_model: int = 
     )
 
 
-def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> LoadedModel:
+def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs: int) -> LoadedModel:
     """A randomly initialised tiny model of ``family`` with the tiny tokenizer, wrapped with hooks."""
     from transformers import AutoModelForCausalLM
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from . import schema, sql
 
 
 @contextmanager
-def building(target: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+def building(target: Path) -> Generator[duckdb.DuckDBPyConnection]:
     """A connection to a fresh DuckDB file beside ``target``, checkpointed and renamed onto it when the block ends
     normally and removed (with its WAL) when it raises: readers only ever see a whole database."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +15,11 @@ from . import schema
 
 _FLOAT32 = pa.float32()
 
+# pyarrow ships no type information (no stubs, its classes live in a compiled module), so pyright sees pa.Array,
+# pa.DataType, pa.Schema and pa.Table as Unknown: the signatures below that name them say which rule that trips.
 
-def list_array(values: np.ndarray, offsets: np.ndarray | None = None, pa_type: pa.DataType = _FLOAT32) -> pa.Array:
+
+def list_array(values: np.ndarray, offsets: np.ndarray | None = None, pa_type: pa.DataType = _FLOAT32) -> pa.Array:  # pyright: ignore[reportUnknownParameterType]
     """A Parquet list column from a ``[rows, width]`` array, or flat values plus ``offsets``."""
     if offsets is None:
         rows, width = values.shape
@@ -26,7 +29,7 @@ def list_array(values: np.ndarray, offsets: np.ndarray | None = None, pa_type: p
     return cls.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), type=pa_type))
 
 
-def ragged_list_array(rows: list[np.ndarray], pa_type) -> pa.Array:
+def ragged_list_array(rows: list[np.ndarray], pa_type: pa.DataType) -> pa.Array:  # pyright: ignore[reportUnknownParameterType]
     """A list column from rows of different lengths."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -34,7 +37,7 @@ def ragged_list_array(rows: list[np.ndarray], pa_type) -> pa.Array:
     return list_array(flat, offsets, pa_type)
 
 
-def table(columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema) -> pa.Table:
+def table(columns: dict[str, pa.Array | np.ndarray | list[Any]], table_schema: pa.Schema) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]
     """An Arrow table whose columns follow ``table_schema`` exactly (values cast to the schema's types); optional
     columns (``schema.OPTIONAL_COLUMNS``) left out are nulls."""
     arrays = []
@@ -54,7 +57,7 @@ def table(columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Sch
 
 
 def write_table(
-    path: Path, columns: dict[str, pa.Array | np.ndarray | list], table_schema: pa.Schema, row_group_size: int = 65536
+    path: Path, columns: dict[str, pa.Array | np.ndarray | list[Any]], table_schema: pa.Schema, row_group_size: int = 65536  # pyright: ignore[reportUnknownParameterType]
 ) -> int:
     """Write one Parquet file whose columns follow ``table_schema`` exactly; returns the row count."""
     data = table(columns, table_schema)

@@ -21,8 +21,9 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from .. import atomic
 from ..lock import LOCK_FILE
 from . import schema
 from .manifest import sections
+
+if TYPE_CHECKING:
+    from ..model.loading import LoadedModel
+    from ..saes import SAE
 
 PARTIAL = ".partial"
 SNAPSHOTS = ".snapshots"
@@ -42,7 +47,7 @@ RUN_FILES = (
 )
 
 
-def fingerprint(config: dict, tensors: Iterable[tuple[str, torch.Tensor]], samples: int = 4096) -> str:
+def fingerprint(config: Mapping[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], samples: int = 4096) -> str:
     """SHA-256 (16 hex digits) of a config and, per tensor, its name, shape and a strided sample of values.
 
     Sampling keeps this fast for multi-GB models; values are hashed as bfloat16 so the same weights
@@ -58,7 +63,7 @@ def fingerprint(config: dict, tensors: Iterable[tuple[str, torch.Tensor]], sampl
     return digest.hexdigest()[:16]
 
 
-def model_fingerprint(lm) -> str:
+def model_fingerprint(lm: LoadedModel) -> str:
     """Fingerprint of a loaded model's config and weights."""
     config = lm.config.to_dict()
     for key in ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "_attn_implementation_autoset"):
@@ -66,13 +71,13 @@ def model_fingerprint(lm) -> str:
     return fingerprint(config, lm.model.named_parameters())
 
 
-def sae_fingerprint(sae) -> str:
+def sae_fingerprint(sae: SAE) -> str:
     """Fingerprint of an SAE's config and weights."""
     config = {k: v for k, v in sae.cfg.to_saelens_dict().items() if k not in ("dtype", "device")}
     return fingerprint(config, sae.named_parameters())
 
 
-def read_manifest(run_dir: str | Path) -> dict | None:
+def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's manifest, or None when the directory holds no complete run."""
     path = Path(run_dir) / schema.MANIFEST
     if not path.is_file():
@@ -124,7 +129,7 @@ def is_run(path: Path) -> bool:
     return (path / schema.MANIFEST).is_file() or (path / PARTIAL).is_dir()
 
 
-def data_dir(run_dir: str | Path, manifest: dict) -> Path:
+def data_dir(run_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     """The folder holding the files of the run (or snapshot) that ``manifest`` describes."""
     rel = manifest.get("data_dir") or "."
     path = Path(rel)
@@ -133,12 +138,12 @@ def data_dir(run_dir: str | Path, manifest: dict) -> Path:
     return Path(run_dir) / path
 
 
-def writer_identity() -> dict:
+def writer_identity() -> dict[str, str | int]:
     """Who is writing a run: host and process id (so readers can tell a live run from an abandoned one)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def writer_alive(manifest: dict) -> bool | None:
+def writer_alive(manifest: Mapping[str, Any]) -> bool | None:
     """Whether the process that published this snapshot still runs: True/False on its own host, None elsewhere
     (e.g. a run written on a GPU node into a shared folder), and False for a complete run."""
     snap = sections(manifest).snapshot
@@ -164,14 +169,14 @@ def snapshot_dir(out: str | Path, index: int) -> Path:
     return path
 
 
-def identity(manifest: dict | None) -> dict | None:
+def identity(manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """What a run's latents and examples depend on: model, SAE, corpus and settings (their fingerprints)."""
     if manifest is None:
         return None
     return sections(manifest).identity()
 
 
-def set_aside_stale(out: Path, current: dict | None, new: dict) -> Path | None:
+def set_aside_stale(out: Path, current: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Path | None:
     """Move what was derived from the run in ``out`` (explanations, scores, evaluation, comparisons) out of the way
     when the run is being replaced by one of another identity; returns where it went (None: nothing to move)."""
     if current is None or identity(current) == identity(new):
@@ -194,7 +199,7 @@ def set_aside_stale(out: Path, current: dict | None, new: dict) -> Path | None:
     return dest
 
 
-def publish_snapshot(out: str | Path, folder: Path, manifest: dict) -> None:
+def publish_snapshot(out: str | Path, folder: Path, manifest: Mapping[str, Any]) -> None:
     """Point the run's manifest at the complete snapshot in ``folder`` (atomically), then drop all but the
     previous snapshot folder."""
     out = Path(out)
@@ -208,7 +213,7 @@ def publish_snapshot(out: str | Path, folder: Path, manifest: dict) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
+def finalize(out: str | Path, staging: Path, manifest: Mapping[str, Any]) -> None:
     """Move the staged files into ``out`` (old run files removed) and write the manifest last; then remove the
     snapshots. While a snapshot is published readers use its folder, so the top-level files can be replaced
     under the manifest; a manifest describing top-level files is removed first."""
@@ -229,12 +234,12 @@ def finalize(out: str | Path, staging: Path, manifest: dict) -> None:
     shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)
 
 
-def rewrite_manifest(out: str | Path, manifest: dict) -> None:
+def rewrite_manifest(out: str | Path, manifest: Mapping[str, Any]) -> None:
     """Replace a finished run's manifest (atomically) with ``manifest``, e.g. one with more sections."""
     _write_manifest(Path(out), manifest)
 
 
-def _current_manifest(out: Path) -> dict | None:
+def _current_manifest(out: Path) -> dict[str, Any] | None:
     try:
         manifest = read_manifest(out)
         if manifest is not None:
@@ -244,12 +249,12 @@ def _current_manifest(out: Path) -> dict | None:
         return None
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
+def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
     text = json.dumps(_finite(manifest), indent=2, default=_json_default, allow_nan=False)
     atomic.write_text(out / schema.MANIFEST, text)
 
 
-def _finite(value):
+def _finite(value: object) -> object:
     """NaN and infinities (e.g. R^2 with no held-out tokens) become null: JSON has no NaN."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
@@ -260,7 +265,7 @@ def _finite(value):
     return value
 
 
-def _json_default(value):
+def _json_default(value: object) -> object:
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

@@ -6,7 +6,12 @@ identifier (sort column, direction) are pre-built here from allow-lists, keyed b
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import schema
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # --- building the index (run once, on a writable connection) --------------------------------
 # The writer sorts every Parquet file (features/examples by feature_id, contexts by context_id,
@@ -33,7 +38,7 @@ _ELEMENT_TYPES = {
 }
 
 
-def _type(field) -> str:
+def _type(field: pa.Field) -> str:  # pyright: ignore[reportUnknownParameterType]  (pyarrow ships no type information)
     """The DuckDB type of a schema field (scalars and lists of scalars)."""
     text = str(field.type)
     return f"{_ELEMENT_TYPES[str(field.type.value_type)]}[]" if text.startswith("list<") else _ELEMENT_TYPES[text]

@@ -91,7 +91,7 @@ def memory_limit() -> str:
     return value
 
 
-def _section(manifest: dict, key: str) -> dict:
+def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
     value = manifest.get(key)
     return value if isinstance(value, dict) else {}
 
@@ -114,7 +114,7 @@ def feature_densities(run_dir: str | Path) -> np.ndarray | None:
 class RunStore:
     """Read-only queries over one precomputed run. Create with ``RunStore.open(run_dir)``."""
 
-    def __init__(self, run_dir: Path, manifest: dict, con: duckdb.DuckDBPyConnection, dark: BinaryIO):
+    def __init__(self, run_dir: Path, manifest: dict[str, Any], con: duckdb.DuckDBPyConnection, dark: BinaryIO):
         self.run_dir = run_dir
         self.data_dir = data_dir(run_dir, manifest)
         """Where the files of the run or snapshot this store reads live (``run_dir`` for a finished run)."""
@@ -149,7 +149,7 @@ class RunStore:
         raise AssertionError("not reached")
 
     @classmethod
-    def _open_files(cls, run_dir: Path, manifest: dict, limit: str | None = None) -> RunStore:
+    def _open_files(cls, run_dir: Path, manifest: dict[str, Any], limit: str | None = None) -> RunStore:
         files = data_dir(run_dir, manifest)  # a snapshot's folder while the run is still being computed
         # held open from here: a snapshot folder removed later stays readable through this handle
         dark = (files / schema.DARK_MATTER).open("rb")
@@ -175,10 +175,10 @@ class RunStore:
     def __enter__(self) -> RunStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _execute(self, statement: str, params: dict | None = None) -> duckdb.DuckDBPyConnection:
+    def _execute(self, statement: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
         return cursor(self._con).execute(statement, params or {})
 
     def _scalar(self, statement: str) -> Any:
@@ -188,7 +188,7 @@ class RunStore:
         return row[0]
 
     # --- run-level ---------------------------------------------------------------------------
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         """The run's manifest (model, SAE, corpus, settings, metrics, timings): the parsed ``manifest.json``."""
         return self._manifest
 
@@ -269,7 +269,7 @@ class RunStore:
         got = self._execute(sql.DENSITY_AND_MAX).fetchnumpy()
         return np.asarray(got["density"], np.float64), np.asarray(got["max_act"], np.float64)
 
-    def example_rows(self, feature_ids: Iterable[int]) -> list[tuple]:
+    def example_rows(self, feature_ids: Iterable[int]) -> list[tuple[Any, ...]]:
         """``(feature_id, kind, rank, quantile_bin, context_id, max_pos, start, acts)`` of every example of the
         latents ``feature_ids``: per latent its top examples by rank, then its quantile examples (bulk reads for
         explanations; ``examples`` is one latent's, with tokens)."""
@@ -304,11 +304,11 @@ class RunStore:
         rows = _select(self._execute(sql.EXAMPLES, {"feature_id": int(feature_id), "kind": kind}), _EXAMPLE_COLUMNS)
         return self._examples(rows, self._contexts(rows)) if rows else []
 
-    def _contexts(self, rows: Sequence[tuple]) -> dict[int, Any]:
+    def _contexts(self, rows: Sequence[tuple[Any, ...]]) -> dict[int, Any]:
         wanted = sorted({row[3] for row in rows})  # context_id
         return dict(self._execute(sql.CONTEXTS, {"context_ids": wanted}).fetchall())
 
-    def _examples(self, rows: Iterable[tuple], contexts: dict[int, Any]) -> list[Example]:
+    def _examples(self, rows: Iterable[tuple[Any, ...]], contexts: dict[int, Any]) -> list[Example]:
         out = []
         for kind_, rank, quantile_bin, context_id, max_pos, max_act, start, acts in rows:
             ids = list(contexts[context_id][start : start + len(acts)])
@@ -334,7 +334,7 @@ class RunStore:
             features = _select(self._execute(sql.FEATURES_RANGE, bounds), _FEATURE_COLUMNS)
             examples = _select(self._execute(sql.EXAMPLES_RANGE, bounds), ("feature_id", *_EXAMPLE_COLUMNS))
             contexts = self._contexts([row[1:] for row in examples]) if examples else {}
-            by_feature: dict[int, list[tuple]] = {}
+            by_feature: dict[int, list[tuple[Any, ...]]] = {}
             for row in examples:
                 by_feature.setdefault(row[0], []).append(row[1:])
             for values in features:
@@ -388,7 +388,9 @@ class RunStore:
             return self._summaries(sql.SEARCH_LABEL, {"text": text, "limit": limit})
         return self._summaries(sql.SEARCH_TOKEN, {"text": text, "limit": limit}, _SEARCH_TOKEN_COLUMNS)
 
-    def _summaries(self, statement: str, params: dict, columns: Sequence[str] = _SUMMARY_COLUMNS) -> list[FeatureSummary]:
+    def _summaries(
+        self, statement: str, params: dict[str, Any], columns: Sequence[str] = _SUMMARY_COLUMNS
+    ) -> list[FeatureSummary]:
         return [FeatureSummary(*row) for row in _select(self._execute(statement, params), columns)]
 
     # --- reconstruction and dark matter -----------------------------------------------------------

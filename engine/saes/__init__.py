@@ -1,6 +1,11 @@
 """SAE architectures (one module each), the registry, and file formats."""
 
-from . import gated, jumprelu, matching_pursuit, standard, topk  # noqa: F401  (register architectures)
+# imported for their @register side effect (the `as` form marks them as deliberate re-exports)
+from . import gated as gated
+from . import jumprelu as jumprelu
+from . import matching_pursuit as matching_pursuit
+from . import standard as standard
+from . import topk as topk
 from .base import SAE, EncoderAffine, ForwardOutput, architectures, register, sae_class
 from .build import build_sae
 from .config import SAEConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -150,7 +150,7 @@ class SAE(nn.Module):
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_dec
 
-    def _encode_decode(self, sae_in: torch.Tensor, **encode_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_decode(self, sae_in: torch.Tensor, **encode_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and (normalised-space) reconstruction; architectures with sparse codes override it."""
         codes = self._encode(sae_in, **encode_kwargs)
         return codes, self._decode(codes)
@@ -166,7 +166,7 @@ class SAE(nn.Module):
             raise ValueError(f"codes have width {codes.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
         return self._decode(codes.to(self.dtype))
 
-    def forward(self, x: torch.Tensor, **encode_kwargs) -> ForwardOutput:
+    def forward(self, x: torch.Tensor, **encode_kwargs: Any) -> ForwardOutput:
         """Encode and decode, undoing input normalisation and head flattening.
 
         ``encode_kwargs`` reach the architecture's encoder (e.g. ``max_iterations`` for matching pursuit).

@@ -9,6 +9,11 @@ from typing import Any
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm", "covariance_whitening")
 
 
+def _is_index(value: object) -> bool:
+    """A non-negative int (not a bool): what a config read from JSON must hold where an index is declared."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass
 class SAEConfig:
     """What an SAE is; the fields SAELens v6 writes to ``cfg.json``, plus saescope's few extras."""
@@ -60,7 +65,7 @@ class SAEConfig:
         if self.reshape_activations not in ("none", "hook_z"):
             raise ValueError(f"unsupported reshape_activations {self.reshape_activations!r}; supported: none, hook_z")
         if self.hook_head_index is not None:
-            if not isinstance(self.hook_head_index, int) or isinstance(self.hook_head_index, bool) or self.hook_head_index < 0:
+            if not _is_index(self.hook_head_index):
                 raise ValueError(f"hook_head_index must be a non-negative integer or None, got {self.hook_head_index!r}")
             if self.reshape_activations == "hook_z":
                 raise ValueError(

@@ -55,7 +55,9 @@ def _sparsify_hook_name(hookpoint: str) -> str:
     return f"blocks.{layer}.{kind}"
 
 
-def _from_sparsify(raw: dict[str, Any], tensors: dict[str, torch.Tensor], hookpoint: str) -> tuple[SAEConfig, dict]:
+def _from_sparsify(
+    raw: dict[str, Any], tensors: dict[str, torch.Tensor], hookpoint: str
+) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
         if key not in tensors:
             raise ValueError(f"sparsify SAE is missing tensor {key!r} (has {', '.join(sorted(tensors))})")
@@ -93,7 +95,7 @@ def _legacy_architecture(raw: dict[str, Any]) -> tuple[str, int | None]:
     return arch, raw.get("k")
 
 
-def _from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[SAEConfig, dict]:
+def _from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     metadata = dict(raw.get("metadata") or {})
     is_v6 = "metadata" in raw and "hook_name" not in raw and "hook_point" not in raw
     data = dict(raw)

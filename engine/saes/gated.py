@@ -3,6 +3,7 @@
 import torch
 
 from .base import SAE, EncoderAffine, register
+from .config import SAEConfig
 
 
 @register
@@ -14,7 +15,7 @@ class GatedSAE(SAE):
     b_mag: torch.Tensor
 
     @classmethod
-    def tensor_shapes(cls, cfg):
+    def tensor_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         return {
             "W_enc": (cfg.d_in, cfg.d_sae),
             "b_gate": (cfg.d_sae,),

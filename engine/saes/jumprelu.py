@@ -3,6 +3,7 @@
 import torch
 
 from .base import SAE, register
+from .config import SAEConfig
 
 
 @register
@@ -12,7 +13,7 @@ class JumpReLUSAE(SAE):
     threshold: torch.Tensor
 
     @classmethod
-    def tensor_shapes(cls, cfg):
+    def tensor_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         return {**super().tensor_shapes(cfg), "threshold": (cfg.d_sae,)}
 
     def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:

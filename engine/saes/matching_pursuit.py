@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAE, register
+from .base import SAE, EncoderAffine, register
+from .config import SAEConfig
 
 
 @register
@@ -12,10 +13,10 @@ class MatchingPursuitSAE(SAE):
     architecture = "matching_pursuit"
 
     @classmethod
-    def tensor_shapes(cls, cfg):
+    def tensor_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         return {"W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
 
-    def encoder_affine(self):
+    def encoder_affine(self) -> EncoderAffine:
         raise ValueError(
             "a matching-pursuit SAE has no linear encoder (its codes come from greedy residual steps): "
             "attribution to heads and source tokens needs a linear encoder"

@@ -1,5 +1,7 @@
 """TopK SAE: keep the k largest pre-activations per token (ReLU'd)."""
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +43,9 @@ class TopKSAE(SAE):
             codes = codes / self.W_dec.norm(dim=-1)
         return codes @ self.W_dec + self.b_dec
 
-    def _encode_decode(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_decode(self, sae_in: torch.Tensor, **encode_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if encode_kwargs:  # TopK's encoder takes no options (as the base class's _encode would refuse them)
+            raise TypeError(f"a TopK SAE's encoder takes no options, got {', '.join(sorted(encode_kwargs))}")
         # decode from the k kept rows only: ~k/d_sae of the dense matmul's work
         pre, values, indices = self._select(sae_in)
         codes = torch.zeros_like(pre).scatter_(-1, indices, values)
