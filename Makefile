@@ -48,11 +48,13 @@ browser:
 	fi
 
 # The linters as configured in pyproject.toml: ruff (style, imports, bugbear, Streamlit banned in engine/), the
-# package layering ([tool.saescope.layers]) and pyright (types).
+# package layering ([tool.saescope.layers]) and pyright (types: standard everywhere, strict on run, saes and model
+# with pyright-strict.json, whose only exceptions are the rules that fire on pyarrow's and duckdb's untyped returns).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/layers.py
 	$(BIN)/pyright --pythonpath $(BIN)/python
+	$(BIN)/pyright -p pyright-strict.json --pythonpath $(BIN)/python
 
 # Everything, slow tests included (the demo model is fetched from PyPI on first use).
 test: setup browser lint
@@ -88,6 +90,7 @@ test-latest: browser
 	$(LATEST)/bin/ruff check .
 	$(LATEST)/bin/python scripts/layers.py
 	$(LATEST)/bin/pyright --pythonpath $(LATEST)/bin/python
+	$(LATEST)/bin/pyright -p pyright-strict.json --pythonpath $(LATEST)/bin/python
 	$(LATEST)/bin/python -m pytest -q -m "" --durations=15 -p no:cacheprovider
 	$(LATEST)/bin/python scripts/versions.py --record requirements/latest-passed.txt --what "make test-latest (ruff, pyright, the whole suite)"
 

@@ -56,7 +56,7 @@ def _eager_twin(attn: nn.Module) -> nn.Module:
     twin = copy.copy(attn)  # a new __dict__; _parameters/_modules are the original's (shared weights and hooks)
     config = copy.copy(cast("PretrainedConfig", attn.config))
     # the property setter would also switch the (shared) sub-configs; this config's own field is all we need
-    config._attn_implementation_internal = "eager"
+    config._attn_implementation_internal = "eager"  # pyright: ignore[reportPrivateUsage]  (no public way: see above)
     twin.__dict__["config"] = config  # a plain attribute, as nn.Module.__setattr__ would store it
     return twin
 

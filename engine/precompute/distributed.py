@@ -170,7 +170,7 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
         try:
             while pending:
                 ready, pending = ray.wait(pending, timeout=0.5)
-                seen: dict[int, tuple[int, float]] = dict(ray.get(reporter.read.remote()))
+                seen: dict[int, tuple[int, float]] = dict(ray.get(reporter.read.remote()))  # pyright: ignore[reportFunctionMemberAccess]  (an actor method)
                 for ref in ready:
                     summary = ray.get(ref)  # a task that failed for good raises here (its state is not saved)
                     seen[summary["index"]] = (summary["positions"], summary["seconds"])

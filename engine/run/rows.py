@@ -212,7 +212,7 @@ class RunSnapshot(NamedTuple):
 
     final: bool
     """True for a finished run (also for runs written before snapshots existed)."""
-    index: int | None
+    index: int | None  # pyright: ignore[reportIncompatibleMethodOverride]  (a NamedTuple field named as in the manifest; tuple.index is unused on rows)
     """Snapshot number (1, 2, ...; a finished run carries the count of snapshots before it)."""
     n_tokens: int | None
     """Statistic tokens covered (for a run without a ``snapshot`` section: the corpus' ``n_tokens``)."""
