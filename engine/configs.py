@@ -80,16 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
                                 help=text if said else f"{text} (default: {shown})".strip())
         elif typing.get_origin(kind) is tuple and typing.get_args(kind)[:1] == (str,):
             parser.add_argument(flag(f.name), type=_comma_list, default=default, metavar="A,B,...",
-                                help=f"{text} (default: {','.join(default or ()) or 'none'})".strip())
+                                help=text if said else f"{text} (default: {','.join(default or ()) or 'none'})".strip())
         else:
             continue  # a nested config: the command adds what it exposes of it
         added.append(f.name)
     return added
 
 
-def from_args(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:
-    """``cls`` built from the parsed flags ``add_arguments`` added (fields absent from ``args`` keep their
-    defaults); ``extra`` sets fields the command computes itself."""
-    names = {f.name for f in dataclasses.fields(cls)}  # pyright: ignore[reportArgumentType]
+def from_args(cls: type[C], args: argparse.Namespace, *, skip: tuple[str, ...] = (), **extra: Any) -> C:
+    """``cls`` built from the parsed flags ``add_arguments`` added (fields absent from ``args``, or in ``skip``,
+    keep their defaults); ``extra`` sets fields the command computes itself."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)  # pyright: ignore[reportArgumentType]
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     return cls(**{**values, **extra})

@@ -36,6 +36,7 @@ class EvaluateConfig:
     tokens: int = 16384
     """Sample tokens of the run for the core metrics."""
     batch_size: int = 16
+    """Contexts per model forward."""
     probe_corpus: str | None = None
     """Corpus of the probing texts (default: the run's corpus)."""
     probing: ProbingConfig = field(default_factory=ProbingConfig)
