@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .. import settings
+from .. import configs, settings
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -14,7 +14,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .embed import Embedder
     from .explain import ExplainConfig, explain_run, summary
 
-    scorers = tuple(s for s in args.scorers.split(",") if s) if args.scorers else ()
+    cfg = configs.from_args(ExplainConfig, args)
+    scorers = cfg.scorers
     explainer = make_backend(args.explainer, model=args.explainer_model, device=args.device, dtype=args.dtype,
                              concurrency=args.concurrency, timeout=args.timeout)
     judge = None
@@ -22,8 +23,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         judge = make_backend(args.scorer_model, model=args.scorer_model_name, device=args.device, dtype=args.dtype,
                              concurrency=args.concurrency, timeout=args.timeout)
     embedder = None if args.no_embed else Embedder(args.embedder if args.embedder != "default" else None)
-    cfg = ExplainConfig(features=args.features, scorers=scorers, batch_size=args.batch_size, baselines=args.baselines,
-                        seed=args.seed, device=args.device, dtype=args.dtype, pool_contexts=args.pool_contexts)
     try:
         stats = explain_run(args.run, explainer, judge=judge, embedder=embedder, cfg=cfg)
     except EndpointError as err:
@@ -52,9 +51,6 @@ def cmd_llm_server(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("explain", help="write LLM explanations and delphi-style scores of a run's latents into it")
     p.add_argument("run", help="a finished run directory")
-    p.add_argument("--features", default="random:200",
-                   help="all; ids and ranges (3,10-20); densest:N; active:N (highest max activation); "
-                        "random:N (default random:200)")
     p.add_argument("--explainer", default="demo",
                    help="a local chat model (directory, hub id, or 'demo' = SmolLM2-135M-Instruct) or an "
                         "OpenAI-compatible endpoint http://host:port/v1")
@@ -62,22 +58,16 @@ def add_parsers(sub) -> None:
                    help="the served model's name, with an endpoint (key: $SAESCOPE_EXPLAINER_KEY, else llm-server's "
                         "$SAESCOPE_LLM_TOKEN, else $OPENAI_API_KEY for https://api.openai.com only; a key goes over plain "
                         "http only to loopback unless $SAESCOPE_EXPLAINER_ALLOW_HTTP=1)")
-    p.add_argument("--scorers", default="detection,fuzzing,embedding",
-                   help="comma-separated: detection,fuzzing,embedding ('' for none)")
     p.add_argument("--scorer-model",
                    help="model that answers detection/fuzzing (default: the explainer); same forms as --explainer")
     p.add_argument("--scorer-model-name", help="the served model's name when --scorer-model is an endpoint")
     p.add_argument("--embedder", default="default", help="sentence-embedding model folder (default: all-MiniLM-L6-v2 from PyPI)")
     p.add_argument("--no-embed", action="store_true", help="no embeddings (no embedding score, no search by meaning)")
-    p.add_argument("--baselines", action="store_true",
-                   help="also score the explanations shuffled across latents and the top-token labels (quality check)")
-    p.add_argument("--batch-size", type=int, default=8, help="latents per batch (one resumable part each)")
-    p.add_argument("--pool-contexts", type=int, default=256, help="run contexts searched for non-activating excerpts")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight to an endpoint")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per endpoint request")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    from .explain import ExplainConfig
+
+    configs.add_arguments(p, ExplainConfig, skip=("extra",))
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("llm-server", help="serve a local chat model over an OpenAI-compatible API (token: $SAESCOPE_LLM_TOKEN)")

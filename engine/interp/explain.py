@@ -76,21 +76,30 @@ def parse_features(spec: str, n_features: int, densities: np.ndarray, max_acts: 
 @dataclass
 class ExplainConfig:
     features: str = "random:200"
+    """Which latents: all; ids and ranges (3,10-20); densest:N; active:N (highest max activation); random:N."""
     scorers: tuple[str, ...] = scorers.SCORERS
+    """Comma-separated: detection,fuzzing,embedding ('' for none)."""
     batch_size: int = 8
+    """Latents per batch (one resumable part each)."""
     n_shown: int = 8
+    """Top examples the explainer is shown per latent."""
     n_heldout: int = 10
     """Activating excerpts per scorer (half top, half quantile); as many non-activating ones."""
     pool_contexts: int = 256
     """Random run contexts the SAE is run on once to find non-activating excerpts."""
     max_tokens: int = 32
+    """Tokens an explanation may take."""
     before: int = 12
+    """Excerpt window: tokens before the maximum."""
     after: int = 4
-    """Excerpt window: tokens before and after the maximum."""
+    """Excerpt window: tokens after the maximum."""
     baselines: bool = False
+    """Also score the explanations shuffled across latents and the top-token labels (quality check)."""
     seed: int = 0
     device: str = "auto"
+    """Where a local explainer and the run's model run: auto, cpu, cuda, mps."""
     dtype: str = "auto"
+    """The dtype they run in: auto (the fastest here), float32, bfloat16, float16."""
     extra: dict = field(default_factory=dict)
 
 
