@@ -57,9 +57,10 @@ def flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                  help: dict[str, str] | None = None) -> list[str]:
+                  help: dict[str, str] | None = None, flags: dict[str, str] | None = None) -> list[str]:
     """Add a flag per field of the dataclass ``cls`` (but ``skip``); returns the fields added. ``help`` overrides a
-    field's docstring."""
+    field's docstring, ``flags`` its flag (``{"hook_name": "--hook"}``). A field without a default is a required
+    flag."""
     hints = typing.get_type_hints(cls)
     docs = {**field_docs(cls), **(help or {})}
     added = []
@@ -67,19 +68,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         if f.name in skip or not f.init:
             continue
         kind, _ = _base(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        name = (flags or {}).get(f.name, flag(f.name))
         text = docs.get(f.name, "")
         said = "default" in text  # the help says its default itself
         if kind is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=text if said else f"{text} (default: {'on' if default else 'off'})".strip())
         elif kind in (int, float, str):
             shown = "none" if default is None else default
-            parser.add_argument(flag(f.name), type=kind, default=default, metavar=f.name.upper(),
-                                help=text if said else f"{text} (default: {shown})".strip())
+            parser.add_argument(name, dest=f.name, type=kind, default=default, metavar=f.name.upper(), required=required,
+                                help=text if said or required else f"{text} (default: {shown})".strip())
         elif typing.get_origin(kind) is tuple and typing.get_args(kind)[:1] == (str,):
-            parser.add_argument(flag(f.name), type=_comma_list, default=default, metavar="A,B,...",
+            parser.add_argument(name, dest=f.name, type=_comma_list, default=default, metavar="A,B,...",
                                 help=text if said else f"{text} (default: {','.join(default or ()) or 'none'})".strip())
         else:
             continue  # a nested config: the command adds what it exposes of it
