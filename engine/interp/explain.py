@@ -292,6 +292,23 @@ def _finite(value):
     return value
 
 
+@dataclass
+class ExplainSession:
+    """One explain pass over a run, passed whole to the batches: where, who explains and judges, what is scored,
+    the settings, and the run's examples and silent-context pool."""
+
+    run_dir: Path
+    explainer: ChatBackend | None
+    judge: ChatBackend | None
+    embedder: SentenceEmbedder | None
+    wanted: list[str]
+    """The scorers that run here."""
+    cfg: ExplainConfig
+    examples: RunExamples
+    pool: QuietPool
+    on_explanation: Callable[[int, str | None], None] | None = None
+
+
 def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: ChatBackend | None = None,
                 embedder: SentenceEmbedder | None = None, cfg: ExplainConfig | None = None, progress: bool = True,
                 on_explanation: Callable[[int, str | None], None] | None = None) -> dict:
@@ -321,27 +338,29 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
             if not todo and not cfg.baselines:
                 return stats
             pool = quiet_pool(run_dir, manifest, examples, cfg)
+            session = ExplainSession(run_dir, explainer, judge, embedder, wanted, cfg, examples, pool, on_explanation)
             started = time.perf_counter()
             bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)
             for i in range(0, len(todo), cfg.batch_size):
                 batch = load_latents(examples, todo[i : i + cfg.batch_size], cfg)
-                _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
-                               on_explanation)
+                _explain_batch(session, batch, have, stats)
                 bar.update(len(batch))
             bar.close()
             elapsed = time.perf_counter() - started
             stats["seconds"] = round(elapsed, 2)
             stats["latents_per_minute"] = round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None
             if cfg.baselines:
-                stats["baselines"] = score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool)
+                stats["baselines"] = score_baselines(session, ids, name)
             parts.consolidate(run_dir)
             return stats
         finally:
             examples.close()
 
 
-def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg, examples, pool, stats,
-                   on_explanation) -> None:
+def _explain_batch(session: ExplainSession, batch: list[LatentData], have: dict, stats: dict) -> None:
+    run_dir, explainer, judge, embedder, wanted = (session.run_dir, session.explainer, session.judge, session.embedder,
+                                                   session.wanted)
+    cfg, examples, pool, on_explanation = session.cfg, session.examples, session.pool, session.on_explanation
     name = explainer.name if explainer is not None else "none"
     now = datetime.now(UTC)
     need = [lat for lat in batch if lat.shown and lat.feature_id not in have]
@@ -373,8 +392,10 @@ def _explain_batch(run_dir, batch, have, explainer, judge, embedder, wanted, cfg
     write_rows(run_dir, rows_ex, score_rows, emb_rows)
 
 
-def score_baselines(run_dir, ids, name, judge, embedder, wanted, cfg, examples, pool) -> dict:
+def score_baselines(session: ExplainSession, ids: list[int], name: str) -> dict:
     """Score the shuffled explanations and the top-token labels on the same latents and excerpts."""
+    run_dir, judge, embedder, wanted = session.run_dir, session.judge, session.embedder, session.wanted
+    cfg, examples, pool = session.cfg, session.examples, session.pool
     ex = parts.read_all(run_dir, schema.EXPLANATIONS)
     mine = {f: t for f, t, who, v in zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(), ex["explainer"].to_pylist(),
                                          ex["prompt_version"].to_pylist(), strict=True)
