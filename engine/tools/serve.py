@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from .. import settings
+from ..run.manifest import sections
 from ..run.schema import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,8 +262,7 @@ def wait_for_snapshot(run: Path, child: subprocess.Popen, poll: float = 0.5) -> 
             manifest = read_manifest(run)
         except ValueError:
             manifest = None
-        snap = (manifest or {}).get("snapshot") or {}
-        if manifest is not None and (snap.get("pid") == child.pid or child.poll() == 0):
+        if manifest is not None and (sections(manifest).snapshot.pid == child.pid or child.poll() == 0):
             print(f"saescope demo: first snapshot ready after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
             return run
         code = child.poll()
@@ -274,7 +274,6 @@ def wait_for_snapshot(run: Path, child: subprocess.Popen, poll: float = 0.5) -> 
 def run_state(run: Path, sae) -> str:
     """``complete`` (a finished run of this SAE), ``computing`` (a snapshot whose writer still runs here),
     ``partial`` (a snapshot of this SAE whose writer stopped), or ``stale`` (none of these: compute it)."""
-    from ..run.manifest import sections
     from ..run.rundir import read_manifest, sae_fingerprint, writer_alive
 
     try:
@@ -288,7 +287,6 @@ def run_state(run: Path, sae) -> str:
         return "stale"  # nothing yet, or the checkout moved: the live pages could not find the model
     if info.sae.hash != sae_fingerprint(sae):
         return "stale"  # the committed SAE was retrained
-    snap = manifest.get("snapshot") or {"final": True}
-    if snap.get("final", True):
+    if info.snapshot.final:
         return "complete"
     return "partial" if writer_alive(manifest) is False else "computing"
