@@ -237,7 +237,7 @@ def test_one_head_sae_reads_its_head(tiny_llama):
     batch = next(iter_activations(lm, sae.cfg.hook_name, [ids[0].tolist()], 1, head_index=HEAD))
     torch.testing.assert_close(batch.acts[0], z[0, :, HEAD])
     lens = prompt_lens(lm, sae, ids[0].tolist(), with_ce=False)
-    torch.testing.assert_close(lens.codes[1:], head_codes[1:])  # position 0 is left out
+    torch.testing.assert_close(lens.codes.to_dense()[1:], head_codes[1:])  # position 0 is left out
     # DFA: only its head contributes
     cap = capture_attention(lm, 1, ids)
     out = dfa_pairs(sae, cap, torch.arange(8), torch.arange(8) + 3)

@@ -53,6 +53,14 @@ def test_lens_matches_brute_force(tiny_llama):
         assert tok.l0 == int((codes[tok.position] > 0).sum())
         assert tok.err_norm == pytest.approx(float((x[tok.position] - sae(x[tok.position]).x_hat).norm()), rel=1e-4)
     assert "".join(t.token for t in result.tokens) == lm.tokenizer.decode(ids)
+    # the codes are kept sparse: only the active ones, and they read back as the dense codes of counted tokens
+    dense = codes.clone()
+    dense[0] = 0
+    assert result.codes.is_sparse and result.codes._nnz() == int((dense > 0).sum())
+    torch.testing.assert_close(result.codes.to_dense(), dense)
+    for latent in (int(codes[1].argmax()), 0, sae.cfg.d_sae - 1):
+        assert result.latent_acts(latent) == pytest.approx(dense[:, latent].tolist())
+    torch.testing.assert_close(result.max_per_latent(), dense.max(dim=0).values)
     # the CE delta of the fast path equals a full spliced forward's
     full = lm.logits(torch.tensor([ids]))
     mask = torch.ones(1, len(ids), dtype=torch.bool)
