@@ -31,6 +31,7 @@ import duckdb
 import numpy as np
 
 from .. import lock
+from ..run.store import memory_limit
 from . import explain, prompts, schema
 from .backends import ChatBackend, SentenceEmbedder
 from .data import LatentData, RunExamples
@@ -173,7 +174,7 @@ def _stored(run_dir: Path, fid: int, name: str) -> _Stored:
     key = {"feature_id": fid, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION}
     for attempt in range(3):
         try:
-            with duckdb.connect() as con:
+            with duckdb.connect(config={"memory_limit": memory_limit()}) as con:
                 status = scorers = None
                 embedded = 0
                 if files := [str(p) for p in source_files(run_dir, schema.EXPLANATIONS)]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..run import schema as run_schema
-from ..run.store import feature_densities
+from ..run.store import feature_densities, memory_limit
 from . import schema
 from .backends import SentenceEmbedder
 from .index import fallback_dir, source_files
@@ -85,7 +85,7 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
     sub = pa.schema([schema.EMBEDDINGS_SCHEMA.field(c) for c in key_columns])
     keys = pa.concat_tables([pq.read_table(f, columns=key_columns).cast(sub) for f in files] or [sub.empty_table()])
     keys = keys.append_column("_ord", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
-    con = duckdb.connect()
+    con = duckdb.connect(config={"memory_limit": memory_limit()})  # the same cap as a run's own connections
     try:
         con.register("emb", keys)
         con.register("chosen", pa.table({"feature_id": pa.array(chosen["feature_id"], pa.int32()),
