@@ -111,6 +111,22 @@ def sae(path: str, device: str):
     return load_sae(path, device=resolve_device(device))
 
 
+@st.cache_data(show_spinner="Checking the model and SAE against the run…", max_entries=16)
+def fingerprint_mismatch(source: str, dtype: str, device: str, sae_path: str, model_hash: str | None,
+                         sae_hash: str | None, what: str) -> str | None:
+    """Why the loaded model or SAE is not the one a run recorded (None: they are), computed once per server and
+    pair: a fingerprint samples every weight tensor, too slow to repeat on each rerun of a live page."""
+    from engine.run import loaded
+
+    lm = model(source, dtype, device)
+    try:
+        loaded.check_model(lm, model_hash, what)
+        loaded.check_sae(sae(sae_path, str(lm.device)), sae_hash, sae_path, what)
+    except loaded.FingerprintMismatch as err:
+        return str(err)
+    return None
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _linear_map(run_dir: str, stamp: float):
     return store(run_dir).linear_map()

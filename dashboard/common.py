@@ -190,10 +190,8 @@ def sae_source(man: dict) -> str:
 
 
 def live(run_dir: str):
-    """The run's model and SAE, loaded once per server and checked against the fingerprints the run recorded, or a
-    message saying why they cannot be."""
-    from engine.run import loaded
-
+    """The run's model and SAE, loaded once per server and checked (once) against the fingerprints the run recorded,
+    or a message saying why they cannot be."""
     man = manifest(run_dir)
     source, dtype = model_source(man)
     try:
@@ -204,11 +202,11 @@ def live(run_dir: str):
         sae = cache.sae(sae_source(man), str(lm.device))
     except Exception as err:
         fail(f"Could not load the SAE {render.code(sae_source(man))}: {render.md(err)}")
-    try:
-        loaded.check_model(lm, sections(man).model.hash, "this run")
-        loaded.check_sae(sae, sections(man).sae.hash, sae_source(man), "this run")
-    except loaded.FingerprintMismatch as err:
-        fail(f"Live pages are off for this run: {render.md(err)}")
+    info = sections(man)
+    mismatch = cache.fingerprint_mismatch(source, dtype, cache.device(), sae_source(man), info.model.hash,
+                                          info.sae.hash, "this run")
+    if mismatch is not None:
+        fail(f"Live pages are off for this run: {render.md(mismatch)}")
     return lm, sae
 
 

@@ -3,6 +3,7 @@
 import base64
 import html
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -227,6 +228,18 @@ def test_live_pages_explain_a_model_that_cannot_load(broken_model_run, open_app)
         at = open_app(broken_model_run, page, latents="1:2", prompt="hi")
         no_crash(at)
         assert "Could not load the model" in errors(at)
+
+
+def test_live_pages_refuse_an_sae_that_is_not_the_runs(tiny_runs, open_app, tmp_path):
+    run = tmp_path / "retrained"
+    shutil.copytree(tiny_runs["topk"], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["sae"]["hash"] = "0" * 16  # the SAE at its path has changed since the run was computed
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for page in (LENS, STEER):
+        at = open_app(run, page, latents="1:2", prompt="hi")
+        no_crash(at)
+        assert "Live pages are off for this run: the SAE at" in errors(at)
 
 
 # --- dark matter --------------------------------------------------------------------------------
