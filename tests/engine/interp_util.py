@@ -129,7 +129,35 @@ class ScriptedChat:
         return [int(hashlib.sha1(c[-1]["content"].encode()).hexdigest()[:8], 16) / 2**32 for c in conversations]
 
 
-class ScriptedEndpoint:
+class LocalServer:
+    """A real HTTP server on 127.0.0.1, in a thread, serving ``handler`` (a ``BaseHTTPRequestHandler`` class);
+    ``url`` is its OpenAI-style base (``http://127.0.0.1:PORT/v1``). The test servers below build on it."""
+
+    def start(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):
+        pass
+
+
+class ScriptedEndpoint(LocalServer):
     """A real HTTP server on 127.0.0.1 answering ``POST .../chat/completions`` from a script of
     ``(status, body)`` pairs (the last one repeats; a callable body is called with the request's JSON), after
     ``delay`` seconds; it records each request's headers and JSON body and the most requests in flight at once."""
@@ -140,12 +168,7 @@ class ScriptedEndpoint:
         self.in_flight = self.max_in_flight = 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 with lock:
@@ -165,20 +188,7 @@ class ScriptedEndpoint:
                 self.wfile.write(data)
 
         lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.start(Handler)
 
 
 def completion(content: str, logprobs: dict | None = None) -> dict:

@@ -5,19 +5,17 @@ to OpenAI's API."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from engine.interp.backends import ALLOW_HTTP_ENV, KEY_ENV, TOKEN_ENV, EndpointError, OpenAIChat, endpoint_key
-from tests.engine.interp_util import completion
+from tests.engine.interp_util import LocalServer, QuietHandler, completion
 
 CONV = [{"role": "user", "content": "hello"}]
 KEY = "sk-do-not-leak-0123456789"
 
 
-class Recorder:
+class Recorder(LocalServer):
     """A real HTTP server on 127.0.0.1 that records every request (method, path, headers) and answers each with
     ``respond(handler)`` (default: a chat completion)."""
 
@@ -25,12 +23,7 @@ class Recorder:
         self.requests: list[dict] = []
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format, *args):
-                pass
-
+        class Handler(QuietHandler):
             def _any(self):
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 owner.requests.append({"method": self.command, "path": self.path,
@@ -47,17 +40,7 @@ class Recorder:
 
             do_GET = do_POST = do_PUT = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(Handler)
 
 
 @pytest.fixture

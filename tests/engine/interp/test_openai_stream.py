@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from engine.interp.backends import EndpointError, OpenAIChat
 from tests.engine.interp.http_util import CONV, FAST, closed_port
-from tests.engine.interp_util import ScriptedEndpoint, completion
+from tests.engine.interp_util import LocalServer, QuietHandler, ScriptedEndpoint, completion
 
 
-class RawEndpoint:
+class RawEndpoint(LocalServer):
     """A local HTTP server whose POSTs are answered by ``respond(handler, n)`` (``n``: 1 for the first request),
     which writes the raw status line, headers and body, and may stop anywhere (the connection is then closed)."""
 
@@ -24,29 +22,14 @@ class RawEndpoint:
         self.requests: list[dict] = []
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 owner.requests.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0))))
                 respond(self, len(owner.requests))
                 self.wfile.flush()
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(Handler)
 
 
 def sse(*events: dict | str, chunked: bool = True) -> bytes:
