@@ -69,6 +69,15 @@ def holder(folder: str | Path, name: str = LOCK_FILE) -> dict | None:
     return None
 
 
+def _owner_of_held(path: Path, wait: float = 2.0) -> dict | None:
+    """The record of a lock found held: the holder writes it right after taking the lock, so a second writer that
+    arrives in between waits (at most ``wait`` seconds) for it to name the first."""
+    deadline = time.monotonic() + wait
+    while (owner := _read(path)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return owner
+
+
 def _read(path: Path) -> dict | None:
     try:
         text = path.read_text()
@@ -126,14 +135,15 @@ def hold(folder: str | Path, command: str | None = None, *, shared: bool = False
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Locked(folder, _read(path)) from None
+            raise Locked(folder, _owner_of_held(path)) from None
         previous = _read(path)
         recovered = previous if previous and _alive_here(previous) is False else None
         if not shared:
             owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                      "command": command or " ".join(["saescope", *sys.argv[1:]])}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(owner).encode(), 0)
+            record = json.dumps(owner).encode()
+            os.pwrite(fd, record, 0)  # then trimmed: the file is never empty while a writer holds it
+            os.ftruncate(fd, len(record))
             os.fsync(fd)
         _HELD[key] = [1, shared]
         try:
