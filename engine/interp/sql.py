@@ -4,7 +4,7 @@ parameters) and the named statements ``InterpStore`` runs on it (read-only, boun
 from __future__ import annotations
 
 INTERP_DB = "interp.duckdb"
-DB_VERSION = 2
+DB_VERSION = 3
 """Bumped whenever interp.duckdb's tables change; an older file is rebuilt."""
 
 # --- building (a writable connection reading the Parquet files; file lists are bound parameters) ------------------
@@ -33,12 +33,11 @@ UNION ALL (
 LOAD_EMPTY = "CREATE TABLE {table} AS SELECT {columns} FROM empty_source"
 DROP_SUPERSEDED = "DROP TABLE superseded"
 
-BUILD_EXPLANATIONS = """
-CREATE TABLE explanations AS
+_SELECT_EXPLANATIONS = """
 WITH agg AS (
     SELECT feature_id, explainer, prompt_version,
-           list({'scorer': scorer, 'score': score, 'n': n_examples}) AS scored, avg(score) AS mean_score
-    FROM scores GROUP BY feature_id, explainer, prompt_version
+           list({{'scorer': scorer, 'score': score, 'n': n_examples}} ORDER BY scorer) AS scored, avg(score) AS mean_score
+    FROM scores WHERE {where} GROUP BY feature_id, explainer, prompt_version
 ), ranked AS (
     SELECT e.feature_id, e.explainer, e.prompt_version, e.explanation, e.status, e.reason,
            epoch_us(e.created_at) AS created_us,
@@ -48,17 +47,52 @@ WITH agg AS (
            row_number() OVER (PARTITION BY e.feature_id
                ORDER BY (e.status = 'ok' AND e.explanation IS NOT NULL) DESC, a.mean_score DESC NULLS LAST,
                         e.created_at DESC NULLS LAST, e.explainer, e.prompt_version) AS rank
-    FROM raw_explanations e LEFT JOIN agg a USING (feature_id, explainer, prompt_version)
+    FROM (SELECT * FROM raw_explanations WHERE {where}) e LEFT JOIN agg a USING (feature_id, explainer, prompt_version)
 )
 SELECT *, (usable AND NOT baseline AND rank = min(CASE WHEN usable AND NOT baseline THEN rank END)
            OVER (PARTITION BY feature_id)) AS is_best
 FROM ranked ORDER BY feature_id, rank
 """
-BUILD_INFO = "CREATE TABLE interp_info AS SELECT $version::INTEGER AS version, $signature::VARCHAR AS signature"
-DROP_RAW = "DROP TABLE raw_explanations"
+"""The ``explanations`` table (ranks, best, mean scores) computed from ``raw_explanations`` and ``scores`` for the
+latents ``{where}`` keeps: all of them when built, the touched ones when new parts are applied."""
+BUILD_EXPLANATIONS = "CREATE TABLE explanations AS " + _SELECT_EXPLANATIONS.format(where="TRUE")
+_TOUCHED = "feature_id IN (SELECT feature_id FROM touched)"
+REDO_TOUCHED = ("DELETE FROM explanations WHERE " + _TOUCHED,
+                "INSERT INTO explanations " + _SELECT_EXPLANATIONS.format(where=_TOUCHED))
+"""Recompute the ranks of the latents new parts touched (every other latent's rows stay as they are)."""
+
+# --- applying new parts to a copy of the database (same writable connection kind) --------------------------------
+NEW_ROWS = f"""
+CREATE TEMP TABLE new_rows AS SELECT {{columns}} FROM {_READ.format(files="$files")}
+QUALIFY row_number() OVER (PARTITION BY {{keys}} ORDER BY {_ORD} DESC) = 1
+"""
+"""The rows of the new parts, deduplicated among themselves (the newest part's row kept)."""
+REPLACE_ROWS = ("DELETE FROM {table} t USING new_rows n WHERE {match}",
+                "INSERT INTO {table} SELECT {columns} FROM new_rows ORDER BY feature_id",
+                "INSERT INTO touched SELECT DISTINCT feature_id FROM new_rows",
+                "DROP TABLE new_rows")
+"""Rows the new parts rewrite (same key) are replaced; their latents are marked touched."""
+CREATE_TOUCHED = "CREATE TEMP TABLE touched (feature_id INTEGER)"
+DEDUPE_TOUCHED = "CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT feature_id FROM touched"
+LOG_TOUCHED = "INSERT INTO refresh_log SELECT $seq::INTEGER, $signature::VARCHAR, feature_id FROM touched"
+CREATE_LOG = "CREATE TABLE refresh_log (seq INTEGER, signature VARCHAR, feature_id INTEGER)"
+"""Which latents each incremental refresh touched (``seq`` counts refreshes since the last full build, ``signature``
+is the database's after it): how the search index learns what to update."""
+BUILD_INFO = ("CREATE TABLE interp_info AS SELECT $version::INTEGER AS version, $signature::VARCHAR AS signature, "
+              "$sources::VARCHAR AS sources, $signature::VARCHAR AS base_signature, 0 AS seq")
+"""``sources``: the JSON list of source files (with sizes and mtimes) the database holds; ``base_signature``: the
+signature of the last full build (incremental refreshes since are in ``refresh_log``)."""
+UPDATE_INFO = "UPDATE interp_info SET signature = $signature, sources = $sources, seq = seq + 1"
+STATE = "SELECT max(version), max(signature), max(sources), max(base_signature), max(seq) FROM interp_info"
 
 # --- reading (read-only connection) -------------------------------------------------------------------------------
 INFO = "SELECT max(version), max(signature) FROM interp_info"
+SEQ_OF = """
+SELECT CASE WHEN $signature = (SELECT max(base_signature) FROM interp_info) THEN 0
+            ELSE (SELECT max(seq) FROM refresh_log WHERE signature = $signature) END
+"""
+"""Which refresh produced the database state ``$signature`` (0: the full build; NULL: unknown, rebuilt since)."""
+CHANGED_AFTER = "SELECT DISTINCT feature_id FROM refresh_log WHERE seq > $seq ORDER BY feature_id"
 _EXPLANATION_COLUMNS = "feature_id, explainer, prompt_version, explanation, status, reason, created_us, scored, mean_score, rank"
 EXPLANATIONS_OF = f"SELECT {_EXPLANATION_COLUMNS} FROM explanations WHERE feature_id = $feature_id"
 """Sorted in Python: an ORDER BY costs more than the lookup itself (about 0.7 of 1.4 ms)."""

@@ -3,10 +3,12 @@
 The run's ``explanations.parquet``, ``scores.parquet`` and the keys of ``explanation_embeddings.parquet``, plus any
 batches ``saescope explain`` has not folded in yet (``.interp/parts/``), are loaded into a small DuckDB file
 ``interp.duckdb`` next to them (built aside and renamed into place; in a temp folder when the run directory is
-not writable). It records a signature (name, size, mtime) of every source file and is rebuilt when any changes,
-so a resumed or finished ``explain`` shows up at the next open. The store opens it read-only with external access
-disabled and runs every statement with bound parameters on a fresh cursor: one store can serve many threads.
-A run without explanations opens too and simply has none.
+not writable). It records the list (name, size, mtime) of its source files. At the next open, new part folders
+(a batch of a running ``explain``, a live explanation) are applied to a copy of it: only their rows are read, the
+rows they rewrite replaced and the ranks of the latents they touch recomputed (the file is copied, not rebuilt);
+any other change (explain consolidated its parts, a file was rewritten) rebuilds it from scratch. The store opens
+it read-only with external access disabled and runs every statement with bound parameters on a fresh cursor: one
+store can serve many threads. A run without explanations opens too and simply has none.
 
 Which explanation is *best* for a latent: among its non-baseline explanations with status ``ok``, the highest
 mean of its available scores (explanations without any score come last), ties by the newest ``created_at``.
@@ -23,7 +25,7 @@ import numpy as np
 
 from ..run.index import cursor, open_read_only
 from . import sql
-from .index import build_interp_db, db_signature, fallback_dir, source_signature
+from .index import fallback_dir, refresh_interp_db, source_signature
 from .rows import ExplainerSummary, Explanation, InterpSummary, explanation
 from .scorers import ScoreDetail, parse_details
 
@@ -31,8 +33,11 @@ from .scorers import ScoreDetail, parse_details
 class InterpStore:
     """Read-only queries over a run's explanations and scores. Create with ``InterpStore.open(run_dir)``."""
 
-    def __init__(self, run_dir: Path, con: duckdb.DuckDBPyConnection | None, signature: str, db_path: Path | None):
+    def __init__(self, run_dir: Path, con: duckdb.DuckDBPyConnection | None, signature: str, db_path: Path | None,
+                 refresh: str = "current"):
         self.run_dir = run_dir
+        self.refresh = refresh
+        """How ``open`` found interp.duckdb: ``current``, ``applied`` (new parts added to it) or ``built``."""
         self.db_path = db_path
         """The interp.duckdb this store reads (None: the run has no explanation files)."""
         self.signature = signature
@@ -46,23 +51,21 @@ class InterpStore:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         for attempt in range(3):
-            signature = source_signature(run_dir)
-            if not signature:
+            if not source_signature(run_dir):
                 return cls(run_dir, None, "", None)
             target = run_dir / sql.INTERP_DB
             if not os.access(run_dir, os.W_OK):
                 target = fallback_dir(run_dir) / sql.INTERP_DB
-            if db_signature(target) != (sql.DB_VERSION, signature):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    build_interp_db(run_dir, target)
-                except (FileNotFoundError, duckdb.IOException):  # explain consolidated its parts meanwhile: again
-                    if attempt == 2:
-                        raise
-                    continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                how = refresh_interp_db(run_dir, target)
+            except (FileNotFoundError, duckdb.IOException):  # explain consolidated its parts meanwhile: again
+                if attempt == 2:
+                    raise
+                continue
             con = open_read_only(target)
             row = con.execute(sql.INFO).fetchone()
-            return cls(run_dir, con, str(row[1]) if row else signature, target)
+            return cls(run_dir, con, str(row[1]) if row else "", target, how)
         raise AssertionError("not reached")
 
     def close(self) -> None:
@@ -78,6 +81,19 @@ class InterpStore:
     def stale(self) -> bool:
         """True when explain has written (or consolidated) since this store was opened: reopen to see it."""
         return source_signature(self.run_dir) != self.signature
+
+    def changed_since(self, signature: str) -> np.ndarray | None:
+        """The latents whose explanations, scores or embeddings changed since the database had ``signature`` (an
+        earlier ``self.signature``), ascending; None when that state is not in this database's refresh log (a full
+        build since): then anything may have changed."""
+        if self._con is None:
+            return None
+        if signature == self.signature:
+            return np.zeros(0, np.int32)
+        seq = self._rows(sql.SEQ_OF, {"signature": str(signature)})[0][0]
+        if seq is None:
+            return None
+        return np.array([r[0] for r in self._rows(sql.CHANGED_AFTER, {"seq": int(seq)})], np.int32)
 
     def _rows(self, statement: str, params: dict[str, Any] | None = None) -> list[tuple]:
         if self._con is None:

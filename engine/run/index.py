@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -17,11 +18,18 @@ from . import schema, sql
 
 
 @contextmanager
-def building(target: Path) -> Generator[duckdb.DuckDBPyConnection]:
-    """A connection to a fresh DuckDB file beside ``target``, checkpointed and renamed onto it when the block ends
-    normally and removed (with its WAL) when it raises: readers only ever see a whole database."""
+def building(target: Path, *, copy_of: Path | None = None) -> Generator[duckdb.DuckDBPyConnection]:
+    """A connection to a fresh DuckDB file beside ``target`` (or to a copy of the database ``copy_of``, to be
+    changed), checkpointed and renamed onto it when the block ends normally and removed (with its WAL) when it
+    raises: readers only ever see a whole database, and one open on the old file keeps reading it."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    con = duckdb.connect(str(tmp))
+    try:
+        if copy_of is not None:
+            shutil.copyfile(copy_of, tmp)
+        con = duckdb.connect(str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         con.execute(sql.NO_PROGRESS_BAR)
         yield con
