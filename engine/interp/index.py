@@ -108,7 +108,7 @@ def refresh_interp_db(run_dir: str | Path, target: str | Path) -> str:
     if held is not None and held[0] == _signature(state):
         return "current"
     new = _new_parts(held[1], state) if held is not None else None
-    if not new:
+    if held is None or not new:
         build_interp_db(run_dir, target)
         return "built"
     try:
