@@ -42,44 +42,56 @@ def _file_key(path: Path) -> list:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-def _embedding_rows(files: list[Path], ords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _embedding_rows(files: list[Path], ords: np.ndarray, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``ords`` (row numbers counted through ``files`` in order) of the embedding column as one float32 matrix,
-    streamed batch by batch (memory: the matrix and one batch), and which rows had a vector of the common length
-    (a null or odd-length one, from a foreign writer, is left out)."""
+    streamed batch by batch (memory: the matrix and one batch; row groups without a wanted row are skipped), and
+    which rows had a vector of the common length (``dim``, default the commonest in the first batch read; a null or
+    odd-length one, from a foreign writer, is left out)."""
     order = np.argsort(ords, kind="stable")
     wanted = ords[order]
-    out: np.ndarray | None = None
+    out: np.ndarray | None = None if dim is None else np.zeros((len(ords), dim), np.float32)
     ok = np.zeros(len(ords), bool)
     base = 0
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["embedding"]):
-            n = batch.num_rows
-            lo, hi = np.searchsorted(wanted, [base, base + n])
-            if hi > lo:
+        pf = pq.ParquetFile(path)
+        for group in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(group).num_rows
+            lo, hi = np.searchsorted(wanted, [base, base + rows])
+            if hi == lo:  # no wanted row in this row group: not read (an update reads a few rows of a large file)
+                base += rows
+                continue
+            for batch in pf.iter_batches(batch_size=65_536, columns=["embedding"], row_groups=[group]):
+                n = batch.num_rows
+                lo, hi = np.searchsorted(wanted, [base, base + n])
+                if hi <= lo:
+                    base += n
+                    continue
                 column = batch.column(0)
                 local = wanted[lo:hi] - base
                 lengths = np.asarray(column.value_lengths().fill_null(0))
                 if out is None:
                     out = np.zeros((len(ords), int(np.bincount(lengths[local]).argmax())), np.float32)
-                dim = out.shape[1]
+                width = out.shape[1]
                 offsets = np.asarray(column.offsets)
                 values = np.asarray(column.values.to_numpy(zero_copy_only=False), np.float32)
-                good = lengths[local] == dim
+                good = lengths[local] == width
                 dest = order[lo:hi][good]
                 starts = offsets[local[good]]
-                if dim and (lengths == dim).all() and np.array_equal(offsets, offsets[0] + dim * np.arange(n + 1)):
-                    out[dest] = values[offsets[0] :].reshape(n, dim)[local[good]]
+                if width and (lengths == width).all() and np.array_equal(offsets, offsets[0] + width * np.arange(n + 1)):
+                    out[dest] = values[offsets[0] :].reshape(n, width)[local[good]]
                 else:
                     for d, start in zip(dest, starts, strict=True):
-                        out[d] = values[start : start + dim]
-                ok[dest] = dim > 0
-            base += n
+                        out[d] = values[start : start + width]
+                ok[dest] = width > 0
+                base += n
     return (out if out is not None else np.zeros((len(ords), 0), np.float32)), ok
 
 
-def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
-    """The embedding of each latent's best embedded explanation, with its score, density and source."""
-    chosen = store.embedded_best(model)
+def _run_vectors(run_dir: Path, store: InterpStore, model: str, only: np.ndarray | None = None,
+                 dim: int | None = None) -> dict:
+    """The embedding of each latent's best embedded explanation (of the latents ``only``, when given), with its
+    score, density and source."""
+    chosen = store.embedded_best(model, only)
     files = source_files(run_dir, schema.EMBEDDINGS)
     key_columns = ["feature_id", "explainer", "prompt_version", "model"]
     sub = pa.schema([schema.EMBEDDINGS_SCHEMA.field(c) for c in key_columns])
@@ -97,7 +109,7 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
             "QUALIFY row_number() OVER (PARTITION BY c.i ORDER BY e._ord DESC) = 1 ORDER BY c.i", {"model": model}).fetchnumpy()
     finally:
         con.close()
-    vectors, ok = _embedding_rows(files, np.asarray(picked["_ord"], np.int64))
+    vectors, ok = _embedding_rows(files, np.asarray(picked["_ord"], np.int64), dim)
     i = np.asarray(picked["i"], np.int64)[ok]
     vectors = vectors[ok] if not ok.all() else vectors
     fids = chosen["feature_id"][i]
@@ -114,11 +126,68 @@ def _run_vectors(run_dir: Path, store: InterpStore, model: str) -> dict:
             "sources": [list(n) for n in names]}
 
 
-def _index_model(folder: Path) -> str | None:
+def _meta(folder: Path) -> dict:
     try:
-        return json.loads((folder / "meta.json").read_text()).get("model")
+        return json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def _index_model(folder: Path) -> str | None:
+    return _meta(folder).get("model")
+
+
+REBUILD_GROWTH = 2.0
+"""An IVF index updated in place keeps its k-means lists until its size leaves [1/2, 2] x the size they were
+trained on; then it is built again (lists trained on the current vectors)."""
+
+
+def _update(root: Path, key: str, store: InterpStore, model: str, params: list, extra: dict, *, ivf_min: int,
+            n_lists: int, seed: int) -> VectorIndex | None:
+    """The index at ``root/key`` made from an earlier one of the same model and settings by replacing the rows of
+    the latents whose explanations changed since it was built (``InterpStore.changed_since``): only those latents'
+    vectors are read; an IVF index keeps its lists (``REBUILD_GROWTH``). None when there is no such index or the
+    store cannot say what changed (it was rebuilt since): build from scratch."""
+    if not root.is_dir():
         return None
+    for old_folder in sorted(root.iterdir()):
+        meta = _meta(old_folder)
+        if old_folder.name.startswith(".tmp-") or meta.get("params") != params or "store_signature" not in meta:
+            continue
+        changed = store.changed_since(meta["store_signature"])
+        if changed is None:
+            continue
+        try:
+            old = VectorIndex.load(old_folder)
+        except (ValueError, OSError):
+            continue
+        data = _run_vectors(store.run_dir, store, model, only=changed, dim=old.dim or None)
+        keep = np.flatnonzero(~np.isin(old.ids, changed))
+        sources = sorted({*(tuple(x) for x in old.sources), *(tuple(x) for x in data["sources"])})
+        code = {name: j for j, name in enumerate(sources)}
+        old_codes = np.array([code[tuple(x)] for x in old.sources], np.int32)
+        new_codes = np.array([code[tuple(x)] for x in data["sources"]], np.int32)
+        n = len(keep) + len(data["ids"])
+        centroids = assign = None
+        if old.is_ivf and n >= ivf_min:
+            trained = int(meta.get("trained_n", old.n))
+            if trained / REBUILD_GROWTH <= n <= trained * REBUILD_GROWTH:
+                centroids = np.asarray(old.centroids)
+                extra = {**extra, "trained_n": trained}
+                # a kept row stays in its list (rows are stored list by list); only the new rows are assigned
+                kept_lists = np.searchsorted(np.asarray(old.offsets), keep, side="right") - 1
+                assign = np.concatenate([kept_lists, np.full(len(data["ids"]), -1)])
+        return VectorIndex.build(
+            root / key,
+            np.concatenate([old.ids[keep], data["ids"]]).astype(np.int32),
+            np.concatenate([old.vectors[keep], data["vectors"].reshape(-1, old.dim)]) if len(keep) else data["vectors"],
+            np.concatenate([old.density[keep], data["density"]]),
+            np.concatenate([old.score[keep], data["score"]]),
+            np.concatenate([old_codes[old.source[keep]], new_codes[data["source"]]]).astype(np.int32),
+            [list(x) for x in sources], ivf_min=ivf_min, n_lists=n_lists, seed=seed,
+            extra={**extra, "updated_from": old_folder.name, "rows_replaced": int(old.n - len(keep)),
+                   "rows_read": int(len(data["ids"]))}, centroids=centroids, assign=assign)
+    return None
 
 
 class SemanticSearch:
@@ -160,9 +229,16 @@ class SemanticSearch:
                 return cls(store, index, model, own)
             except (ValueError, OSError):
                 shutil.rmtree(folder, ignore_errors=True)
-        data = _run_vectors(run_dir, store, model)
-        index = VectorIndex.build(folder, data["ids"], data["vectors"], data["density"], data["score"], data["source"],
-                                  data["sources"], ivf_min=ivf_min, n_lists=n_lists, seed=seed, extra={"model": model})
+        params = [key_src[0], *key_src[2:]]  # what an earlier index must share to be updated rather than rebuilt
+        extra = {"model": model, "store_signature": store.signature, "params": params}
+        updated = _update(root, key, store, model, params, extra, ivf_min=ivf_min, n_lists=n_lists, seed=seed)
+        if updated is not None:
+            index = updated
+        else:
+            data = _run_vectors(run_dir, store, model)
+            index = VectorIndex.build(folder, data["ids"], data["vectors"], data["density"], data["score"],
+                                      data["source"], data["sources"], ivf_min=ivf_min, n_lists=n_lists, seed=seed,
+                                      extra=extra)
         for old in root.iterdir():  # earlier indexes of this model (an open one stays readable until closed)
             if old.name != key and not old.name.startswith(".tmp-") and _index_model(old) in (model, None):
                 shutil.rmtree(old, ignore_errors=True)

@@ -128,3 +128,5 @@ WHERE e.usable AND NOT e.baseline
 QUALIFY row_number() OVER (PARTITION BY e.feature_id ORDER BY e.rank) = 1
 ORDER BY e.feature_id
 """
+EMBEDDED_BEST_OF = EMBEDDED_BEST.replace("WHERE e.usable", "WHERE e.feature_id IN (SELECT unnest($ids)) AND e.usable")
+"""The same for the latents ``$ids`` only (what an index update re-reads)."""

@@ -159,13 +159,18 @@ class InterpStore:
         """Embedding model -> explanation embeddings written with it (most first)."""
         return {m: int(n) for m, n in self._rows(sql.MODELS)}
 
-    def embedded_best(self, model: str) -> dict[str, np.ndarray]:
-        """Per latent (ascending), the best-ranked usable non-baseline explanation that has an embedding by
-        ``model``: arrays feature_id, explainer, prompt_version, mean_score (NaN: unscored). What search indexes."""
+    def embedded_best(self, model: str, feature_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per latent (ascending; of ``feature_ids`` only when given), the best-ranked usable non-baseline
+        explanation that has an embedding by ``model``: arrays feature_id, explainer, prompt_version, mean_score
+        (NaN: unscored). What search indexes."""
         if self._con is None:
             return {"feature_id": np.zeros(0, np.int32), "explainer": np.zeros(0, object),
                     "prompt_version": np.zeros(0, object), "mean_score": np.zeros(0, np.float64)}
-        out = cursor(self._con).execute(sql.EMBEDDED_BEST, {"model": str(model)}).fetchnumpy()
+        if feature_ids is None:
+            out = cursor(self._con).execute(sql.EMBEDDED_BEST, {"model": str(model)}).fetchnumpy()
+        else:
+            out = cursor(self._con).execute(sql.EMBEDDED_BEST_OF, {"model": str(model),
+                                                                   "ids": [int(i) for i in feature_ids]}).fetchnumpy()
         score = out["mean_score"]
         score = score.filled(np.nan) if isinstance(score, np.ma.MaskedArray) else score
         return {"feature_id": np.asarray(out["feature_id"], np.int32), "explainer": np.asarray(out["explainer"], object),

@@ -128,10 +128,13 @@ class VectorIndex:
     @classmethod
     def build(cls, folder: str | Path, ids: np.ndarray, vectors: np.ndarray, density: np.ndarray | None = None,
               score: np.ndarray | None = None, source: np.ndarray | None = None, sources: list | None = None, *,
-              ivf_min: int = IVF_MIN, n_lists: int = N_LISTS, seed: int = 0, extra: dict | None = None) -> VectorIndex:
+              ivf_min: int = IVF_MIN, n_lists: int = N_LISTS, seed: int = 0, extra: dict | None = None,
+              centroids: np.ndarray | None = None, assign: np.ndarray | None = None) -> VectorIndex:
         """Write an index of ``vectors`` (``[n, dim]``, normalised here) into ``folder`` (created aside and renamed
         into place) and open it. ``density``/``score`` (NaN: unknown) feed the filters; ``source`` indexes
-        ``sources`` (explainer, prompt version) per row."""
+        ``sources`` (explainer, prompt version) per row. ``centroids``: an IVF index's lists, reused instead of
+        trained (an update of an index whose vectors mostly stayed), with ``assign`` the list of each row where
+        already known (-1: to be found)."""
         started = time.perf_counter()
         folder = Path(folder)
         n = len(ids)
@@ -150,10 +153,19 @@ class VectorIndex:
             meta = {"version": INDEX_VERSION, "n": n, "dim": int(vectors.shape[1]) if n else 0, "kind": kind,
                     "sources": [list(s) for s in sources], **(extra or {})}
             if kind == "ivf":
-                rng = np.random.default_rng(seed)
-                sample = np.sort(rng.choice(n, size=min(n, n_lists * TRAIN_PER_LIST), replace=False))
-                centroids = spherical_kmeans(unit(vectors[sample]), n_lists, seed=seed)
-                assign = _nearest(vectors, centroids, normalise=True)
+                if centroids is None:
+                    rng = np.random.default_rng(seed)
+                    sample = np.sort(rng.choice(n, size=min(n, n_lists * TRAIN_PER_LIST), replace=False))
+                    centroids = spherical_kmeans(unit(vectors[sample]), n_lists, seed=seed)
+                    meta["trained_n"] = n
+                else:
+                    meta["trained_n"] = int((extra or {}).get("trained_n", n))
+                if assign is None:
+                    assign = _nearest(vectors, centroids, normalise=True)
+                else:
+                    assign = np.asarray(assign, np.int64).copy()
+                    todo = np.flatnonzero(assign < 0)
+                    assign[todo] = _nearest(vectors[todo], centroids, normalise=True)
                 order = np.argsort(assign, kind="stable")
                 counts = np.bincount(assign, minlength=len(centroids))
                 offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

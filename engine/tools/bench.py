@@ -277,10 +277,11 @@ def run_bench(*, model: str | None = None, tiny: bool = False, tokens: int | Non
     if "live" in main:
         result["live"] = main["live"]
     if queries:
-        from .bench_search import search_bench
+        from .bench_search import refresh_bench, search_bench
 
         result.update(query_bench(Path(store_dir or data_dir() / "cache" / "bench_store")))
         result["search"] = search_bench(search_latents)
+        result["explanation_refresh"] = refresh_bench(min(search_latents, 262_144))
     return result
 
 
@@ -311,6 +312,10 @@ def format_report(result: dict) -> str:
         from .bench_search import format as format_search
 
         lines += format_search(result["search"]) + ["  (target: p95 <= 50 ms at 1M latents)"]
+    if "explanation_refresh" in result:
+        from .bench_search import format_refresh
+
+        lines += format_refresh(result["explanation_refresh"])
     for key, value in result.get("live", {}).items():
         lines.append(f"live {key}: {value:.3f}" if isinstance(value, float) else f"live {key}: {value}")
     return "\n".join(lines)

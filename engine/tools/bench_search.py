@@ -217,5 +217,106 @@ def format(result: dict) -> list[str]:
     return lines
 
 
+def _explained_run(run: Path, n: int, dim: int, seed: int) -> None:
+    """A run folder holding only consolidated explanation files: ``n`` latents, each with one explanation, a
+    detection score and an embedding (``synthetic_vectors``), as a finished ``saescope explain`` leaves them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..interp import schema
+
+    rng = np.random.default_rng([seed, 7])
+    ids = np.arange(n, dtype=np.int32)
+    now = np.datetime64("2026-01-01T00:00:00", "us")
+    common = {"feature_id": ids, "explainer": ["A"] * n, "prompt_version": ["v1"] * n}
+    tables = {
+        schema.EXPLANATIONS: pa.table({**common, "explanation": [f"explanation of latent {i}" for i in range(n)],
+                                       "created_at": np.full(n, now), "status": ["ok"] * n, "reason": [""] * n}),
+        schema.SCORES: pa.table({**common, "scorer": ["detection"] * n, "score": rng.uniform(0.4, 0.9, n),
+                                 "n_examples": np.full(n, 20, np.int32), "details": ["{}"] * n}),
+        schema.EMBEDDINGS: pa.table({**common, "model": ["bench"] * n, "embedding": pa.FixedSizeListArray.from_arrays(
+            synthetic_vectors(n, dim, seed=seed).reshape(-1), dim).cast(pa.list_(pa.float32()))}),
+    }
+    for name, table in tables.items():
+        pq.write_table(table.select(schema.FILES[name].names).cast(schema.FILES[name]), run / name,
+                       compression="zstd", row_group_size=65_536)
+
+
+def refresh_bench(n: int = 262_144, dim: int = 384, batch: int = 16, *, root: Path | None = None, seed: int = 0,
+                  ivf_min: int = IVF_MIN, n_lists: int = N_LISTS) -> dict:
+    """What a new batch of explanations costs the app: ``n`` explained latents (consolidated), then one part of
+    ``batch`` new explanations (a live explain, or one batch of a running ``saescope explain``). Times the next
+    open of the explanation database and of the search index, applied incrementally, against building both from
+    scratch for the same files, side by side in this process; checks both give the same best explanations."""
+    from ..interp import index as interp_index
+    from ..interp import parts, schema
+    from ..interp.search import SemanticSearch
+    from ..interp.store import InterpStore
+
+    root = Path(root) if root else _cache_root()
+    run = root / f"refresh-{n}-{dim}-{seed}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    try:
+        _explained_run(run, n, dim, seed)
+        settings = {"ivf_min": ivf_min, "n_lists": n_lists, "warm": False}
+        with InterpStore.open(run) as store, SemanticSearch.open(store, **settings):
+            pass
+        rng = np.random.default_rng([seed, 8])
+        fids = np.sort(rng.choice(n + batch, size=batch, replace=False)).astype(np.int32)  # rewrites and new latents
+        import pyarrow as pa
+
+        common = {"feature_id": fids, "explainer": ["B"] * batch, "prompt_version": ["v1"] * batch}
+        new = {
+            schema.EXPLANATIONS: pa.table({**common, "explanation": [f"new {i}" for i in fids],
+                                           "created_at": np.full(batch, np.datetime64("2026-02-01", "us")),
+                                           "status": ["ok"] * batch, "reason": [""] * batch}),
+            schema.SCORES: pa.table({**common, "scorer": ["detection"] * batch, "score": np.full(batch, 0.95),
+                                     "n_examples": np.full(batch, 20, np.int32), "details": ["{}"] * batch}),
+            schema.EMBEDDINGS: pa.table({**common, "model": ["bench"] * batch, "embedding": [
+                unit(v).tolist() for v in rng.standard_normal((batch, dim), dtype=np.float32)]}),
+        }
+        parts.write_part(run, {name: t.select(schema.FILES[name].names) for name, t in new.items()})
+        t0 = time.perf_counter()
+        store = InterpStore.open(run)
+        t1 = time.perf_counter()
+        search = SemanticSearch.open(store, **settings)
+        t2 = time.perf_counter()
+        assert store.refresh == "applied" and search.index is not None and "updated_from" in search.index.meta
+        applied_best = store.best()
+        t3 = time.perf_counter()
+        interp_index.build_interp_db(run, run / "full.duckdb")
+        t4 = time.perf_counter()
+        full = SemanticSearch.open(store, **{**settings, "seed": seed + 1})  # other settings: built from scratch
+        t5 = time.perf_counter()
+        assert full.index is not None and "updated_from" not in full.index.meta
+        with InterpStore.open(run) as again:
+            same = {f: e.text for f, e in applied_best.items()} == {f: e.text for f, e in again.best().items()}
+        same_index = bool(np.array_equal(np.sort(search.index.ids), np.sort(full.index.ids)))
+        store.close()
+        db_mb = (run / "interp.duckdb").stat().st_size / 2**20
+        return {
+            "n": n, "dim": dim, "batch": batch, "index": "ivf" if search.index.is_ivf else "exact",
+            "interp_db": {"applied_s": round(t1 - t0, 3), "full_s": round(t4 - t3, 3),
+                          "speedup": round((t4 - t3) / max(t1 - t0, 1e-9), 1), "file_mb": round(db_mb, 1)},
+            "search_index": {"applied_s": round(t2 - t1, 3), "full_s": round(t5 - t4, 3),
+                             "speedup": round((t5 - t4) / max(t2 - t1, 1e-9), 1)},
+            "same_best": same, "same_index_ids": same_index, "cpu": _cpu(), "cpu_count": os.cpu_count(),
+        }
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def format_refresh(r: dict) -> list[str]:
+    """Report lines for a ``refresh_bench`` result."""
+    db, ix = r["interp_db"], r["search_index"]
+    return [f"a batch of {r['batch']} new explanations over {r['n']:,} explained latents ({r['index']} index), on "
+            f"{r['cpu']} ({r['cpu_count']} cores):",
+            f"  interp.duckdb  applied {db['applied_s']:.2f} s, rebuilt {db['full_s']:.2f} s ({db['speedup']}x; "
+            f"{db['file_mb']} MB copied)",
+            f"  search index   applied {ix['applied_s']:.2f} s, rebuilt {ix['full_s']:.2f} s ({ix['speedup']}x)",
+            f"  same best explanations and indexed latents both ways: {r['same_best'] and r['same_index_ids']}"]
+
+
 if __name__ == "__main__":
     print(json.dumps(search_bench(), indent=2))

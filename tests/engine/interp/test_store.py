@@ -500,3 +500,48 @@ def test_new_parts_are_applied_incrementally_and_equal_a_full_build(run, tmp_pat
         assert st.refresh == "built"
         assert {f: (e.explainer, e.text) for f, e in st.best().items()} == best
         assert st.changed_since(seen[0]) is None  # a full build since: unknown
+
+
+def _contents(index):
+    """id -> (score, source, density), and the vectors in id order."""
+    order = np.argsort(index.ids)
+    num = lambda x: None if np.isnan(x) else float(x)  # noqa: E731
+    meta = {int(index.ids[r]): (num(index.score[r]), tuple(index.sources[int(index.source[r])]), num(index.density[r]))
+            for r in order}
+    return meta, np.asarray(index.vectors)[order]
+
+
+def test_search_index_updated_with_the_changed_latents_only(tmp_path):
+    """New explanations change some latents' best embedded explanation: the next open updates the IVF index from
+    the earlier one (lists kept, only those latents' rows replaced) and it holds exactly what a fresh build holds."""
+    run, indexed, _, _ = search_run(tmp_path, n=3000)
+    settings = {"ivf_min": 1000, "n_lists": 16}
+    with SemanticSearch.open(run, **settings) as first:
+        assert first.index is not None and first.index.is_ivf
+        old_folder, old_centroids = first.index.folder, np.array(first.index.centroids)
+    rng = np.random.default_rng(11)
+    v5, v3000 = unit(rng.standard_normal(32)), unit(rng.standard_normal(32))
+    parts.write_part(run, {
+        schema.EXPLANATIONS: ex_rows([(5, "C", "c5", "ok", 50), (7, "C", "junk", "failed", 50), (3000, "A", "new", "ok", 50)]),
+        schema.SCORES: sc_rows([(5, "C", "detection", 0.97, None), (9, "A", "detection", 0.01, None)]),
+        schema.EMBEDDINGS: emb_rows([(5, "C", v5), (3000, "A", v3000)]),
+    })
+    with SemanticSearch.open(run, **settings) as updated:
+        index = updated.index
+        assert index is not None and index.meta["updated_from"] == old_folder.name and not old_folder.exists()
+        assert index.meta["rows_read"] == 4 and index.meta["rows_replaced"] == 3  # latents 5, 7, 9 (+ the new 3000)
+        assert np.array_equal(index.centroids, old_centroids)
+        hit = updated.search(v5, 1)[0]
+        assert (hit.feature_id, hit.explainer, hit.text, hit.score) == (5, "C", "c5", 0.97)
+        got, matrix = _contents(index)
+        # the same data built from scratch (another seed: another folder)
+        fresh = SemanticSearch.open(run, ivf_min=1000, n_lists=16, seed=1)
+        assert fresh.index is not None and "updated_from" not in fresh.index.meta
+        want_meta, want_matrix = _contents(fresh.index)
+        assert got == want_meta and len(got) == 3001
+        np.testing.assert_allclose(matrix, want_matrix, atol=1e-6)
+        fresh.close()
+        ids = np.array(sorted(got))
+        for q in synthetic_queries(5, 32, n_topics=64, n_super=8, seed=0, query_seed=2):  # exact search: brute force
+            want = ids[np.lexsort((ids, -(matrix @ unit(q))))[:10]]
+            assert [h.feature_id for h in index.search(q, 10, exact=True)] == want.tolist()

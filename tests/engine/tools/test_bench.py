@@ -111,3 +111,12 @@ def test_search_bench_measures_every_filter_and_the_recall_of_its_index(tmp_path
     assert not again["index_built_now"]  # the index is built once and reused
     lines = format_search(out)
     assert lines[0].startswith("search by meaning: 4,000 latents x 32 (ivf") and any("density_10pct" in ln for ln in lines)
+
+
+def test_refresh_bench_applies_a_batch_and_agrees_with_a_full_build(tmp_path):
+    from engine.tools.bench_search import format_refresh, refresh_bench
+
+    out = refresh_bench(1200, 16, 8, root=tmp_path, ivf_min=1000, n_lists=8)
+    assert out["index"] == "ivf" and out["same_best"] and out["same_index_ids"]
+    assert out["interp_db"]["applied_s"] > 0 and out["search_index"]["full_s"] > 0
+    assert "applied" in "\n".join(format_refresh(out)) and not any(tmp_path.iterdir())  # the run is removed
