@@ -12,10 +12,12 @@ from typing import cast
 
 from torch import nn
 
-HOOK_KINDS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
-"""Hook kinds in the order the forward pass reaches them inside one block."""
+HOOK_KINDS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")
+"""Hook kinds in the order the forward pass reaches them inside one block. ``ln2.hook_normalized`` is the MLP's input
+(the residual stream after the pre-MLP norm; TransformerLens's name): what a transcoder reads."""
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out|attn\.hook_z)$")
+_HOOK_RE = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out|attn\.hook_z|ln2\.hook_normalized)$")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ class HookManager:
             elif kind == "hook_attn_out":
                 module = first_path(block, (family.attn_out,), "attention output") if family.attn_out else attn
                 point = HookPoint(name, module, reads_input=False)
+            elif kind == "ln2.hook_normalized":  # the MLP's input: the normalised residual stream it reads
+                point = HookPoint(name, getattr(block, family.mlp), reads_input=True)
             elif kind == "hook_mlp_out":
                 module = first_path(block, (family.mlp_out,), "MLP output") if family.mlp_out else getattr(block, family.mlp)
                 point = HookPoint(name, module, reads_input=False)

@@ -25,7 +25,7 @@ def _ids(lm, n=2, length=12, seed=0):
 
 def test_hook_points_listed(lm):
     names = lm.hook_points()
-    assert len(names) == 5 * lm.n_layers
+    assert len(names) == 6 * lm.n_layers
     expected = {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out",
                 "blocks.0.hook_attn_out"}
     assert expected <= set(names)
@@ -45,6 +45,24 @@ def test_residual_decomposes_into_attn_and_mlp(lm):
     names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
     a = lm.capture(ids, names, stop_early=False)
     torch.testing.assert_close(a[names[0]] + a[names[1]] + a[names[2]], a[names[3]], atol=1e-5, rtol=1e-4)
+
+
+def test_mlp_input_is_what_the_mlp_reads(lm):
+    """``ln2.hook_normalized`` is the MLP's input: the MLP module run on it alone gives the MLP's output (Gemma 2
+    normalises that output once more before ``hook_mlp_out``), and it is the pre-MLP norm of the residual stream."""
+    from engine.model.families import decoder_layers
+
+    ids = _ids(lm)
+    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    a = lm.capture(ids, names, stop_early=False)
+    family = lm.family
+    block = decoder_layers(lm.model, family)[1]
+    mlp = getattr(block, family.mlp)
+    out = mlp(a[names[2]])
+    if family.mlp_out:
+        out = getattr(block, family.mlp_out)(out)
+    torch.testing.assert_close(out, a[names[3]], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a[names[2]], a[names[0]] + a[names[1]])  # normalised, not the stream itself
 
 
 def test_hook_z_is_per_head(lm):
