@@ -25,7 +25,7 @@ from ..run.index import cursor, open_read_only
 from . import sql
 from .index import build_interp_db, db_signature, fallback_dir, source_signature
 from .rows import ExplainerSummary, Explanation, InterpSummary, explanation
-from .scorers import ScoreDetail, parse_details
+from .scorers import ScoreDetail, parse_details, score_extras
 
 
 class InterpStore:
@@ -118,7 +118,7 @@ class InterpStore:
         for fid, who, version, scorer, score, n, details in rows:
             auc, excerpts = parse_details(scorer, details)
             out.append(ScoreDetail(int(fid), who, version, scorer, None if score is None else float(score), int(n or 0),
-                                   auc, excerpts))
+                                   auc, excerpts, **score_extras(details)))
         return out
 
     # --- run level --------------------------------------------------------------------------------------------
