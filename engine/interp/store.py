@@ -9,7 +9,9 @@ disabled and runs every statement with bound parameters on a fresh cursor: one s
 A run without explanations opens too and simply has none.
 
 Which explanation is *best* for a latent: among its non-baseline explanations with status ``ok``, the highest
-mean of its available scores (explanations without any score come last), ties by the newest ``created_at``.
+value of the one score they all have (the first of detection, fuzzing, embedding that each of them has: a live
+explanation scored by embedding alone competes on embedding AUROC), then scored before unscored, ties by the
+newest ``created_at`` (``sql.BUILD_EXPLANATIONS``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class InterpStore:
     # --- per latent -------------------------------------------------------------------------------------------
     def explanations(self, feature_id: int) -> list[Explanation]:
         """Every explainer's explanation of one latent (baselines, failed and skipped ones included), best first:
-        usable ones by mean score (unscored last), ties by the newest."""
+        usable ones by the score they all have (``Explanation.rank_scorer``), ties by the newest."""
         return sorted((explanation(r) for r in self._rows(sql.EXPLANATIONS_OF, {"feature_id": int(feature_id)})),
                       key=lambda e: e.rank)
 
