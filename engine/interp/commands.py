@@ -27,7 +27,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stats = explain_run(args.run, explainer, judge=judge, embedder=embedder, cfg=cfg)
     except EndpointError as err:
         raise ValueError(f"{err} (what was written before stays; rerun to continue)") from err
+    from .report import report
+
     stats["mean_scores"] = summary(args.run)
+    stats["report"] = report(args.run)
     print(json.dumps(stats, indent=2))
     return 0
 

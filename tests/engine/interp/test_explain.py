@@ -348,3 +348,53 @@ def test_top_token_baseline_never_holds_a_token_only_the_held_out_excerpts_have(
         assert not label & held_only, (lat.feature_id, label & held_only)
         leaks += bool(set(run_labels[lat.feature_id].split(" / ")) & held_only)
     assert leaks > 0, "the run's labels (all examples) hold held-out-only tokens for some latents: the test has teeth"
+
+
+class SometimesOffFormat(ScriptedChat):
+    """Answers one yes/no question in five off-format (a failed judgement), the rest as ``ScriptedChat``."""
+
+    def judge(self, conversations, options=("0", "1"), budget=0):
+        from engine.interp.judge import Judgement
+
+        got = super().judge(conversations, options, budget)
+        return [Judgement(None, 0.01, "Sure") if options == ("0", "1") and len(c[-1]["content"]) % 5 == 0 else j
+                for c, j in zip(conversations, got, strict=True)]
+
+
+def test_explain_records_quantiles_failed_judgements_and_the_intruder(run):
+    from sklearn import metrics
+
+    from engine.interp.report import report
+
+    cfg = ExplainConfig(features="0-11", **{**CFG, "scorers": ("detection", "fuzzing", "intruder"), "n_heldout": 6})
+    explain_run(run, SometimesOffFormat(), cfg=cfg, progress=False)
+    rows = parts.read_all(run, schema.SCORES).to_pylist()
+    live = [f for f in range(12) if f not in DEAD]
+    assert sorted((r["feature_id"], r["scorer"]) for r in rows) == [(f, s) for f in live for s in ("detection", "fuzzing", "intruder")]
+    n_q = rundir.read_manifest(run)["settings"]["quantile_bins"]
+    failed = judged = 0
+    for r in rows:
+        d = json.loads(r["details"])
+        if r["scorer"] == "intruder":
+            assert r["n_examples"] == len(d["groups"]) and 1 <= len(d["groups"]) <= 5 and d["chance"] == 0.2
+            assert all(len(g["context_ids"]) == 5 and 0 <= g["intruder"] < 5 for g in d["groups"])
+            continue
+        labels = np.array(d["labels"], bool)
+        probs = np.array([np.nan if p is None else p for p in d["probabilities"]])
+        ok = np.isfinite(probs)
+        assert d["failed"] == (~ok).sum() and len(d["mass"]) == len(labels)
+        failed, judged = failed + d["failed"], judged + len(labels)
+        if labels[ok].all() or not labels[ok].any():
+            assert r["score"] is None
+        else:
+            assert r["score"] == pytest.approx(metrics.balanced_accuracy_score(labels[ok], probs[ok] > 0.5))
+        q = np.array(d["quantiles"])
+        assert ((q >= 0) & (q < n_q))[labels].all() and (q[~labels] == -1).all()
+        for key, value in d["by_quantile"].items():
+            mine = (q == int(key)) & ok
+            want = np.mean(probs[mine] > 0.5) if int(key) >= 0 else np.mean(probs[mine] <= 0.5)
+            assert value == pytest.approx(want), key
+    assert 0 < failed < judged, "the planted off-format answers are there, and not all"
+    rep = report(run)["scripted"]
+    assert rep["detection"]["failure_rate"] + rep["fuzzing"]["failure_rate"] > 0
+    assert set(rep) == {"detection", "fuzzing", "intruder"} and rep["intruder"]["n"] == len(live)

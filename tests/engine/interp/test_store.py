@@ -477,3 +477,23 @@ def test_concurrent_writers_claim_distinct_parts_and_consolidate_spares_live_one
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_report_pools_failures_and_averages_per_quantile_by_hand(tmp_path):
+    from engine.interp.report import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    d1 = {"auroc": 0.75, "failed": 1, "mass": [0.9, 0.1, 0.8, 0.7], "by_quantile": {"0": 1.0, "3": 0.0, "-1": 0.5}}
+    d2 = {"auroc": 0.25, "failed": 0, "mass": [0.9, 0.9], "by_quantile": {"0": 0.5, "-1": 1.0}}
+    d3 = {"failed": 2, "mass": [None, None], "by_quantile": {}}  # both failed: no score
+    parts.write_part(run, {schema.SCORES: sc_rows([(1, "A", "detection", 0.6, json.dumps(d1)),
+                                                   (2, "A", "detection", 0.8, json.dumps(d2)),
+                                                   (3, "A", "detection", None, json.dumps(d3)),
+                                                   (1, "A", "embedding", 0.7, json.dumps({"by_quantile": {"0": 0.9}}))])})
+    got = report(run)["A"]
+    assert got["detection"] == {"n": 2, "score": pytest.approx(0.7), "auroc": pytest.approx(0.5),
+                                "failure_rate": pytest.approx(3 / 8),
+                                "by_quantile": {0: pytest.approx(0.75), 3: 0.0, -1: pytest.approx(0.75)}}
+    assert got["embedding"] == {"n": 1, "score": 0.7, "auroc": None, "failure_rate": None, "by_quantile": {0: 0.9}}
+    assert report(run, [2])["A"]["detection"]["score"] == pytest.approx(0.8)
