@@ -95,6 +95,11 @@ SCORES_OF = """
 SELECT feature_id, explainer, prompt_version, scorer, score, n_examples, details FROM scores
 WHERE feature_id = $feature_id AND explainer = $explainer AND ($prompt_version IS NULL OR prompt_version = $prompt_version)
 """
+INTRUDER_OF = """
+SELECT feature_id, avg(score) FROM scores
+WHERE scorer = 'intruder' AND score IS NOT NULL AND feature_id IN (SELECT unnest($ids)) GROUP BY feature_id
+"""
+"""The intruder score of each latent (the mean where several judges ran it): it measures the latent, whoever explained it."""
 SUMMARY_EXPLANATIONS = """
 SELECT explainer, prompt_version, count(*) AS n, count(*) FILTER (WHERE status = 'ok') AS n_ok,
        count(*) FILTER (WHERE status = 'failed') AS n_failed, count(*) FILTER (WHERE status = 'skipped') AS n_skipped,

@@ -102,6 +102,11 @@ class InterpStore:
             rows = self._rows(sql.BEST_OF, {"ids": ids}) if ids else []
         return {int(r[0]): explanation(r) for r in rows}
 
+    def intruder(self, feature_ids: list[int] | np.ndarray) -> dict[int, float]:
+        """The intruder score (``engine.interp.intruder``) of each latent in ``feature_ids`` that has one."""
+        ids = [int(i) for i in feature_ids]
+        return {int(f): float(v) for f, v in self._rows(sql.INTRUDER_OF, {"ids": ids})} if ids else {}
+
     def texts(self, keys: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], str | None]:
         """The explanation text of each (feature_id, explainer, prompt_version) in ``keys`` that exists."""
         ids = sorted({int(k[0]) for k in keys})
