@@ -107,9 +107,9 @@ class RunExamples:
                                                      np.random.default_rng([seed, fid]))
             else:
                 shown_rows, held = self._by_rank(top, quant, n_shown, n_top_heldout, n_quantile_heldout)
-            excerpt = lambda r: self._excerpt(r, contexts, self._quantile(r, peak))  # noqa: E731
-            out.append(LatentData(fid, [excerpt(r) for r in shown_rows], [excerpt(r) for r in held], labels.get(fid, ""),
-                                  [excerpt(r) for r in top]))
+            shown_ex, held_ex, top_ex = ([self._excerpt(r, contexts, self._quantile(r, peak)) for r in group]
+                                         for group in (shown_rows, held, top))
+            out.append(LatentData(fid, shown_ex, held_ex, labels.get(fid, ""), top_ex))
         return out
 
     def _quantile(self, row: tuple, peak: float) -> int:

@@ -130,6 +130,9 @@ def finished_manifest(run_dir: Path) -> dict:
     return manifest
 
 
+EMPTY_POOL = QuietPool(np.zeros(0, np.int64), 1, np.zeros(0, np.int32), np.zeros(0, np.int32), 0)
+
+
 def quiet_pool(run_dir: Path, manifest: dict, examples: RunExamples, cfg: ExplainConfig) -> QuietPool:
     """Where each latent fires on a pool of random run contexts, from one run of the run's own model and SAE
     (cached in ``.interp/pool.npz``): the source of non-activating excerpts."""
@@ -374,7 +377,8 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
                                         "skipped": 0}
             if not todo and not cfg.baselines:
                 return stats
-            pool = quiet_pool(run_dir, manifest, examples, cfg)
+            # no scorer, no non-activating excerpt needed: the run's model and SAE are not run
+            pool = quiet_pool(run_dir, manifest, examples, cfg) if wanted else EMPTY_POOL
             session = ExplainSession(run_dir, explainer, judge, embedder, wanted, cfg, examples, pool, on_explanation)
             started = time.perf_counter()
             bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)

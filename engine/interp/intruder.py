@@ -47,7 +47,7 @@ def marked(excerpts: list[Excerpt], rng: np.random.Generator) -> list[str]:
     return [prompts.mark(e.tokens, fuzz_marks(e, n_random, rng, at=at)) for e in excerpts]
 
 
-def intruder(backend: ChatBackend, top: list[Excerpt], quiet: list[Excerpt], seed: int, budget: int = 0,
+def intruder(backend: ChatBackend, top: list[Excerpt], quiet: list[Excerpt], seed: int | list[int], budget: int = 0,
              n_groups: int = N_GROUPS, group: int = GROUP) -> Score:
     """The intruder score of one latent from its top excerpts and its non-activating ones (``seed``: the run's seed
     and the latent, e.g. ``[seed, feature_id]``)."""

@@ -330,13 +330,13 @@ def test_top_token_label_reads_only_the_excerpts_it_is_given():
 
 def test_top_token_baseline_never_holds_a_token_only_the_held_out_excerpts_have(run):
     """The run's own label is built from every example, held-out ones included; the baseline's is not."""
-    cfg = ExplainConfig(features="0-63", baselines=True, **{**CFG, "scorers": ("detection",)})
+    cfg = ExplainConfig(features="0-31", baselines=True, **{**CFG, "scorers": (), "batch_size": 32})
     explain_run(run, ScriptedChat(), cfg=cfg, progress=False)
     ex = {(r["explainer"], r["feature_id"]): r["explanation"] for r in parts.read_all(run, schema.EXPLANATIONS).to_pylist()}
     run_labels = {r["feature_id"]: r["label"] for r in pq.read_table(run / run_schema.FEATURES).to_pylist()}
     examples = RunExamples(run, before=cfg.before, after=cfg.after)
     try:
-        lats = load_latents(examples, [f for f in range(64) if f not in DEAD], cfg)
+        lats = load_latents(examples, [f for f in range(32) if f not in DEAD], cfg)
     finally:
         examples.close()
     leaks = 0
@@ -366,11 +366,13 @@ def test_explain_records_quantiles_failed_judgements_and_the_intruder(run):
 
     from engine.interp.report import report
 
-    cfg = ExplainConfig(features="0-11", **{**CFG, "scorers": ("detection", "fuzzing", "intruder"), "n_heldout": 6})
+    cfg = ExplainConfig(features="0-7", **{**CFG, "scorers": ("detection", "fuzzing", "intruder"), "n_heldout": 6,
+                                           "batch_size": 8})
     explain_run(run, SometimesOffFormat(), cfg=cfg, progress=False)
     rows = parts.read_all(run, schema.SCORES).to_pylist()
-    live = [f for f in range(12) if f not in DEAD]
-    assert sorted((r["feature_id"], r["scorer"]) for r in rows) == [(f, s) for f in live for s in ("detection", "fuzzing", "intruder")]
+    live = [f for f in range(8) if f not in DEAD]
+    want = [(f, s) for f in live for s in ("detection", "fuzzing", "intruder")]
+    assert sorted((r["feature_id"], r["scorer"]) for r in rows) == want
     n_q = rundir.read_manifest(run)["settings"]["quantile_bins"]
     failed = judged = 0
     for r in rows:

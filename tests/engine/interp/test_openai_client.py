@@ -1,5 +1,6 @@
 """The OpenAI-compatible client (``OpenAIChat``) against endpoints that fail, stall or misbehave: what is retried,
-what is not, timeouts, bounded concurrency, the API key it sends, and how a judge's answers are read (``judge``: log-probabilities, a budget, failed judgements)."""
+what is not, timeouts, bounded concurrency, the API key it sends, and how a judge's answers are read (``judge``:
+log-probabilities, a budget, failed judgements)."""
 
 from __future__ import annotations
 
