@@ -230,6 +230,16 @@ def explanations(run_dir: str, ids) -> dict[int, str]:
     return _explanations(run_dir, interp_stamp(run_dir), tuple(int(i) for i in ids))
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _intruder(run_dir: str, signature: str, ids: tuple[int, ...]) -> dict[int, float]:
+    return interp(run_dir).intruder(list(ids))
+
+
+def intruder(run_dir: str, ids) -> dict[int, float]:
+    """The intruder score of each latent in ``ids`` that has one."""
+    return _intruder(run_dir, interp_stamp(run_dir), tuple(int(i) for i in ids))
+
+
 def describe(run_dir: str, ids) -> dict[int, str]:
     """What to call each latent next to its id: its best explanation, else its top-token label ("" if neither)."""
     ids = [int(i) for i in ids]

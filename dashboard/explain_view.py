@@ -24,6 +24,8 @@ SCORER_HELP = {
                "ones, given the explanation (0.5 = chance).",
     "embedding": "AUROC of the cosine between the explanation and held-out contexts (activating vs not) in a "
                  "sentence-embedding space (0.5 = chance).",
+    "intruder": "Fraction of groups of four top-activating excerpts and one non-activating intruder in which a judge "
+                "picked the intruder, with no explanation: it measures the latent itself (0.2 = chance).",
 }
 WRONG_SHOWN = 6
 
@@ -54,9 +56,22 @@ def _value(detail: ScoreDetail, result: ExcerptResult) -> str:
     return f"judge P(fires) {fmt(result.value)}"
 
 
+def quantile_table(details: list[ScoreDetail]) -> pd.DataFrame | None:
+    """Each scorer's score per activation quantile (rows: the highest quantile first, then the non-activating
+    excerpts), or None when none was recorded."""
+    keys = sorted({q for d in details for q in d.by_quantile}, key=lambda q: (q < 0, q))
+    if not keys:
+        return None
+    index = ["non-activating" if q < 0 else f"quantile {q}" + (" (highest)" if q == 0 else "") for q in keys]
+    return pd.DataFrame({d.scorer: [d.by_quantile.get(q) for q in keys] for d in details if d.by_quantile}, index=index)
+
+
 def confusion(detail: ScoreDetail, row: FeatureRow, store: RunStore) -> None:
     """One scorer's result: its counts, and the held-out excerpts it got wrong."""
     excerpts = detail.excerpts
+    if detail.failed:
+        st.caption(f"{detail.failed} judgement{'s' if detail.failed != 1 else ''} failed (the judge answered "
+                   f"off-format: {fmt(detail.failure_rate)} of them), left out of the score.")
     if not excerpts:
         st.caption("No per-excerpt details were recorded for this score.")
         return
@@ -118,6 +133,13 @@ def show(run: str, store: RunStore, row: FeatureRow) -> None:
             col.metric(render.md(detail.scorer.capitalize()), fmt(detail.score), help=SCORER_HELP.get(detail.scorer),
                        delta=None if detail.auroc is None or detail.scorer == "embedding" else f"AUROC {detail.auroc:.2f}",
                        delta_color="off")
+        table = quantile_table(details)
+        if table is not None:
+            with st.expander("Scores per activation quantile"):
+                st.caption("Activating excerpts: the fraction judged active (embedding: AUROC against every "
+                           "non-activating excerpt); non-activating: the fraction judged inactive. Quantiles are "
+                           "equal-width intervals of the latent's activation range, 0 the highest.")
+                st.dataframe(table.map(lambda v: None if v is None else round(float(v), 3)), width="content")
         with st.expander("What the scorers got wrong"):
             tabs = st.tabs([render.md(d.scorer) for d in details])
             for tab, detail in zip(tabs, details, strict=True):

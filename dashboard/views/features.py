@@ -121,6 +121,7 @@ with common.shown_errors("Search failed"):
 
     if rows is not None:
         explained = cache.explanations(run, [r.feature_id for r in rows])
+        intruder = cache.intruder(run, [r.feature_id for r in rows])
         table = pd.DataFrame(
             {
                 "id": [r.feature_id for r in rows],
@@ -132,6 +133,8 @@ with common.shown_errors("Search failed"):
                 "fires": [r.fire_count for r in rows],
             }
         )
+        if intruder:  # the intruder check (saescope explain --scorers intruder): chance is 0.2
+            table.insert(2, "intruder", [intruder.get(r.feature_id) for r in rows])
         if rows:
             key = f"feat_table_{st.session_state.get('feat_table_gen', 0)}"
             st.dataframe(
@@ -141,6 +144,8 @@ with common.shown_errors("Search failed"):
                     "density": st.column_config.NumberColumn(format="%.2e"),
                     "max act": st.column_config.NumberColumn(format="%.3f"),
                     "mean act": st.column_config.NumberColumn(format="%.3f"),
+                    "intruder": st.column_config.NumberColumn(
+                        format="%.2f", help="Fraction of intruder checks a judge got right (chance 0.2)"),
                 },
             )
         elif not text.strip():

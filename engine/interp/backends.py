@@ -5,9 +5,12 @@ Both answer two calls on a batch of conversations (lists of ``{"role", "content"
 * ``chat(conversations, max_tokens)``: one reply each (greedy unless a temperature is given);
 * ``stream(messages, max_tokens)``: one conversation's reply as text pieces while it is generated, whose
   concatenation is what ``chat([messages])[0]`` answers (greedy);
-* ``yes_probability(conversations)``: the probability of ``1`` against ``0`` as the first token of the reply,
-  ``P(1) / (P(0) + P(1))`` as delphi reads its classifier scorers, from the logits (local) or from the
-  endpoint's ``top_logprobs`` (falling back to the answer's text where an endpoint gives no log-probabilities).
+* ``judge(conversations, options, budget)``: the answer to a question whose answer is one digit among ``options``
+  (``judge.Judgement``): the options' probabilities at the reply's first token when that token is an option, from
+  the logits (local) or the endpoint's ``top_logprobs``, with their total mass; else, given a token budget, the
+  final answer of a longer reply (reasoning models); else a failed judgement (``engine.interp.judge``);
+* ``yes_probability(conversations)``: ``P(1) / (P(0) + P(1))`` of yes/no questions (``judge`` without a budget;
+  NaN where the judgement failed).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import numpy as np
 import torch
 
 from .. import settings
+from . import judge as judging
+from .judge import YES_NO, Judgement
 
 Messages = list[dict[str, str]]
 KEY_ENV = settings.EXPLAINER_KEY.name
@@ -69,7 +74,8 @@ class ChatBackend(Protocol):
 
     def stream(self, messages: Messages, max_tokens: int = 48, temperature: float = 0.0) -> Iterator[str]: ...
 
-    def yes_probability(self, conversations: list[Messages]) -> list[float]: ...
+    def judge(self, conversations: list[Messages], options: tuple[str, ...] = YES_NO, budget: int = 0
+              ) -> list[Judgement]: ...
 
 
 class SentenceEmbedder(Protocol):
@@ -82,16 +88,21 @@ class SentenceEmbedder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
-def _digit_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids that spell ``1`` and ``0`` as a reply's first token (with and without a leading space)."""
-    ones, zeros = set(), set()
-    for text, bucket in (("1", ones), (" 1", ones), ("0", zeros), (" 0", zeros)):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) == 1:
-            bucket.add(ids[0])
-    if not ones or not zeros:
-        raise ValueError("the scorer model's tokenizer has no single token for the digits 0 and 1")
-    return sorted(ones), sorted(zeros)
+def _option_ids(tokenizer, options: tuple[str, ...]) -> list[list[int]]:
+    """Per option, the token ids that spell it as a reply's first token (with and without a leading space)."""
+    out = []
+    for option in options:
+        ids = {enc[0] for text in (option, " " + option)
+               if len(enc := tokenizer.encode(text, add_special_tokens=False)) == 1}
+        if not ids:
+            raise ValueError(f"the scorer model's tokenizer has no single token for the answer {option!r}")
+        out.append(sorted(ids))
+    return out
+
+
+def yes_probabilities(judgements: list[Judgement]) -> list[float]:
+    """``P(1) / (P(0) + P(1))`` of each yes/no judgement, NaN where it failed."""
+    return [math.nan if (p := j.yes()) is None else p for j in judgements]
 
 
 class _Stop:
@@ -123,7 +134,7 @@ class LocalChat:
             raise ValueError(f"{spec} has no chat template: an explainer needs a chat (instruct) model")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.ones, self.zeros = _digit_ids(self.tokenizer)
+        self._options: dict[tuple[str, ...], list[list[int]]] = {YES_NO: _option_ids(self.tokenizer, YES_NO)}
         self.batch_size = batch_size
         self.max_context = self.lm.max_context
         self._lock = threading.Lock()
@@ -191,16 +202,34 @@ class LocalChat:
                 raise failed[0]
 
     @torch.inference_mode()
-    def yes_probability(self, conversations: list[Messages]) -> list[float]:
-        out: list[float] = []
+    def judge(self, conversations: list[Messages], options: tuple[str, ...] = YES_NO, budget: int = 0) -> list[Judgement]:
+        """The answer to each digit question (``engine.interp.judge``): the options' probabilities at the first
+        position when the greedy first token is an option, else (with ``budget`` tokens) the parsed final answer."""
+        if options not in self._options:
+            self._options[options] = _option_ids(self.tokenizer, options)
+        ids = self._options[options]
+        out: list[Judgement] = []
         with self._lock:
             for i in range(0, len(conversations), self.batch_size):
                 enc = self._encode(conversations[i : i + self.batch_size])
-                logits = self.lm.model(**enc).logits[:, -1].float()
-                probs = logits.softmax(-1)
-                p1, p0 = probs[:, self.ones].sum(-1), probs[:, self.zeros].sum(-1)
-                out.extend((p1 / (p0 + p1).clamp_min(1e-30)).tolist())
+                probs = self.lm.model(**enc).logits[:, -1].float().softmax(-1)
+                masses = torch.stack([probs[:, o].sum(-1) for o in ids], 1).tolist()
+                top = probs.argmax(-1).tolist()
+                for m, t in zip(masses, top, strict=True):
+                    first = str(self.tokenizer.decode([t]))
+                    out.append(judging.from_option_mass(m, first) if judging.is_option(first, options)
+                               else Judgement(None, float(sum(m)), first))
+            redo = [k for k, j in enumerate(out) if j.failed] if budget > 0 else []
+            for i in range(0, len(redo), self.batch_size):
+                chunk = redo[i : i + self.batch_size]
+                enc = self._encode([conversations[k] for k in chunk], reserve=budget)
+                gen = self._generate(enc, budget, 0.0)[:, enc["input_ids"].shape[1] :]
+                for k, text in zip(chunk, self.tokenizer.batch_decode(gen, skip_special_tokens=True), strict=True):
+                    out[k] = judging.parsed(text, options, out[k].mass)
         return out
+
+    def yes_probability(self, conversations: list[Messages]) -> list[float]:
+        return yes_probabilities(self.judge(conversations))
 
 
 def endpoint_key(url: str) -> str | None:
@@ -317,17 +346,23 @@ class OpenAIChat:
                 time.sleep(self.backoff * 2**attempt)
         raise EndpointError(f"{url} failed after {self.retries + 1} attempts: {last}")
 
-    def yes_probability(self, conversations: list[Messages]) -> list[float]:
-        def one(messages: Messages) -> float:
+    def judge(self, conversations: list[Messages], options: tuple[str, ...] = YES_NO, budget: int = 0) -> list[Judgement]:
+        """The answer to each digit question (``engine.interp.judge``): one token with ``top_logprobs``; when that
+        token is not an option and ``budget`` > 0, a second request of up to ``budget`` tokens whose final answer
+        is parsed."""
+        def one(messages: Messages) -> Judgement:
             reply = self._post({"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
                                 "logprobs": True, "top_logprobs": 10})
-            try:
-                choice = reply["choices"][0]
-            except (KeyError, IndexError, TypeError) as err:
-                raise EndpointError(f"{self.base_url} answered without choices: {str(reply)[:200]}") from err
-            return _yes_from_choice(choice)
+            first = _judgement(self.base_url, reply, options)
+            if not first.failed or budget <= 0:
+                return first
+            again = self._post({"model": self.model, "messages": messages, "max_tokens": budget, "temperature": 0.0})
+            return judging.parsed(_content(self.base_url, again), options, first.mass)
 
         return self._map(one, conversations)
+
+    def yes_probability(self, conversations: list[Messages]) -> list[float]:
+        return yes_probabilities(self.judge(conversations))
 
 
 _NETWORK = (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException)
@@ -403,19 +438,28 @@ def _delta(event: str, url: str) -> tuple[str, bool]:
     return content, bool(choice.get("finish_reason"))
 
 
-def _yes_from_choice(choice: dict) -> float:
-    """``P(1) / (P(0) + P(1))`` from the first token's ``top_logprobs``; the answer's text where there are none."""
-    content = ((choice.get("logprobs") or {}).get("content")) or []
+def _content(url: str, reply: dict) -> str:
+    try:
+        return str(reply["choices"][0]["message"].get("content") or "")
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        raise EndpointError(f"{url} answered without choices[0].message: {str(reply)[:200]}") from err
+
+
+def _judgement(url: str, reply: dict, options: tuple[str, ...]) -> Judgement:
+    """A one-token reply read as ``engine.interp.judge`` says: the options' ``top_logprobs`` when its token is an
+    option; without log-probabilities, its text when that is exactly an option (mass unknown); else failed."""
+    text = _content(url, reply)
+    content = ((reply["choices"][0].get("logprobs") or {}).get("content")) or []
     if content:
-        p = {"1": 0.0, "0": 0.0}
-        for item in content[0].get("top_logprobs") or []:
-            tok = str(item.get("token", "")).strip()
-            if tok in p:
-                p[tok] += math.exp(float(item.get("logprob", -math.inf)))
-        if p["1"] + p["0"] > 0:
-            return p["1"] / (p["1"] + p["0"])
-    text = str((choice.get("message") or {}).get("content") or "").strip()
-    return 1.0 if text.startswith("1") else 0.0 if text.startswith("0") else 0.5
+        token = str(content[0].get("token", text))
+        masses, total = judging.from_top_logprobs(content[0].get("top_logprobs") or [], options)
+        if judging.is_option(token, options):
+            return judging.from_option_mass(masses, token)
+        return Judgement(None, total, token)
+    if judging.is_option(text, options):
+        k = options.index(text.strip())
+        return Judgement(tuple(1.0 if i == k else 0.0 for i in range(len(options))), None, text)
+    return Judgement(None, None, text)
 
 
 def make_backend(spec: str, *, model: str | None = None, device: str = "auto", dtype: str = "auto",

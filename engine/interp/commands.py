@@ -19,7 +19,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     explainer = make_backend(args.explainer, model=args.explainer_model, device=args.device, dtype=args.dtype,
                              concurrency=args.concurrency, timeout=args.timeout)
     judge = None
-    if args.scorer_model and ({"detection", "fuzzing"} & set(scorers)):
+    if args.scorer_model and ({"detection", "fuzzing", "intruder"} & set(scorers)):
         judge = make_backend(args.scorer_model, model=args.scorer_model_name, device=args.device, dtype=args.dtype,
                              concurrency=args.concurrency, timeout=args.timeout)
     embedder = None if args.no_embed else Embedder(args.embedder if args.embedder != "default" else None)
@@ -27,7 +27,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stats = explain_run(args.run, explainer, judge=judge, embedder=embedder, cfg=cfg)
     except EndpointError as err:
         raise ValueError(f"{err} (what was written before stays; rerun to continue)") from err
+    from .report import report
+
     stats["mean_scores"] = summary(args.run)
+    stats["report"] = report(args.run)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -59,7 +62,7 @@ def add_parsers(sub) -> None:
                         "$SAESCOPE_LLM_TOKEN, else $OPENAI_API_KEY for https://api.openai.com only; a key goes over plain "
                         "http only to loopback unless $SAESCOPE_EXPLAINER_ALLOW_HTTP=1)")
     p.add_argument("--scorer-model",
-                   help="model that answers detection/fuzzing (default: the explainer); same forms as --explainer")
+                   help="model that answers detection/fuzzing/intruder (default: the explainer); same forms as --explainer")
     p.add_argument("--scorer-model-name", help="the served model's name when --scorer-model is an endpoint")
     p.add_argument("--embedder", default="default", help="sentence-embedding model folder (default: all-MiniLM-L6-v2 from PyPI)")
     p.add_argument("--no-embed", action="store_true", help="no embeddings (no embedding score, no search by meaning)")

@@ -7,7 +7,8 @@ held-out excerpts; the explanation is embedded for search by meaning; the batch 
 prompt version, and re-scores those whose explanation exists but some score is missing.
 
 Baselines (``--baselines``) score, for the same latents and excerpts, the explanations shuffled across latents
-(explainer ``baseline:shuffled``) and the run's top-token labels (``baseline:top-tokens``).
+(explainer ``baseline:shuffled``) and a top-token label built from the excerpts the explainer saw, never the
+held-out ones the scorers test on (``baseline:top-tokens``, ``top_token_label``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import lock
+from ..model.tokens import short_token
 from ..run import rundir
 from ..run import schema as run_schema
 from ..run.manifest import sections
-from . import parts, prompts, schema, scorers
+from . import intruder, parts, prompts, schema, scorers
 from .backends import ChatBackend, SentenceEmbedder
-from .data import LatentData, QuietPool, RunExamples
+from .data import SAMPLINGS, LatentData, QuietPool, RunExamples
 from .scorers import Excerpt
 
 SHUFFLED, LABELS = "baseline:shuffled", "baseline:top-tokens"
@@ -78,13 +80,19 @@ class ExplainConfig:
     features: str = "random:200"
     """Which latents: all; ids and ranges (3,10-20); densest:N; active:N (highest max activation); random:N."""
     scorers: tuple[str, ...] = scorers.SCORERS
-    """Comma-separated: detection,fuzzing,embedding ('' for none)."""
+    """Comma-separated: detection,fuzzing,embedding,intruder ('' for none)."""
     batch_size: int = 8
     """Latents per batch (one resumable part each)."""
+    sampling: str = "quantiles"
+    """quantiles: explainer and scorers both see excerpts across the activation quantiles (delphi); top: the
+    explainer sees the even-ranked top examples, the scorers odd ranks and one per quantile (saescope's earlier)."""
     n_shown: int = 8
-    """Top examples the explainer is shown per latent."""
+    """Excerpts the explainer is shown per latent."""
     n_heldout: int = 10
-    """Activating excerpts per scorer (half top, half quantile); as many non-activating ones."""
+    """Activating excerpts per scorer (with sampling=top: half top, half quantile); as many non-activating ones."""
+    judge_budget: int = 32
+    """Tokens a judge whose first token is not an answer may take for a second reply whose final digit is read
+    (reasoning models need hundreds); 0: such an answer is a failed judgement at once."""
     pool_contexts: int = 256
     """Random run contexts the SAE is run on once to find non-activating excerpts."""
     max_tokens: int = 32
@@ -102,6 +110,12 @@ class ExplainConfig:
     """The dtype they run in: auto (the fastest here), float32, bfloat16, float16."""
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"--sampling {self.sampling!r}: use {' or '.join(SAMPLINGS)}")
+        if self.judge_budget < 0:
+            raise ValueError(f"--judge-budget must be >= 0, got {self.judge_budget}")
+
 
 def finished_manifest(run_dir: Path) -> dict:
     """The manifest of a finished run; a clear error for anything else (a snapshot, a precompute under way, no run)."""
@@ -114,6 +128,9 @@ def finished_manifest(run_dir: Path) -> dict:
     if manifest.get("data_dir") or not sections(manifest).snapshot.final:
         raise ValueError(f"{run_dir} is still being computed (a snapshot): explain it once precompute has finished")
     return manifest
+
+
+EMPTY_POOL = QuietPool(np.zeros(0, np.int64), 1, np.zeros(0, np.int32), np.zeros(0, np.int32), 0)
 
 
 def quiet_pool(run_dir: Path, manifest: dict, examples: RunExamples, cfg: ExplainConfig) -> QuietPool:
@@ -159,6 +176,24 @@ def quiet_pool(run_dir: Path, manifest: dict, examples: RunExamples, cfg: Explai
              d_sae=np.array(pool.d_sae))
     tmp.replace(cache)
     return pool
+
+
+def top_token_label(excerpts: list[Excerpt], n: int = 3) -> str:
+    """The top-token baseline's label from these excerpts only (those the explainer saw): the ``n`` tokens carrying
+    most of the latent's activation, as the run labels latents from all its examples (``" / "``-joined)."""
+    mass: dict[str, float] = {}
+    for e in excerpts:
+        for tok, a in zip(e.tokens, e.acts, strict=True):
+            if a > 0:
+                mass[tok] = mass.get(tok, 0.0) + a
+    shown: list[str] = []
+    for tok, _ in sorted(mass.items(), key=lambda kv: -kv[1]):
+        text = short_token(tok)
+        if text not in shown:
+            shown.append(text)
+        if len(shown) == n:
+            break
+    return " / ".join(shown)
 
 
 def _top_tokens(excerpts: list[Excerpt], n: int = 5) -> list[str]:
@@ -228,7 +263,7 @@ def feature_stats(examples: RunExamples) -> tuple[np.ndarray, np.ndarray]:
 def load_latents(examples: RunExamples, ids: list[int], cfg: ExplainConfig) -> list[LatentData]:
     """What the explainer sees and what the scorers test on, for each latent (``data.RunExamples.latents``)."""
     return examples.latents(ids, n_shown=cfg.n_shown, n_top_heldout=cfg.n_heldout // 2,
-                            n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2)
+                            n_quantile_heldout=cfg.n_heldout - cfg.n_heldout // 2, sampling=cfg.sampling, seed=cfg.seed)
 
 
 def quiet_for(examples: RunExamples, pool: QuietPool, lat: LatentData, cfg: ExplainConfig) -> list[Excerpt]:
@@ -239,7 +274,7 @@ def quiet_for(examples: RunExamples, pool: QuietPool, lat: LatentData, cfg: Expl
 
 
 def score_and_embed(lat: LatentData, quiet: list[Excerpt], text: str, name: str, wanted: list[str],
-                    judge: ChatBackend | None, embedder: SentenceEmbedder | None, seed: int
+                    judge: ChatBackend | None, embedder: SentenceEmbedder | None, seed: int, budget: int = 0
                     ) -> tuple[list[scorers.Score], list[dict], dict | None]:
     """Score one explanation on the latent's held-out and ``quiet`` excerpts and embed it: (scores, their rows, the
     embedding row or None without an embedder)."""
@@ -248,7 +283,7 @@ def score_and_embed(lat: LatentData, quiet: list[Excerpt], text: str, name: str,
     if vector is not None:
         emb_row = {"feature_id": lat.feature_id, "explainer": name, "prompt_version": prompts.EXPLAIN_VERSION,
                    "model": getattr(embedder, "name", "embedder"), "embedding": vector.astype(np.float32).tolist()}
-    scores = score_one(lat, quiet, text, wanted, judge, embedder, vector, seed)
+    scores = score_one(lat, quiet, text, wanted, judge, embedder, vector, seed, budget)
     return scores, _score_rows(lat.feature_id, name, scores), emb_row
 
 
@@ -262,16 +297,21 @@ def write_rows(run_dir: Path, explanations: pa.Table, score_rows: list[dict], em
 
 
 def score_one(latent: LatentData, quiet: list[Excerpt], explanation: str, wanted: list[str], judge: ChatBackend | None,
-              embedder: SentenceEmbedder | None, vector: np.ndarray | None, seed: int) -> list[scorers.Score]:
+              embedder: SentenceEmbedder | None, vector: np.ndarray | None, seed: int, budget: int = 0
+              ) -> list[scorers.Score]:
+    """Each scorer in ``wanted`` on one explanation (the intruder check, which needs none, on the latent's top and
+    ``quiet`` excerpts)."""
     excerpts = latent.heldout + quiet
     out = []
     for name in wanted:
         if name == "detection" and judge is not None:
-            out.append(scorers.detection(judge, explanation, excerpts))
+            out.append(scorers.detection(judge, explanation, excerpts, budget=budget))
         elif name == "fuzzing" and judge is not None:
-            out.append(scorers.fuzzing(judge, explanation, excerpts, seed=seed + latent.feature_id))
+            out.append(scorers.fuzzing(judge, explanation, excerpts, seed=seed + latent.feature_id, budget=budget))
         elif name == "embedding" and embedder is not None:
             out.append(scorers.embedding(embedder, explanation, excerpts, vector))
+        elif name == "intruder" and judge is not None:
+            out.append(intruder.intruder(judge, latent.top, quiet, seed=[seed, latent.feature_id], budget=budget))
     return out
 
 
@@ -337,7 +377,8 @@ def explain_run(run_dir: str | Path, explainer: ChatBackend | None, *, judge: Ch
                                         "skipped": 0}
             if not todo and not cfg.baselines:
                 return stats
-            pool = quiet_pool(run_dir, manifest, examples, cfg)
+            # no scorer, no non-activating excerpt needed: the run's model and SAE are not run
+            pool = quiet_pool(run_dir, manifest, examples, cfg) if wanted else EMPTY_POOL
             session = ExplainSession(run_dir, explainer, judge, embedder, wanted, cfg, examples, pool, on_explanation)
             started = time.perf_counter()
             bar = tqdm(total=len(todo), desc="explain", unit="latent", disable=not progress, file=sys.stderr)
@@ -382,7 +423,7 @@ def _explain_batch(session: ExplainSession, batch: list[LatentData], have: dict,
         if text is None:
             continue
         _, rows, emb_row = score_and_embed(lat, quiet_for(examples, pool, lat, cfg), text, name, wanted, judge, embedder,
-                                           cfg.seed)
+                                           cfg.seed, cfg.judge_budget)
         score_rows += rows
         if emb_row is not None:
             emb_rows.append(emb_row)
@@ -393,8 +434,10 @@ def _explain_batch(session: ExplainSession, batch: list[LatentData], have: dict,
 
 
 def score_baselines(session: ExplainSession, ids: list[int], name: str) -> dict:
-    """Score the shuffled explanations and the top-token labels on the same latents and excerpts."""
-    run_dir, judge, embedder, wanted = session.run_dir, session.judge, session.embedder, session.wanted
+    """Score the shuffled explanations and the top-token labels (of the excerpts the explainer saw) on the same
+    latents and excerpts. The intruder check needs no explanation: baselines do not repeat it."""
+    run_dir, judge, embedder = session.run_dir, session.judge, session.embedder
+    wanted = [w for w in session.wanted if w != "intruder"]
     cfg, examples, pool = session.cfg, session.examples, session.pool
     ex = parts.read_all(run_dir, schema.EXPLANATIONS)
     mine = {f: t for f, t, who, v in zip(ex["feature_id"].to_pylist(), ex["explanation"].to_pylist(), ex["explainer"].to_pylist(),
@@ -406,7 +449,7 @@ def score_baselines(session: ExplainSession, ids: list[int], name: str) -> dict:
     while len(perm) > 1 and any(a == b for a, b in zip(perm, order, strict=True)):  # a derangement: no latent keeps its own
         rng.shuffle(perm)
     shuffled = {f: mine[g] for f, g in zip(order, perm, strict=True)}
-    labels = examples.labels(order)
+    labels = {lat.feature_id: top_token_label(lat.shown) for lat in load_latents(examples, order, cfg)}
     counts = {}
     for baseline, texts in ((SHUFFLED, shuffled), (LABELS, {f: labels.get(f) or None for f in order})):
         _, complete = _done(run_dir, baseline, wanted)
@@ -422,7 +465,8 @@ def score_baselines(session: ExplainSession, ids: list[int], name: str) -> dict:
                 sts.append("ok" if text else "failed")
                 if text is None:
                     continue
-                scores = score_one(lat, quiet_for(examples, pool, lat, cfg), text, wanted, judge, embedder, None, cfg.seed)
+                scores = score_one(lat, quiet_for(examples, pool, lat, cfg), text, wanted, judge, embedder, None, cfg.seed,
+                                   cfg.judge_budget)
                 score_rows += _score_rows(lat.feature_id, baseline, scores)
             reasons = ["" if t else "empty label" for t in txts]
             parts.write_part(run_dir, {

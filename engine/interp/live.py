@@ -152,7 +152,8 @@ def _live(run_dir: Path, lat: LatentData, quiet: list[Excerpt], explainer: ChatB
             return result
         _write(run_dir, explain.explanation_rows([lat.feature_id], [None], name, [status], [reason], now), [], [])
         return dataclasses.replace(result, written=True)
-    scores, score_rows, emb_row = explain.score_and_embed(lat, quiet, text, name, wanted, judge, embedder, cfg.seed)
+    scores, score_rows, emb_row = explain.score_and_embed(lat, quiet, text, name, wanted, judge, embedder, cfg.seed,
+                                                           cfg.judge_budget)
     _write(run_dir, explain.explanation_rows([lat.feature_id], [text], name, [status], [reason], now), score_rows,
            [emb_row] if emb_row is not None else [])
     defined = {s.scorer: float(s.score) if np.isfinite(s.score) else None for s in scores}

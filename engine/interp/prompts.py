@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-EXPLAIN_VERSION = "explain-v2"  # bump when the explainer prompt or the excerpt selection changes
-SCORE_VERSION = "score-v1"
+EXPLAIN_VERSION = "explain-v3"  # bump when the explainer prompt or the excerpt selection changes
+SCORE_VERSION = "score-v2"
 L, R = "<<", ">>"
 
 EXPLAIN_SYSTEM = (
@@ -39,6 +39,13 @@ FUZZING_SYSTEM = (
     "You are a careful linguistics researcher. You are given a description of a text feature and one text "
     "excerpt in which some tokens are marked between << and >>. Answer 1 if every marked token is an example of "
     "the feature described and 0 if not. Answer with one digit."
+)
+
+
+INTRUDER_SYSTEM = (
+    "You are a careful linguistics researcher. You are shown five numbered text excerpts in which some tokens are "
+    "marked between << and >>. In four of them the marked tokens share one feature; in one, the intruder, they do "
+    "not. Answer with the number of the intruder only (one digit, 1 to 5)."
 )
 
 
@@ -75,6 +82,13 @@ def fuzzing_messages(explanation: str, marked_excerpt: str) -> list[dict[str, st
     user = (f"Feature: {explanation}\n\nExcerpt: {marked_excerpt.strip()}\n\n"
             "Are all the marked tokens examples of the feature? Answer 1 or 0.")
     return [{"role": "system", "content": FUZZING_SYSTEM}, {"role": "user", "content": user}]
+
+
+def intruder_messages(marked_excerpts: list[str]) -> list[dict[str, str]]:
+    """Chat messages asking which of the numbered (1, 2, ...) marked excerpts is the intruder."""
+    lines = [f"Excerpt {i}: {' '.join(text.split())}" for i, text in enumerate(marked_excerpts, 1)]
+    user = "\n".join(lines) + "\n\nWhich excerpt is the intruder? Answer with its number."
+    return [{"role": "system", "content": INTRUDER_SYSTEM}, {"role": "user", "content": user}]
 
 
 _PREFIX = re.compile(

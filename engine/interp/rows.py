@@ -27,9 +27,13 @@ class Explanation:
     """Score per scorer (detection, fuzzing, embedding) that ran."""
     n_examples: dict[str, int] = field(default_factory=dict)
     mean_score: float | None = None
-    """Mean of the defined scores (what ``best`` ranks by)."""
+    """Mean of the defined scores of the explanation (the intruder score, which is the latent's, left out)."""
     rank: int = 1
     """1 for the best-ranked explanation of this latent, baselines included."""
+    rank_scorer: str | None = None
+    """The score this latent's explanations are ranked by: the first of detection, fuzzing, embedding that every
+    usable non-baseline explanation of it has (None: none is shared; then scored before unscored, newest first)."""
+    rank_score: float | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -70,8 +74,9 @@ def created(us: int | None) -> datetime | None:
 
 
 def explanation(row: tuple) -> Explanation:
-    fid, who, version, text, status, reason, created_us, scored, mean, rank = row
+    fid, who, version, text, status, reason, created_us, scored, mean, rank, rank_scorer, rank_score = row
     scored = sorted(scored or [], key=lambda s: s["scorer"])
     return Explanation(int(fid), who, version, text, status, reason or "", created(created_us),
                        {s["scorer"]: s["score"] for s in scored}, {s["scorer"]: int(s["n"] or 0) for s in scored},
-                       None if mean is None else float(mean), int(rank))
+                       None if mean is None else float(mean), int(rank), rank_scorer,
+                       None if rank_score is None else float(rank_score))

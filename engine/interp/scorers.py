@@ -1,16 +1,20 @@
 """delphi-style scores of an explanation on held-out contexts the explainer did not see (docs/explanations.md).
 
-* **detection**: the scorer model reads the explanation and one excerpt and says whether the latent is active
-  in it; activating excerpts (held-out top and quantile-sampled examples) against non-activating ones
-  (contexts where the latent never fires). Score: balanced accuracy of ``P(1) > 0.5``.
-* **fuzzing**: activating excerpts with the latent's active tokens marked (``<<...>>``) against non-activating
-  excerpts with as many tokens marked at random; the model says whether the marks fit the explanation.
-  Score: balanced accuracy.
+* **detection**: the judge reads the explanation and one excerpt and says whether the latent is active in it;
+  activating excerpts (held-out, each with its activation quantile) against non-activating ones (contexts where
+  the latent never fires). Score: balanced accuracy of ``P(1) > 0.5``.
+* **fuzzing**: activating excerpts with their tokens at >= 0.3 x the excerpt's maximum marked (``<<...>>``) against
+  non-activating excerpts with as many marks as an activating excerpt has active tokens (rounded up), one of them
+  where the activating excerpts' maximum sits (delphi's settings); the judge says whether the marks fit the
+  explanation. Score: balanced accuracy.
 * **embedding**: a sentence-embedding model scores each excerpt by its cosine to the explanation. Score: AUROC of
   activating against non-activating excerpts.
+* **intruder** (``engine.interp.intruder``): needs no explanation; see there.
 
-Each score also records the AUROC of the classifier probabilities and, per excerpt, its context, label and
-prediction (``details``), so the app can show which contexts the scorer got wrong.
+A judge's answer that is not a digit it was asked for is a *failed judgement* (``engine.interp.judge``): it is
+left out of the score and counted (``failed``, ``failure_rate``). Each score also records the AUROC of the judge's
+probabilities, the score per activation quantile (``by_quantile``) and, per excerpt, its context, window,
+quantile, label, probability and the judge's ``P(0) + P(1)`` (``mass``), so the app can show what went wrong.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ import numpy as np
 
 from . import prompts
 from .backends import ChatBackend, SentenceEmbedder
+from .judge import Judgement
 
-SCORERS = ("detection", "fuzzing", "embedding")
+SCORERS = ("detection", "fuzzing", "embedding", "intruder")
+FUZZ_THRESHOLD = 0.3
+"""delphi's: a token of an activating excerpt is marked when its activation is >= this x the excerpt's maximum."""
+NON_ACTIVATING = -1
+"""The quantile recorded for a non-activating excerpt."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,8 @@ class Excerpt:
     activating: bool
     start: int = -1
     """Position of the window's first token in its context (-1: unknown)."""
+    quantile: int = NON_ACTIVATING
+    """Activation quantile of an activating excerpt, 0 = the highest (``engine.interp.data``); -1: non-activating."""
 
     @property
     def text(self) -> str:
@@ -73,13 +84,48 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def fuzz_marks(excerpt: Excerpt, n_random: int, rng: np.random.Generator, threshold: float = 0.0) -> list[bool]:
-    """Correct marks for an activating excerpt (tokens above ``threshold`` x its max), else ``n_random`` random ones."""
+def by_quantile(scorer: str, labels: np.ndarray, values: np.ndarray, quantiles: np.ndarray) -> dict[str, float]:
+    """The score per activation quantile, as delphi reports it: for detection and fuzzing the fraction of a
+    quantile's activating excerpts judged active (``P(1) > 0.5``), and under ``"-1"`` the fraction of
+    non-activating ones judged inactive; for embedding the AUROC of a quantile's excerpts against every
+    non-activating one. Failed judgements (NaN) are left out."""
+    labels, values, quantiles = np.asarray(labels, bool), np.asarray(values, np.float64), np.asarray(quantiles)
+    ok = np.isfinite(values)
+    out: dict[str, float] = {}
+    for q in sorted({int(x) for x in quantiles[labels & ok]}):
+        mine = labels & ok & (quantiles == q)
+        if scorer == "embedding":
+            keep = mine | (~labels & ok)
+            out[str(q)] = auroc(labels[keep], values[keep])
+        else:
+            out[str(q)] = float(np.mean(values[mine] > 0.5))
+    if scorer != "embedding" and (~labels & ok).any():
+        out[str(NON_ACTIVATING)] = float(np.mean(values[~labels & ok] <= 0.5))
+    return out
+
+
+def anchor(excerpts: list[Excerpt]) -> int:
+    """Where the activating excerpts' maximum usually sits in its window (the most common position; 0 if none):
+    a non-activating excerpt gets a mark there, so the marks' place says nothing (delphi marks the position its
+    centred windows put the maximum at)."""
+    spots = [int(np.argmax(e.acts)) for e in excerpts if e.activating and len(e.acts)]
+    return int(np.bincount(spots).argmax()) if spots else 0
+
+
+def fuzz_marks(excerpt: Excerpt, n_random: int, rng: np.random.Generator, threshold: float = FUZZ_THRESHOLD,
+               at: int = 0) -> list[bool]:
+    """An activating excerpt's correct marks (tokens at >= ``threshold`` x its maximum); a non-activating one's
+    ``n_random`` marks: position ``at`` (clipped to the excerpt) and the rest at random."""
     acts = np.asarray(excerpt.acts, np.float64)
     if excerpt.activating:
-        return list(acts > max(threshold * acts.max(), 0.0))
+        return list((acts >= threshold * acts.max()) & (acts > 0))
     marks = np.zeros(len(acts), bool)
-    marks[rng.choice(len(acts), size=min(n_random, len(acts)), replace=False)] = True
+    n = min(n_random, len(acts))
+    if n > 0:
+        first = min(max(at, 0), len(acts) - 1)
+        marks[first] = True
+        others = np.flatnonzero(~marks)
+        marks[rng.choice(others, size=n - 1, replace=False)] = True
     return list(marks)
 
 
@@ -88,34 +134,49 @@ def _windows(excerpts: list[Excerpt]) -> list[list[int]]:
     return [[e.start, e.start + len(e.tokens)] for e in excerpts]
 
 
-def _classifier(scorer: str, labels: np.ndarray, probs: list[float], excerpts: list[Excerpt]) -> Score:
-    p = np.asarray(probs, np.float64)
-    predictions = p > 0.5
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 4)
+
+
+def failure_details(judgements: list[Judgement]) -> dict:
+    failed = sum(j.failed for j in judgements)
+    return {"failed": failed, "failure_rate": failed / len(judgements) if judgements else None,
+            "mass": [_round(j.mass) for j in judgements]}
+
+
+def _classifier(scorer: str, labels: np.ndarray, judgements: list[Judgement], excerpts: list[Excerpt]) -> Score:
+    p = np.array([math.nan if j.failed else j.yes() for j in judgements], np.float64)
+    ok = np.isfinite(p)
+    quantiles = np.array([e.quantile for e in excerpts], np.int64)
     details = {
-        "auroc": auroc(labels, p),
+        "auroc": auroc(labels[ok], p[ok]),
         "context_ids": [e.context_id for e in excerpts],
         "windows": _windows(excerpts),
         "labels": labels.astype(int).tolist(),
-        "probabilities": [round(float(x), 4) for x in p],
+        "quantiles": quantiles.tolist(),
+        "probabilities": [_round(x) for x in p],
+        **failure_details(judgements),
+        "by_quantile": by_quantile(scorer, labels, p, quantiles),
         "prompt_version": prompts.SCORE_VERSION,
     }
-    return Score(scorer, balanced_accuracy(labels, predictions), len(excerpts), details)
+    return Score(scorer, balanced_accuracy(labels[ok], p[ok] > 0.5), len(excerpts), details)
 
 
-def detection(backend: ChatBackend, explanation: str, excerpts: list[Excerpt]) -> Score:
+def detection(backend: ChatBackend, explanation: str, excerpts: list[Excerpt], budget: int = 0) -> Score:
     convs = [prompts.detection_messages(explanation, e.text) for e in excerpts]
-    labels = np.array([e.activating for e in excerpts])
-    return _classifier("detection", labels, backend.yes_probability(convs), excerpts)
+    labels = np.array([e.activating for e in excerpts], bool)
+    return _classifier("detection", labels, backend.judge(convs, budget=budget), excerpts)
 
 
-def fuzzing(backend: ChatBackend, explanation: str, excerpts: list[Excerpt], seed: int = 0) -> Score:
+def fuzzing(backend: ChatBackend, explanation: str, excerpts: list[Excerpt], seed: int = 0, budget: int = 0) -> Score:
     rng = np.random.default_rng(seed)
     active = [e for e in excerpts if e.activating]
     n_random = math.ceil(np.mean([sum(a > 0 for a in e.acts) for e in active])) if active else 1
-    marked = [prompts.mark(e.tokens, fuzz_marks(e, n_random, rng)) for e in excerpts]
+    at = anchor(excerpts)
+    marked = [prompts.mark(e.tokens, fuzz_marks(e, n_random, rng, at=at)) for e in excerpts]
     convs = [prompts.fuzzing_messages(explanation, m) for m in marked]
-    labels = np.array([e.activating for e in excerpts])
-    return _classifier("fuzzing", labels, backend.yes_probability(convs), excerpts)
+    labels = np.array([e.activating for e in excerpts], bool)
+    return _classifier("fuzzing", labels, backend.judge(convs, budget=budget), excerpts)
 
 
 def embedding(embedder: SentenceEmbedder, explanation: str, excerpts: list[Excerpt],
@@ -123,10 +184,12 @@ def embedding(embedder: SentenceEmbedder, explanation: str, excerpts: list[Excer
     query = explanation_vector if explanation_vector is not None else embedder.encode([explanation])[0]
     vectors = embedder.encode([e.text for e in excerpts])
     sims = vectors @ query
-    labels = np.array([e.activating for e in excerpts])
+    labels = np.array([e.activating for e in excerpts], bool)
+    quantiles = np.array([e.quantile for e in excerpts], np.int64)
     details = {"context_ids": [e.context_id for e in excerpts], "windows": _windows(excerpts),
-               "labels": labels.astype(int).tolist(),
-               "similarities": [round(float(s), 4) for s in sims]}
+               "labels": labels.astype(int).tolist(), "quantiles": quantiles.tolist(),
+               "similarities": [round(float(s), 4) for s in sims],
+               "by_quantile": by_quantile("embedding", labels, sims, quantiles)}
     return Score("embedding", auroc(labels, sims), len(excerpts), details)
 
 
@@ -148,6 +211,12 @@ class ExcerptResult:
     excerpt ranked below a non-activating one, or a non-activating one above an activating one)."""
     window: tuple[int, int] | None = None
     """``[start, end)`` of the excerpt in its context (None: scored before windows were recorded)."""
+    quantile: int = NON_ACTIVATING
+    """Activation quantile of an activating excerpt (0 = highest); -1 for non-activating ones or when not recorded."""
+    mass: float | None = None
+    """The judge's ``P(0) + P(1)`` where it read the answer (None: embedding, or unknown)."""
+    failed: bool = False
+    """The judge answered off-format (no 0/1): left out of the score, neither right nor wrong."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +232,11 @@ class ScoreDetail:
     auroc: float | None
     """AUROC of the judge's probabilities (detection, fuzzing) or of the similarities (embedding)."""
     excerpts: tuple[ExcerptResult, ...]
+    failed: int = 0
+    """Failed judgements (off-format answers), left out of ``score``."""
+    failure_rate: float | None = None
+    by_quantile: dict[int, float | None] = field(default_factory=dict)
+    """Score per activation quantile (0 = highest; -1: the non-activating excerpts), see ``by_quantile``."""
 
     @property
     def wrong(self) -> tuple[ExcerptResult, ...]:
@@ -204,17 +278,33 @@ def parse_details(scorer: str, details: str | dict | None) -> tuple[float | None
     ranked = np.where(finite, values, -np.inf)
     misordered = _misordered(labels, ranked)
     out = []
+    quantiles = d.get("quantiles") or []
+    masses = d.get("mass") or []
     for i, cid in enumerate(ids):
         value = float(values[i]) if finite[i] else None
+        failed = scorer != "embedding" and value is None
         if scorer == "embedding":
             predicted, wrong = None, bool(misordered[i] > 0)
+        elif failed:
+            predicted, wrong = None, False
         else:
             predicted = bool(value is not None and value > 0.5)
             wrong = predicted != bool(labels[i])
         window = windows[i]
         span = (int(window[0]), int(window[1])) if window and len(window) == 2 and int(window[0]) >= 0 else None
-        out.append(ExcerptResult(int(cid), bool(labels[i]), value, predicted, int(misordered[i]), wrong, span))
+        quantile = int(quantiles[i]) if len(quantiles) == len(ids) and quantiles[i] is not None else NON_ACTIVATING
+        mass = masses[i] if len(masses) == len(ids) else None
+        out.append(ExcerptResult(int(cid), bool(labels[i]), value, predicted, int(misordered[i]), wrong, span, quantile,
+                                 None if mass is None else float(mass), failed))
     auc = d.get("auroc")
     if auc is None and scorer == "embedding" and labels.any() and (~labels).any():
         auc = auroc(labels, ranked)
     return (None if auc is None else float(auc)), tuple(out)
+
+
+def score_extras(details: str | dict | None) -> dict:
+    """``ScoreDetail``'s ``failed``, ``failure_rate`` and ``by_quantile`` from a scores row's ``details``."""
+    d = json.loads(details) if isinstance(details, str) else (details or {})
+    rate = d.get("failure_rate")
+    return {"failed": int(d.get("failed") or 0), "failure_rate": None if rate is None else float(rate),
+            "by_quantile": {int(q): (None if v is None else float(v)) for q, v in (d.get("by_quantile") or {}).items()}}

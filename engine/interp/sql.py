@@ -4,7 +4,7 @@ parameters) and the named statements ``InterpStore`` runs on it (read-only, boun
 from __future__ import annotations
 
 INTERP_DB = "interp.duckdb"
-DB_VERSION = 3
+DB_VERSION = 4
 """Bumped whenever interp.duckdb's tables change; an older file is rebuilt."""
 
 # --- building (a writable connection reading the Parquet files; file lists are bound parameters) ------------------
@@ -33,28 +33,51 @@ UNION ALL (
 LOAD_EMPTY = "CREATE TABLE {table} AS SELECT {columns} FROM empty_source"
 DROP_SUPERSEDED = "DROP TABLE superseded"
 
+RANKED_BY = ("detection", "fuzzing", "embedding")
+"""The scores "best" may rank by, in order of preference: per latent, the first one every usable non-baseline
+explanation has (the intruder score measures the latent, not an explanation, so it never ranks)."""
 _SELECT_EXPLANATIONS = """
 WITH agg AS (
     SELECT feature_id, explainer, prompt_version,
-           list({{'scorer': scorer, 'score': score, 'n': n_examples}} ORDER BY scorer) AS scored, avg(score) AS mean_score
+           list({{'scorer': scorer, 'score': score, 'n': n_examples}} ORDER BY scorer) AS scored,
+           avg(score) FILTER (WHERE scorer <> 'intruder') AS mean_score,
+           max(score) FILTER (WHERE scorer = 'detection') AS s_detection,
+           max(score) FILTER (WHERE scorer = 'fuzzing') AS s_fuzzing,
+           max(score) FILTER (WHERE scorer = 'embedding') AS s_embedding
     FROM scores WHERE {where} GROUP BY feature_id, explainer, prompt_version
-), ranked AS (
-    SELECT e.feature_id, e.explainer, e.prompt_version, e.explanation, e.status, e.reason,
-           epoch_us(e.created_at) AS created_us,
-           a.scored, a.mean_score,
+), joined AS (
+    SELECT e.feature_id, e.explainer, e.prompt_version, e.explanation, e.status, e.reason, e.created_at,
+           a.scored, a.mean_score, a.s_detection, a.s_fuzzing, a.s_embedding,
            starts_with(e.explainer, $baseline) AS baseline,
-           (e.status = 'ok' AND e.explanation IS NOT NULL) AS usable,
-           row_number() OVER (PARTITION BY e.feature_id
-               ORDER BY (e.status = 'ok' AND e.explanation IS NOT NULL) DESC, a.mean_score DESC NULLS LAST,
-                        e.created_at DESC NULLS LAST, e.explainer, e.prompt_version) AS rank
+           (e.status = 'ok' AND e.explanation IS NOT NULL) AS usable
     FROM (SELECT * FROM raw_explanations WHERE {where}) e LEFT JOIN agg a USING (feature_id, explainer, prompt_version)
+), shared AS (
+    SELECT feature_id,
+           CASE WHEN bool_and(s_detection IS NOT NULL) THEN 'detection'
+                WHEN bool_and(s_fuzzing IS NOT NULL) THEN 'fuzzing'
+                WHEN bool_and(s_embedding IS NOT NULL) THEN 'embedding' END AS rank_scorer
+    FROM joined WHERE usable AND NOT baseline GROUP BY feature_id
+), scored AS (
+    SELECT j.*, s.rank_scorer,
+           CASE s.rank_scorer WHEN 'detection' THEN j.s_detection WHEN 'fuzzing' THEN j.s_fuzzing
+                              WHEN 'embedding' THEN j.s_embedding END AS rank_score
+    FROM joined j LEFT JOIN shared s USING (feature_id)
+), ranked AS (
+    SELECT feature_id, explainer, prompt_version, explanation, status, reason, epoch_us(created_at) AS created_us,
+           scored, mean_score, baseline, usable, rank_scorer, rank_score,
+           row_number() OVER (PARTITION BY feature_id
+               ORDER BY usable DESC, rank_score DESC NULLS LAST, (mean_score IS NOT NULL) DESC,
+                        created_at DESC NULLS LAST, explainer, prompt_version) AS rank
+    FROM scored
 )
 SELECT *, (usable AND NOT baseline AND rank = min(CASE WHEN usable AND NOT baseline THEN rank END)
            OVER (PARTITION BY feature_id)) AS is_best
 FROM ranked ORDER BY feature_id, rank
 """
-"""The ``explanations`` table (ranks, best, mean scores) computed from ``raw_explanations`` and ``scores`` for the
-latents ``{where}`` keeps: all of them when built, the touched ones when new parts are applied."""
+"""The ``explanations`` table computed from ``raw_explanations`` and ``scores`` for the latents ``{where}`` keeps (all
+of them when built, the touched ones when new parts are applied). Best first: usable explanations by the one score
+every usable non-baseline explanation of the latent has (``RANKED_BY``; baselines are ranked by it too), then scored
+before unscored, then the newest."""
 BUILD_EXPLANATIONS = "CREATE TABLE explanations AS " + _SELECT_EXPLANATIONS.format(where="TRUE")
 _TOUCHED = "feature_id IN (SELECT feature_id FROM touched)"
 REDO_TOUCHED = ("DELETE FROM explanations WHERE " + _TOUCHED,
@@ -93,7 +116,8 @@ SELECT CASE WHEN $signature = (SELECT max(base_signature) FROM interp_info) THEN
 """
 """Which refresh produced the database state ``$signature`` (0: the full build; NULL: unknown, rebuilt since)."""
 CHANGED_AFTER = "SELECT DISTINCT feature_id FROM refresh_log WHERE seq > $seq ORDER BY feature_id"
-_EXPLANATION_COLUMNS = "feature_id, explainer, prompt_version, explanation, status, reason, created_us, scored, mean_score, rank"
+_EXPLANATION_COLUMNS = ("feature_id, explainer, prompt_version, explanation, status, reason, created_us, scored, "
+                        "mean_score, rank, rank_scorer, rank_score")
 EXPLANATIONS_OF = f"SELECT {_EXPLANATION_COLUMNS} FROM explanations WHERE feature_id = $feature_id"
 """Sorted in Python: an ORDER BY costs more than the lookup itself (about 0.7 of 1.4 ms)."""
 BEST_OF = (f"SELECT {_EXPLANATION_COLUMNS} FROM explanations "
@@ -105,6 +129,12 @@ SCORES_OF = """
 SELECT feature_id, explainer, prompt_version, scorer, score, n_examples, details FROM scores
 WHERE feature_id = $feature_id AND explainer = $explainer AND ($prompt_version IS NULL OR prompt_version = $prompt_version)
 """
+INTRUDER_OF = """
+SELECT feature_id, avg(score) FROM scores
+WHERE scorer = 'intruder' AND score IS NOT NULL AND feature_id IN (SELECT unnest($ids)) GROUP BY feature_id
+"""
+"""The intruder score of each latent (the mean where several judges ran it): it measures the latent, whoever
+explained it."""
 SUMMARY_EXPLANATIONS = """
 SELECT explainer, prompt_version, count(*) AS n, count(*) FILTER (WHERE status = 'ok') AS n_ok,
        count(*) FILTER (WHERE status = 'failed') AS n_failed, count(*) FILTER (WHERE status = 'skipped') AS n_skipped,

@@ -11,7 +11,9 @@ it read-only with external access disabled and runs every statement with bound p
 store can serve many threads. A run without explanations opens too and simply has none.
 
 Which explanation is *best* for a latent: among its non-baseline explanations with status ``ok``, the highest
-mean of its available scores (explanations without any score come last), ties by the newest ``created_at``.
+value of the one score they all have (the first of detection, fuzzing, embedding that each of them has: a live
+explanation scored by embedding alone competes on embedding AUROC), then scored before unscored, ties by the
+newest ``created_at`` (``sql.BUILD_EXPLANATIONS``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..run.index import cursor, open_read_only
 from . import sql
 from .index import fallback_dir, refresh_interp_db, source_signature
 from .rows import ExplainerSummary, Explanation, InterpSummary, explanation
-from .scorers import ScoreDetail, parse_details
+from .scorers import ScoreDetail, parse_details, score_extras
 
 
 class InterpStore:
@@ -103,7 +105,7 @@ class InterpStore:
     # --- per latent -------------------------------------------------------------------------------------------
     def explanations(self, feature_id: int) -> list[Explanation]:
         """Every explainer's explanation of one latent (baselines, failed and skipped ones included), best first:
-        usable ones by mean score (unscored last), ties by the newest."""
+        usable ones by the score they all have (``Explanation.rank_scorer``), ties by the newest."""
         return sorted((explanation(r) for r in self._rows(sql.EXPLANATIONS_OF, {"feature_id": int(feature_id)})),
                       key=lambda e: e.rank)
 
@@ -115,6 +117,11 @@ class InterpStore:
             ids = [int(i) for i in feature_ids]
             rows = self._rows(sql.BEST_OF, {"ids": ids}) if ids else []
         return {int(r[0]): explanation(r) for r in rows}
+
+    def intruder(self, feature_ids: list[int] | np.ndarray) -> dict[int, float]:
+        """The intruder score (``engine.interp.intruder``) of each latent in ``feature_ids`` that has one."""
+        ids = [int(i) for i in feature_ids]
+        return {int(f): float(v) for f, v in self._rows(sql.INTRUDER_OF, {"ids": ids})} if ids else {}
 
     def texts(self, keys: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], str | None]:
         """The explanation text of each (feature_id, explainer, prompt_version) in ``keys`` that exists."""
@@ -134,7 +141,7 @@ class InterpStore:
         for fid, who, version, scorer, score, n, details in rows:
             auc, excerpts = parse_details(scorer, details)
             out.append(ScoreDetail(int(fid), who, version, scorer, None if score is None else float(score), int(n or 0),
-                                   auc, excerpts))
+                                   auc, excerpts, **score_extras(details)))
         return out
 
     # --- run level --------------------------------------------------------------------------------------------

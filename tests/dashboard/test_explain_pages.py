@@ -6,10 +6,12 @@ from __future__ import annotations
 import html
 import shutil
 
+import pandas as pd
 import pytest
 
 from dashboard import render
 from dashboard.render import fmt
+from engine.interp import parts, schema
 from engine.interp.embed import Embedder
 from engine.interp.explain import ExplainConfig, explain_run
 from engine.interp.store import InterpStore
@@ -70,7 +72,7 @@ def test_feature_page_shows_the_best_explanation_its_scores_and_what_the_scorers
     shown = {m.label: m.value for m in at.metric}
     for d in details:
         assert shown[d.scorer.capitalize()] == fmt(d.score)
-    assert {d.scorer for d in details} == {"detection", "fuzzing", "embedding"}
+    assert {d.scorer for d in details} == {"detection", "fuzzing", "embedding", "intruder"}
     # every wrong excerpt is drawn (escaped token boxes); the counts in the confusion tables add up
     wrong = sum(len(d.wrong) for d in details)
     boxes = [h for h in htmls(at) if "saescope-tokens" in h]
@@ -78,10 +80,16 @@ def test_feature_page_shows_the_best_explanation_its_scores_and_what_the_scorers
     assert all("<script>" not in h and "<img" not in h for h in htmls(at))
     tables = [t.value for t in at.dataframe if "judged: fires" in t.value.columns]
     assert len(tables) == 2  # detection and fuzzing
-    for table, d in zip(tables, [d for d in details if d.scorer != "embedding"], strict=True):
+    for table, d in zip(tables, [d for d in details if d.scorer in ("detection", "fuzzing")], strict=True):
         assert int(table.to_numpy().sum()) == d.n_examples
         assert int(table.loc["fires (held out)", "judged: does not"]) == len(d.missed)
         assert int(table.loc["does not fire", "judged: fires"]) == len(d.false_alarms)
+    # the scores per activation quantile, as stored
+    (per_q,) = [t.value for t in at.dataframe if "quantile 0 (highest)" in t.value.index]
+    for d in details:
+        for q, v in d.by_quantile.items():
+            row = "non-activating" if q < 0 else f"quantile {q}" + (" (highest)" if q == 0 else "")
+            assert per_q.loc[row, d.scorer] == pytest.approx(round(v, 3)), (d.scorer, q)
     # the other explanations (the two baselines) are listed with theirs
     listed = [t.value for t in at.dataframe if "explainer" in t.value.columns]
     assert listed and {"baseline:shuffled", "baseline:top-tokens"} <= set(listed[0]["explainer"])
@@ -114,6 +122,12 @@ def test_list_shows_explanations_and_an_unexplained_run_explains_search_by_meani
     table = next(t.value for t in at.dataframe if "explanation" in t.value.columns)
     for fid, text in zip(table["id"], table["explanation"], strict=True):
         assert text == (explained["best"][int(fid)].text if int(fid) in explained["best"] else "")
+    # the intruder column: each latent's intruder score as stored (chance 0.2)
+    scores = parts.read_all(explained["run"], schema.SCORES).to_pylist()
+    intruder = {r["feature_id"]: r["score"] for r in scores if r["scorer"] == "intruder" and r["score"] is not None}
+    assert intruder and any(int(f) in intruder for f in table["id"])
+    for fid, value in zip(table["id"], table["intruder"], strict=True):
+        assert (value == pytest.approx(intruder[int(fid)])) if int(fid) in intruder else pd.isna(value)
     plain = open_app(tiny_runs["topk"], "views/features.py")
     assert plain.radio(key="feat_by").value == "label"
     plain.radio(key="feat_by").set_value("meaning").run()

@@ -108,7 +108,8 @@ def save_embedder(path: Path) -> Path:
 class ScriptedChat:
     """A chat backend answering from a function of the conversation; counts what it was asked (thread-safe).
 
-    ``answer(user_text) -> str`` writes explanations; yes-probabilities are a stable hash of the question in (0, 1).
+    ``answer(user_text) -> str`` writes explanations; yes-probabilities are a stable hash of the question in (0, 1),
+    and so is the chosen option of other digit questions (``judge``).
     """
 
     def __init__(self, answer=None, name: str = "scripted"):
@@ -127,6 +128,19 @@ class ScriptedChat:
         with self._lock:
             self.questions += [c[-1]["content"] for c in conversations]
         return [int(hashlib.sha1(c[-1]["content"].encode()).hexdigest()[:8], 16) / 2**32 for c in conversations]
+
+    def judge(self, conversations, options=("0", "1"), budget: int = 0):
+        from engine.interp.judge import Judgement
+
+        if tuple(options) == ("0", "1"):
+            return [Judgement((1 - p, p), 1.0, "1" if p > 0.5 else "0") for p in self.yes_probability(conversations)]
+        with self._lock:
+            self.questions += [c[-1]["content"] for c in conversations]
+        out = []
+        for c in conversations:
+            k = int(hashlib.sha1(c[-1]["content"].encode()).hexdigest()[:8], 16) % len(options)
+            out.append(Judgement(tuple(float(i == k) for i in range(len(options))), 1.0, options[k]))
+        return out
 
 
 class LocalServer:

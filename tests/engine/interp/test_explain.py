@@ -15,7 +15,18 @@ import pytest
 from engine import cli
 from engine.interp import parts, prompts, schema
 from engine.interp.data import RunExamples
-from engine.interp.explain import LABELS, SHUFFLED, ExplainConfig, explain_messages, explain_run, parse_features
+from engine.interp.explain import (
+    LABELS,
+    SHUFFLED,
+    ExplainConfig,
+    explain_messages,
+    explain_run,
+    load_latents,
+    parse_features,
+    top_token_label,
+)
+from engine.interp.scorers import Excerpt
+from engine.model.tokens import short_token
 from engine.run import rundir
 from engine.run import schema as run_schema
 from tests.engine.interp_util import DEAD, ScriptedChat, build_run
@@ -288,11 +299,104 @@ def test_baselines_score_shuffled_explanations_and_labels(run):
     own = {f: ex[("scripted", f)]["explanation"] for f in live}
     shuffled = {f: ex[(SHUFFLED, f)]["explanation"] for f in live}
     assert sorted(shuffled.values()) == sorted(own.values()) and all(shuffled[f] != own[f] for f in live)
-    labels = {r["feature_id"]: r["label"] for r in pq.read_table(run / run_schema.FEATURES).to_pylist()}
-    assert all(ex[(LABELS, f)]["explanation"] == (labels[f] or None) for f in live)
+    examples = RunExamples(run, before=cfg.before, after=cfg.after)
+    try:
+        lats = {lat.feature_id: lat for lat in load_latents(examples, live, cfg)}
+    finally:
+        examples.close()
+    for f in live:  # the label of the explainer's excerpts: its tokens carry the most activation there
+        mass: dict[str, float] = {}
+        for e in lats[f].shown:
+            for tok, a in zip(e.tokens, e.acts, strict=True):
+                if a > 0:
+                    mass[short_token(tok)] = mass.get(short_token(tok), 0.0) + a
+        label = ex[(LABELS, f)]["explanation"].split(" / ")
+        assert label[0] == max(mass, key=mass.get) and set(label) <= set(mass), f
     sc = parts.read_all(run, schema.SCORES)
     for who in (SHUFFLED, LABELS):
         got = sorted((f, s) for f, w, s in keys(sc, ("feature_id", "explainer", "scorer")) if w == who)
         assert got == [(f, s) for f in live if ex[(who, f)]["explanation"] for s in sorted(SCORERS)]
     again = explain_run(run, ScriptedChat(), cfg=cfg, progress=False)
     assert again["baselines"] == {SHUFFLED: 0, LABELS: 0}
+
+
+def test_top_token_label_reads_only_the_excerpts_it_is_given():
+    shown = [Excerpt(1, [" the", " Lord", " said"], [0.0, 2.0, 0.5], True), Excerpt(2, [" Lord", " God"], [1.0, 1.5], True)]
+    held = [Excerpt(3, [" Pharaoh"], [9.0], True)]
+    assert top_token_label(shown) == "Lord / God / said"  # masses 3.0, 1.5, 0.5; " the" never fired
+    assert "Pharaoh" not in top_token_label(shown) and top_token_label(shown + held).startswith("Pharaoh")
+    assert top_token_label(shown, n=1) == "Lord" and top_token_label([]) == ""
+
+
+def test_top_token_baseline_never_holds_a_token_only_the_held_out_excerpts_have(run):
+    """The run's own label is built from every example, held-out ones included; the baseline's is not."""
+    cfg = ExplainConfig(features="0-31", baselines=True, **{**CFG, "scorers": (), "batch_size": 32})
+    explain_run(run, ScriptedChat(), cfg=cfg, progress=False)
+    ex = {(r["explainer"], r["feature_id"]): r["explanation"] for r in parts.read_all(run, schema.EXPLANATIONS).to_pylist()}
+    run_labels = {r["feature_id"]: r["label"] for r in pq.read_table(run / run_schema.FEATURES).to_pylist()}
+    examples = RunExamples(run, before=cfg.before, after=cfg.after)
+    try:
+        lats = load_latents(examples, [f for f in range(32) if f not in DEAD], cfg)
+    finally:
+        examples.close()
+    leaks = 0
+    for lat in lats:
+        def active(excerpts):
+            return {short_token(t) for e in excerpts for t, a in zip(e.tokens, e.acts, strict=True) if a > 0}
+        held_only = active(lat.heldout) - active(lat.shown)
+        label = set((ex.get((LABELS, lat.feature_id)) or "").split(" / "))
+        assert not label & held_only, (lat.feature_id, label & held_only)
+        leaks += bool(set(run_labels[lat.feature_id].split(" / ")) & held_only)
+    assert leaks > 0, "the run's labels (all examples) hold held-out-only tokens for some latents: the test has teeth"
+
+
+class SometimesOffFormat(ScriptedChat):
+    """Answers one yes/no question in five off-format (a failed judgement), the rest as ``ScriptedChat``."""
+
+    def judge(self, conversations, options=("0", "1"), budget=0):
+        from engine.interp.judge import Judgement
+
+        got = super().judge(conversations, options, budget)
+        return [Judgement(None, 0.01, "Sure") if options == ("0", "1") and len(c[-1]["content"]) % 5 == 0 else j
+                for c, j in zip(conversations, got, strict=True)]
+
+
+def test_explain_records_quantiles_failed_judgements_and_the_intruder(run):
+    from sklearn import metrics
+
+    from engine.interp.report import report
+
+    cfg = ExplainConfig(features="0-7", **{**CFG, "scorers": ("detection", "fuzzing", "intruder"), "n_heldout": 6,
+                                           "batch_size": 8})
+    explain_run(run, SometimesOffFormat(), cfg=cfg, progress=False)
+    rows = parts.read_all(run, schema.SCORES).to_pylist()
+    live = [f for f in range(8) if f not in DEAD]
+    want = [(f, s) for f in live for s in ("detection", "fuzzing", "intruder")]
+    assert sorted((r["feature_id"], r["scorer"]) for r in rows) == want
+    n_q = rundir.read_manifest(run)["settings"]["quantile_bins"]
+    failed = judged = 0
+    for r in rows:
+        d = json.loads(r["details"])
+        if r["scorer"] == "intruder":
+            assert r["n_examples"] == len(d["groups"]) and 1 <= len(d["groups"]) <= 5 and d["chance"] == 0.2
+            assert all(len(g["context_ids"]) == 5 and 0 <= g["intruder"] < 5 for g in d["groups"])
+            continue
+        labels = np.array(d["labels"], bool)
+        probs = np.array([np.nan if p is None else p for p in d["probabilities"]])
+        ok = np.isfinite(probs)
+        assert d["failed"] == (~ok).sum() and len(d["mass"]) == len(labels)
+        failed, judged = failed + d["failed"], judged + len(labels)
+        if labels[ok].all() or not labels[ok].any():
+            assert r["score"] is None
+        else:
+            assert r["score"] == pytest.approx(metrics.balanced_accuracy_score(labels[ok], probs[ok] > 0.5))
+        q = np.array(d["quantiles"])
+        assert ((q >= 0) & (q < n_q))[labels].all() and (q[~labels] == -1).all()
+        for key, value in d["by_quantile"].items():
+            mine = (q == int(key)) & ok
+            want = np.mean(probs[mine] > 0.5) if int(key) >= 0 else np.mean(probs[mine] <= 0.5)
+            assert value == pytest.approx(want), key
+    assert 0 < failed < judged, "the planted off-format answers are there, and not all"
+    rep = report(run)["scripted"]
+    assert rep["detection"]["failure_rate"] + rep["fuzzing"]["failure_rate"] > 0
+    assert set(rep) == {"detection", "fuzzing", "intruder"} and rep["intruder"]["n"] == len(live)

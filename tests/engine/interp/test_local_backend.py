@@ -55,3 +55,35 @@ def test_local_stream_is_the_chat_answer_and_frees_the_model(env, monkeypatch):
     assert " the word was".startswith(text) and text.startswith(" the word"), text  # whole words always come
     assert not chat._lock.locked()
     assert [t.name for t in threading.enumerate()].count("saescope-stream") == 0
+
+
+def test_local_judge_reads_the_first_position_and_fails_off_format_answers(env):
+    """P(1) / (P(0) + P(1)) and the mass from the first reply position's softmax (by hand); a model whose first
+    token is not a digit gives a failed judgement (mass still recorded), and with a budget its greedy reply is
+    parsed."""
+    from engine.interp import judge, prompts
+    from engine.interp.backends import LocalChat
+
+    chat = env["chat"]
+    convs = [prompts.detection_messages(f"feature {i}", f"the quick brown fox {i}") for i in range(3)]
+    got = chat.judge(convs)
+    tok = chat.tokenizer
+    ones = {tok.encode(t, add_special_tokens=False)[0] for t in ("1", " 1") if len(tok.encode(t, add_special_tokens=False)) == 1}
+    zeros = {tok.encode(t, add_special_tokens=False)[0] for t in ("0", " 0") if len(tok.encode(t, add_special_tokens=False)) == 1}
+    for conv, j in zip(convs, got, strict=True):
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            probs = chat.lm.model(input_ids=ids).logits[0, -1].double().softmax(-1)
+        p1, p0 = float(probs[list(ones)].sum()), float(probs[list(zeros)].sum())
+        assert not j.failed and j.yes() == pytest.approx(p1 / (p0 + p1), abs=1e-5) and j.mass == pytest.approx(p0 + p1, abs=1e-5)
+
+    off = LocalChat(str(env["chat_dir"]), device="cpu", dtype="float32")
+    with torch.no_grad():  # the digits' output rows pushed far down: the first token is never an answer
+        for i in ones | zeros:
+            off.lm.hf_model.lm_head.weight[i] *= -1.0
+    failed = off.judge(convs)
+    assert all(j.failed and j.mass is not None and j.mass < 0.5 for j in failed)
+    budget = off.judge(convs, budget=6)
+    for conv, j in zip(convs, budget, strict=True):
+        reply = off.chat([conv], max_tokens=6)[0]
+        assert j.answer == reply and j.probs == judge.parsed(reply, judge.YES_NO, None).probs

@@ -117,6 +117,7 @@ def test_fuzzing_marks_active_tokens_and_as_many_random_ones():
     assert [m[0] for m in marks] == ["ABCDEFGH"] * 8
     assert marks[0][1] == [a > 0 for a in active[0].acts] and marks[1][1] == [a > 0 for a in active[1].acts]
     assert all(sum(flags) == math.ceil((3 + 2) / 2) for _, flags in marks[2:]), "ceil of the mean active count"
+    assert all(flags[1] for _, flags in marks[2:]), "one mark where the maxima sit (argmax 1 and 2: the first wins)"
     assert len({tuple(flags) for _, flags in marks[2:]}) > 1, "random positions"
     again = ScriptedChat()
     scorers.fuzzing(again, "letters", active + quiet, seed=7)
@@ -133,6 +134,22 @@ def test_fuzz_marks_never_exceed_the_excerpt_and_threshold_is_relative():
     rng = np.random.default_rng(0)
     assert scorers.fuzz_marks(excerpt(0, [0.0] * 3, activating=False), 10, rng) == [True] * 3
     assert scorers.fuzz_marks(excerpt(0, [0, 1.0, 0.4, 0.6]), 0, rng, threshold=0.5) == [False, True, False, True]
+    # delphi's default: >= 0.3 x the excerpt's own maximum (0.3 itself included), never a silent token
+    assert scorers.fuzz_marks(excerpt(0, [0.29, 1.0, 0.3, 0.0, 0.05]), 0, rng) == [False, True, True, False, False]
+    assert scorers.fuzz_marks(excerpt(0, [0.0] * 5, activating=False), 1, rng, at=9) == [False] * 4 + [True]
+    quiet = scorers.fuzz_marks(excerpt(0, [0.0] * 6, activating=False), 3, rng, at=2)
+    assert sum(quiet) == 3 and quiet[2]
+
+
+def test_by_quantile_by_hand():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0], bool)
+    quantiles = np.array([0, 0, 3, 3, -1, -1, -1])
+    probs = np.array([0.9, 0.6, 0.4, np.nan, 0.2, 0.7, 0.1])
+    got = scorers.by_quantile("detection", labels, probs, quantiles)
+    assert got == {"0": 1.0, "3": 0.0, "-1": pytest.approx(2 / 3)}, "the failed excerpt is left out"
+    sims = np.array([0.9, 0.1, 0.5, 0.6, 0.3, 0.2, 0.0])
+    got = scorers.by_quantile("embedding", labels, sims, quantiles)
+    assert got == {"0": pytest.approx(rank_auroc([1, 1, 0, 0, 0], [0.9, 0.1, 0.3, 0.2, 0.0])), "3": 1.0}
 
 
 def test_detection_asks_each_excerpt_once_and_scores_balanced_accuracy():
@@ -193,10 +210,10 @@ def split(tmp_path_factory):
     examples.close()
 
 
-def test_explainer_sees_even_ranks_scorers_odd_ranks_and_quantiles_never_the_same_context(split):
+def test_sampling_top_explainer_sees_even_ranks_scorers_odd_ranks_and_quantiles_never_the_same_context(split):
     run, examples = split["run"], split["examples"]
     table = pq.read_table(run / run_schema.EXAMPLES).to_pylist()
-    lats = examples.latents(list(range(256)), n_shown=4, n_top_heldout=3, n_quantile_heldout=4)
+    lats = examples.latents(list(range(256)), n_shown=4, n_top_heldout=3, n_quantile_heldout=4, sampling="top")
     assert [lat.feature_id for lat in lats] == list(range(256))
     for lat in lats:
         rows = [r for r in table if r["feature_id"] == lat.feature_id]
@@ -315,3 +332,111 @@ def test_clean_explanation():
         assert text is None and why in reason, (answer, reason)
     long, _ = prompts.clean_explanation("word " * 100)
     assert long.endswith("...") and len(long) <= prompts.MAX_CHARS + 3 and not long[:-3].endswith(" ")
+
+
+def test_sampling_quantiles_spreads_both_sides_over_the_activation_range(split):
+    """delphi-style: each excerpt's quantile is its context's maximum's interval of [0, the latent's maximum]
+    counted from the top; the scorers take one excerpt per quantile before any quantile gives a second; the
+    explainer sees the range too, never a context the scorers test on; the draw is seeded by the latent."""
+    run, examples = split["run"], split["examples"]
+    table = pq.read_table(run / run_schema.EXAMPLES).to_pylist()
+    n_q = rundir.read_manifest(run)["settings"]["quantile_bins"]
+    ids = [f for f in range(0, 256, 2) if f not in DEAD]
+    lats = examples.latents(ids, n_shown=6, n_top_heldout=3, n_quantile_heldout=3, sampling="quantiles", seed=3)
+    spread = 0
+    for lat in lats:
+        rows = [r for r in table if r["feature_id"] == lat.feature_id]
+        peak = max(r["max_act"] for r in rows)
+        quantile: dict[int, int] = {}
+        for r in sorted(rows, key=lambda r: r["kind"] != "top"):  # a context keeps its first (top) row's quantile
+            if r["kind"] == "top":
+                q = n_q - 1 - min(int(r["max_act"] / peak * n_q), n_q - 1)
+            else:
+                q = n_q - 1 - r["quantile_bin"]
+            quantile.setdefault(r["context_id"], q)
+        shown, held = lat.shown, lat.heldout
+        assert not {e.context_id for e in shown} & {e.context_id for e in held}
+        assert all(e.quantile == quantile[e.context_id] for e in shown + held)
+        available = sorted(set(quantile.values()))
+        want = min(6, len(quantile))
+        assert len(held) == want and len(shown) == min(6, len(quantile) - want)
+        got = [e.quantile for e in held]
+        if len(available) >= 6:
+            assert sorted(got) == available[:6], "one per quantile, from the highest down"
+        else:
+            assert set(got) == set(available)
+        spread += len({e.quantile for e in shown}) > 1
+    assert spread > len(lats) // 2, "the explainer sees more than one quantile"
+    again = examples.latents(ids[:4], n_shown=6, n_top_heldout=3, n_quantile_heldout=3, sampling="quantiles", seed=3)
+    assert [[e.context_id for e in lat.heldout] for lat in again] == [[e.context_id for e in lat.heldout] for lat in lats[:4]]
+
+
+# --- the intruder check ----------------------------------------------------------------------------------------
+
+
+def planted_latent(n_top: int = 20, n_quiet: int = 6):
+    """Top excerpts spelled in capitals (their maximum at position 2), quiet ones in lower case."""
+    top = [Excerpt(i, list("ABCDE"), [0.0, 0.2 * (1 + i), 1.0 + i, 0.5 * (1 + i), 0.0], True, 0, 0) for i in range(n_top)]
+    quiet = [Excerpt(100 + i, list("vwxyz"), [0.0] * 5, False, 3) for i in range(n_quiet)]
+    return top, quiet
+
+
+class IntruderJudge(ScriptedChat):
+    """Names the excerpt in lower case (a judge that sees the intruder), or always the first one."""
+
+    def __init__(self, sees: bool):
+        super().__init__()
+        self.sees = sees
+
+    def judge(self, conversations, options=("0", "1"), budget=0):
+        from engine.interp.judge import Judgement
+
+        out = []
+        for c in conversations:
+            self.questions.append(c[-1]["content"])
+            lines = re.findall(r"Excerpt (\d): (.*)", c[-1]["content"])
+            k = next(i for i, (_, text) in enumerate(lines) if text.replace("<<", "").replace(">>", "").islower()) \
+                if self.sees else 0
+            out.append(Judgement(tuple(float(i == k) for i in range(len(options))), 1.0, options[k]))
+        return out
+
+
+def test_intruder_groups_marks_and_score_by_hand():
+    from engine.interp import intruder
+
+    top, quiet = planted_latent()
+    seeing = IntruderJudge(sees=True)
+    score = intruder.intruder(seeing, top, quiet, seed=[0, 7])
+    assert score.scorer == "intruder" and score.n_examples == 5 and score.score == 1.0
+    groups = score.details["groups"]
+    members = [cid for g in groups for i, cid in enumerate(g["context_ids"]) if i != g["intruder"]]
+    assert len(members) == len(set(members)) == 20 and set(members) <= set(range(20)), "4 distinct top excerpts each"
+    assert [g["context_ids"][g["intruder"]] for g in groups] == [100, 101, 102, 103, 104]
+    for q in seeing.questions:  # activating marks >= 0.3 x max (positions 2 and 3); the intruder: as many, one at 2
+        for _, text in re.findall(r"Excerpt (\d): (.*)", q):
+            letters, flags = read_marks(text)
+            assert sum(flags) == 2 and flags[2], text
+            if letters.isupper():
+                assert flags == [False, False, True, True, False]
+    first = IntruderJudge(sees=False)
+    again = intruder.intruder(first, top, quiet, seed=[0, 7])
+    assert again.details["groups"] == [{**g, "choice": 0} for g in groups], "seeded: the same groups"
+    assert again.score == pytest.approx(np.mean([g["intruder"] == 0 for g in groups]))
+    other = intruder.intruder(IntruderJudge(sees=True), top, quiet, seed=[0, 8])
+    assert other.details["groups"] != groups, "another latent, another draw"
+    assert math.isnan(intruder.intruder(seeing, top[:3], quiet, seed=0).score), "fewer than 4 top excerpts: no group"
+
+
+def test_intruder_failed_judgements_are_counted_not_scored():
+    from engine.interp import intruder
+    from engine.interp.judge import Judgement
+
+    class HalfFails(IntruderJudge):
+        def judge(self, conversations, options=("0", "1"), budget=0):
+            got = super().judge(conversations, options, budget)
+            return [j if i % 2 else Judgement(None, 0.1, "Sure") for i, j in enumerate(got)]
+
+    top, quiet = planted_latent()
+    score = intruder.intruder(HalfFails(sees=True), top, quiet, seed=1)
+    assert score.score == 1.0 and score.details["failed"] == 3 and score.details["failure_rate"] == pytest.approx(3 / 5)
+    assert [g["choice"] is None for g in score.details["groups"]] == [True, False, True, False, True]

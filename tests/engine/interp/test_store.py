@@ -117,6 +117,39 @@ def test_best_explanation_and_order(run):
         assert three[1].reason == "junk"
 
 
+def test_best_ranks_by_the_one_score_every_candidate_has(tmp_path):
+    """A batch explanation with detection, fuzzing and embedding against a live one scored by embedding alone: they
+    compete on embedding AUROC (the mean of unlike scores would favour whichever has fewer); the intruder score is
+    the latent's and never ranks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_features(run, np.linspace(0.0, 0.1, 4))
+    parts.write_part(run, {
+        schema.EXPLANATIONS: ex_rows([(1, "batch", "batch one", "ok", 0), (1, "live", "live one", "ok", 9),
+                                      (2, "batch", "batch two", "ok", 0), (2, "other", "other two", "ok", 9),
+                                      (3, "batch", "batch three", "ok", 0), (3, "live", "live three", "ok", 9)]),
+        schema.SCORES: sc_rows([
+            (1, "batch", "detection", 0.55, None), (1, "batch", "fuzzing", 0.6, None), (1, "batch", "embedding", 0.9, None),
+            (1, "batch", "intruder", 0.2, None), (1, "live", "embedding", 0.8, None), (1, "live", "intruder", 1.0, None),
+            (2, "batch", "detection", 0.7, None), (2, "batch", "embedding", 0.6, None),
+            (2, "other", "detection", 0.65, None), (2, "other", "embedding", 0.95, None),
+            (3, "batch", "detection", 0.9, None),
+        ]),
+    })
+    with InterpStore.open(run) as st:
+        one = st.explanations(1)
+        # means: batch (0.55 + 0.6 + 0.9) / 3 = 0.683 < live 0.8; on the shared embedding AUROC batch wins, 0.9 > 0.8
+        assert [(e.explainer, e.rank_scorer, e.rank_score) for e in one] == [("batch", "embedding", 0.9),
+                                                                             ("live", "embedding", 0.8)]
+        assert one[0].mean_score == pytest.approx((0.55 + 0.6 + 0.9) / 3) and one[1].mean_score == pytest.approx(0.8)
+        assert one[1].scores["intruder"] == 1.0, "shown, but neither averaged nor ranked"
+        best = st.best([1, 2, 3])
+        assert best[1].explainer == "batch"
+        assert (best[2].explainer, best[2].rank_scorer) == ("batch", "detection"), "detection first when all have it"
+        # 3: nothing shared (live is unscored): scored before unscored, whatever the age
+        assert (best[3].explainer, best[3].rank_scorer) == ("batch", None)
+
+
 def test_threads_share_one_store(run):
     with InterpStore.open(run) as st:
         want = {f: st.explanations(f) for f in range(1, 5)}
@@ -545,3 +578,23 @@ def test_search_index_updated_with_the_changed_latents_only(tmp_path):
         for q in synthetic_queries(5, 32, n_topics=64, n_super=8, seed=0, query_seed=2):  # exact search: brute force
             want = ids[np.lexsort((ids, -(matrix @ unit(q))))[:10]]
             assert [h.feature_id for h in index.search(q, 10, exact=True)] == want.tolist()
+
+
+def test_report_pools_failures_and_averages_per_quantile_by_hand(tmp_path):
+    from engine.interp.report import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    d1 = {"auroc": 0.75, "failed": 1, "mass": [0.9, 0.1, 0.8, 0.7], "by_quantile": {"0": 1.0, "3": 0.0, "-1": 0.5}}
+    d2 = {"auroc": 0.25, "failed": 0, "mass": [0.9, 0.9], "by_quantile": {"0": 0.5, "-1": 1.0}}
+    d3 = {"failed": 2, "mass": [None, None], "by_quantile": {}}  # both failed: no score
+    parts.write_part(run, {schema.SCORES: sc_rows([(1, "A", "detection", 0.6, json.dumps(d1)),
+                                                   (2, "A", "detection", 0.8, json.dumps(d2)),
+                                                   (3, "A", "detection", None, json.dumps(d3)),
+                                                   (1, "A", "embedding", 0.7, json.dumps({"by_quantile": {"0": 0.9}}))])})
+    got = report(run)["A"]
+    assert got["detection"] == {"n": 2, "score": pytest.approx(0.7), "auroc": pytest.approx(0.5),
+                                "failure_rate": pytest.approx(3 / 8),
+                                "by_quantile": {0: pytest.approx(0.75), 3: 0.0, -1: pytest.approx(0.75)}}
+    assert got["embedding"] == {"n": 1, "score": 0.7, "auroc": None, "failure_rate": None, "by_quantile": {0: 0.9}}
+    assert report(run, [2])["A"]["detection"]["score"] == pytest.approx(0.8)
