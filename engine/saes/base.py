@@ -46,6 +46,8 @@ class SAE(nn.Module):
     """Base class: input processing, normalisation and saving; subclasses define ``_encode``/``_decode``."""
 
     architecture: ClassVar[str]
+    missing_hint: ClassVar[str] = ""
+    """What a file without one of the architecture's own tensors lacks, in words (build_sae's error)."""
 
     # Registered as parameters in __init__ from ``tensor_shapes``; declared here for type checkers.
     # Matching pursuit has no W_enc/b_enc; architectures with extra tensors declare them in their class.
