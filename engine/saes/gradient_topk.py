@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .topk import TopKSAE
 from .base import register
+from .topk import TopKSAE
 
 
 def gradient_scores(pre: torch.Tensor, grad: torch.Tensor, W_dec: torch.Tensor, beta: float) -> torch.Tensor:
