@@ -9,7 +9,6 @@ its gradient is exactly zero: a g-SAE's rule there is plain TopK.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +16,6 @@ import torch.nn.functional as F
 from ..model.hooks import interventions
 from ..model.loading import LoadedModel
 from .activations import ActivationBatch, batched, massive_tokens, stats_mask
-
-
-@dataclass(frozen=True)
-class GradientBatch:
-    """An ``ActivationBatch`` and the loss gradient at the same hook."""
-
-    batch: ActivationBatch
-    grads: torch.Tensor
-    """``[batch, pos, width]`` float32 on the model's device: d(summed next-token loss) / d(activation)."""
 
 
 def hook_gradients(lm: LoadedModel, hook_name: str, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +32,8 @@ def hook_gradients(lm: LoadedModel, hook_name: str, token_ids: torch.Tensor) -> 
         store["x"] = leaf
         return leaf
 
-    ids = token_ids.to(lm.device)
     with torch.inference_mode(False), torch.enable_grad(), interventions(lm.hooks, [(hook_name, grab)]):
+        ids = token_ids.to(lm.device).clone()  # not an inference tensor (callers may be in inference mode)
         logits = lm.model(input_ids=ids, use_cache=False).logits
         leaf = store.get("x")
         if leaf is None:
@@ -64,8 +54,8 @@ def hook_gradients(lm: LoadedModel, hook_name: str, token_ids: torch.Tensor) -> 
 def iter_gradients(
     lm: LoadedModel, hook_name: str, contexts: Iterable[list[int]], batch_size: int, *, include_special: bool = False,
     include_first: bool = False, include_massive: bool = False,
-) -> Iterator[GradientBatch]:
-    """``iter_activations`` (the same masks) plus each batch's loss gradient at the hook."""
+) -> Iterator[ActivationBatch]:
+    """``iter_activations`` (the same masks) with each batch's loss gradient at the hook in ``grads``."""
     for token_ids in batched(contexts, batch_size):
         acts, grads = hook_gradients(lm, hook_name, token_ids)
         mask = stats_mask(token_ids, lm.special_token_ids, include_special=include_special, include_first=include_first)
@@ -73,4 +63,4 @@ def iter_gradients(
         massive = massive_tokens(acts, mask)
         if not include_massive:
             mask &= ~massive
-        yield GradientBatch(ActivationBatch(token_ids, acts, mask, None, massive), grads)
+        yield ActivationBatch(token_ids, acts, mask, None, massive, grads)

@@ -46,6 +46,9 @@ class SAE(nn.Module):
     """Base class: input processing, normalisation and saving; subclasses define ``_encode``/``_decode``."""
 
     architecture: ClassVar[str]
+    needs_loss_gradient: ClassVar[bool] = False
+    """Its encoder selects with the next-token loss gradient at the hook (g-SAE): callers that can run a backward
+    pass ``forward(x, grad=...)``; without one it falls back to its declared rule."""
     missing_hint: ClassVar[str] = ""
     """What a file without one of the architecture's own tensors lacks, in words (build_sae's error)."""
 

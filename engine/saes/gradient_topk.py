@@ -26,6 +26,7 @@ def gradient_scores(pre: torch.Tensor, grad: torch.Tensor, W_dec: torch.Tensor, 
 @register
 class GradientTopKSAE(TopKSAE):
     architecture = "gradient_topk"
+    needs_loss_gradient = True
 
     def _select_with(self, sae_in: torch.Tensor, grad: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -199,8 +199,8 @@ def _stream(lm: LoadedModel, cfg: TrainConfig, contexts: Iterable[list[int]], wi
     """Each model batch's counted tokens: ``{"x": acts}`` (float32), plus ``"grad"`` for a g-SAE."""
     if with_grad:
         for gb in iter_gradients(lm, cfg.hook_name, contexts, cfg.model_batch):
-            mask = gb.batch.mask
-            yield {"x": gb.batch.acts[mask].float(), "grad": gb.grads[mask]}
+            assert gb.grads is not None  # iter_gradients always sets them
+            yield {"x": gb.acts[gb.mask].float(), "grad": gb.grads[gb.mask]}
     else:
         for ab in iter_activations(lm, cfg.hook_name, contexts, cfg.model_batch):
             yield {"x": ab.acts[ab.mask].float()}
