@@ -309,7 +309,8 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
         state.recon.update(x_in, x_hat[flat_mask], n_active=n_active)
         if state.recon_massive is not None and batch.massive is not None and batch.massive.any():
             massive = batch.massive.to(dev).reshape(-1)
-            alone = sae(x[massive]) if grad is None else sae(x[massive], grad=grad[massive])  # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
+            # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
+            alone = sae(x[massive]) if grad is None else sae(x[massive], grad=grad[massive])
             state.recon_massive.update(x[massive].float(), alone.x_hat, alone.codes)
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
         state.dark.update(x_in, error[flat_mask], heldout)
