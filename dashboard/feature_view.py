@@ -37,7 +37,7 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
 
     st.title(f"Feature #{feature_id}")
     widths = (store.manifest().get("sae") or {}).get("matryoshka_widths") or []
-    for g, (start, stop) in enumerate(zip([0, *widths[:-1]], widths, strict=True)):
+    for g, (start, stop) in enumerate(zip([0, *widths[:-1]], widths, strict=True) if widths else []):
         if start <= feature_id < stop:
             st.caption(f"Matryoshka group {g + 1} of {len(widths)} (latents {start:,}–{stop - 1:,}): part of every "
                        f"prefix from {stop:,} latents on.")

@@ -71,7 +71,7 @@ with st.expander("Filter and sort", expanded=not text):
                                "least this; 0 keeps unscored ones too")
 
     widths = (store.manifest().get("sae") or {}).get("matryoshka_widths") or []
-    groups = list(zip([0, *widths[:-1]], widths, strict=True))
+    groups = list(zip([0, *widths[:-1]], widths, strict=True)) if widths else []
     group = None
     if groups:  # a Matryoshka SAE: list one nested group
         picked = f2.selectbox("Matryoshka group", ["all", *range(1, len(groups) + 1)], key="feat_group",
