@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 class TopKTrainer(torch.nn.Module):
     """fp32 master weights of a TopK SAE plus the optimiser and dead-latent bookkeeping; the other families
-    override ``select``, ``aux_mask``, ``extra_loss``, ``observe`` and ``export_cfg``."""
+    override ``select``, ``aux_mask``, ``extra_loss``, ``batch_threshold`` and ``export_cfg``."""
 
     architecture: ClassVar[str] = "topk"
     needs_gradient: ClassVar[bool] = False
@@ -51,8 +51,8 @@ class TopKTrainer(torch.nn.Module):
         self.opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
         self.base_lr = lr
         # bookkeeping saved with a checkpoint (``buffers``): tokens since each latent last fired; an EMA over steps
-        # of its firing rate in a batch; an EMA of the inference threshold(s) the batch rule implies (batch-rule
-        # families; -1 before the first step)
+        # of its firing rate in a batch; the inference threshold(s) the batch rule implies (batch-rule families,
+        # set by ``calibrate`` once training is done; -1 before)
         self.register_buffer("since_fired", torch.zeros(cfg.width, dtype=torch.long, device=device))
         self.register_buffer("density", torch.zeros(cfg.width, device=device))
         self.register_buffer("threshold", torch.full((cfg.width,), -1.0, device=device))
@@ -79,8 +79,23 @@ class TopKTrainer(torch.nn.Module):
     def extra_loss(self, x: torch.Tensor, codes: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def observe(self, pre: torch.Tensor) -> None:
-        """Track the batch rule's inference threshold(s) (batch-rule families)."""
+    def batch_threshold(self, pre: torch.Tensor) -> torch.Tensor | None:
+        """``[width]`` thresholds that reproduce the batch rule on the batch ``pre`` (None: not a batch rule)."""
+        return None
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the inference thresholds from the final weights: the mean over ``x``'s batches (``batch_size`` rows
+        each, in order) of the thresholds that reproduce the batch rule on each (the last training buffer)."""
+        n = self.cfg.batch_size
+        found = []
+        for i in range(0, len(x) - n + 1, n):
+            pre = ((x[i : i + n] - self.b_dec) @ self.W_enc + self.b_enc).float()
+            value = self.batch_threshold(pre)
+            if value is not None:
+                found.append(value)
+        if found:
+            self.threshold.copy_(torch.stack(found).mean(0))
 
     def export_cfg(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """SAEConfig fields and extra tensors of the exported SAE."""
@@ -134,16 +149,9 @@ class TopKTrainer(torch.nn.Module):
             rate = active.float().mean(0)
             first = bool((self.density == 0).all())
             self.density.mul_(0.0 if first else 0.99).add_(rate, alpha=1.0 if first else 0.01)
-            self.observe(pre.detach().float())
             per_token = active.sum(-1).float()
         return {"fvu": float(fvu.detach()), "l0": float(per_token.mean()), "l0_std": float(per_token.std()),
                 "dead": int((self.since_fired > self.cfg.dead_tokens).sum()) / self.cfg.width, "aux_latents": n_aux}
-
-    def _ema_threshold(self, value: torch.Tensor) -> None:
-        if bool((self.threshold < 0).all()):
-            self.threshold.copy_(value)
-        else:
-            self.threshold.lerp_(value, self.cfg.threshold_lr)
 
     def export(self, hook_name: str, model_name: str, dtype: torch.dtype):
         fields, extra = self.export_cfg()
@@ -206,8 +214,8 @@ class FeatureChoiceTrainer(_ZipfAux):
         cap = self.capacity(self.cfg.batch_size) / self.cfg.batch_size
         return torch.full_like(self.density, cap)
 
-    def observe(self, pre: torch.Tensor) -> None:
-        self._ema_threshold(feature_choice_thresholds(pre, self.capacity(pre.shape[0])))
+    def batch_threshold(self, pre: torch.Tensor) -> torch.Tensor | None:
+        return feature_choice_thresholds(pre, self.capacity(pre.shape[0]))
 
     def export_cfg(self) -> tuple[dict, dict[str, torch.Tensor]]:
         return {"architecture": "feature_choice", "k": self.cfg.k}, {"threshold": self.threshold.clamp_min(0)}
@@ -228,8 +236,8 @@ class MutualChoiceTrainer(_ZipfAux):
         harmonic = float((1.0 / torch.arange(1, width + 1, dtype=torch.float64)).sum())
         return (self.cfg.k / (ranks * harmonic)).clamp_max(1.0)
 
-    def observe(self, pre: torch.Tensor) -> None:
-        self._ema_threshold(torch.full_like(self.threshold, mutual_choice_threshold(pre, self.cfg.k * pre.shape[0])))
+    def batch_threshold(self, pre: torch.Tensor) -> torch.Tensor | None:
+        return torch.full_like(self.threshold, mutual_choice_threshold(pre, self.cfg.k * pre.shape[0]))
 
     def global_threshold(self) -> float:
         return max(0.0, float(self.threshold[0]))

@@ -73,8 +73,6 @@ class TrainConfig:
     matryoshka_widths: str = ""
     """matryoshka: comma-separated cumulative prefix widths, strictly increasing and ending at --width, e.g.
     288,1152,4608."""
-    threshold_lr: float = 0.01
-    """Batch-rule families: EMA rate of the inference threshold(s) tracked over training steps."""
     checkpoint_minutes: float = 10.0
     """Write a resumable checkpoint at the first buffer boundary after this many minutes (0: every buffer)."""
 
@@ -98,8 +96,7 @@ class TrainConfig:
             SAEConfig(architecture="jumprelu", d_in=1, d_sae=self.width, matryoshka_widths=widths)  # the same checks
         elif self.matryoshka_widths:
             raise ValueError(f"--matryoshka-widths applies to --architecture matryoshka, not {self.architecture}")
-        if not 0 < self.threshold_lr <= 1:
-            raise ValueError(f"--threshold-lr must be in (0, 1], got {self.threshold_lr}")
+
         if self.width <= 0:
             raise ValueError(f"--width must be positive, got {self.width}")
         if not 0 < self.k < self.width:
@@ -236,7 +233,7 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
         ckpt = checkpoint.checkpoint_dir(out)
         if restart and ckpt.exists():
             shutil.rmtree(ckpt)
-        seen, step, buffers_done, skip, resumed_from = 0, 0, 0, 0, None
+        seen, step, buffers_done, skip, resumed_from, last_fill = 0, 0, 0, 0, None, 0
         log: list[dict] = []
         carry = {"x": torch.empty(0, d_in, device=lm.device)}
         if with_grad:
@@ -292,7 +289,7 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                             dead=f"{metrics['dead']:.1%}",
                         )
                         log.append({"step": step, "tokens": seen, **metrics})
-            fill = 0
+            last_fill, fill = fill, 0
             buffers_done += 1
             if seen < cfg.tokens and time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
                 checkpoint.save(ckpt, trainer, carry, {"settings": settings, "seen": seen, "step": step,
@@ -302,6 +299,8 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                     raise KeyboardInterrupt
         bar.close()
         train_seconds = time.time() - start
+        # batch-rule families: inference thresholds from the final weights on the last buffer's training batches
+        trainer.calibrate(buffer["x"][:last_fill])
         sae = trainer.export(cfg.hook_name, lm.name, torch.float32)
         heldout = evaluate(lm, sae, cfg.hook_name, eval_ctx, cfg.ce_contexts, cfg.model_batch)
         window = min(cfg.dead_tokens, step * cfg.batch_size)

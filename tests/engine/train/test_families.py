@@ -146,3 +146,40 @@ def test_bad_family_settings(corpus):
         _cfg(corpus, "matryoshka", matryoshka_widths="")
     with pytest.raises(ValueError, match="unknown --architecture"):
         TrainConfig(hook_name=HOOK, corpus="x", width=16, k=2, tokens=1, architecture="batchtopk")
+
+
+@pytest.mark.parametrize("arch", ["feature_choice", "mutual_choice", "matryoshka"])
+def test_exported_thresholds_reproduce_the_batch_rule_on_their_batch(arch):
+    """Stated agreement: every (token, latent) decision on the one batch they were calibrated on (100%)."""
+    cfg = TrainConfig(hook_name=HOOK, corpus="unused", width=64, k=4, tokens=1, batch_size=48, buffer_tokens=48,
+                      architecture=arch, **({"matryoshka_widths": "16,64"} if arch == "matryoshka" else {}))
+    trainer = TRAINERS[arch](12, cfg, torch.device("cpu"))
+    trainer.autocast = False
+    x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5))
+    trainer.init_b_dec(x)
+    trainer.step(x, 1.0)  # weights that are not the initial ones
+    trainer.calibrate(x)
+    sae = trainer.export(HOOK, "tiny", torch.float32)
+    with torch.no_grad():
+        batch_rule = trainer.select((x - trainer.b_dec) @ trainer.W_enc + trainer.b_enc, None)
+    assert torch.equal(sae.encode(x) > 0, batch_rule > 0)
+    torch.testing.assert_close(sae.encode(x), batch_rule, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_trainer_selects_with_the_gradient():
+    cfg = TrainConfig(hook_name=HOOK, corpus="unused", width=32, k=3, tokens=1, architecture="gradient_topk",
+                      gradient_beta=30.0)
+    trainer = TRAINERS["gradient_topk"](8, cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(6)
+    pre, grad = torch.randn(10, 32, generator=gen), torch.randn(10, 8, generator=gen)
+    got = trainer.select(pre, grad)
+    W = trainer.W_dec.detach().double().numpy()
+    for i in range(10):
+        z = pre[i].double().numpy()
+        score = z + 30.0 * z * np.abs(W @ grad[i].double().numpy())
+        keep = np.argsort(-score)[:3]
+        want = np.zeros(32)
+        want[keep] = np.maximum(z[keep], 0)
+        np.testing.assert_allclose(got[i].numpy(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the loss gradient"):
+        trainer.select(pre, None)
