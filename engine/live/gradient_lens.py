@@ -17,7 +17,7 @@ from ..data.gradients import hook_gradients
 from ..model.loading import LoadedModel
 from ..model.tokens import display_tokens
 from ..saes import SAE
-from ..saes.gradient_topk import gradient_scores
+from ..saes.gradient_topk import GradientTopKSAE, gradient_scores
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class GradientToken:
 
 
 def gradient_lens(lm: LoadedModel, sae: SAE, token_ids: list[int], *, top_k: int = 8) -> list[GradientToken]:
-    """Each token's gradient admissions under the g-SAE ``sae`` (``sae.needs_loss_gradient``)."""
-    if not sae.needs_loss_gradient:
+    """Each token's gradient admissions under the g-SAE ``sae``."""
+    if not isinstance(sae, GradientTopKSAE):
         raise ValueError(f"the gradient lens is for g-SAEs; this SAE is {sae.cfg.architecture}")
     hook = check_sae_fits(lm, sae)
     ids = torch.tensor([token_ids[: lm.max_context]], dtype=torch.long)

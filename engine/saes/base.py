@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -209,7 +209,10 @@ class SAE(nn.Module):
 _REGISTRY: dict[str, type[SAE]] = {}
 
 
-def register(cls: type[SAE]) -> type[SAE]:
+_Arch = TypeVar("_Arch", bound=type[SAE])
+
+
+def register(cls: _Arch) -> _Arch:
     """Class decorator adding an architecture to the registry (duplicates refused)."""
     if cls.architecture in _REGISTRY:
         raise ValueError(f"SAE architecture {cls.architecture!r} is already registered")

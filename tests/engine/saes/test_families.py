@@ -9,8 +9,9 @@ import torch
 
 from engine import load_sae
 from engine.saes import SAEConfig
-from engine.saes.feature_choice import feature_capacity, feature_choice_codes, feature_choice_thresholds
-from engine.saes.mutual_choice import mutual_choice_codes, mutual_choice_threshold
+from engine.saes.feature_choice import FeatureChoiceSAE, feature_capacity, feature_choice_codes, feature_choice_thresholds
+from engine.saes.gradient_topk import GradientTopKSAE
+from engine.saes.mutual_choice import MutualChoiceSAE, mutual_choice_codes, mutual_choice_threshold
 from tests.engine.saes_util import D_IN, D_SAE, random_sae
 
 FAMILY_CFG = {
@@ -76,11 +77,13 @@ def test_inference_thresholds_reproduce_the_batch_rule_on_their_batch():
         assert torch.equal(inference > 0, batch > 0), arch
         torch.testing.assert_close(inference, batch, atol=1e-5, rtol=1e-5)
         # and sae.batch_codes is the same batch rule
+        assert isinstance(sae, FeatureChoiceSAE | MutualChoiceSAE)
         torch.testing.assert_close(sae.batch_codes(x).double(), batch, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_topk_selection_with_a_known_gradient():
     sae = random_sae("gradient_topk", **FAMILY_CFG["gradient_topk"])
+    assert isinstance(sae, GradientTopKSAE)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, D_IN, generator=gen)
     grad = torch.randn(6, D_IN, generator=gen) * 3
@@ -151,5 +154,6 @@ def test_bad_family_files(tmp_path):
     with pytest.raises(ValueError, match="gradient_topk SAE needs 0 < k"):
         SAEConfig(architecture="gradient_topk", d_in=D_IN, d_sae=D_SAE)
     g = random_sae("gradient_topk", k=4)
+    assert isinstance(g, GradientTopKSAE)
     with pytest.raises(ValueError, match="loss gradient has shape"):
         g.encode(torch.zeros(3, D_IN), grad=torch.zeros(3, D_IN + 1))
