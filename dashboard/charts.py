@@ -22,8 +22,9 @@ def _layout(fig: go.Figure, *, x: str, y: str, height: int = 300) -> go.Figure:
     return fig
 
 
-def density_histogram(densities: np.ndarray, bins: int = 60) -> go.Figure:
-    """Histogram of latent densities on a log10 axis; dead latents (density 0) counted in the title."""
+def density_histogram(densities: np.ndarray, bins: int = 60, cap: float | None = None) -> go.Figure:
+    """Histogram of latent densities on a log10 axis; dead latents (density 0) counted in the title; ``cap`` (a
+    feature-choice SAE's per-latent cap) marked."""
     densities = np.asarray(densities, dtype=np.float64)
     alive = densities[densities > 0]
     dead = int((densities <= 0).sum())
@@ -36,6 +37,9 @@ def density_histogram(densities: np.ndarray, bins: int = 60) -> go.Figure:
         ticks = list(range(lo, hi + 1))
         fig.update_xaxes(tickvals=ticks, ticktext=[f"1e{t}" for t in ticks])
         fig.add_vline(x=-1, line_dash="dot", line_color=GREY, annotation_text="dense (10%)", annotation_position="top left")
+        if cap:
+            fig.add_vline(x=math.log10(cap), line_dash="dot", line_color=VIOLET, annotation_text="cap m/N",
+                          annotation_position="top right")
     fig.update_layout(title=dict(text=f"{alive.size:,} live latents · {dead:,} dead (not shown)", font=dict(size=13)))
     return _layout(fig, x="density (fraction of tokens where the latent fires, log scale)", y="latents")
 

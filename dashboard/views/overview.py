@@ -123,7 +123,12 @@ if widths:
                           "CE loss recovered": [p[4] for p in points]}, hide_index=True)
 
 st.subheader("Latent densities")
-st.plotly_chart(charts.density_histogram(densities), key="density_hist")
+cap = (man.get("sae") or {}).get("capacity_density")  # a feature-choice SAE: each latent's cap in training
+st.plotly_chart(charts.density_histogram(densities, cap=cap), key="density_hist")
+if cap:
+    over = int((densities > cap).sum())
+    st.caption(f"Feature choice: in training each latent could pick at most {cap:.3%} of a batch's tokens (its cap, "
+               f"dotted); with the inference thresholds {over:,} latents fire more often than that on this run.")
 alive = densities[densities > 0]
 if alive.size:
     st.caption(f"Median density of live latents {fmt(float(np.median(alive)))}; "

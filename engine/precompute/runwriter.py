@@ -63,6 +63,10 @@ def encoder_rule(sae) -> dict[str, Any]:
         }
     if sae.cfg.matryoshka_widths:
         out["matryoshka_widths"] = list(sae.cfg.matryoshka_widths)
+    batch = sae.cfg.metadata.get("batch_tokens")
+    if sae.cfg.architecture == "feature_choice" and sae.cfg.k and isinstance(batch, int) and batch > 0:
+        # each latent's cap: the share of a training batch the rule let it pick
+        out["capacity_density"] = max(1, sae.cfg.k * batch // sae.cfg.d_sae) / batch
     return out
 
 

@@ -161,7 +161,7 @@ class TopKTrainer(torch.nn.Module):
             # SAELens flattens [..., n_heads, d_head] hook_z inputs when told so; ours arrive flat either way
             reshape_activations="hook_z" if hook_name.endswith("attn.hook_z") else "none",
             metadata={"trained_by": "saescope train-sae", "context_size": self.cfg.context_len,
-                      "trained_as": self.cfg.architecture},
+                      "trained_as": self.cfg.architecture, "batch_tokens": self.cfg.batch_size},
             **fields,
         )
         state = {n: p.detach().cpu() for n, p in self.named_parameters()}

@@ -28,7 +28,7 @@ def _family_run(root, architecture: str, **cfg_kw):
     W_dec = torch.randn(256, 64, generator=gen)
     W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
     state = {"W_dec": W_dec, "b_dec": torch.zeros(64), "W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(256)}
-    if architecture == "jumprelu":
+    if architecture in ("jumprelu", "feature_choice"):
         state["threshold"] = torch.full((256,), 0.01)
     cfg = SAEConfig(architecture=architecture, d_in=64, d_sae=256, hook_name=HOOK, **cfg_kw)
     sae_dir = build_sae(cfg, state).save(root / "sae")
@@ -42,6 +42,11 @@ def _family_run(root, architecture: str, **cfg_kw):
 @pytest.fixture(scope="module")
 def matryoshka_run(tmp_path_factory):
     return _family_run(tmp_path_factory.mktemp("mat"), "jumprelu", matryoshka_widths=WIDTHS)
+
+
+@pytest.fixture(scope="module")
+def fc_run(tmp_path_factory):
+    return _family_run(tmp_path_factory.mktemp("fc"), "feature_choice", k=8, metadata={"batch_tokens": 512})
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,15 @@ def test_gradient_sae_rule_and_lens(gsae_run, open_app):
     got = table["admitted by the gradient (#latent z / gradient term)"].tolist()
     assert [len(s.split(", ")) if s else 0 for s in got] == [len(w.admitted) for w in want]
     assert sum(len(w.admitted) for w in want) > 0 and table["gradient"].tolist()[-1] is False
+
+
+def test_feature_choice_density_against_its_cap(fc_run, open_app):
+    man = json.loads((fc_run / "manifest.json").read_text())
+    cap = (8 * 512 // 256) / 512  # m = floor(k N / d_sae) tokens of a training batch of N = 512
+    assert man["sae"]["capacity_density"] == cap and "threshold" in man["sae"]["inference_rule"]
+    at = open_app(fc_run)
+    no_crash(at)
+    dens = np.array([r["density"] for r in pq.read_table(fc_run / "features.parquet").to_pylist()])
+    assert any(f"{int((dens > cap).sum()):,} latents fire more often than that" in c.value for c in at.caption)
+    shapes = plotly(at)[-1]["layout"]["shapes"]
+    assert any(abs(sh["x0"] - np.log10(cap)) < 1e-9 for sh in shapes)
