@@ -36,6 +36,8 @@ class TopKTrainer(torch.nn.Module):
 
     architecture: ClassVar[str] = "topk"
     needs_gradient: ClassVar[bool] = False
+    calibrated: ClassVar[bool] = False
+    """Its inference rule has thresholds calibrated after training (``calibrate``)."""
 
     def __init__(self, d_in: int, cfg: TrainConfig, device: torch.device):
         super().__init__()
@@ -86,10 +88,11 @@ class TopKTrainer(torch.nn.Module):
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
         """Set the inference thresholds from the final weights: the mean over ``x``'s batches (``batch_size`` rows
-        each, in order) of the thresholds that reproduce the batch rule on each (the last training buffer)."""
-        n = self.cfg.batch_size
+        each, in order; a last partial batch is left out unless it is the only one) of the thresholds that reproduce
+        the batch rule on each."""
+        n = min(self.cfg.batch_size, len(x))
         found = []
-        for i in range(0, len(x) - n + 1, n):
+        for i in range(0, len(x) - n + 1, n) if n else ():
             pre = ((x[i : i + n] - self.b_dec) @ self.W_enc + self.b_enc).float()
             value = self.batch_threshold(pre)
             if value is not None:
@@ -203,6 +206,7 @@ class FeatureChoiceTrainer(_ZipfAux):
     """Feature choice: each latent keeps its top m = floor(k*N/width) tokens of the batch."""
 
     architecture = "feature_choice"
+    calibrated = True
 
     def capacity(self, n_tokens: int) -> int:
         return feature_capacity(self.cfg.k, n_tokens, self.cfg.width)
@@ -225,6 +229,7 @@ class MutualChoiceTrainer(_ZipfAux):
     """Mutual choice: the batch's k*N largest (token, latent) values fire."""
 
     architecture = "mutual_choice"
+    calibrated = True
 
     def select(self, pre: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
         return mutual_choice_codes(pre, self.cfg.k * pre.shape[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -73,6 +74,9 @@ class TrainConfig:
     matryoshka_widths: str = ""
     """matryoshka: comma-separated cumulative prefix widths, strictly increasing and ending at --width, e.g.
     288,1152,4608."""
+    calibration_contexts: int = 128
+    """Batch-rule families (feature/mutual choice, Matryoshka): training contexts sampled uniformly over the run on
+    which the inference thresholds are calibrated with the final weights."""
     checkpoint_minutes: float = 10.0
     """Write a resumable checkpoint at the first buffer boundary after this many minutes (0: every buffer)."""
 
@@ -180,15 +184,33 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
 
 
 class _Counted:
-    """An iterator of contexts that counts how many it has handed out (where a resumed run picks up)."""
+    """An iterator of contexts that counts how many it has handed out (where a resumed run picks up) and keeps a
+    uniform reservoir sample of ``keep`` of them (for calibrating inference thresholds), the same on a resumed run."""
 
-    def __init__(self, contexts: Iterator[list[int]]):
-        self.contexts, self.n = contexts, 0
+    def __init__(self, contexts: Iterator[list[int]], *, start: int = 0, keep: int = 0, seed: int = 0,
+                 sample: list[list[int]] | None = None):
+        self.contexts, self.n, self.keep, self.seed = contexts, start, keep, seed
+        self.sample: list[list[int]] = sample or []
 
     def __iter__(self) -> Iterator[list[int]]:
         for ctx in self.contexts:
+            if len(self.sample) < self.keep:
+                self.sample.append(ctx)
+            elif self.keep:
+                slot = random.Random(self.seed * 1_000_003 + self.n).randrange(self.n + 1)  # Algorithm R, seeded per index
+                if slot < self.keep:
+                    self.sample[slot] = ctx
             self.n += 1
             yield ctx
+
+
+def _calibration_rows(lm: LoadedModel, cfg: TrainConfig, contexts: list[list[int]]) -> torch.Tensor:
+    """The counted training activations of the reservoir's contexts, shuffled (seeded) across contexts."""
+    rows = [ab.acts[ab.mask].float() for ab in iter_activations(lm, cfg.hook_name, contexts, cfg.model_batch)]
+    if not rows:
+        return torch.empty(0)
+    x = torch.cat(rows)
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed)).to(x.device)]
 
 
 def _stream(lm: LoadedModel, cfg: TrainConfig, contexts: Iterable[list[int]], with_grad: bool
@@ -233,17 +255,18 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
         ckpt = checkpoint.checkpoint_dir(out)
         if restart and ckpt.exists():
             shutil.rmtree(ckpt)
-        seen, step, buffers_done, skip, resumed_from, last_fill = 0, 0, 0, 0, None, 0
+        seen, step, buffers_done, skip, resumed_from = 0, 0, 0, 0, None
         log: list[dict] = []
         carry = {"x": torch.empty(0, d_in, device=lm.device)}
         if with_grad:
             carry["grad"] = torch.empty(0, d_in, device=lm.device)
+        sample = None
         if (ckpt / checkpoint.PROGRESS_FILE).is_file():
             carry, done = checkpoint.load(ckpt, trainer, settings)
             seen, step, buffers_done, skip, log = done["seen"], done["step"], done["buffers"], done["contexts"], done["log"]
-            resumed_from = seen
-        counted = _Counted(itertools.islice(train_iter, skip, None))
-        counted.n = skip
+            sample, resumed_from = done.get("calibration_sample"), seen
+        counted = _Counted(itertools.islice(train_iter, skip, None), start=skip, seed=cfg.seed,
+                           keep=cfg.calibration_contexts if trainer.calibrated else 0, sample=sample)
         total_steps = max(1, cfg.tokens * cfg.reuse // cfg.batch_size)
         buffer = {n: torch.empty(cfg.buffer_tokens, d_in, dtype=torch.float32, device=lm.device) for n in carry}
         fill = 0
@@ -289,18 +312,19 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                             dead=f"{metrics['dead']:.1%}",
                         )
                         log.append({"step": step, "tokens": seen, **metrics})
-            last_fill, fill = fill, 0
+            fill = 0
             buffers_done += 1
             if seen < cfg.tokens and time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
                 checkpoint.save(ckpt, trainer, carry, {"settings": settings, "seen": seen, "step": step,
-                                                       "buffers": buffers_done, "contexts": counted.n, "log": log})
+                                                       "buffers": buffers_done, "contexts": counted.n, "log": log,
+                                                       "calibration_sample": counted.sample})
                 last_ckpt, n_ckpts = time.time(), n_ckpts + 1
                 if interrupt_after_checkpoints is not None and n_ckpts >= interrupt_after_checkpoints:
                     raise KeyboardInterrupt
         bar.close()
         train_seconds = time.time() - start
-        # batch-rule families: inference thresholds from the final weights on the last buffer's training batches
-        trainer.calibrate(buffer["x"][:last_fill])
+        if trainer.calibrated:  # inference thresholds from the final weights on a sample of the training contexts
+            trainer.calibrate(_calibration_rows(lm, cfg, counted.sample))
         sae = trainer.export(cfg.hook_name, lm.name, torch.float32)
         heldout = evaluate(lm, sae, cfg.hook_name, eval_ctx, cfg.ce_contexts, cfg.model_batch)
         window = min(cfg.dead_tokens, step * cfg.batch_size)
