@@ -353,3 +353,32 @@ def comparison(folder: str):
     from engine.eval.schema import COMPARISON
 
     return _comparison(folder, _mtime(Path(folder) / COMPARISON))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _l0_sample(run_dir: str, stamp: float):
+    return store(run_dir).l0_sample()
+
+
+def l0_sample(run_dir: str):
+    """Latents active on each token of the run's token sample."""
+    return _l0_sample(run_dir, stamp(run_dir))
+
+
+@st.cache_data(show_spinner="Scoring each Matryoshka prefix on the run's sampled contexts…", max_entries=8)
+def prefix_curve(run_dir: str, model_key: tuple[str, str], sae_path: str, tokens: int) -> list[tuple]:
+    """``engine.eval.matryoshka.prefix_curve`` on about ``tokens`` tokens of the run's contexts."""
+    from engine.eval.matryoshka import prefix_curve as curve
+    from engine.eval.sample import sample_contexts
+
+    lm = model(*model_key, device())
+    return [tuple(p) for p in curve(lm, sae(sae_path, str(lm.device)), sample_contexts(store(run_dir), tokens))]
+
+
+@st.cache_resource(show_spinner="Running the prompt forward and backward…", max_entries=16, ttl=900)
+def gradient_lens(model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], top_k: int):
+    """``engine.live.gradient_lens.gradient_lens`` on the run's model and g-SAE."""
+    from engine.live.gradient_lens import gradient_lens as lens_of
+
+    lm = model(*model_key, device())
+    return lens_of(lm, sae(sae_path, str(lm.device)), list(token_ids), top_k=top_k)

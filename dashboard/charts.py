@@ -22,8 +22,9 @@ def _layout(fig: go.Figure, *, x: str, y: str, height: int = 300) -> go.Figure:
     return fig
 
 
-def density_histogram(densities: np.ndarray, bins: int = 60) -> go.Figure:
-    """Histogram of latent densities on a log10 axis; dead latents (density 0) counted in the title."""
+def density_histogram(densities: np.ndarray, bins: int = 60, cap: float | None = None) -> go.Figure:
+    """Histogram of latent densities on a log10 axis; dead latents (density 0) counted in the title; ``cap`` (a
+    feature-choice SAE's per-latent cap) marked."""
     densities = np.asarray(densities, dtype=np.float64)
     alive = densities[densities > 0]
     dead = int((densities <= 0).sum())
@@ -36,6 +37,9 @@ def density_histogram(densities: np.ndarray, bins: int = 60) -> go.Figure:
         ticks = list(range(lo, hi + 1))
         fig.update_xaxes(tickvals=ticks, ticktext=[f"1e{t}" for t in ticks])
         fig.add_vline(x=-1, line_dash="dot", line_color=GREY, annotation_text="dense (10%)", annotation_position="top left")
+        if cap:
+            fig.add_vline(x=math.log10(cap), line_dash="dot", line_color=VIOLET, annotation_text="cap m/N",
+                          annotation_position="top right")
     fig.update_layout(title=dict(text=f"{alive.size:,} live latents · {dead:,} dead (not shown)", font=dict(size=13)))
     return _layout(fig, x="density (fraction of tokens where the latent fires, log scale)", y="latents")
 
@@ -94,3 +98,28 @@ def width_curves(widths: Sequence[int], series: dict[str, Sequence[float | None]
                                  hovertemplate="%{x:,} latents: %{y:.4g}<extra>" + name + "</extra>"))
     fig.update_xaxes(type="log", tickvals=xs, ticktext=[f"{x:,}" for x in xs])
     return _layout(fig, x="latents (d_sae)", y=y)
+
+
+def l0_histogram(l0: np.ndarray) -> go.Figure:
+    """Histogram of latents active per token (variable-sparsity SAEs), one bar per count; the mean marked."""
+    l0 = np.asarray(l0, dtype=np.int64)
+    fig = go.Figure()
+    if l0.size:
+        fig.add_trace(go.Histogram(x=l0, xbins=dict(start=-0.5, end=int(l0.max()) + 0.5, size=1), marker_color=VIOLET,
+                                   name="tokens"))
+        mean = float(l0.mean())
+        fig.add_vline(x=mean, line_dash="dot", line_color=GREY, annotation_text=f"mean {mean:.1f}",
+                      annotation_position="top right")
+    return _layout(fig, x="latents active on the token (L0)", y="tokens")
+
+
+def prefix_curve(widths: Sequence[int], explained: Sequence[float], recovered: Sequence[float | None]) -> go.Figure:
+    """Explained variance and CE loss recovered of each nested Matryoshka prefix, against its width."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=list(widths), y=list(explained), mode="lines+markers", name="explained variance",
+                             line_color=ORANGE))
+    if any(r is not None for r in recovered):
+        fig.add_trace(go.Scatter(x=list(widths), y=[r if r is not None else float("nan") for r in recovered],
+                                 mode="lines+markers", name="CE loss recovered", line_color=VIOLET))
+    fig.update_xaxes(type="log", tickvals=list(widths), ticktext=[f"{w:,}" for w in widths])
+    return _layout(fig, x="prefix width (latents 0 .. w-1; log scale)", y="score")

@@ -36,6 +36,11 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
         common.fail(f"Feature {feature_id} does not exist: this SAE has {n:,} latents (ids 0 to {n - 1:,}).")
 
     st.title(f"Feature #{feature_id}")
+    widths = (store.manifest().get("sae") or {}).get("matryoshka_widths") or []
+    for g, (start, stop) in enumerate(zip([0, *widths[:-1]], widths, strict=True) if widths else []):
+        if start <= feature_id < stop:
+            st.caption(f"Matryoshka group {g + 1} of {len(widths)} (latents {start:,}–{stop - 1:,}): part of every "
+                       f"prefix from {stop:,} latents on.")
     explain_view.show(run, store, row)
     density = float(row.density)
     cols = st.columns([2, 2, 2, 2, 3])

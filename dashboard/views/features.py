@@ -14,7 +14,8 @@ SORT_KEYS = {
     "feature_id": "Id",
 }
 
-WIDGETS = ("feat_query", "feat_by", "feat_density", "feat_score", "feat_sort", "feat_desc", "feat_dead", "feat_page")
+WIDGETS = ("feat_query", "feat_by", "feat_density", "feat_score", "feat_sort", "feat_desc", "feat_dead", "feat_page",
+           "feat_group")
 BY = {"meaning": "meaning", "label": "top tokens", "token": "token", "id": "id"}
 
 run = common.current_run()
@@ -69,6 +70,15 @@ with st.expander("Filter and sort", expanded=not text):
                           help="Keep latents whose best explanation's mean score (detection, fuzzing, embedding) is at "
                                "least this; 0 keeps unscored ones too")
 
+    widths = (store.manifest().get("sae") or {}).get("matryoshka_widths") or []
+    groups = list(zip([0, *widths[:-1]], widths, strict=True)) if widths else []
+    group = None
+    if groups:  # a Matryoshka SAE: list one nested group
+        picked = f2.selectbox("Matryoshka group", ["all", *range(1, len(groups) + 1)], key="feat_group",
+                              format_func=lambda g: "all groups" if g == "all" else
+                              f"group {g}: latents {groups[int(g) - 1][0]:,}–{groups[int(g) - 1][1] - 1:,}")
+        group = None if picked == "all" else range(*groups[int(picked) - 1])
+
 common.save_widgets("features", WIDGETS)
 
 def by_meaning(query: str) -> None:
@@ -116,7 +126,7 @@ with common.shown_errors("Search failed"):
         rows = store.top_features(
             sort_by=sort_by, descending=descending, include_dead=include_dead,
             min_density=None if lo <= -8 else 10**lo, max_density=None if hi >= 0 else 10**hi,
-            limit=PAGE_SIZE, offset=(int(page) - 1) * PAGE_SIZE,
+            limit=PAGE_SIZE, offset=(int(page) - 1) * PAGE_SIZE, latents=group,
         )
 
     if rows is not None:

@@ -125,6 +125,25 @@ if not tops:
 for latent_id, value in tops:
     common.feature_link(latent_id, cache.describe(run, [latent_id]).get(latent_id, ""), suffix=f" — {value:.3f}")
 
+if sae.needs_loss_gradient:  # a g-SAE: what the loss gradient admitted on each token
+    st.subheader("Gradient admissions (g-SAE)")
+    st.caption("The table above uses the inference fallback, plain TopK over z (no gradient while the SAE is spliced "
+               "in). Here the prompt runs forward and backward, teacher-forced on its own tokens: each token's "
+               "latents under the g-SAE rule, TopK over z + β·z·|W_dec ∇L|, and those the gradient alone admitted. "
+               "The last token has no next-token label, so no gradient.")
+    with common.shown_errors("Could not compute the gradient admissions"):
+        grad_rows = cache.gradient_lens(common.model_source(man), common.sae_source(man), tuple(ids[:PROMPT_LIMIT]), top_k)
+        st.dataframe(pd.DataFrame({
+            "pos": [g.position for g in grad_rows],
+            "token": [render.visible(g.token) for g in grad_rows],
+            "admitted by the gradient (#latent z / gradient term)": [
+                ", ".join(f"#{i} {z:.2f} / {t:+.2f}" for i, z, t in g.admitted) for g in grad_rows],
+            "displaced": [", ".join(f"#{i}" for i in g.displaced) for g in grad_rows],
+            "top latents (z / gradient term)": [", ".join(f"#{i} {z:.2f} / {t:+.2f}" for i, z, t in g.top)
+                                                for g in grad_rows],
+            "gradient": [g.has_gradient for g in grad_rows],
+        }), hide_index=True, width="stretch")
+
 layer = heads_view.attention_layer(sae.cfg.hook_name)
 if layer is not None and tops:  # an attention SAE: which heads and source tokens make the latent fire here
     st.subheader("Heads and source tokens")

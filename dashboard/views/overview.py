@@ -90,8 +90,45 @@ if "ce_loss_clean" in recorded:  # a run recording CE metrics (null ones: it had
            if metrics.kl_score is not None else "")
     )
 
+rule = (man.get("sae") or {}).get("inference_rule")
+if rule:  # a batch- or gradient-dependent encoder: how this run's codes were made
+    st.info(f"**Encoder rule ({render.md(sae.architecture)}):** {render.md(rule)}.")
+gradient = (man.get("sae") or {}).get("gradient")
+if gradient:
+    st.caption("Loss gradient: " + render.md(gradient.get("source", "")) + ". Fallback: "
+               + render.md(gradient.get("fallback", "")) + ". " + render.md(gradient.get("spliced_forwards", "")) + ".")
+if sae.architecture not in ("topk", "gradient_topk"):  # a variable number of latents per token
+    l0 = cache.l0_sample(run)
+    if l0.size:
+        st.subheader("Latents per token")
+        st.plotly_chart(charts.l0_histogram(l0), key="l0_hist")
+        q = np.percentile(l0, [5, 50, 95])
+        st.caption(f"Over the {l0.size:,} tokens of the run's token sample: mean {fmt(float(l0.mean()))}, "
+                   f"standard deviation {fmt(float(l0.std()))}, 5th / 50th / 95th percentile {q[0]:.0f} / {q[1]:.0f} / "
+                   f"{q[2]:.0f}; {int((l0 == 0).sum()):,} tokens with no latent.")
+widths = (man.get("sae") or {}).get("matryoshka_widths")
+if widths:
+    st.subheader("Matryoshka groups")
+    starts = [0, *widths[:-1]]
+    st.caption("Nested prefixes: group g holds latents " + " · ".join(
+        f"{g + 1}: {a:,}–{b - 1:,}" for g, (a, b) in enumerate(zip(starts, widths, strict=True)))
+        + ". Each prefix was trained to reconstruct on its own; filter the Features list by group.")
+    if st.button("Score each prefix (EV and CE loss recovered on ~2,048 tokens of the run)", key="mat_curve"):
+        with common.shown_errors("Could not score the prefixes"):
+            points = cache.prefix_curve(run, common.model_source(man), common.sae_source(man), 2048)
+            st.plotly_chart(charts.prefix_curve([p[0] for p in points], [p[2] for p in points], [p[4] for p in points]),
+                            key="mat_curve_chart")
+            st.dataframe({"width": [p[0] for p in points], "groups": [p[1] for p in points],
+                          "explained variance": [p[2] for p in points], "L0 in prefix": [p[3] for p in points],
+                          "CE loss recovered": [p[4] for p in points]}, hide_index=True)
+
 st.subheader("Latent densities")
-st.plotly_chart(charts.density_histogram(densities), key="density_hist")
+cap = (man.get("sae") or {}).get("capacity_density")  # a feature-choice SAE: each latent's cap in training
+st.plotly_chart(charts.density_histogram(densities, cap=cap), key="density_hist")
+if cap:
+    over = int((densities > cap).sum())
+    st.caption(f"Feature choice: in training each latent could pick at most {cap:.3%} of a batch's tokens (its cap, "
+               f"dotted); with the inference thresholds {over:,} latents fire more often than that on this run.")
 alive = densities[densities > 0]
 if alive.size:
     st.caption(f"Median density of live latents {fmt(float(np.median(alive)))}; "

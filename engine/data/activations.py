@@ -31,6 +31,9 @@ class ActivationBatch:
     massive: torch.Tensor | None = None
     """``[batch, pos]`` bool on the model's device: the massive-activation tokens (``massive_tokens``) among those
     position 0 and special tokens leave, whether ``mask`` excludes them (the default) or not."""
+    grads: torch.Tensor | None = None
+    """``[batch, pos, width]`` float32: the next-token loss gradient at the hook (``gradients.iter_gradients``, what a
+    g-SAE selects with), else None."""
 
 
 def stats_mask(

@@ -28,6 +28,7 @@ from ..analysis.interventions import check_sae_fits, compute_copy
 from ..analysis.metrics import ReconStats
 from ..data.activations import iter_activations
 from ..data.corpus import corpus_files, iter_contexts
+from ..data.gradients import iter_gradients
 from ..model.loading import LoadedModel
 from ..run import parquet, rundir, schema
 from ..saes import SAE
@@ -230,16 +231,21 @@ CODE_BUDGET = 2**26
 (and the encoder's pre-activations) take a few hundred MB whatever the width (at 1M latents, 64 tokens a chunk)."""
 
 
-def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
+def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | None = None
+           ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
     """The positive codes of ``x [n, d_in]`` at tokens ``mask [n]`` (``sparse_codes``), the reconstruction and the
-    error; in chunks of ``CODE_BUDGET // d_sae`` tokens."""
+    error; in chunks of ``CODE_BUDGET // d_sae`` tokens. ``grad [n, d_in]``: the loss gradient a g-SAE selects with."""
     rows = max(1, CODE_BUDGET // sae.cfg.d_sae)
+
+    def run(lo: int, hi: int):
+        return sae(x[lo:hi]) if grad is None else sae(x[lo:hi], grad=grad[lo:hi])
+
     if len(x) <= rows:
-        out = sae(x)
+        out = run(0, len(x))
         return sparse_codes(out.codes, mask), out.x_hat, out.error
     codes, x_hat, error = [], [], []
     for lo in range(0, len(x), rows):
-        out = sae(x[lo : lo + rows])
+        out = run(lo, lo + rows)
         part = sparse_codes(out.codes, mask[lo : lo + rows])
         codes.append(part._replace(token=part.token + lo))
         x_hat.append(out.x_hat)
@@ -277,7 +283,8 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
     mask = batch.mask.to(dev)
     flat_mask = mask.reshape(-1)
     check_finite(x, context_ids)
-    codes, x_hat, error = encode(sae, x, flat_mask)  # excluded tokens count nowhere: not in stats, not in examples
+    grad = batch.grads.to(dev).reshape(n_batch * n_pos, -1) if getattr(batch, "grads", None) is not None else None
+    codes, x_hat, error = encode(sae, x, flat_mask, grad)  # excluded tokens count nowhere: not in stats, not in examples
     n_included, n_active = int(flat_mask.sum()), len(codes.value)
     primary = latents is None or latents.start == 0
     if latents is not None:
@@ -302,7 +309,8 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
         state.recon.update(x_in, x_hat[flat_mask], n_active=n_active)
         if state.recon_massive is not None and batch.massive is not None and batch.massive.any():
             massive = batch.massive.to(dev).reshape(-1)
-            alone = sae(x[massive])  # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
+            # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
+            alone = sae(x[massive]) if grad is None else sae(x[massive], grad=grad[massive])
             state.recon_massive.update(x[massive].float(), alone.x_hat, alone.codes)
         heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
         state.dark.update(x_in, error[flat_mask], heldout)
@@ -316,7 +324,13 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
 
 
 def activation_batches(lm, sae: SAE, hook: str, contexts, cfg: PrecomputeConfig, heads: HeadAttribution | None):
-    """The pass's batches of activations (``iter_activations`` with the run's token rules)."""
+    """The pass's batches of activations (``iter_activations`` with the run's token rules); for a g-SAE with the
+    loss gradient at the hook (``iter_gradients``: one full forward and one backward per batch, teacher-forced)."""
+    if sae.needs_loss_gradient:
+        if heads is not None or sae.cfg.hook_head_index is not None:
+            raise ValueError("a g-SAE on a per-head hook (head attribution, hook_head_index) is not supported")
+        return iter_gradients(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
+                              include_first=cfg.include_first, include_massive=cfg.include_massive)
     return iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
                             include_first=cfg.include_first, include_massive=cfg.include_massive,
                             head_index=sae.cfg.hook_head_index, attention=heads is not None)

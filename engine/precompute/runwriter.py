@@ -49,6 +49,27 @@ SNAPSHOT_MIN_REMAINING = settings.get(settings.SNAPSHOT_MIN_SECONDS, 60.0)
 that ends sooner is browsed when it ends (``$SAESCOPE_SNAPSHOT_MIN_SECONDS``, default 60)."""
 
 
+def encoder_rule(sae) -> dict[str, Any]:
+    """The manifest's statement of how a batch- or gradient-dependent encoder encoded the run's tokens (and the
+    Matryoshka groups), empty for the other SAEs."""
+    out: dict[str, Any] = {}
+    if sae.cfg.inference_rule:
+        out["inference_rule"] = sae.cfg.inference_rule
+    if sae.needs_loss_gradient:
+        out["gradient"] = {
+            "source": "each context's summed next-token loss, teacher-forced: one full forward and backward per batch",
+            "fallback": "the last position of each context (no next-token label, zero gradient): plain TopK over z",
+            "spliced_forwards": "CE loss with the SAE spliced in, the lens and steering have no gradient: plain TopK over z",
+        }
+    if sae.cfg.matryoshka_widths:
+        out["matryoshka_widths"] = list(sae.cfg.matryoshka_widths)
+    batch = sae.cfg.metadata.get("batch_tokens")
+    if sae.cfg.architecture == "feature_choice" and sae.cfg.k and isinstance(batch, int) and batch > 0:
+        # each latent's cap: the share of a training batch the rule let it pick
+        out["capacity_density"] = max(1, sae.cfg.k * batch // sae.cfg.d_sae) / batch
+    return out
+
+
 def ce_contexts(n_contexts: int, cfg) -> int:
     """How many sampled contexts get their losses scored in a run of ``n_contexts`` contexts."""
     if cfg.sample_contexts == 0:
@@ -202,7 +223,7 @@ class RunWriter:
                 "path": local_path(self.sae_path) if self.sae_path else None, "hash": self.identity["sae_hash"],
                 "architecture": sae.cfg.architecture, "hook": self.hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                 "k": sae.cfg.k, "compute_dtype": str(self.run_sae.dtype).removeprefix("torch."),
-                "hook_head_index": sae.cfg.hook_head_index,
+                "hook_head_index": sae.cfg.hook_head_index, **encoder_rule(sae),
             },
             "head_attribution": state.heads.manifest() if state.heads is not None else state.heads_note,
             "corpus": {

@@ -144,6 +144,8 @@ SELECT {columns} FROM {table}
 WHERE ($include_dead OR NOT dead)
   AND ($min_density IS NULL OR density >= $min_density)
   AND ($max_density IS NULL OR density <= $max_density)
+  AND ($min_id IS NULL OR feature_id >= $min_id)
+  AND ($stop_id IS NULL OR feature_id < $stop_id)
 LIMIT $limit OFFSET $offset
 """
 TOP_FEATURES = {
@@ -186,6 +188,7 @@ WHERE {key} IS NOT NULL
 ORDER BY {key} {direction}, context_id, position
 LIMIT $limit
 """
+TOKEN_L0 = "SELECT l0 FROM tokens WHERE l0 IS NOT NULL"
 TOKEN_ROWS = {
     (key, descending): _TOKEN_ROWS.format(key=key, direction="DESC" if descending else "ASC")
     for key in TOKEN_ORDER_KEYS

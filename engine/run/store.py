@@ -353,8 +353,10 @@ class RunStore:
         include_dead: bool = False,
         limit: int = 50,
         offset: int = 0,
+        latents: range | None = None,
     ) -> list[FeatureSummary]:
-        """Latent summaries sorted by a key, with density filters."""
+        """Latent summaries sorted by a key, with density filters; ``latents`` keeps ids in that range (a
+        Matryoshka group)."""
         if sort_by not in sql.SORT_KEYS:
             raise ValueError(f"sort_by must be one of {', '.join(sql.SORT_KEYS)}, got {sort_by!r}")
         params = {
@@ -363,6 +365,8 @@ class RunStore:
             "max_density": None if max_density is None else float(max_density),
             "limit": _count(limit, "limit"),
             "offset": _count(offset, "offset"),
+            "min_id": None if latents is None else _count(latents.start, "latents.start"),
+            "stop_id": None if latents is None else _count(latents.stop, "latents.stop"),
         }
         return self._summaries(sql.TOP_FEATURES[(sort_by, bool(descending))], params)
 
@@ -394,6 +398,10 @@ class RunStore:
         return [FeatureSummary(*row) for row in _select(self._execute(statement, params), columns)]
 
     # --- reconstruction and dark matter -----------------------------------------------------------
+    def l0_sample(self) -> np.ndarray:
+        """Latents active on each token of the run's token sample (tokens.parquet), int64."""
+        return np.asarray(self._execute(sql.TOKEN_L0).fetchnumpy()["l0"], dtype=np.int64)
+
     def token_rows(self, order_by: str = "err_norm", limit: int = 100, descending: bool = True) -> list[TokenRow]:
         """Per-token error rows of the run's token sample (tokens.parquet columns plus ``token``)."""
         if order_by not in sql.TOKEN_ORDER_KEYS:

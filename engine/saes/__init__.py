@@ -1,9 +1,12 @@
 """SAE architectures (one module each), the registry, and file formats."""
 
 # imported for their @register side effect (the `as` form marks them as deliberate re-exports)
+from . import feature_choice as feature_choice
 from . import gated as gated
+from . import gradient_topk as gradient_topk
 from . import jumprelu as jumprelu
 from . import matching_pursuit as matching_pursuit
+from . import mutual_choice as mutual_choice
 from . import standard as standard
 from . import topk as topk
 from .base import SAE, EncoderAffine, ForwardOutput, architectures, register, sae_class

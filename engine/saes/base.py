@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -46,6 +46,11 @@ class SAE(nn.Module):
     """Base class: input processing, normalisation and saving; subclasses define ``_encode``/``_decode``."""
 
     architecture: ClassVar[str]
+    needs_loss_gradient: ClassVar[bool] = False
+    """Its encoder selects with the next-token loss gradient at the hook (g-SAE): callers that can run a backward
+    pass ``forward(x, grad=...)``; without one it falls back to its declared rule."""
+    missing_hint: ClassVar[str] = ""
+    """What a file without one of the architecture's own tensors lacks, in words (build_sae's error)."""
 
     # Registered as parameters in __init__ from ``tensor_shapes``; declared here for type checkers.
     # Matching pursuit has no W_enc/b_enc; architectures with extra tensors declare them in their class.
@@ -204,7 +209,10 @@ class SAE(nn.Module):
 _REGISTRY: dict[str, type[SAE]] = {}
 
 
-def register(cls: type[SAE]) -> type[SAE]:
+_Arch = TypeVar("_Arch", bound=type[SAE])
+
+
+def register(cls: _Arch) -> _Arch:
     """Class decorator adding an architecture to the registry (duplicates refused)."""
     if cls.architecture in _REGISTRY:
         raise ValueError(f"SAE architecture {cls.architecture!r} is already registered")

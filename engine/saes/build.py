@@ -17,6 +17,8 @@ def build_sae(
     expected = cls.tensor_shapes(cfg)
     missing = sorted(set(expected) - set(state))
     if missing:
+        if cls.missing_hint and set(missing) <= set(expected) - set(SAE.tensor_shapes(cfg)):
+            raise ValueError(f"{cls.missing_hint} (missing {missing})")
         raise ValueError(f"{cfg.architecture} SAE is missing tensor(s) {missing} (file has {sorted(state)})")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:

@@ -1,5 +1,7 @@
-"""Training SAEs: a TopK SAE on streamed activations (``sae``) and the ``train-sae`` command (``commands``)."""
+"""Training SAEs: the loop on streamed activations (``sae``), one trainer per SAE family (``families``), resumable
+checkpoints (``checkpoint``) and the ``train-sae`` command (``commands``)."""
 
-from .sae import TopKTrainer, TrainConfig, evaluate, prepare_output, train_sae
+from .families import TRAINERS, TopKTrainer
+from .sae import TrainConfig, evaluate, prepare_output, train_sae
 
-__all__ = ["TopKTrainer", "TrainConfig", "evaluate", "prepare_output", "train_sae"]
+__all__ = ["TRAINERS", "TopKTrainer", "TrainConfig", "evaluate", "prepare_output", "train_sae"]

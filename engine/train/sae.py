@@ -1,4 +1,5 @@
-"""Training a TopK SAE on streamed activations (``saescope train-sae``).
+"""Training an SAE on streamed activations (``saescope train-sae``): TopK, g-SAE, feature choice, mutual choice
+or Matryoshka BatchTopK (``families``), resumable from periodic checkpoints (``checkpoint``).
 
 Dead latents (not fired for ``--dead-tokens`` training tokens, default 1M; the TopK paper, Gao et al., uses 10M)
 feed the AuxK loss, scaled by ``min(n_dead / (d_in // 2), 1)`` as in sparsify, and the report's ``dead_fraction``.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
+import random
+import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +23,10 @@ from .. import atomic, lock
 from ..analysis.metrics import ReconStats, ce_metrics
 from ..data.activations import iter_activations
 from ..data.corpus import corpus_files, iter_contexts
+from ..data.gradients import iter_gradients
 from ..model.loading import LoadedModel
-from ..model.machine import choose_dtype
-from ..saes import SAEConfig, build_sae
+from ..saes import SAEConfig
+from . import checkpoint
 
 
 @dataclass
@@ -62,8 +66,41 @@ class TrainConfig:
     ce_contexts: int = 32
     """Held-out contexts for the CE-loss metrics (three full forwards each)."""
     seed: int = 0
+    architecture: str = "topk"
+    """SAE family: topk, gradient_topk (g-SAE), feature_choice, mutual_choice or matryoshka (BatchTopK with nested
+    prefix losses, saved as JumpReLU)."""
+    gradient_beta: float = 1.0
+    """gradient_topk: weight of the gradient term in the selection score ``z + beta * z * |W_dec grad_x L|``."""
+    matryoshka_widths: str = ""
+    """matryoshka: comma-separated cumulative prefix widths, strictly increasing and ending at --width, e.g.
+    288,1152,4608."""
+    calibration_contexts: int = 128
+    """Batch-rule families (feature/mutual choice, Matryoshka): training contexts sampled uniformly over the run on
+    which the inference thresholds are calibrated with the final weights."""
+    checkpoint_minutes: float = 10.0
+    """Write a resumable checkpoint at the first buffer boundary after this many minutes (0: every buffer)."""
+
+    def widths(self) -> list[int]:
+        """The Matryoshka prefix widths as integers."""
+        try:
+            return [int(w) for w in self.matryoshka_widths.split(",") if w.strip()]
+        except ValueError:
+            raise ValueError(f"--matryoshka-widths must be comma-separated integers, got {self.matryoshka_widths!r}") from None
 
     def __post_init__(self) -> None:
+        from .families import TRAINERS
+
+        if self.architecture not in TRAINERS:
+            raise ValueError(f"unknown --architecture {self.architecture!r}; choose one of {', '.join(TRAINERS)}")
+        if self.architecture == "matryoshka":
+            widths = self.widths()
+            if not widths:
+                raise ValueError("--architecture matryoshka needs --matryoshka-widths (cumulative prefix widths ending at "
+                                 f"--width {self.width}, e.g. {self.width // 16},{self.width // 4},{self.width})")
+            SAEConfig(architecture="jumprelu", d_in=1, d_sae=self.width, matryoshka_widths=widths)  # the same checks
+        elif self.matryoshka_widths:
+            raise ValueError(f"--matryoshka-widths applies to --architecture matryoshka, not {self.architecture}")
+
         if self.width <= 0:
             raise ValueError(f"--width must be positive, got {self.width}")
         if not 0 < self.k < self.width:
@@ -72,86 +109,6 @@ class TrainConfig:
             raise ValueError(f"--tokens must be positive, got {self.tokens}")
         if self.batch_size > self.buffer_tokens:
             raise ValueError(f"batch size {self.batch_size} exceeds the buffer ({self.buffer_tokens} tokens)")
-
-
-class TopKTrainer(torch.nn.Module):
-    """fp32 master weights of a TopK SAE plus the optimiser and dead-latent bookkeeping."""
-
-    def __init__(self, d_in: int, cfg: TrainConfig, device: torch.device):
-        super().__init__()
-        self.cfg = cfg
-        gen = torch.Generator().manual_seed(cfg.seed)
-        W_dec = torch.randn(cfg.width, d_in, generator=gen)
-        W_dec /= W_dec.norm(dim=-1, keepdim=True)
-        self.W_dec = torch.nn.Parameter(W_dec.to(device))
-        self.W_enc = torch.nn.Parameter(W_dec.T.clone().to(device))
-        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.width, device=device))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, device=device))
-        lr = cfg.lr or 2e-4 / math.sqrt(cfg.width / 2**14)
-        self.opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
-        self.base_lr = lr
-        self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
-        # bf16 autocast where bf16 is fast: CUDA, and CPUs where the machine's micro-benchmark says so
-        self.autocast = device.type == "cuda" or (device.type == "cpu" and choose_dtype(device, d_in).dtype == "bfloat16")
-
-    def init_b_dec(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.b_dec.copy_(x.mean(0))
-
-    def step(self, x: torch.Tensor, lr_scale: float) -> dict[str, float]:
-        """One optimisation step on ``x [batch, d_in]`` (float32)."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-            values, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            codes = torch.zeros_like(pre).scatter(-1, idx, values.relu())
-            x_hat = codes @ self.W_dec + self.b_dec
-        err = x - x_hat.float()
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fvu = err.pow(2).sum() / total_var
-        loss = fvu
-        dead = self.since_fired > self.cfg.dead_tokens
-        n_dead = int(dead.sum())
-        if n_dead and self.cfg.aux_coef > 0:
-            # AuxK as in sparsify / Gao et al.: up to d_in / 2 dead latents model the residual, and the loss is
-            # scaled down while fewer latents than that are dead
-            k_aux_max = x.shape[-1] // 2
-            k_aux = min(k_aux_max, n_dead)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                dead_pre = pre.masked_fill(~dead, -torch.inf)
-                aux_vals, aux_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-                aux_codes = torch.zeros_like(pre).scatter(-1, aux_idx, aux_vals.relu())
-                e_hat = aux_codes @ self.W_dec
-            e = err.detach()
-            aux = (e_hat.float() - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-            loss = loss + self.cfg.aux_coef * min(n_dead / k_aux_max, 1.0) * aux
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            # keep gradients from changing decoder norms (rows are renormalised after the step anyway)
-            W, g = self.W_dec, self.W_dec.grad
-            assert g is not None  # W_dec is in the loss's graph
-            g -= (g * W).sum(-1, keepdim=True) * W
-        for group in self.opt.param_groups:
-            group["lr"] = self.base_lr * lr_scale
-        self.opt.step()
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            fired = (codes > 0).any(0)
-            self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-            l0 = float((codes > 0).sum(-1).float().mean())
-        return {"fvu": float(fvu.detach()), "l0": l0, "dead": n_dead / self.cfg.width}
-
-    def export(self, hook_name: str, model_name: str, dtype: torch.dtype) -> object:
-        cfg = SAEConfig(
-            architecture="topk", d_in=self.W_dec.shape[1], d_sae=self.cfg.width, k=self.cfg.k, hook_name=hook_name,
-            model_name=model_name, apply_b_dec_to_input=True,
-            # SAELens flattens [..., n_heads, d_head] hook_z inputs when told so; ours arrive flat either way
-            reshape_activations="hook_z" if hook_name.endswith("attn.hook_z") else "none",
-            metadata={"trained_by": "saescope train-sae", "context_size": self.cfg.context_len},
-        )
-        state = {n: p.detach().cpu() for n, p in self.named_parameters()}
-        return build_sae(cfg, state, dtype=dtype)
 
 
 def _lr_scale(step: int, total: int, warmup: int = 100) -> float:
@@ -226,8 +183,56 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     return summary
 
 
-def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict:
-    """Train a TopK SAE at ``cfg.hook_name`` and write an SAELens directory plus ``training_report.json``."""
+class _Counted:
+    """An iterator of contexts that counts how many it has handed out (where a resumed run picks up) and keeps a
+    uniform reservoir sample of ``keep`` of them (for calibrating inference thresholds), the same on a resumed run."""
+
+    def __init__(self, contexts: Iterator[list[int]], *, start: int = 0, keep: int = 0, seed: int = 0,
+                 sample: list[list[int]] | None = None):
+        self.contexts, self.n, self.keep, self.seed = contexts, start, keep, seed
+        self.sample: list[list[int]] = sample or []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for ctx in self.contexts:
+            if len(self.sample) < self.keep:
+                self.sample.append(ctx)
+            elif self.keep:
+                slot = random.Random(self.seed * 1_000_003 + self.n).randrange(self.n + 1)  # Algorithm R, seeded per index
+                if slot < self.keep:
+                    self.sample[slot] = ctx
+            self.n += 1
+            yield ctx
+
+
+def _calibration_rows(lm: LoadedModel, cfg: TrainConfig, contexts: list[list[int]]) -> torch.Tensor:
+    """The counted training activations of the reservoir's contexts, shuffled (seeded) across contexts."""
+    rows = [ab.acts[ab.mask].float() for ab in iter_activations(lm, cfg.hook_name, contexts, cfg.model_batch)]
+    if not rows:
+        return torch.empty(0)
+    x = torch.cat(rows)
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed)).to(x.device)]
+
+
+def _stream(lm: LoadedModel, cfg: TrainConfig, contexts: Iterable[list[int]], with_grad: bool
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Each model batch's counted tokens: ``{"x": acts}`` (float32), plus ``"grad"`` for a g-SAE."""
+    if with_grad:
+        for gb in iter_gradients(lm, cfg.hook_name, contexts, cfg.model_batch):
+            assert gb.grads is not None  # iter_gradients always sets them
+            yield {"x": gb.acts[gb.mask].float(), "grad": gb.grads[gb.mask]}
+    else:
+        for ab in iter_activations(lm, cfg.hook_name, contexts, cfg.model_batch):
+            yield {"x": ab.acts[ab.mask].float()}
+
+
+def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool = False, progress: bool = True,
+              restart: bool = False, interrupt_after_checkpoints: int | None = None) -> dict:
+    """Train an SAE of ``cfg.architecture`` at ``cfg.hook_name`` and write an SAELens directory plus
+    ``training_report.json``. A checkpoint of an interrupted run with the same settings is resumed (``restart``
+    discards it). ``interrupt_after_checkpoints`` raises KeyboardInterrupt once that many checkpoints are written
+    (what a kill at that moment leaves: for tests of resuming)."""
+    from .families import TRAINERS
+
     with lock.hold(Path(out).parent, f"saescope train-sae --out {out}", name=f".{Path(out).name}.saescope.lock"):
         out = prepare_output(out, force)
         lm.hooks.check(cfg.hook_name)
@@ -244,26 +249,43 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
         if not eval_ctx:
             raise ValueError(f"the evaluation corpus yields no context of {cfg.context_len} tokens")
 
-        trainer = TopKTrainer(d_in, cfg, lm.device)
-        total_steps = max(1, cfg.tokens * cfg.reuse // cfg.batch_size)
-        buffer = torch.empty(cfg.buffer_tokens, d_in, dtype=torch.float32, device=lm.device)
-        fill, seen, step = 0, 0, 0
+        trainer = TRAINERS[cfg.architecture](d_in, cfg, lm.device)
+        with_grad = trainer.needs_gradient
+        settings = {**asdict(cfg), "model": lm.name, "d_in": d_in}
+        ckpt = checkpoint.checkpoint_dir(out)
+        if restart and ckpt.exists():
+            shutil.rmtree(ckpt)
+        seen, step, buffers_done, skip, resumed_from = 0, 0, 0, 0, None
         log: list[dict] = []
-        bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, disable=not progress, desc="train-sae")
-        stream = iter_activations(lm, cfg.hook_name, train_iter, cfg.model_batch)
-        carry = torch.empty(0, d_in, device=lm.device)
+        carry = {"x": torch.empty(0, d_in, device=lm.device)}
+        if with_grad:
+            carry["grad"] = torch.empty(0, d_in, device=lm.device)
+        sample = None
+        if (ckpt / checkpoint.PROGRESS_FILE).is_file():
+            carry, done = checkpoint.load(ckpt, trainer, settings)
+            seen, step, buffers_done, skip, log = done["seen"], done["step"], done["buffers"], done["contexts"], done["log"]
+            sample, resumed_from = done.get("calibration_sample"), seen
+        counted = _Counted(itertools.islice(train_iter, skip, None), start=skip, seed=cfg.seed,
+                           keep=cfg.calibration_contexts if trainer.calibrated else 0, sample=sample)
+        total_steps = max(1, cfg.tokens * cfg.reuse // cfg.batch_size)
+        buffer = {n: torch.empty(cfg.buffer_tokens, d_in, dtype=torch.float32, device=lm.device) for n in carry}
+        fill = 0
+        bar = tqdm(total=cfg.tokens, initial=seen, unit="tok", unit_scale=True, disable=not progress, desc="train-sae")
+        stream = _stream(lm, cfg, counted, with_grad)
         exhausted = False
+        last_ckpt, n_ckpts = time.time(), 0
         while seen < cfg.tokens and not exhausted:
             while fill < cfg.buffer_tokens and seen < cfg.tokens:
-                if not len(carry):
-                    ab = next(stream, None)
-                    if ab is None:
+                if not len(carry["x"]):
+                    got = next(stream, None)
+                    if got is None:
                         exhausted = True
                         break
-                    carry = ab.acts[ab.mask].float()
-                take = min(len(carry), cfg.buffer_tokens - fill, cfg.tokens - seen)
-                buffer[fill : fill + take] = carry[:take]
-                carry = carry[take:]
+                    carry = got
+                take = min(len(carry["x"]), cfg.buffer_tokens - fill, cfg.tokens - seen)
+                for n in buffer:
+                    buffer[n][fill : fill + take] = carry[n][:take]
+                carry = {n: t[take:] for n, t in carry.items()}
                 fill, seen = fill + take, seen + take
                 bar.update(take)
             if fill < cfg.batch_size:
@@ -274,11 +296,15 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                     )
                 break
             if step == 0:
-                trainer.init_b_dec(buffer[:fill])
+                trainer.init_b_dec(buffer["x"][:fill])
+            # each buffer's shuffles come from its own seeded generator: a resumed run repeats them exactly
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + buffers_done)
             for _ in range(cfg.reuse):
-                perm = torch.randperm(fill, device=lm.device)
+                perm = torch.randperm(fill, generator=gen).to(lm.device)
                 for i in range(0, fill - cfg.batch_size + 1, cfg.batch_size):
-                    metrics = trainer.step(buffer[perm[i : i + cfg.batch_size]], _lr_scale(step, total_steps))
+                    rows = perm[i : i + cfg.batch_size]
+                    grad = buffer["grad"][rows] if with_grad else None
+                    metrics = trainer.step(buffer["x"][rows], _lr_scale(step, total_steps), grad)
                     step += 1
                     if step % 10 == 0 or step == 1:
                         bar.set_postfix(
@@ -287,20 +313,33 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                         )
                         log.append({"step": step, "tokens": seen, **metrics})
             fill = 0
+            buffers_done += 1
+            if seen < cfg.tokens and time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
+                checkpoint.save(ckpt, trainer, carry, {"settings": settings, "seen": seen, "step": step,
+                                                       "buffers": buffers_done, "contexts": counted.n, "log": log,
+                                                       "calibration_sample": counted.sample})
+                last_ckpt, n_ckpts = time.time(), n_ckpts + 1
+                if interrupt_after_checkpoints is not None and n_ckpts >= interrupt_after_checkpoints:
+                    raise KeyboardInterrupt
         bar.close()
         train_seconds = time.time() - start
+        if trainer.calibrated:  # inference thresholds from the final weights on a sample of the training contexts
+            trainer.calibrate(_calibration_rows(lm, cfg, counted.sample))
         sae = trainer.export(cfg.hook_name, lm.name, torch.float32)
         heldout = evaluate(lm, sae, cfg.hook_name, eval_ctx, cfg.ce_contexts, cfg.model_batch)
         window = min(cfg.dead_tokens, step * cfg.batch_size)
         heldout["dead_fraction"] = float((trainer.since_fired >= window).double().mean())
         report = {
-            "settings": {**asdict(cfg), "model": lm.name, "d_in": d_in, "device": str(lm.device), "model_dtype": str(lm.dtype)},
+            "settings": {**settings, "device": str(lm.device), "model_dtype": str(lm.dtype)},
             "tokens_seen": seen,
             "steps": step,
+            "resumed_at_tokens": resumed_from,
             "wall_time_seconds": round(time.time() - start, 1),
             "train_seconds": round(train_seconds, 1),
             "heldout": heldout,
             "log": log[-200:],
         }
         _write_atomically(out, sae, report)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
         return report

@@ -249,3 +249,14 @@ def test_iter_features_is_feature_for_every_latent(store, batch_size):
     assert [row.feature_id for row in every] == list(range(store.n_features()))
     assert every == [store.feature(i) for i in range(store.n_features())]
     assert any(row.examples for row in every) and any(ex.kind == "quantile" for row in every for ex in row.examples)
+
+
+def test_top_features_of_a_latent_range_and_the_l0_sample(store, run_dir):
+    """A Matryoshka group filter: ids in [start, stop) only, sorted as the whole list; per-token L0 of the sample."""
+    rows = pq.read_table(run_dir / "features.parquet").to_pylist()
+    group = [r for r in rows if 40 <= r["feature_id"] < 100 and not r["dead"]]
+    want = sorted(group, key=lambda r: (-r["density"], r["feature_id"]))
+    got = store.top_features(sort_by="density", latents=range(40, 100), limit=500)
+    assert [r.feature_id for r in got] == [r["feature_id"] for r in want] and got
+    tokens = pq.read_table(run_dir / "tokens.parquet").column("l0").to_numpy()
+    np.testing.assert_array_equal(np.sort(store.l0_sample()), np.sort(tokens[~np.isnan(tokens.astype(float))].astype(np.int64)))
