@@ -243,8 +243,18 @@ def _capture(lm: LoadedModel, ids: torch.Tensor, layers: list[int]) -> tuple[tor
     return x, y
 
 
+RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "eval_corpus", "eval_contexts", "ce_contexts")
+"""Settings a resumed run may change: a longer or shorter budget (the learning-rate schedule follows the new one
+from the step reached), checkpointing and evaluation. Any other change is refused."""
+
+
 def _settings_key(cfg: TranscoderTrainConfig, layers: list[int], model: str) -> dict:
     return {**asdict(cfg), "layers": layers, "model": model}
+
+
+def _same_training(a: dict, b: dict) -> bool:
+    strip = lambda d: {k: v for k, v in d.items() if k not in RESUME_MAY_CHANGE}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 def _save_checkpoint(out: Path, trainer: StackedTrainer, progress: dict) -> None:
@@ -259,7 +269,7 @@ def _load_checkpoint(out: Path, key: dict) -> tuple[dict[str, torch.Tensor], dic
     if not (folder / "progress.json").is_file():
         return None
     progress = json.loads((folder / "progress.json").read_text())
-    if progress.get("settings") != key:
+    if not _same_training(progress.get("settings", {}), key):
         raise ValueError(f"{out} holds a checkpoint of other settings ({folder}/progress.json): use the same command "
                          "to resume, or --force to start over")
     return load_file(str(folder / "state.safetensors")), progress

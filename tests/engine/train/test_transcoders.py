@@ -71,6 +71,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_llama, corpus, tmp_
     for layer in (0, 1):
         np.testing.assert_array_equal(a[layer].W_enc.numpy(), b[layer].W_enc.numpy())
         np.testing.assert_array_equal(a[layer].W_dec.numpy(), b[layer].W_dec.numpy())
+    more = train_transcoders(tiny_llama, _cfg(corpus, tokens=10_240, eval_contexts=4, ce_contexts=2), tmp_path / "split",
+                             progress=False)  # a longer budget goes on from the finished run's checkpoint
+    assert not more["partial"] and more["tokens_seen"] == 10_240 and more["steps"] == 20
     with pytest.raises(ValueError, match="checkpoint of other settings"):
         train_transcoders(tiny_llama, _cfg(corpus, tokens=8192, eval_contexts=4, ce_contexts=2, k=4),
                           tmp_path / "split", progress=False, stop_after_steps=1)
