@@ -1,0 +1,56 @@
+"""The ``saescope graph`` command (registered by ``engine.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import configs
+from ..model.commands import load_cli_model, model_arguments
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .. import lock
+    from ..saes.transcoders import load_transcoders
+    from .build import GraphConfig, build_graph
+    from .files import slug_of, write_graph
+
+    cfg = configs.from_args(GraphConfig, args)
+    out = Path(args.out or f"{slug_of(args.prompt)}.json")
+    if out.suffix != ".json":
+        raise ValueError(f"--out must name a .json file, got {out}")
+    transcoders = load_transcoders(args.transcoders)
+    lm = load_cli_model(args.model, args.device, args.dtype)
+    built = build_graph(lm, transcoders, args.prompt, cfg)
+    with lock.hold(out.parent, name=f".{out.stem}.lock"):
+        paths = write_graph(built, out, scan=Path(args.transcoders).name)
+    g = built.graph
+    summary = {
+        "out": str(paths["json"]), "nodes": str(paths["nodes"]), "edges": str(paths["edges"]),
+        "tokens": len(g.ids), "active_features": g.n_active, "feature_nodes": g.n_features,
+        "kept_nodes": int(built.pruned.node_mask.sum()), "kept_edges": int(built.pruned.edge_mask.sum()),
+        "targets": g.targets.labels, "replacement_score": round(built.scores.replacement, 4),
+        "completeness_score": round(built.scores.completeness, 4),
+        "timings_s": {k: round(v, 3) for k, v in g.timings.items()},
+    }
+    if g.missing_layers:
+        summary["missing_layers"] = g.missing_layers
+        summary["note"] = (f"no transcoder for layer(s) {', '.join(map(str, g.missing_layers))}: each of their MLPs "
+                           "is one error node per position")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from .build import GraphConfig
+
+    p = sub.add_parser("graph", help="attribution graph of one prompt over per-layer transcoders (circuit-tracer's)")
+    model_arguments(p)
+    p.add_argument("--transcoders", required=True,
+                   help="folder of per-layer transcoders (SAELens folders or circuit-tracer layer_<L>.safetensors)")
+    p.add_argument("--prompt", required=True, help="the prompt whose next token is attributed")
+    p.add_argument("--out", default="", help="graph JSON to write (Neuronpedia's format); <stem>.nodes.parquet and "
+                   "<stem>.edges.parquet go beside it (default: graph-<hash of the prompt>.json here)")
+    configs.add_arguments(p, GraphConfig)
+    p.set_defaults(func=cmd_graph)
