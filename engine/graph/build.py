@@ -19,8 +19,9 @@ class GraphConfig:
 
     target: str = ""
     """Attribute this one next token (its text; it must be a single token) instead of the top logits."""
-    target_diff: tuple[str, ...] = ()
-    """Attribute the logit difference A - B of two single tokens (``A,B``) instead of the top logits."""
+    target_diff: str = ""
+    """Attribute the logit difference A - B of two single tokens, given as ``A,B`` (spaces kept: ``' Paris, Rome'``),
+    instead of the top logits."""
     max_logits: int = 10
     """At most this many top logits become targets."""
     logit_probability: float = 0.95
@@ -39,14 +40,18 @@ class GraphConfig:
     def __post_init__(self) -> None:
         if self.target and self.target_diff:
             raise ValueError("give either --target or --target-diff, not both")
-        if self.target_diff and len(self.target_diff) != 2:
-            raise ValueError(f"--target-diff takes two tokens A,B; got {len(self.target_diff)}")
+        if self.target_diff and len(self.diff_pair) != 2:
+            raise ValueError(f"--target-diff takes two tokens A,B; got {self.target_diff!r}")
         for name in ("max_logits", "max_feature_nodes", "batch_size", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("logit_probability", "node_threshold", "edge_threshold"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+    @property
+    def diff_pair(self) -> list[str]:
+        return self.target_diff.split(",")
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,9 @@ def target_picker(lm: LoadedModel, cfg: GraphConfig):
     before any forward)."""
     W_U = lm.unembed_matrix().detach().float()
     if cfg.target_diff:
-        a, b = (single_token(lm, t) for t in cfg.target_diff)
-        label = f"{cfg.target_diff[0]} - {cfg.target_diff[1]}"
+        first, second = cfg.diff_pair
+        a, b = single_token(lm, first), single_token(lm, second)
+        label = f"{first} - {second}"
         return lambda final: Targets([a], [label], torch.ones(1), (W_U[a] - W_U[b])[None])
     if cfg.target:
         t = single_token(lm, cfg.target)
