@@ -159,8 +159,25 @@ class Rows:
         with torch.enable_grad():
             self.hs, self.final = frozen_forward(s.adapter, s.rec, self.embed, self.writes, s.skips)
         self.n_layers, self.n_pos = len(self.writes), int(s.rec.embed.shape[0])
-        f = s.features
-        self.layer_slices = [(f[:, 0] == layer).nonzero().flatten() for layer in range(self.n_layers)]
+        # each layer's active decoder rows laid out [pos, slot, d] (slot: rank among the features active at that
+        # layer and position), so one batched matmul per layer contracts every gradient with its own position's rows
+        self.layer_slices: list[torch.Tensor] = []
+        self.slots: list[torch.Tensor] = []
+        self.padded: list[torch.Tensor] = []
+        d = s.rec.embed.shape[-1]
+        for layer in range(self.n_layers):
+            idx = (s.features[:, 0] == layer).nonzero().flatten()
+            pos = s.features[idx, 1]
+            counts = torch.bincount(pos, minlength=self.n_pos)
+            starts = counts.cumsum(0) - counts
+            order = pos.argsort(stable=True)
+            slot = torch.empty_like(pos)
+            slot[order] = torch.arange(len(pos)) - starts[pos[order]]
+            padded = torch.zeros(self.n_pos, int(counts.max()) if len(pos) else 0, d)
+            padded[pos, slot] = s.decoder[idx]
+            self.layer_slices.append(idx)
+            self.slots.append(slot)
+            self.padded.append(padded)
 
     def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``[batch, n_active + n_layers*pos + pos]``: direct effects on targets that read ``vectors [batch, d]`` at
@@ -188,9 +205,10 @@ class Rows:
                 continue
             idx = self.layer_slices[layer]
             if len(idx):
-                feature_part[:, idx] = (g[:, s.features[idx, 1]] * s.decoder[idx]).sum(-1)
-            error_part[:, layer] = (g * s.errors[layer]).sum(-1)
-        token_part = (g_embed * s.rec.embed).sum(-1) if g_embed is not None else torch.zeros(batch, self.n_pos)
+                per_pos = torch.bmm(g.transpose(0, 1), self.padded[layer].transpose(1, 2))  # [pos, batch, slot]
+                feature_part[:, idx] = per_pos[s.features[idx, 1], :, self.slots[layer]].T
+            error_part[:, layer] = torch.einsum("bpd,pd->bp", g, s.errors[layer])
+        token_part = torch.einsum("bpd,pd->bp", g_embed, s.rec.embed) if g_embed is not None else torch.zeros(batch, self.n_pos)
         return torch.cat([feature_part, error_part.flatten(1), token_part], 1)
 
 
