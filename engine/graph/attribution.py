@@ -133,8 +133,8 @@ def setup(lm: LoadedModel, transcoders: dict[int, Transcoder], ids: torch.Tensor
         recon, codes = tc(h)
         pos, latent = codes.nonzero(as_tuple=True)
         a = codes[pos, latent]
-        feats.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1))
-        acts.append(a)
+        feats.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1).cpu())
+        acts.append(a.cpu())
         dec.append(a[:, None] * tc.W_dec[latent])
         enc.append(tc.W_enc[:, latent].T)
         errors.append(out - recon)
@@ -164,7 +164,7 @@ class Rows:
         self.layer_slices: list[torch.Tensor] = []
         self.slots: list[torch.Tensor] = []
         self.padded: list[torch.Tensor] = []
-        d = s.rec.embed.shape[-1]
+        d, device = s.rec.embed.shape[-1], s.rec.embed.device
         for layer in range(self.n_layers):
             idx = (s.features[:, 0] == layer).nonzero().flatten()
             pos = s.features[idx, 1]
@@ -174,22 +174,26 @@ class Rows:
             slot = torch.empty_like(pos)
             slot[order] = torch.arange(len(pos)) - starts[pos[order]]
             padded = torch.zeros(self.n_pos, int(counts.max()) if len(pos) else 0, d)
-            padded[pos, slot] = s.decoder[idx]
+            padded[pos, slot] = s.decoder[idx.to(device)].cpu()
             self.layer_slices.append(idx)
-            self.slots.append(slot)
-            self.padded.append(padded)
+            self.slots.append(slot.to(device))
+            self.padded.append(padded.to(device))
+        self.feature_pos = s.features[:, 1].to(device)
 
     def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``[batch, n_active + n_layers*pos + pos]``: direct effects on targets that read ``vectors [batch, d]`` at
         ``(layer, position)`` (layer ``n_layers`` = the final norm's output) from every feature, error and token."""
         batch = int(layers.shape[0])
         top = int(layers.max())
+        device = self.final.device
+        vectors, positions = vectors.to(device), positions.to(device)
+        layers = layers.to(device)
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for layer in sorted(set(layers.tolist())):
             which = (layers == layer).nonzero().flatten()
             out = self.final if layer == self.n_layers else self.hs[layer]
-            g = torch.zeros(batch, *out.shape)
+            g = torch.zeros(batch, *out.shape, device=device)
             g[which, positions[which]] = vectors[which]
             outputs.append(out)
             grads.append(g)
@@ -198,18 +202,19 @@ class Rows:
         g_embed = got[0]
         g_writes = list(got[1:])
         s = self.s
-        feature_part = torch.zeros(batch, int(s.features.shape[0]))
-        error_part = torch.zeros(batch, self.n_layers, self.n_pos)
+        feature_part = torch.zeros(batch, int(s.features.shape[0]), device=device)
+        error_part = torch.zeros(batch, self.n_layers, self.n_pos, device=device)
         for layer, g in enumerate(g_writes):
             if g is None:
                 continue
             idx = self.layer_slices[layer]
             if len(idx):
                 per_pos = torch.bmm(g.transpose(0, 1), self.padded[layer].transpose(1, 2))  # [pos, batch, slot]
-                feature_part[:, idx] = per_pos[s.features[idx, 1], :, self.slots[layer]].T
+                feature_part[:, idx.to(device)] = per_pos[self.feature_pos[idx.to(device)], :, self.slots[layer]].T
             error_part[:, layer] = torch.einsum("bpd,pd->bp", g, s.errors[layer])
-        token_part = torch.einsum("bpd,pd->bp", g_embed, s.rec.embed) if g_embed is not None else torch.zeros(batch, self.n_pos)
-        return torch.cat([feature_part, error_part.flatten(1), token_part], 1)
+        token_part = (torch.einsum("bpd,pd->bp", g_embed, s.rec.embed) if g_embed is not None
+                      else torch.zeros(batch, self.n_pos, device=device))
+        return torch.cat([feature_part, error_part.flatten(1), token_part], 1).cpu()
 
 
 def partial_influence(edges: torch.Tensor, logit_p: torch.Tensor, row_node: torch.Tensor, max_iter: int = 128
@@ -268,7 +273,7 @@ def attribute(lm: LoadedModel, transcoders: dict[int, Transcoder], ids: torch.Te
         for chunk in pending.split(batch_size):
             b = len(chunk)
             f = s.features[chunk]
-            edges[filled:filled + b, :logit_offset] = rows.rows(f[:, 0], f[:, 1], s.encoder[chunk])
+            edges[filled:filled + b, :logit_offset] = rows.rows(f[:, 0], f[:, 1], s.encoder[chunk.to(s.encoder.device)])
             row_node[filled:filled + b] = chunk
             visited[chunk] = True
             filled += b

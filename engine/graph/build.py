@@ -87,7 +87,7 @@ def prompt_ids(lm: LoadedModel, prompt: str, max_tokens: int) -> torch.Tensor:
 def target_picker(lm: LoadedModel, cfg: GraphConfig):
     """``final [pos, d] -> Targets`` for the config's target choice (token ids resolved now, so a bad one fails
     before any forward)."""
-    W_U = lm.unembed_matrix().detach().float()
+    W_U = lm.unembed_matrix().detach().float().cpu()
     if cfg.target_diff:
         first, second = cfg.diff_pair
         a, b = single_token(lm, first), single_token(lm, second)
@@ -98,7 +98,7 @@ def target_picker(lm: LoadedModel, cfg: GraphConfig):
         return lambda final: Targets([t], [cfg.target], torch.ones(1), (W_U[t] - W_U.mean(0))[None])
 
     def top(final: torch.Tensor) -> Targets:
-        ids, probs, vecs = salient_logits(final[-1], W_U, cfg.max_logits, cfg.logit_probability)
+        ids, probs, vecs = salient_logits(final[-1].cpu(), W_U, cfg.max_logits, cfg.logit_probability)
         return Targets(ids, display_tokens(lm.tokenizer, ids), probs, vecs)
 
     return top

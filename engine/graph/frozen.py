@@ -9,7 +9,7 @@ Only the families whose forward is written out here are supported (``ADAPTERS``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ class Adapter:
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm
-        self.blocks = decoder_layers(lm.model, lm.family)
+        self.blocks: list[Any] = list(decoder_layers(lm.model, lm.family))  # family-specific submodules
 
     def check(self, n_pos: int) -> None:
         """Refuse what this adapter does not reproduce (a ValueError naming it)."""
@@ -116,7 +116,7 @@ class LlamaAdapter(Adapter):
         plus = self.lm.family.norm_scale_plus_one
         return Norm.of(block.input_layernorm, plus), Norm.of(block.post_attention_layernorm, plus)
 
-    def _attn(self, layer: int) -> nn.Module:
+    def _attn(self, layer: int) -> Any:
         return getattr(self.blocks[layer], self.lm.family.attn)
 
     def values(self, layer: int, a: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ class GPT2Adapter(Adapter):
             raise ValueError(f"the prompt ({n_pos} tokens) is longer than the model's context ({self.lm.max_context})")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        transformer = self.lm.model.get_submodule("transformer")
+        transformer: Any = self.lm.model.get_submodule("transformer")
         positions = torch.arange(ids.shape[0], device=ids.device)
         return (transformer.wte(ids) + transformer.wpe(positions)).float()
 
@@ -165,7 +165,7 @@ class GPT2Adapter(Adapter):
 
     def _qkv(self, layer: int, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
         c_attn = self.blocks[layer].attn.c_attn
-        qkv = a @ c_attn.weight.float() + c_attn.bias.float()
+        qkv = a @ _param(c_attn, "weight") + _param(c_attn, "bias")
         return tuple(t.unflatten(-1, (self.lm.n_heads, -1)) for t in qkv.chunk(3, dim=-1))
 
     def values(self, layer: int, a: torch.Tensor) -> torch.Tensor:
@@ -178,10 +178,14 @@ class GPT2Adapter(Adapter):
 
     def out_proj(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         c_proj = self.blocks[layer].attn.c_proj
-        return z @ c_proj.weight.float() + c_proj.bias.float()
+        return z @ _param(c_proj, "weight") + _param(c_proj, "bias")
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.blocks[layer].mlp(h.to(self.lm.dtype)).float()
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    return cast(torch.Tensor, getattr(module, name)).float()
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
