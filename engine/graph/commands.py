@@ -11,20 +11,17 @@ from ..model.commands import load_cli_model, model_arguments
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .. import lock
     from ..saes.transcoders import load_transcoders
-    from .build import GraphConfig, build_graph
-    from .files import slug_of, write_graph
+    from .build import GraphConfig
+    from .files import make_graph, slug_of
 
     cfg = configs.from_args(GraphConfig, args)
     out = Path(args.out or f"{slug_of(args.prompt)}.json")
     if out.suffix != ".json":
         raise ValueError(f"--out must name a .json file, got {out}")
-    transcoders = load_transcoders(args.transcoders)
+    load_transcoders(args.transcoders)  # refuse a bad folder before loading the model
     lm = load_cli_model(args.model, args.device, args.dtype)
-    built = build_graph(lm, transcoders, args.prompt, cfg)
-    with lock.hold(out.parent, name=f".{out.stem}.lock"):
-        paths = write_graph(built, out, scan=Path(args.transcoders).name)
+    built, paths = make_graph(lm, args.transcoders, args.prompt, cfg, out)
     g = built.graph
     summary = {
         "out": str(paths["json"]), "nodes": str(paths["nodes"]), "edges": str(paths["edges"]),

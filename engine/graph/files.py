@@ -129,3 +129,20 @@ def read_graph(path: str | Path) -> dict[str, Any]:
     if not isinstance(document, dict) or not {"metadata", "nodes", "links"} <= set(document):
         raise ValueError(f"{path} is not a graph JSON file (it needs metadata, nodes and links)")
     return document
+
+
+def make_graph(lm, transcoders_dir: str | Path, prompt: str, cfg, out: str | Path) -> tuple[Built, dict[str, Path]]:
+    """Load the transcoders, build the graph of ``prompt`` and write it at ``out`` under a lock on its folder (what
+    ``saescope graph`` and the app's Graph page do)."""
+    from .. import lock
+    from ..saes.transcoders import load_transcoders
+    from .build import build_graph
+
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"the graph file must be a .json file, got {out}")
+    transcoders = load_transcoders(transcoders_dir)
+    built = build_graph(lm, transcoders, prompt, cfg)
+    with lock.hold(out.parent, name=f".{out.stem}.lock"):
+        paths = write_graph(built, out, scan=Path(transcoders_dir).name)
+    return built, paths
