@@ -33,6 +33,19 @@ class Targets:
     """The weight of each target in influence (its probability; 1 for a custom target)."""
     vectors: torch.Tensor
     """``[n_targets, d]``."""
+    minus: list[int | None] | None = None
+    """Per target, the token subtracted by a logit difference (None: the logit minus the mean logit)."""
+
+    def logit_weights(self, j: int, vocab: int) -> torch.Tensor:
+        """``[vocab]``: target ``j`` as a combination of the logits (what ``vectors[j]`` reads through ``W_U``)."""
+        weights = torch.zeros(vocab)
+        second = self.minus[j] if self.minus else None
+        if second is None:
+            weights -= 1.0 / vocab
+        else:
+            weights[second] -= 1.0
+        weights[self.tokens[j]] += 1.0
+        return weights
 
 
 @dataclass

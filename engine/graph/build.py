@@ -92,7 +92,7 @@ def target_picker(lm: LoadedModel, cfg: GraphConfig):
         first, second = cfg.diff_pair
         a, b = single_token(lm, first), single_token(lm, second)
         label = f"{first} - {second}"
-        return lambda final: Targets([a], [label], torch.ones(1), (W_U[a] - W_U[b])[None])
+        return lambda final: Targets([a], [label], torch.ones(1), (W_U[a] - W_U[b])[None], [b])
     if cfg.target:
         t = single_token(lm, cfg.target)
         return lambda final: Targets([t], [cfg.target], torch.ones(1), (W_U[t] - W_U.mean(0))[None])

@@ -31,6 +31,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
         "completeness_score": round(built.scores.completeness, 4),
         "timings_s": {k: round(v, 3) for k, v in g.timings.items()},
     }
+    if args.check_top:
+        from .check import clamp_checks
+
+        summary["clamp_checks"] = [
+            {"node": c.node_id, "influence": round(c.influence, 4), "graph_direct": round(c.predicted, 4),
+             "real_model": round(c.real, 4)}
+            for c in clamp_checks(lm, load_transcoders(args.transcoders), built, args.check_top)]
     if g.missing_layers:
         summary["missing_layers"] = g.missing_layers
         summary["note"] = (f"no transcoder for layer(s) {', '.join(map(str, g.missing_layers))}: each of their MLPs "
@@ -50,4 +57,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default="", help="graph JSON to write (Neuronpedia's format); <stem>.nodes.parquet and "
                    "<stem>.edges.parquet go beside it (default: graph-<hash of the prompt>.json here)")
     configs.add_arguments(p, GraphConfig)
+    p.add_argument("--check-top", type=int, default=0, metavar="N",
+                   help="also ablate the N most influential features in the real model and print each one's effect on "
+                        "the first target beside the graph's direct edge (reported, not asserted; docs/graphs.md)")
     p.set_defaults(func=cmd_graph)

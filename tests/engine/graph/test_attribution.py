@@ -3,6 +3,7 @@ against forwards of the frozen model, never against the backward passes that bui
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,46 @@ def test_feature_cap_keeps_the_most_influential(lm):
     rows = [index[tuple(f)] for f in capped.features.tolist()]
     columns = rows + list(range(full.error_start, full.adjacency.shape[1]))
     torch.testing.assert_close(capped.adjacency[:5], full.adjacency[rows][:, columns], atol=1e-5, rtol=1e-5)
+
+
+def test_target_logit_weights_read_what_the_vectors_read(lm):
+    """A target's vector on the final norm's output equals its combination of the real logits."""
+    from engine.graph.build import GraphConfig, build_graph
+
+    ids = _ids(lm)
+    logits = lm.logits(ids[None])[0, -1].float()
+    final = record(adapter_for(lm), ids).final[-1]
+    for cfg in (GraphConfig(max_feature_nodes=5), GraphConfig(target_diff="The, the", max_feature_nodes=5)):
+        targets = build_graph(lm, random_set(lm), PROMPT, cfg).graph.targets
+        for j in range(len(targets.tokens)):
+            weights = targets.logit_weights(j, logits.shape[0])
+            torch.testing.assert_close(final @ targets.vectors[j], logits @ weights, atol=1e-4, rtol=1e-4)
+
+
+def test_clamp_checks_report_the_edge_and_the_real_effect(lm):
+    from engine.graph.check import clamp_checks
+
+    transcoders = random_set(lm)
+    built = full_graph(lm, transcoders)
+    checks = clamp_checks(lm, transcoders, built, top=3)
+    g = built.graph
+    assert len(checks) == 3
+    index = {f"{layer}_{latent}_{pos}": i for i, (layer, pos, latent) in enumerate(g.features.tolist())}
+    for c in checks:
+        assert c.predicted == pytest.approx(-float(g.adjacency[g.logit_start, index[c.node_id]]))
+        assert np.isfinite(c.real)
+    # a last-layer feature at the last position reaches the logits only through the final norm (not frozen in the
+    # real model): its real effect is the change of the normalised stream, computed here by hand
+    last_layer, last_pos = lm.n_layers - 1, g.n_pos - 1
+    rows = [i for i, (layer, pos, _) in enumerate(g.features.tolist()) if (layer, pos) == (last_layer, last_pos)]
+    i = rows[0]
+    latent = int(g.features[i, 2])
+    node = f"{last_layer}_{latent}_{last_pos}"
+    real = {c.node_id: c.real for c in clamp_checks(lm, transcoders, built, top=g.n_features)}[node]
+    ids = _ids(lm)[None]
+    x = lm.capture(ids, f"blocks.{last_layer}.hook_resid_post")[f"blocks.{last_layer}.hook_resid_post"][0, -1].float()
+    write = float(g.activations[i]) * transcoders[last_layer].W_dec[latent]
+    weights = g.targets.logit_weights(0, lm.unembed_matrix().shape[0])
+    W_U, norm = lm.unembed_matrix().float(), lm.final_norm()
+    by_hand = (W_U @ norm(x - write) - W_U @ norm(x)) @ weights
+    assert real == pytest.approx(float(by_hand), rel=1e-4, abs=1e-5)
