@@ -88,6 +88,16 @@ if points:
         st.rerun()
 
 by_id = {n.node_id: n for n in placed}
+with st.expander("Suggested supernodes"):
+    from engine.graph.supernodes import suggest
+
+    groups = suggest(document)
+    st.caption("Feature nodes whose signed edge profiles (weights from each source and to each target) have cosine "
+               ">= 0.75, joined into groups.")
+    for i, group in enumerate(groups[:20]):
+        st.markdown(f"**{i + 1}.** " + ", ".join(render.code(node_id) for node_id in group))
+    if not groups:
+        st.caption("No two feature nodes are that alike in this graph.")
 node = by_id.get(selected) if selected else None
 if selected and node is None:
     st.caption(f"No node {render.code(selected)} in this graph.")

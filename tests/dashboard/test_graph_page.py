@@ -95,3 +95,16 @@ def test_build_from_the_page(graph_run, open_app):
     new = next(n for n in names if n != "g1")
     assert at.query_params["graph"] == [new] or at.query_params["graph"] == new
     assert json.loads((run / "graphs" / f"{new}.json").read_text())["metadata"]["prompt"] == "And God said"
+
+
+def test_supernode_suggestions_are_listed(graph_run, open_app):
+    from engine.graph.supernodes import suggest
+
+    run, _ = graph_run
+    at = _open(open_app, run, graph="g1")
+    groups = suggest(json.loads((run / "graphs" / "g1.json").read_text()))
+    shown = " ".join(m.value for m in at.markdown)
+    for group in groups[:20]:
+        assert all(node_id in shown for node_id in group)
+    if not groups:
+        assert any("No two feature nodes" in c.value for c in at.caption)
