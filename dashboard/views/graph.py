@@ -119,6 +119,25 @@ if node is not None:
             st.caption(f"Latent {node.feature} of layer {node.layer}'s transcoder: this run is of "
                        f"{render.code(hook or 'another SAE')}, so there is no feature page for it here (precompute "
                        "a run on that transcoder to get one).")
+    if node.kind == "feature" and extra.get("transcoders") and extra.get("token_ids"):
+        if st.button("Ablate this feature: next token with and without frozen attention", key="graph_ablate"):
+            from engine.graph.check import ablation_preview
+            from engine.model.tokens import display_tokens
+            from engine.saes.transcoders import load_transcoders
+
+            lm, _ = common.live(run)
+            with common.shown_errors("Could not ablate the feature"):
+                if extra.get("model") and extra["model"] != lm.name:
+                    raise ValueError(f"the graph was built on {extra['model']}, this run's model is {lm.name}")
+                transcoder = load_transcoders(extra["transcoders"])[node.layer]
+                preview = ablation_preview(lm, transcoder, [int(t) for t in extra["token_ids"]], node.position,
+                                           node.feature, float(node.activation or 0.0))
+                columns = st.columns(len(preview))
+                for column, (title, tops) in zip(columns, preview.items(), strict=True):
+                    column.markdown(f"**{render.md(title)}**")
+                    texts = display_tokens(lm.tokenizer, [t for t, _ in tops])
+                    column.markdown("  \n".join(f"{render.code(text)} {p:.3f}" for text, (_, p) in zip(texts, tops,
+                                                                                                       strict=True)))
     links = [link for link in document["links"] if node.node_id in (link["source"], link["target"])]
     incoming = sorted((link for link in links if link["target"] == node.node_id), key=lambda x: -abs(x["weight"]))
     outgoing = sorted((link for link in links if link["source"] == node.node_id), key=lambda x: -abs(x["weight"]))

@@ -55,3 +55,26 @@ def clamp_checks(lm: LoadedModel, transcoders: dict[int, Transcoder], built: Bui
         checks.append(ClampCheck(f"{layer}_{latent}_{pos}", float(p.influence[i]),
                                  -float(g.adjacency[g.logit_start, i]), real))
     return checks
+
+
+@torch.no_grad()
+def ablation_preview(lm: LoadedModel, transcoder: Transcoder, ids: list[int], pos: int, latent: int, activation: float,
+                     top: int = 5) -> dict[str, list[tuple[int, float]]]:
+    """The next-token distribution's top tokens (id, probability) after the prompt ``ids``: clean, with the feature's
+    write removed at ``pos`` (attention free), and the same with every attention pattern frozen at the clean one."""
+    from .frozen import adapter_for, intervened_logits, record
+
+    adapter = adapter_for(lm)
+    rec = record(adapter, torch.tensor(ids))
+    delta = torch.zeros_like(rec.embed)
+    delta[pos] = -activation * transcoder.W_dec[latent].float().to(delta.device)
+    layer = transcoder.layer
+    runs = {"clean": rec.final[-1] @ lm.unembed_matrix().float().T,
+            "ablated": intervened_logits(adapter, rec, {layer: delta}, freeze_attention=False)[-1],
+            "ablated, attention frozen": intervened_logits(adapter, rec, {layer: delta}, freeze_attention=True)[-1]}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name, logits in runs.items():
+        probs = logits.float().softmax(-1).cpu()
+        values, idx = probs.topk(top)
+        out[name] = list(zip(idx.tolist(), values.tolist(), strict=True))
+    return out

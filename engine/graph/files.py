@@ -54,7 +54,8 @@ def node_rows(built: Built) -> list[dict[str, Any]]:
     return rows
 
 
-def neuronpedia_json(built: Built, rows: list[dict[str, Any]], slug: str, scan: str) -> dict[str, Any]:
+def neuronpedia_json(built: Built, rows: list[dict[str, Any]], slug: str, scan: str,
+                     sources: dict[str, str] | None = None) -> dict[str, Any]:
     """The graph JSON (pruned nodes and links) as circuit-tracer writes it."""
     g, p = built.graph, built.pruned
     nodes = []
@@ -83,9 +84,9 @@ def neuronpedia_json(built: Built, rows: list[dict[str, Any]], slug: str, scan: 
                         clerp=f'Output "{g.targets.labels[j]}" (p={prob:.3f})', influence=None)
         nodes.append(node)
     kept_ids = {n["node_id"] for n in nodes}
-    targets, sources = p.edge_mask.nonzero(as_tuple=True)
+    targets, origins = p.edge_mask.nonzero(as_tuple=True)
     links = [{"source": rows[s]["node_id"], "target": rows[t]["node_id"], "weight": float(g.adjacency[t, s])}
-             for t, s in zip(targets.tolist(), sources.tolist(), strict=True)
+             for t, s in zip(targets.tolist(), origins.tolist(), strict=True)
              if rows[s]["node_id"] in kept_ids and rows[t]["node_id"] in kept_ids]
     cfg = built.config
     return {
@@ -97,16 +98,17 @@ def neuronpedia_json(built: Built, rows: list[dict[str, Any]], slug: str, scan: 
         "saescope": {"replacement_score": built.scores.replacement, "completeness_score": built.scores.completeness,
                      "missing_layers": g.missing_layers, "n_layers": g.n_layers, "n_active_features": g.n_active,
                      "n_feature_nodes": g.n_features, "edge_threshold": cfg.edge_threshold,
-                     "targets": g.targets.labels, "timings": g.timings},
+                     "targets": g.targets.labels, "token_ids": g.ids, "timings": g.timings, **(sources or {})},
     }
 
 
-def write_graph(built: Built, out: str | Path, scan: str = "saescope") -> dict[str, Path]:
+def write_graph(built: Built, out: str | Path, scan: str = "saescope", sources: dict[str, str] | None = None
+                ) -> dict[str, Path]:
     """``out`` (the graph JSON) and, beside it, ``<stem>.nodes.parquet`` and ``<stem>.edges.parquet``."""
     out = Path(out)
     slug = out.stem
     rows = node_rows(built)
-    document = neuronpedia_json(built, rows, slug, scan)
+    document = neuronpedia_json(built, rows, slug, scan, sources)
     nodes = pa.Table.from_pylist(rows, schema=NODE_SCHEMA)
     edges = pa.Table.from_pylist(document["links"], schema=EDGE_SCHEMA)
     paths = {"json": out, "nodes": out.with_name(f"{slug}.nodes.parquet"),
@@ -144,5 +146,6 @@ def make_graph(lm, transcoders_dir: str | Path, prompt: str, cfg, out: str | Pat
     transcoders = load_transcoders(transcoders_dir)
     built = build_graph(lm, transcoders, prompt, cfg)
     with lock.hold(out.parent, name=f".{out.stem}.lock"):
-        paths = write_graph(built, out, scan=Path(transcoders_dir).name)
+        paths = write_graph(built, out, scan=Path(transcoders_dir).name,
+                            sources={"model": lm.name, "transcoders": str(Path(transcoders_dir).resolve())})
     return built, paths

@@ -273,3 +273,21 @@ def frozen_forward(adapter: Adapter, rec: Recorded, embed: torch.Tensor, writes:
         if skips and layer in skips:
             x = x + h @ skips[layer].T
     return hs, adapter.final_norm()(x, rec.final_scale)
+
+
+@torch.no_grad()
+def intervened_logits(adapter: Adapter, rec: Recorded, mlp_deltas: dict[int, torch.Tensor], *,
+                      freeze_attention: bool) -> torch.Tensor:
+    """``[pos, vocab]`` logits of the real model with ``mlp_deltas[L] [pos, d]`` added to layer L's MLP output (norms
+    and MLPs free to respond); with ``freeze_attention`` every attention pattern is the one ``rec``'s forward had."""
+    x = rec.embed
+    for layer in range(len(adapter.blocks)):
+        ln1, ln2 = adapter.norms(layer)
+        a = ln1(x, ln1.scale(x))
+        pattern = rec.patterns[layer] if freeze_attention else adapter.pattern(layer, a)
+        x = x + adapter.attention(layer, a, pattern)
+        x = x + adapter.mlp(layer, ln2(x, ln2.scale(x)))
+        if layer in mlp_deltas:
+            x = x + mlp_deltas[layer]
+    final_norm = adapter.final_norm()
+    return final_norm(x, final_norm.scale(x)) @ adapter.lm.unembed_matrix().float().T

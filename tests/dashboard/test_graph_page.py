@@ -108,3 +108,27 @@ def test_supernode_suggestions_are_listed(graph_run, open_app):
         assert all(node_id in shown for node_id in group)
     if not groups:
         assert any("No two feature nodes" in c.value for c in at.caption)
+
+
+def test_ablate_a_feature_side_by_side(graph_run, open_app):
+    """The selected feature's ablation shows the clean, ablated and attention-frozen top tokens, with the engine's
+    probabilities."""
+    from engine.graph.check import ablation_preview
+    from engine.saes.transcoders import load_transcoders
+
+    run, folder = graph_run
+    document = json.loads((run / "graphs" / "g1.json").read_text())
+    feature = next(n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder")
+    at = _open(open_app, run, graph="g1", node=feature["node_id"])
+    at.button(key="graph_ablate").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    shown = " ".join(m.value for m in at.markdown)
+    assert "clean" in shown and "ablated, attention frozen" in shown
+    manifest = json.loads((run / "manifest.json").read_text())
+    lm = load_model(manifest["model"]["path"], device="cpu", dtype="float32")
+    layer = int(feature["layer"])
+    preview = ablation_preview(lm, load_transcoders(folder)[layer], document["saescope"]["token_ids"],
+                               feature["ctx_idx"], feature["feature"], feature["activation"])
+    for tops in preview.values():
+        assert f"{tops[0][1]:.3f}" in shown

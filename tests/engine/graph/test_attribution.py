@@ -191,3 +191,24 @@ def test_clamp_checks_report_the_edge_and_the_real_effect(lm):
     W_U, norm = lm.unembed_matrix().float(), lm.final_norm()
     by_hand = (W_U @ norm(x - write) - W_U @ norm(x)) @ weights
     assert real == pytest.approx(float(by_hand), rel=1e-4, abs=1e-5)
+
+
+def test_intervened_logits_match_a_hooked_forward(lm):
+    """Adding a vector to an MLP's output in the written-out forward gives the Hugging Face forward's logits with the
+    same vector added through saescope's hook; freezing attention with no change gives the clean logits."""
+    from engine.graph.frozen import intervened_logits
+
+    ids = _ids(lm)
+    adapter = adapter_for(lm)
+    rec = record(adapter, ids)
+    delta = torch.zeros(len(ids), lm.d_model)
+    delta[2] = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(3))
+    clean = lm.logits(ids[None])[0].float()
+    torch.testing.assert_close(intervened_logits(adapter, rec, {}, freeze_attention=True), clean, atol=1e-5, rtol=1e-5)
+    with lm.hooks.intervene("blocks.0.hook_mlp_out", lambda out: out + delta.to(out.dtype)):
+        hooked = lm.logits(ids[None])[0].float()
+    free = intervened_logits(adapter, rec, {0: delta}, freeze_attention=False)
+    torch.testing.assert_close(free, hooked, atol=1e-5, rtol=1e-5)
+    frozen = intervened_logits(adapter, rec, {0: delta}, freeze_attention=True)
+    torch.testing.assert_close(frozen[:2], clean[:2], atol=1e-5, rtol=1e-5)  # earlier positions never see the change
+    assert not torch.allclose(frozen[3:], free[3:], atol=1e-4)  # later layers' patterns would have moved
