@@ -382,3 +382,31 @@ def gradient_lens(model_key: tuple[str, str], sae_path: str, token_ids: tuple[in
 
     lm = model(*model_key, device())
     return lens_of(lm, sae(sae_path, str(lm.device)), list(token_ids), top_k=top_k)
+
+
+GRAPHS = "graphs"
+"""Attribution graph files (``saescope graph --out RUN/graphs/NAME.json``) live in this folder of a run."""
+
+
+def graph_files(run_dir: str) -> list[str]:
+    """Names (stems) of the run's graph JSON files, newest first."""
+    folder = Path(run_dir) / GRAPHS
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+    return [p.stem for p in sorted(files, key=_mtime, reverse=True)]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _graph(path: str, file_stamp: float) -> tuple[dict, list]:
+    from engine.graph.files import read_graph
+    from engine.graph.layout import place
+
+    document = read_graph(path)
+    return document, place(document)
+
+
+def graph(run_dir: str, name: str) -> tuple[dict, list]:
+    """A graph file of the run by name (its JSON and its placed nodes), reread when it changes."""
+    path = Path(run_dir) / GRAPHS / f"{name}.json"
+    return _graph(str(path), _mtime(path))

@@ -12,13 +12,14 @@ import errno
 import sys
 
 from .eval import commands as eval_commands
+from .graph import commands as graph_commands
 from .interp import commands as interp_commands
 from .lock import Locked
 from .precompute import commands as precompute_commands
 from .tools import commands as tools_commands
 from .train import commands as train_commands
 
-COMMANDS = (tools_commands, train_commands, precompute_commands, interp_commands, eval_commands)
+COMMANDS = (tools_commands, train_commands, precompute_commands, interp_commands, eval_commands, graph_commands)
 """Whose commands ``saescope`` offers, in the order of its help."""
 
 

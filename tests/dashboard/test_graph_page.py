@@ -1,0 +1,134 @@
+"""The Graph page through AppTest on a tiny run with random transcoders: the drawing matches the graph file, hover
+text is escaped, deep links select a node, and a graph can be built from the page."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from engine.graph.build import GraphConfig
+from engine.graph.files import make_graph
+from engine.graph.layout import place
+from engine.model.loading import load_model
+from tests.engine.graph.graph_util import random_transcoder
+
+GRAPH = "views/graph.py"
+PROMPT = "Let there be <b>light</b> & 'x'"
+
+
+@pytest.fixture(scope="module")
+def graph_run(tiny_runs, tmp_path_factory):
+    """A copy of the tiny TopK run with random transcoders beside it and one graph in ``graphs/g1.json``."""
+    root = tmp_path_factory.mktemp("graph_run")
+    run = root / "run"
+    shutil.copytree(tiny_runs["topk"], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    lm = load_model(manifest["model"]["path"], device="cpu", dtype="float32")
+    folder = root / "tc"
+    for layer in range(lm.n_layers):
+        random_transcoder(layer, lm.d_model).save(folder / f"layer_{layer}")
+    make_graph(lm, folder, PROMPT, GraphConfig(), run / "graphs" / "g1.json")
+    return run, folder
+
+
+def _open(open_app, run, **query):
+    at = open_app(run, GRAPH, **query)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_draws_every_node_of_the_file(graph_run, open_app):
+    run, _ = graph_run
+    at = _open(open_app, run, graph="g1")
+    document = json.loads((run / "graphs" / "g1.json").read_text())
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    markers = [t for t in figure["data"] if t.get("mode") == "markers"]
+    drawn = [node_id for t in markers for node_id in t["customdata"]]
+    assert sorted(drawn) == sorted(n["node_id"] for n in document["nodes"])
+    assert next(m.value for m in at.metric if m.label == "Nodes") == str(len(document["nodes"]))
+    hovers = " ".join(h for t in markers for h in t["hovertext"])
+    own_markup = hovers.replace("<b>", "").replace("</b>", "").replace("<br>", "")
+    assert "<" not in own_markup and "&lt;" in hovers  # the prompt's tags are shown as text, never rendered
+
+
+def test_layout_puts_nodes_on_their_layer_and_token():
+    document = {"metadata": {"prompt_tokens": ["a", "b"]}, "nodes": [
+        {"node_id": "E_5_0", "layer": "E", "ctx_idx": 0, "feature_type": "embedding", "feature": 0},
+        {"node_id": "0_3_1", "layer": "0", "ctx_idx": 1, "feature_type": "cross layer transcoder", "feature": 3,
+         "influence": 0.2},
+        {"node_id": "0_4_1", "layer": "0", "ctx_idx": 1, "feature_type": "cross layer transcoder", "feature": 4,
+         "influence": 0.1},
+        {"node_id": "0_1_1", "layer": "1", "ctx_idx": 1, "feature_type": "mlp reconstruction error", "feature": -1},
+        {"node_id": "3_7_1", "layer": "3", "ctx_idx": 1, "feature_type": "logit", "feature": 7, "token_prob": 0.5}],
+        "links": []}
+    placed = {p.node_id: p for p in place(document)}
+    assert (placed["E_5_0"].x, placed["E_5_0"].y, placed["E_5_0"].label) == (0, -1, "a")
+    assert placed["0_1_1"].kind == "error" and placed["3_7_1"].y == 3
+    a, b = placed["0_3_1"], placed["0_4_1"]
+    assert a.y == b.y == 0 and 0.6 <= a.x < b.x <= 1.4  # a cell's nodes spread around their token, most influential first
+
+
+def test_deep_link_selects_a_node(graph_run, open_app):
+    run, _ = graph_run
+    document = json.loads((run / "graphs" / "g1.json").read_text())
+    feature = next(n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder")
+    at = _open(open_app, run, graph="g1", node=feature["node_id"])
+    assert any(s.value == "Selected node" for s in at.subheader)
+    captions = " ".join(c.value for c in at.caption)
+    # the run is of blocks.0.hook_resid_post, not a transcoder: no feature page to open, and the page says so
+    assert "no feature page" in captions and "Strongest inputs" in captions
+
+
+def test_build_from_the_page(graph_run, open_app):
+    run, folder = graph_run
+    at = _open(open_app, run, graph="g1")
+    at.text_input(key="graph_tc").input(str(folder))
+    at.text_input(key="graph_prompt").input("And God said")
+    at.run()
+    at.button[0].click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    names = sorted(p.stem for p in (run / "graphs").glob("*.json"))
+    assert len(names) == 2
+    new = next(n for n in names if n != "g1")
+    assert at.query_params["graph"] == [new] or at.query_params["graph"] == new
+    assert json.loads((run / "graphs" / f"{new}.json").read_text())["metadata"]["prompt"] == "And God said"
+
+
+def test_supernode_suggestions_are_listed(graph_run, open_app):
+    from engine.graph.supernodes import suggest
+
+    run, _ = graph_run
+    at = _open(open_app, run, graph="g1")
+    groups = suggest(json.loads((run / "graphs" / "g1.json").read_text()))
+    shown = " ".join(m.value for m in at.markdown)
+    for group in groups[:20]:
+        assert all(node_id in shown for node_id in group)
+    if not groups:
+        assert any("No two feature nodes" in c.value for c in at.caption)
+
+
+def test_ablate_a_feature_side_by_side(graph_run, open_app):
+    """The selected feature's ablation shows the clean, ablated and attention-frozen top tokens, with the engine's
+    probabilities."""
+    from engine.graph.check import ablation_preview
+    from engine.saes.transcoders import load_transcoders
+
+    run, folder = graph_run
+    document = json.loads((run / "graphs" / "g1.json").read_text())
+    feature = next(n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder")
+    at = _open(open_app, run, graph="g1", node=feature["node_id"])
+    at.button(key="graph_ablate").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    shown = " ".join(m.value for m in at.markdown)
+    assert "clean" in shown and "ablated, attention frozen" in shown
+    manifest = json.loads((run / "manifest.json").read_text())
+    lm = load_model(manifest["model"]["path"], device="cpu", dtype="float32")
+    layer = int(feature["layer"])
+    preview = ablation_preview(lm, load_transcoders(folder)[layer], document["saescope"]["token_ids"],
+                               feature["ctx_idx"], feature["feature"], feature["activation"])
+    for tops in preview.values():
+        assert f"{tops[0][1]:.3f}" in shown
