@@ -25,6 +25,7 @@ pages = [
     st.Page("views/dark_matter.py", title="Dark matter", icon=":material/dark_mode:"),
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("views/circuits.py", title="Circuits", icon=":material/account_tree:"),
 ]
 if not access.granted():  # before anything that names a run: the form only
     st.navigation(pages, position="hidden")  # the link's page opens once the token is given

@@ -84,7 +84,9 @@ class Performance:
     per_counterfactual: tuple[float, ...]
 
     def does_task(self, min_accuracy: float) -> bool:
-        return self.accuracy >= min_accuracy and self.logit_diff > self.logit_diff_counterfactual
+        """At least ``min_accuracy`` answered, and a larger logit difference than on the counterfactuals (0: no
+        check at all)."""
+        return min_accuracy <= 0 or (self.accuracy >= min_accuracy and self.logit_diff > self.logit_diff_counterfactual)
 
 
 @torch.inference_mode()
