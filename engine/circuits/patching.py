@@ -131,6 +131,19 @@ def _replace_head(head: int, source: torch.Tensor):
     return fn
 
 
+def _replace_heads(sources: list[torch.Tensor], blocks: list[tuple[int, int]]):
+    """For ``z`` of ``len(blocks)`` copies of a batch: copy i gets head ``h`` from ``sources[k]`` where
+    ``(k, h) = blocks[i]`` (each source ``[batch, pos, n_heads, d_head]``)."""
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        out = z.clone().unflatten(0, (len(blocks), -1))
+        for i, (k, h) in enumerate(blocks):
+            out[i, :, :, h] = sources[k][:, :, h].to(z.dtype)
+        return out.flatten(0, 1)
+
+    return fn
+
+
 @torch.inference_mode()
 def patch_heads(lm: LoadedModel, ids: torch.Tensor, heads: Sequence[tuple[int, int]],
                 sources: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -169,17 +182,25 @@ def patch_scan(lm: LoadedModel, task: Task, *, mean_ablation: bool = True) -> Pa
         cf_logits, cf_cache = run_with_cache(lm, cf_ids, names)
         cf_ld[members] = metric(cf_logits[:, -1], pairs)
         for layer in range(L):
-            means = torch.cat([clean_cache[_z(layer)], cf_cache[_z(layer)]]).mean(0, keepdim=True)
-            for kind, source, out in (("patch", cf_cache[_z(layer)], patched), ("mean", means, ablated)):
-                if kind == "mean" and not mean_ablation:
-                    continue
-                for head in range(H):
-                    with lm.hooks.intervene(_z(layer), _replace_head(head, source)):
-                        if resumable:
-                            last = resume_logits(lm, _resid(layer), clean_cache[_resid(layer)])[:, -1]
-                        else:
-                            last = lm.logits(ids)[:, -1]
-                    out[layer, head, members] = metric(last, pairs)
+            sources = [cf_cache[_z(layer)]]
+            if mean_ablation:
+                both = torch.cat([clean_cache[_z(layer)], cf_cache[_z(layer)]])
+                sources.append(both.mean(0, keepdim=True).expand_as(cf_cache[_z(layer)]))
+            # batches of copies of the clean prompts, copy (k, h) with head h replaced from sources[k]; the logits
+            # of a batch stay under ~256 MB
+            blocks = [(k, h) for k in range(len(sources)) for h in range(H)]
+            step = max(1, int(2**26 // (len(pairs) * ids.shape[1] * lm.hf_model.config.vocab_size)))
+            for at in range(0, len(blocks), step):
+                chunk = blocks[at:at + step]
+                with lm.hooks.intervene(_z(layer), _replace_heads(sources, chunk)):
+                    if resumable:
+                        resid = clean_cache[_resid(layer)].repeat(len(chunk), 1, 1)
+                        last = resume_logits(lm, _resid(layer), resid)[:, -1]
+                    else:
+                        last = lm.logits(ids.repeat(len(chunk), 1))[:, -1]
+                values = metric(last, pairs * len(chunk)).reshape(len(chunk), len(pairs))
+                for (k, h), row in zip(chunk, values, strict=True):
+                    (patched if k == 0 else ablated)[layer, h, members] = row
     gap = clean_ld.mean() - cf_ld.mean()
     if abs(gap) < 1e-6:
         raise ValueError("the clean and counterfactual prompts give the same mean logit difference: no effect to "

@@ -155,7 +155,7 @@ def run_circuit(lm: LoadedModel, task: Task, cfg: CircuitConfig) -> CircuitResul
     perf = performance(lm, task)
     refuse_if_not_done(task, perf, cfg.min_accuracy)
     n = len(task.pairs)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     projections = [output_projection(lm, layer) for layer in range(lm.n_layers)]
     x = head_features(lm, task, cfg.position, projections)
     forward_s = time.perf_counter() - start
@@ -166,11 +166,11 @@ def run_circuit(lm: LoadedModel, task: Task, cfg: CircuitConfig) -> CircuitResul
     node = softmax(unique)
     pair_counts = unique_cooccurrences(pos, neg, cfg.normalise)
     edge = edge_scores(pair_counts)
-    code_s = time.perf_counter() - start
-    start = time.perf_counter()
+    code_s, code_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     patch_task = Task(task.name, task.pairs[: cfg.patch_prompts]) if cfg.patch_prompts < n else task
     patched = patch_scan(lm, patch_task, mean_ablation=cfg.mean_ablation)
-    patch_s = time.perf_counter() - start
+    patch_s, patch_cpu = time.perf_counter() - start, time.process_time() - cpu
     circuit = np.abs(patched.patch) >= cfg.circuit_threshold
     truths = {"patching": circuit.ravel()}
     published = published_circuit(lm, task.name)
@@ -180,5 +180,6 @@ def run_circuit(lm: LoadedModel, task: Task, cfg: CircuitConfig) -> CircuitResul
              for method, scores in (("node", node), ("edge", edge))]
     return CircuitResult(task, perf, codes, unique, node, pair_counts, edge, patched, circuit,
                          tuple(a for a in found if a is not None),
-                         {"code_method_s": code_s, "code_forward_s": forward_s, "patching_s": patch_s},
+                         {"code_method_s": code_s, "code_forward_s": forward_s, "patching_s": patch_s,
+                          "code_method_cpu_s": code_cpu, "patching_cpu_s": patch_cpu},
                          lm.n_layers, lm.n_heads, cfg, sae.losses[-1])

@@ -15,7 +15,7 @@ ROWS = [("And God said, Let there be", " light", "And God said, Let there was"),
         ("import numpy as", " np", "import numpy be")]
 """Prompt, answer (one token of the tiny tokenizer), counterfactual (as many tokens as the prompt)."""
 
-FAST = CircuitConfig(n_latents=16, epochs=30, n_train=6, min_accuracy=0.0, patch_prompts=5, circuit_threshold=0.0)
+FAST = CircuitConfig(n_latents=16, epochs=100, lr=1e-2, l1=0.0, n_train=10, min_accuracy=0.0, patch_prompts=5, circuit_threshold=1.0)
 
 
 def write_task(path: Path, rows=ROWS) -> Path:
@@ -23,9 +23,21 @@ def write_task(path: Path, rows=ROWS) -> Path:
     return path
 
 
+def loud_tiny_model():
+    """The tiny Llama with its heads' outputs scaled up 300x: at random initialisation they are ~0.01 long, below the
+    code SAE's encoder biases, and every head would get the same code."""
+    import torch
+
+    lm = tiny_model("llama", n_layers=2)
+    with torch.no_grad():
+        for block in lm.model.model.layers:
+            block.self_attn.o_proj.weight *= 300
+    return lm
+
+
 def tiny_circuit(root: Path, cfg: CircuitConfig = FAST):
     """The result of a circuit run on the tiny model, written under ``root/circuits``."""
-    lm = tiny_model("llama", n_layers=2)
+    lm = loud_tiny_model()
     task = load_jsonl(write_task(root / "tiny.jsonl"), lm.tokenizer)
     result = run_circuit(lm, task, cfg)
     return result, write_circuit(root / "circuits", result, "tiny-llama")

@@ -109,4 +109,14 @@ def test_patch_scan_matches_full_forward_patching(lm):
         expected = (clean.mean() - np.mean(values)) / (clean.mean() - cf.mean())
         assert result.patch[layer, head] == pytest.approx(expected, abs=1e-4)
     assert result.logit_diff_clean == pytest.approx(clean.mean(), abs=1e-5)
-    assert np.isfinite(result.mean_ablation).all()
+    # mean-ablation: the head's z replaced by its mean over the clean and counterfactual prompts of the same length
+    layer, head = 1, 2
+    ablated = []
+    for i, p in enumerate(task.pairs):
+        group = [q for q in task.pairs if len(q.prompt_ids) == len(p.prompt_ids)]
+        ids = torch.tensor([q.prompt_ids for q in group] + [q.counterfactual_ids for q in group])
+        mean = run_with_cache(lm, ids, z_names(lm))[1][f"blocks.{layer}.attn.hook_z"].mean(0, keepdim=True)
+        out = patch_heads(lm, torch.tensor([p.prompt_ids]), [(layer, head)], {layer: mean})
+        ablated.append(metric(out[:, -1], [p])[0])
+    expected = (clean.mean() - np.mean(ablated)) / (clean.mean() - cf.mean())
+    assert result.mean_ablation[layer, head] == pytest.approx(expected, abs=1e-4)

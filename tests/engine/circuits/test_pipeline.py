@@ -27,13 +27,16 @@ def test_a_circuit_run_writes_consistent_files(tmp_path):
     np.testing.assert_array_equal(heads["unique_positive"], by_hand)
     e = np.exp(by_hand - by_hand.max())
     np.testing.assert_allclose(heads["node_score"], e / e.sum())
-    # the patching circuit at threshold 0: every head with an effect; AUC as scikit-learn computes it
+    # the patching circuit: |effect| >= 1 (some heads, not all); AUC as scikit-learn computes it
+    np.testing.assert_array_equal(heads["in_circuit"], np.abs(heads["patch_effect"]) >= 1.0)
+    assert 0 < heads["in_circuit"].sum() < n_heads and len(info["agreement"]) == 2
     for a in info["agreement"]:
         truth = heads["in_circuit"].to_numpy()
         scores = heads["node_score" if a["method"] == "node" else "edge_score"].to_numpy()
         assert a["auc"] == pytest.approx(roc_auc_score(truth, scores))
     assert info["performance"]["accuracy"] == result.performance.accuracy
-    assert set(info["timings"]) == {"code_method_s", "code_forward_s", "patching_s"}
+    assert set(info["timings"]) == {"code_method_s", "code_forward_s", "patching_s", "code_method_cpu_s",
+                                  "patching_cpu_s"}
 
 
 def test_a_model_that_fails_the_task_is_refused(tmp_path):
