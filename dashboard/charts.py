@@ -110,8 +110,9 @@ def head_heatmaps(panels: dict[str, np.ndarray], labels: np.ndarray) -> go.Figur
                                  colorscale="RdBu_r", showscale=col == len(names), name=name,
                                  hovertemplate="%{customdata[1]}: %{customdata[0]:.4g}<extra>" + name + "</extra>"),
                       row=1, col=col)
-        fig.update_xaxes(title_text="head", row=1, col=col)
-    fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+        fig.update_xaxes(title_text="head", dtick=1, row=1, col=col)
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(height=max(300, 18 * labels.shape[0] + 80), margin=dict(l=10, r=10, t=30, b=10),
                       hovermode="closest", hoversubplots="axis")
     return fig
@@ -123,7 +124,7 @@ def roc_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -
     fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color=GREY), name="chance",
                                hoverinfo="skip"))
     for (name, fpr, tpr), color in zip(curves, colors, strict=False):
-        fig.add_trace(go.Scatter(x=list(fpr), y=list(tpr), mode="lines+markers", name=name, line=dict(shape="hv"),
+        fig.add_trace(go.Scatter(x=list(fpr), y=list(tpr), mode="lines+markers", name=name,
                                  marker_color=color, line_color=color,
                                  hovertemplate="FPR %{x:.2f}, TPR %{y:.2f}<extra>" + name + "</extra>"))
     fig.update_xaxes(range=[0, 1])
