@@ -30,7 +30,8 @@ by_key = {(a["method"], a["reference"]): a for a in info["agreement"]}
 
 cols = st.columns(5)
 cols[0].metric("Accuracy", f"{perf['accuracy']:.0%}", help="positive prompts whose right answer beats the wrong one")
-cols[1].metric("Logit diff", fmt(perf["logit_diff"]), help=f"mean; on the counterfactuals {fmt(perf['logit_diff_counterfactual'])}")
+cols[1].metric("Logit diff", fmt(perf["logit_diff"]),
+               help=f"mean; on the counterfactuals {fmt(perf['logit_diff_counterfactual'])}")
 node = by_key.get(("node", "patching"))
 cols[2].metric("ROC-AUC (node)", fmt(node["auc"]) if node else "–",
                help="code-method node score against saescope's patching circuit")

@@ -26,7 +26,7 @@ def test_the_page_shows_the_run_and_a_linked_head(served, open_app):
     heat, roc = plotly(at)[:2]
     # the node panel is the unique-to-positive counts scaled by their largest value
     counts = result.unique_positive.reshape(result.n_layers, result.n_heads)
-    shown = values(heat["data"][0]["z"]).reshape(counts.shape) if isinstance(heat["data"][0]["z"], dict) else np.array(heat["data"][0]["z"])
+    shown = values(heat["data"][0]["z"]).reshape(counts.shape)
     np.testing.assert_allclose(shown, counts / max(counts.max(), 1e-12))
     assert any(f"AUC {a.roc.auc:.3f}" in trace["name"] for a in result.agreements for trace in roc["data"])
     assert at.selectbox(key="circuit_head").value == "L1.H2"

@@ -6,6 +6,7 @@ from pathlib import Path
 from engine.circuits.files import write_circuit
 from engine.circuits.pipeline import CircuitConfig, run_circuit
 from engine.circuits.tasks import load_jsonl
+from engine.model.families import decoder_layers, get_path
 from engine.model.tiny import tiny_model
 
 ROWS = [("And God said, Let there be", " light", "And God said, Let there was"),
@@ -15,7 +16,8 @@ ROWS = [("And God said, Let there be", " light", "And God said, Let there was"),
         ("import numpy as", " np", "import numpy be")]
 """Prompt, answer (one token of the tiny tokenizer), counterfactual (as many tokens as the prompt)."""
 
-FAST = CircuitConfig(n_latents=16, epochs=100, lr=1e-2, l1=0.0, n_train=10, min_accuracy=0.0, patch_prompts=5, circuit_threshold=1.0)
+FAST = CircuitConfig(n_latents=16, epochs=100, lr=1e-2, l1=0.0, n_train=10, min_accuracy=0.0, patch_prompts=5,
+                     circuit_threshold=1.0)
 
 
 def write_task(path: Path, rows=ROWS) -> Path:
@@ -30,8 +32,10 @@ def loud_tiny_model():
 
     lm = tiny_model("llama", n_layers=2)
     with torch.no_grad():
-        for block in lm.model.model.layers:
-            block.self_attn.o_proj.weight *= 300
+        for block in decoder_layers(lm.model, lm.family):
+            out = get_path(block, f"{lm.family.attn}.{lm.family.out_proj}")
+            assert isinstance(out, torch.nn.Linear)
+            out.weight *= 300
     return lm
 
 

@@ -32,7 +32,7 @@ def test_heads_sum_to_the_attention_output(family):
 def test_a_projection_that_is_not_affine_is_refused():
     lm = tiny_model("llama")
     block = decoder_layers(lm.model, lm.family)[0]
-    linear = block.self_attn.o_proj
-    block.self_attn.o_proj = torch.nn.Sequential(linear, torch.nn.ReLU())
+    attn = getattr(block, lm.family.attn)
+    attn.o_proj = torch.nn.Sequential(attn.o_proj, torch.nn.ReLU())
     with pytest.raises(ValueError, match="not affine: no per-head decomposition"):
         output_projection(lm, 0)

@@ -112,7 +112,7 @@ def test_patch_scan_matches_full_forward_patching(lm):
     # mean-ablation: the head's z replaced by its mean over the clean and counterfactual prompts of the same length
     layer, head = 1, 2
     ablated = []
-    for i, p in enumerate(task.pairs):
+    for p in task.pairs:
         group = [q for q in task.pairs if len(q.prompt_ids) == len(p.prompt_ids)]
         ids = torch.tensor([q.prompt_ids for q in group] + [q.counterfactual_ids for q in group])
         mean = run_with_cache(lm, ids, z_names(lm))[1][f"blocks.{layer}.attn.hook_z"].mean(0, keepdim=True)

@@ -51,7 +51,9 @@ def test_ioi_pairs(tok):
 def test_greater_than_in_digit_mode(tok):
     task = tasks.greater_than_task(tok, 6, seed=0)
     for p in task.pairs:
-        yy = int(re.search(r"year \d\d(\d\d) to", p.prompt).group(1))
+        found = re.search(r"year \d\d(\d\d) to", p.prompt)
+        assert found is not None
+        yy = int(found.group(1))
         right = {tok.decode([i]) for i in p.answer_ids}
         wrong = {tok.decode([i]) for i in p.wrong_ids}
         assert right == {str(d) for d in range(10) if d > yy // 10}
@@ -62,7 +64,9 @@ def test_greater_than_in_digit_mode(tok):
 def test_docstring_pairs(tok):
     task = tasks.docstring_task(tok, 5, seed=0)
     for p in task.pairs:
-        args = re.search(r"\(self, (\w+), (\w+), (\w+), (\w+)\)", p.prompt).groups()
+        found = re.search(r"\(self, (\w+), (\w+), (\w+), (\w+)\)", p.prompt)
+        assert found is not None
+        args = found.groups()
         assert p.answer == " " + args[2]
         assert re.findall(r":param (\w+):", p.prompt) == list(args[:2])
         assert not set(re.findall(r":param (\w+):", p.counterfactual)) & set(args)
