@@ -1,14 +1,15 @@
 """Whether the model does the task, and the reference circuit by intervention on each head.
 
 The metric of a prompt is ``logsumexp(logits[answers]) - logsumexp(logits[wrongs])`` at its last position: the
-logit difference when both sets are one token (IOI, docstring against each other argument..., JSONL), the log-odds
-of a later year for greater-than. A prompt is answered when it is > 0.
+logit difference when both are one token (IOI, JSONL tasks), the log-odds of a later year for greater-than, of the
+right argument against the other three for docstring. A prompt is answered when it is > 0.
 
 Activation patching of head (L, h): its ``z`` (hence its output ``z W_O^h``) at every position is taken from the
 counterfactual run into the clean run; mean-ablation takes the mean over the group's clean and counterfactual
 prompts at each position. The effect is normalised as ``(LD_clean - LD_patched) / (LD_clean - LD_counterfactual)``
 with means over the pairs: 0 = no change, 1 = as bad as the counterfactual. Each head's run resumes at its layer
-from the clean residual stream (``model.tail``), so earlier layers are not recomputed.
+from the clean residual stream (``model.tail``), so earlier layers are not recomputed, and all heads of a layer run
+as one batch of copies of the prompts.
 """
 
 from __future__ import annotations
