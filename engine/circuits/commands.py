@@ -10,15 +10,16 @@ from ..model.commands import load_cli_model, model_arguments
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from .files import write_circuit
+    from .files import task_lock, write_circuit
     from .pipeline import CircuitConfig, run_circuit
-    from .tasks import load_task
+    from .tasks import load_task, task_name
 
     cfg = configs.from_args(CircuitConfig, args)
-    lm = load_cli_model(args.model, args.device, args.dtype)
-    task = load_task(args.task, lm.tokenizer, cfg.n_prompts, cfg.seed)
-    result = run_circuit(lm, task, cfg)
-    folder = write_circuit(args.out, result, args.model)
+    with task_lock(args.out, task_name(args.task)):  # a second run of this task into --out is refused at once
+        lm = load_cli_model(args.model, args.device, args.dtype)
+        task = load_task(args.task, lm.tokenizer, cfg.n_prompts, cfg.seed)
+        result = run_circuit(lm, task, cfg)
+        folder = write_circuit(args.out, result, args.model)
     perf = result.performance
     summary = {"out": str(folder), "accuracy": perf.accuracy, "logit_diff": perf.logit_diff,
                "circuit_size": int(result.circuit.sum()),

@@ -87,10 +87,15 @@ def task_dir_name(name: str) -> str:
     return cleaned or "task"
 
 
+def task_lock(out: str | Path, task_name: str):
+    """The lock of one task's folder under ``out`` (runs of other tasks into the same ``out`` go on at once)."""
+    return lock.hold(out, "saescope circuit", name=f".saescope-circuit-{task_dir_name(task_name)}.lock")
+
+
 def write_circuit(out: str | Path, result: CircuitResult, model: str) -> Path:
-    """Write ``out/<task>/`` whole (replacing an earlier run of the task), holding ``out``'s lock."""
+    """Write ``out/<task>/`` whole (replacing an earlier run of the task), holding the task's lock."""
     out = Path(out)
-    with lock.hold(out, "saescope circuit"):
+    with task_lock(out, result.task.name):
         with atomic.build_dir(out / task_dir_name(result.task.name)) as tmp:
             for name, table in (("prompts", _prompts_table(result)), ("codes", _codes_table(result)),
                                 ("heads", _heads_table(result)), ("pairs", _pairs_table(result))):

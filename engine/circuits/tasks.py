@@ -264,6 +264,11 @@ def _pair_labelled(name: str, rows: list[tuple[int, dict]]) -> list[tuple[int, d
                                                                                                   strict=True)]
 
 
+def task_name(spec: str) -> str:
+    """The name a task spec gives its task: the built-in name, or the JSONL file's stem."""
+    return spec if spec in GENERATORS else Path(spec).stem
+
+
 def load_task(spec: str, tokenizer: PreTrainedTokenizerBase, n: int, seed: int = 0) -> Task:
     """A built-in task by name (``n`` pairs), or a JSONL file by path."""
     if spec in GENERATORS:

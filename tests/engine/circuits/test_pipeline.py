@@ -65,3 +65,20 @@ def test_cli_writes_the_folder_and_refuses_bad_input_writing_nothing(tmp_path, c
     assert not (tmp_path / "out" / "bad").exists()
     assert main([*args[:4], "no-such-task", *args[5:]]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
+
+
+def test_a_second_run_of_the_same_task_is_refused(tmp_path, capsys):
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".saescope-circuit-mine.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another writer of this task holds it
+        task = write_task(tmp_path / "mine.jsonl")
+        assert main(["circuit", "--model", "no-model-needed", "--task", str(task), "--out", str(out)]) == 2
+        assert "saescope circuit: error:" in capsys.readouterr().err
+        assert list(out.iterdir()) == [out / ".saescope-circuit-mine.lock"]
+    finally:
+        os.close(fd)
