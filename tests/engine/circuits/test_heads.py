@@ -36,3 +36,21 @@ def test_a_projection_that_is_not_affine_is_refused():
     attn.o_proj = torch.nn.Sequential(attn.o_proj, torch.nn.ReLU())
     with pytest.raises(ValueError, match="not affine: no per-head decomposition"):
         output_projection(lm, 0)
+
+
+def test_head_features_pool_each_prompt_over_its_own_positions():
+    from engine.circuits.pipeline import head_features
+    from engine.circuits.tasks import Task, TaskPair
+
+    lm = tiny_model("llama")
+    pairs = tuple(TaskPair("p", "c", "a", "w", tuple(range(5 + n, 10 + 2 * n)), tuple(range(20, 25 + n)), (1,), (2,))
+                  for n in range(3))  # three lengths: three batches
+    task = Task("t", pairs)
+    projections = [output_projection(lm, layer) for layer in range(lm.n_layers)]
+    for position in ("mean", "last"):
+        x = head_features(lm, task, position, projections)
+        assert x.shape == (6, lm.n_layers * lm.n_heads, lm.d_model)
+        for row, ids in enumerate([p.prompt_ids for p in pairs] + [p.counterfactual_ids for p in pairs]):
+            alone = all_head_results(lm, torch.tensor([ids]))[0]  # [pos, layers, heads, d]
+            pooled = alone.mean(0) if position == "mean" else alone[-1]
+            torch.testing.assert_close(x[row], pooled.flatten(0, 1), rtol=1e-4, atol=1e-5)
