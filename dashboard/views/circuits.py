@@ -38,8 +38,8 @@ cols[2].metric("ROC-AUC (node)", fmt(node["auc"]) if node else "–",
 cols[3].metric("Patching circuit", f"{info['circuit_size']} heads",
                help=f"|normalised patching effect| ≥ {info['config']['circuit_threshold']}")
 t = info["timings"]
-cols[4].metric("Time", f"{t['code_method_s']:.1f} s vs {t['patching_s']:.1f} s",
-               help="wall time of the code method (forwards, SAE, scores) vs patching every head")
+cols[4].metric("Codes / patching", f"{t['code_method_s']:.3g} s / {t['patching_s']:.3g} s",
+               help="wall time of the code method (forwards, SAE, scores) and of patching every head")
 st.caption(f"Model {render.code(info['model'])}, {info['n_pairs']} prompt pairs; top-1 accuracy {perf['top1']:.0%}; "
            f"SAE of {info['config']['n_latents']} latents on {info['config']['n_train']} prompts.")
 
