@@ -2,16 +2,47 @@
 patching (``?task=ioi&head=L12.H3``): task accuracy, layer x head heatmaps, ROC curves, top head pairs, one head's
 codes on the positive and counterfactual prompts."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import cache, charts, render
+from dashboard import access, cache, charts, common, render
 from dashboard.render import fmt
-from engine.circuits.files import head_label, list_circuits
+from engine.circuits.files import head_label, list_circuits, task_dir_name
+from engine.run.schema import MANIFEST
 
 st.title("Circuits")
 root = cache.circuit_root()
+served = cache.run_root()
+if root is not None and served is not None and (served / MANIFEST).is_file():  # a run: its model can find circuits
+    with st.expander("Find the circuit of your own task"):
+        upload = st.file_uploader("JSONL of prompt pairs", type=["jsonl"], key="circuit_upload",
+                                  help='one {"prompt", "answer", "counterfactual"} per line (docs/circuits.md)')
+        min_accuracy = st.number_input("Minimum accuracy", 0.0, 1.0, 0.6, 0.05, key="circuit_min_accuracy",
+                                       help="below it the model is said not to do the task and no circuit is computed")
+        found = None
+        if upload is not None and access.write_button("Find the circuit", writes="circuit folders into the run",
+                                                      key="circuit_go", icon=":material/play_arrow:"):
+            from engine.circuits.files import write_circuit
+            from engine.circuits.pipeline import CircuitConfig, run_circuit
+            from engine.circuits.tasks import load_jsonl
+
+            source, dtype = common.model_source(cache.manifest(str(served)))
+            with st.spinner("Running the task, the code SAE and patching (minutes on a CPU)…"), \
+                    common.shown_errors("No circuit"), tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(upload.name).name
+                path.write_bytes(upload.getvalue())
+                lm = cache.model(source, dtype, cache.device())
+                result = run_circuit(lm, load_jsonl(path, lm.tokenizer), CircuitConfig(min_accuracy=min_accuracy))
+                write_circuit(root, result, source)
+                found = task_dir_name(result.task.name)
+        if found is not None:
+            st.query_params["task"] = found
+            st.query_params.pop("head", None)
+            st.rerun()
 tasks = list_circuits(root) if root is not None else []
 if root is None or not tasks:
     st.info("No circuit runs to show. `saescope circuit --model MODEL --task ioi --out "

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dashboard.render import md
 from tests.engine.circuits.circuit_util import tiny_circuit
 
 from .test_pages import errors, htmls, metric, no_crash, plotly, values
@@ -42,3 +43,42 @@ def test_no_circuits_says_how_to_make_one(tmp_path, open_app):
     at = open_app(tmp_path, CIRCUITS)
     no_crash(at)
     assert "saescope circuit --model" in at.info[0].value
+
+
+def test_an_uploaded_task_the_model_fails_is_refused_in_the_page(tiny_runs, open_app):
+    import json
+
+    from tests.engine.circuits.circuit_util import ROWS
+
+    run = tiny_runs["topk"]
+    at = open_app(run, CIRCUITS)
+    bad = [{"prompt": "import numpy as", "answer": " np", "counterfactual": "import numpy as np"}] * 2
+    for rows, message in ((bad, "bad.jsonl row 1: the prompt has 5 tokens and its counterfactual 6"),
+                          ([{"prompt": p, "answer": a, "counterfactual": c} for p, a, c in ROWS],
+                           "the model does not do the bad task")):
+        body = "\n".join(json.dumps(r) for r in rows).encode()
+        at.file_uploader(key="circuit_upload").set_value(("bad.jsonl", body, "application/json")).run()
+        at.button(key="circuit_go").click().run()
+        no_crash(at)
+        assert md(message) in errors(at)  # the error as the page escapes it for markdown
+    assert not (run / "circuits" / "bad").exists()
+
+
+def test_an_uploaded_task_gets_its_circuit_and_opens(tiny_runs, open_app, tmp_path):
+    import json
+    import shutil
+
+    from tests.engine.circuits.circuit_util import ROWS
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["topk"], run)
+    at = open_app(run, CIRCUITS)
+    body = "\n".join(json.dumps({"prompt": p, "answer": a, "counterfactual": c}) for p, a, c in ROWS).encode()
+    at.file_uploader(key="circuit_upload").set_value(("mine.jsonl", body, "application/json")).run()
+    at.number_input(key="circuit_min_accuracy").set_value(0.0).run()
+    at.button(key="circuit_go").click().run()
+    no_crash(at)
+    assert not errors(at)
+    assert (run / "circuits" / "mine" / "metrics.json").is_file()
+    assert at.selectbox(key="circuit_task").value == "mine" and at.query_params["task"] == "mine"
+    assert metric(at, "Accuracy") == "0%"
