@@ -26,6 +26,7 @@ pages = [
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("views/graph.py", title="Graph", icon=":material/account_tree:"),
+    st.Page("views/circuits.py", title="Circuits", icon=":material/hub:"),
 ]
 if not access.granted():  # before anything that names a run: the form only
     st.navigation(pages, position="hidden")  # the link's page opens once the token is given

@@ -410,3 +410,25 @@ def graph(run_dir: str, name: str) -> tuple[dict, list]:
     """A graph file of the run by name (its JSON and its placed nodes), reread when it changes."""
     path = Path(run_dir) / GRAPHS / f"{name}.json"
     return _graph(str(path), _mtime(path))
+
+
+# --- circuits (engine.circuits) -----------------------------------------------------------------------------
+def circuit_root() -> Path | None:
+    """Where the Circuits page looks for ``saescope circuit`` output: ``circuits/`` inside the served folder."""
+    root = run_root()
+    return None if root is None else root / "circuits"
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _circuit(folder: str, file_stamp: float):
+    from engine.circuits.files import read_circuit
+
+    info, tables = read_circuit(folder)
+    return info, {name: table.to_pandas() for name, table in tables.items()}
+
+
+def circuit(folder: str):
+    """A circuit folder's ``metrics.json`` and its tables as DataFrames (``prompts``, ``codes``, ``heads``, ``pairs``)."""
+    from engine.circuits.files import METRICS
+
+    return _circuit(folder, _mtime(Path(folder) / METRICS))

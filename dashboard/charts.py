@@ -123,3 +123,39 @@ def prefix_curve(widths: Sequence[int], explained: Sequence[float], recovered: S
                                  mode="lines+markers", name="CE loss recovered", line_color=VIOLET))
     fig.update_xaxes(type="log", tickvals=list(widths), ticktext=[f"{w:,}" for w in widths])
     return _layout(fig, x="prefix width (latents 0 .. w-1; log scale)", y="score")
+
+
+def head_heatmaps(panels: dict[str, np.ndarray], labels: np.ndarray) -> go.Figure:
+    """Layers x heads heatmaps side by side, each divided by its largest absolute value so they share one -1..1
+    scale; hovering a head shows it in every panel (``labels [layers, heads]`` as ``L3.H1``)."""
+    from plotly.subplots import make_subplots
+
+    names = list(panels)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True, horizontal_spacing=0.04)
+    for col, name in enumerate(names, 1):
+        raw = np.asarray(panels[name], dtype=np.float64)
+        scale = float(np.nanmax(np.abs(raw))) or 1.0
+        fig.add_trace(go.Heatmap(z=raw / scale, customdata=np.dstack([raw, labels]), zmin=-1, zmax=1,
+                                 colorscale="RdBu_r", showscale=col == len(names), name=name,
+                                 hovertemplate="%{customdata[1]}: %{customdata[0]:.4g}<extra>" + name + "</extra>"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="head", dtick=1, row=1, col=col)
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(height=max(300, 18 * labels.shape[0] + 80), margin=dict(l=10, r=10, t=30, b=10),
+                      hovermode="closest", hoversubplots="axis")
+    return fig
+
+
+def roc_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> go.Figure:
+    """ROC curves ``(name, fpr, tpr)`` with the chance diagonal."""
+    colors = [ORANGE, VIOLET, GREY, "#1c7ed6"]
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color=GREY), name="chance",
+                               hoverinfo="skip"))
+    for (name, fpr, tpr), color in zip(curves, colors, strict=False):
+        fig.add_trace(go.Scatter(x=list(fpr), y=list(tpr), mode="lines+markers", name=name,
+                                 marker_color=color, line_color=color,
+                                 hovertemplate="FPR %{x:.2f}, TPR %{y:.2f}<extra>" + name + "</extra>"))
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1.02])
+    return _layout(fig, x="false positive rate", y="true positive rate", height=340)

@@ -11,6 +11,7 @@ import argparse
 import errno
 import sys
 
+from .circuits import commands as circuit_commands
 from .eval import commands as eval_commands
 from .graph import commands as graph_commands
 from .interp import commands as interp_commands
@@ -19,7 +20,8 @@ from .precompute import commands as precompute_commands
 from .tools import commands as tools_commands
 from .train import commands as train_commands
 
-COMMANDS = (tools_commands, train_commands, precompute_commands, interp_commands, eval_commands, graph_commands)
+COMMANDS = (tools_commands, train_commands, precompute_commands, interp_commands, eval_commands, circuit_commands,
+            graph_commands)
 """Whose commands ``saescope`` offers, in the order of its help."""
 
 

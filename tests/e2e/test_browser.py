@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.dashboard.tinyrun import NASTY, build_tiny_run
+from tests.engine.circuits.circuit_util import tiny_circuit
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -78,6 +79,7 @@ def serving(run: Path, log_dir: Path, *extra_args: str, env: dict[str, str] | No
 def server(tmp_path_factory):
     """``saescope serve --run <tiny run>``; yields the base URL."""
     run = build_tiny_run(tmp_path_factory.mktemp("e2e"), "topk")
+    tiny_circuit(run)  # a circuit run of the tiny model under run/circuits, for the Circuits page
     with serving(run, tmp_path_factory.mktemp("log")) as base:
         yield base
 
@@ -225,3 +227,17 @@ def test_deep_link_and_dark_matter(server, page):
     page.get_by_text("Contexts the SAE reconstructs worst").wait_for()
     page.locator(".saescope-tokens").first.wait_for()
     shot(page, "dark_matter")
+
+
+def test_circuits_page_opens_a_head(server, page):
+    page.goto(f"{server}/circuits?task=tiny&head=L1.H2")
+    page.get_by_role("heading", name="Head L1.H2").wait_for()
+    idle(page)
+    assert page.locator(".js-plotly-plot").count() == 2  # heatmaps, ROC
+    assert page.get_by_text("Positive prompts", exact=False).is_visible()
+    page.get_by_test_id("stSelectbox").filter(has_text="Head").locator("input").click()
+    page.get_by_role("option", name="L0.H1", exact=True).click()
+    page.get_by_role("heading", name="Head L0.H1").wait_for()
+    page.wait_for_function("() => location.search.includes('head=L0.H1')")
+    assert page.get_by_text("And God said, Let there be").first.is_visible()
+    shot(page, "circuits")

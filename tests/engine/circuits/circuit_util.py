@@ -1,0 +1,47 @@
+"""A tiny circuit run for tests: a random tiny Llama and a JSONL task written for its tokenizer."""
+
+import json
+from pathlib import Path
+
+from engine.circuits.files import write_circuit
+from engine.circuits.pipeline import CircuitConfig, run_circuit
+from engine.circuits.tasks import load_jsonl
+from engine.model.families import decoder_layers, get_path
+from engine.model.tiny import tiny_model
+
+ROWS = [("And God said, Let there be", " light", "And God said, Let there was"),
+        ("And the word was with the", " word", "And the light was with the"),
+        ("def add(a, b):\n    return a +", " b", "def add(b, a):\n    return a +"),
+        ("The quick brown fox jumps over", " the", "The quick brown fox jumps with"),
+        ("import numpy as", " np", "import numpy be")]
+"""Prompt, answer (one token of the tiny tokenizer), counterfactual (as many tokens as the prompt)."""
+
+FAST = CircuitConfig(n_latents=16, epochs=100, lr=1e-2, l1=0.0, n_train=10, min_accuracy=0.0, patch_prompts=5,
+                     circuit_threshold=1.0)
+
+
+def write_task(path: Path, rows=ROWS) -> Path:
+    path.write_text("\n".join(json.dumps({"prompt": p, "answer": a, "counterfactual": c}) for p, a, c in rows))
+    return path
+
+
+def loud_tiny_model():
+    """The tiny Llama with its heads' outputs scaled up 300x: at random initialisation they are ~0.01 long, below the
+    code SAE's encoder biases, and every head would get the same code."""
+    import torch
+
+    lm = tiny_model("llama", n_layers=2)
+    with torch.no_grad():
+        for block in decoder_layers(lm.model, lm.family):
+            out = get_path(block, f"{lm.family.attn}.{lm.family.out_proj}")
+            assert isinstance(out, torch.nn.Linear)
+            out.weight *= 300
+    return lm
+
+
+def tiny_circuit(root: Path, cfg: CircuitConfig = FAST):
+    """The result of a circuit run on the tiny model, written under ``root/circuits``."""
+    lm = loud_tiny_model()
+    task = load_jsonl(write_task(root / "tiny.jsonl"), lm.tokenizer)
+    result = run_circuit(lm, task, cfg)
+    return result, write_circuit(root / "circuits", result, "tiny-llama")
