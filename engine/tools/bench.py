@@ -85,10 +85,13 @@ def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) 
 
     from ..data.activations import batched
 
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)  # CUDA kernels run queued
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         for ids in batched(contexts, batch_size):
             lm.capture(ids, hook)
+    sync()
     return time.perf_counter() - start
 
 

@@ -47,19 +47,6 @@ def token_corpus(path: Path, n_tokens: int, vocab_size: int, context_len: int, s
     return path
 
 
-def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
-    from ..data.activations import batched
-
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for ids in batched(contexts, batch_size):
-            lm.capture(ids, hook)
-    sync()
-    return time.perf_counter() - start
-
-
 def shaped_run(*, shapes: dict = GEMMA2_2B, d_sae: int = 65_536, k: int = 64, layer: int | None = None,
                tokens: int = 2**20, context_len: int = 128, batch_size: int = 64, device: str = "auto",
                dtype: str = "auto", work_dir: str | Path | None = None) -> dict:
@@ -69,7 +56,7 @@ def shaped_run(*, shapes: dict = GEMMA2_2B, d_sae: int = 65_536, k: int = 64, la
     from ..data.corpus import iter_contexts
     from ..model.loading import dtype_choice, resolve_device
     from ..precompute.pipeline import precompute
-    from .bench import PeakRSS, _random_topk
+    from .bench import PeakRSS, _forward_seconds, _random_topk
 
     dev = resolve_device(device)
     choice = dtype_choice(dtype, dev, shapes["hidden_size"])
