@@ -7,6 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..analysis.ivf import default_lists, ivf_neighbors, recall_at_n
 from ..model.attention import attention_module
 from ..model.families import parse_hook_name
 from ..model.loading import LoadedModel
@@ -105,6 +106,38 @@ def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024, search_dtype: to
         ids.append(top_ids.cpu())
         cos.append(top_values.cpu())
     return torch.cat(ids).numpy().astype(np.int32), torch.cat(cos).numpy()
+
+
+RECALL_SAMPLE = 512
+"""Latents whose exact neighbours are recomputed to measure an approximate search's recall@n."""
+
+
+class NeighborFacts(NamedTuple):
+    """Decoder neighbours ``[d_sae, n]`` and how they were found (the manifest's ``neighbors``)."""
+
+    ids: np.ndarray
+    cos: np.ndarray
+    info: dict
+
+
+@torch.inference_mode()
+def latent_neighbors(sae: SAE, n: int = 10, *, exact_max: int = 65_536, n_probe: int = 32,
+                     search_dtype: torch.dtype | None = None, seed: int = 0) -> NeighborFacts:
+    """Decoder neighbours, exact (``decoder_neighbors``) up to ``exact_max`` latents; wider SAEs through an IVF index
+    (``engine.analysis.ivf``) whose recall@n against the exact neighbours is measured on ``RECALL_SAMPLE`` latents."""
+    d_sae = sae.cfg.d_sae
+    n = min(n, d_sae - 1)
+    if d_sae <= exact_max:
+        ids, cos = decoder_neighbors(sae, n, search_dtype=search_dtype)
+        return NeighborFacts(ids, cos, {"method": "exact", "n": n, "exact_max": exact_max})
+    dirs = sae.decoder_directions().detach().float()
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n_lists = default_lists(d_sae)
+    found = ivf_neighbors(dirs, n, n_lists=n_lists, n_probe=n_probe, seed=seed)
+    recall = recall_at_n(dirs, found.ids, RECALL_SAMPLE, seed=seed)
+    info = {"method": "ivf", "n": n, "exact_max": exact_max, "n_lists": n_lists, "n_probe": min(n_probe, n_lists),
+            "recall_at_n": round(recall.value, 4), "recall_sample": len(recall.rows)}
+    return NeighborFacts(found.ids, found.cos, info)
 
 
 def _nearest(block: torch.Tensor, dirs: torch.Tensor, start: int, n: int, rows: torch.Tensor | None = None):

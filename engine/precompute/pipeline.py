@@ -77,6 +77,11 @@ class PrecomputeConfig:
     """Promoted and suppressed tokens kept per latent."""
     n_neighbors: int = 10
     """Nearest latents by decoder cosine."""
+    neighbors_exact_max: int = 65_536
+    """Widest SAE whose decoder neighbours are found exactly; wider ones use an IVF index, its recall@n measured on a
+    sample and kept in the manifest (``neighbors``)."""
+    neighbors_probe: int = 32
+    """IVF lists each list of latents searches, where the neighbours are approximate (more: slower, higher recall)."""
     ridge: float = 1e-6
     """Ridge of the linear error map, relative to the mean activation variance."""
     dfa_sources: int = 16
