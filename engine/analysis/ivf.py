@@ -1,10 +1,11 @@
 """Nearest neighbours among the rows of one matrix of unit vectors (a decoder's directions), all rows at once:
 exact (every pair) or through an inverted-file (IVF) index, plus the recall of the second against the first.
 
-The IVF search groups the rows into spherical k-means lists and searches each list's members against the members
-of the ``n_probe`` lists whose centroids are nearest the list's own centroid (the list itself first), so the work is
-one dense product per list. The query-side grouping (one probe set per list, not per row) keeps it batched; its cost
-in recall is what ``recall_at_n`` measures.
+The IVF search groups the rows into spherical k-means lists; each row probes the ``n_probe`` lists whose centroids
+are nearest it (FAISS's ``nprobe``). The work is batched by probed list: one dense product of a list's rows against
+the rows that probe it, merged into each row's running best ``n``. It compares about ``n_probe / n_lists`` of all
+pairs; ``recall_at_n`` measures what that costs in recall (low where the rows are near-orthogonal, as trained SAE
+decoders mostly are: see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 
 
 class Neighbors(NamedTuple):
-    """Per row the ids ``[rows, n]`` (int32) and cosines (float32) of its ``n`` nearest other rows, best first."""
+    """Per row the ids ``[rows, n]`` (int32) and cosines (float32) of its ``n`` nearest other rows, best first, and
+    the share of all row pairs whose cosine was computed (1.0 for an exact search: the cost next to it)."""
 
     ids: np.ndarray
     cos: np.ndarray
+    compared: float = 1.0
 
 
 class Recall(NamedTuple):
@@ -69,8 +72,9 @@ def default_lists(n_rows: int) -> int:
 def ivf_neighbors(dirs: torch.Tensor, n: int, *, n_lists: int | None = None, n_probe: int = 32, train_rows: int = 64,
                   seed: int = 0) -> Neighbors:
     """Approximate ``n`` nearest other rows of ``dirs [N, d]`` (unit rows) for every row, through ``n_lists`` IVF lists
-    (default ``default_lists``) trained on ``train_rows`` rows per list; each list probes ``n_probe`` lists. A list
-    whose probed lists hold too few rows is searched exactly. With ``n_probe >= n_lists`` the result is exact."""
+    (default ``default_lists``) trained on ``train_rows`` rows per list; each row probes ``n_probe`` lists. A row
+    whose probed lists hold fewer than ``n`` other rows is searched exactly. With ``n_probe >= n_lists`` the result
+    is exact."""
     N = len(dirs)
     n_lists = min(n_lists or default_lists(N), N)
     n_probe = min(n_probe, n_lists)
@@ -82,24 +86,34 @@ def ivf_neighbors(dirs: torch.Tensor, n: int, *, n_lists: int | None = None, n_p
     counts = torch.bincount(assign, minlength=n_lists).tolist()
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     members = [order[starts[c] : starts[c + 1]] for c in range(n_lists)]
-    probes = (centroids @ centroids.T).topk(n_probe, dim=1).indices.tolist()
-    ids = np.zeros((N, n), np.int32)
-    cos = np.zeros((N, n), np.float32)
+    probes = torch.cat([(block @ centroids.T).topk(n_probe, dim=1).indices for block in dirs.split(16384)])
+    flat = probes.flatten()
+    by_list = torch.argsort(flat, stable=True)
+    asking = torch.arange(N, device=dirs.device).repeat_interleave(n_probe)[by_list]  # rows, grouped by probed list
+    ask_starts = np.concatenate([[0], np.cumsum(torch.bincount(flat, minlength=n_lists).tolist())]).tolist()
+    best_cos = torch.full((N, n), -float("inf"), device=dirs.device)
+    best_ids = torch.full((N, n), -1, dtype=torch.long, device=dirs.device)
+    compared = 0
     for c in range(n_lists):
-        rows = members[c]
-        if not len(rows):
+        rows, queries = members[c], asking[ask_starts[c] : ask_starts[c + 1]]
+        if not len(rows) or not len(queries):
             continue
-        cand = torch.cat([members[p] for p in probes[c]])
-        if len(cand) <= n:  # too few to fill n neighbours: search these rows exactly
-            found = exact_rows(dirs, rows, n)
-        else:
-            sims = dirs[rows] @ dirs[cand].T
-            sims[rows[:, None] == cand[None, :]] = -float("inf")
-            top = sims.topk(n, dim=1)
-            found = Neighbors(cand[top.indices].cpu().numpy().astype(np.int32), top.values.float().cpu().numpy())
-        where = rows.cpu().numpy()
-        ids[where], cos[where] = found.ids, found.cos
-    return Neighbors(ids, cos)
+        sims = dirs[queries] @ dirs[rows].T
+        sims[queries[:, None] == rows[None, :]] = -float("inf")
+        compared += sims.numel()
+        top = sims.topk(min(n, len(rows)), dim=1)
+        merged_cos = torch.cat([best_cos[queries], top.values.float()], dim=1)
+        merged_ids = torch.cat([best_ids[queries], rows[top.indices]], dim=1)
+        keep = merged_cos.topk(n, dim=1)
+        best_cos[queries], best_ids[queries] = keep.values, merged_ids.gather(1, keep.indices)
+    short = torch.isinf(best_cos).any(dim=1).nonzero(as_tuple=True)[0]
+    if len(short):  # probed lists held fewer than n other rows: search these rows exactly
+        found = exact_rows(dirs, short, n)
+        best_ids[short] = torch.as_tensor(found.ids, dtype=torch.long, device=dirs.device)
+        best_cos[short] = torch.as_tensor(found.cos, device=dirs.device)
+        compared += len(short) * N
+    ids, cos = best_ids.cpu().numpy().astype(np.int32), best_cos.cpu().numpy()
+    return Neighbors(ids, cos, compared / N**2)
 
 
 def recall_at_n(dirs: torch.Tensor, approx_ids: np.ndarray, sample: int = 512, seed: int = 0) -> Recall:

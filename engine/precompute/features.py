@@ -136,7 +136,8 @@ def latent_neighbors(sae: SAE, n: int = 10, *, exact_max: int = 65_536, n_probe:
     found = ivf_neighbors(dirs, n, n_lists=n_lists, n_probe=n_probe, seed=seed)
     recall = recall_at_n(dirs, found.ids, RECALL_SAMPLE, seed=seed)
     info = {"method": "ivf", "n": n, "exact_max": exact_max, "n_lists": n_lists, "n_probe": min(n_probe, n_lists),
-            "recall_at_n": round(recall.value, 4), "recall_sample": len(recall.rows)}
+            "recall_at_n": round(recall.value, 4), "recall_sample": len(recall.rows),
+            "pairs_compared": round(found.compared, 4)}
     return NeighborFacts(found.ids, found.cos, info)
 
 
