@@ -25,11 +25,12 @@ class TopBottom(NamedTuple):
 
 
 @torch.inference_mode()
-def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024) -> torch.Tensor:
-    """``[d_sae, d_model]``: each latent's decoder row as the residual-stream direction it writes. An
-    ``attn.hook_z`` SAE writes per-head outputs before the attention's output projection, so its rows go through
-    that projection (bias left out; a one-head SAE's rows fill its head's block); other SAEs' rows already are."""
-    dirs = sae.decoder_directions().detach()
+def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024, latents: slice = slice(None)) -> torch.Tensor:
+    """``[d_sae, d_model]``: each latent's decoder row (of ``latents``: all by default) as the residual-stream
+    direction it writes. An ``attn.hook_z`` SAE writes per-head outputs before the attention's output projection, so
+    its rows go through that projection (bias left out; a one-head SAE's rows fill its head's block); other SAEs'
+    rows already are."""
+    dirs = sae.decoder_directions().detach()[latents]
     layer, kind = parse_hook_name(sae.cfg.hook_name)
     if kind != "attn.hook_z":
         return dirs
@@ -48,11 +49,11 @@ def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024) -> torch.T
 
 
 @torch.inference_mode()
-def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> TopBottom:
-    """Each latent's residual direction (``residual_directions``), scaled by the final norm's weight, through the
-    unembedding: top/bottom ``n`` tokens."""
+def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512, latents: slice = slice(None)) -> TopBottom:
+    """Each latent's (of ``latents``: all by default) residual direction (``residual_directions``), scaled by the
+    final norm's weight, through the unembedding: top/bottom ``n`` tokens."""
     W_U = lm.unembed_matrix().detach()
-    dirs = residual_directions(lm, sae)
+    dirs = residual_directions(lm, sae, latents=latents)
     if W_U.shape[1] != dirs.shape[1]:
         raise ValueError(f"logit effects need d_in == d_model ({lm.d_model}); this SAE has d_in={sae.cfg.d_in}")
     scale = lm.final_norm_scale().to(W_U.device)
@@ -67,6 +68,14 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> T
             store.append(t.float().cpu())
     top_ids, top_vals, bot_ids, bot_vals = (torch.cat(p).numpy() for p in parts)
     return TopBottom(top_ids.astype(np.int32), top_vals, bot_ids.astype(np.int32), bot_vals)
+
+
+def latent_logit_effects(lm: LoadedModel, sae: SAE, latent: int, n: int = 10) -> TopBottom:
+    """One latent's ``logit_effects`` (one product through the unembedding): what a feature page computes for a run
+    that left them out (``logits_on_demand_above``)."""
+    if not 0 <= latent < sae.cfg.d_sae:
+        raise ValueError(f"latent {latent} is out of range: this SAE has {sae.cfg.d_sae} latents")
+    return logit_effects(lm, sae, n, latents=slice(latent, latent + 1))
 
 
 BF16_DOT_ERROR = 0.015

@@ -75,6 +75,10 @@ class PrecomputeConfig:
     finished run)."""
     n_logits: int = 10
     """Promoted and suppressed tokens kept per latent."""
+    logits_on_demand_above: int = 131_072
+    """SAEs wider than this leave the logit effects out of features.parquet (null), so the run need not wait for
+    d_sae products through the unembedding; the feature page computes a latent's when shown (one product) and
+    caches it (0: always on demand)."""
     n_neighbors: int = 10
     """Nearest latents by decoder cosine."""
     neighbors_exact_max: int = 65_536

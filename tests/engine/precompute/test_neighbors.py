@@ -40,3 +40,15 @@ def test_a_wide_run_uses_ivf_and_its_manifest_recall_is_a_brute_force_recount(ti
     recount = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, exact, strict=True)])
     assert info["recall_at_n"] == pytest.approx(recount, abs=1e-4)
     assert recount < 1.0  # 4 of 32 lists: really approximate
+
+
+def test_a_run_wider_than_logits_on_demand_above_stores_no_logit_effects(tiny_llama, tmp_path):
+    sae = random_sae("topk", d_sae=256, hook="blocks.1.hook_resid_post")
+    corpus = write_corpus(tmp_path / "c.jsonl", n_docs=4)
+    manifest = precompute(tiny_llama, sae, corpus, tmp_path / "run", context_len=16, batch_size=8, progress=False,
+                          logits_on_demand_above=255, snapshot_tokens=0)
+    assert manifest["settings"]["logits_on_demand_above"] == 255
+    table = pq.read_table(tmp_path / "run" / "features.parquet")
+    for name in ("top_logit_ids", "top_logit_values", "bottom_logit_ids", "bottom_logit_values"):
+        assert table.column(name).null_count == 256, name
+    assert table.column("neighbor_ids").null_count == 0
