@@ -56,20 +56,20 @@ def shaped_run(*, shapes: dict = GEMMA2_2B, d_sae: int = 65_536, k: int = 64, la
     from ..data.corpus import iter_contexts
     from ..model.loading import dtype_choice, resolve_device
     from ..precompute.pipeline import precompute
-    from .bench import PeakRSS, _forward_seconds, _random_topk
+    from .bench import PeakRSS, forward_seconds, random_topk
 
     dev = resolve_device(device)
     choice = dtype_choice(dtype, dev, shapes["hidden_size"])
     lm = shaped_model(shapes, dev, choice.torch_dtype)
     layer = shapes["num_hidden_layers"] // 2 if layer is None else layer
-    sae = _random_topk(lm, {"d_sae": d_sae, "k": k, "hook": f"blocks.{layer}.hook_resid_post"})
+    sae = random_topk(lm, {"d_sae": d_sae, "k": k, "hook": f"blocks.{layer}.hook_resid_post"})
     hook = sae.cfg.hook_name
     with tempfile.TemporaryDirectory(prefix="saescope-shaped-", dir=work_dir) as tmp:
         # ids within the tokenizer's vocabulary (the corpus check refuses others); which ids does not change the cost
         corpus = token_corpus(Path(tmp) / "tokens.parquet", tokens, len(lm.tokenizer), context_len)
         contexts = list(itertools.islice(iter_contexts(lm.tokenizer, corpus, context_len), tokens // context_len))
-        _forward_seconds(lm, hook, contexts[:batch_size], batch_size)  # warm-up
-        before = _forward_seconds(lm, hook, contexts, batch_size)
+        forward_seconds(lm, hook, contexts[:batch_size], batch_size)  # warm-up
+        before = forward_seconds(lm, hook, contexts, batch_size)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         started = time.perf_counter()
@@ -77,7 +77,7 @@ def shaped_run(*, shapes: dict = GEMMA2_2B, d_sae: int = 65_536, k: int = 64, la
             manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=len(contexts) * context_len,
                                   context_len=context_len, batch_size=batch_size, progress=False)
         seconds = time.perf_counter() - started
-        after = _forward_seconds(lm, hook, contexts, batch_size)
+        after = forward_seconds(lm, hook, contexts, batch_size)
     n = len(contexts) * context_len
     forward = (before + after) / 2
     return {"model": lm.name, "shapes": shapes, "d_sae": d_sae, "k": k, "hook": hook, "tokens": n,

@@ -23,6 +23,7 @@ def test_feature_page_computes_logit_effects_the_run_left_out(tmp_path, open_app
     table = pq.read_table(run / "features.parquet")
     assert table.column("top_logit_ids").null_count == table.num_rows  # none stored
     man = read_manifest(run)
+    assert man is not None
     lm = load_model(loaded.model_source(man), device="cpu", dtype="float32")
     sae = load_sae(loaded.sae_source(man))
     latent = 3

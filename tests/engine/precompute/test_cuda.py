@@ -2,6 +2,8 @@
 per task), against the same run on the CPU (run by scripts/gpu_check.sh; skipped with the reason where torch sees
 no CUDA device)."""
 
+from typing import Any
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +17,7 @@ from tests.engine.runs_util import write_corpus
 from tests.engine.saes_util import random_sae
 
 pytestmark = pytest.mark.cuda
-OPTS = {"context_len": 16, "batch_size": 8, "top_k": 5, "sample_contexts": 6, "ce_every": 1}
+OPTS: dict[str, Any] = {"context_len": 16, "batch_size": 8, "top_k": 5, "sample_contexts": 6, "ce_every": 1}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """The shaped synthetic run (scripts/gpu_check.sh's Gemma-2-2B-shaped run) at toy shapes on a CPU, and on CUDA."""
 
+from typing import Any
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +21,7 @@ def test_token_corpus_is_whole_contexts_of_valid_ids(tmp_path):
 
 def test_shaped_model_has_the_asked_shapes():
     lm = shaped_model(TOY, torch.device("cpu"), torch.float32)
-    cfg = lm.model.config
+    cfg: Any = lm.model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim, cfg.vocab_size) == (64, 2, 16, 512)
     assert lm.unembed_matrix().shape == (512, 64)
     assert GEMMA2_2B["hidden_size"] == 2304 and GEMMA2_2B["num_hidden_layers"] == 26  # Gemma-2-2B's config.json
