@@ -52,7 +52,9 @@ def shaped_run(*, shapes: dict = GEMMA2_2B, d_sae: int = 65_536, k: int = 64, la
                dtype: str = "auto", work_dir: str | Path | None = None) -> dict:
     """Precompute a random TopK SAE of ``d_sae`` latents on ``tokens`` random tokens of a random model of ``shapes``
     (hook ``blocks.{layer}.hook_resid_post``, the middle layer by default); returns the timings, tokens/s of the
-    precompute and of the bare forward on the same contexts (timed before and after; their mean), and peak memory."""
+    precompute and of the bare forward on the same contexts (timed before and after; their mean), and peak memory.
+    No snapshots: the figure is the pass and the finished run, whatever the device's speed makes of the snapshot
+    schedule."""
     from ..data.corpus import iter_contexts
     from ..model.loading import dtype_choice, resolve_device
     from ..precompute.pipeline import precompute
@@ -75,7 +77,7 @@ def shaped_run(*, shapes: dict = GEMMA2_2B, d_sae: int = 65_536, k: int = 64, la
         started = time.perf_counter()
         with PeakRSS() as rss:
             manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=len(contexts) * context_len,
-                                  context_len=context_len, batch_size=batch_size, progress=False)
+                                  context_len=context_len, batch_size=batch_size, progress=False, snapshot_tokens=0)
         seconds = time.perf_counter() - started
         after = forward_seconds(lm, hook, contexts, batch_size)
     n = len(contexts) * context_len
