@@ -71,3 +71,12 @@ def test_spherical_kmeans_converges_to_the_normalised_means_of_its_lists():
     for c in np.unique(assign):  # Lloyd's fixed point, recomputed in numpy
         mean = x[assign == c].sum(0)
         assert np.allclose(got[c], mean / np.linalg.norm(mean), atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_ivf_on_cuda_equals_brute_force_when_every_list_is_probed():
+    x = _unit_rows(600, 32, clusters=5, seed=2)
+    ids, _ = _brute(x.numpy().astype(np.float64), 10)
+    got = ivf_neighbors(x.cuda(), 10, n_lists=12, n_probe=12)
+    assert np.array_equal(got.ids, ids)
+    assert recall_at_n(x.cuda(), got.ids, sample=600).value == 1.0
