@@ -173,6 +173,16 @@ def attribution(run_dir: str, feature_id: int) -> list[ExampleDFA]:
     return _attribution(run_dir, stamp(run_dir), int(feature_id))
 
 
+@st.cache_data(show_spinner="Computing the logit effects (one product through the unembedding)…", max_entries=1024)
+def logit_effects(model_key: tuple[str, str], sae_path: str, latent: int, n: int) -> tuple[list, list, list, list]:
+    """One latent's promoted and suppressed tokens (ids, values) for a run that left them to the page."""
+    from engine.precompute.features import latent_logit_effects
+
+    lm = model(*model_key, device())
+    got = latent_logit_effects(lm, sae(sae_path, str(lm.device)), latent, n)
+    return got.top_ids[0].tolist(), got.top_values[0].tolist(), got.bottom_ids[0].tolist(), got.bottom_values[0].tolist()
+
+
 @st.cache_resource(show_spinner="Attributing to heads and source tokens…", max_entries=64, ttl=900)
 def dfa(model_key: tuple[str, str], sae_path: str, token_ids: tuple[int, ...], latent: int, position: int):
     """``engine.analysis.dfa.dfa`` of ``latent`` at ``position`` of a prompt, on the run's model and SAE."""

@@ -210,6 +210,25 @@ def live(run_dir: str):
     return lm, sae
 
 
+def logit_effects(run_dir: str, feature_id: int) -> tuple[list, list, list, list] | str:
+    """A latent's logit effects computed with the run's model and SAE (cached), for runs that left them out of
+    features.parquet; or why they cannot be (no model at hand, fingerprints that differ)."""
+    from engine.run import loaded
+
+    man = manifest(run_dir)
+    try:
+        source, sae_path = loaded.model_source(man), loaded.sae_source(man)
+        info = sections(man)
+        mismatch = cache.fingerprint_mismatch(source, cache.dtype(), cache.device(), sae_path, info.model.hash,
+                                              info.sae.hash, "this run")
+        if mismatch is not None:
+            return mismatch
+        n = int((man.get("settings") or {}).get("n_logits") or 10)
+        return cache.logit_effects((source, cache.dtype()), sae_path, feature_id, n)
+    except Exception as err:  # the page still shows everything else
+        return f"{type(err).__name__}: {err}"
+
+
 def feature_link(feature_id: int, label: str = "", *, suffix: str = "") -> None:
     """A link to a latent's feature page."""
     text = f"#{feature_id}" + (f" · {render.md(label)}" if label else "") + suffix

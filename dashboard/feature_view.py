@@ -64,8 +64,15 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
         st.plotly_chart(charts.activation_histogram(row.hist_counts or [], row.hist_edges or []), key="act_hist")
     with right:
         st.markdown("**Logit effects** (decoder direction through the unembedding)")
-        promoted = list(zip(store.decode(row.top_logit_ids or []), row.top_logit_values or [], strict=True))
-        suppressed = list(zip(store.decode(row.bottom_logit_ids or []), row.bottom_logit_values or [], strict=True))
+        effects = (row.top_logit_ids, row.top_logit_values, row.bottom_logit_ids, row.bottom_logit_values)
+        if row.top_logit_ids is None:  # a wide run leaves them to this page (logits_on_demand_above)
+            computed = common.logit_effects(run, feature_id)
+            if isinstance(computed, str):
+                st.caption(f"Not in this run, and not computable here: {render.md(computed)}")
+            else:
+                effects = computed
+        promoted = list(zip(store.decode(effects[0] or []), effects[1] or [], strict=True))
+        suppressed = list(zip(store.decode(effects[2] or []), effects[3] or [], strict=True))
         st.caption("Promoted")
         st.html(render.chips(promoted, color="pos"))
         st.caption("Suppressed")

@@ -34,7 +34,7 @@ from engine.data.corpus import iter_contexts
 from engine.model.loading import load_model
 from engine.precompute.pipeline import precompute
 from engine.saes import load_sae
-from engine.tools.bench import _forward_seconds, machine_facts
+from engine.tools.bench import forward_seconds, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,13 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
     hook = sae.cfg.hook_name
     contexts = list(itertools.islice(iter_contexts(lm.tokenizer, args.corpus, args.context_len), args.tokens // args.context_len))
     n_tokens = len(contexts) * args.context_len
-    _forward_seconds(lm, hook, contexts[: args.batch_size], args.batch_size)  # warm-up
-    forward = [_forward_seconds(lm, hook, contexts, args.batch_size)]
+    forward_seconds(lm, hook, contexts[: args.batch_size], args.batch_size)  # warm-up
+    forward = [forward_seconds(lm, hook, contexts, args.batch_size)]
     runs: dict[str, list[dict]] = {"with": [], "without": []}
     ratios: dict[str, dict[str, list[float]]] = {"main_pass": {"with": [], "without": []}, "total": {"with": [], "without": []}}
     for which in ("with", "without", "without", "with"):
         timings = _precompute(lm, sae, args.corpus, n_tokens, args.context_len, args.batch_size, 16 if which == "with" else 0)
-        forward.append(_forward_seconds(lm, hook, contexts, args.batch_size))
+        forward.append(forward_seconds(lm, hook, contexts, args.batch_size))
         bare = (forward[-2] + forward[-1]) / 2
         runs[which].append(timings)
         ratios["main_pass"][which].append(round(timings["main_pass_seconds"] / bare, 3))

@@ -15,3 +15,13 @@ def tiny_llama():
     from engine.model.tiny import tiny_model
 
     return tiny_model("llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a CUDA device and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

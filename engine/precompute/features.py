@@ -7,6 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..analysis.ivf import default_lists, ivf_neighbors, recall_at_n
 from ..model.attention import attention_module
 from ..model.families import parse_hook_name
 from ..model.loading import LoadedModel
@@ -24,11 +25,12 @@ class TopBottom(NamedTuple):
 
 
 @torch.inference_mode()
-def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024) -> torch.Tensor:
-    """``[d_sae, d_model]``: each latent's decoder row as the residual-stream direction it writes. An
-    ``attn.hook_z`` SAE writes per-head outputs before the attention's output projection, so its rows go through
-    that projection (bias left out; a one-head SAE's rows fill its head's block); other SAEs' rows already are."""
-    dirs = sae.decoder_directions().detach()
+def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024, latents: slice = slice(None)) -> torch.Tensor:
+    """``[d_sae, d_model]``: each latent's decoder row (of ``latents``: all by default) as the residual-stream
+    direction it writes. An ``attn.hook_z`` SAE writes per-head outputs before the attention's output projection, so
+    its rows go through that projection (bias left out; a one-head SAE's rows fill its head's block); other SAEs'
+    rows already are."""
+    dirs = sae.decoder_directions().detach()[latents]
     layer, kind = parse_hook_name(sae.cfg.hook_name)
     if kind != "attn.hook_z":
         return dirs
@@ -47,11 +49,11 @@ def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024) -> torch.T
 
 
 @torch.inference_mode()
-def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> TopBottom:
-    """Each latent's residual direction (``residual_directions``), scaled by the final norm's weight, through the
-    unembedding: top/bottom ``n`` tokens."""
+def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512, latents: slice = slice(None)) -> TopBottom:
+    """Each latent's (of ``latents``: all by default) residual direction (``residual_directions``), scaled by the
+    final norm's weight, through the unembedding: top/bottom ``n`` tokens."""
     W_U = lm.unembed_matrix().detach()
-    dirs = residual_directions(lm, sae)
+    dirs = residual_directions(lm, sae, latents=latents)
     if W_U.shape[1] != dirs.shape[1]:
         raise ValueError(f"logit effects need d_in == d_model ({lm.d_model}); this SAE has d_in={sae.cfg.d_in}")
     scale = lm.final_norm_scale().to(W_U.device)
@@ -66,6 +68,14 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = 512) -> T
             store.append(t.float().cpu())
     top_ids, top_vals, bot_ids, bot_vals = (torch.cat(p).numpy() for p in parts)
     return TopBottom(top_ids.astype(np.int32), top_vals, bot_ids.astype(np.int32), bot_vals)
+
+
+def latent_logit_effects(lm: LoadedModel, sae: SAE, latent: int, n: int = 10) -> TopBottom:
+    """One latent's ``logit_effects`` (one product through the unembedding): what a feature page computes for a run
+    that left them out (``logits_on_demand_above``)."""
+    if not 0 <= latent < sae.cfg.d_sae:
+        raise ValueError(f"latent {latent} is out of range: this SAE has {sae.cfg.d_sae} latents")
+    return logit_effects(lm, sae, n, latents=slice(latent, latent + 1))
 
 
 BF16_DOT_ERROR = 0.015
@@ -105,6 +115,39 @@ def decoder_neighbors(sae: SAE, n: int = 10, chunk: int = 1024, search_dtype: to
         ids.append(top_ids.cpu())
         cos.append(top_values.cpu())
     return torch.cat(ids).numpy().astype(np.int32), torch.cat(cos).numpy()
+
+
+RECALL_SAMPLE = 512
+"""Latents whose exact neighbours are recomputed to measure an approximate search's recall@n."""
+
+
+class NeighborFacts(NamedTuple):
+    """Decoder neighbours ``[d_sae, n]`` and how they were found (the manifest's ``neighbors``)."""
+
+    ids: np.ndarray
+    cos: np.ndarray
+    info: dict
+
+
+@torch.inference_mode()
+def latent_neighbors(sae: SAE, n: int = 10, *, exact_max: int = 65_536, n_probe: int = 32,
+                     search_dtype: torch.dtype | None = None, seed: int = 0) -> NeighborFacts:
+    """Decoder neighbours, exact (``decoder_neighbors``) up to ``exact_max`` latents; wider SAEs through an IVF index
+    (``engine.analysis.ivf``) whose recall@n against the exact neighbours is measured on ``RECALL_SAMPLE`` latents."""
+    d_sae = sae.cfg.d_sae
+    n = min(n, d_sae - 1)
+    if d_sae <= exact_max:
+        ids, cos = decoder_neighbors(sae, n, search_dtype=search_dtype)
+        return NeighborFacts(ids, cos, {"method": "exact", "n": n, "exact_max": exact_max})
+    dirs = sae.decoder_directions().detach().float()
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n_lists = default_lists(d_sae)
+    found = ivf_neighbors(dirs, n, n_lists=n_lists, n_probe=n_probe, seed=seed)
+    recall = recall_at_n(dirs, found.ids, RECALL_SAMPLE, seed=seed)
+    info = {"method": "ivf", "n": n, "exact_max": exact_max, "n_lists": n_lists, "n_probe": min(n_probe, n_lists),
+            "recall_at_n": round(recall.value, 4), "recall_sample": len(recall.rows),
+            "pairs_compared": round(found.compared, 4)}
+    return NeighborFacts(found.ids, found.cos, info)
 
 
 def _nearest(block: torch.Tensor, dirs: torch.Tensor, start: int, n: int, rows: torch.Tensor | None = None):

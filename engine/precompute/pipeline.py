@@ -75,8 +75,17 @@ class PrecomputeConfig:
     finished run)."""
     n_logits: int = 10
     """Promoted and suppressed tokens kept per latent."""
+    logits_on_demand_above: int = 131_072
+    """SAEs wider than this leave the logit effects out of features.parquet (null), so the run need not wait for
+    d_sae products through the unembedding; the feature page computes a latent's when shown (one product) and
+    caches it (0: always on demand)."""
     n_neighbors: int = 10
     """Nearest latents by decoder cosine."""
+    neighbors_exact_max: int = 65_536
+    """Widest SAE whose decoder neighbours are found exactly; wider ones use an IVF index, its recall@n measured on a
+    sample and kept in the manifest (``neighbors``)."""
+    neighbors_probe: int = 32
+    """IVF lists each list of latents searches, where the neighbours are approximate (more: slower, higher recall)."""
     ridge: float = 1e-6
     """Ridge of the linear error map, relative to the mean activation variance."""
     dfa_sources: int = 16

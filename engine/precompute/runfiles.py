@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from ..run import parquet, schema
 from .darkmatter import LinearErrorMap
-from .features import decoder_neighbors, labels_from_examples, logit_effects
+from .features import labels_from_examples, latent_neighbors, logit_effects
 from .heads import HEAD_TERMS, data_shares, weight_shares
 from .reservoirs import ExampleReservoirs, ExampleRows
 from .sampling import ContextSample
@@ -103,25 +103,39 @@ def attribution_columns(rows: ExampleRows, top: np.ndarray) -> dict:
     }
 
 
+LOGIT_COLUMNS = ("top_logit_ids", "top_logit_values", "bottom_logit_ids", "bottom_logit_values")
+NEIGHBORS_INFO = "neighbors"
+"""The key of ``latent_facts`` that is no column: how the neighbours were found (the manifest's ``neighbors``)."""
+
+
 def latent_facts(lm, sae, cfg) -> dict:
     """The feature columns that depend on the weights only (logit effects, decoder neighbours): computed once
     per run, whatever the number of snapshots."""
     d_sae = sae.cfg.d_sae
     # attn.hook_z decoders write per-head outputs: logit_effects maps them through the output projection first
-    effects = logit_effects(lm, sae, cfg.n_logits)
-    logits = [effects.top_ids, effects.top_values, effects.bottom_ids, effects.bottom_values]
+    if d_sae > cfg.logits_on_demand_above:  # on demand: the feature page computes one latent's
+        ints, floats = pa.list_(pa.int32()), pa.list_(pa.float32())
+        logit_cols = dict(zip(LOGIT_COLUMNS, (pa.nulls(d_sae, t) for t in (ints, floats, ints, floats)), strict=True))
+    else:
+        effects = logit_effects(lm, sae, cfg.n_logits)
+        logit_cols = {
+            "top_logit_ids": parquet.list_array(effects.top_ids, pa_type=pa.int32()),
+            "top_logit_values": parquet.list_array(effects.top_values),
+            "bottom_logit_ids": parquet.list_array(effects.bottom_ids, pa_type=pa.int32()),
+            "bottom_logit_values": parquet.list_array(effects.bottom_values),
+        }
     # bf16 candidates where the model runs in bf16 (auto picks it only where bf16 matmuls are fast)
     search = torch.bfloat16 if lm.dtype == torch.bfloat16 else None
-    neighbor_ids, neighbor_cos = decoder_neighbors(sae, cfg.n_neighbors, search_dtype=search)
+    neighbors = latent_neighbors(sae, cfg.n_neighbors, exact_max=cfg.neighbors_exact_max, n_probe=cfg.neighbors_probe,
+                                 search_dtype=search, seed=cfg.seed)
+    neighbor_ids, neighbor_cos = neighbors.ids, neighbors.cos
     shares = weight_shares(lm, sae)
     return {
         "head_weight_shares": pa.nulls(d_sae, pa.list_(pa.float32())) if shares is None else parquet.list_array(shares),
-        "top_logit_ids": parquet.list_array(logits[0], pa_type=pa.int32()),
-        "top_logit_values": parquet.list_array(logits[1]),
-        "bottom_logit_ids": parquet.list_array(logits[2], pa_type=pa.int32()),
-        "bottom_logit_values": parquet.list_array(logits[3]),
+        **logit_cols,
         "neighbor_ids": parquet.list_array(neighbor_ids, pa_type=pa.int32()),
         "neighbor_cos": parquet.list_array(neighbor_cos),
+        NEIGHBORS_INFO: neighbors.info,
     }
 
 
@@ -141,7 +155,7 @@ def feature_columns(
         "dead": summary.fire_count == 0,
         "hist_counts": parquet.ragged_list_array(summary.hist_counts, pa.int64()),
         "hist_edges": parquet.ragged_list_array(summary.hist_edges, pa.float32()),
-        **facts,
+        **{k: v for k, v in facts.items() if k != NEIGHBORS_INFO},
         "top_token_ids": parquet.ragged_list_array(top_tokens, pa.int32()),
         "label": labels,
         "explanation": [None] * d_sae,

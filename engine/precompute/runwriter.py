@@ -186,8 +186,9 @@ class RunWriter:
             self._vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
         if self._facts is None:
             self._facts = runfiles.latent_facts(lm, sae, cfg)
+        facts = self._facts
         labels, top_tokens, head_data = runfiles.write_examples(folder, state.examples, self._vocab)
-        features = runfiles.feature_columns(self._facts, summary, labels, top_tokens, head_data)
+        features = runfiles.feature_columns(facts, summary, labels, top_tokens, head_data)
         features_seconds = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -231,6 +232,7 @@ class RunWriter:
                 "n_contexts": state.n_contexts, "context_len": cfg.context_len, "n_tokens": state.n_tokens,
             },
             "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+            "neighbors": facts[runfiles.NEIGHBORS_INFO],
             "metrics": metrics,
             "dark_matter": {**error_map.metrics, "err_norm_corr": norm_corr, "n_token_rows": len(token_rows["context_id"])},
             "dead_latents": dead.tolist(),

@@ -85,13 +85,14 @@ class FeatureRow(NamedTuple):
     """Firing activations per bin."""
     hist_edges: list[float]
     """``len(hist_counts) + 1`` bin edges from 0 (empty if dead)."""
-    top_logit_ids: list[int]
-    """The tokens the latent's decoder row promotes most (through the final norm and the unembedding)."""
-    top_logit_values: list[float]
+    top_logit_ids: list[int] | None
+    """The tokens the latent's decoder row promotes most (through the final norm and the unembedding); None in a run
+    wider than its ``logits_on_demand_above`` (the feature page computes them)."""
+    top_logit_values: list[float] | None
     """Logit change of each ``top_logit_ids`` token per unit activation."""
-    bottom_logit_ids: list[int]
+    bottom_logit_ids: list[int] | None
     """The tokens it suppresses most (empty when the SAE does not write to the residual stream)."""
-    bottom_logit_values: list[float]
+    bottom_logit_values: list[float] | None
     """Logit change of each ``bottom_logit_ids`` token per unit activation."""
     neighbor_ids: list[int]
     """The other latents with the highest decoder cosine similarity."""

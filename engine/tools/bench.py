@@ -36,7 +36,8 @@ def demo_available() -> bool:
     return (demo_model_dir() / "config.json").is_file() and (demo_sae_dir() / "cfg.json").is_file()
 
 
-def _random_topk(lm, spec: dict, seed: int = 0):
+def random_topk(lm, spec: dict, seed: int = 0):
+    """A TopK SAE of ``spec`` (``d_sae``, ``k``, ``hook``) with unit-norm random decoder rows and a tied encoder."""
     import torch
 
     from ..saes import SAEConfig, build_sae
@@ -72,23 +73,27 @@ def _load(which: str):
         lm.dtype_choice = choice
         lm.model.to(device)
         lm.device = device
-        sae = _random_topk(lm, GPT2_SAE)
+        sae = random_topk(lm, GPT2_SAE)
         return lm, sae, (f"gpt2: random GPT-2-small-shaped model (12 layers, d_model 768, vocab 50,257) + random topk "
                          f"SAE ({GPT2_SAE['d_sae']} latents, k {GPT2_SAE['k']}, at {GPT2_SAE['hook']})")
     lm = tiny_model("llama")
-    sae = _random_topk(lm, TINY_SAE)
+    sae = random_topk(lm, TINY_SAE)
     return lm, sae, f"tiny: random 2-layer llama (d_model {lm.d_model}) + random topk SAE ({TINY_SAE['d_sae']} latents)"
 
 
-def _forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
+def forward_seconds(lm, hook: str, contexts: list[list[int]], batch_size: int) -> float:
+    """Seconds of the bare forward up to ``hook`` over ``contexts`` in batches (CUDA work included)."""
     import torch
 
     from ..data.activations import batched
 
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)  # CUDA kernels run queued
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         for ids in batched(contexts, batch_size):
             lm.capture(ids, hook)
+    sync()
     return time.perf_counter() - start
 
 
@@ -132,13 +137,13 @@ def child_main(argv: list[str]) -> None:
     lm, sae, description = _load(which)
     hook = sae.cfg.hook_name
     contexts = list(itertools.islice(iter_contexts(lm.tokenizer, corpus, context_len), tokens // context_len))
-    _forward_seconds(lm, hook, contexts[:batch_size], batch_size)  # warm-up
-    before = _forward_seconds(lm, hook, contexts, batch_size)
+    forward_seconds(lm, hook, contexts[:batch_size], batch_size)  # warm-up
+    before = forward_seconds(lm, hook, contexts, batch_size)
     with tempfile.TemporaryDirectory(prefix="saescope-bench-") as tmp, PeakRSS() as rss:
         manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=len(contexts) * context_len,
                               context_len=context_len, batch_size=batch_size, progress=False)
     peak = rss.peak_mb
-    after = _forward_seconds(lm, hook, contexts, batch_size)
+    after = forward_seconds(lm, hook, contexts, batch_size)
     out = {"model": description, "tokens": len(contexts) * context_len, "forward_seconds": (before + after) / 2,
            "forward_seconds_before_after": [before, after], "timings": manifest["timings"], "peak_rss_mb": peak,
            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

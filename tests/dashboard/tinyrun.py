@@ -52,9 +52,9 @@ def make_sae(architecture: str, d_in: int = 64, d_sae: int = 256, seed: int = 0,
     return build_sae(cfg, state)
 
 
-def build_tiny_run(root: Path, architecture: str = "topk", hook: str = HOOK, name: str | None = None) -> Path:
-    """Model, SAE, corpus and a precomputed run under ``root`` (in ``runs/<name or architecture>``); returns the run
-    directory."""
+def build_tiny_run(root: Path, architecture: str = "topk", hook: str = HOOK, name: str | None = None, **settings) -> Path:
+    """Model, SAE, corpus and a precomputed run under ``root`` (in ``runs/<name or architecture>``; ``settings``:
+    ``PrecomputeConfig`` fields); returns the run directory."""
     from engine.model.loading import load_model
     from engine.model.tiny import save_tiny_model
     from engine.precompute.pipeline import precompute
@@ -69,5 +69,5 @@ def build_tiny_run(root: Path, architecture: str = "topk", hook: str = HOOK, nam
     corpus = write_corpus(root / "corpus.jsonl")
     lm = load_model(model_dir, device="cpu", dtype="float32")
     run = root / "runs" / name
-    precompute(lm, load_sae(sae_dir), corpus, run, context_len=32, sae_path=sae_dir, progress=False)
+    precompute(lm, load_sae(sae_dir), corpus, run, **{"context_len": 32, **settings}, sae_path=sae_dir, progress=False)
     return run

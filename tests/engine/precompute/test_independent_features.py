@@ -31,7 +31,7 @@ import torch
 
 from engine.data.corpus import iter_contexts
 from engine.model.tiny import TINY_TEXT, tiny_model, tiny_tokenizer
-from engine.precompute.features import decoder_neighbors, logit_effects
+from engine.precompute.features import decoder_neighbors, latent_logit_effects, logit_effects
 from engine.precompute.pipeline import precompute
 from engine.saes import SAEConfig, build_sae
 from tests.engine.runs_util import write_corpus
@@ -123,6 +123,16 @@ def test_logit_effects_match_the_dense_product(case):
     # without the norm's scale the ranking is another one: the check above can tell
     unscaled = case["sae"].W_dec.double().numpy() @ case["lm"].hf_model.lm_head.weight.double().numpy().T
     assert (np.argsort(-unscaled, axis=1)[:, :N] != got.top_ids).any()
+
+
+def test_one_latents_logit_effects_on_demand_match_the_dense_product(case):
+    full = _brute_logits(case["lm"], case["sae"])
+    for latent in (0, D_SAE - 1):
+        got = latent_logit_effects(case["lm"], case["sae"], latent, n=N)
+        _check_ranking(full[latent : latent + 1], got.top_ids, got.top_values, largest=True)
+        _check_ranking(full[latent : latent + 1], got.bottom_ids, got.bottom_values, largest=False)
+    with pytest.raises(ValueError, match="out of range"):
+        latent_logit_effects(case["lm"], case["sae"], D_SAE, n=N)
 
 
 def test_features_parquet_logit_effects_match_the_dense_product(case):
