@@ -17,6 +17,18 @@ def tiny_llama():
     return tiny_model("llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """300 short documents of ``TINY_TEXT`` (what the tiny models' tokenizer was trained on), as JSONL."""
+    import json
+
+    from engine.model.tiny import TINY_TEXT
+
+    path = tmp_path_factory.mktemp("tiny-corpus") / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(300)))
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` run where torch sees a CUDA device and are skipped, with the reason, elsewhere."""
     if torch.cuda.is_available():

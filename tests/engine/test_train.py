@@ -18,22 +18,14 @@ from engine.train import TrainConfig, train_sae
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = [json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(300)]
-    (folder / "train.jsonl").write_text("\n".join(lines))
-    return folder / "train.jsonl"
-
-
-def _cfg(corpus, **kw):
-    base = dict(hook_name=HOOK, corpus=str(corpus), width=256, k=8, tokens=30_000, context_len=64, batch_size=512,
+def _cfg(tiny_corpus, **kw):
+    base = dict(hook_name=HOOK, corpus=str(tiny_corpus), width=256, k=8, tokens=30_000, context_len=64, batch_size=512,
                 buffer_tokens=8192, eval_contexts=8, ce_contexts=4, lr=3e-3)
     return TrainConfig(**{**base, **kw})
 
 
-def test_trainer_learns_and_writes_a_loadable_sae(tiny_llama, corpus, tmp_path):
-    report = train_sae(tiny_llama, _cfg(corpus), tmp_path / "sae", progress=False)
+def test_trainer_learns_and_writes_a_loadable_sae(tiny_llama, tiny_corpus, tmp_path):
+    report = train_sae(tiny_llama, _cfg(tiny_corpus), tmp_path / "sae", progress=False)
     first, last = report["log"][0], report["log"][-1]
     assert 1 - last["fvu"] > (1 - first["fvu"]) + 0.2, (first, last)
     assert report["heldout"]["explained_variance"] > 0.5
@@ -50,19 +42,19 @@ def test_trainer_learns_and_writes_a_loadable_sae(tiny_llama, corpus, tmp_path):
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
 
 
-def test_refuses_existing_output(tiny_llama, corpus, tmp_path):
+def test_refuses_existing_output(tiny_llama, tiny_corpus, tmp_path):
     out = tmp_path / "sae"
     out.mkdir()
     (out / "cfg.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds an SAE; pass --force"):
-        train_sae(tiny_llama, _cfg(corpus), out, progress=False)
+        train_sae(tiny_llama, _cfg(tiny_corpus), out, progress=False)
 
 
-def test_bad_settings(tiny_llama, corpus, tmp_path):
+def test_bad_settings(tiny_llama, tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="--k must satisfy"):
-        _cfg(corpus, k=256)
+        _cfg(tiny_corpus, k=256)
     with pytest.raises(ValueError, match="unknown hook point"):
-        train_sae(tiny_llama, _cfg(corpus, hook_name="blocks.5.hook_resid_post"), tmp_path / "a", progress=False)
+        train_sae(tiny_llama, _cfg(tiny_corpus, hook_name="blocks.5.hook_resid_post"), tmp_path / "a", progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_sae(tiny_llama, _cfg(tmp_path / "missing.txt"), tmp_path / "b", progress=False)
     empty = tmp_path / "empty"
@@ -80,7 +72,7 @@ def test_corpus_smaller_than_one_batch(tiny_llama, tmp_path):
         train_sae(tiny_llama, cfg, tmp_path / "out", progress=False)
 
 
-def test_interrupt_leaves_no_sae(tmp_path, corpus):
+def test_interrupt_leaves_no_sae(tmp_path, tiny_corpus):
     """Ctrl-C during training: exit code 130 and no directory that looks like a finished SAE."""
     from engine.model.tiny import save_tiny_model
 

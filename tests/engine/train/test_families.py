@@ -2,7 +2,6 @@
 saved, the auxiliary and prefix losses against hand formulas, the loss gradient, and resuming from a checkpoint."""
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 from engine import load_sae
 from engine.data.gradients import hook_gradients
-from engine.model.tiny import TINY_TEXT
 from engine.train import TRAINERS, TrainConfig, train_sae
 from engine.train.checkpoint import checkpoint_dir
 
@@ -19,24 +17,16 @@ EXTRA = {"gradient_topk": {"gradient_beta": 4.0}, "feature_choice": {}, "mutual_
          "matryoshka": {"matryoshka_widths": "32,96,256"}}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = [json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(300)]
-    (folder / "train.jsonl").write_text("\n".join(lines))
-    return folder / "train.jsonl"
-
-
-def _cfg(corpus, architecture, **kw):
-    base = dict(hook_name=HOOK, corpus=str(corpus), width=256, k=8, tokens=12_288, context_len=64, batch_size=512,
+def _cfg(tiny_corpus, architecture, **kw):
+    base = dict(hook_name=HOOK, corpus=str(tiny_corpus), width=256, k=8, tokens=12_288, context_len=64, batch_size=512,
                 buffer_tokens=4096, eval_contexts=8, ce_contexts=4, lr=3e-3, architecture=architecture,
                 **EXTRA[architecture])
     return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("arch", sorted(EXTRA))
-def test_each_family_learns_and_saves_its_inference_rule(arch, tiny_llama, corpus, tmp_path):
-    report = train_sae(tiny_llama, _cfg(corpus, arch), tmp_path / arch, progress=False)
+def test_each_family_learns_and_saves_its_inference_rule(arch, tiny_llama, tiny_corpus, tmp_path):
+    report = train_sae(tiny_llama, _cfg(tiny_corpus, arch), tmp_path / arch, progress=False)
     first, last = report["log"][0], report["log"][-1]
     assert last["fvu"] < first["fvu"] - 0.05, (first, last)  # 24 steps, still in the lr warm-up
     sae = load_sae(tmp_path / arch)
@@ -125,14 +115,14 @@ def test_loss_gradient_at_the_hook_matches_finite_differences(tiny_llama):
 
 
 @pytest.mark.parametrize("arch", ["gradient_topk", "mutual_choice"])
-def test_an_interrupted_run_resumes_to_the_same_sae(arch, tiny_llama, corpus, tmp_path):
-    cfg = _cfg(corpus, arch, checkpoint_minutes=0.0)
+def test_an_interrupted_run_resumes_to_the_same_sae(arch, tiny_llama, tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, arch, checkpoint_minutes=0.0)
     straight = train_sae(tiny_llama, cfg, tmp_path / "straight", progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_sae(tiny_llama, cfg, tmp_path / "resumed", progress=False, interrupt_after_checkpoints=1)
     assert checkpoint_dir(tmp_path / "resumed").is_dir() and not (tmp_path / "resumed" / "cfg.json").exists()
     with pytest.raises(ValueError, match="checkpoint of a train-sae run with other settings: k=8"):
-        train_sae(tiny_llama, _cfg(corpus, arch, k=4), tmp_path / "resumed", progress=False)
+        train_sae(tiny_llama, _cfg(tiny_corpus, arch, k=4), tmp_path / "resumed", progress=False)
     resumed = train_sae(tiny_llama, cfg, tmp_path / "resumed", progress=False)
     assert resumed["resumed_at_tokens"] == 4096 and resumed["tokens_seen"] == straight["tokens_seen"]
     assert resumed["steps"] == straight["steps"]
@@ -142,11 +132,11 @@ def test_an_interrupted_run_resumes_to_the_same_sae(arch, tiny_llama, corpus, tm
     assert a.cfg.global_threshold == b.cfg.global_threshold
 
 
-def test_bad_family_settings(corpus):
+def test_bad_family_settings(tiny_corpus):
     with pytest.raises(ValueError, match="matryoshka groups must sum to d_sae=256"):
-        _cfg(corpus, "matryoshka", matryoshka_widths="32,96,200")
+        _cfg(tiny_corpus, "matryoshka", matryoshka_widths="32,96,200")
     with pytest.raises(ValueError, match="needs --matryoshka-widths"):
-        _cfg(corpus, "matryoshka", matryoshka_widths="")
+        _cfg(tiny_corpus, "matryoshka", matryoshka_widths="")
     with pytest.raises(ValueError, match="unknown --architecture"):
         TrainConfig(hook_name=HOOK, corpus="x", width=16, k=2, tokens=1, architecture="batchtopk")
 

@@ -8,27 +8,18 @@ import pytest
 import torch
 
 from engine.model.hooks import interventions
-from engine.model.tiny import TINY_TEXT
 from engine.saes.transcoders import load_transcoders
 from engine.train.transcoders import TranscoderTrainConfig, parse_layers, train_transcoders
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tc-corpus")
-    lines = [json.dumps({"text": TINY_TEXT + f" Document {i}."}) for i in range(300)]
-    (folder / "train.jsonl").write_text("\n".join(lines))
-    return folder / "train.jsonl"
-
-
-def _cfg(corpus, **kw):
-    base = dict(corpus=str(corpus), width=128, k=8, tokens=24_576, context_len=64, batch_size=512, buffer_tokens=2048,
+def _cfg(tiny_corpus, **kw):
+    base = dict(corpus=str(tiny_corpus), width=128, k=8, tokens=24_576, context_len=64, batch_size=512, buffer_tokens=2048,
                 eval_contexts=8, ce_contexts=4, lr=1e-2, checkpoint_every=2)
     return TranscoderTrainConfig(**{**base, **kw})
 
 
-def test_learns_and_reports_what_it_measures(tiny_llama, corpus, tmp_path):
-    report = train_transcoders(tiny_llama, _cfg(corpus), tmp_path / "tc", progress=False)
+def test_learns_and_reports_what_it_measures(tiny_llama, tiny_corpus, tmp_path):
+    report = train_transcoders(tiny_llama, _cfg(tiny_corpus), tmp_path / "tc", progress=False)
     assert not report["partial"] and report["tokens_seen"] == 24_576
     first, last = report["log"][0]["explained_variance"], report["log"][-1]["explained_variance"]
     assert all(b > a + 0.2 for a, b in zip(first, last, strict=True)), (first, last)
@@ -36,7 +27,7 @@ def test_learns_and_reports_what_it_measures(tiny_llama, corpus, tmp_path):
     assert sorted(tcs) == [0, 1] and all(t.k == 8 and t.d_sae == 128 for t in tcs.values())
     held = report["heldout"]
     # the all-spliced CE loss, recomputed here with the stored (fp16) transcoders spliced by hand
-    ids = torch.tensor(_contexts(tiny_llama, corpus)[:4])
+    ids = torch.tensor(_contexts(tiny_llama, tiny_corpus)[:4])
     stash = {}
     pairs = [(f"blocks.{L}.ln2.hook_normalized", lambda a, L=L: stash.__setitem__(L, a)) for L in (0, 1)]
     pairs += [(f"blocks.{L}.hook_mlp_out", lambda a, L=L: tcs[L](stash[L])[0].to(a.dtype)) for L in (0, 1)]
@@ -58,8 +49,8 @@ def _contexts(lm, corpus):
     return list(iter_contexts(lm.tokenizer, str(corpus), 64))[:8]  # the held-out contexts (the first 8)
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tiny_llama, corpus, tmp_path):
-    cfg = _cfg(corpus, tokens=8192, eval_contexts=4, ce_contexts=2)
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_llama, tiny_corpus, tmp_path):
+    cfg = _cfg(tiny_corpus, tokens=8192, eval_contexts=4, ce_contexts=2)
     train_transcoders(tiny_llama, cfg, tmp_path / "whole", progress=False)
     part = train_transcoders(tiny_llama, cfg, tmp_path / "split", progress=False, stop_after_steps=5)
     assert part["partial"] and 0 < part["tokens_seen"] < 8192
@@ -71,11 +62,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_llama, corpus, tmp_
     for layer in (0, 1):
         np.testing.assert_array_equal(a[layer].W_enc.numpy(), b[layer].W_enc.numpy())
         np.testing.assert_array_equal(a[layer].W_dec.numpy(), b[layer].W_dec.numpy())
-    more = train_transcoders(tiny_llama, _cfg(corpus, tokens=10_240, eval_contexts=4, ce_contexts=2), tmp_path / "split",
+    more = train_transcoders(tiny_llama, _cfg(tiny_corpus, tokens=10_240, eval_contexts=4, ce_contexts=2), tmp_path / "split",
                              progress=False)  # a longer budget goes on from the finished run's checkpoint
     assert not more["partial"] and more["tokens_seen"] == 10_240 and more["steps"] == 20
     with pytest.raises(ValueError, match="checkpoint of other settings"):
-        train_transcoders(tiny_llama, _cfg(corpus, tokens=8192, eval_contexts=4, ce_contexts=2, k=4),
+        train_transcoders(tiny_llama, _cfg(tiny_corpus, tokens=8192, eval_contexts=4, ce_contexts=2, k=4),
                           tmp_path / "split", progress=False, stop_after_steps=1)
 
 
