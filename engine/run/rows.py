@@ -329,4 +329,7 @@ class DarkMatterSummary(NamedTuple):
     paper_heldout_fraction: float | None
     """Share of tokens the random split holds out (0.5)."""
     paper_split_seed: int | None
-    """Seed of the split's hash (``darkmatter.token_split``)."""
+    """Seed of the split's hash (``darkmatter.token_split``, keyed on context and position)."""
+    paper_positions: list[int] | None = None
+    """``[first, last]``: the positions (inclusive) the paper-style fit used; None: every counted position (and in
+    runs written before it)."""

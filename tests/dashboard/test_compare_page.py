@@ -42,6 +42,10 @@ def text(at) -> str:
     return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [s.value for s in at.subheader])
 
 
+def row_of(cards, label: str):
+    return cards[cards["metric"] == label].iloc[0]
+
+
 def test_cards_curves_and_matches_side_by_side(runs, open_app):
     at = open_app(runs["root"], COMPARE, a="narrow", b="wide")
     no_crash(at)
@@ -57,6 +61,10 @@ def test_cards_curves_and_matches_side_by_side(runs, open_app):
     charts = plotly(at)
     assert len(charts) == 4  # EV and dark-matter curves across the three widths, cosine and correlation histograms
     assert [int(x) for x in charts[0]["data"][0]["x"]] == [64, 128, 256]
+    # the dark-matter curves and rows say whose quantity they are
+    assert [t["name"] for t in charts[1]["data"]] == ["error variance predicted (saescope)", "‖e‖ predicted (saescope)"]
+    assert row_of(cards, "Dark matter (saescope's fit): ‖e‖ predicted")["wide (256)"] == fmt(wide["dm_norm_r2"], 4)
+    assert any("not the paper's" in c.value for c in at.caption)
     assert metric(at, "One-to-one pairs") == "64" and metric(at, "Split latents") == "8"
     splits = at.dataframe[2].value
     assert set(splits["narrow"]) >= set(range(8)) and (splits["children"] >= 2).all()

@@ -253,6 +253,9 @@ def test_dark_matter_page(tiny_runs, open_app, store):
     assert metric(at, "‖e‖² predicted") == fmt(dm.paper_heldout_norm_sq_r2)
     assert metric(at, "Tokens fitted") == f"{dm.paper_n_train_tokens:,}"
     assert metric(at, "Tokens scored") == f"{dm.paper_n_heldout_tokens:,}"
+    # the run is not in the paper's setting (short contexts, every position): the page says how to get it
+    assert dm.paper_positions is None
+    assert any("--context-len 1024 --paper-positions 1:1022" in c.value for c in at.caption)
     err_hist, ce_hist = plotly(at)
     assert [t["name"] for t in err_hist["data"]] == ["‖e‖", "linear part", "nonlinear part"]
     assert len(values(err_hist["data"][0]["x"])) == dm.n_token_rows
