@@ -32,6 +32,10 @@ EVALUATION = {
     "absorption/mean_absorption_fraction": "Absorption fraction", "absorption/mean_full_absorption": "Full absorption rate",
     "absorption/std_dev_absorption_fraction": "Absorption fraction: sd over letters",
     "absorption/mean_num_split_features": "Split features per letter",
+    "separability/mean_js_all": "Concept separability (JS distance): latents",
+    "separability/mean_js_polysemantic": "Concept separability: latents active on ≥ 2 concepts",
+    "separability/polysemantic_fraction": "Latents active on ≥ 2 concepts",
+    "separability/neuron_mean_js_all": "Concept separability: the hook's neurons",
 }
 EXAMPLES = 5
 
