@@ -24,18 +24,15 @@ the concept), and a unit left with fewer than two densities is not scored (count
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from ..analysis.interventions import compute_copy
-from ..data.activations import MASSIVE_FACTOR, stats_mask
+from ..analysis.concepts import active_concepts, kde_on_grid, read_concepts
+from ..data.text_values import unit_values
 from ..model.loading import LoadedModel
 from ..saes import SAE
 from .sparse_probing import Row
@@ -70,52 +67,11 @@ class SeparabilityConfig:
             raise ValueError(f"grid must be >= 2 and max_tokens >= 1, got {self.grid} and {self.max_tokens}")
 
 
-class Concepts(NamedTuple):
-    texts: list[str]
-    labels: np.ndarray
-    """``[n]`` int: index into ``names``."""
-    names: list[str]
-
-
 class UnitScores(NamedTuple):
     score: np.ndarray
     """``[units]`` float64: the separability (NaN: not scored, no active concept or too few densities)."""
     n_active: np.ndarray
     """``[units]`` int: active concepts per unit."""
-
-
-def read_concepts(path: str | Path) -> Concepts:
-    """The labelled texts of a JSONL file (labels in order of first appearance)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no concepts file at {path}: pass --concepts with a JSONL of {{\"text\", \"label\"}} lines")
-    texts, raw = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not JSON ({err.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not isinstance(item.get("label"), str | int):
-            raise ValueError(f"{path} line {number} is not an object with a string \"text\" and a \"label\"")
-        texts.append(item["text"])
-        raw.append(str(item["label"]))
-    names = list(dict.fromkeys(raw))
-    if len(names) < 2:
-        raise ValueError(f"{path} has {len(names)} label(s): concept separability needs two or more")
-    return Concepts(texts, np.array([names.index(r) for r in raw]), names)
-
-
-def kde_on_grid(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Gaussian KDE of 1-D ``values`` on ``grid`` with Scott's bandwidth (``std (ddof 1) * n^(-1/5)``), or None
-    when the values are all equal (no bandwidth)."""
-    values = np.asarray(values, dtype=np.float64)
-    bandwidth = values.std(ddof=1) * len(values) ** (-1 / 5) if len(values) > 1 else 0.0
-    if not bandwidth > 0:
-        return None
-    z = (grid[:, None] - values[None, :]) / bandwidth
-    return np.exp(-0.5 * z * z).sum(1) / (len(values) * bandwidth * math.sqrt(2 * math.pi))
 
 
 def js_distance(densities: Sequence[np.ndarray]) -> float:
@@ -128,14 +84,6 @@ def js_distance(densities: Sequence[np.ndarray]) -> float:
 
     js = float(entropy(p.mean(0)) - entropy(p).mean())
     return math.sqrt(max(js, 0.0)) / math.sqrt(math.log2(len(p)))
-
-
-def active_concepts(recorded: np.ndarray, labels: np.ndarray, n_concepts: int, share: float) -> np.ndarray:
-    """``[units, concepts]`` bool: concept active for the unit (recorded on more than ``share`` of its texts and on
-    two or more), from ``recorded [n, units]`` bool and ``labels [n]``."""
-    counts = np.stack([recorded[labels == c].sum(0) for c in range(n_concepts)], 1)
-    sizes = np.bincount(labels, minlength=n_concepts)
-    return (counts > share * sizes[None, :]) & (counts > 1)
 
 
 def unit_densities(values: np.ndarray, recorded: np.ndarray, labels: np.ndarray, concepts: np.ndarray,
@@ -182,52 +130,6 @@ def summary(scores: UnitScores) -> dict[str, float]:
         "n_scored": float(n_scored),
         "n_degenerate": float(((scores.n_active >= 1) & ~scored).sum()),
     }
-
-
-class UnitValues(NamedTuple):
-    neurons: np.ndarray
-    """``[n, d_in]`` float32: what the SAE reads, pooled per text."""
-    latents: np.ndarray
-    """``[n, d_sae]`` float32: its codes, pooled per text (0 where silent)."""
-
-
-@torch.inference_mode()
-def unit_values(lm: LoadedModel, sae: SAE, texts: Sequence[str], pool: str = "last", max_tokens: int = 128,
-                batch_size: int = 16) -> UnitValues:
-    """Each text's value of every neuron at the SAE's hook and of every latent (``pool``: at the last counted token,
-    or the maximum over counted tokens; special tokens are never counted)."""
-    hook = sae.cfg.hook_name
-    run = compute_copy(sae, lm)
-    pad = next((v for v in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id) if isinstance(v, int)), 0)
-    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    neurons = np.zeros((len(texts), sae.cfg.d_in), np.float32)
-    latents = np.zeros((len(texts), sae.cfg.d_sae), np.float32)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(2, max(len(ids[i]) for i in rows))
-        batch = torch.full((len(rows), width), pad, dtype=torch.long)
-        real = torch.zeros(len(rows), width, dtype=torch.bool)
-        for r, i in enumerate(rows):
-            batch[r, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-            real[r, : len(ids[i])] = True
-        acts = sae.select_input(lm.capture(batch, hook)[hook])
-        acts = (acts.flatten(-2) if acts.ndim == 4 else acts).float()
-        mask = (stats_mask(batch, lm.special_token_ids) & real).to(acts.device)
-        if mask.any():  # massive-activation tokens (attention sinks) are not counted, as in sparse probing
-            norms = acts.norm(dim=-1)
-            mask &= norms < MASSIVE_FACTOR * norms[mask].median()
-        codes = run(acts.flatten(0, 1).to(run.device)).codes.float().view(len(rows), width, -1).to(acts.device)
-        for r, i in enumerate(rows):
-            counted = torch.nonzero(mask[r]).flatten()
-            if not len(counted):
-                continue
-            if pool == "last":
-                neurons[i], latents[i] = acts[r, counted[-1]].cpu().numpy(), codes[r, counted[-1]].cpu().numpy()
-            else:
-                neurons[i] = acts[r, counted].amax(0).cpu().numpy()
-                latents[i] = codes[r, counted].amax(0).cpu().numpy()
-    return UnitValues(neurons, latents)
 
 
 def separability_rows(lm: LoadedModel, sae: SAE, cfg: SeparabilityConfig, batch_size: int = 16) -> list[Row]:

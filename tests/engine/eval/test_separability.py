@@ -1,34 +1,17 @@
-"""Concept separability (Fereidouni et al.): the KDE against scipy's, the generalized JS distance against scipy's
-two-distribution JS and a hand formula for three, per-unit scores and summaries on planted units, the JSONL
-reader, and the pooled unit values on a tiny model against single-text forwards."""
+"""Concept separability (Fereidouni et al.): the generalized JS distance against scipy's two-distribution JS and a
+hand formula for three, per-unit scores and summaries on planted units (against scipy's KDE), the rows on a tiny
+model."""
 
 import json
 import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy, gaussian_kde
 
-from engine.eval.separability import (
-    SeparabilityConfig,
-    js_distance,
-    kde_on_grid,
-    read_concepts,
-    separability_rows,
-    summary,
-    unit_scores,
-    unit_values,
-)
+from engine.eval.separability import SeparabilityConfig, js_distance, separability_rows, summary, unit_scores
 from tests.engine.saes_util import random_sae
-
-
-def test_kde_is_scipys_gaussian_kde_with_scotts_bandwidth():
-    values = np.random.default_rng(0).gamma(2.0, 1.5, size=37)
-    grid = np.linspace(-1, 15, 200)
-    np.testing.assert_allclose(kde_on_grid(values, grid), gaussian_kde(values)(grid), rtol=1e-10)
-    assert kde_on_grid(np.full(5, 2.0), grid) is None  # no spread: scipy raises, the reference skips the concept
 
 
 def test_js_distance_against_scipy_and_by_hand():
@@ -97,44 +80,12 @@ def test_a_concept_needs_more_than_its_share_and_two_texts():
     assert math.isnan(degenerate.score[0]) and summary(degenerate)["n_degenerate"] == 1
 
 
-def test_read_concepts(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in [{"text": "a", "label": "x"}, {"text": "b", "label": "y"},
-                                                       {"text": "c", "label": "x"}]) + "\n\n")
-    got = read_concepts(path)
-    assert got.texts == ["a", "b", "c"] and got.names == ["x", "y"] and list(got.labels) == [0, 1, 0]
-    path.write_text('{"text": "a", "label": "x"}\nnot json\n')
-    with pytest.raises(ValueError, match="line 2 is not JSON"):
-        read_concepts(path)
-    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
-    with pytest.raises(ValueError, match="1 label"):
-        read_concepts(path)
-    with pytest.raises(FileNotFoundError, match="--concepts"):
-        read_concepts(tmp_path / "missing.jsonl")
-    with pytest.raises(ValueError, match="pool"):
-        SeparabilityConfig(pool="mean")
-
-
 TEXTS = ["In the beginning was the word", "def main(): return 0", "import os", "The quick brown fox jumps"]
 
 
-def test_unit_values_are_single_text_forwards(tiny_llama):
-    lm, sae = tiny_llama, random_sae("topk", d_in=64, d_sae=128)
-    last = unit_values(lm, sae, TEXTS, "last", batch_size=3)  # padded batches of different lengths
-    top = unit_values(lm, sae, TEXTS, "max", batch_size=3)
-    hook = sae.cfg.hook_name
-    for i, text in enumerate(TEXTS):
-        ids = torch.tensor([lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
-        x = lm.capture(ids, hook)[hook][0].float()
-        codes = sae(x).codes.float()
-        np.testing.assert_allclose(last.neurons[i], x[-1].numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(last.latents[i], codes[-1].detach().numpy(), rtol=1e-4, atol=1e-4)
-        # position 0 (the attention sink) is never counted
-        np.testing.assert_allclose(top.neurons[i], x[1:].amax(0).numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(top.latents[i], codes[1:].amax(0).detach().numpy(), rtol=1e-4, atol=1e-4)
-
-
 def test_separability_rows_on_a_tiny_model(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="pool"):
+        SeparabilityConfig(pool="mean")
     path = tmp_path / "concepts.jsonl"
     lines = [{"text": f"{t} {i}", "label": "code" if "(" in t or "import" in t else "prose"}
              for i in range(6) for t in TEXTS]
