@@ -22,16 +22,31 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..analysis.concepts import ConceptDensities, Concepts
 from ..analysis.interventions import check_sae_fits
+from ..assets import data_dir
 from ..data.text_values import unit_values
 from ..model.loading import LoadedModel
 from ..saes import SAE
 from .steering import InterventionFactory
+
+
+def concepts_path(text: str) -> Path:
+    """A concepts file: ``text`` as a path when it exists, else a file of that name in the data folder's
+    ``concepts/`` (where the demo's are)."""
+    given = Path(text).expanduser()
+    if given.is_file():
+        return given
+    shipped = data_dir() / "concepts" / text
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"no concepts file {text!r} (looked at {given} and {shipped}): give a JSONL of "
+                            "{\"text\", \"label\"} lines")
 
 
 def split_texts(concepts: Concepts) -> tuple[np.ndarray, np.ndarray]:
