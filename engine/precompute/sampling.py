@@ -89,7 +89,11 @@ class ContextSample:
         """The slots whose contexts get their losses scored: the ``n`` filled slots first in ``priority`` (a uniform
         ``n``-subset of the sample; once all slots are filled, the same slots from one snapshot to the next)."""
         filled = (self.context_id >= 0).nonzero(as_tuple=True)[0]
-        return filled[self.priority[filled].argsort()[:n]]
+        priority = getattr(self, "priority", None)
+        if priority is None:  # a task state saved before the order existed: one drawn now, from a fixed seed
+            gen = torch.Generator().manual_seed(PRIORITY_SEED_OFFSET)
+            priority = self.priority = torch.randperm(self.capacity, generator=gen)
+        return filled[priority[filled].argsort()[:n]]
 
     def taken(self) -> torch.Tensor:
         """Indices of filled slots, ordered by context id."""
