@@ -98,3 +98,11 @@ def test_scored_slots_stay_while_the_sample_is_full():
     kept = {int(sample.context_id[s]) for s in after} & ids_before
     evicted = ids_before - set(sample.context_id.tolist())
     assert kept == ids_before - evicted
+
+
+def test_a_state_saved_without_the_order_still_scores_filled_slots():
+    sample = ContextSample(8, 2, 1, seed=1)
+    offer_all(sample, contexts())
+    del sample.priority  # as a task state written before the order existed loads
+    chosen = sample.scored(4)
+    assert len(chosen) == 4 and (sample.context_id[chosen] >= 0).all() and len(set(chosen.tolist())) == 4
