@@ -132,6 +132,8 @@ if st.session_state["steer_mode"] == "app":
         st.caption("APP uses the concept's own latents (the chosen latents above are not used). Its densities are "
                    "fitted on every other text of each concept in the file; the rest measure it.")
         left, right = st.columns([3, 2])
+        if not st.session_state.get("steer_concepts"):  # a widget not drawn in the other modes loses its state
+            st.session_state["steer_concepts"] = DEFAULT_CONCEPTS
         left.text_input("Concepts file", key="steer_concepts",
                         help="A JSONL of {\"text\", \"label\"} lines; a bare name is looked up in the data folder's "
                              "concepts/ (the demo's: python-docs-code-prose.jsonl, python-docs-manuals.jsonl)")

@@ -321,6 +321,10 @@ def test_app_steering_suppresses_a_concept_and_measures_its_removal(tiny_runs, o
     assert list(table["perplexity on others"]) == [fmt(r.other_ppl, 4) for r in rows]
     at.text_input(key="steer_concepts").input(str(tmp_path / "missing.jsonl")).run()
     assert any("no concepts file" in e.value for e in at.error)
+    at.radio(key="steer_mode").set_value("add").run()
+    at.radio(key="steer_mode").set_value("app").run()  # back in APP mode: a file is named again
+    no_crash(at)
+    assert at.text_input(key="steer_concepts").value
 
 
 def test_steering_settings_live_in_the_url(tiny_runs, open_app):
