@@ -14,7 +14,9 @@ from engine.analysis.concepts import TAIL_STDS, ConceptDensities, kde_on_grid, r
 def test_kde_is_scipys_gaussian_kde_with_scotts_bandwidth():
     values = np.random.default_rng(0).gamma(2.0, 1.5, size=37)
     grid = np.linspace(-1, 15, 200)
-    np.testing.assert_allclose(kde_on_grid(values, grid), gaussian_kde(values)(grid), rtol=1e-10)
+    got = kde_on_grid(values, grid)
+    assert got is not None
+    np.testing.assert_allclose(got, gaussian_kde(values)(grid), rtol=1e-10)
     assert kde_on_grid(np.full(5, 2.0), grid) is None  # no spread: scipy raises, the reference skips the concept
 
 
