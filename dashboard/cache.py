@@ -163,6 +163,34 @@ def lens(
     )
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def concepts(path: str, mtime: float):
+    """The labelled texts of a concepts file (re-read when ``mtime`` changes)."""
+    from engine.analysis.concepts import read_concepts
+
+    return read_concepts(path)
+
+
+@st.cache_resource(show_spinner="Fitting the concept's densities on its texts (once per file and concept)…",
+                   max_entries=8)
+def app_densities(model_key: tuple[str, str], sae_path: str, path: str, mtime: float, concept: str):
+    """``engine.live.app.fit_concept`` on the run's model and SAE."""
+    from engine.live.app import fit_concept
+
+    lm = model(*model_key, device())
+    return fit_concept(lm, sae(sae_path, str(lm.device)), concepts(path, mtime), concept)
+
+
+@st.cache_resource(show_spinner="Measuring APP and zero-ablation on held-out texts…", max_entries=8)
+def app_report(model_key: tuple[str, str], sae_path: str, path: str, mtime: float, concept: str):
+    """``engine.live.app.removal_report`` for the concept (clean, APP, zero-ablation)."""
+    from engine.live.app import removal_report
+
+    lm = model(*model_key, device())
+    densities = app_densities(model_key, sae_path, path, mtime, concept)
+    return removal_report(lm, sae(sae_path, str(lm.device)), concepts(path, mtime), densities)
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def _attribution(run_dir: str, stamp: float, feature_id: int) -> list[ExampleDFA]:
     return store(run_dir).attribution(feature_id)

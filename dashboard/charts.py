@@ -73,11 +73,14 @@ def value_histogram(
     return _layout(fig, x=x, y=y)
 
 
-def head_shares(names: Sequence[str], weight: Sequence[float] | None, data: Sequence[float] | None) -> go.Figure:
-    """Per-head shares of one latent side by side: from the decoder weights and from its top examples (either may
-    be None)."""
+def head_shares(names: Sequence[str], norm: Sequence[float] | None, energy: Sequence[float] | None,
+                data: Sequence[float] | None) -> go.Figure:
+    """Per-head shares of one latent side by side: of the decoder row's block norms (Kissane et al.), of its squared
+    norm, and of its top examples' pre-activations (any may be None)."""
     fig = go.Figure()
-    for values, label, color, what in ((weight, "weights", GREY, "of ‖W_dec‖²"), (data, "top examples", ORANGE, "of pre − bias")):
+    for values, label, color, what in ((norm, "decoder norm", GREY, "of Σ‖W_dec block‖"),
+                                       (energy, "decoder norm²", VIOLET, "of ‖W_dec‖²"),
+                                       (data, "top examples", ORANGE, "of pre − bias")):
         if values is not None:
             fig.add_trace(go.Bar(x=list(names), y=list(values), name=label, marker_color=color,
                                  hovertemplate=f"%{{x}}: %{{y:.1%}} {what}<extra>{label}</extra>"))

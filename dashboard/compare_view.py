@@ -19,7 +19,8 @@ CARD = {
     "ce_loss_increase_ci95": "CE loss increase: ± 95% interval", "ce_loss_recovered": "CE loss recovered",
     "kl_div": "KL to clean", "kl_score": "KL score", "dead_fraction": "Dead fraction",
     "dense_fraction": "Dense fraction (> 10%)",
-    "dm_error_r2": "Dark matter: error variance predicted", "dm_norm_r2": "Dark matter: ‖e‖ predicted",
+    "dm_error_r2": "Dark matter (saescope's fit): error variance predicted",
+    "dm_norm_r2": "Dark matter (saescope's fit): ‖e‖ predicted",
 }
 EVALUATION = {
     "core/l2_ratio": "L2 ratio ‖x̂‖/‖x‖", "core/relative_reconstruction_bias": "Relative reconstruction bias",
@@ -29,7 +30,12 @@ EVALUATION = {
     "sparse_probing/sae_top_k_accuracy@1": "Probing: 1 latent", "sparse_probing/sae_top_k_accuracy@5": "Probing: 5 latents",
     "sparse_probing/sae_top_k_accuracy@20": "Probing: 20 latents",
     "absorption/mean_absorption_fraction": "Absorption fraction", "absorption/mean_full_absorption": "Full absorption rate",
+    "absorption/std_dev_absorption_fraction": "Absorption fraction: sd over letters",
     "absorption/mean_num_split_features": "Split features per letter",
+    "separability/mean_js_all": "Concept separability (JS distance): latents",
+    "separability/mean_js_polysemantic": "Concept separability: latents active on ≥ 2 concepts",
+    "separability/polysemantic_fraction": "Latents active on ≥ 2 concepts",
+    "separability/neuron_mean_js_all": "Concept separability: the hook's neurons",
 }
 EXAMPLES = 5
 
@@ -101,11 +107,13 @@ def width_curves(paths: list[str]) -> None:
                                                      "CE loss recovered": [c["ce_loss_recovered"] for c in cards_]},
                                             y="fraction"), key="cmp_ev_curve")
     with right:
-        st.plotly_chart(charts.width_curves(widths, {"error variance predicted": [c["dm_error_r2"] for c in cards_],
-                                                     "‖e‖ predicted": [c["dm_norm_r2"] for c in cards_]},
+        st.plotly_chart(charts.width_curves(widths, {"error variance predicted (saescope)": [c["dm_error_r2"] for c in cards_],
+                                                     "‖e‖ predicted (saescope)": [c["dm_norm_r2"] for c in cards_]},
                                             y="held-out R² of the linear map x → e"), key="cmp_dm_curve")
-    st.caption("Dark matter (“Decomposing the Dark Matter of SAEs”): how much of the SAE error e, and of its norm, a "
-               "linear map from x predicts on held-out tokens; the rest is the nonlinear part of the error.")
+    st.caption("Dark matter after “Decomposing the Dark Matter of SAEs”, as saescope measures it (not the paper's "
+               "numbers): how much of the SAE error e, and of its norm ‖e‖, a ridge map with an intercept from x "
+               "predicts on held-out contexts, R² pooled over dimensions. The paper's estimator (no bias, R² averaged "
+               "per dimension, ‖e‖², a random token split) is on each run's Dark matter page.")
 
 
 def examples(run: str, feature_id: int, title: str) -> None:

@@ -113,10 +113,13 @@ def show(run: str, row: FeatureRow) -> None:
         return
     names = head_names(layer, len(row.head_weight_shares))
     st.subheader("Attention heads")
-    st.caption(f"Which of layer {layer}'s heads this latent reads. **Weights**: each head's share of the decoder row's "
-               "squared norm. **Top examples**: each head's share of the pre-activation (minus bias) at the top examples' "
-               "max tokens, summed over them (negative: the head works against the latent).")
-    st.plotly_chart(charts.head_shares(names, row.head_weight_shares, row.head_data_shares), key="head_shares")
+    st.caption(f"Which of layer {layer}'s heads this latent reads. **Decoder norm**: each head's block norm of the "
+               "decoder row over the sum of the blocks' norms (Kissane et al.'s weight share). **Decoder norm²**: its "
+               "share of the row's squared norm (spreads less onto minor heads). **Top examples**: each head's share of "
+               "the pre-activation (minus bias) at the top examples' max tokens, summed over them (negative: the head "
+               "works against the latent).")
+    st.plotly_chart(charts.head_shares(names, row.head_norm_shares, row.head_weight_shares, row.head_data_shares),
+                    key="head_shares")
     attributed = {a.rank: a for a in cache.attribution(run, row.feature_id)}
     top = [e for e in row.examples if e.kind == "top" and e.rank in attributed]
     if not top:

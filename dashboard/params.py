@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_PROMPT = "The best thing about this city is"
 DEFAULT_STRENGTH = 4.0
+DEFAULT_CONCEPTS = "python-docs-code-prose.jsonl"
+"""APP's labelled texts (a bare name is looked up in the data folder's concepts/)."""
+MODES = ("add", "clamp", "app")
 STRENGTH_RANGE = (-20.0, 20.0)
 
 
@@ -22,6 +25,10 @@ class SteerSettings:
     max_new: int = 40
     temperature: float = 0.8
     seed: int = 0
+    concepts: str = DEFAULT_CONCEPTS
+    """APP mode: the labelled texts the concept's densities are fitted on."""
+    concept: str = ""
+    """APP mode: the label to suppress (empty: the file's first)."""
 
     def to_query(self) -> dict[str, str]:
         """The query parameters of a link reproducing these settings."""
@@ -34,6 +41,8 @@ class SteerSettings:
             "temp": f"{self.temperature:g}",
             "seed": str(self.seed),
             "prompt": self.prompt,
+            "concepts": self.concepts,
+            "concept": self.concept,
         }
 
     @classmethod
@@ -42,8 +51,8 @@ class SteerSettings:
         out = cls()
         if "latents" in query:
             out.latents = parse_latents(query["latents"])
-        if query.get("mode", "add") not in ("add", "clamp"):
-            raise ValueError(f"mode must be 'add' or 'clamp', got {query['mode']!r}")
+        if query.get("mode", "add") not in MODES:
+            raise ValueError(f"mode must be 'add', 'clamp' or 'app', got {query['mode']!r}")
         if query.get("unit", "max_act") not in ("max_act", "raw"):
             raise ValueError(f"unit must be 'max_act' or 'raw', got {query['unit']!r}")
         out.mode = query.get("mode", out.mode)
@@ -53,6 +62,8 @@ class SteerSettings:
         out.max_new = _number(query, "max_new", int, out.max_new, 1, 256)
         out.temperature = _number(query, "temp", float, out.temperature, 0.0, 2.0)
         out.seed = _number(query, "seed", int, out.seed, 0, 2**31 - 1)
+        out.concepts = query.get("concepts", out.concepts) or DEFAULT_CONCEPTS
+        out.concept = query.get("concept", out.concept)
         return out
 
 

@@ -39,13 +39,20 @@ if dm.paper_heldout_error_r2_mean_dim is not None:
                     help=f"Held-out R², averaged per dimension; on the fitting tokens: {fmt(dm.paper_train_error_r2_mean_dim)}")
     paper[1].metric("‖e‖² predicted", fmt(dm.paper_heldout_norm_sq_r2),
                     help=f"Held-out R²; on the fitting tokens: {fmt(dm.paper_train_norm_sq_r2)}")
-    split = (f"a seeded random token split (seed {render.md(dm.paper_split_seed)}), "
-             f"{fmt(dm.paper_heldout_fraction)} of the tokens held out")
+    where = (f"positions {dm.paper_positions[0]}–{dm.paper_positions[1]}" if dm.paper_positions
+             else "every counted position")
+    split = (f"a seeded random split of tokens by (context, position) (seed {render.md(dm.paper_split_seed)}), "
+             f"{fmt(dm.paper_heldout_fraction)} of the tokens held out; {where}")
     fitted, scored = dm.paper_n_train_tokens or 0, dm.paper_n_heldout_tokens or 0
     paper[2].metric("Tokens fitted", render.compact(fitted), help=f"{fitted:,} tokens: {split}")
     paper[3].metric("Tokens scored", render.compact(scored), help=f"{scored:,} tokens: {split}")
     st.caption("The first row is saescope's: a ridge fit with an intercept, R² pooled over dimensions, ‖e‖ as the "
                "norm target, contexts held out by id. docs/run-format.md defines both.")
+    context_len = (store.manifest().get("settings") or {}).get("context_len")
+    if context_len != 1024 or not dm.paper_positions:
+        st.caption(f"This run's contexts are {render.md(context_len)} tokens ({render.md(where)}); the paper fitted on "
+                   "1024-token contexts, positions 1–1022 (200–1022 for its ‖e‖² headline): `saescope precompute "
+                   "--context-len 1024 --paper-positions 1:1022` reproduces that setting.")
 
 rows = store.token_rows(order_by="err_norm", limit=SAMPLE_ROWS)
 if not rows:

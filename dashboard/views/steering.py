@@ -2,17 +2,22 @@
 
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import streamlit as st
 
 from dashboard import cache, common, render
-from dashboard.params import DEFAULT_STRENGTH, STEER_KEYS, STRENGTH_RANGE, SteerSettings
+from dashboard.params import DEFAULT_CONCEPTS, DEFAULT_STRENGTH, MODES, STEER_KEYS, STRENGTH_RANGE, SteerSettings
+from dashboard.render import fmt
+from engine.live.app import app_intervention, concepts_path
 from engine.live.lens import tokenize_prompt
 from engine.live.steering import SteeringSpec, compare, steering_intervention
 
 if TYPE_CHECKING:
     from engine.model.loading import LoadedModel
 
-WIDGETS = ("steer_mode", "steer_raw", "steer_prompt", "steer_chat", "steer_max_new", "steer_temp", "steer_seed")
+WIDGETS = ("steer_mode", "steer_raw", "steer_prompt", "steer_chat", "steer_max_new", "steer_temp", "steer_seed",
+           "steer_concepts", "steer_concept")
+MODE_NAMES = {"add": "add", "clamp": "clamp", "app": "APP (concept)"}
 PROMPT_LIMIT = 512  # tokens of prompt kept (the most recent ones): generation on a CPU stays interactive
 
 run = common.current_run()
@@ -21,8 +26,12 @@ n_features = store.n_features()
 st.title("Steering")
 st.caption(
     "Add a latent's decoder direction to the activation at the SAE's hook (every position), or clamp the latent "
-    "to a value. Strength is in units of the latent's max activation in this run. Both continuations use the same seed."
+    "to a value. Strength is in units of the latent's max activation in this run. **APP** suppresses a labelled "
+    "concept instead: latents only that concept activates are set to 0, latents it shares are multiplied by "
+    "1 − P(concept | activation) from densities fitted on labelled texts (Fereidouni et al.). Both continuations use "
+    "the same seed."
 )
+man = cache.manifest(run)
 
 
 def apply(s: SteerSettings) -> None:
@@ -34,7 +43,8 @@ def apply(s: SteerSettings) -> None:
         st.session_state[f"steer_s_{latent}"] = strength
     st.session_state.update(
         steer_mode=s.mode, steer_raw=s.unit == "raw", steer_prompt=s.prompt, steer_chat=s.chat,
-        steer_max_new=s.max_new, steer_temp=s.temperature, steer_seed=s.seed,
+        steer_max_new=s.max_new, steer_temp=s.temperature, steer_seed=s.seed, steer_concepts=s.concepts,
+        steer_concept=s.concept,
     )
 
 
@@ -109,12 +119,31 @@ with st.container(border=True):
         c_rm.button("Remove", key=f"steer_rm_{latent}", on_click=remove_latent, args=(latent,))
 
 c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 2])
-c1.radio("Mode", ["add", "clamp"], key="steer_mode", horizontal=True, help="clamp: set the latent to the value at every position")
+c1.radio("Mode", list(MODES), key="steer_mode", horizontal=True, format_func=MODE_NAMES.__getitem__,
+         help="clamp: set the latent to the value at every position; APP: suppress a labelled concept")
 c2.toggle("Raw coefficient", key="steer_raw",
           help="Strength as a plain coefficient on the decoder row instead of max-activation units")
 c3.number_input("Max new tokens", 1, 256, key="steer_max_new")
 c4.slider("Temperature", 0.0, 2.0, step=0.05, key="steer_temp", help="0 = greedy")
 c5.number_input("Seed", 0, 2**31 - 1, key="steer_seed")
+concept_file = None
+if st.session_state["steer_mode"] == "app":
+    with st.container(border=True):
+        st.caption("APP uses the concept's own latents (the chosen latents above are not used). Its densities are "
+                   "fitted on every other text of each concept in the file; the rest measure it.")
+        left, right = st.columns([3, 2])
+        if not st.session_state.get("steer_concepts"):  # a widget not drawn in the other modes loses its state
+            st.session_state["steer_concepts"] = DEFAULT_CONCEPTS
+        left.text_input("Concepts file", key="steer_concepts",
+                        help="A JSONL of {\"text\", \"label\"} lines; a bare name is looked up in the data folder's "
+                             "concepts/ (the demo's: python-docs-code-prose.jsonl, python-docs-manuals.jsonl)")
+        with common.shown_errors("Could not read the concepts file"):
+            found = concepts_path(st.session_state["steer_concepts"])
+            names = cache.concepts(str(found), found.stat().st_mtime).names
+            if st.session_state.get("steer_concept") not in names:
+                st.session_state["steer_concept"] = names[0]
+            right.selectbox("Concept to suppress", names, key="steer_concept")
+            concept_file = found
 st.text_area("Prompt", key="steer_prompt", height=90)
 st.toggle("Send as a chat message (the model's chat template)", key="steer_chat")
 
@@ -124,13 +153,43 @@ settings = SteerSettings(
     mode=st.session_state["steer_mode"], unit="raw" if st.session_state["steer_raw"] else "max_act",
     prompt=st.session_state["steer_prompt"], chat=st.session_state["steer_chat"],
     max_new=int(st.session_state["steer_max_new"]), temperature=float(st.session_state["steer_temp"]),
-    seed=int(st.session_state["steer_seed"]),
+    seed=int(st.session_state["steer_seed"]), concepts=st.session_state.get("steer_concepts") or DEFAULT_CONCEPTS,
+    concept=st.session_state.get("steer_concept") or "",
 )
 query_now = settings.to_query()
 if query_now != st.session_state.get("steer_url"):
     st.query_params.update(query_now)
     st.session_state["steer_url"] = query_now
 st.caption("The page's address holds these settings: copy it to share this result.")
+
+
+def app_key() -> tuple:
+    """What the concept's cached densities and report are keyed on."""
+    assert concept_file is not None
+    return (common.model_source(man), common.sae_source(man), str(concept_file), concept_file.stat().st_mtime,
+            settings.concept)
+
+
+def app_densities():
+    """The concept's fitted densities (cached per file and concept)."""
+    return cache.app_densities(*app_key())
+
+
+def removal_table() -> None:
+    """APP against zero-ablation of the concept's latents: losses on held-out texts of the concept and the others."""
+    rows = cache.app_report(*app_key())
+    concept = settings.concept
+    st.dataframe(pd.DataFrame({
+        "method": [r.method for r in rows],
+        f"loss on {concept} texts": [fmt(r.concept_loss, 4) for r in rows],
+        f"perplexity on {concept}": [fmt(r.concept_ppl, 4) for r in rows],
+        "loss on other texts": [fmt(r.other_loss, 4) for r in rows],
+        "perplexity on others": [fmt(r.other_ppl, 4) for r in rows],
+    }), hide_index=True)
+    st.caption(f"Removal: how much the loss on held-out {render.md(concept)} texts rises; cost: how much it rises on "
+               "the other concepts' texts (up to 16 each, next-token loss in nats). Zero-ablation sets every latent "
+               "the concept is active for to 0.")
+
 
 go = st.button("Generate", type="primary", icon=":material/play_arrow:")
 if st.session_state.pop("steer_autorun", False):
@@ -149,11 +208,20 @@ if go:
         dead = [i for i, m in max_acts.items() if m <= 0]
         if dead and settings.unit == "max_act":
             st.warning(f"Latent(s) {dead} never fired in this run (max activation 0): steer them with a raw coefficient.")
-        factory = steering_intervention(lm, sae, SteeringSpec(settings.latents, settings.mode, settings.unit), max_acts)
+        if settings.mode == "app":
+            if concept_file is None:
+                common.fail("APP needs a concepts file and a concept.")
+            densities = app_densities()
+            factory = app_intervention(lm, sae, densities)
+            title = (f"APP · suppress {render.md(settings.concept)} ({len(densities.exclusive)} latents set to 0, "
+                     f"{len(densities.shared)} scaled)")
+        else:
+            factory = steering_intervention(lm, sae, SteeringSpec(settings.latents, settings.mode, settings.unit), max_acts)
+            title = ", ".join(f"#{i} × {s:g}" for i, s in settings.latents.items()) or "no latent"
         shown = decode(lm, ids)
         cols = st.columns(2)
         cols[0].markdown("**Baseline**")
-        cols[1].markdown("**Steered** · " + (", ".join(f"#{i} × {s:g}" for i, s in settings.latents.items()) or "no latent"))
+        cols[1].markdown("**Steered** · " + title)
         slots = [cols[0].empty(), cols[1].empty()]
         out: list[list[int]] = [[], []]
         stream = compare(lm, ids, factory, max_new_tokens=settings.max_new, temperature=settings.temperature, seed=settings.seed)
@@ -174,3 +242,10 @@ elif st.session_state.get("steer_result"):
     for col, title, text in zip(cols, ("Baseline", "Steered"), result["texts"], strict=True):
         col.markdown(f"**{title}**")
         col.html(render.continuation_html(result["prompt"], text))
+
+if settings.mode == "app" and concept_file is not None:
+    if st.button("Measure removal", key="steer_measure",
+                 help="APP and zero-ablation of the concept's latents on held-out texts (a few forwards per text)"):
+        common.live(run)  # loaded and checked against the run's fingerprints, as for generating
+        with common.shown_errors("Could not measure the removal"):
+            removal_table()

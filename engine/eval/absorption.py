@@ -7,10 +7,14 @@ in-context examples and itself, ``"\\n{ex} has the first letter: {X}" ... "\\n{w
 built from token ids (so the word is one token at a known position: SAEBench reads position -6 of the same
 text), and the activation at the hook is read at the word.
 
-1. A linear probe per letter (one-vs-rest logistic regression, positives weighted by negatives/positives, L2
-   1e-4 per sample, as SAEBench's 26-way BCE probe) on the train words' activations: the ground truth.
-2. k-sparse probing of the SAE: one L1-regularised 26-way probe on the train words' latents (Adam, 50 epochs,
-   L1 0.01, as SAEBench); per letter and k = 1..``max_k``, its k largest-weight latents get a class-balanced
+1. A linear probe per letter (one-vs-rest logistic regression, positives weighted by negatives/positives) on the
+   train words' activations: the ground truth. SAEBench trains one 26-way probe with Adam, weight decay 1e-4 on a
+   BCE averaged over samples *and the 26 letters*; per letter that is an L2 of ``26 * 1e-4`` per sample, which
+   ``probe_l2`` is (solved exactly here, where SAEBench runs 50 Adam epochs).
+2. k-sparse probing of the SAE: one L1-regularised 26-way probe on the train words' latents (Adam, L1 0.01, as
+   SAEBench) for as many steps as SAEBench's 50 epochs of 4096-word batches take over the model's *whole*
+   letter vocabulary (``l1_steps``), whether or not ``words`` subsamples it, the learning rate decaying once per
+   such epoch; per letter and k = 1..``max_k``, its k largest-weight latents get a class-balanced
    logistic regression; F1 on the test words. The letter's *main latents* are those of the last k whose F1
    beat the previous best by more than ``f1_jump`` (0.03): more than one is feature splitting.
 3. Letters whose probe has test F1 > ``min_probe_f1`` (0.6) are evaluated, if there are ``min_letters`` (20) of
@@ -20,7 +24,8 @@ text), and the activation at the hook is read at the word.
    with cosine >= 0.1 and positive projection explain less than 40% of ``p``; 1 if the main latents'
    projection is <= 0; otherwise the absorbed share ``min(others, p - main) / (that + main)``. *Full
    absorption*: no main latent fires, the top-projecting latent has cosine >= 0.025 and explains >= 40% of
-   ``p > 0``. Per letter both are averaged over its correct test words; the scores average the letters.
+   ``p > 0``. Per letter both are averaged over its correct test words; the scores average the letters, and their
+   spread over letters is reported as SAEBench does (``std_dev_*``: the sample standard deviation).
 """
 
 from __future__ import annotations
@@ -54,10 +59,12 @@ class AbsorptionConfig:
     f1_jump: float = 0.03
     min_probe_f1: float = 0.6
     min_letters: int = 20
-    probe_l2: float = 1e-4
-    """L2 of the ground-truth probes, per sample (SAEBench's weight decay)."""
+    probe_l2: float = 26 * 1e-4
+    """L2 of each letter's ground-truth probe, per sample: SAEBench's weight decay (1e-4) on a loss averaged over
+    the 26 letters too, so 26 times it per letter."""
     l1: float = 0.01
     l1_epochs: int = 50
+    """Epochs of the L1 probe over the model's whole letter vocabulary (``l1_steps``), as SAEBench."""
     l1_batch: int = 4096
     l1_lr: float = 0.01
     l1_end_lr: float = 1e-5
@@ -133,8 +140,17 @@ def encode(sae: SAE, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     return torch.cat([sae(x[i : i + batch].to(sae.device)).codes.float().cpu() for i in range(0, len(x), batch)])
 
 
-def l1_probe(codes: torch.Tensor, labels: np.ndarray, cfg: AbsorptionConfig) -> torch.Tensor:
-    """SAEBench's L1-regularised 26-way probe on latents: ``[26, d_sae]`` weights."""
+def l1_steps(n_train_full: int, cfg: AbsorptionConfig) -> tuple[int, int]:
+    """(Adam steps of the L1 probe, steps per epoch): the steps SAEBench's ``l1_epochs`` epochs of ``l1_batch``-word
+    batches take over ``n_train_full`` train words (those of the model's whole letter vocabulary)."""
+    per_epoch = max(1, math.ceil(n_train_full / cfg.l1_batch))
+    return cfg.l1_epochs * per_epoch, per_epoch
+
+
+def l1_probe(codes: torch.Tensor, labels: np.ndarray, cfg: AbsorptionConfig, n_train_full: int | None = None) -> torch.Tensor:
+    """SAEBench's L1-regularised 26-way probe on latents: ``[26, d_sae]`` weights, after ``l1_steps(n_train_full)``
+    Adam steps over shuffled batches of ``codes`` (reshuffled at each pass; ``n_train_full`` defaults to their count,
+    which is SAEBench's ``l1_epochs`` epochs)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     y = torch.nn.functional.one_hot(torch.as_tensor(labels), len(LETTERS)).float()
     n_pos = y.sum(0)
@@ -144,14 +160,20 @@ def l1_probe(codes: torch.Tensor, labels: np.ndarray, cfg: AbsorptionConfig) -> 
     opt = torch.optim.Adam([weight, bias], lr=cfg.l1_lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(cfg.l1_end_lr / cfg.l1_lr) / cfg.l1_epochs))
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    steps, per_epoch = l1_steps(len(y) if n_train_full is None else n_train_full, cfg)
+    done = 0
     with torch.enable_grad():
-        for _ in range(cfg.l1_epochs):
+        while done < steps:
             for idx in torch.randperm(len(y), generator=gen).split(cfg.l1_batch):
                 opt.zero_grad()
                 loss = loss_fn(codes[idx] @ weight.T + bias, y[idx]) + cfg.l1 * weight.abs().sum(-1).mean()
                 loss.backward()
                 opt.step()
-            sched.step()
+                done += 1
+                if done % per_epoch == 0:
+                    sched.step()  # once per epoch of the whole vocabulary, as SAEBench's per-epoch decay
+                if done == steps:
+                    break
     return weight.detach()
 
 
@@ -199,6 +221,7 @@ def absorption(lm: LoadedModel, sae: SAE, cfg: AbsorptionConfig | None = None) -
     rng = np.random.default_rng(cfg.seed)
     run = compute_copy(sae, lm)
     vocab = alpha_vocab(lm.tokenizer, lm.special_token_ids)
+    n_train_full = int(0.8 * len(vocab))  # SAEBench trains on 80% of the whole vocabulary
     if cfg.words and len(vocab) > cfg.words:
         vocab = [vocab[i] for i in sorted(rng.choice(len(vocab), cfg.words, replace=False))]
     if len(vocab) < 10 * cfg.icl_examples:
@@ -211,7 +234,7 @@ def absorption(lm: LoadedModel, sae: SAE, cfg: AbsorptionConfig | None = None) -
     y_tr = np.array([first_letter(t) for _, t in train])
     y_te = np.array([first_letter(t) for _, t in test])
     c_tr, c_te = encode(run, x_tr), encode(run, x_te)
-    weights = l1_probe(c_tr, y_tr, cfg)
+    weights = l1_probe(c_tr, y_tr, cfg, n_train_full)
     dec = sae.decoder_directions().detach().float().cpu()
     dec = dec / dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -251,6 +274,20 @@ def absorption(lm: LoadedModel, sae: SAE, cfg: AbsorptionConfig | None = None) -
         rows.append(Row("absorption", "full_absorption_rate", letter, None, float(full.mean()), len(words)))
     rows.append(Row("absorption", "letters_evaluated", None, None, float(len(scores)), len(scores)))
     if len(scores) >= cfg.min_letters:
-        for i, metric in enumerate(("mean_absorption_fraction", "mean_full_absorption", "mean_num_split_features")):
-            rows.append(Row("absorption", metric, None, None, float(np.mean([s[i] for s in scores.values()])), len(scores)))
+        rows += summary_rows(list(scores.values()))
     return rows
+
+
+SUMMARY = ("mean_absorption_fraction", "mean_full_absorption", "mean_num_split_features")
+SPREAD = ("std_dev_absorption_fraction", "std_dev_full_absorption", "std_dev_num_split_features")
+"""SAEBench's mean metrics and their spread over letters (``statistics.stdev``: ddof 1; NaN for one letter)."""
+
+
+def summary_rows(per_letter: list[tuple[float, float, int]]) -> list[Row]:
+    """The means over evaluated letters of (absorption fraction, full absorption rate, split features) and their
+    sample standard deviations."""
+    values = np.array(per_letter, dtype=np.float64).reshape(-1, 3)
+    n = len(values)
+    rows = [Row("absorption", m, None, None, float(values[:, i].mean()), n) for i, m in enumerate(SUMMARY)]
+    return rows + [Row("absorption", m, None, None, float(values[:, i].std(ddof=1)) if n > 1 else float("nan"), n)
+                   for i, m in enumerate(SPREAD)]

@@ -27,12 +27,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .absorption import AbsorptionConfig
-    from .evaluate import EvaluateConfig, evaluate_run
+    from .evaluate import DEFAULT_PARTS, EvaluateConfig, evaluate_run
     from .files import evaluation_summary
+    from .separability import SeparabilityConfig
     from .sparse_probing import ProbingConfig
 
+    if args.concepts and tuple(args.parts) == DEFAULT_PARTS:
+        args.parts = (*DEFAULT_PARTS, "separability")
     cfg = configs.from_args(EvaluateConfig, args, probing=configs.from_args(ProbingConfig, args, skip=PROBING_SKIP),
-                            absorption=AbsorptionConfig(words=args.absorption_words))
+                            absorption=AbsorptionConfig(words=args.absorption_words),
+                            separability=SeparabilityConfig(concepts=args.concepts, pool=args.separability_pool))
     path = evaluate_run(args.run, cfg, device=args.device, dtype=args.dtype)
     found = evaluation_summary(args.run)
     assert found is not None
@@ -63,7 +67,8 @@ def add_parsers(sub) -> None:
     from .sparse_probing import ProbingConfig
 
     configs.add_arguments(p, EvaluateConfig, help={
-        "parts": "comma-separated parts to compute (default: core,sparse_probing,absorption)",
+        "parts": "comma-separated parts to compute (default: core,sparse_probing,absorption, and separability "
+                 "when --concepts is given)",
     })
     configs.add_arguments(p, ProbingConfig, skip=PROBING_SKIP, help={
         "train_per_class": "probing texts per class, train side (default: 400)",
@@ -71,6 +76,10 @@ def add_parsers(sub) -> None:
     })
     p.add_argument("--absorption-words", type=int, default=4000,
                    help="vocabulary words of the first-letter task (0: every letter-only token, as SAEBench)")
+    p.add_argument("--concepts", help="a JSONL of {\"text\", \"label\"} lines: adds concept separability (Fereidouni "
+                   "et al.) of the latents and of the neurons at the hook (demo: data/concepts/python-docs-manuals.jsonl)")
+    p.add_argument("--separability-pool", choices=("last", "max"), default="last",
+                   help="a text's value of a unit: at its last counted token or its maximum (default: last)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_evaluate)

@@ -2,7 +2,8 @@
 
 Parts: ``core`` (``core``: L2 ratio, relative reconstruction bias, cosine over a token sample of the run;
 firing fractions from the run's densities), ``sparse_probing`` (``sparse_probing`` on texts of a corpus,
-``probing_data``), ``absorption`` (``absorption``, on the model's vocabulary). Each writes rows of
+``probing_data``), ``absorption`` (``absorption``, on the model's vocabulary), ``separability`` (``separability``:
+concept separability of latents and neurons on a labelled JSONL, only when one is given). Each writes rows of
 ``schema.EVALUATION_SCHEMA``; the settings, the run's identity, timings and the CPU go in the file's metadata.
 """
 
@@ -23,16 +24,19 @@ from .absorption import AbsorptionConfig, absorption
 from .core import CoreStats, firing_fractions
 from .probing_data import corpus_blocks, datasets
 from .sample import sample_contexts, sample_pass
+from .separability import SeparabilityConfig, separability_rows
 from .sparse_probing import ProbingConfig, Row, means, pooled, probe_dataset
 
-PARTS = ("core", "sparse_probing", "absorption")
+PARTS = ("core", "sparse_probing", "absorption", "separability")
+DEFAULT_PARTS = PARTS[:3]
+"""What ``evaluate`` computes unless told: separability needs a labelled file (``--concepts``), which adds it."""
 
 
 @dataclass
 class EvaluateConfig:
     """Settings of ``evaluate_run`` (recorded in the file's metadata)."""
 
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = DEFAULT_PARTS
     tokens: int = 16384
     """Sample tokens of the run for the core metrics."""
     batch_size: int = 16
@@ -41,11 +45,14 @@ class EvaluateConfig:
     """Corpus of the probing texts (default: the run's corpus)."""
     probing: ProbingConfig = field(default_factory=ProbingConfig)
     absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    separability: SeparabilityConfig = field(default_factory=SeparabilityConfig)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
             raise ValueError(f"parts must be among {', '.join(PARTS)}, got {', '.join(self.parts) or 'none'}")
+        if "separability" in self.parts and self.separability.concepts is None:
+            raise ValueError("the separability part needs --concepts FILE (a JSONL of {\"text\", \"label\"} lines)")
         if self.tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {self.tokens}")
 
@@ -90,11 +97,17 @@ def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, *, lm: 
             sae = load_run_sae(store.manifest(), f"run {store.run_dir}", device=lm.device)
             timings = {"load_seconds": time.perf_counter() - started}
             rows: list[Row] = []
-            for part, fn in (("core", core_rows), ("sparse_probing", probing_rows), ("absorption", None)):
+            for part, fn in (("core", core_rows), ("sparse_probing", probing_rows), ("absorption", None),
+                             ("separability", None)):
                 if part not in cfg.parts:
                     continue
                 tick = time.perf_counter()
-                rows += fn(lm, sae, store, cfg) if fn is not None else absorption(lm, sae, cfg.absorption)
+                if fn is not None:
+                    rows += fn(lm, sae, store, cfg)
+                elif part == "absorption":
+                    rows += absorption(lm, sae, cfg.absorption)
+                else:
+                    rows += separability_rows(lm, sae, cfg.separability, cfg.batch_size)
                 timings[f"{part}_seconds"] = time.perf_counter() - tick
             man = store.manifest()
         facts = cpu_facts()

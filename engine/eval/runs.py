@@ -17,8 +17,8 @@ CARD_FIELDS = (
 
 
 def card(store: RunStore) -> dict:
-    """A run's eval card from its manifest: width and the aggregate metrics (dark matter: held-out R^2 of the
-    error and of its norm predicted linearly from x)."""
+    """A run's eval card from its manifest: width and the aggregate metrics (dark matter: saescope's held-out R^2
+    of the error and of its norm predicted linearly from x, not the paper's ``paper_*`` estimator)."""
     man = store.manifest()
     sae, metrics, dm = sections(man).sae, store.metrics(), store.dark_matter()
     return {

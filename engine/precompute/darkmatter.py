@@ -8,7 +8,9 @@ The held-out tokens are those of every tenth context (``sampling.is_heldout``); 
 
 Beside it, the paper's own quantities (its repository's ``utils.run_lstsq`` and ``calculate_r_squared``): a
 least-squares fit *without* bias of ``e`` and of ``||e||^2`` on ``x``, fitted and scored on a random token split
-(``token_split``), R^2 averaged over the error's dimensions (``paper_*`` metrics).
+(``token_split``, keyed on context and position), R^2 averaged over the error's dimensions (``paper_*`` metrics),
+on the positions ``paper_positions`` only when it is set (the paper: 1-1022 of 1024-token contexts; 200-1022 for
+its ``||e||^2`` headline).
 
 Numerics: per-batch products run in float32 on data shifted by a fixed point (the first batch's mean),
 which keeps the statistics well conditioned; running totals are float64.
@@ -17,6 +19,7 @@ which keeps the statistics well conditioned; running totals are float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,19 +30,37 @@ PAPER_SPLIT_SEED = 0
 _MASK32 = 0xFFFFFFFF
 
 
-def token_split(x: torch.Tensor, fraction: float = PAPER_HELDOUT_FRACTION, seed: int = PAPER_SPLIT_SEED) -> torch.Tensor:
-    """Held-out flags ``[n]`` of a seeded random token split: a token is held out when a hash of its activation's
-    float32 bits ``x [n, d]`` (weights drawn from ``seed``) falls below ``fraction`` of the 32-bit range. A function
-    of the token alone, so batching and sharding do not move it (identical activations share a side)."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.randint(1, 2**16, (x.shape[-1],), generator=gen, dtype=torch.int64).to(x.device)
-    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    h = (bits * weights).sum(-1)  # < d * 2^48: exact in int64 for d < 2^15
-    h = ((h ^ (h >> 32)) & _MASK32) ^ (seed * 0x9E3779B1 & _MASK32)
-    for _ in range(2):  # a 32-bit integer mixer (products stay below 2^59)
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 values in ``[0, 2^32)`` (products stay below 2^59)."""
+    for _ in range(2):
         h = (((h >> 16) ^ h) * 0x45D9F3B) & _MASK32
-    h = (h >> 16) ^ h
+    return (h >> 16) ^ h
+
+
+def token_split(context_ids: torch.Tensor, positions: torch.Tensor, fraction: float = PAPER_HELDOUT_FRACTION,
+                seed: int = PAPER_SPLIT_SEED) -> torch.Tensor:
+    """Held-out flags ``[n]`` of a seeded random token split: token (``context_ids[j]``, ``positions[j]``) is held
+    out when a seeded 32-bit hash of the pair falls below ``fraction`` of the range. A function of where the token
+    is, not of its activation, so batching, sharding and workers whose activations differ in the low bits all put a
+    token on the same side."""
+    ctx = context_ids.to(torch.int64) & _MASK32
+    pos = positions.to(torch.int64).to(ctx.device) & _MASK32
+    h = _mix32(ctx ^ (seed * 0x9E3779B1 & _MASK32))
+    h = _mix32((h + pos * 0x85EBCA6B) & _MASK32)
     return h < int(fraction * 2**32)
+
+
+def parse_positions(text: str | None) -> tuple[int, int] | None:
+    """``"A:B"`` -> ``(A, B)``, the inclusive range of positions the paper-style fit uses (None: every position)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"positions must be FIRST:LAST (inclusive, e.g. 1:1022), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"positions must be FIRST:LAST with 0 <= FIRST <= LAST, got {text!r}")
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,7 @@ class LinearErrorMap:
     w_norm: torch.Tensor
     """``[d_in]``: predicted error norm ``x @ w_norm + b_norm``."""
     b_norm: float
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
     """``heldout_error_r2`` (fraction of the held-out error variance the map predicts), ``heldout_norm_r2``,
     the same on held-in tokens, token counts and the ridge used; the ``paper_*`` quantities (``paper_metrics``)."""
 
@@ -117,8 +138,9 @@ class Moments:
 class LinearErrorStats:
     """Accumulates held-in and held-out sufficient statistics for the linear error map."""
 
-    def __init__(self, d_in: int, device: torch.device | str = "cpu"):
+    def __init__(self, d_in: int, device: torch.device | str = "cpu", paper_positions: tuple[int, int] | None = None):
         self.d_in = d_in
+        self.paper_positions = None if paper_positions is None else list(paper_positions)
         self.fit_part = Moments(d_in, d_in + 1, device)
         self.score_part = Moments(d_in, d_in + 1, device)
         self.shift_x: torch.Tensor | None = None
@@ -128,23 +150,31 @@ class LinearErrorStats:
         self.split_score = Moments(d_in, d_in + 1, device)
         self.shift_z: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, e: torch.Tensor, heldout: torch.Tensor) -> None:
-        """Add tokens ``x, e [n, d_in]``; ``heldout [n]`` bool marks scoring tokens (the random token split of the
-        paper-style fit is drawn here, from ``x``)."""
+    def update(self, x: torch.Tensor, e: torch.Tensor, heldout: torch.Tensor, context_ids: torch.Tensor,
+               positions: torch.Tensor) -> None:
+        """Add tokens ``x, e [n, d_in]``; ``heldout [n]`` bool marks scoring tokens; ``context_ids, positions [n]``
+        say where each token is (the paper-style fit's random token split and position filter)."""
         x, e = x.float(), e.float()
         y = torch.cat([e, e.norm(dim=-1, keepdim=True)], 1)
         z = torch.cat([e, e.pow(2).sum(-1, keepdim=True)], 1)
         if self.shift_x is None or self.shift_y is None or self.shift_z is None:  # all set by the first update
             self.shift_x, self.shift_y, self.shift_z = x.mean(0), y.mean(0), z.mean(0)
-        held = token_split(x)
+        held = token_split(context_ids, positions).to(x.device)
         x, y, z = x - self.shift_x, y - self.shift_y, z - self.shift_z
         self.fit_part.add(x[~heldout], y[~heldout])
         self.score_part.add(x[heldout], y[heldout])
-        self.split_fit.add(x[~held], z[~held])
-        self.split_score.add(x[held], z[held])
+        kept = torch.ones_like(held)
+        if self.paper_positions is not None:
+            pos = positions.to(x.device)
+            kept = (pos >= self.paper_positions[0]) & (pos <= self.paper_positions[1])
+        self.split_fit.add(x[kept & ~held], z[kept & ~held])
+        self.split_score.add(x[kept & held], z[kept & held])
 
     def merge(self, other: LinearErrorStats) -> None:
         """Add another state over disjoint tokens (its sums re-centred on this state's shift): the state of all."""
+        if getattr(other, "paper_positions", None) != getattr(self, "paper_positions", None):
+            raise ValueError(f"cannot merge dark-matter states of different paper_positions ({self.paper_positions} "
+                             f"and {other.paper_positions})")
         if other.shift_x is None or other.shift_y is None or other.shift_z is None:
             return
         if self.shift_x is None or self.shift_y is None or self.shift_z is None:
@@ -198,12 +228,13 @@ class LinearErrorStats:
             },
         )
 
-    def paper_metrics(self) -> dict[str, float]:
+    def paper_metrics(self) -> dict[str, Any]:
         """The paper's quantities: ``e ~ x @ W`` and ``||e||^2 ~ x @ w``, least squares without bias (minimum-norm
         where singular) on the ``token_split`` fitting tokens; R^2 on the held-out ones, for ``e`` averaged over
         its dimensions (``1 - SSE_i / SST_i``, SST about the held-out mean; dimensions without variance left out)."""
         d, m = self.d_in, self.split_fit
         out = {"paper_heldout_fraction": PAPER_HELDOUT_FRACTION, "paper_split_seed": PAPER_SPLIT_SEED,
+               "paper_positions": getattr(self, "paper_positions", None),
                "paper_n_train_tokens": int(m.n), "paper_n_heldout_tokens": int(self.split_score.n)}
         names = ("paper_heldout_error_r2_mean_dim", "paper_heldout_norm_sq_r2", "paper_train_error_r2_mean_dim",
                  "paper_train_norm_sq_r2")

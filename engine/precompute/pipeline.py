@@ -33,7 +33,7 @@ from ..model.loading import LoadedModel
 from ..run import parquet, rundir, schema
 from ..saes import SAE
 from .accumulators import FeatureStats, SparseCodes, sparse_codes
-from .darkmatter import LinearErrorStats
+from .darkmatter import LinearErrorStats, parse_positions
 from .heads import HeadAttribution, attention_hook
 from .reservoirs import ExampleReservoirs
 from .runwriter import RunTarget, RunWriter
@@ -90,11 +90,19 @@ class PrecomputeConfig:
     """Ridge of the linear error map, relative to the mean activation variance."""
     dfa_sources: int = 16
     """``attn.hook_z`` SAEs: (head, source token) contributions kept per top example (0: no head attribution)."""
+    paper_positions: str | None = None
+    """Positions FIRST:LAST (inclusive) the paper-style dark-matter fit (``paper_*``) uses; none: every counted
+    position. The paper's setting: 1:1022 with --context-len 1024 (200:1022 for its ||e||^2 headline)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.context_len < 2:
             raise ValueError(f"context length must be at least 2, got {self.context_len}")
+        positions = parse_positions(self.paper_positions)
+        if positions is not None and positions[1] >= self.context_len:
+            raise ValueError(f"paper positions {self.paper_positions} reach past the last position of a "
+                             f"{self.context_len}-token context: raise --context-len (the paper's setting is "
+                             "--context-len 1024 --paper-positions 1:1022) or lower LAST")
         if self.tokens is not None and self.tokens < self.context_len:
             raise ValueError(f"--tokens ({self.tokens}) must be at least one context ({self.context_len} tokens)")
         if self.dfa_sources < 0:
@@ -227,7 +235,7 @@ def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = N
                                    per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=seed,
                                    payload=heads.payload_spec() if heads is not None else None),
         recon=ReconStats(d_in, dev),
-        dark=LinearErrorStats(d_in, dev),
+        dark=LinearErrorStats(d_in, dev, parse_positions(cfg.paper_positions)),
         sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=seed),
         recon_massive=ReconStats(d_in, dev),
         heads=heads,
@@ -321,8 +329,9 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
             # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
             alone = sae(x[massive]) if grad is None else sae(x[massive], grad=grad[massive])
             state.recon_massive.update(x[massive].float(), alone.x_hat, alone.codes)
-        heldout = is_heldout(context_ids).to(dev)[:, None].expand(n_batch, n_pos).reshape(-1)[flat_mask]
-        state.dark.update(x_in, error[flat_mask], heldout)
+        token_context = context_ids[:, None].expand(n_batch, n_pos).reshape(-1).to(dev)[flat_mask]
+        token_position = torch.arange(n_pos, device=dev).repeat(n_batch)[flat_mask]
+        state.dark.update(x_in, error[flat_mask], is_heldout(token_context), token_context, token_position)
         state.sample.offer(context_ids, batch.token_ids, batch.mask, x.view(n_batch, n_pos, -1).float(),
                            error.view(n_batch, n_pos, -1), l0.view(n_batch, n_pos))
         if context_file is not None:

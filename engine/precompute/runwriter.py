@@ -175,7 +175,7 @@ class RunWriter:
         lm, sae, cfg = self.lm, self.sae, self.cfg
         tick = time.perf_counter()
         slots = state.sample.taken()
-        losses = self._sample_losses(state.sample, slots, ce_contexts(state.n_contexts, cfg))
+        losses = self._sample_losses(state.sample, slots, state.sample.scored(ce_contexts(state.n_contexts, cfg)))
         ce_seconds = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -244,10 +244,9 @@ class RunWriter:
         }
 
     # --- CE sample ---------------------------------------------------------------------------------------
-    def _sample_losses(self, sample: ContextSample, slots: torch.Tensor, n_scored: int) -> dict | None:
-        """Per-position losses of the sampled contexts in reservoir slots ``< n_scored`` (NaN rows for the rest,
-        which a uniform reservoir's first slots are a uniform sample of), and their summary."""
-        scored = slots[slots < n_scored]
+    def _sample_losses(self, sample: ContextSample, slots: torch.Tensor, scored: torch.Tensor) -> dict | None:
+        """Per-position losses of the sampled contexts in reservoir slots ``slots`` that are ``scored`` (a uniform
+        subset of them, ``ContextSample.scored``; NaN rows for the rest), and their summary."""
         if not len(scored):
             return None
         live = {int(sample.context_id[s]) for s in scored}
@@ -267,8 +266,9 @@ class RunWriter:
         pos = sample.token_ids.shape[1]
         out = {k: torch.full((len(slots), pos - 1), float("nan")) for k in LOSS_KEYS}
         pred = torch.zeros(len(slots), pos - 1, dtype=torch.bool)
+        chosen = set(scored.tolist())
         for i, slot in enumerate(slots.tolist()):
-            cached = self._losses.get(int(sample.context_id[slot])) if slot < n_scored else None
+            cached = self._losses.get(int(sample.context_id[slot])) if slot in chosen else None
             if cached is not None:
                 for k in LOSS_KEYS:
                     out[k][i] = cached[k]

@@ -3,6 +3,12 @@
 Only held-out contexts are offered (see ``is_heldout``), so the linear error map scored on the sampled
 tokens was not fitted on them. Memory is ``capacity * context_len * d_in`` floats twice, whatever the
 corpus length.
+
+The contexts whose next-token losses are scored (``scored``) are the filled slots first in a random order of the
+slots drawn once (``priority``), not the first slots: algorithm R leaves context ``i`` in slot ``i`` until it is
+replaced, so the first slots of a run shorter than a few times the capacity hold its first contexts. A random
+subset of slots chosen independently of what they hold is a uniform subset of the sample, so a 1-shard run and a
+merged N-shard run (whose merge shuffles the slots) score a uniform sample of their held-out contexts alike.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import numpy as np
 import torch
 
 HELDOUT_EVERY = 10
+PRIORITY_SEED_OFFSET = 0x5EED
+"""Added to the sample's seed to seed the slots' scoring order (``ContextSample.priority``)."""
 
 
 def is_heldout(context_ids: torch.Tensor) -> torch.Tensor:
@@ -31,6 +39,8 @@ class ContextSample:
         self.err = torch.zeros(capacity, context_len, d_in, device=device)
         self.l0 = torch.zeros(capacity, context_len, dtype=torch.int64, device=device)
         self.gen = torch.Generator().manual_seed(seed)
+        # a stream of its own, so the reservoir's draws are those of a sample without it
+        self.priority = torch.randperm(capacity, generator=torch.Generator().manual_seed(seed + PRIORITY_SEED_OFFSET))
 
     def offer(self, context_ids, token_ids, mask, x, err, l0) -> None:
         """Offer a batch's held-out contexts (all ``[batch, ...]``); a Python loop over at most ``batch`` rows."""
@@ -52,7 +62,7 @@ class ContextSample:
     def merge(self, other: ContextSample, gen: np.random.Generator) -> None:
         """Become a uniform sample of the union of this sample's and ``other``'s contexts (disjoint; each a uniform
         sample of its own): how many come from each side is hypergeometric, which of them uniform, and the slots
-        are shuffled, so the first slots are again a uniform sample (the CE scoring takes those)."""
+        are shuffled; this sample's ``priority`` stays, so ``scored`` is again a uniform subset."""
         population = self.seen + other.seen
         size = min(self.capacity, population)
         from_self = int(gen.hypergeometric(self.seen, other.seen, size)) if self.seen and other.seen else (
@@ -74,6 +84,16 @@ class ContextSample:
             if rows:
                 buffer[: len(chosen)] = rows[name]
         self.seen = population
+
+    def scored(self, n: int) -> torch.Tensor:
+        """The slots whose contexts get their losses scored: the ``n`` filled slots first in ``priority`` (a uniform
+        ``n``-subset of the sample; once all slots are filled, the same slots from one snapshot to the next)."""
+        filled = (self.context_id >= 0).nonzero(as_tuple=True)[0]
+        priority = getattr(self, "priority", None)
+        if priority is None:  # a task state saved before the order existed: one drawn now, from a fixed seed
+            gen = torch.Generator().manual_seed(PRIORITY_SEED_OFFSET)
+            priority = self.priority = torch.randperm(self.capacity, generator=gen)
+        return filled[priority[filled].argsort()[:n]]
 
     def taken(self) -> torch.Tensor:
         """Indices of filled slots, ordered by context id."""

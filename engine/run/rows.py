@@ -105,12 +105,24 @@ class FeatureRow(NamedTuple):
     explanation: str | None
     """Written explanation (None: none)."""
     head_weight_shares: list[float] | None
-    """``attn.hook_z`` SAEs: each head's share of ``||W_dec[i]||^2`` (None for other SAEs and older runs)."""
+    """``attn.hook_z`` SAEs: each head's share of ``||W_dec[i]||^2`` (None for other SAEs and older runs); Kissane
+    et al.'s share of the unsquared norms is ``head_norm_shares``."""
     head_data_shares: list[float] | None
     """``attn.hook_z`` SAEs: each head's share of the pre-activation (minus bias) at the top examples' max tokens,
     summed over them (sums to 1; negative for a head that works against the latent; None without examples)."""
     examples: list[Example]
     """Top examples (by rank), then quantile examples (by bin, then rank)."""
+
+    @property
+    def head_norm_shares(self) -> list[float] | None:
+        """Each head's share of the decoder row as Kissane et al. (2024) define it: ``||W_dec[i, h]|| / sum_g
+        ||W_dec[i, g]||`` over the heads' blocks (unsquared norms), derived exactly from ``head_weight_shares``
+        (the squared-norm shares: the norms are proportional to their square roots)."""
+        if self.head_weight_shares is None:
+            return None
+        roots = [max(s, 0.0) ** 0.5 for s in self.head_weight_shares]
+        total = sum(roots)
+        return [r / total if total > 0 else 0.0 for r in roots]
 
 
 class ExampleDFA(NamedTuple):
@@ -318,4 +330,7 @@ class DarkMatterSummary(NamedTuple):
     paper_heldout_fraction: float | None
     """Share of tokens the random split holds out (0.5)."""
     paper_split_seed: int | None
-    """Seed of the split's hash (``darkmatter.token_split``)."""
+    """Seed of the split's hash (``darkmatter.token_split``, keyed on context and position)."""
+    paper_positions: list[int] | None = None
+    """``[first, last]``: the positions (inclusive) the paper-style fit used; None: every counted position (and in
+    runs written before it)."""

@@ -10,7 +10,9 @@ import pytest
 from dashboard.render import fmt
 from engine.eval.compare import CompareConfig, compare_runs
 from engine.eval.evaluate import EvaluateConfig, evaluate_run
+from engine.eval.files import evaluation_summary
 from engine.eval.runs import card
+from engine.eval.separability import SeparabilityConfig
 from engine.model.loading import load_model
 from engine.precompute.pipeline import precompute
 from engine.run.store import RunStore
@@ -25,7 +27,7 @@ COMPARE = "views/compare.py"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """narrow (64), mid (128), wide (256) runs; narrow vs wide compared; narrow evaluated (core only)."""
+    """narrow (64), mid (128), wide (256) runs; narrow vs wide compared; narrow evaluated (core, separability)."""
     root = tmp_path_factory.mktemp("compare_page")
     out = build_width_runs(root)
     lm = load_model(out["model"], device="cpu", dtype="float32")
@@ -33,13 +35,22 @@ def runs(tmp_path_factory):
     out["mid"] = root / "runs" / "mid"
     precompute(lm, load_sae(sae_dir), root / "corpus.jsonl", out["mid"], context_len=32, sae_path=sae_dir, progress=False)
     compare_runs([out["narrow"], out["wide"]], cfg=CompareConfig(tokens=1024), lm=lm)
-    evaluate_run(out["narrow"], EvaluateConfig(parts=("core",), tokens=512), lm=lm)
+    concepts = root / "concepts.jsonl"
+    texts = {"code": "def f(x): return x + 1", "prose": "The river runs past the old mill in spring"}
+    concepts.write_text("\n".join(json.dumps({"text": f"{t} {i}", "label": label})
+                                  for i in range(8) for label, t in texts.items()))
+    evaluate_run(out["narrow"], EvaluateConfig(parts=("core", "separability"), tokens=512,
+                                               separability=SeparabilityConfig(concepts=str(concepts))), lm=lm)
     out["root"] = root / "runs"
     return out
 
 
 def text(at) -> str:
     return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [s.value for s in at.subheader])
+
+
+def row_of(cards, label: str):
+    return cards[cards["metric"] == label].iloc[0]
 
 
 def test_cards_curves_and_matches_side_by_side(runs, open_app):
@@ -54,9 +65,17 @@ def test_cards_curves_and_matches_side_by_side(runs, open_app):
     for key, label in (("kl_score", "KL score"), ("ce_loss_increase_ci95", "CE loss increase: ± 95% interval")):
         assert wide[key] is not None and cards[cards["metric"] == label].iloc[0]["wide (256)"] == fmt(wide[key], 4)
     assert cards[cards["metric"] == "L2 ratio ‖x̂‖/‖x‖"].iloc[0]["wide (256)"] == "–"  # only narrow was evaluated
+    values, _, _ = evaluation_summary(runs["narrow"])  # type: ignore[misc]
+    for key, label in (("separability/mean_js_all", "Concept separability (JS distance): latents"),
+                       ("separability/neuron_mean_js_all", "Concept separability: the hook's neurons")):
+        assert row_of(cards, label)["narrow (64)"] == fmt(values[key], 4) and row_of(cards, label)["wide (256)"] == "–"
     charts = plotly(at)
     assert len(charts) == 4  # EV and dark-matter curves across the three widths, cosine and correlation histograms
     assert [int(x) for x in charts[0]["data"][0]["x"]] == [64, 128, 256]
+    # the dark-matter curves and rows say whose quantity they are
+    assert [t["name"] for t in charts[1]["data"]] == ["error variance predicted (saescope)", "‖e‖ predicted (saescope)"]
+    assert row_of(cards, "Dark matter (saescope's fit): ‖e‖ predicted")["wide (256)"] == fmt(wide["dm_norm_r2"], 4)
+    assert any("not the paper's" in c.value for c in at.caption)
     assert metric(at, "One-to-one pairs") == "64" and metric(at, "Split latents") == "8"
     splits = at.dataframe[2].value
     assert set(splits["narrow"]) >= set(range(8)) and (splits["children"] >= 2).all()

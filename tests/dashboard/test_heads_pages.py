@@ -41,10 +41,11 @@ def test_feature_page_shows_head_shares_and_source_tokens(tiny_attn_run, open_ap
     at = open_app(tiny_attn_run, FEATURES, feature=fid)
     no_crash(at)
     assert any(s.value == "Attention heads" for s in at.subheader)
-    shares = next(spec for spec in plotly(at) if spec["data"][0].get("name") == "weights")
+    shares = next(spec for spec in plotly(at) if spec["data"][0].get("name") == "decoder norm")
     names = ["L1.H0", "L1.H1", "L1.H2", "L1.H3"]
-    weights, data = shares["data"]
-    assert list(weights["x"]) == names and data["name"] == "top examples"
+    norm, weights, data = shares["data"]
+    assert list(weights["x"]) == names and weights["name"] == "decoder norm²" and data["name"] == "top examples"
+    assert values(norm["y"]) == pytest.approx(row.head_norm_shares)
     assert values(weights["y"]) == pytest.approx(row.head_weight_shares)
     assert values(data["y"]) == pytest.approx(row.head_data_shares)
     boxes = _dfa_boxes(at)

@@ -253,6 +253,9 @@ def test_dark_matter_page(tiny_runs, open_app, store):
     assert metric(at, "‖e‖² predicted") == fmt(dm.paper_heldout_norm_sq_r2)
     assert metric(at, "Tokens fitted") == f"{dm.paper_n_train_tokens:,}"
     assert metric(at, "Tokens scored") == f"{dm.paper_n_heldout_tokens:,}"
+    # the run is not in the paper's setting (short contexts, every position): the page says how to get it
+    assert dm.paper_positions is None
+    assert any("--context-len 1024 --paper-positions 1:1022" in c.value for c in at.caption)
     err_hist, ce_hist = plotly(at)
     assert [t["name"] for t in err_hist["data"]] == ["‖e‖", "linear part", "nonlinear part"]
     assert len(values(err_hist["data"][0]["x"])) == dm.n_token_rows
@@ -284,6 +287,44 @@ def test_steering_streams_baseline_and_steered_from_one_seed(tiny_runs, open_app
     steered = str(lm.tokenizer.decode([b for _, b in pairs if b is not None]))
     assert html.escape(base, quote=True) in bodies[0] and html.escape(steered, quote=True) in bodies[1]
     assert base != steered
+
+
+def test_app_steering_suppresses_a_concept_and_measures_its_removal(tiny_runs, open_app, store, tmp_path):
+    from engine.analysis.concepts import read_concepts
+    from engine.live.app import app_intervention, fit_concept, removal_report
+
+    concepts = tmp_path / "concepts.jsonl"
+    texts = {"code": "def f(x): return x + 1", "prose": "The river runs past the old mill in spring"}
+    concepts.write_text("\n".join(json.dumps({"text": f"{t} {i}", "label": label})
+                                  for i in range(6) for label, t in texts.items()))
+    prompt = "The quick brown fox"
+    at = open_app(tiny_runs["topk"], STEER, mode="app", concepts=str(concepts), concept="prose", prompt=prompt, seed=3,
+                  max_new=10, temp=0.9)
+    no_crash(at)
+    assert at.selectbox(key="steer_concept").value == "prose" and at.query_params["mode"] == "app"
+    man = store.manifest()
+    lm = load_model(man["model"]["name"], device="cpu", dtype="float32")
+    sae = load_sae(man["sae"]["path"])
+    dens = fit_concept(lm, sae, read_concepts(concepts), "prose")
+    header = next(m.value for m in at.markdown if m.value.startswith("**Steered**"))
+    assert f"suppress prose ({len(dens.exclusive)} latents set to 0, {len(dens.shared)} scaled)" in header
+    pairs = list(compare(lm, lm.tokenizer(prompt)["input_ids"], app_intervention(lm, sae, dens), max_new_tokens=10,
+                         temperature=0.9, seed=3))
+    steered = str(lm.tokenizer.decode([b for _, b in pairs if b is not None]))
+    assert html.escape(steered, quote=True) in [b for b in htmls(at) if "saescope-generation" in b][1]
+    next(b for b in at.button if b.key == "steer_measure").click().run()
+    no_crash(at)
+    table = at.dataframe[0].value
+    rows = removal_report(lm, sae, read_concepts(concepts), dens)
+    assert list(table["method"]) == ["clean", "APP", "zero-ablation"]
+    assert list(table["loss on prose texts"]) == [fmt(r.concept_loss, 4) for r in rows]
+    assert list(table["perplexity on others"]) == [fmt(r.other_ppl, 4) for r in rows]
+    at.text_input(key="steer_concepts").input(str(tmp_path / "missing.jsonl")).run()
+    assert any("no concepts file" in e.value for e in at.error)
+    at.radio(key="steer_mode").set_value("add").run()
+    at.radio(key="steer_mode").set_value("app").run()  # back in APP mode: a file is named again
+    no_crash(at)
+    assert at.text_input(key="steer_concepts").value
 
 
 def test_steering_settings_live_in_the_url(tiny_runs, open_app):

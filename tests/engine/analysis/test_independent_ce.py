@@ -319,13 +319,17 @@ def test_precompute_reconstruction_metrics_match_the_hand_computation(case, lm):
 
 def test_precompute_dark_matter_paper_quantities_match_numpy(case, lm):
     """The manifest's ``paper_*`` dark matter: least squares without bias of e and ||e||^2 on x over the run's
-    tokens of the random token split, R^2 per error dimension averaged, recomputed with numpy."""
+    tokens of the random (context, position) split, R^2 per error dimension averaged, recomputed with numpy."""
     from engine.precompute.darkmatter import token_split
 
     x32 = _capture(lm, case["hook"], case["ids"])[case["mask"]].float()
     e = (x32.double() - _hand_reconstruction(x32, case["w"]).double()).numpy()
     x = x32.double().numpy()
-    held = token_split(x32).numpy()
+    mask = torch.as_tensor(case["mask"])
+    rows, cols = mask.shape
+    context = torch.arange(rows)[:, None].expand(rows, cols)[mask]  # contexts are numbered in corpus order
+    position = torch.arange(cols)[None].expand(rows, cols)[mask]
+    held = token_split(context, position).numpy()
     dm = case["manifest"]["dark_matter"]
     assert dm["paper_n_heldout_tokens"] == held.sum() and dm["paper_n_train_tokens"] == (~held).sum()
     sq = (e**2).sum(1)

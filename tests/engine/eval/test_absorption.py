@@ -14,7 +14,9 @@ from engine.eval.absorption import (
     alpha_vocab,
     build_prompts,
     first_letter,
+    l1_steps,
     main_latents,
+    summary_rows,
 )
 from engine.model.tiny import tiny_tokenizer
 from tests.engine.saes_util import random_sae
@@ -88,3 +90,59 @@ def test_absorption_runs_on_a_tiny_model(tiny_llama):
     assert evaluated == sum(r.metric == "mean_absorption_fraction" and r.task is not None for r in rows)
     strict = absorption(tiny_llama, sae, AbsorptionConfig(words=0, icl_examples=3, l1_epochs=1, max_k=2))
     assert not any(r.task is None and r.metric == "mean_absorption_fraction" for r in strict)  # < 20 letters pass
+
+
+def test_ground_truth_probe_l2_is_saebench_effective_one():
+    """SAEBench's 26-way probe (Adam, weight decay 1e-4, BCE with positive weights averaged over samples and the 26
+    letters) converges, letter by letter, to the logistic regression with L2 ``26 * 1e-4`` per sample, which
+    ``probe_l2`` is; the old per-sample 1e-4 gives another probe."""
+    from engine.eval.probe import fit_logistic
+
+    gen = np.random.default_rng(0)
+    n, d = 520, 4
+    labels = np.arange(n) % len(LETTERS)
+    centres = gen.normal(size=(len(LETTERS), d)) * 0.4
+    x = (centres[labels] + gen.normal(size=(n, d))).astype(np.float64)
+    y = torch.nn.functional.one_hot(torch.as_tensor(labels), len(LETTERS)).double()
+    n_pos = y.sum(0)
+    weight = torch.zeros(len(LETTERS), d, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(LETTERS), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [weight], "weight_decay": 1e-4}, {"params": [bias], "weight_decay": 0.0}], lr=0.05)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=(1e-4 / 0.05) ** (1 / 300))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(n - n_pos) / n_pos)
+    xt = torch.from_numpy(x)
+    for _ in range(300):  # full batches: the optimum, not SGD noise
+        opt.zero_grad()
+        loss_fn(xt @ weight.T + bias, y).backward()
+        opt.step()
+        sched.step()
+    cfg = AbsorptionConfig()
+    assert cfg.probe_l2 == pytest.approx(26e-4)
+    for li in (0, 7):
+        pos = labels == li
+        sw = np.where(pos, (n - pos.sum()) / pos.sum(), 1.0)
+        ours = fit_logistic(x, pos, C=1 / (cfg.probe_l2 * n), sample_weight=sw)
+        old = fit_logistic(x, pos, C=1 / (1e-4 * n), sample_weight=sw)
+        adam = weight[li].detach().numpy()
+        assert np.linalg.norm(ours.coef - adam) < 2e-4 * np.linalg.norm(adam)
+        assert np.linalg.norm(old.coef - adam) > 3e-3 * np.linalg.norm(adam)
+
+
+def test_l1_probe_steps_follow_the_whole_vocabulary():
+    cfg = AbsorptionConfig()
+    assert l1_steps(20_000, cfg) == (50 * 5, 5)  # ceil(20000 / 4096) batches per epoch, 50 epochs
+    assert l1_steps(3_200, cfg) == (50, 1)
+    assert l1_steps(40_000, AbsorptionConfig(l1_epochs=3, l1_batch=1000)) == (120, 40)
+
+
+def test_spread_over_letters_is_the_sample_standard_deviation():
+    import statistics
+
+    per_letter = [(0.1, 0.0, 1), (0.3, 0.5, 2), (0.2, 0.25, 1), (0.7, 0.0, 3)]
+    rows = {r.metric: r.value for r in summary_rows(per_letter)}
+    for i, (mean, std) in enumerate((("mean_absorption_fraction", "std_dev_absorption_fraction"),
+                                     ("mean_full_absorption", "std_dev_full_absorption"),
+                                     ("mean_num_split_features", "std_dev_num_split_features"))):
+        column = [p[i] for p in per_letter]
+        assert rows[mean] == pytest.approx(statistics.mean(column))
+        assert rows[std] == pytest.approx(statistics.stdev(column))

@@ -94,6 +94,23 @@ def test_evaluate_command_and_its_errors(evaluated, capsys):
     assert "no corpus for the probing texts" in capsys.readouterr().err
 
 
+def test_evaluate_command_adds_separability_with_concepts(evaluated, capsys, tmp_path):
+    runs, _, _ = evaluated
+    assert main(["evaluate", str(runs["narrow"]), "--parts", "separability", "--device", "cpu"]) == 2
+    assert "needs --concepts" in capsys.readouterr().err
+    concepts = tmp_path / "concepts.jsonl"
+    texts = {"code": "def f(x): return x + 1", "prose": "The river runs past the old mill in spring"}
+    concepts.write_text("\n".join(json.dumps({"text": f"{t} {i}", "label": label})
+                                  for i in range(8) for label, t in texts.items()))
+    assert main(["evaluate", str(runs["narrow"]), "--parts", "separability", "--concepts", str(concepts),
+                 "--separability-pool", "max", "--device", "cpu", "--dtype", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["separability/mean_js_all"] <= 1 and out["separability/neuron_polysemantic_fraction"] == 1.0
+    table, meta = read_evaluation(runs["narrow"])
+    assert meta["settings"]["separability"]["pool"] == "max"
+    assert {r["task"] for r in table.to_pylist() if r["metric"] == "texts"} == {"code", "prose"}
+
+
 @pytest.mark.parametrize("command", ["compare", "evaluate"])
 def test_help_of_the_eval_commands(command, capsys):
     from engine.cli import build_parser

@@ -82,7 +82,9 @@ def test_linear_error_map_closed_form_r2():
     stats = LinearErrorStats(d)
     for start in range(0, n, 700):
         sl = slice(start, start + 700)
-        stats.update(torch.tensor(x[sl], dtype=torch.float32), torch.tensor(e[sl], dtype=torch.float32), torch.tensor(held[sl]))
+        rows = torch.arange(n)[sl]
+        stats.update(torch.tensor(x[sl], dtype=torch.float32), torch.tensor(e[sl], dtype=torch.float32), torch.tensor(held[sl]),
+                     rows // 64, rows % 64)
     fit = stats.fit()
     X = np.hstack([x, np.ones((n, 1))])
     coef, *_ = np.linalg.lstsq(X[~held], e[~held], rcond=None)

@@ -58,6 +58,14 @@ def test_weight_shares_are_each_heads_share_of_the_decoder_norm(attn_run, tiny_l
     expected = (blocks / blocks.sum(-1, keepdim=True)).numpy()
     stored = np.array(pq.read_table(attn_run["out"] / "features.parquet").column("head_weight_shares").to_pylist())
     np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-7)
+    # Kissane et al.'s share (top_feature_analysis.py): unsquared block norms over their sum
+    norms = sae.W_dec.detach().view(sae.cfg.d_sae, lm.n_heads, lm.d_head).double().norm(dim=-1)
+    kissane = (norms / norms.sum(-1, keepdim=True)).numpy()
+    with RunStore.open(attn_run["out"]) as store:
+        rows = [store.feature(i) for i in (0, 5, 17)]
+        derived = np.array([row.head_norm_shares for row in rows if row is not None])
+    np.testing.assert_allclose(derived, kissane[[0, 5, 17]], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(derived, expected[[0, 5, 17]], atol=1e-3)  # the two shares differ on this SAE
     head = attn_run["manifest"]["head_attribution"]
     assert head["layer"] == 1 and head["n_heads"] == lm.n_heads and head["dfa"] and head["sources_per_example"] == attn_run["n"]
     assert attn_run["manifest"]["sae"]["hook_head_index"] is None

@@ -338,3 +338,31 @@ def test_every_architecture(tiny_llama, run, tmp_path, architecture):
     rows = pq.read_table(tmp_path / "r" / "features.parquet").to_pylist()
     assert len(rows) == sae.cfg.d_sae and m["sae"]["architecture"] == architecture
     assert m["metrics"]["l0"] == pytest.approx(sum(r["fire_count"] for r in rows) / m["metrics"]["n_tokens"])
+
+
+def test_paper_positions_restrict_the_paper_fit_to_those_positions(tiny_llama, run, tmp_path):
+    """``paper_positions`` reaches the pass: the paper-style ``||e||^2`` fit, against numpy on the tokens at those
+    positions, split by a hash of (context, position)."""
+    from engine.precompute.darkmatter import token_split
+
+    lo, hi = 2, 9
+    out = tmp_path / "run"
+    manifest = precompute(tiny_llama, run["sae"], run["corpus"], out, context_len=CTX, batch_size=BATCH, top_k=TOP_K,
+                          sample_contexts=0, paper_positions=f"{lo}:{hi}", snapshot_tokens=0, progress=False)
+    ref, sae = run["ref"], run["sae"]
+    ids = torch.tensor(ref["ids"])
+    x = torch.cat([tiny_llama.capture(ids[i : i + BATCH], sae.cfg.hook_name)[sae.cfg.hook_name]
+                   for i in range(0, len(ids), BATCH)])
+    err = sae(x).error
+    ctx = torch.arange(len(ids))[:, None].expand(len(ids), CTX)
+    pos = torch.arange(CTX)[None].expand(len(ids), CTX)
+    keep = torch.tensor(ref["mask"]) & (pos >= lo) & (pos <= hi)
+    held = token_split(ctx[keep], pos[keep]).numpy()
+    X = x[keep].double().numpy()
+    sq = err[keep].double().pow(2).sum(-1).numpy()
+    w, *_ = np.linalg.lstsq(X[~held], sq[~held], rcond=None)
+    r2 = 1 - ((sq[held] - X[held] @ w) ** 2).sum() / ((sq[held] - sq[held].mean()) ** 2).sum()
+    dark = manifest["dark_matter"]
+    assert dark["paper_positions"] == [lo, hi] and manifest["settings"]["paper_positions"] == f"{lo}:{hi}"
+    assert dark["paper_n_train_tokens"] == (~held).sum() and dark["paper_n_heldout_tokens"] == held.sum()
+    assert dark["paper_heldout_norm_sq_r2"] == pytest.approx(r2, abs=2e-3)

@@ -33,7 +33,7 @@ def _states(seed: int):
     recon = ReconStats(D_IN)
     recon.update(x, x - e, n_active=123)
     dark = LinearErrorStats(D_IN)
-    dark.update(x, e, torch.arange(40) % 3 == 0)
+    dark.update(x, e, torch.arange(40) % 3 == 0, torch.arange(40) // 8, torch.arange(40) % 8)
     sample = ContextSample(3, POS, D_IN, seed=seed)
     ids = torch.arange(seed * 100, seed * 100 + 50, 10)
     sample.offer(ids, torch.randint(0, 99, (5, POS), generator=gen), torch.rand(5, POS, generator=gen) < 0.5,
