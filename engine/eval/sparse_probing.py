@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..analysis.interventions import compute_copy
-from ..data.activations import MASSIVE_FACTOR, stats_mask
+from ..data.text_values import text_batches
 from ..model.loading import LoadedModel
 from ..saes import SAE
 from .probe import accuracy, fit_logistic, top_k_mean_diff
@@ -72,29 +72,13 @@ class ProbingConfig:
 def pooled(lm: LoadedModel, sae: SAE, texts: Sequence[str], max_tokens: int = 128, batch_size: int = 16) -> Pooled:
     """Mean raw activations and SAE codes of each text over its counted tokens (texts batched by length,
     right-padded: a causal model's earlier positions do not see the padding)."""
-    hook = sae.cfg.hook_name
     run = compute_copy(sae, lm)
-    pad = _pad_id(lm)
-    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
     raw = np.zeros((len(texts), sae.cfg.d_in))
     codes = np.zeros((len(texts), sae.cfg.d_sae), dtype=np.float32)
     counts = np.zeros(len(texts), dtype=np.int64)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(2, max(len(ids[i]) for i in rows))
-        batch = torch.full((len(rows), width), pad, dtype=torch.long)
-        real = torch.zeros(len(rows), width, dtype=torch.bool)
-        for r, i in enumerate(rows):
-            batch[r, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-            real[r, : len(ids[i])] = True
-        acts = sae.select_input(lm.capture(batch, hook)[hook])
-        acts = acts.flatten(-2) if acts.ndim == 4 else acts  # hook_z, all heads
-        mask = (stats_mask(batch, lm.special_token_ids) & real).to(acts.device)
+    for rows, acts, mask in text_batches(lm, sae, texts, max_tokens, batch_size):
         if not mask.any():
             continue
-        norms = acts.float().norm(dim=-1)
-        mask &= norms < MASSIVE_FACTOR * norms[mask].median()
         x = acts[mask]
         row_of = torch.nonzero(mask)[:, 0].cpu()
         out = run(x.to(run.device)).codes.float().cpu()
@@ -107,14 +91,6 @@ def pooled(lm: LoadedModel, sae: SAE, texts: Sequence[str], max_tokens: int = 12
         codes[idx] = (sum_codes[keep] / n[keep, None].float()).numpy()
         counts[idx] = n[keep].long().numpy()
     return Pooled(raw, codes, counts)
-
-
-def _pad_id(lm: LoadedModel) -> int:
-    """A token to right-pad with (it is special, so never counted)."""
-    for value in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def task_examples(per_class: dict[str, list[int]], positive: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

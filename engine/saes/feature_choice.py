@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAE, register
-from .config import SAEConfig
+from .base import register
+from .jumprelu import JumpReLUSAE
 
 
 def feature_capacity(k: int, n_tokens: int, d_sae: int) -> int:
@@ -34,20 +34,13 @@ def feature_choice_thresholds(pre: torch.Tensor, m: int) -> torch.Tensor:
 
 
 @register
-class FeatureChoiceSAE(SAE):
+class FeatureChoiceSAE(JumpReLUSAE):
+    """At inference a JumpReLU SAE (per-latent thresholds estimated on training batches); ``batch_codes`` is the
+    training rule."""
+
     architecture = "feature_choice"
     missing_hint = ("a feature_choice SAE needs its per-latent inference thresholds (tensor 'threshold', estimated on "
                     "training batches); this file was saved without them")
-
-    threshold: torch.Tensor
-
-    @classmethod
-    def tensor_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-        return {**super().tensor_shapes(cfg), "threshold": (cfg.d_sae,)}
-
-    def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
-        pre = sae_in @ self.W_enc + self.b_enc
-        return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
     def batch_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The training rule on a batch ``x [N, d_in]``: each latent's top-m tokens, m = ``feature_capacity``."""

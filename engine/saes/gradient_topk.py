@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .base import register
 from .topk import TopKSAE
@@ -61,11 +60,4 @@ class GradientTopKSAE(TopKSAE):
         unknown = set(encode_kwargs) - {"grad"}
         if unknown:
             raise TypeError(f"a g-SAE's encoder takes only grad, got {', '.join(sorted(unknown))}")
-        pre, values, indices = self._select_with(sae_in, encode_kwargs.get("grad"))
-        codes = torch.zeros_like(pre).scatter_(-1, indices, values)
-        weights = values
-        if self.cfg.rescale_acts_by_decoder_norm:
-            weights = weights / self.W_dec.norm(dim=-1)[indices]
-        flat_idx, flat_w = indices.reshape(-1, self.k), weights.reshape(-1, self.k).to(self.W_dec.dtype)
-        recon = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_w, mode="sum")
-        return codes, recon.reshape(*sae_in.shape[:-1], -1) + self.b_dec
+        return self._codes_and_recon(*self._select_with(sae_in, encode_kwargs.get("grad")))

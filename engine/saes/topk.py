@@ -46,12 +46,16 @@ class TopKSAE(SAE):
     def _encode_decode(self, sae_in: torch.Tensor, **encode_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if encode_kwargs:  # TopK's encoder takes no options (as the base class's _encode would refuse them)
             raise TypeError(f"a TopK SAE's encoder takes no options, got {', '.join(sorted(encode_kwargs))}")
-        # decode from the k kept rows only: ~k/d_sae of the dense matmul's work
-        pre, values, indices = self._select(sae_in)
+        return self._codes_and_recon(*self._select(sae_in))
+
+    def _codes_and_recon(self, pre: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense codes and the reconstruction from the k kept latents (values, indices) per token: decoded from
+        the k kept rows only, ~k/d_sae of the dense matmul's work."""
         codes = torch.zeros_like(pre).scatter_(-1, indices, values)
         weights = values
         if self.cfg.rescale_acts_by_decoder_norm:
             weights = weights / self.W_dec.norm(dim=-1)[indices]
         flat_idx, flat_w = indices.reshape(-1, self.k), weights.reshape(-1, self.k).to(self.W_dec.dtype)
         recon = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_w, mode="sum")
-        return codes, recon.reshape(*sae_in.shape[:-1], -1) + self.b_dec
+        return codes, recon.reshape(*pre.shape[:-1], -1) + self.b_dec
