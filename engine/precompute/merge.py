@@ -41,6 +41,7 @@ class ShardedExamples:
     def __init__(self, slices: list[tuple[range, list[dict]]], cfg: PrecomputeConfig, device: torch.device | str = "cpu"):
         self.slices, self.cfg, self.device = slices, cfg, device
         first = slices[0][1][0]
+        self.window = int(first["acts"].shape[2])  # the tasks' example windows (all equal: one config)
         d_sae = sum(len(r) for r, _ in slices)
         # only shapes are read from the payload (no memory): the rows carry the values
         self.payload = {name.removeprefix("payload."): torch.empty(d_sae, *t.shape[1:], dtype=t.dtype, device="meta")
@@ -49,7 +50,8 @@ class ShardedExamples:
     def _reservoirs(self, width: int) -> ExampleReservoirs:
         cfg = self.cfg
         return ExampleReservoirs(width, cfg.context_len, self.device, top_k=cfg.top_k, n_bins=cfg.quantile_bins,
-                                 per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=cfg.seed)
+                                 per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=cfg.seed,
+                                 window=self.window)
 
     def merged(self, latents: range) -> ExampleReservoirs:
         """The merged reservoirs of ``latents`` (within one slice)."""

@@ -79,6 +79,10 @@ class PrecomputeConfig:
     """SAEs wider than this leave the logit effects out of features.parquet (null), so the run need not wait for
     d_sae products through the unembedding; the feature page computes a latent's when shown (one product) and
     caches it (0: always on demand)."""
+    example_window: int | None = None
+    """Tokens kept of each example context, around its maximum (default: whole contexts up to
+    --neighbors-exact-max latents, 32 tokens above, where the reservoirs' d_sae x 120 x context_len float16
+    activations would dominate memory; 0 or >= --context-len: whole contexts)."""
     n_neighbors: int = 10
     """Nearest latents by decoder cosine."""
     neighbors_exact_max: int = 65_536
@@ -105,6 +109,8 @@ class PrecomputeConfig:
                              "--context-len 1024 --paper-positions 1:1022) or lower LAST")
         if self.tokens is not None and self.tokens < self.context_len:
             raise ValueError(f"--tokens ({self.tokens}) must be at least one context ({self.context_len} tokens)")
+        if self.example_window is not None and self.example_window < 0:
+            raise ValueError(f"--example-window must be >= 0 (0: whole contexts), got {self.example_window}")
         if self.dfa_sources < 0:
             raise ValueError(f"dfa_sources must be >= 0 (0: no head attribution), got {self.dfa_sources}")
         for name in ("batch_size", "top_k", "quantile_bins", "per_bin", "ce_every"):
@@ -220,6 +226,17 @@ def head_attribution(lm, sae: SAE, hook: str, cfg: PrecomputeConfig) -> tuple[He
     return heads, note
 
 
+WIDE_RUN_WINDOW = 32
+"""Example window of wide runs (``example_window`` None above ``neighbors_exact_max`` latents)."""
+
+
+def example_window(cfg: PrecomputeConfig, d_sae: int) -> int:
+    """Tokens kept per example for an SAE of ``d_sae`` latents (the whole SAE's width, so every shard agrees)."""
+    if cfg.example_window is None:
+        return WIDE_RUN_WINDOW if d_sae > cfg.neighbors_exact_max and cfg.context_len > WIDE_RUN_WINDOW else cfg.context_len
+    return cfg.context_len if cfg.example_window == 0 else min(cfg.example_window, cfg.context_len)
+
+
 def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = None, heads_note: dict | None = None, *,
               latents: range | None = None, seed: int | None = None) -> PassState:
     """Empty accumulators for a pass of ``sae`` (on its device), over all latents or the slice ``latents``.
@@ -233,7 +250,8 @@ def new_state(sae: SAE, cfg: PrecomputeConfig, heads: HeadAttribution | None = N
         stats=FeatureStats(d_sae, dev, n_bins=cfg.hist_bins),
         examples=ExampleReservoirs(d_sae, cfg.context_len, dev, top_k=cfg.top_k, n_bins=cfg.quantile_bins,
                                    per_bin=cfg.per_bin, internal_bins=2 * cfg.quantile_bins, seed=seed,
-                                   payload=heads.payload_spec() if heads is not None else None),
+                                   payload=heads.payload_spec() if heads is not None else None,
+                                   window=example_window(cfg, sae.cfg.d_sae)),
         recon=ReconStats(d_in, dev),
         dark=LinearErrorStats(d_in, dev, parse_positions(cfg.paper_positions)),
         sample=ContextSample(cfg.sample_contexts, cfg.context_len, d_in, dev, seed=seed),

@@ -18,7 +18,10 @@ are written (no shifting of the ``[d_sae, slots, pos]`` activation buffer).
   an output bin the sample is random, though not exactly uniform where internal bins straddle its edges.
 
 Activations are stored as float16 ratios to the item's maximum (exact shape, ~3 significant digits,
-no overflow), and returned as float32 activations.
+no overflow), and returned as float32 activations. With a ``window`` shorter than the context, an item keeps
+only the ``window`` positions from ``start = clamp(max_pos - before, 0, context_len - window)`` (``before =
+window - window // 4 - 1``: most of the window precedes the maximum, as excerpts do), so the activation buffer,
+``d_sae x slots x window`` float16 values and most of the reservoirs' memory, shrinks by ``context_len / window``.
 
 Top slots can carry a *payload* per item (e.g. the head attribution at the item's maximum), computed while its
 batch is still in memory: ``top_candidates`` names the batch's (latent, context) pairs that can still enter the
@@ -52,7 +55,9 @@ class ExampleRows:
     max_pos: np.ndarray
     max_act: np.ndarray
     acts: np.ndarray
-    """``[rows, pos]`` float32."""
+    """``[rows, window]`` float32: position ``start + i`` of the context gets ``acts[:, i]``."""
+    start: np.ndarray
+    """``[rows]`` the first context position ``acts`` covers (0 where whole contexts are kept)."""
     payload: dict[str, np.ndarray] | None = None
     """Each row's payload by name (``[rows, *shape]``): meaningful for top rows (``kind`` 0) only."""
 
@@ -123,9 +128,15 @@ class ExampleReservoirs:
         merge_contexts: int = 64,
         seed: int = 0,
         payload: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+        window: int | None = None,
     ):
         if internal_bins < n_bins:
             raise ValueError(f"internal_bins ({internal_bins}) must be at least n_bins ({n_bins})")
+        if window is not None and window < 1:
+            raise ValueError(f"an example window must hold at least one token, not {window}")
+        self.context_len = context_len
+        self.window = min(window or context_len, context_len)
+        self.before = self.window - self.window // 4 - 1
         self.k, self.n_bins, self.per_bin = top_k, n_bins, per_bin
         self.n_int, self.per_int = internal_bins, per_bin
         self.n_slots = top_k + internal_bins * per_bin
@@ -134,7 +145,8 @@ class ExampleReservoirs:
         self.key = torch.full((d_sae, self.n_slots - top_k), EMPTY_KEY, device=device)
         self.ctx = torch.full((d_sae, self.n_slots), -1, dtype=torch.int64, device=device)
         self.pos = torch.zeros(d_sae, self.n_slots, dtype=torch.int16, device=device)
-        self.acts = torch.zeros(d_sae, self.n_slots, context_len, dtype=torch.float16, device=device)
+        self.acts = torch.zeros(d_sae, self.n_slots, self.window, dtype=torch.float16, device=device)
+        self.start = torch.zeros(d_sae, self.n_slots, dtype=torch.int16, device=device)
         self.hi = torch.zeros(d_sae, device=device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.merge_contexts = merge_contexts
@@ -153,7 +165,7 @@ class ExampleReservoirs:
         the top k; call it once per batch before ``update``, which then takes their payload, row for row."""
         if self._seen_top is None:
             raise ValueError("top_candidates needs reservoirs built with a payload")
-        d_sae, n_pos = self.val.shape[0], self.acts.shape[2]
+        d_sae, n_pos = self.val.shape[0], self.context_len
         pair = (sparse.token // n_pos) * d_sae + sparse.latent
         cmax = torch.zeros(n_contexts * d_sae, device=self.device).scatter_reduce_(0, pair, sparse.value, "amax")
         cand = cmax.view(n_contexts, d_sae).T
@@ -196,7 +208,7 @@ class ExampleReservoirs:
         """Merge the buffered batches now (results below call this)."""
         if not self._pending:
             return
-        n_pos = self.acts.shape[2]
+        n_pos = self.context_len
         # each batch's first context; the last offset (the total) has no batch, so zip stops before it
         offsets = torch.tensor([0] + [len(ids) for _, ids in self._pending]).cumsum(0).tolist()
         sparse = SparseCodes(
@@ -215,7 +227,7 @@ class ExampleReservoirs:
 
     @torch.inference_mode()
     def _merge(self, sparse: SparseCodes, context_ids: torch.Tensor, payload=None) -> None:
-        n_batch, d_sae, n_pos = len(context_ids), self.val.shape[0], self.acts.shape[2]
+        n_batch, d_sae, n_pos = len(context_ids), self.val.shape[0], self.context_len
         row, pos = sparse.token // n_pos, sparse.token % n_pos
         cmax = torch.zeros(n_batch * d_sae, device=self.device)
         cmax.scatter_reduce_(0, row * d_sae + sparse.latent, sparse.value, "amax")
@@ -291,16 +303,22 @@ class ExampleReservoirs:
         if lo == 0 and batch.payload is not None:
             self._take_payload(lat, phys, batch.ctx[b] * len(self.val) + lat, batch.payload)
         # the entrants' activation rows, from the sparse codes (O(nnz), not a strided gather of dense rows)
-        n_batch, d_sae, n_pos = len(batch.ctx), self.val.shape[0], self.acts.shape[2]
+        n_batch, d_sae, n_pos = len(batch.ctx), self.val.shape[0], self.context_len
         entrant = torch.full((n_batch * d_sae,), -1, dtype=torch.int64, device=self.device)
         entrant[b * d_sae + lat] = torch.arange(len(lat), device=self.device)
         which = entrant[batch.row * d_sae + batch.sparse.latent]
         hit = which >= 0
         which, at, v = which[hit], batch.pos[hit], batch.sparse.value[hit]
-        self.acts[lat, phys] = 0
-        self.acts[lat[which], phys[which], at] = (v / value[which]).to(torch.float16)
         first_max = torch.where(v == value[which], at, n_pos)  # earliest position holding the maximum
-        self.pos[lat, phys] = torch.full_like(lat, n_pos).scatter_reduce_(0, which, first_max, "amin").to(torch.int16)
+        max_pos = torch.full_like(lat, n_pos).scatter_reduce_(0, which, first_max, "amin")
+        start = (max_pos - self.before).clamp_(min=0, max=n_pos - self.window)
+        self.pos[lat, phys] = max_pos.to(torch.int16)
+        self.start[lat, phys] = start.to(torch.int16)
+        self.acts[lat, phys] = 0
+        offset = at - start[which]
+        inside = (offset >= 0) & (offset < self.window)
+        which, offset, v = which[inside], offset[inside], v[inside]
+        self.acts[lat[which], phys[which], offset] = (v / value[which]).to(torch.float16)
 
     def _take_payload(self, lat, slot, keys, payload) -> None:
         """Copy the payload rows of entrants (``keys``) into their top slots."""
@@ -312,7 +330,7 @@ class ExampleReservoirs:
             buffer[lat, slot] = rows[name][at]
 
     # --- partial states (sharded runs) ----------------------------------------------------------
-    STATE = ("val", "key", "ctx", "pos", "acts", "hi")
+    STATE = ("val", "key", "ctx", "pos", "start", "acts", "hi")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor of the merged state (buffered batches are merged first); ``payload.<name>`` for payloads."""
@@ -323,7 +341,13 @@ class ExampleReservoirs:
     def load_state(self, tensors: dict[str, torch.Tensor], latents: range | None = None) -> ExampleReservoirs:
         """Take the state ``state_dict`` gave (its latents ``latents``, all by default; in place), on this device."""
         part = slice(latents.start, latents.stop) if latents is not None else slice(None)
+        if tensors["acts"].shape[2] != self.window:
+            raise ValueError(f"these reservoirs keep {self.window}-token example windows; the state holds "
+                             f"{tensors['acts'].shape[2]}-token ones (written with another --example-window)")
         for name in self.STATE:
+            if name == "start" and name not in tensors:  # a state written before windows: whole contexts
+                self.start = torch.zeros_like(tensors["pos"][part], device=self.device)
+                continue
             setattr(self, name, tensors[name][part].to(self.device))
         self.payload = {name[len("payload."):]: t[part].to(self.device) for name, t in tensors.items()
                         if name.startswith("payload.")}
@@ -338,7 +362,7 @@ class ExampleReservoirs:
         uniform sample of the union, since keys are independent uniforms: each side must draw its own)."""
         self.flush()
         other.flush()
-        k, n_pos = self.k, self.acts.shape[2]
+        k, n_pos = self.k, self.window
 
         def both(name: str, lo: int, hi: int | None) -> torch.Tensor:
             return torch.cat([getattr(self, name)[:, lo:hi], getattr(other, name)[:, lo:hi].to(self.device)], 1)
@@ -350,6 +374,7 @@ class ExampleReservoirs:
         top_val, top_ctx = both("val", 0, k), both("ctx", 0, k)
         top = _by_value_then_id(top_val, top_ctx, k)
         top_acts, top_pos = take(both("acts", 0, k), top), take(both("pos", 0, k), top)
+        top_start = take(both("start", 0, k), top)
         for name, buffer in self.payload.items():
             self.payload[name] = take(torch.cat([buffer, other.payload[name].to(self.device)], 1), top)
         # quantile: per bin of the merged range, the per_int smallest keys of both
@@ -368,10 +393,12 @@ class ExampleReservoirs:
         q_key = keys.gather(1, kept).masked_fill_(~won, EMPTY_KEY)
         q_ctx = both("ctx", k, None).gather(1, kept).masked_fill_(~won, -1)
         q_pos = both("pos", k, None).gather(1, kept)
+        q_start = both("start", k, None).gather(1, kept)
         q_acts = take(both("acts", k, None), kept).masked_fill_(~won[:, :, None].expand(-1, -1, n_pos), 0.0)
         self.val = torch.cat([top_val.gather(1, top), q_val], 1)
         self.ctx = torch.cat([top_ctx.gather(1, top), q_ctx], 1)
         self.pos = torch.cat([top_pos, q_pos], 1)
+        self.start = torch.cat([top_start, q_start], 1)
         self.acts = torch.cat([top_acts, q_acts], 1)
         self.key = q_key
         if self._seen_top is not None:
@@ -436,5 +463,6 @@ class ExampleReservoirs:
             max_pos=self.pos[lat, slots].cpu().numpy().astype(np.int16),
             max_act=value.cpu().numpy().astype(np.float32),
             acts=acts.cpu().numpy(),
+            start=self.start[lat, slots].cpu().numpy().astype(np.int16),
             payload=payload,
         )

@@ -69,6 +69,9 @@ def write_examples(
         for latents, rows in reservoirs.iter_rows(chunk=256):
             if len(rows.context_id):
                 tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
+                window = rows.acts.shape[1]
+                if window < tokens.shape[1]:  # each example's own window of its context
+                    tokens = np.take_along_axis(tokens, rows.start.astype(np.int64)[:, None] + np.arange(window), 1)
             else:
                 tokens = np.zeros(rows.acts.shape, np.int32)
             chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
@@ -187,7 +190,6 @@ def write_files(staging: Path, features: dict, vocab: list[str], token_rows: dic
 
 
 def example_columns(rows: ExampleRows) -> dict:
-    n = len(rows.feature_id)
     return {
         "feature_id": rows.feature_id,
         "kind": np.where(rows.kind == 0, "top", "quantile").tolist(),
@@ -196,7 +198,7 @@ def example_columns(rows: ExampleRows) -> dict:
         "context_id": rows.context_id,
         "max_pos": rows.max_pos,
         "max_act": rows.max_act,
-        "start": np.zeros(n, np.int16),
+        "start": rows.start.astype(np.int16),
         "acts": parquet.list_array(rows.acts.astype(np.float32)),
     }
 

@@ -230,6 +230,7 @@ class RunWriter:
             "corpus": {
                 "path": local_path(self.corpus), "name": Path(self.corpus).name, "hash": corpus_hash(self.corpus),
                 "n_contexts": state.n_contexts, "context_len": cfg.context_len, "n_tokens": state.n_tokens,
+                "example_window": state.examples.window,
             },
             "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
             "neighbors": facts[runfiles.NEIGHBORS_INFO],

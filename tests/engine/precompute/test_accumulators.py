@@ -131,3 +131,40 @@ def test_reservoir_payload_follows_its_top_items_across_merges():
     assert offered < n_firing / 2  # candidates only, not every firing (latent, context)
     with pytest.raises(ValueError, match="payload"):
         res.update(sparse, ids)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+def test_windowed_reservoirs_keep_the_whole_rows_slice_around_the_maximum(window):
+    """Same items, same draws as whole contexts; each keeps ``window`` positions starting at clamp(max_pos -
+    before, 0, pos - window), its activations equal to the whole row's there; state round trips and merges keep it."""
+    d, pos = 7, 6
+    whole = ExampleReservoirs(d, pos, top_k=4, n_bins=4, per_bin=2, internal_bins=8, seed=3)
+    win = ExampleReservoirs(d, pos, top_k=4, n_bins=4, per_bin=2, internal_bins=8, seed=3, window=window)
+    halves = [ExampleReservoirs(d, pos, top_k=4, n_bins=4, per_bin=2, internal_bins=8, seed=s, window=window)
+              for s in (5, 6)]
+    halves_whole = [ExampleReservoirs(d, pos, top_k=4, n_bins=4, per_bin=2, internal_bins=8, seed=s) for s in (5, 6)]
+    for i, codes in enumerate(_batches()):
+        mask = torch.ones(codes.shape[:2], dtype=torch.bool)
+        mask[:, 0] = False
+        sparse = sparse_codes(codes.reshape(-1, d), mask.reshape(-1))
+        ids = torch.arange(i * 4, i * 4 + 4)
+        for res in (whole, win, halves[i % 2], halves_whole[i % 2]):
+            res.update(sparse, ids)
+    assert win.acts.shape == (d, 4 + 8 * 2, window)
+    before = window - window // 4 - 1
+    halves[0].merge(ExampleReservoirs(d, pos, top_k=4, n_bins=4, per_bin=2, internal_bins=8,
+                                      window=window).load_state(halves[1].state_dict()))
+    halves_whole[0].merge(halves_whole[1])
+    for ref, got in ((whole.rows(), win.rows()), (halves_whole[0].rows(), halves[0].rows())):
+        for name in ("feature_id", "kind", "rank", "quantile_bin", "context_id", "max_pos", "max_act"):
+            np.testing.assert_array_equal(getattr(ref, name), getattr(got, name))
+        expected_start = np.clip(ref.max_pos.astype(int) - before, 0, pos - window)
+        np.testing.assert_array_equal(got.start, expected_start)
+        np.testing.assert_array_equal(ref.start, 0)
+        sliced = np.take_along_axis(ref.acts, expected_start[:, None] + np.arange(window), 1)
+        np.testing.assert_array_equal(got.acts, sliced)
+        # the maximum is inside every window and carries max_act
+        at_max = got.acts[np.arange(len(got.acts)), got.max_pos - got.start]
+        np.testing.assert_allclose(at_max, got.max_act, rtol=1e-3)
+    with pytest.raises(ValueError, match="example windows"):
+        ExampleReservoirs(d, pos, window=window + 1).load_state(win.state_dict())

@@ -366,3 +366,27 @@ def test_paper_positions_restrict_the_paper_fit_to_those_positions(tiny_llama, r
     assert dark["paper_positions"] == [lo, hi] and manifest["settings"]["paper_positions"] == f"{lo}:{hi}"
     assert dark["paper_n_train_tokens"] == (~held).sum() and dark["paper_n_heldout_tokens"] == held.sum()
     assert dark["paper_heldout_norm_sq_r2"] == pytest.approx(r2, abs=2e-3)
+
+
+def test_example_windows_are_the_whole_contexts_slices(tiny_llama, run, tmp_path):
+    """``example_window`` keeps each example's window around its maximum: the same examples as whole contexts, each
+    the slice of the whole run's activations at its ``start``; the store hands out the window's tokens."""
+    from engine.run.store import RunStore
+
+    window = 6
+    m = precompute(tiny_llama, run["sae"], run["corpus"], tmp_path / "w", context_len=CTX, batch_size=BATCH,
+                   top_k=TOP_K, sample_contexts=6, ce_every=1, example_window=window, progress=False)
+    assert m["corpus"]["example_window"] == window and run["manifest"]["corpus"]["example_window"] == CTX
+    got = pq.read_table(tmp_path / "w" / "examples.parquet").to_pylist()
+    assert len(got) == len(run["examples"]) > 0
+    before = window - window // 4 - 1
+    for whole, win in zip(run["examples"], got, strict=True):
+        for name in ("feature_id", "kind", "rank", "context_id", "max_pos", "max_act"):
+            assert whole[name] == win[name], name
+        start = min(max(whole["max_pos"] - before, 0), CTX - window)
+        assert win["start"] == start and len(win["acts"]) == window
+        np.testing.assert_array_equal(win["acts"], whole["acts"][start:start + window])
+    with RunStore.open(tmp_path / "w") as store, RunStore.open(run["out"]) as ref:
+        latent = got[0]["feature_id"]
+        e, w = ref.examples(latent)[0], store.examples(latent)[0]
+        assert w.token_ids == e.token_ids[w.start:w.start + window] and w.tokens == e.tokens[w.start:w.start + window]
