@@ -11,8 +11,8 @@ only; then the next token's logits and a greedy continuation, in two models side
 * **attention free**: the real model with ``(m - 1) a W_dec[latent]`` added to its MLP's output at the node's
   position; attention, norms and every later MLP respond.
 
-Both run saescope's written-out forward (``frozen.Adapter``), recomputed over the whole sequence for each generated
-token (no cache: continuations are short)."""
+Both run saescope's written-out forward (``frozen.Adapter``); each generated token runs only its own position, its
+attention reading the earlier positions' normalised inputs kept from the previous passes."""
 
 from __future__ import annotations
 
@@ -83,41 +83,52 @@ def mlp_deltas(s: Setup, transcoders: dict[int, Transcoder], steers: list[Steer]
     return deltas
 
 
-def forward(adapter: Adapter, ids: torch.Tensor, deltas: dict[int, torch.Tensor], frozen: Setup | None
-            ) -> torch.Tensor:
-    """``[n, vocab]`` logits of ``ids [n]`` (the prompt, then generated tokens) with ``deltas[L] [prompt_pos, d]``
-    added to layer L's MLP output at the prompt's positions; with ``frozen`` its positions run the local replacement
-    model of that setup (see the module docstring)."""
-    x = adapter.embed(ids.to(adapter.lm.device))
-    n_prompt = 0 if frozen is None else int(frozen.rec.embed.shape[0])
+def forward(adapter: Adapter, ids: torch.Tensor, deltas: dict[int, torch.Tensor], frozen: Setup | None,
+            cache: list[torch.Tensor]) -> torch.Tensor:
+    """``[new, vocab]`` logits of the positions of ``ids [n]`` (the prompt, then generated tokens) not yet in
+    ``cache`` (per layer, the attention's normalised input ``[seen, d]`` at the positions seen so far; extended in
+    place), with ``deltas[L] [prompt_pos, d]`` added to layer L's MLP output at the prompt's positions; with
+    ``frozen`` the prompt's positions run the local replacement model of that setup (see the module docstring).
+    Earlier positions never read later ones, so each generated token needs only its own row."""
+    start = int(cache[0].shape[0]) if cache else 0
+    x = adapter.embed(ids.to(adapter.lm.device))[start:]
+    rec = None if frozen is None else frozen.rec
+    k = 0 if rec is None else max(0, min(int(rec.embed.shape[0]), len(ids)) - start)  # frozen rows of this pass
+    if k and start:
+        raise ValueError("the prompt's positions must run in the first pass")
     for layer in range(len(adapter.blocks)):
         ln1, ln2 = adapter.norms(layer)
         s1 = ln1.scale(x)
-        if frozen is not None:
-            s1[:n_prompt] = frozen.rec.scales1[layer]
+        if rec is not None and k:
+            s1[:k] = rec.scales1[layer][:k]
         a = ln1(x, s1)
-        pattern = adapter.pattern(layer, a)
-        if frozen is not None:
-            pattern[:, :n_prompt, :n_prompt] = frozen.rec.patterns[layer]
-        x = x + adapter.attention(layer, a, pattern)
+        a_all = torch.cat([cache[layer], a]) if start else a
+        if len(cache) <= layer:
+            cache.append(a_all)
+        else:
+            cache[layer] = a_all
+        pattern = adapter.pattern(layer, a_all)[:, start:]  # [heads, new, n]
+        if rec is not None and k:
+            pattern[:, :k, :k] = rec.patterns[layer][:, :k, :k]
+        x = x + adapter.attention(layer, a_all, pattern)
         s2 = ln2.scale(x)
-        if frozen is not None:
-            s2[:n_prompt] = frozen.rec.scales2[layer]
+        if rec is not None and k:
+            s2[:k] = rec.scales2[layer][:k]
         h = ln2(x, s2)
         out = adapter.mlp(layer, h)
-        if frozen is not None:
-            held = frozen.writes[layer]
+        if k and frozen is not None:
+            held = frozen.writes[layer][:k]
             if layer in frozen.skips:
-                held = held + h[:n_prompt] @ frozen.skips[layer].T
-            out = torch.cat([held, out[n_prompt:]])
-        if layer in deltas:
-            delta = deltas[layer]
+                held = held + h[:k] @ frozen.skips[layer].T
+            out = torch.cat([held, out[k:]])
+        if layer in deltas and start < len(deltas[layer]):
+            delta = deltas[layer][start:]
             out = torch.cat([out[:len(delta)] + delta, out[len(delta):]])
         x = x + out
     final_norm = adapter.final_norm()
     scale = final_norm.scale(x)
-    if frozen is not None:
-        scale[:n_prompt] = frozen.rec.final_scale
+    if rec is not None and k:
+        scale[:k] = rec.final_scale[:k]
     return final_norm(x, scale) @ adapter.lm.unembed_matrix().float().T
 
 
@@ -126,19 +137,18 @@ def generate(adapter: Adapter, prompt: torch.Tensor, deltas: dict[int, torch.Ten
              new_tokens: int) -> Outcome:
     """The next token's logits after ``prompt [pos]`` and a greedy continuation of ``new_tokens`` tokens."""
     eos = getattr(adapter.lm.tokenizer, "eos_token_id", None)
+    cache: list[torch.Tensor] = []
     ids = prompt.clone()
-    first: torch.Tensor | None = None
+    first = forward(adapter, ids, deltas, frozen, cache)[-1].cpu()
+    logits = first
     out: list[int] = []
-    for _ in range(new_tokens):
-        logits = forward(adapter, ids, deltas, frozen)[-1].cpu()
-        first = logits if first is None else first
+    for step in range(new_tokens):
         token = int(logits.argmax())
         out.append(token)
-        if token == eos:
+        if token == eos or step == new_tokens - 1:
             break
         ids = torch.cat([ids, torch.tensor([token])])
-    if first is None:
-        first = forward(adapter, ids, deltas, frozen)[-1].cpu()
+        logits = forward(adapter, ids, deltas, frozen, cache)[-1].cpu()
     return Outcome(first, out)
 
 
