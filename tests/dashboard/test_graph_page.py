@@ -218,4 +218,32 @@ def test_group_pinned_nodes_then_steer(graph_copy, open_app):
     assert row["Δ logit attention frozen"] == pytest.approx(float(result.frozen.logits[top] - result.clean.logits[top]),
                                                             abs=1e-4)
     shown = " ".join(m.value for m in at.markdown)
-    assert lm.tokenizer.decode(result.free.continuation).strip()[:10] in shown
+    assert str(lm.tokenizer.decode(result.free.continuation)).strip()[:10] in shown
+
+
+def test_accept_rename_and_remove_supernodes(graph_copy, open_app):
+    """A suggestion accepted under a name is saved with the suggested members, renamed, then removed (its pin too)."""
+    from engine.graph.supernodes import load_groups, suggest
+
+    run, _ = graph_copy
+    document, _ = _features(run, "g2")
+    suggestions = suggest(document)
+    assert suggestions, "the fixture graph should have a supernode suggestion"
+    path = run / "graphs" / "g2.json"
+    at = _open(open_app, run, graph="g2")
+    at.text_input(key="graph_suggest_name_0").input("capitals")
+    at.run()
+    at.button(key="graph_accept_0").click()
+    at.run()
+    assert [(g.id, g.name, list(g.members)) for g in load_groups(path)] == [("S1", "capitals", suggestions[0])]
+    at.text_input(key="graph_rename_S1").input("cities")
+    at.run()
+    at.button(key="graph_rename_btn_S1").click()
+    at.run()
+    assert [g.name for g in load_groups(path)] == ["cities"]
+    at = _open(open_app, run, graph="g2", pinned="S1")
+    assert _pinned(at) == ["S1"]
+    at.button(key="graph_remove_S1").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert load_groups(path) == [] and _pinned(at) == []

@@ -61,14 +61,14 @@ def graph_server(tmp_path_factory):
         yield base
 
 
-def _click_node(page, prefix: str, other: str = "") -> str:
+def _click_node(tab, prefix: str, other: str = "") -> str:
     """Click the first feature node whose id starts with ``prefix`` (and is not ``other``); its id."""
-    page.locator(".js-plotly-plot").first.wait_for()
-    idle(page)
-    node = page.evaluate(NODE_XY, [prefix, other]) or page.evaluate(NODE_XY, ["", other])
-    page.mouse.click(node["x"], node["y"])
-    page.wait_for_url(lambda url: f"node={node['id']}" in url)
-    idle(page)
+    tab.locator(".js-plotly-plot").first.wait_for()
+    idle(tab)
+    node = tab.evaluate(NODE_XY, [prefix, other]) or tab.evaluate(NODE_XY, ["", other])
+    tab.mouse.click(node["x"], node["y"])
+    tab.wait_for_url(lambda url: f"node={node['id']}" in url)
+    idle(tab)
     return node["id"]
 
 

@@ -16,9 +16,9 @@ from engine.model.tiny import tiny_model
 from .graph_util import PROMPT, full_graph, random_set
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_model("llama")
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request):
+    return tiny_model(request.param)
 
 
 def _ids(lm) -> list[int]:

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
+import pytest
 
-from engine.graph.supernodes import profiles, suggest
+from engine.graph.supernodes import (
+    Supernode,
+    add_group,
+    collapse,
+    groups_path,
+    is_graph_file,
+    load_groups,
+    profiles,
+    remove_group,
+    rename_group,
+    save_groups,
+    suggest,
+)
 
 
 def _node(node_id: str, kind: str) -> dict:
@@ -43,8 +57,6 @@ def test_suggestions_are_the_components_of_close_profiles():
 def test_collapse_sums_edges_and_influence_by_hand():
     """a and b as one supernode: links into and out of it are the members' links summed per other end, the link
     between them is dropped, and its influence is the members' sum."""
-    from engine.graph.supernodes import Supernode, collapse
-
     document = planted()
     document["links"].append({"source": "a", "target": "b", "weight": 9.0})
     document["nodes"][2]["layer"], document["nodes"][3]["layer"], document["nodes"][3]["ctx_idx"] = "1", "4", 3
@@ -62,13 +74,6 @@ def test_collapse_sums_edges_and_influence_by_hand():
 
 
 def test_groups_are_checked_saved_and_restored(tmp_path):
-    import json
-
-    import pytest
-
-    from engine.graph.supernodes import (add_group, groups_path, is_graph_file, load_groups, remove_group,
-                                         rename_group, save_groups)
-
     document = planted()
     graph = tmp_path / "g.json"
     graph.write_text(json.dumps(document))
