@@ -22,11 +22,13 @@ NEW_TOKENS = 12
 def url_pins(groups: Sequence[Supernode], valid: set[str]) -> list[str]:
     """The pins in the URL, a member of a saved supernode standing for its supernode, unknown ids dropped."""
     owner = {m: g.id for g in groups for m in g.members}
-    raw = [p for p in st.query_params.get("pinned", "").split(",") if p]
+    text = st.query_params.get("pinned") or st.query_params.get("pinnedIds") or ""  # pinnedIds: Neuronpedia's links
+    raw = [p for p in text.split(",") if p]
     return [p for p in dict.fromkeys(owner.get(p, p) for p in raw) if p in valid]
 
 
 def set_pins(pins: Sequence[str]) -> None:
+    st.query_params.pop("pinnedIds", None)
     if pins:
         st.query_params["pinned"] = ",".join(pins)
     else:

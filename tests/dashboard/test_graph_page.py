@@ -174,6 +174,9 @@ def test_pins_in_the_url_are_listed_with_their_influence(graph_copy, open_app):
     feature = next(t for t in figure["data"] if t.get("name") == "feature")
     rings = dict(zip(feature["customdata"], feature["marker"]["line"]["width"], strict=True))
     assert rings[a] == rings[b] == 3 and sum(rings.values()) == 6  # the pinned nodes, and only they, are ringed
+    # a Neuronpedia-style link (pinnedIds, token and logit ids among them) pins its feature nodes under pinned=
+    at = _open(open_app, run, graph="g2", pinnedIds=f"E_1_0,{b}")
+    assert at.multiselect(key="graph_pins").value == [b] and _pinned(at) == [b] and "pinnedIds" not in at.query_params
 
 
 def test_group_pinned_nodes_then_steer(graph_copy, open_app):
