@@ -84,7 +84,8 @@ def supernodes_panel(path, document: dict[str, Any], groups: list[Supernode], pi
     if not writable:
         st.caption("The app is read-only: supernodes cannot be saved here.")
     c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
-    name = c1.text_input("Name for the pinned feature nodes", key="graph_group_name", placeholder="say, capital cities")
+    name = c1.text_input("Name for the pinned feature nodes", value=f"supernode {len(groups) + 1}",
+                         key=f"graph_group_name_{len(groups)}")
     if c2.button(f"Group {len(features)} pinned feature nodes", key="graph_group",
                  disabled=not (writable and len(features) >= 2 and name.strip())):
         new = add_group(groups, name, features)

@@ -189,7 +189,7 @@ def test_group_pinned_nodes_then_steer(graph_copy, open_app):
     run, folder = graph_copy
     document, (a, b) = _features(run, "g2")
     at = _open(open_app, run, graph="g2", pinned=f"{a},{b}")
-    at.text_input(key="graph_group_name").input("<i>pair</i>")
+    at.text_input(key="graph_group_name_0").input("<i>pair</i>")
     at.run()
     at.button(key="graph_group").click()
     at.run()

@@ -82,9 +82,7 @@ def test_graph_page_pin_group_steer_and_open_the_feature(graph_server, page):  #
     assert node.startswith("1_") or first.startswith("1_")
     page.get_by_role("heading", name="Selected node").wait_for()
     assert f"pinned={first}%2C{node}" in page.url or f"pinned={first},{node}" in page.url
-    page.get_by_label("Name for the pinned feature nodes").fill("pair")
-    page.get_by_label("Name for the pinned feature nodes").press("Enter")
-    idle(page)
+    assert page.get_by_label("Name for the pinned feature nodes").input_value() == "supernode 1"  # the default name
     page.get_by_role("button", name="Group 2 pinned feature nodes").click()
     page.wait_for_url(lambda url: "pinned=S1" in url)
     idle(page)
