@@ -431,7 +431,9 @@ def graph_files(run_dir: str) -> list[str]:
     folder = Path(run_dir) / GRAPHS
     if not folder.is_dir():
         return []
-    files = [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+    from engine.graph.supernodes import is_graph_file
+
+    files = [p for p in folder.glob("*.json") if is_graph_file(p)]
     return [p.stem for p in sorted(files, key=_mtime, reverse=True)]
 
 
@@ -448,6 +450,53 @@ def graph(run_dir: str, name: str) -> tuple[dict, list]:
     """A graph file of the run by name (its JSON and its placed nodes), reread when it changes."""
     path = Path(run_dir) / GRAPHS / f"{name}.json"
     return _graph(str(path), _mtime(path))
+
+
+def graph_path(run_dir: str, name: str) -> Path:
+    return Path(run_dir) / GRAPHS / f"{name}.json"
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _graph_extras(path: str, groups_stamp: float, file_stamp: float) -> tuple[list, dict[str, float]]:
+    from engine.graph.files import node_influences
+    from engine.graph.supernodes import load_groups
+
+    return load_groups(path), node_influences(path)
+
+
+def graph_extras(run_dir: str, name: str) -> tuple[list, dict[str, float]]:
+    """A graph's saved supernodes and each node's influence (from its nodes table), reread when they change."""
+    from engine.graph.supernodes import groups_path
+
+    path = graph_path(run_dir, name)
+    return _graph_extras(str(path), _mtime(groups_path(path)), _mtime(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _collapsed(path: str, groups_stamp: float, file_stamp: float) -> tuple[dict, list]:
+    from engine.graph.files import read_graph
+    from engine.graph.layout import place
+    from engine.graph.supernodes import collapse
+
+    groups, influence = _graph_extras(path, groups_stamp, file_stamp)
+    shown = collapse(read_graph(path), groups, influence)
+    return shown, place(shown)
+
+
+def collapsed_graph(run_dir: str, name: str) -> tuple[dict, list]:
+    """The graph with each saved supernode drawn as one node (its JSON and its placed nodes)."""
+    from engine.graph.supernodes import groups_path
+
+    path = graph_path(run_dir, name)
+    return _collapsed(str(path), _mtime(groups_path(path)), _mtime(path))
+
+
+@st.cache_resource(show_spinner="Loading the transcoders…", max_entries=2)
+def transcoders(folder: str):
+    """A folder's transcoders (layer -> Transcoder, float32 on the CPU), shared by every session."""
+    from engine.saes.transcoders import load_transcoders
+
+    return load_transcoders(folder)
 
 
 # --- circuits (engine.circuits) -----------------------------------------------------------------------------

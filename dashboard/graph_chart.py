@@ -11,13 +11,16 @@ import plotly.graph_objects as go
 from dashboard import render
 from engine.graph.layout import Placed
 
-COLOURS = {"feature": "#f76707", "error": "#868e96", "embedding": "#1c7ed6", "logit": "#2f9e44"}
+COLOURS = {"feature": "#f76707", "error": "#868e96", "embedding": "#1c7ed6", "logit": "#2f9e44", "supernode": "#ae3ec9"}
+PINNED = "#e03131"
 
 
 def hover(node: Placed) -> str:
     """A node's hover text; every file-controlled piece escaped (plotly renders a subset of HTML)."""
     parts = [f"<b>{render.escape(node.node_id)}</b> · {node.kind}"]
-    if node.kind == "feature":
+    if node.kind == "supernode":
+        parts.append(f"supernode · around layer {node.layer} · position {node.position}")
+    elif node.kind == "feature":
         parts.append(f"latent {node.feature} · layer {node.layer} · position {node.position}")
     else:
         parts.append(f"layer {node.layer if node.layer >= 0 else 'E'} · position {node.position}")
@@ -31,8 +34,9 @@ def hover(node: Placed) -> str:
 
 
 def graph_figure(nodes: Sequence[Placed], links: Sequence[dict[str, Any]], tokens: Sequence[str], *,
-                 selected: str | None = None, height: int = 760) -> go.Figure:
-    """Nodes layer by layer over the prompt's tokens; links drawn as thin lines (orange adds, blue subtracts)."""
+                 selected: str | None = None, pinned: frozenset[str] = frozenset(), height: int = 760) -> go.Figure:
+    """Nodes layer by layer over the prompt's tokens; links drawn as thin lines (orange adds, blue subtracts); the
+    selected node ringed in black, pinned ones in red; supernodes as diamonds."""
     where = {n.node_id: (n.x, n.y) for n in nodes}
     fig = go.Figure()
     for sign, colour in ((1, "rgba(247,103,7,0.35)"), (-1, "rgba(28,126,214,0.35)")):
@@ -52,11 +56,14 @@ def graph_figure(nodes: Sequence[Placed], links: Sequence[dict[str, Any]], token
         members = [n for n in nodes if n.kind == kind]
         if not members:
             continue
-        sizes = [8 + 14 * (1 - (n.influence if n.influence is not None else 1.0)) for n in members]
+        sizes = [18 if kind == "supernode" else 8 + 14 * (1 - (n.influence if n.influence is not None else 1.0))
+                 for n in members]
+        rings = [3 if n.node_id == selected or n.node_id in pinned else 0 for n in members]
+        ring_colours = ["#000" if n.node_id == selected else PINNED for n in members]
         fig.add_trace(go.Scattergl(
             x=[n.x for n in members], y=[n.y for n in members], mode="markers", name=kind,
-            marker=dict(size=sizes, color=colour, line=dict(width=[3 if n.node_id == selected else 0 for n in members],
-                                                            color="#000")),
+            marker=dict(size=sizes, color=colour, symbol="diamond" if kind == "supernode" else "circle",
+                        line=dict(width=rings, color=ring_colours)),
             customdata=[n.node_id for n in members], hovertext=[hover(n) for n in members], hoverinfo="text"))
     top = max((n.layer for n in nodes), default=0)
     fig.update_layout(

@@ -1,11 +1,12 @@
 """Graph: an attribution graph of one prompt over transcoders (``saescope graph``), drawn layer by layer over the
-prompt's tokens. Saved graphs are the run's ``graphs/*.json``; ``?graph=NAME&node=NODE_ID`` links to one and a node."""
+prompt's tokens. Saved graphs are the run's ``graphs/*.json``; ``?graph=NAME&node=NODE_ID&pinned=ID,ID`` links to one, a node and
+the pinned nodes. Pinned nodes can be grouped into supernodes and steered (dashboard/graph_view.py)."""
 
 import re
 
 import streamlit as st
 
-from dashboard import access, cache, common, render
+from dashboard import access, cache, common, graph_view, render
 from dashboard.graph_chart import graph_figure
 from engine.run.manifest import sections
 
@@ -62,6 +63,8 @@ st.query_params["graph"] = name
 
 try:
     document, placed = cache.graph(run, name)
+    groups, influence = cache.graph_extras(run, name)
+    shown_document, shown = cache.collapsed_graph(run, name)
 except Exception as err:
     common.fail(f"Could not read the graph {render.code(name)}: {render.md(err)}")
 meta, extra = document.get("metadata", {}), document.get("saescope", {})
@@ -77,27 +80,50 @@ if extra.get("missing_layers"):
     st.warning("No transcoder for layer(s) " + ", ".join(str(int(x)) for x in extra["missing_layers"])
                + ": each of their MLPs is one error node per position.")
 
+by_id = {n.node_id: n for n in placed} | {n.node_id: n for n in shown}
+pinnable = [n.node_id for n in shown if n.kind in graph_view.PINNABLE]
+pins = graph_view.url_pins(groups, set(pinnable))
+graph_view.set_pins(pins)
 selected = st.query_params.get("node")
-event = st.plotly_chart(graph_figure(placed, document["links"], tokens, selected=selected), key=f"graph_fig_{name}",
-                        on_select="rerun", selection_mode="points", config={"scrollZoom": True})
+clicks = st.session_state.setdefault("graph_clicks", 0)
+# a fresh chart key after each click: its selection starts empty, so clicking the same node again toggles its pin
+event = st.plotly_chart(graph_figure(shown, shown_document["links"], tokens, selected=selected, pinned=frozenset(pins)),
+                        key=f"graph_fig_{name}_{clicks}", on_select="rerun", selection_mode="points",
+                        config={"scrollZoom": True})
 points = event.selection.points if event and event.selection else []
 if points:
     clicked = points[0].get("customdata")
-    if isinstance(clicked, str) and clicked != selected:
+    if isinstance(clicked, str) and clicked in by_id:
+        st.session_state["graph_clicks"] = clicks + 1
         st.query_params["node"] = clicked
+        if clicked in pinnable:
+            graph_view.set_pins([p for p in pins if p != clicked] if clicked in pins else [*pins, clicked])
         st.rerun()
 
-by_id = {n.node_id: n for n in placed}
-with st.expander("Suggested supernodes"):
-    from engine.graph.supernodes import suggest
+hook = sections(man).sae.hook or ""
+match = re.match(r"^blocks\.(\d+)\.ln2\.hook_normalized$", hook)
+page_layer = int(match.group(1)) if match else None
 
-    groups = suggest(document)
-    st.caption("Feature nodes whose signed edge profiles (weights from each source and to each target) have cosine "
-               ">= 0.75, joined into groups.")
-    for i, group in enumerate(groups[:20]):
-        st.markdown(f"**{i + 1}.** " + ", ".join(render.code(node_id) for node_id in group))
-    if not groups:
-        st.caption("No two feature nodes are that alike in this graph.")
+
+def explain(node) -> str:
+    """A feature node's explanation where this run is of its layer's transcoder, else its label in the file."""
+    if node.layer == page_layer:
+        return cache.describe(run, [node.feature]).get(node.feature, "") or node.label
+    return node.label
+
+
+st.subheader("Pinned nodes")
+st.caption("Click a feature node or supernode in the graph to pin or unpin it (or pick them here); pins are kept in "
+           "the URL.")
+st.session_state["graph_pins"] = pins
+st.multiselect("Pinned nodes", pinnable, key="graph_pins", on_change=graph_view.pins_changed,
+               format_func=lambda i: f"{i} · {render.visible(by_id[i].label)[:50]}" if by_id[i].label else i)
+pinned_nodes = [by_id[p] for p in pins]
+if pinned_nodes:
+    graph_view.pinned_table(pinned_nodes, tokens, influence, groups, explain)
+graph_view.supernodes_panel(cache.graph_path(run, name), document, groups, pins, by_id)
+graph_view.steer_panel(run, extra, pinned_nodes, groups)
+
 node = by_id.get(selected) if selected else None
 if selected and node is None:
     st.caption(f"No node {render.code(selected)} in this graph.")
@@ -109,10 +135,11 @@ if node is not None:
     if node.influence is not None:
         st.caption(f"Cumulative influence {node.influence:.3f}"
                    + (f" · activation {node.activation:.3g}" if node.activation is not None else ""))
+    if node.kind == "supernode":
+        st.caption(f"{render.md(node.label)}: " + ", ".join(render.code(m) for m in
+                                                            next(g.members for g in groups if g.id == node.node_id)))
     if node.kind == "feature":
-        hook = sections(man).sae.hook or ""
-        match = re.match(r"^blocks\.(\d+)\.ln2\.hook_normalized$", hook)
-        if match and int(match.group(1)) == node.layer:
+        if node.layer == page_layer:
             common.feature_link(node.feature, cache.describe(run, [node.feature]).get(node.feature, ""),
                                 suffix=" — its feature page in this run")
         else:
@@ -123,13 +150,12 @@ if node is not None:
         if st.button("Ablate this feature: next token with and without frozen attention", key="graph_ablate"):
             from engine.graph.check import ablation_preview
             from engine.model.tokens import display_tokens
-            from engine.saes.transcoders import load_transcoders
 
             lm, _ = common.live(run)
             with common.shown_errors("Could not ablate the feature"):
                 if extra.get("model") and extra["model"] != lm.name:
                     raise ValueError(f"the graph was built on {extra['model']}, this run's model is {lm.name}")
-                transcoder = load_transcoders(extra["transcoders"])[node.layer]
+                transcoder = cache.transcoders(extra["transcoders"])[node.layer]
                 preview = ablation_preview(lm, transcoder, [int(t) for t in extra["token_ids"]], node.position,
                                            node.feature, float(node.activation or 0.0))
                 columns = st.columns(len(preview))
@@ -138,7 +164,8 @@ if node is not None:
                     texts = display_tokens(lm.tokenizer, [t for t, _ in tops])
                     column.markdown("  \n".join(f"{render.code(text)} {p:.3f}" for text, (_, p) in zip(texts, tops,
                                                                                                        strict=True)))
-    links = [link for link in document["links"] if node.node_id in (link["source"], link["target"])]
+    drawn = shown_document if node.kind == "supernode" else document
+    links = [link for link in drawn["links"] if node.node_id in (link["source"], link["target"])]
     incoming = sorted((link for link in links if link["target"] == node.node_id), key=lambda x: -abs(x["weight"]))
     outgoing = sorted((link for link in links if link["source"] == node.node_id), key=lambda x: -abs(x["weight"]))
     a, b = st.columns(2)

@@ -133,6 +133,17 @@ def read_graph(path: str | Path) -> dict[str, Any]:
     return document
 
 
+def node_influences(path: str | Path) -> dict[str, float]:
+    """Node id -> its influence on the targets, from the ``<stem>.nodes.parquet`` beside a graph JSON (empty for a
+    graph written by another tool, which has none)."""
+    path = Path(path)
+    table_path = path.with_name(f"{path.stem}.nodes.parquet")
+    if not table_path.is_file():
+        return {}
+    table = pq.read_table(table_path, columns=["node_id", "influence"])
+    return dict(zip(table.column("node_id").to_pylist(), table.column("influence").to_pylist(), strict=True))
+
+
 def make_graph(lm, transcoders_dir: str | Path, prompt: str, cfg, out: str | Path) -> tuple[Built, dict[str, Path]]:
     """Load the transcoders, build the graph of ``prompt`` and write it at ``out`` under a lock on its folder (what
     ``saescope graph`` and the app's Graph page do)."""

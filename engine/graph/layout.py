@@ -14,7 +14,7 @@ class Placed:
 
     node_id: str
     kind: str
-    """feature, error, embedding or logit."""
+    """feature, error, embedding, logit or supernode (a group drawn as one node)."""
     layer: int
     """-1 for embeddings; the logits' row is one above the last layer."""
     position: int
@@ -27,7 +27,7 @@ class Placed:
 
 
 _KINDS = {"cross layer transcoder": "feature", "mlp reconstruction error": "error", "embedding": "embedding",
-          "logit": "logit"}
+          "logit": "logit", "supernode": "supernode"}
 
 
 def kind_of(node: dict[str, Any]) -> str:
@@ -57,6 +57,10 @@ def place(document: dict[str, Any]) -> list[Placed]:
                 label = tokens[pos] if pos < len(tokens) else f"token {pos}"
             elif kind == "logit":
                 label = str(node.get("clerp", ""))
+            elif kind == "supernode":
+                total = node.get("influence_sum")
+                label = (f"{node.get('clerp', '')} · {len(node.get('members', []))} features"
+                         + (f" · influence (sum) {total:.3g}" if total is not None else ""))
             elif kind == "error":
                 label = f"MLP error, layer {layer}"
             else:

@@ -1,6 +1,7 @@
 """End to end: the Graph page in Chromium on a tiny run of a layer-1 MLP-input SAE (a transcoder's hook): the graph
-draws, clicking a layer-1 feature node selects it (``node=`` in the URL) and its link opens the feature page; a
-synthetic graph of about a thousand nodes is there for ``draw_times`` (a measurement, not a test)."""
+draws, clicking feature nodes selects and pins them (``node=``, ``pinned=`` in the URL), two pinned nodes become a
+supernode that is ablated (next token and continuation, attention free and frozen), a layer-1 node's link opens the
+feature page; a synthetic graph of about a thousand nodes is there for ``draw_times`` (a measurement, not a test)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from tests.engine.graph.graph_util import random_transcoder
 
 pytestmark = pytest.mark.slow
 
-NODE_XY = """name => { const gd = document.querySelector('.js-plotly-plot'); const fl = gd._fullLayout;
+NODE_XY = """([name, other]) => { const gd = document.querySelector('.js-plotly-plot'); const fl = gd._fullLayout;
     const tr = gd._fullData.find(t => t.name === 'feature');
-    const i = tr.customdata.findIndex(id => id.startsWith(name));
+    const i = tr.customdata.findIndex(id => id.startsWith(name) && id !== other);
+    if (i < 0) return null;
     const box = gd.getBoundingClientRect();
     return {id: tr.customdata[i], x: box.left + fl._size.l + fl.xaxis.l2p(tr.x[i]),
             y: box.top + fl._size.t + fl.yaxis.l2p(tr.y[i])}; }"""
@@ -59,17 +61,41 @@ def graph_server(tmp_path_factory):
         yield base
 
 
-def test_graph_page_click_opens_the_feature(graph_server, page):  # noqa: F811  (page is a fixture)
+def _click_node(tab, prefix: str, other: str = "") -> str:
+    """Click the first feature node whose id starts with ``prefix`` (and is not ``other``); its id."""
+    tab.locator(".js-plotly-plot").first.wait_for()
+    idle(tab)
+    node = tab.evaluate(NODE_XY, [prefix, other]) or tab.evaluate(NODE_XY, ["", other])
+    tab.mouse.click(node["x"], node["y"])
+    tab.wait_for_url(lambda url: f"node={node['id']}" in url)
+    idle(tab)
+    return node["id"]
+
+
+def test_graph_page_pin_group_steer_and_open_the_feature(graph_server, page):  # noqa: F811  (page is a fixture)
+    """Click two feature nodes (each click selects and pins), group them into a supernode, ablate it and see the
+    next-token table and the continuations with attention free and frozen; then the selected node's link opens its
+    feature page."""
     page.goto(f"{graph_server}/graph?graph=g1")
-    page.locator(".js-plotly-plot").first.wait_for()
-    idle(page)
-    node = page.evaluate(NODE_XY, "1_")
-    assert node["id"].startswith("1_")
-    page.mouse.click(node["x"], node["y"])
+    first = _click_node(page, "0_")
+    node = _click_node(page, "1_", first)
+    assert node.startswith("1_") or first.startswith("1_")
     page.get_by_role("heading", name="Selected node").wait_for()
-    assert f"node={node['id']}" in page.url
+    assert f"pinned={first}%2C{node}" in page.url or f"pinned={first},{node}" in page.url
+    assert page.get_by_label("Name for the pinned feature nodes").input_value() == "supernode 1"  # the default name
+    page.get_by_role("button", name="Group 2 pinned feature nodes").click()
+    page.wait_for_url(lambda url: "pinned=S1" in url)
+    idle(page)
+    page.get_by_role("button", name="Steer", exact=True).click()
+    page.get_by_text("attention frozen", exact=True).wait_for()
+    idle(page)
+    assert page.get_by_text("attention free", exact=True).is_visible()
+    assert page.locator('[data-testid="stDataFrame"]').count() == 2  # the pinned list and the next-token table
     shot(page, "graph")
-    latent = node["id"].split("_")[1]
+    selected = node if node.startswith("1_") else first
+    if f"node={selected}" not in page.url:
+        selected = _click_node(page, "1_")
+    latent = selected.split("_")[1]
     page.get_by_role("link", name=f"#{latent}").first.click()
     page.get_by_role("heading", name=f"Feature #{latent}").wait_for()
 
