@@ -30,6 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import atomic
+from .base import SAE
+from .build import build_sae
+from .config import SAEConfig
 
 ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "topk_transcoder")
 INPUT_HOOK = "ln2.hook_normalized"
@@ -135,6 +138,22 @@ class Transcoder:
         return Transcoder(self.W_enc.to(dtype), self.b_enc.to(dtype), self.W_dec.to(dtype), self.b_dec.to(dtype),
                           self.hook_in, self.hook_out, self.k, cast(self.threshold), cast(self.W_skip), dict(self.metadata))
 
+    def as_sae(self, dtype: torch.dtype | None = None) -> SAE:
+        """The same transcoder as a registered SAE (``transcoder_sae``), as precompute, the lens and steering run it;
+        a ValueError for a skip connection beside JumpReLU or TopK, which those architectures do not hold."""
+        if self.W_skip is not None and self.architecture != "skip_transcoder":
+            raise ValueError(f"transcoder at {self.hook_in}: a skip connection with a {self.architecture.split('_')[0]} "
+                             "activation is not supported as an SAE (only ReLU skip transcoders)")
+        state = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            state["threshold"] = self.threshold
+        if self.W_skip is not None:
+            state["W_skip"] = self.W_skip
+        cfg = SAEConfig(architecture=self.architecture, d_in=self.d_in, d_sae=self.d_sae, d_out=self.d_out,
+                        hook_name=self.hook_in, hook_name_out=self.hook_out, k=self.k, apply_b_dec_to_input=False,
+                        metadata=dict(self.metadata))
+        return build_sae(cfg, state, dtype=dtype)
+
     # --- files ----------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16, model_name: str = "") -> Path:
         """An SAELens-format folder (``topk_transcoder`` for TopK), written aside and renamed into place."""
@@ -220,6 +239,12 @@ def read_circuit_tracer(path: str | Path, layer: int | None = None, dtype: torch
     return Transcoder(t["W_enc"].T.contiguous().to(dtype), t["b_enc"].to(dtype), t["W_dec"].to(dtype), t["b_dec"].to(dtype),
                       f"blocks.{layer}.{input_hook}", f"blocks.{layer}.{output_hook}", k, threshold,
                       t["W_skip"].to(dtype) if "W_skip" in t else None)
+
+
+def is_circuit_tracer_file(path: str | Path) -> bool:
+    """A ``layer_L.safetensors`` file with no SAELens ``cfg.json`` beside it."""
+    path = Path(path)
+    return bool(_CT_FILE.match(path.name)) and not (path.parent / "cfg.json").is_file()
 
 
 def write_circuit_tracer(tc: Transcoder, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:

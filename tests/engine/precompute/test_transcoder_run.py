@@ -1,0 +1,149 @@
+"""Precompute on a transcoder (reads the MLP input, writes the MLP output) against a hand computation on plain
+transformers hooks: codes from the MLP's input, explained variance against the true MLP output, CE loss with the
+MLP output replaced by the prediction."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engine.data.activations import stats_mask
+from engine.precompute.pipeline import precompute
+from engine.saes import SAEConfig, build_sae, load_sae
+from engine.saes.transcoders import read_circuit_tracer, write_circuit_tracer
+from tests.engine.runs_util import write_corpus
+
+CTX, BATCH, LAYER = 16, 8, 1
+
+
+def transcoder(d: int, architecture="topk_transcoder", d_sae=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(architecture=architecture, d_in=d, d_sae=d_sae, d_out=d, k=6 if "topk" in architecture else None,
+                    hook_name=f"blocks.{LAYER}.ln2.hook_normalized", hook_name_out=f"blocks.{LAYER}.hook_mlp_out",
+                    apply_b_dec_to_input=False)
+    state = {"W_enc": torch.randn(d, d_sae, generator=g) * 0.3, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+             "W_dec": torch.randn(d_sae, d, generator=g) * 2e-4, "b_dec": torch.randn(d, generator=g) * 1e-4}
+    if architecture == "skip_transcoder":  # the tiny model's MLP outputs are ~3e-3 per dimension
+        state["W_skip"] = torch.randn(d, d, generator=g) * 2e-4
+    return build_sae(cfg, state)
+
+
+def mlp_io(lm, ids):
+    """The MLP's input and output of layer LAYER, from plain torch hooks on the transformers module."""
+    mlp = lm.model.model.layers[LAYER].mlp
+    got = {}
+    h1 = mlp.register_forward_pre_hook(lambda m, args: got.__setitem__("x", args[0].detach().clone()))
+    h2 = mlp.register_forward_hook(lambda m, args, out: got.__setitem__("y", out.detach().clone()))
+    try:
+        with torch.no_grad():
+            lm.model(ids)
+    finally:
+        h1.remove()
+        h2.remove()
+    return got["x"].double(), got["y"].double()
+
+
+def hand_predict(sae, x):
+    """numpy: TopK (or ReLU) codes and the prediction (+ skip)."""
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().double().numpy() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    pre = x.numpy() @ W_enc + b_enc
+    if sae.cfg.k:
+        cut = -np.sort(-pre, axis=-1)[..., sae.cfg.k - 1 : sae.cfg.k]
+        codes = np.where(pre >= cut, np.maximum(pre, 0), 0.0)
+    else:
+        codes = np.maximum(pre, 0)
+    y = codes @ W_dec + b_dec
+    if sae.cfg.architecture == "skip_transcoder":
+        y = y + x.numpy() @ sae.W_skip.double().numpy().T
+    return codes, y
+
+
+@pytest.fixture(scope="module", params=["topk_transcoder", "skip_transcoder"])
+def run(request, tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tc-run")
+    corpus = write_corpus(root / "corpus.jsonl", n_docs=12)
+    sae = transcoder(tiny_llama.d_model, request.param)
+    out = root / "run"
+    manifest = precompute(tiny_llama, sae, corpus, out, context_len=CTX, batch_size=BATCH, top_k=5, sample_contexts=4,
+                          ce_every=1, progress=False)
+    ids = torch.tensor(pq.read_table(out / "contexts.parquet").sort_by("context_id").column("token_ids").to_pylist())
+    x, y = mlp_io(tiny_llama, ids)
+    codes, y_hat = hand_predict(sae, x)
+    mask = stats_mask(ids, tiny_llama.special_token_ids).numpy()
+    return {"out": out, "sae": sae, "manifest": manifest, "ids": ids, "x": x, "y": y.numpy(), "codes": codes,
+            "y_hat": y_hat, "mask": mask}
+
+
+def test_manifest_records_both_hooks(run):
+    sae = json.loads((run["out"] / "manifest.json").read_text())["sae"]
+    assert (sae["hook"], sae["hook_in"], sae["hook_out"], sae["transcoder"]) == (
+        f"blocks.{LAYER}.ln2.hook_normalized", f"blocks.{LAYER}.ln2.hook_normalized", f"blocks.{LAYER}.hook_mlp_out", True)
+
+
+def test_stats_are_the_input_hooks_codes(run):
+    codes = np.where(run["mask"][..., None], run["codes"], 0.0)
+    features = pq.read_table(run["out"] / "features.parquet").sort_by("feature_id").to_pandas()
+    np.testing.assert_array_equal(features["fire_count"], (codes > 0).sum((0, 1)))
+    np.testing.assert_allclose(features["max_act"], codes.max((0, 1)), rtol=1e-4, atol=1e-5)
+
+
+def test_explained_variance_is_against_the_true_mlp_output(run):
+    m = run["mask"]
+    y, y_hat = run["y"][m], run["y_hat"][m]
+    ev = 1 - ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert run["manifest"]["metrics"]["explained_variance"] == pytest.approx(ev, rel=1e-4, abs=1e-4)
+
+
+def test_ce_is_with_the_mlp_output_replaced(run, tiny_llama):
+    rows = pq.read_table(run["out"] / "tokens.parquet").to_pandas()
+    mlp = tiny_llama.model.model.layers[LAYER].mlp
+    for context_id, group in rows.groupby("context_id"):
+        ids = run["ids"][int(context_id)][None]
+        keep = torch.from_numpy(run["mask"][int(context_id)])[None, :, None]
+        pred = torch.from_numpy(run["y_hat"][int(context_id)])[None].float()
+
+        def replace(module, args, out):
+            return torch.where(keep, pred, out)
+
+        def zero(module, args, out):
+            return torch.where(keep, torch.zeros_like(out), out)
+
+        losses = {}
+        for name, fn in (("ce_sae", replace), ("zero", zero), ("ce_clean", None)):
+            handle = mlp.register_forward_hook(fn) if fn is not None else None
+            try:
+                with torch.no_grad():
+                    logp = tiny_llama.model(ids).logits[0, :-1].log_softmax(-1)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            losses[name] = -logp[torch.arange(CTX - 1), ids[0, 1:]]
+        scored = group[group["position"] < CTX - 1]
+        pos = torch.from_numpy(scored["position"].to_numpy().astype(np.int64))
+        np.testing.assert_allclose(scored["ce_clean"], losses["ce_clean"][pos].numpy(), atol=1e-4)
+        np.testing.assert_allclose(scored["ce_sae"], losses["ce_sae"][pos].numpy(), atol=1e-4)
+        assert not np.allclose(losses["ce_sae"].numpy(), losses["ce_clean"].numpy(), atol=1e-5)
+
+
+def test_error_rows_are_the_output_side_error(run):
+    rows = pq.read_table(run["out"] / "tokens.parquet").to_pandas()
+    for r in rows.itertuples():
+        want = np.linalg.norm(run["y"][r.context_id, r.position] - run["y_hat"][r.context_id, r.position])
+        assert r.err_norm == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
+def test_a_circuit_tracer_file_loads_as_the_same_transcoder(run, tmp_path):
+    from engine.saes.transcoders import Transcoder
+
+    sae = run["sae"]
+    if sae.cfg.architecture != "topk_transcoder":
+        pytest.skip("one format check is enough")
+    tc = Transcoder(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.hook_in, sae.hook_out, k=sae.cfg.k)
+    path = write_circuit_tracer(tc, tmp_path)
+    loaded = load_sae(path)
+    assert (loaded.hook_in, loaded.hook_out, loaded.cfg.architecture) == (sae.hook_in, sae.hook_out, "topk_transcoder")
+    x = run["x"][0].float()
+    torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
+    assert read_circuit_tracer(path).k == sae.cfg.k
