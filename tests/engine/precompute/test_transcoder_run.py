@@ -11,38 +11,12 @@ import torch
 
 from engine.data.activations import stats_mask
 from engine.precompute.pipeline import precompute
-from engine.saes import SAEConfig, build_sae, load_sae
+from engine.saes import load_sae
 from engine.saes.transcoders import read_circuit_tracer, write_circuit_tracer
 from tests.engine.runs_util import write_corpus
+from tests.engine.saes_util import mlp_io, random_transcoder
 
 CTX, BATCH, LAYER = 16, 8, 1
-
-
-def transcoder(d: int, architecture="topk_transcoder", d_sae=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = SAEConfig(architecture=architecture, d_in=d, d_sae=d_sae, d_out=d, k=6 if "topk" in architecture else None,
-                    hook_name=f"blocks.{LAYER}.ln2.hook_normalized", hook_name_out=f"blocks.{LAYER}.hook_mlp_out",
-                    apply_b_dec_to_input=False)
-    state = {"W_enc": torch.randn(d, d_sae, generator=g) * 0.3, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
-             "W_dec": torch.randn(d_sae, d, generator=g) * 2e-4, "b_dec": torch.randn(d, generator=g) * 1e-4}
-    if architecture == "skip_transcoder":  # the tiny model's MLP outputs are ~3e-3 per dimension
-        state["W_skip"] = torch.randn(d, d, generator=g) * 2e-4
-    return build_sae(cfg, state)
-
-
-def mlp_io(lm, ids):
-    """The MLP's input and output of layer LAYER, from plain torch hooks on the transformers module."""
-    mlp = lm.model.model.layers[LAYER].mlp
-    got = {}
-    h1 = mlp.register_forward_pre_hook(lambda m, args: got.__setitem__("x", args[0].detach().clone()))
-    h2 = mlp.register_forward_hook(lambda m, args, out: got.__setitem__("y", out.detach().clone()))
-    try:
-        with torch.no_grad():
-            lm.model(ids)
-    finally:
-        h1.remove()
-        h2.remove()
-    return got["x"].double(), got["y"].double()
 
 
 def hand_predict(sae, x):
@@ -64,12 +38,12 @@ def hand_predict(sae, x):
 def run(request, tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("tc-run")
     corpus = write_corpus(root / "corpus.jsonl", n_docs=12)
-    sae = transcoder(tiny_llama.d_model, request.param)
+    sae = random_transcoder(tiny_llama.d_model, request.param, layer=LAYER)
     out = root / "run"
     manifest = precompute(tiny_llama, sae, corpus, out, context_len=CTX, batch_size=BATCH, top_k=5, sample_contexts=4,
                           ce_every=1, progress=False)
     ids = torch.tensor(pq.read_table(out / "contexts.parquet").sort_by("context_id").column("token_ids").to_pylist())
-    x, y = mlp_io(tiny_llama, ids)
+    x, y = mlp_io(tiny_llama, ids, LAYER)
     codes, y_hat = hand_predict(sae, x)
     mask = stats_mask(ids, tiny_llama.special_token_ids).numpy()
     return {"out": out, "sae": sae, "manifest": manifest, "ids": ids, "x": x, "y": y.numpy(), "codes": codes,
