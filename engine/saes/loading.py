@@ -13,7 +13,7 @@ from . import releases
 from .base import SAE
 from .build import build_sae
 from .folder import PICKLE_SUFFIXES, read_folder
-from .transcoders import is_circuit_tracer_file, read_circuit_tracer
+from .transcoders import CLT_MARKER, is_circuit_tracer_file, read_circuit_tracer
 
 
 def load_sae(
@@ -32,6 +32,9 @@ def load_sae(
         if found is None:
             raise FileNotFoundError(releases.unknown_path_message(str(path)))
         return releases.load_release_sae(*found, device=device, dtype=dtype)
+    if (Path(path) / CLT_MARKER).is_file():
+        raise ValueError(f"{path} holds a cross-layer transcoder (circuit-tracer's layout): its features read one layer "
+                         "and write to every later one, which precompute and the app do not support yet")
     if Path(path).is_file() and is_circuit_tracer_file(path):
         return read_circuit_tracer(path).as_sae(dtype=dtype or torch.float32).to(device)
     cfg, state = read_folder(path)

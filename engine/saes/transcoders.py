@@ -39,6 +39,8 @@ INPUT_HOOK = "ln2.hook_normalized"
 OUTPUT_HOOK = "hook_mlp_out"
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _CT_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
+CLT_MARKER = "W_enc_0.safetensors"
+"""The file that marks a folder in circuit-tracer's cross-layer transcoder layout (``clt``)."""
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Transcoder:
         return folder
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
@@ -198,7 +200,7 @@ def read_saelens(folder: str | Path, dtype: torch.dtype = torch.float32) -> Tran
     arch = cfg.get("architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{folder}: architecture {arch!r} is not a transcoder (one of {', '.join(ARCHITECTURES)})")
-    t = _tensors(folder / "sae_weights.safetensors")
+    t = read_tensors(folder / "sae_weights.safetensors")
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
     if arch == "jumprelu_transcoder" and "threshold" not in t:
         missing.append("threshold")
@@ -230,7 +232,7 @@ def read_circuit_tracer(path: str | Path, layer: int | None = None, dtype: torch
         if match is None:
             raise ValueError(f"{path.name}: circuit-tracer transcoder files are named layer_<L>.safetensors")
         layer = int(match.group(1))
-    t = _tensors(path)
+    t = read_tensors(path)
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
     if missing:
         raise ValueError(f"{path}: lacks {', '.join(missing)}")
@@ -274,6 +276,9 @@ def load_transcoders(path: str | Path, dtype: torch.dtype = torch.float32) -> di
     if (path / "cfg.json").is_file():
         tc = read_saelens(path, dtype)
         return {tc.layer: tc}
+    if (path / CLT_MARKER).is_file():
+        raise ValueError(f"{path} holds a cross-layer transcoder (circuit-tracer's layout): graphs over cross-layer "
+                         "transcoders are not supported yet (engine.saes.clt.load_clt reads it)")
     out: dict[int, Transcoder] = {}
     for child in sorted(path.iterdir()):
         if child.is_dir() and (child / "cfg.json").is_file():
