@@ -85,7 +85,7 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SAE config field {name} must be a positive integer, got {value!r}")
-        if self.d_out is not None and (not isinstance(self.d_out, int) or isinstance(self.d_out, bool) or self.d_out <= 0):
+        if self.d_out is not None and not (_is_index(self.d_out) and self.d_out > 0):  # read from JSON: any type
             raise ValueError(f"SAE config field d_out must be a positive integer or None, got {self.d_out!r}")
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(

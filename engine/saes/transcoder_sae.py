@@ -24,6 +24,8 @@ class TranscoderSAE(SAE):
 
     architecture = "transcoder"
     has_skip = False
+    W_skip: torch.Tensor
+    """``[d_out, d_in]``: registered only where ``has_skip``."""
 
     def __init__(self, cfg: SAEConfig):
         if not cfg.hook_name_out:
@@ -71,7 +73,6 @@ class SkipTranscoderSAE(TranscoderSAE):
 
     architecture = "skip_transcoder"
     has_skip = True
-    W_skip: torch.Tensor
 
 
 @register

@@ -78,10 +78,10 @@ def test_ce_is_with_the_mlp_output_replaced(run, tiny_llama):
         keep = torch.from_numpy(run["mask"][int(context_id)])[None, :, None]
         pred = torch.from_numpy(run["y_hat"][int(context_id)])[None].float()
 
-        def replace(module, args, out):
+        def replace(module, args, out, keep=keep, pred=pred):
             return torch.where(keep, pred, out)
 
-        def zero(module, args, out):
+        def zero(module, args, out, keep=keep):
             return torch.where(keep, torch.zeros_like(out), out)
 
         losses = {}
