@@ -277,8 +277,8 @@ def load_transcoders(path: str | Path, dtype: torch.dtype = torch.float32) -> di
         tc = read_saelens(path, dtype)
         return {tc.layer: tc}
     if (path / CLT_MARKER).is_file():
-        raise ValueError(f"{path} holds a cross-layer transcoder (circuit-tracer's layout): graphs over cross-layer "
-                         "transcoders are not supported yet (engine.saes.clt.load_clt reads it)")
+        raise ValueError(f"{path} holds a cross-layer transcoder (circuit-tracer's layout), not per-layer "
+                         "transcoders: saescope graph reads it (engine.saes.clt.load_clt); this tool needs per-layer ones")
     out: dict[int, Transcoder] = {}
     for child in sorted(path.iterdir()):
         if child.is_dir() and (child / "cfg.json").is_file():

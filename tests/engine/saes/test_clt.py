@@ -88,8 +88,8 @@ def test_bad_folders_are_refused_with_one_line(tmp_path, edit, message):
         load_clt(_broken(tmp_path, edit))
 
 
-def test_graphs_and_precompute_refuse_a_clt_clearly():
-    with pytest.raises(ValueError, match="graphs over cross-layer transcoders are not supported yet"):
+def test_per_layer_tools_and_precompute_refuse_a_clt_clearly():
+    with pytest.raises(ValueError, match="not per-layer transcoders: saescope graph reads it"):
         load_transcoders(REF / "relu")
     with pytest.raises(ValueError, match="cross-layer transcoder.*do not support yet"):
         load_sae(REF / "relu")
