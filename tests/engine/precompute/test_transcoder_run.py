@@ -121,3 +121,27 @@ def test_a_circuit_tracer_file_loads_as_the_same_transcoder(run, tmp_path):
     x = run["x"][0].float()
     torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
     assert read_circuit_tracer(path).k == sae.cfg.k
+
+
+@pytest.mark.slow
+def test_demo_transcoder_run_agrees_with_its_training_report(tmp_path):
+    """``precompute`` of the demo's layer-5 transcoder on the held-out contexts its training report was evaluated on
+    (32 of 128 tokens, float32): the explained variance of the MLP output is the report's, computed by another
+    code path (train-transcoders' evaluator); the run opens as a browsable run of 768 latents."""
+    from engine.assets import data_dir
+    from engine.model.demo import demo_model_dir
+    from engine.model.loading import load_model
+    from engine.run.store import RunStore
+
+    folder = data_dir() / "demo_transcoders"
+    if not demo_model_dir().is_dir():
+        pytest.skip("the demo model is not downloaded")
+    lm = load_model(demo_model_dir(), device="cpu", dtype="float32")
+    sae = load_sae(folder / "layer_5")
+    manifest = precompute(lm, sae, data_dir() / "corpus" / "heldout.jsonl.xz", tmp_path / "run", context_len=128,
+                          tokens=32 * 128, sample_contexts=1, progress=False, sae_path=folder / "layer_5")
+    report = json.loads((folder / "training_report.json").read_text())["heldout"]["layers"]["5"]
+    assert manifest["metrics"]["explained_variance"] == pytest.approx(report["explained_variance"], abs=2e-3)
+    assert manifest["sae"]["hook_out"] == "blocks.5.hook_mlp_out" and manifest["metrics"]["l0"] == pytest.approx(32, abs=0.01)
+    with RunStore.open(tmp_path / "run") as store:
+        assert len(store.densities()) == 768
