@@ -6,6 +6,7 @@ import streamlit as st
 
 from dashboard import charts, common, render
 from dashboard.render import fmt
+from engine.run.manifest import sections
 
 SAMPLE_ROWS = 50_000  # token rows read for the distributions (the run's sample is usually smaller)
 
@@ -21,6 +22,13 @@ st.caption(
 )
 if dm is None:
     common.fail("This run has no dark-matter statistics (its manifest has no `dark_matter` section).")
+sae_info = sections(store.manifest()).sae
+if sae_info.reads_writes:
+    st.info("This run is a transcoder (reads " + render.code(sae_info.hook_in or sae_info.hook or "?") + ", writes "
+            + render.code(sae_info.hook_out or "?") + "): here e = y − ŷ is the error of its "
+            "prediction of the output hook y (the true MLP output), and the linear map predicts e from its input x "
+            "(the MLP's normalised input). The paper fits SAE errors; this is the same fit on the transcoder's "
+            "output-side error.")
 
 cols = st.columns(4)  # short labels, the detail in the help: each card shows whole at a 1366 px laptop width
 cols[0].metric("Error variance predicted", fmt(dm.heldout_error_r2),
@@ -28,7 +36,9 @@ cols[0].metric("Error variance predicted", fmt(dm.heldout_error_r2),
 cols[1].metric("‖e‖ predicted", fmt(dm.heldout_norm_r2),
                help=f"Held-out R² of a linear probe for ‖e‖ from x; on held-in tokens: {fmt(dm.train_norm_r2)}")
 cols[2].metric("corr(‖linear part‖, ‖e‖)", fmt(dm.err_norm_corr), help="over the run's sampled tokens")
-cols[3].metric("Explained variance of x", fmt(metrics.explained_variance), help="1 − Σ‖e‖² / Σ‖x − mean x‖²")
+target = "y" if sae_info.reads_writes else "x"
+cols[3].metric(f"Explained variance of {target}", fmt(metrics.explained_variance),
+               help=f"1 − Σ‖e‖² / Σ‖{target} − mean {target}‖²")
 st.caption(f"Held-out R². Map fitted on {dm.n_train_tokens or 0:,} tokens, scored on {dm.n_heldout_tokens or 0:,}; "
            f"per-token rows below come from {dm.n_token_rows or 0:,} sampled tokens.")
 if dm.paper_heldout_error_r2_mean_dim is not None:

@@ -37,7 +37,11 @@ with mid.container(border=True):
     st.markdown("**SAE**")
     st.markdown(f"{render.md(sae.architecture or '?')} · **{sae.d_sae or 0:,}** latents · "
                 f"d_in {render.md(sae.d_in or '?')}")
-    st.caption("hook " + render.code(sae.hook or "?") + (f" · k = {render.md(sae.k)}" if sae.k else ""))
+    if sae.reads_writes:
+        st.caption("transcoder: reads " + render.code(sae.hook_in or sae.hook or "?") + ", writes "
+                   + render.code(sae.hook_out or "?") + (f" · k = {render.md(sae.k)}" if sae.k else ""))
+    else:
+        st.caption("hook " + render.code(sae.hook or "?") + (f" · k = {render.md(sae.k)}" if sae.k else ""))
 with right.container(border=True):
     st.markdown("**Corpus**")
     st.markdown(render.code(corpus.name or "?"))

@@ -59,6 +59,13 @@ def check_sae_fits(lm: LoadedModel, sae: SAE, hook_name: str | None = None) -> s
             f"SAE d_in={sae.cfg.d_in} does not match the model's {what} at {hook} "
             f"(was this SAE trained on a different model?)"
         )
+    if sae.is_transcoder and hook_name is None:
+        lm.hooks.check(sae.hook_out)
+        if lm.hook_width(sae.hook_out) != sae.d_out:
+            raise ValueError(f"transcoder d_out={sae.d_out} does not match the model's width "
+                             f"{lm.hook_width(sae.hook_out)} at its output hook {sae.hook_out}")
+        if lm.hooks.names().index(sae.hook_out) <= lm.hooks.names().index(hook):
+            raise ValueError(f"transcoder output hook {sae.hook_out} does not come after its input hook {hook}")
     return hook
 
 
@@ -82,11 +89,16 @@ def splice_sae(
     hook_name: str | None = None,
     mask: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Replace the activation at the SAE's hook by its reconstruction (plus the error if ``add_error``).
+    """Replace the activation at the SAE's hook by its reconstruction (plus the error if ``add_error``); for a
+    transcoder, the activation at its output hook by its prediction from its input hook's activation.
 
     ``mask [batch, pos]`` (bool) limits the replacement to some positions (e.g. not position 0).
     """
     hook = check_sae_fits(lm, sae, hook_name)
+    if sae.is_transcoder and hook_name is None:
+        with _splice_transcoder(lm, sae, add_error=add_error, mask=mask):
+            yield
+        return
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x_in = sae.select_input(x)
@@ -101,9 +113,30 @@ def splice_sae(
         yield
 
 
+@contextlib.contextmanager
+def _splice_transcoder(lm: LoadedModel, sae: SAE, *, add_error: bool, mask: torch.Tensor | None) -> Iterator[None]:
+    """The input hook's activation, kept for this forward, predicts the output hook's (which comes later in it)."""
+    seen: list[torch.Tensor] = []
+
+    def read(x: torch.Tensor) -> None:
+        seen.append(x)
+
+    def write(y: torch.Tensor) -> torch.Tensor | None:
+        x = seen.pop()
+        if add_error:  # prediction + (true - prediction): the activation itself
+            return None
+        new = sae(x).x_hat.float()
+        if mask is not None:
+            new = torch.where(mask.to(y.device)[..., None], new, y.float())
+        return new.to(y.dtype)
+
+    with lm.hooks.intervene(sae.hook_in, read), lm.hooks.intervene(sae.hook_out, write):
+        yield
+
+
 def steering_vector(sae: SAE, strengths: Mapping[int, float], scales: Mapping[int, float] | None = None) -> torch.Tensor:
     """``sum_i strength_i * scale_i * W_dec[i]`` in float32 (scale = max activation for 'units of max act')."""
-    vector = torch.zeros(sae.cfg.d_in, dtype=torch.float32, device=sae.device)
+    vector = torch.zeros(sae.d_out, dtype=torch.float32, device=sae.device)
     for latent, strength in check_strengths(strengths, sae.cfg.d_sae).items():
         scale = 1.0 if scales is None else float(scales[latent])
         vector += strength * scale * sae.W_dec[latent].float()
@@ -143,7 +176,20 @@ def clamp_latents(lm: LoadedModel, sae: SAE, values: Mapping[int, float]) -> Ite
             delta = delta.unflatten(-1, x_in.shape[-2:])
         return sae.replace_input(x, x_in.float() + delta)
 
-    with lm.hooks.intervene(hook, fn):
+    if not sae.is_transcoder:
+        with lm.hooks.intervene(hook, fn):
+            yield
+        return
+    # a transcoder: the codes come from its input hook, the change goes where it writes
+    deltas: list[torch.Tensor] = []
+
+    def read(x: torch.Tensor) -> None:
+        deltas.append((targets - sae.encode(x)[..., ids].float()) @ sae.W_dec[ids].float())
+
+    def write(y: torch.Tensor) -> torch.Tensor:
+        return y.float() + deltas.pop().to(y.device)
+
+    with lm.hooks.intervene(sae.hook_in, read), lm.hooks.intervene(sae.hook_out, write):
         yield
 
 

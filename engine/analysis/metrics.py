@@ -142,7 +142,7 @@ def per_token_ce(lm: LoadedModel, sae: SAE, token_ids: torch.Tensor, mask: torch
     The SAE replaces (and zero ablation zeroes) the activation only where ``mask`` is true,
     so position 0 and special tokens stay clean like in training.
     """
-    hook = sae.cfg.hook_name
+    hook = sae.hook_out  # a transcoder's ablation zeroes what it writes (the MLP output)
     clean = lm.logits(token_ids)
     with splice_sae(lm, sae, mask=mask):
         spliced = lm.logits(token_ids)

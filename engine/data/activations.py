@@ -34,6 +34,9 @@ class ActivationBatch:
     grads: torch.Tensor | None = None
     """``[batch, pos, width]`` float32: the next-token loss gradient at the hook (``gradients.iter_gradients``, what a
     g-SAE selects with), else None."""
+    targets: torch.Tensor | None = None
+    """``[batch, pos, width_out]``: the activations at a second, later hook from the same forward (``target_hook``: a
+    transcoder's output hook, what it predicts), else None."""
 
 
 def stats_mask(
@@ -81,6 +84,7 @@ def iter_activations(
     include_massive: bool = False,
     head_index: int | None = None,
     attention: bool = False,
+    target_hook: str | None = None,
 ) -> Iterator[ActivationBatch]:
     """Run the model up to ``hook_name`` (stopping there) on batches of contexts.
 
@@ -88,8 +92,11 @@ def iter_activations(
     ``head_index`` keeps one head of a per-head hook (an SAE's ``hook_head_index``) instead of all heads flattened.
     ``attention`` (an ``attn.hook_z`` hook only) also captures the layer's attention pattern and values
     (``capture_attention``: the same forward plus two re-runs of the attention module), for head attribution.
+    ``target_hook`` (a transcoder's output hook) is captured in the same forward, which then stops after it.
     """
     point = lm.hooks.check(hook_name)
+    if target_hook is not None and (attention or head_index is not None):
+        raise ValueError("a second (target) hook is not captured together with attention or one head")
     if head_index is not None and not 0 <= head_index < point.n_heads:
         raise ValueError(
             f"head_index={head_index} needs a per-head hook point with more heads; {hook_name} has {point.n_heads or 'no'} heads"
@@ -98,10 +105,14 @@ def iter_activations(
     if attention and kind != "attn.hook_z":
         raise ValueError(f"attention patterns come with attn.hook_z hooks only, not {hook_name}")
     for token_ids in batched(contexts, batch_size):
-        capture = None
+        capture: AttentionCapture | None = None
+        targets: torch.Tensor | None = None
         if attention:
             capture = capture_attention(lm, layer, token_ids)
             acts = capture.z.to(lm.dtype)  # the hook's own values (captured exactly, as float32)
+        elif target_hook is not None:
+            both = lm.capture(token_ids, [hook_name, target_hook])
+            acts, targets = both[hook_name], both[target_hook]
         else:
             acts = lm.capture(token_ids, hook_name)[hook_name]
         if head_index is not None:
@@ -113,4 +124,4 @@ def iter_activations(
         massive = massive_tokens(acts, mask)
         if not include_massive:
             mask &= ~massive
-        yield ActivationBatch(token_ids, acts, mask, capture, massive)
+        yield ActivationBatch(token_ids, acts, mask, capture, massive, targets=targets)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.loading import LoadedModel
+from ..saes.clt import CrossLayerTranscoder
 from ..saes.transcoders import Transcoder
 from .frozen import Adapter, Recorded, adapter_for, frozen_forward, record
 
@@ -109,8 +110,10 @@ class Setup:
     features: torch.Tensor
     """``[n_active, 3]`` (layer, position, latent), layer-major."""
     activations: torch.Tensor
-    decoder: torch.Tensor
-    """``[n_active, d]``: ``a * W_dec[latent]``, what each active feature writes."""
+    writes_to: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per output layer L: (indices of the active features that write to L's MLP output, what each writes there
+    ``[n, d]``: ``a * W_dec[latent]``). A per-layer transcoder's features write to their own layer only; a
+    cross-layer transcoder's to their layer and every later one."""
     encoder: torch.Tensor
     """``[n_active, d]``: ``W_enc[:, latent]``, what each reads from its layer's MLP input."""
     errors: torch.Tensor
@@ -122,10 +125,12 @@ class Setup:
 
 
 @torch.no_grad()
-def setup(lm: LoadedModel, transcoders: dict[int, Transcoder], ids: torch.Tensor) -> Setup:
+def setup(lm: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder, ids: torch.Tensor) -> Setup:
     """Run the prompt for real and read off the transcoders' active features and errors."""
     adapter = adapter_for(lm)
     rec = record(adapter, ids)
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return _setup_clt(adapter, rec, transcoders)
     feats: list[torch.Tensor] = []
     acts: list[torch.Tensor] = []
     dec: list[torch.Tensor] = []
@@ -157,9 +162,45 @@ def setup(lm: LoadedModel, transcoders: dict[int, Transcoder], ids: torch.Tensor
         else:
             writes.append(out)
     d = rec.embed.shape[-1]
-    return Setup(adapter, rec, torch.cat(feats) if feats else torch.zeros(0, 3, dtype=torch.long),
-                 torch.cat(acts) if acts else torch.zeros(0), torch.cat(dec) if dec else torch.zeros(0, d),
+    features = torch.cat(feats) if feats else torch.zeros(0, 3, dtype=torch.long)
+    decoder = torch.cat(dec) if dec else torch.zeros(0, d)
+    writes_to = []
+    for layer in range(len(adapter.blocks)):
+        idx = (features[:, 0] == layer).nonzero().flatten()
+        writes_to.append((idx, decoder[idx.to(decoder.device)]))
+    return Setup(adapter, rec, features, torch.cat(acts) if acts else torch.zeros(0), writes_to,
                  torch.cat(enc) if enc else torch.zeros(0, d), torch.stack(errors), writes, skips, missing)
+
+
+def _setup_clt(adapter: Adapter, rec: Recorded, clt: CrossLayerTranscoder) -> Setup:
+    """A cross-layer transcoder's features: layer l's read l's MLP input and write to the MLP outputs of l..n-1; each
+    layer's error is its true MLP output minus everything the CLT writes there (``clt.outputs``)."""
+    n_layers = len(adapter.blocks)
+    if clt.n_layers != n_layers:
+        raise ValueError(f"the cross-layer transcoder has {clt.n_layers} layers, the model {n_layers}")
+    codes = [clt.encode(layer, rec.mlp_in[layer]) for layer in range(n_layers)]
+    recon = clt.outputs(codes)
+    feats, acts, enc, owners = [], [], [], []
+    for layer, c in enumerate(codes):
+        pos, latent = c.nonzero(as_tuple=True)
+        feats.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1).cpu())
+        acts.append(c[pos, latent])
+        enc.append(clt.W_enc[layer][:, latent].T)
+    features = torch.cat(feats)
+    activations = torch.cat(acts)
+    start = 0
+    for f in feats:
+        owners.append(torch.arange(start, start + len(f)))
+        start += len(f)
+    writes_to = []
+    for out_layer in range(n_layers):
+        idx = torch.cat([owners[src] for src in range(out_layer + 1)])
+        rows = [activations[owners[src]][:, None] * clt.W_dec[src][features[owners[src], 2], out_layer - src]
+                for src in range(out_layer + 1)]
+        writes_to.append((idx, torch.cat(rows)))
+    errors = torch.stack([rec.mlp_out[layer] - recon[layer] for layer in range(n_layers)])
+    return Setup(adapter, rec, features, activations.cpu(), writes_to, torch.cat(enc), errors, list(rec.mlp_out), {},
+                 [])
 
 
 class Rows:
@@ -179,7 +220,7 @@ class Rows:
         self.padded: list[torch.Tensor] = []
         d, device = s.rec.embed.shape[-1], s.rec.embed.device
         for layer in range(self.n_layers):
-            idx = (s.features[:, 0] == layer).nonzero().flatten()
+            idx, rows = s.writes_to[layer]
             pos = s.features[idx, 1]
             counts = torch.bincount(pos, minlength=self.n_pos)
             starts = counts.cumsum(0) - counts
@@ -187,7 +228,7 @@ class Rows:
             slot = torch.empty_like(pos)
             slot[order] = torch.arange(len(pos)) - starts[pos[order]]
             padded = torch.zeros(self.n_pos, int(counts.max()) if len(pos) else 0, d)
-            padded[pos, slot] = s.decoder[idx.to(device)].cpu()
+            padded[pos, slot] = rows.cpu()
             self.layer_slices.append(idx)
             self.slots.append(slot.to(device))
             self.padded.append(padded.to(device))
@@ -223,7 +264,8 @@ class Rows:
             idx = self.layer_slices[layer]
             if len(idx):
                 per_pos = torch.bmm(g.transpose(0, 1), self.padded[layer].transpose(1, 2))  # [pos, batch, slot]
-                feature_part[:, idx.to(device)] = per_pos[self.feature_pos[idx.to(device)], :, self.slots[layer]].T
+                # a cross-layer feature writes to several layers: its effects through each add up
+                feature_part[:, idx.to(device)] += per_pos[self.feature_pos[idx.to(device)], :, self.slots[layer]].T
             error_part[:, layer] = torch.einsum("bpd,pd->bp", g, s.errors[layer])
         token_part = (torch.einsum("bpd,pd->bp", g_embed, s.rec.embed) if g_embed is not None
                       else torch.zeros(batch, self.n_pos, device=device))
@@ -247,7 +289,8 @@ def partial_influence(edges: torch.Tensor, logit_p: torch.Tensor, row_node: torc
     raise RuntimeError("the influence estimate did not converge")
 
 
-def attribute(lm: LoadedModel, transcoders: dict[int, Transcoder], ids: torch.Tensor, prompt: str, targets_of,
+def attribute(lm: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder, ids: torch.Tensor, prompt: str,
+              targets_of,
               *, max_feature_nodes: int = 2000, batch_size: int = 128, update_interval: int = 4) -> Graph:
     """The unpruned graph of ``ids [pos]``; ``targets_of(final [pos, d]) -> Targets`` picks the logit nodes."""
     timings: dict[str, float] = {}

@@ -8,7 +8,8 @@ import torch
 
 from ..model.loading import LoadedModel
 from ..model.tokens import display_tokens
-from ..saes.transcoders import Transcoder, check_fits
+from ..saes.clt import CrossLayerTranscoder, check_clt_fits, is_clt_folder, load_clt
+from ..saes.transcoders import INPUT_HOOK, OUTPUT_HOOK, Transcoder, check_fits, load_transcoders
 from .attribution import Graph, Targets, attribute, salient_logits
 from .prune import Pruned, Scores, prune, scores
 
@@ -104,9 +105,30 @@ def target_picker(lm: LoadedModel, cfg: GraphConfig):
     return top
 
 
-def build_graph(lm: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, cfg: GraphConfig) -> Built:
+Dictionaries = dict[int, Transcoder] | CrossLayerTranscoder
+"""What a graph replaces the MLPs with: per-layer transcoders, or one cross-layer transcoder."""
+
+
+def load_dictionaries(path) -> Dictionaries:
+    """A folder of per-layer transcoders, or a cross-layer transcoder in circuit-tracer's layout."""
+    return load_clt(path) if is_clt_folder(path) else load_transcoders(path)
+
+
+def check_dictionaries(lm: LoadedModel, transcoders: Dictionaries) -> None:
+    """Refuse transcoders that do not fit the model (one line)."""
+    widths = {h: lm.hook_width(h) for h in lm.hook_points()}
+    if not isinstance(transcoders, CrossLayerTranscoder):
+        check_fits(transcoders, lm.hook_points(), widths)
+        return
+    if (transcoders.input_hook, transcoders.output_hook) != (INPUT_HOOK, OUTPUT_HOOK):
+        raise ValueError(f"a graph over a cross-layer transcoder needs features that read {INPUT_HOOK} and write "
+                         f"{OUTPUT_HOOK}; this one reads {transcoders.input_hook} and writes {transcoders.output_hook}")
+    check_clt_fits(transcoders, lm.hook_points(), widths)
+
+
+def build_graph(lm: LoadedModel, transcoders: Dictionaries, prompt: str, cfg: GraphConfig) -> Built:
     """Check the inputs, attribute, prune and score."""
-    check_fits(transcoders, lm.hook_points(), {h: lm.hook_width(h) for h in lm.hook_points()})
+    check_dictionaries(lm, transcoders)
     ids = prompt_ids(lm, prompt, cfg.max_tokens)
     pick = target_picker(lm, cfg)
     graph = attribute(lm, transcoders, ids, prompt, pick, max_feature_nodes=cfg.max_feature_nodes,

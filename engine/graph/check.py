@@ -5,11 +5,14 @@ side, never asserted equal: the gap is what the local replacement model leaves o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from ..model.hooks import interventions
 from ..model.loading import LoadedModel
+from ..saes.clt import CrossLayerTranscoder
 from ..saes.transcoders import Transcoder
 from .build import Built
 
@@ -30,8 +33,19 @@ def _target_value(logits: torch.Tensor, vector_in_vocab: torch.Tensor) -> float:
     return float(logits @ vector_in_vocab)
 
 
+def feature_writes(transcoders: dict[int, Transcoder] | CrossLayerTranscoder, layer: int, latent: int,
+                   activation: float) -> dict[int, torch.Tensor]:
+    """Layer -> what feature ``latent`` of ``layer`` at ``activation`` writes to that layer's MLP output (one layer for
+    a per-layer transcoder, that layer and every later one for a cross-layer transcoder)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        rows = transcoders.W_dec[layer][latent]  # [n_layers - layer, d]
+        return {layer + j: activation * rows[j].float() for j in range(rows.shape[0])}
+    return {layer: activation * transcoders[layer].W_dec[latent].float()}
+
+
 @torch.no_grad()
-def clamp_checks(lm: LoadedModel, transcoders: dict[int, Transcoder], built: Built, top: int = 10) -> list[ClampCheck]:
+def clamp_checks(lm: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder, built: Built,
+                 top: int = 10) -> list[ClampCheck]:
     """Ablate each of the ``top`` most influential feature nodes in the real model, one at a time."""
     g, p = built.graph, built.pruned
     if g.n_features == 0:
@@ -43,14 +57,16 @@ def clamp_checks(lm: LoadedModel, transcoders: dict[int, Transcoder], built: Bui
     checks: list[ClampCheck] = []
     for i in order.tolist():
         layer, pos, latent = g.features[i].tolist()
-        write = float(g.activations[i]) * transcoders[layer].W_dec[latent].float().to(lm.device)
+        writes = feature_writes(transcoders, layer, latent, float(g.activations[i]))
 
-        def ablate(out: torch.Tensor, pos: int = pos, write: torch.Tensor = write) -> torch.Tensor:
+        def ablate(out: torch.Tensor, pos: int = pos, write: torch.Tensor | None = None) -> torch.Tensor:
+            assert write is not None
             out = out.clone()
-            out[:, pos] -= write.to(out.dtype)
+            out[:, pos] -= write.to(device=out.device, dtype=out.dtype)
             return out
 
-        with lm.hooks.intervene(f"blocks.{layer}.hook_mlp_out", ablate):
+        pairs = [(f"blocks.{at}.hook_mlp_out", functools.partial(ablate, write=w)) for at, w in writes.items()]
+        with interventions(lm.hooks, pairs):
             real = _target_value(lm.logits(ids)[0, -1].float().cpu(), weights) - base
         checks.append(ClampCheck(f"{layer}_{latent}_{pos}", float(p.influence[i]),
                                  -float(g.adjacency[g.logit_start, i]), real))

@@ -11,15 +11,14 @@ from ..model.commands import load_cli_model, model_arguments
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from ..saes.transcoders import load_transcoders
-    from .build import GraphConfig
+    from .build import GraphConfig, load_dictionaries
     from .files import make_graph, slug_of
 
     cfg = configs.from_args(GraphConfig, args)
     out = Path(args.out or f"{slug_of(args.prompt)}.json")
     if out.suffix != ".json":
         raise ValueError(f"--out must name a .json file, got {out}")
-    load_transcoders(args.transcoders)  # refuse a bad folder before loading the model
+    load_dictionaries(args.transcoders)  # refuse a bad folder before loading the model
     lm = load_cli_model(args.model, args.device, args.dtype)
     built, paths = make_graph(lm, args.transcoders, args.prompt, cfg, out)
     g = built.graph
@@ -37,7 +36,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         summary["clamp_checks"] = [
             {"node": c.node_id, "influence": round(c.influence, 4), "graph_direct": round(c.predicted, 4),
              "real_model": round(c.real, 4)}
-            for c in clamp_checks(lm, load_transcoders(args.transcoders), built, args.check_top)]
+            for c in clamp_checks(lm, load_dictionaries(args.transcoders), built, args.check_top)]
     if g.missing_layers:
         summary["missing_layers"] = g.missing_layers
         summary["note"] = (f"no transcoder for layer(s) {', '.join(map(str, g.missing_layers))}: each of their MLPs "
@@ -52,7 +51,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("graph", help="attribution graph of one prompt over per-layer transcoders (circuit-tracer's)")
     model_arguments(p)
     p.add_argument("--transcoders", required=True,
-                   help="folder of per-layer transcoders (SAELens folders or circuit-tracer layer_<L>.safetensors)")
+                   help="folder of per-layer transcoders (SAELens folders or circuit-tracer layer_<L>.safetensors), or "
+                        "a cross-layer transcoder in circuit-tracer's layout (W_enc_<i>/W_dec_<i>.safetensors)")
     p.add_argument("--prompt", required=True, help="the prompt whose next token is attributed")
     p.add_argument("--out", default="", help="graph JSON to write (Neuronpedia's format); <stem>.nodes.parquet and "
                    "<stem>.edges.parquet go beside it (default: graph-<hash of the prompt>.json here)")

@@ -148,13 +148,12 @@ def make_graph(lm, transcoders_dir: str | Path, prompt: str, cfg, out: str | Pat
     """Load the transcoders, build the graph of ``prompt`` and write it at ``out`` under a lock on its folder (what
     ``saescope graph`` and the app's Graph page do)."""
     from .. import lock
-    from ..saes.transcoders import load_transcoders
-    from .build import build_graph
+    from .build import build_graph, load_dictionaries
 
     out = Path(out)
     if out.suffix != ".json":
         raise ValueError(f"the graph file must be a .json file, got {out}")
-    transcoders = load_transcoders(transcoders_dir)
+    transcoders = load_dictionaries(transcoders_dir)
     built = build_graph(lm, transcoders, prompt, cfg)
     with lock.hold(out.parent, name=f".{out.stem}.lock"):
         paths = write_graph(built, out, scan=Path(transcoders_dir).name,

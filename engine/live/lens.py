@@ -118,7 +118,9 @@ def prompt_lens(
         return new
 
     logits = None
-    if with_ce and can_resume(lm, hook):
+    if sae.is_transcoder:
+        logits = _transcoder_rows(lm, sae, ids, mask, captured, kwargs, with_ce)
+    elif with_ce and can_resume(lm, hook):
         # the layers before the hook run once; the layers after it run on [clean, spliced] as one batch
         x = lm.capture(ids, hook)[hook][0]
         logits = resume_logits(lm, hook, torch.stack([x, record(x)]))
@@ -128,6 +130,31 @@ def prompt_lens(
     else:
         record(lm.capture(ids, hook)[hook][0])
     return _describe(lm, ids[0], captured, mask, logits, top_k, linear_map, truncated, n_input)
+
+
+def _transcoder_rows(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, captured: dict,
+                     kwargs: dict, with_ce: bool) -> torch.Tensor | None:
+    """A transcoder's lens: codes from its input hook, the error against its output hook (the true MLP output) and,
+    with ``with_ce``, the logits of [clean, output hook replaced by the prediction] in one batch."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def read(x: torch.Tensor) -> None:
+        seen["x"] = x[-1]
+
+    def write(y: torch.Tensor) -> torch.Tensor | None:
+        out = sae(seen["x"], y[-1], **kwargs)
+        captured.update(x=seen["x"].float(), codes=out.codes.float(), error=out.error)
+        if not with_ce:
+            return None
+        new = y.clone()
+        new[-1] = torch.where(mask[:, None], out.x_hat.to(y.dtype), y[-1])
+        return new
+
+    with lm.hooks.intervene(sae.hook_in, read), lm.hooks.intervene(sae.hook_out, write):
+        if with_ce:
+            return lm.logits(ids.repeat(2, 1))
+        lm.capture(ids, sae.hook_out)
+    return None
 
 
 def _describe(lm, ids, cap, mask, logits, top_k, linear_map, truncated, n_input) -> LensResult:

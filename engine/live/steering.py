@@ -53,7 +53,8 @@ def steering_intervention(
         values = check_strengths({i: s * (scales[i] if scales else 1.0) for i, s in spec.strengths.items()}, sae.cfg.d_sae)
         return lambda: clamp_latents(lm, sae, values)
     vector = steering_vector(sae, spec.strengths, scales).to(lm.device)
-    return lambda: add_vector(lm, hook, vector, head_index=sae.cfg.hook_head_index)
+    # where the SAE writes: a transcoder's decoder rows live at its output hook
+    return lambda: add_vector(lm, sae.hook_out if sae.is_transcoder else hook, vector, head_index=sae.cfg.hook_head_index)
 
 
 @torch.inference_mode()

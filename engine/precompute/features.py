@@ -31,7 +31,7 @@ def residual_directions(lm: LoadedModel, sae: SAE, chunk: int = 1024, latents: s
     its rows go through that projection (bias left out; a one-head SAE's rows fill its head's block); other SAEs'
     rows already are."""
     dirs = sae.decoder_directions().detach()[latents]
-    layer, kind = parse_hook_name(sae.cfg.hook_name)
+    layer, kind = parse_hook_name(sae.hook_out)  # where it writes: a transcoder's rows are MLP outputs already
     if kind != "attn.hook_z":
         return dirs
     out_proj = getattr(attention_module(lm, layer), lm.family.out_proj)

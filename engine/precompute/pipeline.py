@@ -147,6 +147,11 @@ class PassState:
 def check_inputs(lm: LoadedModel, sae: SAE, corpus: str | Path, context_len: int) -> str:
     """Fail fast on a hook the model lacks, a width mismatch, a too-long context or a missing corpus."""
     hook = check_sae_fits(lm, sae)
+    if sae.is_transcoder and sae.d_out != sae.cfg.d_in:
+        raise ValueError(f"precompute of a transcoder needs d_out == d_in (its error map and context sample are "
+                         f"d_in wide); this one maps {sae.cfg.d_in} to {sae.d_out}")
+    if sae.is_transcoder and sae.needs_loss_gradient:
+        raise ValueError("a transcoder that selects with the loss gradient is not supported")
     for name, tensor in sae.named_parameters():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"the SAE's {name} holds NaN or infinite values: it cannot be run (a corrupt file, or "
@@ -266,14 +271,16 @@ CODE_BUDGET = 2**26
 (and the encoder's pre-activations) take a few hundred MB whatever the width (at 1M latents, 64 tokens a chunk)."""
 
 
-def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | None = None
-           ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
+def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | None = None,
+           target: torch.Tensor | None = None) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
     """The positive codes of ``x [n, d_in]`` at tokens ``mask [n]`` (``sparse_codes``), the reconstruction and the
-    error; in chunks of ``CODE_BUDGET // d_sae`` tokens. ``grad [n, d_in]``: the loss gradient a g-SAE selects with."""
+    error against ``target`` (default ``x``; a transcoder's output hook); in chunks of ``CODE_BUDGET // d_sae``
+    tokens. ``grad [n, d_in]``: the loss gradient a g-SAE selects with."""
     rows = max(1, CODE_BUDGET // sae.cfg.d_sae)
 
     def run(lo: int, hi: int):
-        return sae(x[lo:hi]) if grad is None else sae(x[lo:hi], grad=grad[lo:hi])
+        aim = None if target is None else target[lo:hi]
+        return sae(x[lo:hi], aim) if grad is None else sae(x[lo:hi], aim, grad=grad[lo:hi])
 
     if len(x) <= rows:
         out = run(0, len(x))
@@ -319,7 +326,10 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
     flat_mask = mask.reshape(-1)
     check_finite(x, context_ids)
     grad = batch.grads.to(dev).reshape(n_batch * n_pos, -1) if getattr(batch, "grads", None) is not None else None
-    codes, x_hat, error = encode(sae, x, flat_mask, grad)  # excluded tokens count nowhere: not in stats, not in examples
+    # what it reconstructs: x itself, or a transcoder's output hook
+    targets = getattr(batch, "targets", None)
+    y = targets.to(dev).reshape(n_batch * n_pos, -1) if targets is not None else None
+    codes, x_hat, error = encode(sae, x, flat_mask, grad, y)  # excluded tokens count nowhere: not in stats, not in examples
     n_included, n_active = int(flat_mask.sum()), len(codes.value)
     primary = latents is None or latents.start == 0
     if latents is not None:
@@ -341,12 +351,13 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
     if primary:
         assert l0 is not None
         x_in = x[flat_mask].float()
-        state.recon.update(x_in, x_hat[flat_mask], n_active=n_active)
+        aim = x if y is None else y
+        state.recon.update(aim[flat_mask].float(), x_hat[flat_mask], n_active=n_active)
         if state.recon_massive is not None and batch.massive is not None and batch.massive.any():
             massive = batch.massive.to(dev).reshape(-1)
             # a few tokens per batch: encoded on their own (the pass keeps no dense codes)
             alone = sae(x[massive]) if grad is None else sae(x[massive], grad=grad[massive])
-            state.recon_massive.update(x[massive].float(), alone.x_hat, alone.codes)
+            state.recon_massive.update(aim[massive].float(), alone.x_hat, alone.codes)
         token_context = context_ids[:, None].expand(n_batch, n_pos).reshape(-1).to(dev)[flat_mask]
         token_position = torch.arange(n_pos, device=dev).repeat(n_batch)[flat_mask]
         state.dark.update(x_in, error[flat_mask], is_heldout(token_context), token_context, token_position)
@@ -369,7 +380,8 @@ def activation_batches(lm, sae: SAE, hook: str, contexts, cfg: PrecomputeConfig,
                               include_first=cfg.include_first, include_massive=cfg.include_massive)
     return iter_activations(lm, hook, contexts, cfg.batch_size, include_special=cfg.include_special,
                             include_first=cfg.include_first, include_massive=cfg.include_massive,
-                            head_index=sae.cfg.hook_head_index, attention=heads is not None)
+                            head_index=sae.cfg.hook_head_index, attention=heads is not None,
+                            target_hook=sae.hook_out if sae.is_transcoder else None)
 
 
 @torch.inference_mode()

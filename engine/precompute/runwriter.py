@@ -123,7 +123,8 @@ class RunWriter:
         self._next_tokens = run.cfg.snapshot_tokens or 0
         self._next_time = 0.0
         self._pass_started = time.perf_counter()
-        self._resume = can_resume(run.lm, run.hook)
+        # a transcoder's splice replaces a later hook than the one the sample stores: spliced by full forwards
+        self._resume = can_resume(run.lm, run.hook) and not run.sae.is_transcoder
 
     # --- snapshots ---------------------------------------------------------------------------------
     def snapshot_due(self, n_seen_tokens: int) -> bool:
@@ -222,7 +223,9 @@ class RunWriter:
             },
             "sae": {
                 "path": local_path(self.sae_path) if self.sae_path else None, "hash": self.identity["sae_hash"],
-                "architecture": sae.cfg.architecture, "hook": self.hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                "architecture": sae.cfg.architecture, "hook": self.hook, "hook_in": sae.hook_in,
+                "hook_out": sae.hook_out, "transcoder": sae.is_transcoder, "d_in": sae.cfg.d_in, "d_out": sae.d_out,
+                "d_sae": sae.cfg.d_sae,
                 "k": sae.cfg.k, "compute_dtype": str(self.run_sae.dtype).removeprefix("torch."),
                 "hook_head_index": sae.cfg.hook_head_index, **encoder_rule(sae),
             },

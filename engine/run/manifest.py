@@ -40,11 +40,24 @@ class SaeSection:
     hash: str | None = None
     architecture: str | None = None
     hook: str | None = None
+    """The hook it reads (a transcoder's input)."""
+    hook_in: str | None = None
+    hook_out: str | None = None
+    """The hook it writes (an SAE's own hook; a transcoder's output)."""
+    transcoder: bool | None = None
     d_in: int | None = None
+    d_out: int | None = None
     d_sae: int | None = None
     k: int | None = None
     compute_dtype: str | None = None
     hook_head_index: int | None = None
+
+    @property
+    def reads_writes(self) -> str | None:
+        """``transcoder: reads X, writes Y`` for a transcoder run (None for an SAE's)."""
+        if not self.transcoder or not self.hook_out:
+            return None
+        return f"transcoder: reads {self.hook_in or self.hook}, writes {self.hook_out}"
 
 
 @dataclass(frozen=True)

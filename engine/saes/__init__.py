@@ -9,6 +9,7 @@ from . import matching_pursuit as matching_pursuit
 from . import mutual_choice as mutual_choice
 from . import standard as standard
 from . import topk as topk
+from . import transcoder_sae as transcoder_sae
 from .base import SAE, EncoderAffine, ForwardOutput, architectures, register, sae_class
 from .build import build_sae
 from .config import SAEConfig

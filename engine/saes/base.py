@@ -22,9 +22,10 @@ class ForwardOutput(NamedTuple):
     codes: torch.Tensor
     """Dense latent activations ``[..., d_sae]``."""
     x_hat: torch.Tensor
-    """Reconstruction ``[..., d_in]`` (in the SAE's dtype)."""
+    """Reconstruction ``[..., d_in]`` (in the SAE's dtype); a transcoder's prediction of its output hook ``[..., d_out]``."""
     error: torch.Tensor
-    """``x - x_hat`` in float32."""
+    """``target - x_hat`` in float32, where the target is ``x`` for an SAE and the output hook's activation for a
+    transcoder (NaN when a transcoder is run without one)."""
 
 
 class EncoderAffine(NamedTuple):
@@ -78,6 +79,28 @@ class SAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
+
+    # --- where it reads and writes: one hook for an SAE, two for a transcoder ------------------------------
+    @property
+    def hook_in(self) -> str:
+        """The hook point it reads (encodes)."""
+        return self.cfg.hook_name
+
+    @property
+    def hook_out(self) -> str:
+        """The hook point it writes (reconstructs or, for a transcoder, predicts): its splice, steering and error
+        live there."""
+        return self.cfg.hook_name_out or self.cfg.hook_name
+
+    @property
+    def d_out(self) -> int:
+        """Width of what it writes (``d_in`` for an SAE)."""
+        return self.cfg.d_out or self.cfg.d_in
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Reads one hook and writes another."""
+        return self.hook_out != self.hook_in
 
     @property
     def device(self) -> torch.device:
@@ -171,8 +194,9 @@ class SAE(nn.Module):
             raise ValueError(f"codes have width {codes.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
         return self._decode(codes.to(self.dtype))
 
-    def forward(self, x: torch.Tensor, **encode_kwargs: Any) -> ForwardOutput:
-        """Encode and decode, undoing input normalisation and head flattening.
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, **encode_kwargs: Any) -> ForwardOutput:
+        """Encode and decode, undoing input normalisation and head flattening; the error is against ``target``
+        (default ``x``).
 
         ``encode_kwargs`` reach the architecture's encoder (e.g. ``max_iterations`` for matching pursuit).
         """
@@ -181,7 +205,7 @@ class SAE(nn.Module):
         x_hat = self._denormalize(recon, norm)
         if shape is not None:
             x_hat = x_hat.unflatten(-1, shape[-2:])
-        return ForwardOutput(codes, x_hat, x.float() - x_hat.float())
+        return ForwardOutput(codes, x_hat, (x if target is None else target).float() - x_hat.float())
 
     def encoder_affine(self) -> EncoderAffine:
         """The pre-activation as an affine map of the SAE input (ReLU, JumpReLU: ``W_enc``, ``b_enc``); a

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-K_ARCHITECTURES = ("topk", "gradient_topk", "feature_choice", "mutual_choice")
+K_ARCHITECTURES = ("topk", "gradient_topk", "feature_choice", "mutual_choice", "topk_transcoder")
 """Architectures whose config needs ``k``: latents per token (TopK, g-SAE) or the mean per token a batch rule spends
 (feature and mutual choice, whose inference thresholds were estimated at that budget)."""
 
@@ -39,7 +39,12 @@ class SAEConfig:
     d_sae: int
     """Number of latents."""
     hook_name: str = ""
-    """Hook point the SAE was trained on, e.g. ``blocks.15.hook_resid_post``."""
+    """Hook point the SAE was trained on, e.g. ``blocks.15.hook_resid_post``; a transcoder's input (the hook it reads)."""
+    hook_name_out: str = ""
+    """Transcoders: the hook point it writes (predicts), e.g. ``blocks.5.hook_mlp_out`` (SAELens'
+    ``hook_name_out``); empty for an SAE, which writes where it reads."""
+    d_out: int | None = None
+    """Transcoders: width of the output hook (None: ``d_in``)."""
     dtype: str = "float32"
     """Storage dtype of the weights."""
     apply_b_dec_to_input: bool = True
@@ -80,6 +85,8 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SAE config field {name} must be a positive integer, got {value!r}")
+        if self.d_out is not None and not (_is_index(self.d_out) and self.d_out > 0):  # read from JSON: any type
+            raise ValueError(f"SAE config field d_out must be a positive integer or None, got {self.d_out!r}")
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(
                 f"unsupported normalize_activations {self.normalize_activations!r}; supported: {', '.join(NORMALIZATIONS)}"
@@ -146,6 +153,8 @@ class SAEConfig:
             "reshape_activations": self.reshape_activations,
             "metadata": metadata,
         }
+        if self.hook_name_out:  # transcoders only: a plain SAE's fingerprint stays put
+            out.update(hook_name_out=self.hook_name_out, d_out=self.d_out or self.d_in)
         if self.architecture in K_ARCHITECTURES:
             out["k"] = self.k
         if self.architecture in ("topk", "gradient_topk"):

@@ -97,10 +97,11 @@ def _legacy_architecture(raw: dict[str, Any]) -> tuple[str, int | None]:
 
 def _from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     metadata = dict(raw.get("metadata") or {})
-    is_v6 = "metadata" in raw and "hook_name" not in raw and "hook_point" not in raw
+    # a transcoder's cfg.json names its input hook at the top level as well (saescope's, and SAELens' hook_name_out)
+    is_v6 = "metadata" in raw and (("hook_name" not in raw and "hook_point" not in raw) or "hook_name_out" in raw)
     data = dict(raw)
     if is_v6:
-        data["hook_name"] = metadata.pop("hook_name", "") or ""
+        data["hook_name"] = metadata.pop("hook_name", "") or raw.get("hook_name") or ""
         data["model_name"] = metadata.pop("model_name", "") or ""
         data["hook_head_index"] = metadata.get("hook_head_index")  # kept in metadata too: see to_saelens_dict
     else:  # pre-6 flat config

@@ -30,12 +30,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import atomic
+from .base import SAE
+from .build import build_sae
+from .config import SAEConfig
 
 ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "topk_transcoder")
 INPUT_HOOK = "ln2.hook_normalized"
 OUTPUT_HOOK = "hook_mlp_out"
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _CT_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
+CLT_MARKER = "W_enc_0.safetensors"
+"""The file that marks a folder in circuit-tracer's cross-layer transcoder layout (``clt``)."""
 
 
 @dataclass
@@ -135,6 +140,22 @@ class Transcoder:
         return Transcoder(self.W_enc.to(dtype), self.b_enc.to(dtype), self.W_dec.to(dtype), self.b_dec.to(dtype),
                           self.hook_in, self.hook_out, self.k, cast(self.threshold), cast(self.W_skip), dict(self.metadata))
 
+    def as_sae(self, dtype: torch.dtype | None = None) -> SAE:
+        """The same transcoder as a registered SAE (``transcoder_sae``), as precompute, the lens and steering run it;
+        a ValueError for a skip connection beside JumpReLU or TopK, which those architectures do not hold."""
+        if self.W_skip is not None and self.architecture != "skip_transcoder":
+            raise ValueError(f"transcoder at {self.hook_in}: a skip connection with a {self.architecture.split('_')[0]} "
+                             "activation is not supported as an SAE (only ReLU skip transcoders)")
+        state = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            state["threshold"] = self.threshold
+        if self.W_skip is not None:
+            state["W_skip"] = self.W_skip
+        cfg = SAEConfig(architecture=self.architecture, d_in=self.d_in, d_sae=self.d_sae, d_out=self.d_out,
+                        hook_name=self.hook_in, hook_name_out=self.hook_out, k=self.k, apply_b_dec_to_input=False,
+                        metadata=dict(self.metadata))
+        return build_sae(cfg, state, dtype=dtype)
+
     # --- files ----------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16, model_name: str = "") -> Path:
         """An SAELens-format folder (``topk_transcoder`` for TopK), written aside and renamed into place."""
@@ -159,7 +180,7 @@ class Transcoder:
         return folder
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
@@ -179,7 +200,7 @@ def read_saelens(folder: str | Path, dtype: torch.dtype = torch.float32) -> Tran
     arch = cfg.get("architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{folder}: architecture {arch!r} is not a transcoder (one of {', '.join(ARCHITECTURES)})")
-    t = _tensors(folder / "sae_weights.safetensors")
+    t = read_tensors(folder / "sae_weights.safetensors")
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
     if arch == "jumprelu_transcoder" and "threshold" not in t:
         missing.append("threshold")
@@ -211,7 +232,7 @@ def read_circuit_tracer(path: str | Path, layer: int | None = None, dtype: torch
         if match is None:
             raise ValueError(f"{path.name}: circuit-tracer transcoder files are named layer_<L>.safetensors")
         layer = int(match.group(1))
-    t = _tensors(path)
+    t = read_tensors(path)
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
     if missing:
         raise ValueError(f"{path}: lacks {', '.join(missing)}")
@@ -220,6 +241,12 @@ def read_circuit_tracer(path: str | Path, layer: int | None = None, dtype: torch
     return Transcoder(t["W_enc"].T.contiguous().to(dtype), t["b_enc"].to(dtype), t["W_dec"].to(dtype), t["b_dec"].to(dtype),
                       f"blocks.{layer}.{input_hook}", f"blocks.{layer}.{output_hook}", k, threshold,
                       t["W_skip"].to(dtype) if "W_skip" in t else None)
+
+
+def is_circuit_tracer_file(path: str | Path) -> bool:
+    """A ``layer_L.safetensors`` file with no SAELens ``cfg.json`` beside it."""
+    path = Path(path)
+    return bool(_CT_FILE.match(path.name)) and not (path.parent / "cfg.json").is_file()
 
 
 def write_circuit_tracer(tc: Transcoder, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -249,6 +276,9 @@ def load_transcoders(path: str | Path, dtype: torch.dtype = torch.float32) -> di
     if (path / "cfg.json").is_file():
         tc = read_saelens(path, dtype)
         return {tc.layer: tc}
+    if (path / CLT_MARKER).is_file():
+        raise ValueError(f"{path} holds a cross-layer transcoder (circuit-tracer's layout), not per-layer "
+                         "transcoders: saescope graph reads it (engine.saes.clt.load_clt); this tool needs per-layer ones")
     out: dict[int, Transcoder] = {}
     for child in sorted(path.iterdir()):
         if child.is_dir() and (child / "cfg.json").is_file():

@@ -107,3 +107,41 @@ def test_lens_matching_pursuit_steps(tiny_llama):
     one = prompt_lens(tiny_llama, sae, ids, encode_kwargs={"max_iterations": 1}, with_ce=False)
     many = prompt_lens(tiny_llama, sae, ids, encode_kwargs={"max_iterations": 12}, with_ce=False)
     assert max(t.l0 for t in one.tokens) == 1 and max(t.l0 for t in many.tokens) > 1
+
+
+@pytest.mark.parametrize("with_ce", [True, False])
+def test_lens_on_a_transcoder_equals_a_hand_encode(tiny_llama, with_ce):
+    """Codes from the MLP's input, the error against the true MLP output, the CE delta with the MLP output replaced:
+    each by hand on plain torch hooks."""
+    from tests.engine.saes_util import mlp_io, random_transcoder
+
+    lm = tiny_llama
+    sae = random_transcoder(lm.d_model, layer=1)
+    ids = tokenize_prompt(lm, "The quick brown fox jumps over the lazy dog.")
+    result = prompt_lens(lm, sae, ids, top_k=3, with_ce=with_ce)
+    x, y = mlp_io(lm, torch.tensor([ids]), 1)
+    pre = x[0] @ sae.W_enc.double() + sae.b_enc.double()
+    cut = pre.topk(sae.cfg.k, dim=-1).values[:, -1:]
+    codes = torch.where(pre >= cut, pre.clamp_min(0), 0.0)
+    y_hat = codes @ sae.W_dec.double() + sae.b_dec.double()
+    mlp = lm.model.model.layers[1].mlp
+    keep = torch.tensor([t.included for t in result.tokens])[None, :, None]
+    handle = mlp.register_forward_hook(lambda m, a, out: torch.where(keep, y_hat[None].float(), out))
+    try:
+        with torch.no_grad():
+            spliced = lm.model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        clean = lm.model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    target = torch.tensor(ids[1:])
+    delta = (clean[torch.arange(len(target)), target] - spliced[torch.arange(len(target)), target]).tolist()
+    for tok in result.tokens[1:]:
+        assert [i for i, _ in tok.top_latents] == codes[tok.position].topk(3).indices.tolist()
+        assert tok.x_norm == pytest.approx(float(x[0, tok.position].norm()), rel=1e-5)
+        assert tok.err_norm == pytest.approx(float((y[0, tok.position] - y_hat[tok.position]).norm()), rel=1e-4)
+        if with_ce and tok.position < len(ids) - 1:
+            assert tok.ce_delta == pytest.approx(delta[tok.position], abs=1e-4)
+        else:
+            assert tok.ce_delta is None
+    assert with_ce is False or any(abs(d) > 1e-3 for d in delta)

@@ -89,3 +89,30 @@ def test_empty_and_too_long_prompts(tiny_llama):
         list(generate(tiny_llama, []))
     with pytest.raises(ValueError, match="exceed the model's context"):
         list(generate(tiny_llama, [1] * 250, max_new_tokens=10))
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_steering_a_transcoder_writes_at_the_mlp_output(tiny_llama, mode):
+    """Adding a latent puts its decoder row on the MLP output; clamping it moves the MLP output by (c - a) times the
+    row, with a from a hand encode of the MLP input: both against plain torch hooks on the transformers module."""
+    from tests.engine.saes_util import mlp_io, random_transcoder
+
+    sae = random_transcoder(tiny_llama.d_model, layer=1)
+    ids = torch.tensor([[5, 9, 14, 20, 33, 41]])
+    latent, value = 7, 40.0
+    factory = steering_intervention(tiny_llama, sae, SteeringSpec({latent: value}, mode=mode, unit="raw"))
+    with factory():
+        got = tiny_llama.logits(ids)
+    x, _ = mlp_io(tiny_llama, ids, 1)
+    pre = x @ sae.W_enc.double() + sae.b_enc.double()
+    codes = torch.where(pre >= pre.topk(sae.cfg.k, dim=-1).values[..., -1:], pre.clamp_min(0), 0.0)
+    coeff = value - codes[..., latent:latent + 1] if mode == "clamp" else torch.full_like(codes[..., :1], value)
+    delta = (coeff * sae.W_dec[latent].double()).float()
+    handle = tiny_llama.model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: out + delta)
+    try:
+        with torch.no_grad():
+            want = tiny_llama.model(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-4, rtol=1e-4)
+    assert (got - tiny_llama.logits(ids)).abs().max() > 1e-3
