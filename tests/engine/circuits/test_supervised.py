@@ -105,6 +105,11 @@ def test_exchange_edit_by_hand():
     x = torch.randn(1, 5)
     # latent i < 5 writes +e_i: the edit adds delta[:5] to x
     torch.testing.assert_close(sae_edit(sae, x, torch.cat([delta, torch.zeros(1, 5)], 1)), x + delta)
+    # exchanging every latent of an exact SAE turns the activation into the counterfactual's
+    x_cf = torch.randn(1, 5)
+    everything = [np.arange(10)]
+    delta, _, _ = exchange_codes(sae.encode(x), sae.encode(x_cf), everything, everything, 10)
+    torch.testing.assert_close(sae_edit(sae, x, delta), x_cf, atol=1e-6, rtol=0)
 
 
 def test_prompt_positions_and_counterfactuals(tok):
