@@ -61,7 +61,7 @@ def supervised_panel(root: Path, hooks: dict[str, str]) -> None:
                      **{f"best F1 {a}": fmt(b["mean"]) for a, b in p["best_f1"].items()},
                      f"control SAE k={sae_points[-1]['k']}": _pct(sae_points[-1]["success"]),
                      "control supervised": _pct(by["supervised"]["success"]),
-                     "prompts the patch moves": f"{p['n_moved']} / {p['n_eval']}"})
+                     "patch moves": f"{p['n_moved']} / {p['n_eval']}"})
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     positions = [p["position"] for p in info["positions"]]
     position = st.radio("Control at", positions, horizontal=True, key="circuit_supervised_position")
@@ -76,6 +76,8 @@ def supervised_panel(root: Path, hooks: dict[str, str]) -> None:
                                               [("supervised edit", float(levels["supervised"]))]),
                         key="circuit_control")
     best = f1[(f1["position"] == position) & (f1["rank"] == 0)].sort_values("f1", ascending=False)
+    st.caption(f"Interpretability at {position}: the best latent of each attribute value by F1 of \"latent active\" "
+               "against \"the prompt has this value\" over the fit prompts (the 12 best shown).")
     st.dataframe(best[["attribute", "value", "support", "latent", "precision", "recall", "f1"]].head(12),
                  hide_index=True, width="stretch")
 
