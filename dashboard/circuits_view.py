@@ -99,8 +99,8 @@ def head_panel(hooks: dict[str, str], layer: int, head: int, prompts: pd.DataFra
             st.caption(f"The attention SAE's run ({render.code(Path(run).name)}) is on another model "
                        f"({lm.n_layers} layers x {lm.n_heads} heads).")
             return
-        sides = [tuple(tuple(int(t) for t in ids) for ids in prompts[prompts["positive"] == flag]["token_ids"]
-                       .head(PROMPTS_PER_SIDE)) for flag in (True, False)]
+        sides = [tuple(tuple(int(t) for t in ids) for ids in list(prompts.loc[prompts["positive"] == flag, "token_ids"])
+                       [:PROMPTS_PER_SIDE]) for flag in (True, False)]
         terms = cache.head_latents(model_key, sae_path, sides[0], sides[1], head)
         from engine.circuits.head_latents import top_latents
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .tasks import IOI_TEMPLATES, NAMES, OBJECTS, PLACES, _need, encode, next_token, single_tokens
+from .tasks import IOI_TEMPLATES, OBJECTS, PLACES, encode, ioi_names, next_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,11 +70,6 @@ def write_prompt(tokenizer: PreTrainedTokenizerBase, template: int, io: str, s: 
     if io_id is None or s_id is None or any(ids[: len(h)] != h for h in heads):
         return None
     return IoiPrompt(template, io, s, abba, place, obj, text, ids, io_id, s_id, len(heads[0]) - 1, len(heads[1]) - 1)
-
-
-def ioi_names(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The names the tokenizer keeps whole (at least 3)."""
-    return _need(single_tokens(tokenizer, NAMES, "Then,"), 3, "names", "ioi")
 
 
 def ioi_prompts(tokenizer: PreTrainedTokenizerBase, n: int, seed: int = 0,

@@ -18,7 +18,7 @@ import torch
 from ..model.loading import LoadedModel
 from ..model.tail import can_resume, resume_logits
 from .heads import OutputProjection, head_results, output_projection
-from .patching import _ids, groups, metric, run_with_cache
+from .patching import groups, metric, pair_ids, run_with_cache
 from .tasks import Task
 
 
@@ -71,7 +71,7 @@ def path_patch_scan(lm: LoadedModel, task: Task) -> np.ndarray:
     patched, clean_ld, cf_ld = np.zeros((L, H, n)), np.zeros(n), np.zeros(n)
     for members in groups(task).values():
         pairs = [task.pairs[i] for i in members]
-        resid, deltas, logits, cf_logits = direct_deltas(lm, _ids(pairs), _ids(pairs, counterfactual=True), projections)
+        resid, deltas, logits, cf_logits = direct_deltas(lm, pair_ids(pairs), pair_ids(pairs, counterfactual=True), projections)
         clean_ld[members], cf_ld[members] = metric(logits, pairs), metric(cf_logits, pairs)
         for layer in range(L):  # one layer's heads at once: H x batch rows through the unembedding
             last = _unembed(lm, (resid[None] + deltas[layer]).flatten(0, 1))

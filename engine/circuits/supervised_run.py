@@ -30,8 +30,9 @@ import torch
 from ..analysis.interventions import check_sae_fits
 from ..model.loading import LoadedModel
 from ..saes import SAE
-from .ioi_attributes import ATTRIBUTES, POSITIONS, IoiPrompt, io_counterfactual, ioi_names, ioi_prompts
+from .ioi_attributes import ATTRIBUTES, POSITIONS, IoiPrompt, io_counterfactual, ioi_prompts
 from .supervised import F1Table, SupervisedDictionary, exchange_codes, f1_table, mean_codes
+from .tasks import ioi_names
 
 
 @dataclass(frozen=True)

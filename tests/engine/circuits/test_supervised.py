@@ -7,10 +7,11 @@ import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from engine.circuits import tasks
-from engine.circuits.ioi_attributes import io_counterfactual, ioi_names, ioi_prompts
+from engine.circuits.ioi_attributes import io_counterfactual, ioi_prompts
 from engine.circuits.supervised import exchange_codes, f1_table, mean_codes
 from engine.circuits.supervised_files import read_supervised, write_supervised
 from engine.circuits.supervised_run import SupervisedConfig, capture_at, last_logits, run_supervised, sae_edit
+from engine.circuits.tasks import ioi_names
 from engine.model.loading import from_module
 from engine.model.tiny import tiny_config
 from engine.saes import SAEConfig, build_sae
@@ -85,11 +86,12 @@ def test_f1_equals_scikit_learn():
     active[:, 3] = False  # a dead latent: precision 0/0, F1 0 as with zero_division=0
     active[:, 4] = [w == "Bob" for w in labels]  # a perfect latent
     t = f1_table(active, labels)
+    zero: dict = {"zero_division": 0}
     for j, (v, value) in itertools.product(range(8), enumerate(t.values)):
         truth = [w == value for w in labels]
-        assert t.f1[j, v] == pytest.approx(f1_score(truth, active[:, j], zero_division=0))
-        assert t.precision[j, v] == pytest.approx(precision_score(truth, active[:, j], zero_division=0))
-        assert t.recall[j, v] == pytest.approx(recall_score(truth, active[:, j], zero_division=0))
+        assert t.f1[j, v] == pytest.approx(f1_score(truth, active[:, j], **zero))
+        assert t.precision[j, v] == pytest.approx(precision_score(truth, active[:, j], **zero))
+        assert t.recall[j, v] == pytest.approx(recall_score(truth, active[:, j], **zero))
     assert t.best()[t.values.index("Bob")] == 1.0 and t.ranked("Bob")[0] == 4
 
 
