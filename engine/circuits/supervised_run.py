@@ -12,9 +12,10 @@ of that one token is replaced in a full forward; the model's answer is read at t
 - Control: each prompt's IO is moved to another name (the counterfactual prompt: same template, names and words,
   another IO). The target is the model's answer with the counterfactual's activation patched in; an edit succeeds on a
   prompt when the edited run's top token is that answer (the reference's "agreement with the counterfactual patch"),
-  counted over the prompts where the patch changes the answer at all (elsewhere agreement is had by doing nothing; at
-  a position the answer is not read from, no prompt counts and the success rate is NaN). Also reported over all
-  prompts: how often the new IO's logit beats the old one's.
+  counted over the prompts where the patch changes the answer at all (elsewhere agreement is had by doing nothing).
+  Where the patch changes fewer than ``MIN_MOVED`` answers (a position the answer is not read from), the success rate
+  is NaN: control cannot be measured there. Also reported over all prompts: how often the new IO's logit beats the
+  old one's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from ..saes import SAE
 from .ioi_attributes import ATTRIBUTES, POSITIONS, IoiPrompt, io_counterfactual, ioi_prompts
 from .supervised import F1Table, SupervisedDictionary, exchange_codes, f1_table, mean_codes
 from .tasks import ioi_names
+
+MIN_MOVED = 5
+"""Prompts whose answer the counterfactual patch must change for a control success rate to be given."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class ControlPoint:
     k: int
     """Latents removed and added each (0 for the other methods)."""
     success: float
-    """Fraction of the prompts the patch moves whose top token is the patch's (NaN when the patch moves none)."""
+    """Fraction of the prompts the patch moves whose top token is the patch's (NaN when it moves < MIN_MOVED)."""
     new_io_wins: float
     """Fraction where the new IO's logit beats the old IO's."""
     changed: float
@@ -195,7 +199,7 @@ def _control(lm: LoadedModel, sae: SAE, hook: str, position: str, cfg: Supervise
 
     def point(method: str, k: int, logits: torch.Tensor, target: torch.Tensor, changed: float = 0.0) -> ControlPoint:
         agree = (logits.argmax(-1) == target)[moved]
-        return ControlPoint(method, k, float(agree.float().mean()) if len(agree) else float("nan"),
+        return ControlPoint(method, k, float(agree.float().mean()) if len(agree) >= MIN_MOVED else float("nan"),
                             float((logit_diff(logits, new, old) > 0).mean()), changed)
 
     points = [point("patch", 0, patched, target), point("none", 0, clean, target)]

@@ -60,6 +60,6 @@ def fake_supervised(hook: str):
     control = (ControlPoint("patch", 0, 1.0, 1.0, 0.0), ControlPoint("none", 0, 0.0, 0.0, 0.0),
                ControlPoint("supervised", 0, 0.75, 0.75, 0.0), ControlPoint("sae", 1, 0.25, 0.25, 2.0),
                ControlPoint("sae", 2, 0.5, 0.5, 4.0))
-    positions = (PositionResult("io", Approximation(4.0, 3.0, 3.9, 1.0), control, f1, 4, 4),)
-    return SupervisedResult(hook, 1.0, positions, SupervisedConfig(fit_prompts=8, eval_prompts=4, positions=("io",),
+    positions = (PositionResult("io", Approximation(4.0, 3.0, 3.9, 1.0), control, f1, 8, 6),)
+    return SupervisedResult(hook, 1.0, positions, SupervisedConfig(fit_prompts=8, eval_prompts=8, positions=("io",),
                                                                    max_exchange=2), 8, {"wall_s": 1.0, "cpu_s": 1.0})
