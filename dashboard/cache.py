@@ -519,3 +519,30 @@ def circuit(folder: str):
     from engine.circuits.files import METRICS
 
     return _circuit(folder, _mtime(Path(folder) / METRICS))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _supervised(folder: str, hook: str, file_stamp: float):
+    from engine.circuits.supervised_files import read_supervised
+
+    found = read_supervised(folder, hook)
+    return None if found is None else (found[0], found[1].to_pandas(), found[2].to_pandas())
+
+
+def supervised(folder: Path, hook: str):
+    """``saescope circuit --supervised``'s evaluation at ``hook`` under ``folder`` (the circuits folder):
+    ``supervised.json`` and the control and F1 tables as DataFrames, or None."""
+    from engine.circuits.supervised_files import SUMMARY, hook_dir
+
+    return _supervised(str(folder), hook, _mtime(hook_dir(folder, hook) / SUMMARY))
+
+
+@st.cache_data(show_spinner="Splitting the attention SAE's latents over the head (one forward per prompt length)…",
+               max_entries=64)
+def head_latents(model_key: tuple[str, str], sae_path: str, positive: tuple[tuple[int, ...], ...],
+                 negative: tuple[tuple[int, ...], ...], head: int):
+    """``engine.circuits.head_latents.head_latents`` on a run's model and attention SAE."""
+    from engine.circuits.head_latents import head_latents as compute
+
+    lm = model(*model_key, device())
+    return compute(lm, sae(sae_path, str(lm.device)), positive, negative, head)

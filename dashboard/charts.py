@@ -162,3 +162,20 @@ def roc_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -
     fig.update_xaxes(range=[0, 1])
     fig.update_yaxes(range=[0, 1.02])
     return _layout(fig, x="false positive rate", y="true positive rate", height=340)
+
+
+def control_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float]]],
+                   levels: Sequence[tuple[str, float]]) -> go.Figure:
+    """Edit success against latents exchanged: ``curves`` ``(name, k, success)`` as lines, ``levels`` ``(name,
+    success)`` (edits with no k: the supervised edit, no edit) as dotted horizontal lines."""
+    colors = [ORANGE, "#1c7ed6", VIOLET, GREY]
+    fig = go.Figure()
+    top = max([max(k) for _, k, _ in curves if len(k)] or [1])
+    for (name, ks, success), color in zip(curves, colors, strict=False):
+        fig.add_trace(go.Scatter(x=list(ks), y=list(success), mode="lines+markers", name=name, marker_color=color,
+                                 line_color=color, hovertemplate="k %{x}: %{y:.0%}<extra>" + name + "</extra>"))
+    for (name, value), color in zip(levels, [VIOLET, GREY], strict=False):
+        fig.add_trace(go.Scatter(x=[0, top], y=[value, value], mode="lines", name=name,
+                                 line=dict(dash="dot", color=color), hovertemplate=f"{value:.0%}<extra>{name}</extra>"))
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return _layout(fig, x="latents exchanged each way (k)", y="edit success", height=300)

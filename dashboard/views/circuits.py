@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import access, cache, charts, common, render
+from dashboard import access, cache, charts, circuits_view, common, render
 from dashboard.render import fmt
 from engine.circuits.files import head_label, list_circuits, task_dir_name
 from engine.run.schema import MANIFEST
@@ -111,3 +111,8 @@ for side, frame, other, color in (("Positive prompts", shown[shown["positive"]],
     st.html("".join(html))
 if np.isnan(row["mean_ablation_effect"]):
     st.caption("Mean-ablation was not computed for this run.")
+if not np.isnan(row.get("path_patch_effect", np.nan)):
+    st.caption(f"Direct path to the logits (path patching head → logits): effect {fmt(row['path_patch_effect'])}.")
+hooks = circuits_view.served_hooks(served) if served is not None else {}
+circuits_view.head_panel(hooks, int(row["layer"]), int(row["head"]), prompts, (n_layers, n_heads))
+circuits_view.supervised_panel(root, hooks)

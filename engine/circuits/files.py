@@ -32,6 +32,7 @@ def _heads_table(r: CircuitResult) -> pa.Table:
         "label": [head_label(int(a), int(b)) for a, b in zip(layer, head, strict=True)],
         "unique_positive": r.unique_positive, "node_score": r.node, "edge_score": r.edge,
         "patch_effect": r.patching.patch.ravel(), "mean_ablation_effect": r.patching.mean_ablation.ravel(),
+        "path_patch_effect": (r.path if r.path is not None else np.full((r.n_layers, r.n_heads), np.nan)).ravel(),
         "in_circuit": r.circuit.ravel(),
     })
 

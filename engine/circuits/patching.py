@@ -65,7 +65,8 @@ def run_with_cache(lm: LoadedModel, ids: torch.Tensor, names: Sequence[str]) -> 
     return logits, store
 
 
-def _ids(pairs: Sequence[TaskPair], counterfactual: bool = False) -> torch.Tensor:
+def pair_ids(pairs: Sequence[TaskPair], counterfactual: bool = False) -> torch.Tensor:
+    """``[batch, pos]``: the prompts (or counterfactuals) of pairs of one length."""
     return torch.tensor([p.counterfactual_ids if counterfactual else p.prompt_ids for p in pairs], dtype=torch.long)
 
 
@@ -97,7 +98,7 @@ def resolve_wrong(lm: LoadedModel, task: Task) -> Task:
         return task
     pairs = list(task.pairs)
     for members in groups(task).values():
-        logits = lm.logits(_ids([pairs[i] for i in members]))[:, -1].float()
+        logits = lm.logits(pair_ids([pairs[i] for i in members]))[:, -1].float()
         for row, i in enumerate(members):
             if not pairs[i].wrong_ids:
                 ranked = [int(t) for t in logits[row].topk(len(pairs[i].answer_ids) + 1).indices]
@@ -115,10 +116,10 @@ def performance(lm: LoadedModel, task: Task) -> Performance:
     top1 = np.zeros(len(task.pairs), dtype=bool)
     for members in groups(task).values():
         pairs = [task.pairs[i] for i in members]
-        last = lm.logits(_ids(pairs))[:, -1]
+        last = lm.logits(pair_ids(pairs))[:, -1]
         clean[members] = metric(last, pairs)
         top1[members] = [int(last[r].argmax()) in p.answer_ids for r, p in enumerate(pairs)]
-        cf[members] = metric(lm.logits(_ids(pairs, counterfactual=True))[:, -1], pairs)
+        cf[members] = metric(lm.logits(pair_ids(pairs, counterfactual=True))[:, -1], pairs)
     return Performance(float(np.mean(clean > 0)), float(top1.mean()), float(clean.mean()), float(cf.mean()),
                        tuple(clean.tolist()), tuple(cf.tolist()))
 
@@ -177,7 +178,7 @@ def patch_scan(lm: LoadedModel, task: Task, *, mean_ablation: bool = True) -> Pa
     resumable = all(can_resume(lm, _resid(layer)) for layer in range(L))
     for members in groups(task).values():
         pairs = [task.pairs[i] for i in members]
-        ids, cf_ids = _ids(pairs), _ids(pairs, counterfactual=True)
+        ids, cf_ids = pair_ids(pairs), pair_ids(pairs, counterfactual=True)
         logits, clean_cache = run_with_cache(lm, ids, [*names, *(_resid(layer) for layer in range(L))])
         clean_ld[members] = metric(logits[:, -1], pairs)
         cf_logits, cf_cache = run_with_cache(lm, cf_ids, names)

@@ -12,6 +12,7 @@ from ..model.loading import LoadedModel
 from .codes import CodeSAEConfig, train_code_sae
 from .heads import OutputProjection, head_results, output_projection
 from .patching import PatchResult, Performance, groups, patch_scan, performance, resolve_wrong, run_with_cache
+from .path_patching import path_patch_scan
 from .scores import (
     Operating,
     Roc,
@@ -56,6 +57,8 @@ class CircuitConfig(CodeSAEConfig):
     """Also mean-ablate each head."""
     circuit_threshold: float = 0.05
     """A head is in the patching circuit when |normalised patching effect| is at least this."""
+    path_patching: bool = False
+    """Also path-patch each head's direct path to the logits (its counterfactual output into the final residual only)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +96,8 @@ class CircuitResult:
     pair_counts: np.ndarray
     edge: np.ndarray
     patching: PatchResult
+    path: np.ndarray | None
+    """``[n_layers, n_heads]`` normalised direct-path patching effects (None when not asked for)."""
     circuit: np.ndarray
     """``[n_layers, n_heads]`` bool: the patching circuit."""
     agreements: tuple[Agreement, ...]
@@ -171,6 +176,13 @@ def run_circuit(lm: LoadedModel, task: Task, cfg: CircuitConfig) -> CircuitResul
     patch_task = Task(task.name, task.pairs[: cfg.patch_prompts]) if cfg.patch_prompts < n else task
     patched = patch_scan(lm, patch_task, mean_ablation=cfg.mean_ablation)
     patch_s, patch_cpu = time.perf_counter() - start, time.process_time() - cpu
+    timings = {"code_method_s": code_s, "code_forward_s": forward_s, "patching_s": patch_s,
+               "code_method_cpu_s": code_cpu, "patching_cpu_s": patch_cpu}
+    path = None
+    if cfg.path_patching:
+        start = time.perf_counter()
+        path = path_patch_scan(lm, patch_task)
+        timings["path_patching_s"] = time.perf_counter() - start
     circuit = np.abs(patched.patch) >= cfg.circuit_threshold
     truths = {"patching": circuit.ravel()}
     published = published_circuit(lm, task.name)
@@ -178,8 +190,5 @@ def run_circuit(lm: LoadedModel, task: Task, cfg: CircuitConfig) -> CircuitResul
         truths["published"] = published.ravel()
     found = [agreement(ref, method, truth, scores) for ref, truth in truths.items()
              for method, scores in (("node", node), ("edge", edge))]
-    return CircuitResult(task, perf, codes, unique, node, pair_counts, edge, patched, circuit,
-                         tuple(a for a in found if a is not None),
-                         {"code_method_s": code_s, "code_forward_s": forward_s, "patching_s": patch_s,
-                          "code_method_cpu_s": code_cpu, "patching_cpu_s": patch_cpu},
-                         lm.n_layers, lm.n_heads, cfg, sae.losses[-1])
+    return CircuitResult(task, perf, codes, unique, node, pair_counts, edge, patched, path, circuit,
+                         tuple(a for a in found if a is not None), timings, lm.n_layers, lm.n_heads, cfg, sae.losses[-1])

@@ -117,11 +117,16 @@ IOI_TEMPLATES = (
 """``{X} and {Y}``: the subject second (ABBA: ``X`` = IO, ``Y`` = S) or first (BABA); ``{S}`` repeats the subject."""
 
 
+def ioi_names(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The IOI names the tokenizer keeps whole (a ValueError when fewer than 3 are)."""
+    return _need(single_tokens(tokenizer, NAMES, "Then,"), 3, "names", "ioi")
+
+
 def ioi_task(tokenizer: PreTrainedTokenizerBase, n: int, seed: int = 0) -> Task:
     """IOI, half ABBA and half BABA: the answer is the indirect object (IO), the wrong answer the subject (S). The
     counterfactual, as the reference builds it, puts a third name C where the IO was and the IO where S first was:
     three different names, no repeated subject, so no name is the indirect object."""
-    names = _need(single_tokens(tokenizer, NAMES, "Then,"), 3, "names", "ioi")
+    names = ioi_names(tokenizer)
 
     def make(rng: random.Random) -> TaskPair | None:
         template = rng.choice(IOI_TEMPLATES)

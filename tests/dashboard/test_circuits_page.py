@@ -82,3 +82,42 @@ def test_an_uploaded_task_gets_its_circuit_and_opens(tiny_runs, open_app, tmp_pa
     assert (run / "circuits" / "mine" / "metrics.json").is_file()
     assert at.selectbox(key="circuit_task").value == "mine" and at.query_params["task"] == "mine"
     assert metric(at, "Accuracy") == "0%"
+
+
+def test_the_head_panel_and_the_supervised_panel(tmp_path, tiny_attn_run, open_app):
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from engine.circuits.head_latents import head_latents, top_latents
+    from engine.circuits.supervised_files import write_supervised
+    from engine.run.loaded import load_run_model, load_run_sae
+    from engine.run.manifest import sections
+    from tests.engine.circuits.circuit_util import fake_supervised
+
+    shutil.copytree(tiny_attn_run, tmp_path / "attn")  # a folder of runs: the attention run and the circuits
+    result, folder = tiny_circuit(tmp_path)
+    man = json.loads((tmp_path / "attn" / "manifest.json").read_text())
+    hook = str(sections(man).sae.hook)
+    write_supervised(tmp_path / "circuits", fake_supervised(hook), "tiny", "planted")
+    at = open_app(tmp_path, CIRCUITS, task="tiny", head="L1.H2")
+    no_crash(at)
+    assert not errors(at)
+    # the head panel: the latents head 2 writes most on the positive prompts, as the engine computes them
+    lm, sae = load_run_model(man, "attn", device="cpu"), load_run_sae(man, "attn")
+    prompts = pq.read_table(folder / "prompts.parquet").to_pandas()
+    sides = [[list(ids) for ids in prompts[prompts["positive"] == flag]["token_ids"].head(12)] for flag in (True, False)]
+    best = top_latents(head_latents(lm, sae, sides[0], sides[1], 2))
+    assert best[0]  # the head writes some latent: the check below is not vacuous
+    tables = [t.value for t in at.dataframe]
+    assert any(list(t.columns) == ["latent", "label", "positive", "counterfactual"] and t["latent"].tolist() == best[0]
+               for t in tables)
+    # the supervised panel: the planted numbers, and the success curve
+    summary = next(t for t in tables if "recovered (SAE)" in t.columns)
+    assert summary["recovered (SAE)"].tolist() == ["0.667"] and summary["control supervised"].tolist() == ["75%"]
+    curve = plotly(at)[-1]
+    assert values(curve["data"][0]["y"]).tolist() == [0.0, 0.25, 0.5]
+    # a head of a layer with no attention SAE says so
+    at = open_app(tmp_path, CIRCUITS, task="tiny", head="L0.H1")
+    assert any("No attention-output SAE at layer 0" in c.value for c in at.caption)

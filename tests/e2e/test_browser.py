@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dashboard.tinyrun import NASTY, build_tiny_run
-from tests.engine.circuits.circuit_util import tiny_circuit
+from engine.circuits.supervised_files import write_supervised
+from tests.dashboard.tinyrun import HOOK, NASTY, build_tiny_run
+from tests.engine.circuits.circuit_util import fake_supervised, tiny_circuit
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -80,6 +81,7 @@ def server(tmp_path_factory):
     """``saescope serve --run <tiny run>``; yields the base URL."""
     run = build_tiny_run(tmp_path_factory.mktemp("e2e"), "topk")
     tiny_circuit(run)  # a circuit run of the tiny model under run/circuits, for the Circuits page
+    write_supervised(run / "circuits", fake_supervised(HOOK), "tiny", "planted")  # its supervised-dictionary panel
     with serving(run, tmp_path_factory.mktemp("log")) as base:
         yield base
 
@@ -233,8 +235,10 @@ def test_circuits_page_opens_a_head(server, page):
     page.goto(f"{server}/circuits?task=tiny&head=L1.H2")
     page.get_by_role("heading", name="Head L1.H2").wait_for()
     idle(page)
-    assert page.locator(".js-plotly-plot").count() == 2  # heatmaps, ROC
+    assert page.locator(".js-plotly-plot").count() == 3  # heatmaps, ROC, the supervised edits' success curve
     assert page.get_by_text("Positive prompts", exact=False).is_visible()
+    assert page.get_by_text("No attention-output SAE at layer 1", exact=False).is_visible()  # the head panel's line
+    assert page.get_by_role("heading", name="Supervised dictionary (IOI)").is_visible()
     page.get_by_test_id("stSelectbox").filter(has_text="Head").locator("input").click()
     page.get_by_role("option", name="L0.H1", exact=True).click()
     page.get_by_role("heading", name="Head L0.H1").wait_for()

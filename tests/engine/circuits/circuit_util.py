@@ -45,3 +45,21 @@ def tiny_circuit(root: Path, cfg: CircuitConfig = FAST):
     task = load_jsonl(write_task(root / "tiny.jsonl"), lm.tokenizer)
     result = run_circuit(lm, task, cfg)
     return result, write_circuit(root / "circuits", result, "tiny-llama")
+
+
+def fake_supervised(hook: str):
+    """A small hand-made supervised-dictionary result at ``hook`` (for the page: its numbers are planted, not run)."""
+    import numpy as np
+
+    from engine.circuits.supervised import f1_table
+    from engine.circuits.supervised_run import Approximation, ControlPoint, PositionResult, SupervisedConfig, SupervisedResult
+
+    labels = {"io": ["Ann", "Bob", "Ann", "Bob"], "s": ["Cy", "Cy", "Dee", "Dee"], "io_pos": ["ABBA", "BABA"] * 2}
+    active = np.array([[1, 0, 1], [0, 1, 1], [1, 0, 0], [0, 1, 0]], dtype=bool)
+    f1 = {a: f1_table(active, v) for a, v in labels.items()}
+    control = (ControlPoint("patch", 0, 1.0, 1.0, 0.0), ControlPoint("none", 0, 0.0, 0.0, 0.0),
+               ControlPoint("supervised", 0, 0.75, 0.75, 0.0), ControlPoint("sae", 1, 0.25, 0.25, 2.0),
+               ControlPoint("sae", 2, 0.5, 0.5, 4.0))
+    positions = (PositionResult("io", Approximation(4.0, 3.0, 3.9, 1.0), control, f1, 8, 6),)
+    return SupervisedResult(hook, 1.0, positions, SupervisedConfig(fit_prompts=8, eval_prompts=8, positions=("io",),
+                                                                   max_exchange=2), 8, {"wall_s": 1.0, "cpu_s": 1.0})

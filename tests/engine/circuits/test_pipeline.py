@@ -6,9 +6,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from engine.circuits.files import list_circuits, read_circuit
+from engine.circuits.patching import resolve_wrong
+from engine.circuits.path_patching import path_patch_scan
 from engine.circuits.pipeline import CircuitConfig, run_circuit
-from engine.circuits.tasks import load_jsonl
+from engine.circuits.tasks import Task, load_jsonl
 from engine.cli import main
+from engine.model.loading import load_model
 from engine.model.tiny import save_tiny_model, tiny_model
 
 from .circuit_util import FAST, tiny_circuit, write_task
@@ -52,10 +55,20 @@ def test_cli_writes_the_folder_and_refuses_bad_input_writing_nothing(tmp_path, c
     task = write_task(tmp_path / "mine.jsonl")
     args = ["circuit", "--model", str(model), "--task", str(task), "--out", str(tmp_path / "out"), "--n-latents", "8",
             "--epochs", "5", "--n-train", "4", "--min-accuracy", "0", "--patch-prompts", "2", "--no-mean-ablation"]
-    assert main(args) == 0
+    assert main([*args, "--path-patching"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["out"] == str(tmp_path / "out" / "mine")
-    assert np.isnan(pq.read_table(tmp_path / "out" / "mine" / "heads.parquet")["mean_ablation_effect"].to_numpy()).all()
+    heads = pq.read_table(tmp_path / "out" / "mine" / "heads.parquet")
+    assert np.isnan(heads["mean_ablation_effect"].to_numpy()).all()
+    # the direct-path effects of the 2 patched pairs, as path_patch_scan gives them on the same model and task
+    lm = load_model(str(model))
+    task = resolve_wrong(lm, load_jsonl(task, lm.tokenizer))
+    expected = path_patch_scan(lm, Task(task.name, task.pairs[:2])).ravel()
+    np.testing.assert_allclose(heads["path_patch_effect"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    for extra, message in ((["--supervised"], "use --task ioi, not"),
+                           (["--supervised", "--task", "ioi"], "--supervised needs an SAE: pass --sae PATH")):
+        assert main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "import numpy as", "answer": " np", "counterfactual": "import numpy as np"}))
     assert main([*args[:4], str(bad), *args[5:]]) == 2
