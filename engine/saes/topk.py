@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from .base import SAE, EncoderAffine, register
 
-
 BLOCK = 64
 """Latents per block of ``wide_topk``'s first pass."""
 
