@@ -149,6 +149,7 @@ class RunWriter:
             contexts.export(folder / schema.CONTEXTS)
             manifest = self._write(state, folder, final=False, timings=timings)
             rundir.publish_snapshot(self.out_dir, folder, manifest)
+            self.timings.setdefault("first_snapshot_seconds", time.perf_counter() - self.started)
         except (OSError, MemoryError, RuntimeError) as err:  # disk full, out of memory (torch's is a RuntimeError)
             # a snapshot is a convenience: the previous one stays published and the pass goes on
             shutil.rmtree(folder, ignore_errors=True)

@@ -190,7 +190,7 @@ def _child(which: str, corpus: str, tokens: int, context_len: int, batch_size: i
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _p95_ms(fn, n: int, warmup: int = 20) -> tuple[float, float]:
+def p95_ms(fn, n: int, warmup: int = 20) -> tuple[float, float]:
     times = []
     for i in range(n + warmup):
         start = time.perf_counter()
@@ -214,8 +214,8 @@ def query_bench(store_dir: Path, n: int = 300, **store_params) -> dict:
         n_features = store.n_features()
         ids = rng.integers(0, n_features, n + 20)
         offsets = rng.integers(0, 500, n + 20)
-        feature_p95, feature_median = _p95_ms(lambda i: store.feature(int(ids[i])), n)
-        topn_p95, topn_median = _p95_ms(lambda i: store.top_features(sort_by="density", limit=50, offset=int(offsets[i])), n)
+        feature_p95, feature_median = p95_ms(lambda i: store.feature(int(ids[i])), n)
+        topn_p95, topn_median = p95_ms(lambda i: store.top_features(sort_by="density", limit=50, offset=int(offsets[i])), n)
     return {
         "feature_query_p95_ms": feature_p95,
         "feature_query_median_ms": feature_median,

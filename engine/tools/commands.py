@@ -73,6 +73,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
+    if args.wide:
+        from .bench_wide import wide_bench
+
+        widths = [int(w) for w in args.wide.split(",")]
+        print(json.dumps(wide_bench(widths, args.tokens, args.corpus), indent=2))
+        return 0
+
     result = run_bench(model=args.model, tiny=args.tiny, tokens=args.tokens, corpus=args.corpus, store_dir=args.store,
                        queries=not args.no_queries, live=not args.no_live, search_latents=args.search_latents)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
@@ -182,4 +189,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--search-latents", type=int, default=1_000_000,
                    help="explained latents of the synthetic search-by-meaning index (default 1M; built once, cached)")
     p.add_argument("--no-live", action="store_true", help="skip the prompt-lens and steering ratios")
+    p.add_argument("--wide", metavar="D_SAE[,D_SAE]", help="instead: random TopK SAEs of these widths on the demo "
+                   "model, precomputed end to end (262,144 on 65,536 tokens, 1,048,576 on 16,384 unless --tokens), and "
+                   "the wide kernels side by side (engine/tools/bench_wide.py); one JSON")
     p.set_defaults(func=cmd_bench)
