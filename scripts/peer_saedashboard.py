@@ -175,12 +175,14 @@ def build_inputs(work: Path, token_counts: list[int], seed: int = 0) -> dict:
     tick = time.perf_counter()
     ids, n_docs = docstring_tokens(max(token_counts))
     token_files = {n: write_tokens(work / f"tokens_{n}.parquet", ids[:n]) for n in token_counts}
-    lm = tiny_model("gpt2", seed=seed, **GPT2_SHAPE)
+    shape = GPT2_SHAPE
+    lm = tiny_model("gpt2", seed=seed, d_model=shape["d_model"], n_layers=shape["n_layers"], n_heads=shape["n_heads"],
+                    vocab_size=shape["vocab_size"], n_positions=shape["n_positions"])
     hf = lm.hf_model
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        wte = hf.get_input_embeddings().weight
-        wte.copy_(torch.randn(wte.shape, generator=gen) * W_U_STD)  # tied: W_U = wte.T
+    wte = hf.get_input_embeddings()
+    assert isinstance(wte, torch.nn.Embedding)
+    with torch.no_grad():  # tied: W_U = wte.T
+        wte.weight.copy_(torch.randn(wte.weight.shape, generator=torch.Generator().manual_seed(seed)) * W_U_STD)
     model_dir = work / "model"
     hf.config.n_ctx = GPT2_SHAPE["n_positions"]  # as GPT-2's own config.json has it (TransformerLens reads it)
     hf.save_pretrained(model_dir)
@@ -412,8 +414,9 @@ def compare(args) -> dict:
     counts = sorted({int(n) for n in args.tokens.split(",")})
     if any(n < CONTEXT_LEN or n % CONTEXT_LEN for n in counts):
         raise ValueError(f"--tokens must be positive multiples of {CONTEXT_LEN}, got {args.tokens!r}")
-    work_ctx = tempfile.TemporaryDirectory(prefix="saescope-peer-") if args.work_dir is None else None
-    work = Path(work_ctx.name if work_ctx else args.work_dir)
+    work_dir: str | None = args.work_dir
+    work_ctx = tempfile.TemporaryDirectory(prefix="saescope-peer-") if work_dir is None else None
+    work = Path(work_ctx.name if work_ctx is not None else str(work_dir))
     work.mkdir(parents=True, exist_ok=True)
     try:
         inputs = build_inputs(work, counts)
@@ -421,8 +424,8 @@ def compare(args) -> dict:
               f"{inputs['build_seconds']:.1f} s under {work}", file=sys.stderr, flush=True)
         rows = []
         for n in counts:
-            common = {"model_dir": inputs["model_dir"], "sae_dir": inputs["sae_dir"], "tokens_file": inputs["token_files"][str(n)],
-                      "batch_size": args.batch_size}
+            common = {"model_dir": inputs["model_dir"], "sae_dir": inputs["sae_dir"],
+                      "tokens_file": inputs["token_files"][str(n)], "batch_size": args.batch_size}
             folder = work / f"run_{n}"
             folder.mkdir(exist_ok=True)
             peer = _child(peer_python, "--peer-child",
@@ -435,7 +438,8 @@ def compare(args) -> dict:
             rows.append({"tokens": n, "SAEDashboard": peer, "saescope": ours, "same_inputs": cross_check(folder),
                          "SAEDashboard_over_forward": peer["job_seconds"] / peer["forward_seconds"],
                          "saescope_over_forward": ours["job_seconds"] / ours["forward_seconds"],
-                         "SAEDashboard_over_saescope": peer["job_seconds"] / ours["job_seconds"]})
+                         "SAEDashboard_over_saescope": peer["job_seconds"] / ours["job_seconds"],
+                         "process_wall_ratio": peer["process_wall_seconds"] / ours["process_wall_seconds"]})
     finally:
         if work_ctx is not None:
             work_ctx.cleanup()
@@ -445,7 +449,9 @@ def compare(args) -> dict:
             "settings": {"context_len": CONTEXT_LEN, "batch_size": args.batch_size, "hook": HOOK, "d_sae": D_SAE, "k": K,
                          "b_enc": B_ENC, "W_U_std": W_U_STD, "model": GPT2_SHAPE, "saescope_dtype": args.dtype,
                          "peer_dtype": "float32", "peer_features_per_batch": args.peer_features_per_batch,
-                         "top_examples": 20, "quantile_groups": 10, "per_quantile_group": 5, "saescope_snapshots": args.snapshots},
+                         "top_examples": 20, "quantile_groups": 10, "per_quantile_group": 5,
+                         "saescope_snapshots": args.snapshots},
+            "peer_versions": rows[0]["SAEDashboard"]["versions"],
             "inputs": {k: v for k, v in inputs.items() if k not in ("model_dir", "sae_dir", "token_files")},
             "runs": rows}
 
@@ -455,9 +461,14 @@ def table(result: dict) -> str:
              "saescope / forward | SAEDashboard / saescope |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         p, s = r["SAEDashboard"], r["saescope"]
-        lines.append(f"| {r['tokens']:,} | {p['job_seconds']:.1f} | {p['forward_seconds']:.2f} | {r['SAEDashboard_over_forward']:.1f}x "
-                     f"| {s['job_seconds']:.1f} | {s['forward_seconds']:.2f} | {r['saescope_over_forward']:.2f}x "
-                     f"| **{r['SAEDashboard_over_saescope']:.1f}x** |")
+        lines.append(f"| {r['tokens']:,} | {p['job_seconds']:.1f} | {p['forward_seconds']:.2f} "
+                     f"| {r['SAEDashboard_over_forward']:.1f}x | {s['job_seconds']:.1f} | {s['forward_seconds']:.2f} "
+                     f"| {r['saescope_over_forward']:.2f}x | **{r['SAEDashboard_over_saescope']:.1f}x** |")
+    for r in result["runs"]:
+        c = r["same_inputs"]
+        lines.append(f"\n{r['tokens']:,} tokens, first context read by both: hook activations differ by at most "
+                     f"{c['acts_max_abs_diff']:.2g} (largest {c['acts_max_abs']:.3g}), codes by {c['codes_max_abs_diff']:.2g}; "
+                     f"same active latents on {c['tokens_with_same_active_latents']:.0%} of its tokens")
     m = result["machine"]
     lines.append(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); saescope "
                  f"{result['runs'][0]['saescope']['dtype']}, SAEDashboard float32")
