@@ -56,11 +56,11 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 8, seed: int = 0) -> 
     centroids = x[torch.randperm(len(x), generator=gen)[:k].sort().values.to(x.device)].clone()
     for _ in range(iters):
         assign = _assign(x, centroids)
-        sums = torch.zeros(centroids.shape, device=x.device).index_add_(0, assign, x.float())  # fp32 sums
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         empty = torch.bincount(assign, minlength=k) == 0
         if bool(empty.any()):
             sums[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=gen).to(x.device)]
-        centroids = (sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+        centroids = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return centroids
 
 
@@ -70,26 +70,11 @@ def default_lists(n_rows: int) -> int:
 
 
 def ivf_neighbors(dirs: torch.Tensor, n: int, *, n_lists: int | None = None, n_probe: int = 32, train_rows: int = 64,
-                  seed: int = 0, search_dtype: torch.dtype | None = None) -> Neighbors:
+                  seed: int = 0) -> Neighbors:
     """Approximate ``n`` nearest other rows of ``dirs [N, d]`` (unit rows) for every row, through ``n_lists`` IVF lists
     (default ``default_lists``) trained on ``train_rows`` rows per list; each row probes ``n_probe`` lists. A row
     whose probed lists hold fewer than ``n`` other rows is searched exactly. With ``n_probe >= n_lists`` the result
-    is exact.
-
-    ``search_dtype=torch.bfloat16`` (where bf16 matmuls are fast) compares the probed lists in bf16, keeps each row's
-    best ``2n`` candidates, and ranks those by their fp32 cosines: the cosines returned are fp32 ones; a true
-    neighbour whose bf16 cosine falls below ``2n`` others' can be missed, so the result is no longer exact even
-    when every list is probed (``recall_at_n`` measures it)."""
-    low = search_dtype not in (None, torch.float32)
-    if low:
-        found = ivf_neighbors(dirs.to(search_dtype), min(2 * n, len(dirs) - 1), n_lists=n_lists, n_probe=n_probe,
-                              train_rows=train_rows, seed=seed)
-        cand = torch.as_tensor(found.ids, dtype=torch.long, device=dirs.device)
-        exact = torch.cat([torch.einsum("bd,bkd->bk", dirs[rows], dirs[cand[rows]])
-                           for rows in torch.arange(len(dirs), device=dirs.device).split(16384)])
-        top = exact.topk(min(n, cand.shape[1]), dim=1)
-        ids = cand.gather(1, top.indices)
-        return Neighbors(ids.cpu().numpy().astype(np.int32), top.values.cpu().numpy(), found.compared)
+    is exact."""
     N = len(dirs)
     n_lists = min(n_lists or default_lists(N), N)
     n_probe = min(n_probe, n_lists)

@@ -142,7 +142,7 @@ def latent_neighbors(sae: SAE, n: int = 10, *, exact_max: int = 65_536, n_probe:
     dirs = sae.decoder_directions().detach().float()
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     n_lists = default_lists(d_sae)
-    found = ivf_neighbors(dirs, n, n_lists=n_lists, n_probe=n_probe, seed=seed, search_dtype=search_dtype)
+    found = ivf_neighbors(dirs, n, n_lists=n_lists, n_probe=n_probe, seed=seed)
     recall = recall_at_n(dirs, found.ids, RECALL_SAMPLE, seed=seed)
     info = {"method": "ivf", "n": n, "exact_max": exact_max, "n_lists": n_lists, "n_probe": min(n_probe, n_lists),
             "recall_at_n": round(recall.value, 4), "recall_sample": len(recall.rows),
