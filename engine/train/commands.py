@@ -69,6 +69,17 @@ def cmd_train_transcoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_family_table(args: argparse.Namespace) -> int:
+    from .family_table import FamilyTableConfig, family_table, markdown
+
+    cfg = configs.from_args(FamilyTableConfig, args)
+    lm = load_cli_model(args.model, args.device, args.dtype)
+    table = family_table(lm, args.saes, cfg, args.out)
+    print(markdown(table))
+    print(f"\nwritten to {args.out}/family_table.parquet and family_table.json", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("train-sae", help="train an SAE (TopK, g-SAE, feature/mutual choice, Matryoshka) on streamed activations")
     model_arguments(p)
@@ -96,3 +107,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop (checkpointed, resumable) after this many steps of this run")
     p.set_defaults(func=cmd_train_transcoders)
+
+    p = sub.add_parser("family-table", help="SAEs of several families at one hook on the same held-out tokens: L0 "
+                       "distribution, EV, CE recovered, KL, dead/dense fractions, steering effectiveness")
+    model_arguments(p)
+    p.add_argument("saes", nargs="+", metavar="SAE_DIR", help="SAE folders (one hook; named by their folder names)")
+    p.add_argument("--out", required=True, help="folder for family_table.parquet and family_table.json (put it in the "
+                   "served run directory, e.g. data/runs/families, for the Compare page)")
+    from .family_table import FamilyTableConfig
+
+    configs.add_arguments(p, FamilyTableConfig, help={"eval_corpus": "held-out corpus: " + CORPUS_HELP})
+    p.set_defaults(func=cmd_family_table)

@@ -147,7 +147,8 @@ def _write_atomically(out: Path, sae, report: dict) -> None:
 
 
 @torch.inference_mode()
-def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int) -> dict:
+def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int, *,
+             with_gradient: bool = False, collect: dict[str, torch.Tensor] | None = None) -> dict:
     """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``.
 
     Tokens count by precompute's rule (``iter_activations``' mask: no position 0, special or massive-activation
@@ -156,20 +157,28 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     variance; ``explained_variance_without_massive`` leaves them out, as a run's statistics do by default. The
     massive-token rule's median is per batch of ``batch`` contexts: the same tokens as a precompute over
     ``contexts`` when ``batch`` is its ``batch_size`` (docs/run-format.md, "Which tokens count").
+
+    ``with_gradient`` (a g-SAE): the reconstruction metrics encode each token with its loss gradient (one full
+    forward and backward per batch, ``iter_gradients``) instead of the fallback rule; the CE metrics splice the SAE
+    into a forward, where there is no gradient, so they use the fallback. ``collect``, when given, receives
+    ``l0`` (each counted token's number of active latents, ``[n_tokens]``) and ``fires`` (each latent's firings).
     """
     stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     masks: list[torch.Tensor] = []
-    for ab in iter_activations(lm, hook, contexts, batch):
+    l0: list[torch.Tensor] = []
+    batches = iter_gradients(lm, hook, contexts, batch) if with_gradient else iter_activations(lm, hook, contexts, batch)
+    for ab in batches:
         assert ab.massive is not None  # iter_activations always flags them
         masks.append(ab.mask.cpu())
         counted = ab.mask | ab.massive
         x = ab.acts[counted].float().to(sae.device)
-        out = sae(x)
+        out = sae(x, grad=ab.grads[counted].to(sae.device)) if with_gradient and ab.grads is not None else sae(x)
         stats.update(x, out.x_hat, out.codes)
         keep = ab.mask[counted].to(sae.device)
         typical.update(x[keep], out.x_hat[keep], out.codes[keep])
         fires += (out.codes > 0).sum(0).cpu()
+        l0.append((out.codes != 0).sum(-1).cpu())
     summary: dict[str, float | None] = dict(stats.summary())
     summary["explained_variance_with_massive"] = summary["explained_variance"]
     summary["explained_variance_without_massive"] = typical.summary()["explained_variance"]
@@ -180,6 +189,8 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     # never fired on these few held-out tokens: overstates dead latents (``dead_fraction`` is over training tokens)
     summary["heldout_silent_fraction"] = float((fires == 0).double().mean())
     summary["dense_fraction"] = float((density > 0.1).double().mean())
+    if collect is not None:
+        collect["l0"], collect["fires"] = torch.cat(l0) if l0 else torch.zeros(0, dtype=torch.long), fires
     return summary
 
 
