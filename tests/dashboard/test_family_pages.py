@@ -115,3 +115,19 @@ def test_feature_choice_density_against_its_cap(fc_run, open_app):
     assert any(f"{int((dens > cap).sum()):,} latents fire more often than that" in c.value for c in at.caption)
     shapes = plotly(at)[-1]["layout"]["shapes"]
     assert any(abs(sh["x0"] - np.log10(cap)) < 1e-9 for sh in shapes)
+
+
+def test_gradient_only_share_on_the_feature_page_and_the_features_table(gsae_run, open_app):
+    rows = {r["feature_id"]: r for r in pq.read_table(gsae_run / "features.parquet").to_pylist()}
+    fid = max(rows, key=lambda i: rows[i]["gradient_only_count"] or 0)
+    row = rows[fid]
+    assert row["gradient_only_count"] > 0
+    page = open_app(gsae_run, FEATURES, feature=fid)
+    no_crash(page)
+    shown = next(m for m in page.metric if m.label == "Admitted by gradient alone")
+    assert shown.value == f"{row['gradient_only_count'] / row['fire_count']:.1%}"
+    at = open_app(gsae_run, FEATURES)
+    no_crash(at)
+    table = at.dataframe[0].value
+    want = [rows[i]["gradient_only_count"] / rows[i]["fire_count"] for i in table["id"]]
+    np.testing.assert_allclose(table["gradient only"].to_numpy(dtype=float), want)

@@ -9,6 +9,7 @@ import torch
 
 from engine.data.activations import stats_mask
 from engine.precompute.pipeline import precompute
+from engine.run.store import RunStore
 from tests.engine.runs_util import write_corpus
 from tests.engine.saes_util import random_sae
 
@@ -63,8 +64,20 @@ def test_precompute_on_a_gradient_sae_equals_brute_force(tiny_llama, tmp_path):
     np.testing.assert_allclose([r["max_act"] for r in rows], codes.max((0, 1)), rtol=1e-5, atol=1e-6)
     assert gradient_only.sum() > 0
     np.testing.assert_array_equal([r["gradient_only_count"] for r in rows], gradient_only)
+    with RunStore.open(tmp_path / "run") as store:  # what the feature page and the Features table read
+        np.testing.assert_array_equal(store.gradient_only_counts(), gradient_only)
+        assert store.feature(int(gradient_only.argmax())).gradient_only_count == gradient_only.max()
     assert manifest["metrics"]["n_tokens"] == int(mask.sum())
     assert manifest["metrics"]["l0"] == pytest.approx((codes > 0).sum() / mask.sum())
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["sae"]
     assert saved["architecture"] == "gradient_topk" and "plain TopK" in saved["inference_rule"]
     assert "last position" in saved["gradient"]["fallback"]
+
+
+def test_other_saes_have_no_gradient_only_counts(tiny_llama, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=4)
+    precompute(tiny_llama, random_sae("topk", k=8, hook=HOOK), corpus, tmp_path / "run", context_len=CTX,
+               batch_size=BATCH, tokens=CTX * 4, sample_contexts=2, progress=False)
+    assert pq.read_table(tmp_path / "run" / "features.parquet").column("gradient_only_count").null_count == 256  # D_SAE
+    with RunStore.open(tmp_path / "run") as store:
+        assert store.gradient_only_counts() is None and store.feature(0).gradient_only_count is None
