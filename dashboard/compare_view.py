@@ -72,7 +72,7 @@ def family_table(folder: Path) -> None:
     if found is None:
         return
     table, info = found
-    shown = table[[c for c in FAMILY_COLUMNS if c in table.columns]].rename(columns=FAMILY_COLUMNS)
+    shown = pd.DataFrame({FAMILY_COLUMNS[c]: table[c] for c in FAMILY_COLUMNS if c in table.columns})
     st.dataframe(shown, hide_index=True, width="stretch",
                  column_config={name: st.column_config.NumberColumn(format="%.3g")
                                 for name in shown.columns if name not in ("SAE", "family")})

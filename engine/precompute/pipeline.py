@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from ..data.gradients import iter_gradients
 from ..model.loading import LoadedModel
 from ..run import parquet, rundir, schema
 from ..saes import SAE
+from ..saes.gradient_topk import GradientTopKSAE
 from .accumulators import FeatureStats, SparseCodes, sparse_codes
 from .darkmatter import LinearErrorStats, parse_positions
 from .heads import HeadAttribution, attention_hook
@@ -277,7 +279,7 @@ def gradient_only_latents(sae: SAE, x: torch.Tensor, mask: torch.Tensor, grad: t
     rows = max(1, CODE_BUDGET // sae.cfg.d_sae)
     found = []
     for lo in range(0, len(x), rows):
-        admitted = sae.admitted_by_gradient(x[lo : lo + rows], grad[lo : lo + rows])  # pyright: ignore[reportAttributeAccessIssue]
+        admitted = cast(GradientTopKSAE, sae).admitted_by_gradient(x[lo : lo + rows], grad[lo : lo + rows])
         found.append(torch.nonzero(admitted[mask[lo : lo + rows]])[:, 1])
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=x.device)
 

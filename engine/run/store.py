@@ -228,10 +228,10 @@ class RunStore:
     def gradient_only_counts(self) -> np.ndarray | None:
         """A g-SAE run's firings of each latent admitted by the gradient alone, by feature id (int64); None for
         other runs (and g-SAE runs written before the count existed)."""
-        values = self._execute(sql.GRADIENT_ONLY).fetchnumpy()["gradient_only_count"]
-        if len(values) == 0 or np.ma.is_masked(values) and np.ma.getmaskarray(values).all():
+        values = [row[0] for row in self._execute(sql.GRADIENT_ONLY).fetchall()]
+        if not values or all(v is None for v in values):
             return None
-        return np.asarray(np.ma.filled(values, 0) if np.ma.isMaskedArray(values) else values, dtype=np.int64)
+        return np.array([0 if v is None else v for v in values], dtype=np.int64)
 
     def dead_ids(self) -> list[int]:
         """Latents that never fired on the statistics' tokens."""

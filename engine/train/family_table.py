@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -226,8 +227,9 @@ def measure_sae(lm: LoadedModel, sae: SAE, eval_ctx: list[list[int]], steerer: S
     gen = torch.Generator().manual_seed(cfg.seed)
     chosen = live[torch.randperm(len(live), generator=gen)[: cfg.steer_latents]].sort().values.tolist()
     steering = []
-    for latent in chosen if steerer is not None else ():
-        steering.append({"latent": latent, **steer_latent(steerer, sae.W_dec[latent].detach(), scale, cfg)})
+    for latent in chosen:
+        if steerer is not None:
+            steering.append({"latent": latent, **steer_latent(steerer, sae.W_dec[latent].detach(), scale, cfg)})
     reached = [s for s in steering if s["reached"]]
     row.update(
         steer_latents=len(steering),
@@ -245,7 +247,7 @@ def median_norm(lm: LoadedModel, hook: str, contexts: list[list[int]], batch: in
     return float(torch.cat(norms).median())
 
 
-def family_table(lm: LoadedModel, saes: list[str | Path], cfg: FamilyTableConfig, out: str | Path,
+def family_table(lm: LoadedModel, saes: Sequence[str | Path], cfg: FamilyTableConfig, out: str | Path,
                  names: list[str] | None = None) -> pd.DataFrame:
     """Measure the SAE folders ``saes`` (one hook, one model) on the same held-out tokens; write
     ``out/family_table.parquet`` and ``out/family_table.json`` atomically; return the table."""

@@ -12,7 +12,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -264,7 +264,7 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                       interrupt_after_checkpoints=interrupt_after_checkpoints)[0]
 
 
-def train_saes(lm: LoadedModel, cfgs: list[TrainConfig], outs: list[str | Path], *, force: bool = False,
+def train_saes(lm: LoadedModel, cfgs: list[TrainConfig], outs: Sequence[str | Path], *, force: bool = False,
                progress: bool = True, restart: bool = False, interrupt_after_checkpoints: int | None = None
                ) -> list[dict]:
     """Train several SAEs (``cfgs[i]`` into ``outs[i]``) in one pass over the activation stream: one model forward
