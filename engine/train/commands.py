@@ -74,7 +74,7 @@ def cmd_family_table(args: argparse.Namespace) -> int:
 
     cfg = configs.from_args(FamilyTableConfig, args)
     lm = load_cli_model(args.model, args.device, args.dtype)
-    table = family_table(lm, args.saes, cfg, args.out)
+    table = family_table(lm, args.saes, cfg, args.out, progress=True)
     print(markdown(table))
     print(f"\nwritten to {args.out}/family_table.parquet and family_table.json", file=sys.stderr)
     return 0

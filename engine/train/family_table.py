@@ -20,8 +20,9 @@ folder's ``training_report.json`` when it has one. A g-SAE is encoded with each 
   ``steer_prompt`` on) steered, minus unsteered;
 - the effect ``E(s)``: the mean over the continuation's positions and over ``T`` of ``log p_s(t) - log p_0(t)``;
 - ``s*``: where ``F`` first reaches ``steer_fluency_cost`` nats, found on a geometric grid of strengths up to
-  ``steer_max_strength`` then a linear grid inside the bracket, and linear interpolation; ``E`` and ``F`` are then
-  measured at ``s*`` itself. A latent whose cost stays below the target up to the largest strength does not count.
+  ``steer_max_strength`` (``COARSE``) then a linear grid inside the bracket (``FINE``), and linear interpolation;
+  ``E`` and ``F`` are then measured at ``s*`` itself. A latent whose cost stays below the target up to the largest
+  strength does not count.
 
 The SAE's steering effectiveness is the mean over its latents of ``E(s*)`` (the shift at equal fluency cost) and of
 ``E(s*) / s*`` (per unit of strength); the fraction of latents that reached the target is reported beside them.
@@ -40,16 +41,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import atomic, lock
 from ..data.activations import iter_activations
 from ..data.corpus import iter_contexts
 from ..model.loading import LoadedModel
+from ..model.tail import can_resume, resume_logits
 from ..saes import SAE, load_sae
 from .sae import evaluate
 
 TABLE_FILE, INFO_FILE = "family_table.parquet", "family_table.json"
 QUANTILES = (5, 50, 95)
+COARSE, FINE = 8, 4
+"""Steering search: strengths ``max * 2**-i`` (i = 7..0), then ``FINE`` evenly spaced inside the first bracket."""
 
 
 @dataclass
@@ -118,6 +123,9 @@ class Steerer:
     @torch.inference_mode()
     def __init__(self, lm: LoadedModel, hook: str, ids: torch.Tensor, prompt: int):
         self.lm, self.hook, self.ids, self.prompt = lm, hook, ids, prompt
+        # a residual-stream hook: the activation there is captured once and each steered forward resumes from it
+        # (only the layers after the hook run); otherwise each is a full forward with the vector added at the hook
+        self.resid = lm.capture(ids, hook)[hook] if can_resume(lm, hook) else None
         self.base_logp = self._logp(ids, None)
         self.targets = ids[:, prompt + 1 :]
         self.base_loss = self._loss(self.base_logp, self.targets)
@@ -129,6 +137,10 @@ class Steerer:
 
         if added is None:
             logits = self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
+        elif self.resid is not None:
+            resid = self.resid.repeat(len(ids) // len(self.resid), 1, 1)
+            steered = (resid.float() + added.to(resid.device)[:, None, :]).to(resid.dtype)
+            logits = resume_logits(self.lm, self.hook, steered)
         else:
             with self.lm.hooks.intervene(self.hook, fn):
                 logits = self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
@@ -173,7 +185,7 @@ def steer_latent(steerer: Steerer, direction: torch.Tensor, scale: float, cfg: F
     """One latent's steering record (see the module docstring); strengths in units of ``scale``."""
     unit = direction.float().cpu() / direction.float().norm().clamp_min(1e-12).cpu()
     tokens = promoted_tokens(steerer.lm, unit, cfg.steer_top_tokens)
-    coarse = torch.tensor([cfg.steer_max_strength * 2.0 ** -i for i in range(9, -1, -1)])
+    coarse = torch.tensor([cfg.steer_max_strength * 2.0 ** -i for i in range(COARSE - 1, -1, -1)])
     _, cost = steerer.curve(unit * scale, coarse, tokens)
     found = strength_at_cost(coarse.numpy(), cost.numpy(), cfg.steer_fluency_cost)
     record = {"promoted_tokens": tokens.tolist(), "reached": found is not None, "strength": None, "shift": None,
@@ -181,7 +193,7 @@ def steer_latent(steerer: Steerer, direction: torch.Tensor, scale: float, cfg: F
     if found is None:
         return record
     lo, hi = found
-    fine = torch.linspace(lo, hi, 9)[1:]
+    fine = torch.linspace(lo, hi, FINE + 1)[1:]
     _, f_cost = steerer.curve(unit * scale, fine, tokens)
     grid = np.concatenate([[lo], fine.numpy()])
     lo_cost = 0.0 if lo == 0 else float(cost[int(np.nonzero(coarse.numpy() == lo)[0][0])])
@@ -204,7 +216,7 @@ def _histogram(l0: np.ndarray, d_sae: int) -> dict:
 
 
 def measure_sae(lm: LoadedModel, sae: SAE, eval_ctx: list[list[int]], steerer: Steerer | None, scale: float,
-                cfg: FamilyTableConfig) -> tuple[dict, dict]:
+                cfg: FamilyTableConfig, progress: bool = False) -> tuple[dict, dict]:
     """One SAE's row of the table and its details (L0 histogram, per-latent steering)."""
     hook = sae.cfg.hook_name
     collect: dict[str, torch.Tensor] = {}
@@ -227,7 +239,7 @@ def measure_sae(lm: LoadedModel, sae: SAE, eval_ctx: list[list[int]], steerer: S
     gen = torch.Generator().manual_seed(cfg.seed)
     chosen = live[torch.randperm(len(live), generator=gen)[: cfg.steer_latents]].sort().values.tolist()
     steering = []
-    for latent in chosen:
+    for latent in tqdm(chosen, desc=f"steering {sae.cfg.architecture}", unit="latent", disable=not progress):
         if steerer is not None:
             steering.append({"latent": latent, **steer_latent(steerer, sae.W_dec[latent].detach(), scale, cfg)})
     reached = [s for s in steering if s["reached"]]
@@ -248,7 +260,7 @@ def median_norm(lm: LoadedModel, hook: str, contexts: list[list[int]], batch: in
 
 
 def family_table(lm: LoadedModel, saes: Sequence[str | Path], cfg: FamilyTableConfig, out: str | Path,
-                 names: list[str] | None = None) -> pd.DataFrame:
+                 names: list[str] | None = None, progress: bool = False) -> pd.DataFrame:
     """Measure the SAE folders ``saes`` (one hook, one model) on the same held-out tokens; write
     ``out/family_table.parquet`` and ``out/family_table.json`` atomically; return the table."""
     if not saes:
@@ -277,7 +289,7 @@ def family_table(lm: LoadedModel, saes: Sequence[str | Path], cfg: FamilyTableCo
         rows, details = [], {}
         for name, path, sae in zip(names, saes, loaded, strict=True):
             tick = time.time()
-            row, detail = measure_sae(lm, sae, eval_ctx, steerer, scale, cfg)
+            row, detail = measure_sae(lm, sae, eval_ctx, steerer, scale, cfg, progress)
             report = Path(path) / "training_report.json"
             trained = json.loads(report.read_text()) if report.is_file() else {}
             family = sae.cfg.architecture + (" (matryoshka)" if sae.cfg.matryoshka_widths else "")

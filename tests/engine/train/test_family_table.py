@@ -165,3 +165,16 @@ def test_family_table_command(tiny_corpus, tmp_path, capsys):
     assert info["hook"] == HOOK and info["settings"]["steer_latents"] == 1
     assert main([*args[:-2], "--steer-prompt", "15", "--out", str(tmp_path / "t")]) == 2
     assert "--steer-prompt must be between 1 and --steer-len - 2" in capsys.readouterr().err
+
+
+def test_steering_resumed_from_the_hook_equals_the_hooked_full_forward(tiny_llama, tiny_corpus):
+    """A residual hook's steered forwards resume from the captured activation; the same as adding at the hook."""
+    ids = torch.tensor([c[:20] for c in list(iter_contexts(tiny_llama.tokenizer, str(tiny_corpus), 32))[:2]])
+    resumed = Steerer(tiny_llama, "blocks.0.hook_resid_post", ids, 4)
+    full = Steerer(tiny_llama, "blocks.0.hook_resid_post", ids, 4)
+    full.resid = None  # the hooked full forward, as for hooks a forward cannot resume from
+    assert resumed.resid is not None
+    vector = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(2))
+    strengths, tokens = torch.tensor([0.1, 1.0, 3.0]), torch.tensor([5, 17])
+    for a, b in zip(resumed.curve(vector, strengths, tokens), full.curve(vector, strengths, tokens), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
