@@ -66,7 +66,8 @@ def test_precompute_on_a_gradient_sae_equals_brute_force(tiny_llama, tmp_path):
     np.testing.assert_array_equal([r["gradient_only_count"] for r in rows], gradient_only)
     with RunStore.open(tmp_path / "run") as store:  # what the feature page and the Features table read
         np.testing.assert_array_equal(store.gradient_only_counts(), gradient_only)
-        assert store.feature(int(gradient_only.argmax())).gradient_only_count == gradient_only.max()
+        row = store.feature(int(gradient_only.argmax()))
+        assert row is not None and row.gradient_only_count == gradient_only.max()
     assert manifest["metrics"]["n_tokens"] == int(mask.sum())
     assert manifest["metrics"]["l0"] == pytest.approx((codes > 0).sum() / mask.sum())
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["sae"]
@@ -80,4 +81,5 @@ def test_other_saes_have_no_gradient_only_counts(tiny_llama, tmp_path):
                batch_size=BATCH, tokens=CTX * 4, sample_contexts=2, progress=False)
     assert pq.read_table(tmp_path / "run" / "features.parquet").column("gradient_only_count").null_count == 256  # D_SAE
     with RunStore.open(tmp_path / "run") as store:
-        assert store.gradient_only_counts() is None and store.feature(0).gradient_only_count is None
+        row = store.feature(0)
+        assert store.gradient_only_counts() is None and row is not None and row.gradient_only_count is None
