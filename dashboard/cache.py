@@ -94,6 +94,16 @@ def store(run_dir: str) -> RunStore:
     return _store(run_dir, stamp(run_dir))
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def _gradient_only(run_dir: str, stamp: float):
+    return store(run_dir).gradient_only_counts()
+
+
+def gradient_only_counts(run_dir: str):
+    """A g-SAE run's firings per latent admitted by the gradient alone (None for other runs)."""
+    return _gradient_only(run_dir, stamp(run_dir))
+
+
 @st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=2)
 def model(source: str, dtype: str, device: str):
     """A loaded causal LM with hook points, shared by every session."""

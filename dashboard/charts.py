@@ -116,6 +116,20 @@ def l0_histogram(l0: np.ndarray) -> go.Figure:
     return _layout(fig, x="latents active on the token (L0)", y="tokens")
 
 
+def l0_distributions(hists: dict[str, tuple[Sequence[float], Sequence[int]]]) -> go.Figure:
+    """Per-token L0 distributions of several SAEs (the family table's histograms: name -> (edges, counts)), each
+    normalised to a fraction of its tokens, as lines over the bin centres."""
+    colors = [ORANGE, VIOLET, GREY, "#1c7ed6", "#2f9e44", "#e03131"]
+    fig = go.Figure()
+    for (name, (edges, counts)), color in zip(hists.items(), colors * 4, strict=False):
+        e, c = np.asarray(edges, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+        if not c.size or c.sum() == 0:
+            continue
+        fig.add_trace(go.Scatter(x=(e[:-1] + e[1:]) / 2, y=c / c.sum(), mode="lines", name=name, line_color=color,
+                                 hovertemplate="L0 ≈ %{x:.0f}: %{y:.1%} of tokens<extra>" + name + "</extra>"))
+    return _layout(fig, x="latents active on the token (L0, binned)", y="fraction of tokens")
+
+
 def prefix_curve(widths: Sequence[int], explained: Sequence[float], recovered: Sequence[float | None]) -> go.Figure:
     """Explained variance and CE loss recovered of each nested Matryoshka prefix, against its width."""
     fig = go.Figure()

@@ -40,6 +40,57 @@ EVALUATION = {
 EXAMPLES = 5
 
 
+FAMILY_COLUMNS = {
+    "sae": "SAE", "architecture": "family", "l0_mean": "L0 mean", "l0_p5": "L0 p5", "l0_p50": "L0 p50",
+    "l0_p95": "L0 p95", "explained_variance": "explained variance", "ce_loss_recovered": "CE loss recovered",
+    "kl_div": "KL", "heldout_silent_fraction": "silent (held out)", "dead_fraction_training": "dead (training)",
+    "dense_fraction": "dense (> 10%)", "steer_shift": "steering Δlog p at equal cost",
+    "steer_shift_per_unit": "Δlog p per unit strength", "steer_reached_fraction": "latents reaching the cost",
+}
+
+
+def family_tables() -> list[Path]:
+    """Folders with a family table (``saescope family-table --out``): the served run directory, its
+    sub-directories and, when it is one run, its parent's sub-directories."""
+    from engine.train.family_table import INFO_FILE
+
+    root = cache.run_root()
+    if root is None or not root.exists():
+        return []
+    places = [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    if (root / MANIFEST).is_file():
+        places += [p for p in root.parent.iterdir() if p.is_dir()]
+    return sorted({p for p in places if (p / INFO_FILE).is_file()})
+
+
+def family_table(folder: Path) -> None:
+    """The family table: SAEs of several families on the same held-out tokens, their L0 distributions and the
+    markdown for the README."""
+    from engine.train.family_table import read_family_table
+
+    found = read_family_table(folder)
+    if found is None:
+        return
+    table, info = found
+    shown = pd.DataFrame({FAMILY_COLUMNS[c]: table[c] for c in FAMILY_COLUMNS if c in table.columns})
+    st.dataframe(shown, hide_index=True, width="stretch",
+                 column_config={name: st.column_config.NumberColumn(format="%.3g")
+                                for name in shown.columns if name not in ("SAE", "family")})
+    cfg = info.get("settings", {})
+    st.caption(
+        f"{render.md(info.get('model', ''))} at {render.code(info.get('hook', ''))}, the same "
+        f"{cfg.get('eval_contexts', 0):,} held-out contexts of {cfg.get('context_len', 0):,} tokens for every SAE "
+        f"({render.code(folder)}). Steering: {cfg.get('steer_latents', 0)} live latents per SAE, their top "
+        f"{cfg.get('steer_top_tokens', 0)} promoted tokens, strength (in units of the median activation norm, "
+        f"{fmt(info.get('median_norm'))}) set where the continuation's loss rises by "
+        f"{fmt(cfg.get('steer_fluency_cost'))} nats; docs/families.md defines each column.")
+    hists = {name: (d["l0_histogram"]["edges"], d["l0_histogram"]["counts"]) for name, d in info.get("saes", {}).items()}
+    if hists:
+        st.plotly_chart(charts.l0_distributions(hists), key="family_l0")
+    with st.expander("Markdown (README-ready)"):
+        st.code(info.get("markdown", ""), language="markdown")
+
+
 def known_runs() -> dict[str, str]:
     """Name -> path of every complete run the app serves (a directory of runs gives several)."""
     root = cache.run_root()

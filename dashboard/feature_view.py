@@ -50,6 +50,11 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
     cols[1].metric("Max activation", render.compact(row.max_act), help=exact["max"])
     cols[2].metric("Mean activation", render.compact(row.mean_act), help=f"{exact['mean']} over the tokens where it fires")
     cols[3].metric("Fires on", render.compact(row.fire_count), help=f"{row.fire_count:,} tokens")
+    if row.gradient_only_count is not None and row.fire_count:  # a g-SAE run
+        cols[3].metric("Admitted by gradient alone", f"{row.gradient_only_count / row.fire_count:.1%}",
+                       help=f"{row.gradient_only_count:,} of its {row.fire_count:,} firings: at those tokens it fires "
+                       "under the g-SAE rule (TopK over z + beta * z * |W_dec grad|) but would not under plain TopK "
+                       "over z")
     with cols[4]:
         if row.dead:
             st.warning("Dead: never fired in this run.")

@@ -15,6 +15,9 @@ from engine.eval.files import find_comparison
 
 runs = compare_view.known_runs()
 st.title("Compare")
+for folder in compare_view.family_tables():
+    st.subheader(f"Family table: {render.md(folder.name)}")
+    compare_view.family_table(folder)
 if len(runs) < 2:
     st.info("Comparing needs two runs or more of SAEs on the same model and hook: serve a directory of runs "
             "(`saescope serve --run data/runs`).", icon=":material/compare_arrows:")

@@ -145,6 +145,9 @@ with common.shown_errors("Search failed"):
         )
         if intruder:  # the intruder check (saescope explain --scorers intruder): chance is 0.2
             table.insert(2, "intruder", [intruder.get(r.feature_id) for r in rows])
+        only = cache.gradient_only_counts(run)
+        if only is not None:  # a g-SAE run: the share of each latent's firings the gradient alone admitted
+            table["gradient only"] = [only[r.feature_id] / r.fire_count if r.fire_count else None for r in rows]
         if rows:
             key = f"feat_table_{st.session_state.get('feat_table_gen', 0)}"
             st.dataframe(
@@ -156,6 +159,9 @@ with common.shown_errors("Search failed"):
                     "mean act": st.column_config.NumberColumn(format="%.3f"),
                     "intruder": st.column_config.NumberColumn(
                         format="%.2f", help="Fraction of intruder checks a judge got right (chance 0.2)"),
+                    "gradient only": st.column_config.NumberColumn(
+                        format="percent", help="g-SAE: share of the latent's firings admitted by the gradient alone (it "
+                        "would not fire under plain TopK over z at those tokens)"),
                 },
             )
         elif not text.strip():

@@ -55,10 +55,17 @@ class FeatureSummary:
     hist_counts: list[np.ndarray]
     hist_edges: list[np.ndarray]
     n_tokens: int
+    gradient_only_count: np.ndarray | None = None
+    """g-SAE runs: each latent's firings admitted by the gradient alone (None for other SAEs)."""
 
 
 class FeatureStats:
-    """Fire counts, activation sums, maxima and histograms of ``d_sae`` latents over included tokens."""
+    """Fire counts, activation sums, maxima and histograms of ``d_sae`` latents over included tokens; for a g-SAE
+    also the firings the gradient alone admitted (``add_gradient_only``)."""
+
+    grad_only: torch.Tensor | None = None
+    """``[d_sae]`` int64 once ``add_gradient_only`` is called (a g-SAE's pass), else None (also in states saved
+    before it existed)."""
 
     def __init__(self, d_sae: int, device: torch.device | str = "cpu", n_bins: int = 64):
         if n_bins < 2 or n_bins & (n_bins - 1):
@@ -86,6 +93,11 @@ class FeatureStats:
         self.hist.view(-1).add_(torch.bincount(flat, minlength=d_sae * self.n_bins))
         return torch.bincount(codes.token, minlength=n_rows)
 
+    def add_gradient_only(self, latents: torch.Tensor) -> None:
+        """Count one firing admitted by the gradient alone for each entry of ``latents`` (latent ids)."""
+        counts = torch.bincount(latents, minlength=self.fire_count.shape[0]).to(self.fire_count.device)
+        self.grad_only = counts if self.grad_only is None else self.grad_only + counts
+
     def _grow(self, new_max: torch.Tensor) -> None:
         """Double the histogram range of latents whose maximum reached ``hi``, merging bin pairs."""
         grow = new_max >= self.hi
@@ -112,11 +124,16 @@ class FeatureStats:
         self._grow(self.max_act)
         other._grow(self.max_act)
         self.hist += other.hist
+        if other.grad_only is not None:
+            mine = torch.zeros_like(other.grad_only) if self.grad_only is None else self.grad_only
+            self.grad_only = mine + other.grad_only
 
     def to(self, device: torch.device | str) -> FeatureStats:
         """This state with its tensors on ``device`` (in place)."""
         for name in ("fire_count", "act_sum", "max_act", "hi", "hist"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.grad_only is not None:
+            self.grad_only = self.grad_only.to(device)
         return self
 
     @classmethod
@@ -126,6 +143,9 @@ class FeatureStats:
         out.n_tokens = parts[0].n_tokens
         for name in ("fire_count", "act_sum", "max_act", "hi", "hist"):
             setattr(out, name, torch.cat([getattr(p, name).to(out.fire_count.device) for p in parts]))
+        if any(p.grad_only is not None for p in parts):
+            out.grad_only = torch.cat([torch.zeros_like(p.fire_count) if p.grad_only is None else p.grad_only
+                                       for p in parts]).to(out.fire_count.device)
         return out
 
     def summary(self) -> FeatureSummary:
@@ -152,4 +172,5 @@ class FeatureStats:
             hist_counts=counts,
             hist_edges=edges,
             n_tokens=self.n_tokens,
+            gradient_only_count=None if self.grad_only is None else self.grad_only.cpu().numpy(),
         )

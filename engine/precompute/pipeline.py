@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from ..data.gradients import iter_gradients
 from ..model.loading import LoadedModel
 from ..run import parquet, rundir, schema
 from ..saes import SAE
+from ..saes.gradient_topk import GradientTopKSAE
 from .accumulators import FeatureStats, SparseCodes, sparse_codes
 from .darkmatter import LinearErrorStats, parse_positions
 from .heads import HeadAttribution, attention_hook
@@ -296,6 +298,17 @@ def encode(sae: SAE, x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | N
     return joined, torch.cat(x_hat), torch.cat(error)
 
 
+def gradient_only_latents(sae: SAE, x: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A g-SAE's firings at tokens ``mask [n]`` that the gradient alone admitted (firing under the g-SAE rule, not
+    under plain TopK over ``z``): their latent ids, one entry per (token, latent); in chunks as ``encode``."""
+    rows = max(1, CODE_BUDGET // sae.cfg.d_sae)
+    found = []
+    for lo in range(0, len(x), rows):
+        admitted = cast(GradientTopKSAE, sae).admitted_by_gradient(x[lo : lo + rows], grad[lo : lo + rows])
+        found.append(torch.nonzero(admitted[mask[lo : lo + rows]])[:, 1])
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
 def check_finite(x: torch.Tensor, context_ids: torch.Tensor) -> None:
     """Stop at the first batch whose activations hold NaN or infinity (a broken model or dtype overflow), counted
     tokens or not: the massive-activation rule would otherwise drop them silently (an infinite norm is "massive"),
@@ -339,6 +352,11 @@ def step(state: PassState, sae: SAE, batch, first_context: int, context_file: pa
         state.stats.update(codes, n_batch * n_pos, n_included)
     else:
         l0 = state.stats.update(codes, n_batch * n_pos, n_included)
+    if grad is not None and sae.needs_loss_gradient:  # a g-SAE: which firings the gradient alone admitted
+        only = gradient_only_latents(sae, x, flat_mask, grad)
+        if latents is not None:
+            only = only[(only >= latents.start) & (only < latents.stop)] - latents.start
+        state.stats.add_gradient_only(only)
     heads = state.heads
     if heads is not None and batch.attention is not None:
         # the top examples' attribution, while this batch's attention is in memory (no second pass)

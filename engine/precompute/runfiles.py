@@ -164,6 +164,8 @@ def feature_columns(
         "explanation": [None] * d_sae,
         "head_data_shares": pa.nulls(d_sae, data_type) if head_data is None else pa.array(
             [None if v is None else v.tolist() for v in head_data], type=data_type),
+        "gradient_only_count": pa.nulls(d_sae, pa.int64()) if summary.gradient_only_count is None else pa.array(
+            summary.gradient_only_count, type=pa.int64()),
     }
 
 

@@ -110,6 +110,9 @@ class FeatureRow(NamedTuple):
     head_data_shares: list[float] | None
     """``attn.hook_z`` SAEs: each head's share of the pre-activation (minus bias) at the top examples' max tokens,
     summed over them (sums to 1; negative for a head that works against the latent; None without examples)."""
+    gradient_only_count: int | None
+    """g-SAE runs: the statistic tokens where the latent fired only because of the gradient term (it would not
+    under plain TopK over ``z``); None for other SAEs and older runs."""
     examples: list[Example]
     """Top examples (by rank), then quantile examples (by bin, then rank)."""
 

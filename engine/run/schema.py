@@ -38,6 +38,8 @@ FEATURES_SCHEMA = pa.schema(
         # attn.hook_z SAEs only (null otherwise, and absent from runs written before them): per head, in head order
         ("head_weight_shares", pa.list_(pa.float32())),  # share of ||W_dec[i]||^2 in the head's block
         ("head_data_shares", pa.list_(pa.float32())),  # share of pre - bias on the top examples' max tokens
+        # g-SAE runs only (null otherwise, absent from runs written before it): firings the gradient alone admitted
+        ("gradient_only_count", pa.int64()),
     ]
 )
 
@@ -72,7 +74,7 @@ ATTRIBUTION_SCHEMA = pa.schema(
     ]
 )
 
-OPTIONAL_COLUMNS = {FEATURES: ("head_weight_shares", "head_data_shares")}
+OPTIONAL_COLUMNS = {FEATURES: ("head_weight_shares", "head_data_shares", "gradient_only_count")}
 """Columns a run written by an older saescope may lack (read as nulls)."""
 OPTIONAL_FILES = (ATTRIBUTION,)
 """Files a run written by an older saescope may lack (read as empty)."""

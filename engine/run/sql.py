@@ -28,7 +28,7 @@ TABLES = {
 }
 NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 CHECKPOINT = "CHECKPOINT"
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 """Bumped whenever the index's tables change; ``RunStore.open`` rebuilds an index of another version."""
 INDEX_VERSION_WRITE = "CREATE TABLE index_info AS SELECT $version::INTEGER AS version"
 INDEX_VERSION_READ = "SELECT max(version) FROM index_info"
@@ -85,6 +85,7 @@ N_FEATURES = "SELECT count(*) FROM features"
 FEATURE = "SELECT * FROM features WHERE feature_id = $feature_id"
 FEATURE_SUMMARY = f"SELECT {_SUMMARY} FROM features WHERE feature_id = $feature_id"
 DENSITIES = "SELECT density FROM features ORDER BY feature_id"
+GRADIENT_ONLY = "SELECT gradient_only_count FROM features ORDER BY feature_id"
 DEAD_IDS = "SELECT feature_id FROM features WHERE dead ORDER BY feature_id"
 
 # examples.parquet is written in (feature_id, top before quantile, rank) order and the table keeps it: no ORDER BY

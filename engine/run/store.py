@@ -225,6 +225,14 @@ class RunStore:
         """Density of every latent, by feature id (float64)."""
         return np.asarray(self._execute(sql.DENSITIES).fetchnumpy()["density"], dtype=np.float64)
 
+    def gradient_only_counts(self) -> np.ndarray | None:
+        """A g-SAE run's firings of each latent admitted by the gradient alone, by feature id (int64); None for
+        other runs (and g-SAE runs written before the count existed)."""
+        values = [row[0] for row in self._execute(sql.GRADIENT_ONLY).fetchall()]
+        if not values or all(v is None for v in values):
+            return None
+        return np.array([0 if v is None else v for v in values], dtype=np.int64)
+
     def dead_ids(self) -> list[int]:
         """Latents that never fired on the statistics' tokens."""
         return [row[0] for row in self._execute(sql.DEAD_IDS).fetchall()]

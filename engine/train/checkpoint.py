@@ -3,12 +3,14 @@
 A checkpoint folder ``.<out>.checkpoint`` beside the output holds ``state.safetensors`` (weights, Adam moments,
 bookkeeping buffers, the activations read but not yet used) and ``progress.json`` (settings, step, tokens seen,
 contexts consumed, log). ``train-sae`` rerun with the same settings continues from it; it is removed once the SAE is
-written. Safetensors and JSON only (never pickle).
+written. Safetensors and JSON only (never pickle). Several SAEs trained in one pass each have their own checkpoint,
+all of one generation (``save_pass``, ``load_pass``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from .families import TopKTrainer
 
 STATE_FILE = "state.safetensors"
 PROGRESS_FILE = "progress.json"
+NEXT_MARK = ".next"
+"""Beside a checkpoint: its next generation, written whole before any checkpoint of the pass is replaced."""
 UNCOMPARED = ("checkpoint_minutes",)
 """Settings a resumed run may change."""
 
@@ -72,3 +76,67 @@ def load(folder: Path, trainer: TopKTrainer, settings: dict[str, Any]) -> tuple[
             }
     carry = {k.removeprefix("carry."): t.to(device) for k, t in tensors.items() if k.startswith("carry.")}
     return carry, progress
+
+
+def _next(folder: Path) -> Path:
+    return folder.with_name(folder.name + NEXT_MARK)
+
+
+def _generation(folder: Path) -> int | None:
+    path = folder / PROGRESS_FILE
+    return int(json.loads(path.read_text())["buffers"]) if path.is_file() else None
+
+
+def save_pass(folders: list[Path], trainers: list[TopKTrainer], carry: dict[str, torch.Tensor],
+              progress: list[dict[str, Any]]) -> None:
+    """The checkpoints of one training pass (one folder per SAE), all of one generation: each new one is first
+    written whole beside its folder (``<folder>.next``), then each is moved into place. A kill in between leaves,
+    for every SAE, the new generation or the old one complete; ``load_pass`` picks the newest all of them have."""
+    for folder, trainer, prog in zip(folders, trainers, progress, strict=True):
+        save(_next(folder), trainer, carry, prog)
+    for folder in folders:
+        atomic.replace_dir(_next(folder), folder)
+
+
+def load_pass(folders: list[Path], trainers: list[TopKTrainer], settings: list[dict[str, Any]]
+              ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
+    """Restore every trainer of a pass from the newest generation that all its checkpoints reached (finishing a
+    move ``save_pass`` was interrupted in); None when there is no checkpoint. The carried activations and each
+    SAE's progress record."""
+    found: list[dict[int, Path]] = []
+    for folder in folders:
+        atomic.recover_dir(folder)
+        here = {}
+        for candidate in (folder, _next(folder)):
+            gen = _generation(candidate)
+            if gen is not None:
+                here[gen] = candidate
+        found.append(here)
+    if not any(found):
+        return None
+    common = set.intersection(*(set(f) for f in found))
+    if not common:
+        missing = [str(f) for f, here in zip(folders, found, strict=True) if not here]
+        why = f"{', '.join(missing)} has none" if missing else "they are from different points of a pass"
+        raise ValueError(f"the checkpoints of this train-sae pass do not match ({why}): rerun the command that made "
+                         "them, or pass --restart to discard them")
+    gen = max(common)
+    carry: dict[str, torch.Tensor] = {}
+    records = []
+    for folder, here, trainer, s in zip(folders, found, trainers, settings, strict=True):
+        if here[gen] != folder:  # the move into place that a kill interrupted
+            atomic.replace_dir(here[gen], folder)
+        elif _next(folder).exists():  # a newer checkpoint that not every SAE of the pass reached
+            shutil.rmtree(_next(folder))
+        carry, record = load(folder, trainer, s)
+        records.append(record)
+    return carry, records
+
+
+def discard(folders: list[Path]) -> None:
+    """Remove the checkpoints (and any half-moved generation) of a pass."""
+    for folder in folders:
+        atomic.recover_dir(folder)
+        for path in (folder, _next(folder)):
+            if path.exists():
+                shutil.rmtree(path)

@@ -7,12 +7,12 @@ feed the AuxK loss, scaled by ``min(n_dead / (d_in // 2), 1)`` as in sparsify, a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
-import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -147,7 +147,8 @@ def _write_atomically(out: Path, sae, report: dict) -> None:
 
 
 @torch.inference_mode()
-def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int) -> dict:
+def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_contexts: int, batch: int, *,
+             with_gradient: bool = False, collect: dict[str, torch.Tensor] | None = None) -> dict:
     """Held-out reconstruction metrics, firing fractions and CE-loss metrics of ``sae``.
 
     Tokens count by precompute's rule (``iter_activations``' mask: no position 0, special or massive-activation
@@ -156,20 +157,28 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     variance; ``explained_variance_without_massive`` leaves them out, as a run's statistics do by default. The
     massive-token rule's median is per batch of ``batch`` contexts: the same tokens as a precompute over
     ``contexts`` when ``batch`` is its ``batch_size`` (docs/run-format.md, "Which tokens count").
+
+    ``with_gradient`` (a g-SAE): the reconstruction metrics encode each token with its loss gradient (one full
+    forward and backward per batch, ``iter_gradients``) instead of the fallback rule; the CE metrics splice the SAE
+    into a forward, where there is no gradient, so they use the fallback. ``collect``, when given, receives
+    ``l0`` (each counted token's number of active latents, ``[n_tokens]``) and ``fires`` (each latent's firings).
     """
     stats, typical = ReconStats(sae.cfg.d_in), ReconStats(sae.cfg.d_in)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     masks: list[torch.Tensor] = []
-    for ab in iter_activations(lm, hook, contexts, batch):
+    l0: list[torch.Tensor] = []
+    batches = iter_gradients(lm, hook, contexts, batch) if with_gradient else iter_activations(lm, hook, contexts, batch)
+    for ab in batches:
         assert ab.massive is not None  # iter_activations always flags them
         masks.append(ab.mask.cpu())
         counted = ab.mask | ab.massive
         x = ab.acts[counted].float().to(sae.device)
-        out = sae(x)
+        out = sae(x, grad=ab.grads[counted].to(sae.device)) if with_gradient and ab.grads is not None else sae(x)
         stats.update(x, out.x_hat, out.codes)
         keep = ab.mask[counted].to(sae.device)
         typical.update(x[keep], out.x_hat[keep], out.codes[keep])
         fires += (out.codes > 0).sum(0).cpu()
+        l0.append((out.codes != 0).sum(-1).cpu())
     summary: dict[str, float | None] = dict(stats.summary())
     summary["explained_variance_with_massive"] = summary["explained_variance"]
     summary["explained_variance_without_massive"] = typical.summary()["explained_variance"]
@@ -180,6 +189,8 @@ def evaluate(lm: LoadedModel, sae, hook: str, contexts: list[list[int]], ce_cont
     # never fired on these few held-out tokens: overstates dead latents (``dead_fraction`` is over training tokens)
     summary["heldout_silent_fraction"] = float((fires == 0).double().mean())
     summary["dense_fraction"] = float((density > 0.1).double().mean())
+    if collect is not None:
+        collect["l0"], collect["fires"] = torch.cat(l0) if l0 else torch.zeros(0, dtype=torch.long), fires
     return summary
 
 
@@ -225,16 +236,52 @@ def _stream(lm: LoadedModel, cfg: TrainConfig, contexts: Iterable[list[int]], wi
             yield {"x": ab.acts[ab.mask].float()}
 
 
+PER_SAE = ("architecture", "gradient_beta", "matryoshka_widths")
+"""Settings that may differ between the SAEs of one training pass (``train_saes``); all others are shared."""
+
+
+def _check_pass(cfgs: list[TrainConfig], outs: list[Path]) -> None:
+    if not cfgs or len(cfgs) != len(outs):
+        raise ValueError(f"one --out per --architecture: got {len(cfgs)} architectures and {len(outs)} outputs")
+    resolved = [o.resolve() for o in outs]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError("the --out folders of one training pass must differ")
+    shared = {k: v for k, v in asdict(cfgs[0]).items() if k not in PER_SAE}
+    for c in cfgs[1:]:
+        differ = [k for k, v in asdict(c).items() if k not in PER_SAE and shared[k] != v]
+        if differ:
+            raise ValueError(f"the SAEs of one training pass share every setting but {', '.join(PER_SAE)}; "
+                             f"{c.architecture} has {differ[0]}={getattr(c, differ[0])!r} (first: {shared[differ[0]]!r})")
+
+
 def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool = False, progress: bool = True,
               restart: bool = False, interrupt_after_checkpoints: int | None = None) -> dict:
     """Train an SAE of ``cfg.architecture`` at ``cfg.hook_name`` and write an SAELens directory plus
     ``training_report.json``. A checkpoint of an interrupted run with the same settings is resumed (``restart``
     discards it). ``interrupt_after_checkpoints`` raises KeyboardInterrupt once that many checkpoints are written
     (what a kill at that moment leaves: for tests of resuming)."""
+    return train_saes(lm, [cfg], [out], force=force, progress=progress, restart=restart,
+                      interrupt_after_checkpoints=interrupt_after_checkpoints)[0]
+
+
+def train_saes(lm: LoadedModel, cfgs: list[TrainConfig], outs: Sequence[str | Path], *, force: bool = False,
+               progress: bool = True, restart: bool = False, interrupt_after_checkpoints: int | None = None
+               ) -> list[dict]:
+    """Train several SAEs (``cfgs[i]`` into ``outs[i]``) in one pass over the activation stream: one model forward
+    (and, when a g-SAE is among them, one backward) per model batch feeds every trainer. The configs may differ only
+    in ``PER_SAE``; each SAE starts from its seed's initialisation, steps on the same shuffled batches and is
+    calibrated on the same sample as when trained alone, so each equals the SAE that ``train_sae`` trains alone
+    with its config. Each has its own checkpoint beside its output; an interrupted pass resumes from the last
+    checkpoint every SAE of the pass reached (``checkpoint.load_pass``). Returns the reports, in order."""
     from .families import TRAINERS
 
-    with lock.hold(Path(out).parent, f"saescope train-sae --out {out}", name=f".{Path(out).name}.saescope.lock"):
-        out = prepare_output(out, force)
+    paths = [Path(o) for o in outs]
+    _check_pass(cfgs, paths)
+    with contextlib.ExitStack() as locks:
+        for o in paths:
+            locks.enter_context(lock.hold(o.parent, f"saescope train-sae --out {o}", name=f".{o.name}.saescope.lock"))
+        paths = [prepare_output(o, force) for o in paths]
+        cfg = cfgs[0]
         lm.hooks.check(cfg.hook_name)
         corpus_files(cfg.corpus)  # fails early on a missing or empty path
         d_in = lm.hook_width(cfg.hook_name)
@@ -249,24 +296,29 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
         if not eval_ctx:
             raise ValueError(f"the evaluation corpus yields no context of {cfg.context_len} tokens")
 
-        trainer = TRAINERS[cfg.architecture](d_in, cfg, lm.device)
-        with_grad = trainer.needs_gradient
-        settings = {**asdict(cfg), "model": lm.name, "d_in": d_in}
-        ckpt = checkpoint.checkpoint_dir(out)
-        if restart and ckpt.exists():
-            shutil.rmtree(ckpt)
+        trainers = [TRAINERS[c.architecture](d_in, c, lm.device) for c in cfgs]
+        with_grad = any(t.needs_gradient for t in trainers)
+        calibrated = any(t.calibrated for t in trainers)
+        together = {"trained_in_one_pass_with": [c.architecture for c in cfgs]} if len(cfgs) > 1 else {}
+        settings = [{**asdict(c), "model": lm.name, "d_in": d_in, **together} for c in cfgs]
+        ckpts = [checkpoint.checkpoint_dir(o) for o in paths]
+        if restart:
+            checkpoint.discard(ckpts)
         seen, step, buffers_done, skip, resumed_from = 0, 0, 0, 0, None
-        log: list[dict] = []
+        logs: list[list[dict]] = [[] for _ in cfgs]
         carry = {"x": torch.empty(0, d_in, device=lm.device)}
         if with_grad:
             carry["grad"] = torch.empty(0, d_in, device=lm.device)
         sample = None
-        if (ckpt / checkpoint.PROGRESS_FILE).is_file():
-            carry, done = checkpoint.load(ckpt, trainer, settings)
-            seen, step, buffers_done, skip, log = done["seen"], done["step"], done["buffers"], done["contexts"], done["log"]
+        found = checkpoint.load_pass(ckpts, trainers, settings)
+        if found is not None:
+            carry, dones = found
+            done = dones[0]
+            seen, step, buffers_done, skip = done["seen"], done["step"], done["buffers"], done["contexts"]
+            logs = [d["log"] for d in dones]
             sample, resumed_from = done.get("calibration_sample"), seen
         counted = _Counted(itertools.islice(train_iter, skip, None), start=skip, seed=cfg.seed,
-                           keep=cfg.calibration_contexts if trainer.calibrated else 0, sample=sample)
+                           keep=cfg.calibration_contexts if calibrated else 0, sample=sample)
         total_steps = max(1, cfg.tokens * cfg.reuse // cfg.batch_size)
         buffer = {n: torch.empty(cfg.buffer_tokens, d_in, dtype=torch.float32, device=lm.device) for n in carry}
         fill = 0
@@ -296,50 +348,59 @@ def train_sae(lm: LoadedModel, cfg: TrainConfig, out: str | Path, *, force: bool
                     )
                 break
             if step == 0:
-                trainer.init_b_dec(buffer["x"][:fill])
+                for trainer in trainers:
+                    trainer.init_b_dec(buffer["x"][:fill])
             # each buffer's shuffles come from its own seeded generator: a resumed run repeats them exactly
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + buffers_done)
             for _ in range(cfg.reuse):
                 perm = torch.randperm(fill, generator=gen).to(lm.device)
                 for i in range(0, fill - cfg.batch_size + 1, cfg.batch_size):
                     rows = perm[i : i + cfg.batch_size]
+                    x = buffer["x"][rows]
                     grad = buffer["grad"][rows] if with_grad else None
-                    metrics = trainer.step(buffer["x"][rows], _lr_scale(step, total_steps), grad)
+                    scale = _lr_scale(step, total_steps)
+                    metrics = [t.step(x, scale, grad if t.needs_gradient else None) for t in trainers]
                     step += 1
                     if step % 10 == 0 or step == 1:
+                        m = metrics[0]
                         bar.set_postfix(
-                            loss=f"{metrics['fvu']:.3f}", ev=f"{1 - metrics['fvu']:.3f}", l0=f"{metrics['l0']:.0f}",
-                            dead=f"{metrics['dead']:.1%}",
+                            loss=f"{m['fvu']:.3f}", ev=f"{1 - m['fvu']:.3f}", l0=f"{m['l0']:.0f}", dead=f"{m['dead']:.1%}",
                         )
-                        log.append({"step": step, "tokens": seen, **metrics})
+                        for log, m in zip(logs, metrics, strict=True):
+                            log.append({"step": step, "tokens": seen, **m})
             fill = 0
             buffers_done += 1
             if seen < cfg.tokens and time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
-                checkpoint.save(ckpt, trainer, carry, {"settings": settings, "seen": seen, "step": step,
-                                                       "buffers": buffers_done, "contexts": counted.n, "log": log,
-                                                       "calibration_sample": counted.sample})
+                checkpoint.save_pass(ckpts, trainers, carry, [
+                    {"settings": s, "seen": seen, "step": step, "buffers": buffers_done, "contexts": counted.n,
+                     "log": log, "calibration_sample": counted.sample} for s, log in zip(settings, logs, strict=True)])
                 last_ckpt, n_ckpts = time.time(), n_ckpts + 1
                 if interrupt_after_checkpoints is not None and n_ckpts >= interrupt_after_checkpoints:
                     raise KeyboardInterrupt
         bar.close()
         train_seconds = time.time() - start
-        if trainer.calibrated:  # inference thresholds from the final weights on a sample of the training contexts
-            trainer.calibrate(_calibration_rows(lm, cfg, counted.sample))
-        sae = trainer.export(cfg.hook_name, lm.name, torch.float32)
-        heldout = evaluate(lm, sae, cfg.hook_name, eval_ctx, cfg.ce_contexts, cfg.model_batch)
-        window = min(cfg.dead_tokens, step * cfg.batch_size)
-        heldout["dead_fraction"] = float((trainer.since_fired >= window).double().mean())
-        report = {
-            "settings": {**settings, "device": str(lm.device), "model_dtype": str(lm.dtype)},
-            "tokens_seen": seen,
-            "steps": step,
-            "resumed_at_tokens": resumed_from,
-            "wall_time_seconds": round(time.time() - start, 1),
-            "train_seconds": round(train_seconds, 1),
-            "heldout": heldout,
-            "log": log[-200:],
-        }
-        _write_atomically(out, sae, report)
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        return report
+        if calibrated:  # inference thresholds from the final weights on a sample of the training contexts
+            rows_cal = _calibration_rows(lm, cfg, counted.sample)
+            for trainer in trainers:
+                if trainer.calibrated:
+                    trainer.calibrate(rows_cal)
+        reports = []
+        for c, trainer, s, log, out in zip(cfgs, trainers, settings, logs, paths, strict=True):
+            sae = trainer.export(c.hook_name, lm.name, torch.float32)
+            heldout = evaluate(lm, sae, c.hook_name, eval_ctx, c.ce_contexts, c.model_batch)
+            window = min(c.dead_tokens, step * c.batch_size)
+            heldout["dead_fraction"] = float((trainer.since_fired >= window).double().mean())
+            report = {
+                "settings": {**s, "device": str(lm.device), "model_dtype": str(lm.dtype)},
+                "tokens_seen": seen,
+                "steps": step,
+                "resumed_at_tokens": resumed_from,
+                "wall_time_seconds": round(time.time() - start, 1),
+                "train_seconds": round(train_seconds, 1),
+                "heldout": heldout,
+                "log": log[-200:],
+            }
+            _write_atomically(out, sae, report)
+            reports.append(report)
+        checkpoint.discard(ckpts)
+        return reports

@@ -115,3 +115,41 @@ def test_feature_choice_density_against_its_cap(fc_run, open_app):
     assert any(f"{int((dens > cap).sum()):,} latents fire more often than that" in c.value for c in at.caption)
     shapes = plotly(at)[-1]["layout"]["shapes"]
     assert any(abs(sh["x0"] - np.log10(cap)) < 1e-9 for sh in shapes)
+
+
+def test_gradient_only_share_on_the_feature_page_and_the_features_table(gsae_run, open_app):
+    rows = {r["feature_id"]: r for r in pq.read_table(gsae_run / "features.parquet").to_pylist()}
+    fid = max(rows, key=lambda i: rows[i]["gradient_only_count"] or 0)
+    row = rows[fid]
+    assert row["gradient_only_count"] > 0
+    page = open_app(gsae_run, FEATURES, feature=fid)
+    no_crash(page)
+    shown = next(m for m in page.metric if m.label == "Admitted by gradient alone")
+    assert shown.value == f"{row['gradient_only_count'] / row['fire_count']:.1%}"
+    at = open_app(gsae_run, FEATURES)
+    no_crash(at)
+    table = at.dataframe[0].value
+    want = [rows[i]["gradient_only_count"] / rows[i]["fire_count"] for i in table["id"]]
+    np.testing.assert_allclose(table["gradient only"].to_numpy(dtype=float), want)
+
+
+def test_family_table_on_the_compare_page(gsae_run, open_app, tmp_path):
+    """The family table (``saescope family-table --out`` in the served directory) heads the Compare page, even
+    with one run served; its numbers are the Parquet file's."""
+    from engine.model.tiny import tiny_model
+    from engine.train.family_table import FamilyTableConfig, family_table
+
+    root = gsae_run.parent  # <root>/runs: the served directory
+    corpus = write_corpus(tmp_path / "heldout.jsonl", 12)
+    cfg = FamilyTableConfig(eval_corpus=str(corpus), eval_contexts=3, ce_contexts=2, context_len=32, steer_latents=1,
+                            steer_contexts=1, steer_len=16, steer_prompt=4)
+    table = family_table(tiny_model("llama"), [gsae_run.parent.parent / "sae"], cfg, root / "families",
+                         names=["g<b>sae"])
+    at = open_app(root, "views/compare.py")
+    no_crash(at)
+    assert any("Family table: families" in s.value for s in at.subheader)
+    shown = at.dataframe[0].value
+    assert shown["SAE"].tolist() == ["g<b>sae"] and shown["family"].tolist() == ["gradient_topk"]
+    assert shown["L0 mean"].tolist() == pytest.approx(table["l0_mean"].tolist())
+    assert shown["explained variance"].tolist() == pytest.approx(table["explained_variance"].tolist())
+    assert any("| g<b>sae | gradient_topk |" in c.value for c in at.code)

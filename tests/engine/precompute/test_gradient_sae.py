@@ -9,6 +9,7 @@ import torch
 
 from engine.data.activations import stats_mask
 from engine.precompute.pipeline import precompute
+from engine.run.store import RunStore
 from tests.engine.runs_util import write_corpus
 from tests.engine.saes_util import random_sae
 
@@ -41,6 +42,7 @@ def test_precompute_on_a_gradient_sae_equals_brute_force(tiny_llama, tmp_path):
                        .column("token_ids").to_pylist())
     mask = stats_mask(ids, tiny_llama.special_token_ids).numpy()
     codes = np.zeros((*ids.shape, sae.cfg.d_sae))
+    gradient_only = np.zeros(sae.cfg.d_sae, dtype=np.int64)  # fired under the g-SAE rule, not under plain TopK
     plain_differs = 0
     for c in range(len(ids)):
         x, g = _by_hand(tiny_llama, ids[c : c + 1])
@@ -50,14 +52,34 @@ def test_precompute_on_a_gradient_sae_equals_brute_force(tiny_llama, tmp_path):
             score = pre + 20.0 * pre * np.abs(p["W_dec"] @ g[t])
             keep = np.argsort(-score)[:8]
             codes[c, t, keep] = np.maximum(pre[keep], 0)
-            plain_differs += set(keep) != set(np.argsort(-pre)[:8])
+            plain = np.argsort(-pre)[:8]
+            plain_differs += set(keep) != set(plain)
+            if mask[c, t]:
+                only = set(keep[pre[keep] > 0]) - set(plain[pre[plain] > 0])
+                gradient_only[list(only)] += 1
     assert plain_differs > len(ids)  # the gradient changed the selection at many tokens
     codes[~mask] = 0
     rows = pq.read_table(tmp_path / "run" / "features.parquet").to_pylist()
     np.testing.assert_array_equal([r["fire_count"] for r in rows], (codes > 0).sum((0, 1)))
     np.testing.assert_allclose([r["max_act"] for r in rows], codes.max((0, 1)), rtol=1e-5, atol=1e-6)
+    assert gradient_only.sum() > 0
+    np.testing.assert_array_equal([r["gradient_only_count"] for r in rows], gradient_only)
+    with RunStore.open(tmp_path / "run") as store:  # what the feature page and the Features table read
+        np.testing.assert_array_equal(store.gradient_only_counts(), gradient_only)
+        row = store.feature(int(gradient_only.argmax()))
+        assert row is not None and row.gradient_only_count == gradient_only.max()
     assert manifest["metrics"]["n_tokens"] == int(mask.sum())
     assert manifest["metrics"]["l0"] == pytest.approx((codes > 0).sum() / mask.sum())
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())["sae"]
     assert saved["architecture"] == "gradient_topk" and "plain TopK" in saved["inference_rule"]
     assert "last position" in saved["gradient"]["fallback"]
+
+
+def test_other_saes_have_no_gradient_only_counts(tiny_llama, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=4)
+    precompute(tiny_llama, random_sae("topk", k=8, hook=HOOK), corpus, tmp_path / "run", context_len=CTX,
+               batch_size=BATCH, tokens=CTX * 4, sample_contexts=2, progress=False)
+    assert pq.read_table(tmp_path / "run" / "features.parquet").column("gradient_only_count").null_count == 256  # D_SAE
+    with RunStore.open(tmp_path / "run") as store:
+        row = store.feature(0)
+        assert store.gradient_only_counts() is None and row is not None and row.gradient_only_count is None
