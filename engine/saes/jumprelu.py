@@ -6,6 +6,11 @@ from .base import SAE, register
 from .config import SAEConfig
 
 
+def jumprelu_codes(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """ReLU of the pre-activations, zero where they do not exceed the latent's threshold."""
+    return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+
+
 @register
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
@@ -17,5 +22,4 @@ class JumpReLUSAE(SAE):
         return {**super().tensor_shapes(cfg), "threshold": (cfg.d_sae,)}
 
     def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
-        pre = sae_in @ self.W_enc + self.b_enc
-        return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        return jumprelu_codes(sae_in @ self.W_enc + self.b_enc, self.threshold)

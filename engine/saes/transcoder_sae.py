@@ -14,6 +14,7 @@ import torch
 
 from .base import SAE, ForwardOutput, register
 from .config import SAEConfig
+from .jumprelu import jumprelu_codes
 
 TRANSCODER_ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "topk_transcoder")
 
@@ -87,8 +88,7 @@ class JumpReLUTranscoderSAE(TranscoderSAE):
         return {**super().tensor_shapes(cfg), "threshold": (cfg.d_sae,)}
 
     def _encode(self, sae_in: torch.Tensor) -> torch.Tensor:
-        pre = sae_in @ self.W_enc + self.b_enc
-        return pre.relu() * (pre > self.threshold).to(pre.dtype)
+        return jumprelu_codes(sae_in @ self.W_enc + self.b_enc, self.threshold)
 
 
 @register
