@@ -29,7 +29,7 @@ from ..run import rundir, schema
 from ..run.manifest import sections
 from .accumulators import FeatureStats
 from .pipeline import PassState, PrecomputeConfig
-from .reservoirs import ExampleReservoirs
+from .reservoirs import ExampleReservoirs, ExampleRows
 from .runwriter import RunTarget, RunWriter
 from .shards import Job, Task, contexts_path, done, load_inputs, load_state, shards_dir, state_path
 
@@ -65,11 +65,17 @@ class ShardedExamples:
         raise ValueError(f"latents {latents} cross a slice boundary")
 
     def iter_rows(self, chunk: int = 1024):
-        for full, _ in self.slices:
-            for lo in range(full.start, full.stop, chunk):
-                latents = range(lo, min(lo + chunk, full.stop))
-                rows = self.merged(latents).rows()
-                yield latents, dataclasses.replace(rows, feature_id=rows.feature_id + np.int32(lo))
+        for latents in self.ranges(chunk):
+            yield latents, self.rows_of(latents)
+
+    def ranges(self, chunk: int = 1024) -> list[range]:
+        """Consecutive latent ranges of at most ``chunk`` latents, none crossing a slice boundary."""
+        return [range(lo, min(lo + chunk, full.stop)) for full, _ in self.slices for lo in range(full.start, full.stop, chunk)]
+
+    def rows_of(self, latents: range) -> ExampleRows:
+        """The merged rows of one of ``ranges`` (each call merges its own copy: safe from several threads)."""
+        rows = self.merged(latents).rows()
+        return dataclasses.replace(rows, feature_id=rows.feature_id + np.int32(latents.start))
 
     def context_ids(self) -> np.ndarray:
         """Every context id some task's reservoirs hold (a superset of the merged reservoirs' ids)."""

@@ -418,9 +418,18 @@ class ExampleReservoirs:
 
     def iter_rows(self, chunk: int = 1024):
         """``(range, rows)`` for consecutive latent ranges, so final arrays never exist for all latents at once."""
-        for lo in range(0, self.val.shape[0], chunk):
-            hi = min(lo + chunk, self.val.shape[0])
-            yield range(lo, hi), self.rows(lo, hi)
+        for latents in self.ranges(chunk):
+            yield latents, self.rows_of(latents)
+
+    def ranges(self, chunk: int = 1024) -> list[range]:
+        """Consecutive latent ranges of at most ``chunk`` latents covering every latent."""
+        self.flush()
+        return [range(lo, min(lo + chunk, self.val.shape[0])) for lo in range(0, self.val.shape[0], chunk)]
+
+    def rows_of(self, latents: range) -> ExampleRows:
+        """``rows`` of one of ``ranges`` (after ``ranges``, which merges what is buffered: safe from several
+        threads at once, as reading does not change the reservoirs)."""
+        return self.rows(latents.start, latents.stop)
 
     def rows(self, lo: int = 0, hi: int | None = None) -> ExampleRows:
         """Top examples by activation, then quantile examples (highest activation first), for latents ``[lo, hi)``."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +20,9 @@ from .features import labels_from_examples, latent_neighbors, logit_effects
 from .heads import HEAD_TERMS, data_shares, weight_shares
 from .reservoirs import ExampleReservoirs, ExampleRows
 from .sampling import ContextSample
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErrorMap, losses: dict | None) -> tuple[dict, float]:
@@ -54,30 +61,59 @@ def token_rows(sample: ContextSample, slots: torch.Tensor, error_map: LinearErro
     return cols, corr
 
 
+def ordered_map(fn: Callable[[T], R], items: list[T], workers: int, ahead: int = 2) -> Iterator[R]:
+    """``map(fn, items)`` by ``workers`` threads, in order, with at most ``workers * ahead`` results waiting (so a slow
+    consumer does not let every result pile up in memory); ``workers <= 1``: in this thread."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers * ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def write_workers() -> int:
+    """Threads that prepare the examples file's latent ranges: the CPUs torch uses, at most 8."""
+    return max(1, min(8, torch.get_num_threads()))
+
+
 def write_examples(
-    staging: Path, reservoirs: ExampleReservoirs, vocab: list[str]
+    staging: Path, reservoirs: ExampleReservoirs, vocab: list[str], workers: int | None = None
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None] | None]:
     """Write examples.parquet and attribution.parquet (rows only when the reservoirs carry head attribution) a chunk
-    of latents at a time; returns each latent's label, top tokens and data-based head shares (None: no attribution)."""
+    of latents at a time, ``workers`` ranges at once (default ``write_workers()``; the file is the same for any number);
+    returns each latent's label, top tokens and data-based head shares (None: no attribution)."""
+    workers = write_workers() if workers is None else workers
     ctx_ids, ctx_tokens = parquet.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
     labels: list[str] = []
     tops: list[np.ndarray] = []
     terms = reservoirs.payload.get(HEAD_TERMS)
     head_sums = None if terms is None else np.zeros((terms.shape[0], terms.shape[2]), np.float64)
+    def chunk(latents: range) -> tuple[ExampleRows, list[str], np.ndarray, pa.Table]:
+        rows = reservoirs.rows_of(latents)
+        if len(rows.context_id):
+            tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
+            window = rows.acts.shape[1]
+            if window < tokens.shape[1]:  # each example's own window of its context
+                tokens = np.take_along_axis(tokens, rows.start.astype(np.int64)[:, None] + np.arange(window), 1)
+        else:
+            tokens = np.zeros(rows.acts.shape, np.int32)
+        chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
+        return rows, chunk_labels, chunk_tops, parquet.table(example_columns(rows), schema.EXAMPLES_SCHEMA)
+
     with (pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer,
           pq.ParquetWriter(staging / schema.ATTRIBUTION, schema.ATTRIBUTION_SCHEMA, compression="zstd") as dfa_writer):
-        for latents, rows in reservoirs.iter_rows(chunk=256):
-            if len(rows.context_id):
-                tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
-                window = rows.acts.shape[1]
-                if window < tokens.shape[1]:  # each example's own window of its context
-                    tokens = np.take_along_axis(tokens, rows.start.astype(np.int64)[:, None] + np.arange(window), 1)
-            else:
-                tokens = np.zeros(rows.acts.shape, np.int32)
-            chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
+        # latent ranges are read, labelled and turned into tables by ``workers`` threads (torch, numpy and Arrow
+        # release the GIL), and written here in latent order
+        for rows, chunk_labels, chunk_tops, table in ordered_map(chunk, reservoirs.ranges(chunk=256), workers):
             labels += chunk_labels
             tops += [t[t >= 0] for t in chunk_tops]
-            writer.write_table(parquet.table(example_columns(rows), schema.EXAMPLES_SCHEMA), row_group_size=8192)
+            writer.write_table(table, row_group_size=8192)
             if rows.payload is not None and head_sums is not None:
                 top = rows.kind == 0
                 np.add.at(head_sums, rows.feature_id[top], rows.payload[HEAD_TERMS][top])
