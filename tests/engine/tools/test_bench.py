@@ -72,7 +72,7 @@ def test_query_bench_reports_latencies(tmp_path, monkeypatch):
     assert all(page is not None for page in answers["feature"]) and {len(t) for t in answers["top_features"]} == {50}
     for name, key in (("feature", "feature_query"), ("top_features", "topn_query")):
         timed_ms = taken[name][20:]
-        assert out[f"{key}p95_ms"] == pytest.approx(percentile(timed_ms, 95), rel=1e-9), name
+        assert out[f"{key}_p95_ms"] == pytest.approx(percentile(timed_ms, 95), rel=1e-9), name
         assert out[f"{key}_median_ms"] == pytest.approx(statistics.median(timed_ms), rel=1e-9), name
     assert out["store"] == {"path": str(tmp_path / "s"), "latents": 2000, "examples_per_latent": 20, "tokens_per_example": 64,
                             "prepare_seconds": 0.0}
