@@ -94,11 +94,10 @@ def kernels(d_sae: int = 262_144, d_in: int = 576, tokens: int = 64, k: int = 64
     import torch
 
     from ..analysis.ivf import ivf_neighbors, recall_at_n
-    from ..model.machine import choose_cpu_dtype
+    from ..model.loading import dtype_choice
     from ..saes.topk import wide_topk
 
-    run_dtype = torch.bfloat16 if (dtype == "auto" and choose_cpu_dtype(d_in).dtype == "bfloat16") or dtype == "bfloat16" \
-        else torch.float32
+    run_dtype = dtype_choice(dtype, torch.device("cpu"), d_in).torch_dtype  # auto: what this CPU was measured fastest at
     gen = torch.Generator().manual_seed(0)
     pre = (torch.randn(tokens, d_in, generator=gen) @ torch.randn(d_in, d_sae, generator=gen)).to(run_dtype)
     plain, wide = [], []
