@@ -74,7 +74,7 @@ def cmd_family_table(args: argparse.Namespace) -> int:
 
     cfg = configs.from_args(FamilyTableConfig, args)
     lm = load_cli_model(args.model, args.device, args.dtype)
-    table = family_table(lm, args.saes, cfg, args.out, progress=True)
+    table = family_table(lm, args.saes, cfg, args.out, progress=True, reuse=not args.remeasure)
     print(markdown(table))
     print(f"\nwritten to {args.out}/family_table.parquet and family_table.json", file=sys.stderr)
     return 0
@@ -117,4 +117,6 @@ def add_parsers(sub) -> None:
     from .family_table import FamilyTableConfig
 
     configs.add_arguments(p, FamilyTableConfig, help={"eval_corpus": "held-out corpus: " + CORPUS_HELP})
+    p.add_argument("--remeasure", action="store_true", help="measure every SAE again (by default a row already in "
+                   "--out, made with the same settings, model, dtype and hook from a byte-identical folder, is kept)")
     p.set_defaults(func=cmd_family_table)

@@ -30,6 +30,7 @@ The SAE's steering effectiveness is the mean over its latents of ``E(s*)`` (the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -259,10 +260,42 @@ def median_norm(lm: LoadedModel, hook: str, contexts: list[list[int]], batch: in
     return float(torch.cat(norms).median())
 
 
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 over an SAE folder's ``cfg.json`` and safetensors files (names and bytes): what a measured row
+    depends on besides the table's settings."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.name == "cfg.json" or path.suffix == ".safetensors":
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reusable(out: Path, fingerprint: dict) -> dict[str, tuple[dict, dict]]:
+    """Rows of the table already in ``out`` measured with the same settings, model, dtype and hook, by SAE name:
+    ``{name: (row, details)}`` (details carry the folder digest to compare); empty where there is none."""
+    found = read_family_table(out)
+    if found is None:
+        return {}
+    table, info = found
+    if any(info.get(k) != v for k, v in fingerprint.items()):
+        return {}
+    rows = {r["sae"]: r for r in table.to_dict("records")}
+    return {name: (rows[name], detail) for name, detail in info.get("saes", {}).items()
+            if name in rows and detail.get("digest")}
+
+
 def family_table(lm: LoadedModel, saes: Sequence[str | Path], cfg: FamilyTableConfig, out: str | Path,
-                 names: list[str] | None = None, progress: bool = False) -> pd.DataFrame:
+                 names: list[str] | None = None, progress: bool = False, reuse: bool = True) -> pd.DataFrame:
     """Measure the SAE folders ``saes`` (one hook, one model) on the same held-out tokens; write
-    ``out/family_table.parquet`` and ``out/family_table.json`` atomically; return the table."""
+    ``out/family_table.parquet`` and ``out/family_table.json`` atomically; return the table.
+
+    With ``reuse``, a row already in ``out`` is kept instead of measured again when the table there was made with
+    the same settings, model, dtype and hook and the SAE's folder is byte-identical (``folder_digest``): each row
+    depends only on those (the held-out and steered contexts, the strength unit and each SAE's seeded latents are
+    the same whichever SAEs share the table), so adding an SAE to a table measures that SAE alone."""
     if not saes:
         raise ValueError("the family table needs at least one SAE folder")
     names = names or [Path(p).name for p in saes]
@@ -285,9 +318,18 @@ def family_table(lm: LoadedModel, saes: Sequence[str | Path], cfg: FamilyTableCo
     scale = median_norm(lm, hook, eval_ctx, cfg.model_batch)
     steerer = Steerer(lm, hook, steer_ids, cfg.steer_prompt) if cfg.steer_latents else None
     out = Path(out)
+    fingerprint = {"settings": _finite(asdict(cfg)), "model": lm.name, "dtype": str(lm.dtype), "hook": hook}
     with lock.hold(out, f"saescope family-table --out {out}"):
-        rows, details = [], {}
+        previous = _reusable(out, fingerprint) if reuse else {}
+        rows, details, measured = [], {}, []
         for name, path, sae in zip(names, saes, loaded, strict=True):
+            digest = folder_digest(path)
+            old = previous.get(name)
+            if old is not None and old[1]["digest"] == digest:
+                rows.append(old[0])
+                details[name] = {**old[1], "folder": str(path)}
+                continue
+            measured.append(name)
             tick = time.time()
             row, detail = measure_sae(lm, sae, eval_ctx, steerer, scale, cfg, progress)
             report = Path(path) / "training_report.json"
@@ -295,13 +337,13 @@ def family_table(lm: LoadedModel, saes: Sequence[str | Path], cfg: FamilyTableCo
             family = sae.cfg.architecture + (" (matryoshka)" if sae.cfg.matryoshka_widths else "")
             rows.append({"sae": name, "architecture": family, "d_sae": sae.cfg.d_sae, **row,
                          "dead_fraction_training": trained.get("heldout", {}).get("dead_fraction")})
-            details[name] = {"folder": str(path), **detail, "seconds": round(time.time() - tick, 1),
+            details[name] = {"folder": str(path), "digest": digest, **detail, "seconds": round(time.time() - tick, 1),
                              "training_settings": {k: trained.get("settings", {}).get(k) for k in
                                                    ("architecture", "tokens", "k", "width", "gradient_beta",
                                                     "matryoshka_widths", "trained_in_one_pass_with")}}
         table = pd.DataFrame(rows)
-        info = {"settings": asdict(cfg), "model": lm.name, "hook": hook, "median_norm": scale,
-                "seconds": round(time.time() - started, 1), "saes": details, "markdown": markdown(table)}
+        info = {**fingerprint, "median_norm": scale, "seconds": round(time.time() - started, 1), "measured": measured,
+                "saes": details, "markdown": markdown(table)}
         atomic.write_file(out / TABLE_FILE, lambda tmp: table.to_parquet(tmp, index=False))
         atomic.write_json(out / INFO_FILE, _finite(info))
     return table

@@ -1,9 +1,11 @@
 """The family table on a tiny model: its metrics recomputed by hand (numpy) for one family, and steering
 effectiveness on a planted latent whose decoder direction is a token's unembedding direction."""
 
+import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -106,6 +108,32 @@ def test_family_table_metrics_match_a_hand_computation(tiny_llama, tiny_corpus, 
     assert sum(hist["counts"]) == table["n_tokens"].iloc[0]
     assert "| mc_low | mutual_choice |" in info["markdown"]
     assert len(info["saes"]["mc_low"]["steering"]) == 2
+
+
+def test_adding_an_sae_measures_it_alone_and_keeps_the_rows_already_measured(tiny_llama, tiny_corpus, tmp_path):
+    folders = [tmp_path / n for n in ("a", "b", "c")]
+    for seed, folder in enumerate(folders):
+        _mutual_choice(tiny_llama.d_model, 48, seed=seed, threshold=0.2 + 0.2 * seed).save(folder)
+    cfg = FamilyTableConfig(eval_corpus=str(tiny_corpus), eval_contexts=4, ce_contexts=2, context_len=32, model_batch=8,
+                            steer_latents=2, steer_contexts=2, steer_len=16, steer_prompt=4, steer_max_strength=4.0)
+    out = tmp_path / "table"
+    family_table(tiny_llama, folders[:2], cfg, out)
+    grown = family_table(tiny_llama, folders, cfg, out)
+    assert read_family_table(out)[1]["measured"] == ["c"]
+    alone = family_table(tiny_llama, folders, cfg, tmp_path / "fresh")  # every row measured in one run
+    assert read_family_table(tmp_path / "fresh")[1]["measured"] == ["a", "b", "c"]
+    pd.testing.assert_frame_equal(grown, alone, check_dtype=False)
+    # new weights in a folder: that row is measured again, and it changes
+    _mutual_choice(tiny_llama.d_model, 48, seed=7, threshold=0.2).save(folders[0])
+    changed = family_table(tiny_llama, folders, cfg, out)
+    assert read_family_table(out)[1]["measured"] == ["a"]
+    assert changed["l0_mean"].iloc[0] != grown["l0_mean"].iloc[0]
+    assert changed.iloc[1:].reset_index(drop=True).equals(grown.iloc[1:].reset_index(drop=True))
+    # other settings: nothing is kept
+    family_table(tiny_llama, folders, dataclasses.replace(cfg, steer_latents=1), out)
+    assert read_family_table(out)[1]["measured"] == ["a", "b", "c"]
+    family_table(tiny_llama, folders, dataclasses.replace(cfg, steer_latents=1), out, reuse=False)
+    assert read_family_table(out)[1]["measured"] == ["a", "b", "c"]
 
 
 def _final_logp(lm, resid):
