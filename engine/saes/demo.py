@@ -50,6 +50,14 @@ DEMO_SAES: tuple[DemoSAE, ...] = (
             "TopK, 1,152 latents (2 x d_model), k=64, at the main SAE's hook: a quarter of its width"),
     DemoSAE("demo-w9216", "demo_sae_w9216", DEMO_HOOK,
             "TopK, 9,216 latents (16 x d_model), k=64, at the main SAE's hook: twice its width"),
+    DemoSAE("demo-gsae", "demo_sae_gsae", DEMO_HOOK,
+            "g-SAE (TopK over z + 10 z |W_dec grad L|), 4,608 latents, k=64, at the main SAE's hook, same tokens"),
+    DemoSAE("demo-fc", "demo_sae_fc", DEMO_HOOK,
+            "feature choice (each latent takes its top tokens of a batch), 4,608 latents, mean L0 64, same hook and tokens"),
+    DemoSAE("demo-mc", "demo_sae_mc", DEMO_HOOK,
+            "mutual choice (a global budget of 64 x tokens per batch), 4,608 latents, same hook and tokens"),
+    DemoSAE("demo-matryoshka", "demo_sae_matryoshka", DEMO_HOOK,
+            "Matryoshka BatchTopK, nested groups of 288 / 1,152 / 4,608 latents, k=64, same hook and tokens"),
 )
 """The demo's SAEs, main one first: it is the run the app opens on, and the one the demo needs."""
 

@@ -164,6 +164,43 @@ def demo_corpus() -> Path:
     return corpus
 
 
+FAMILY_TABLE = "family_table"
+"""``data/family_table/``: the committed family table of the demo's SAEs (``saescope family-table``, docs/families.md)."""
+FAMILIES_RUN = "families"
+"""Where the demo serves it: ``data/runs/families``, read by the Compare page."""
+
+
+def install_family_table() -> Path | None:
+    """The committed family table placed in the demo's runs directory (``runs/families``) for the Compare page, when
+    every SAE it measured is the committed folder of that name byte for byte (its ``digest``); None, said why, when
+    there is no table or a folder differs (a retrained SAE: its row would describe other weights)."""
+    import shutil
+
+    from .. import atomic
+    from ..assets import data_dir
+    from ..train.family_table import INFO_FILE, TABLE_FILE, folder_digest, read_family_table
+
+    source = data_dir() / FAMILY_TABLE
+    found = read_family_table(source)
+    if found is None:
+        return None
+    measured = found[1].get("saes", {})
+    differ = [name for name, detail in measured.items()
+              if not (data_dir() / name / "cfg.json").is_file() or folder_digest(data_dir() / name) != detail.get("digest")]
+    dest = demo_runs_dir() / FAMILIES_RUN
+    if differ:
+        _say(f"not showing the committed family table: it measured other weights of {', '.join(differ)} than "
+             f"{data_dir()} holds (run `saescope family-table` on them, docs/families.md)")
+        if (dest / INFO_FILE).is_file() and (dest / INFO_FILE).read_bytes() == (source / INFO_FILE).read_bytes():
+            shutil.rmtree(dest)  # the copy served before: a table of your own measuring is left alone
+        return None
+    for name in (TABLE_FILE, INFO_FILE):
+        if not (dest / name).is_file() or (dest / name).read_bytes() != (source / name).read_bytes():
+            dest.mkdir(parents=True, exist_ok=True)
+            atomic.write_file(dest / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp))
+    return dest
+
+
 def demo_state(demo, *, force: bool = False) -> str:
     """``run_state`` of a demo SAE's run (``stale`` when ``force``)."""
     from ..saes import load_sae
@@ -180,6 +217,7 @@ def ensure_demo_runs(names: list[str] | None = None, *, tokens: int | None = Non
     from .demo import demo_saes, ensure_demo_model
 
     saes, corpus = demo_saes(names), demo_corpus()
+    install_family_table()
     lm = None
     for i, demo in enumerate(saes, 1):
         sae = load_sae(demo.sae_dir)
@@ -216,6 +254,7 @@ def start_demo_runs(names: list[str] | None = None, *, tokens: int | None = None
 
     saes = demo_saes(names)
     demo_corpus()  # refuse before starting anything
+    install_family_table()
     states = {demo.run: demo_state(demo, force=force) for demo in saes}
     lead, todo = saes[0], [demo for demo in saes if states[demo.run] in ("stale", "partial")]
     for demo in saes:

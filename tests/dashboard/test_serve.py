@@ -142,6 +142,29 @@ def test_demo_registry_offers_the_saes_on_disk(demo_data):
         demo_saes(["demo", "demo-attn-l20"])  # asked for by name: an error, not a silent skip
 
 
+def test_demo_serves_the_committed_family_table_only_for_the_weights_it_measured(demo_data, capsys):
+    from engine.model.loading import load_model
+    from engine.tools.demo import demo_model_dir
+    from engine.train.family_table import INFO_FILE, TABLE_FILE, FamilyTableConfig, family_table, read_family_table
+
+    assert serve.install_family_table() is None  # nothing committed: nothing served
+    _tiny_demo(demo_data, ("demo_sae", "demo_sae_fc"))
+    lm = load_model(demo_model_dir(), dtype="float32")
+    cfg = FamilyTableConfig(eval_corpus=str(demo_data / "corpus" / "heldout.jsonl.xz"), eval_contexts=2, ce_contexts=1,
+                            context_len=32, steer_latents=1, steer_contexts=1, steer_len=16, steer_prompt=4)
+    committed = demo_data / serve.FAMILY_TABLE
+    family_table(lm, [demo_data / "demo_sae", demo_data / "demo_sae_fc"], cfg, committed)
+    served = serve.install_family_table()
+    assert served == demo_data / "runs" / "families"
+    for name in (TABLE_FILE, INFO_FILE):
+        assert (served / name).read_bytes() == (committed / name).read_bytes()
+    assert read_family_table(served)[0]["sae"].tolist() == ["demo_sae", "demo_sae_fc"]
+    make_sae("topk", seed=9).save(demo_data / "demo_sae_fc")  # retrained: the committed row describes other weights
+    assert serve.install_family_table() is None
+    assert "other weights of demo_sae_fc" in capsys.readouterr().err
+    assert not served.exists()  # the copy served before is withdrawn
+
+
 def test_demo_unknown_sae_name_lists_the_valid_ones(demo_data, capsys):
     from engine.tools.demo import DEMO_SAES
 
