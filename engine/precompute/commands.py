@@ -60,7 +60,8 @@ def print_run_summary(out: str, manifest: dict) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .distributed import sharded_merge
 
-    return print_run_summary(args.run, sharded_merge(args.run, device=args.device, keep_states=args.keep_states))
+    return print_run_summary(args.run, sharded_merge(args.run, device=args.device, keep_states=args.keep_states,
+                                                     ray_address=args.ray))
 
 
 def stop_with_parent(parent: int) -> None:
@@ -115,4 +116,6 @@ def add_parsers(sub) -> None:
     p.add_argument("run", help="the run directory given to precompute --shards as --out")
     p.add_argument("--device", help="device for the merge's model forwards (default: the job's)")
     p.add_argument("--keep-states", action="store_true", help="keep the task states after the run is written")
+    p.add_argument("--ray", metavar="ADDRESS", help="prepare the examples file by latent range in tasks of this Ray "
+                   "cluster (`local`: a new local instance; `auto`: the one on this node) instead of threads here")
     p.set_defaults(func=cmd_merge)

@@ -15,12 +15,14 @@ fails for good stops the job, and running the same command again redoes only the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -80,11 +82,13 @@ def precompute_sharded(model: str, sae_path: str, corpus: str | Path, out: str |
             print(f"precompute: {len(finished)} of {len(job.tasks())} tasks already done", file=sys.stderr, flush=True)
         if runner == "inline":
             _run_inline(out, job, todo, inputs, progress)
-        elif runner == "ray":
-            _run_on_ray(out, job, todo, ray_address, progress, cpus_per_task)
-        else:
+            return merge_run(out, inputs=inputs, progress=progress, started=started) if merge else None
+        if runner != "ray":
             raise ValueError(f"unknown runner {runner!r}: use 'ray' or 'inline'")
-        return merge_run(out, inputs=inputs, progress=progress, started=started) if merge else None
+        with ray_session(ray_address, progress) as ray:
+            _run_on_ray(ray, out, job, todo, progress, cpus_per_task)
+            # the merge's examples file is prepared by latent range in the same cluster's tasks
+            return merge_run(out, inputs=inputs, progress=progress, started=started, ray=ray) if merge else None
 
 
 class _Progress:
@@ -118,7 +122,10 @@ def _run_inline(out, job: Job, todo: list[int], inputs, progress: bool) -> None:
         bar.close()
 
 
-def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: bool, cpus_per_task: int) -> None:
+@contextlib.contextmanager
+def ray_session(address: str | None, progress: bool = True) -> Iterator:
+    """The ``ray`` module, initialised: a new local instance without ``address`` (stopped after), the cluster at
+    ``address`` otherwise; an instance this process already started is used as it is."""
     try:
         import ray
     except ImportError as err:
@@ -137,53 +144,57 @@ def _run_on_ray(out, job: Job, todo: list[int], address: str | None, progress: b
                 "default) also needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN"
             ) from err
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-
-        @ray.remote
-        class Reporter:
-            def __init__(self):
-                self.seen: dict[int, tuple[int, float]] = {}
-
-            def report(self, index: int, tokens: int, seconds: float) -> None:
-                self.seen[index] = (tokens, seconds)
-
-            def read(self) -> dict[int, tuple[int, float]]:
-                return self.seen
-
-        @ray.remote(max_retries=2, num_gpus=1 if gpus else 0, num_cpus=1 if gpus else cpus_per_task)
-        def task(out: str, index: int, reporter) -> dict:
-            last = [0.0]
-
-            def report(i: int, tokens: int, seconds: float) -> None:
-                if seconds - last[0] >= 0.5:
-                    last[0] = seconds
-                    reporter.report.remote(i, tokens, seconds)
-
-            summary = run_task(out, index, report=report)
-            reporter.report.remote(index, summary["positions"], summary["seconds"])
-            return summary
-
-        reporter = Reporter.remote()
-        pending = [task.remote(str(out), index, reporter)  # pyright: ignore[reportAttributeAccessIssue]  (ray's decorator returns a RemoteFunction; its stub types it as the plain function)
-                   for index in todo]
-        bar = _Progress(job, todo, progress)
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, timeout=0.5)
-                seen: dict[int, tuple[int, float]] = dict(ray.get(reporter.read.remote()))  # pyright: ignore[reportFunctionMemberAccess]  (an actor method)
-                for ref in ready:
-                    summary = ray.get(ref)  # a task that failed for good raises here (its state is not saved)
-                    seen[summary["index"]] = (summary["positions"], summary["seconds"])
-                bar.update(seen)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-        finally:
-            bar.close()
+        yield ray
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _run_on_ray(ray, out, job: Job, todo: list[int], progress: bool, cpus_per_task: int) -> None:
+    gpus = ray.cluster_resources().get("GPU", 0)
+
+    @ray.remote
+    class Reporter:
+        def __init__(self):
+            self.seen: dict[int, tuple[int, float]] = {}
+
+        def report(self, index: int, tokens: int, seconds: float) -> None:
+            self.seen[index] = (tokens, seconds)
+
+        def read(self) -> dict[int, tuple[int, float]]:
+            return self.seen
+
+    @ray.remote(max_retries=2, num_gpus=1 if gpus else 0, num_cpus=1 if gpus else cpus_per_task)
+    def task(out: str, index: int, reporter) -> dict:
+        last = [0.0]
+
+        def report(i: int, tokens: int, seconds: float) -> None:
+            if seconds - last[0] >= 0.5:
+                last[0] = seconds
+                reporter.report.remote(i, tokens, seconds)
+
+        summary = run_task(out, index, report=report)
+        reporter.report.remote(index, summary["positions"], summary["seconds"])
+        return summary
+
+    reporter = Reporter.remote()
+    pending = [task.remote(str(out), index, reporter)  # pyright: ignore[reportAttributeAccessIssue]  (ray's decorator returns a RemoteFunction; its stub types it as the plain function)
+               for index in todo]
+    bar = _Progress(job, todo, progress)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, timeout=0.5)
+            seen: dict[int, tuple[int, float]] = dict(ray.get(reporter.read.remote()))  # pyright: ignore[reportFunctionMemberAccess]  (an actor method)
+            for ref in ready:
+                summary = ray.get(ref)  # a task that failed for good raises here (its state is not saved)
+                seen[summary["index"]] = (summary["positions"], summary["seconds"])
+            bar.update(seen)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
 
 
 def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
@@ -199,9 +210,11 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
                               "cluster") from err
 
 
-def sharded_merge(out: str | Path, *, device: str | None = None, progress: bool = True, keep_states: bool = False) -> dict:
+def sharded_merge(out: str | Path, *, device: str | None = None, progress: bool = True, keep_states: bool = False,
+                  ray_address: str | None = None) -> dict:
     """``saescope merge RUN``: merge a sharded precompute whose tasks are done (the model and SAE loaded from its
-    job, on ``device`` when given)."""
+    job, on ``device`` when given); with ``ray_address`` (``local``: a new local instance) the examples file is
+    prepared by latent range in that Ray cluster's tasks."""
     folder = Path(out) / rundir.SHARDS
     job = Job.load(folder)
     if device is not None:
@@ -210,4 +223,7 @@ def sharded_merge(out: str | Path, *, device: str | None = None, progress: bool 
     inputs = load_inputs(job)
     if progress:
         print(f"merge: model and SAE loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    return merge_run(out, inputs=inputs, progress=progress, keep_states=keep_states)
+    if ray_address is None:
+        return merge_run(out, inputs=inputs, progress=progress, keep_states=keep_states)
+    with ray_session(None if ray_address == LOCAL else ray_address, progress) as ray:
+        return merge_run(out, inputs=inputs, progress=progress, keep_states=keep_states, ray=ray)

@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,12 @@ import torch
 
 from .. import atomic, lock
 from ..analysis.interventions import compute_copy
-from ..run import rundir, schema
+from ..run import parquet, rundir, schema
 from ..run.manifest import sections
 from .accumulators import FeatureStats
 from .pipeline import PassState, PrecomputeConfig
 from .reservoirs import ExampleReservoirs, ExampleRows
+from .runfiles import RangeFiles, range_files
 from .runwriter import RunTarget, RunWriter
 from .shards import Job, Task, contexts_path, done, load_inputs, load_state, shards_dir, state_path
 
@@ -40,6 +43,8 @@ class ShardedExamples:
 
     def __init__(self, slices: list[tuple[range, list[dict]]], cfg: PrecomputeConfig, device: torch.device | str = "cpu"):
         self.slices, self.cfg, self.device = slices, cfg, device
+        self.spread: dict | None = None
+        """How the examples file's ranges were prepared when spread over Ray tasks (the manifest's record)."""
         first = slices[0][1][0]
         self.window = int(first["acts"].shape[2])  # the tasks' example windows (all equal: one config)
         d_sae = sum(len(r) for r, _ in slices)
@@ -77,6 +82,30 @@ class ShardedExamples:
         rows = self.merged(latents).rows()
         return dataclasses.replace(rows, feature_id=rows.feature_id + np.int32(latents.start))
 
+    def spread_on(self, ray, out: Path) -> None:
+        """Prepare the examples file's latent ranges in tasks of the Ray cluster ``ray`` (``merge_block``: blocks of
+        consecutive ranges, each merged from the task states in ``out``'s job folder) instead of threads here; the
+        file is the same (``runfiles.write_examples`` reads ``remote_ranges``)."""
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+        def remote_ranges(staging: Path, vocab: list[str], chunk: int) -> Iterator[RangeFiles]:
+            blocks = self.blocks(chunk, 4 * cpus)
+            self.spread = {"runner": "ray", "tasks": len(blocks), "pids": []}
+            return _ray_ranges(ray, out, staging, blocks, vocab, 2 * cpus, self.spread["pids"])
+
+        self.remote_ranges = remote_ranges
+
+    def blocks(self, chunk: int, target: int) -> list[list[range]]:
+        """``ranges(chunk)`` grouped into about ``target`` blocks of consecutive ranges (at most ``BLOCK_RANGES``
+        each), none crossing a slice boundary."""
+        ranges = self.ranges(chunk)
+        per = max(1, min(BLOCK_RANGES, -(-len(ranges) // max(target, 1))))
+        out: list[list[range]] = []
+        for full, _ in self.slices:
+            mine = [r for r in ranges if full.start <= r.start < full.stop]
+            out += [mine[i : i + per] for i in range(0, len(mine), per)]
+        return out
+
     def context_ids(self) -> np.ndarray:
         """Every context id some task's reservoirs hold (a superset of the merged reservoirs' ids)."""
         ids = [np.zeros(0, np.int64)]
@@ -89,12 +118,60 @@ class ShardedExamples:
         return np.unique(np.concatenate(ids))
 
 
+BLOCK_RANGES = 64
+"""At most this many example ranges (``runfiles.EXAMPLE_RANGE`` latents each) per Ray task of a merge."""
+
+
+def merge_block(out: str, staging: str, latents: list[range], vocab: list[str]) -> tuple[int, list[RangeFiles]]:
+    """A Ray task of a merge: the ``runfiles.range_files`` of consecutive latent ranges within one latent slice,
+    merged from the states of that slice's tasks (memory-mapped from ``out``'s job folder, which the cluster's
+    nodes see at the same path), their contexts' tokens read from the merge's ``staging`` contexts file; with the
+    process id that made them."""
+    folder = shards_dir(Path(out))
+    job = Job.load(folder)
+    lo, hi = latents[0].start, latents[-1].stop
+    tasks = [t for t in job.tasks() if t.latents[0] <= lo and hi <= t.latents[1]]  # one slice, in shard order
+    examples = ShardedExamples([(range(*tasks[0].latents), [load_state(state_path(folder, t))["examples"] for t in tasks])],
+                               PrecomputeConfig(**job.config))
+    rows = [examples.rows_of(r) for r in latents]
+    wanted = np.unique(np.concatenate([np.zeros(0, np.int64), *(r.context_id for r in rows)]))
+    ctx_ids, ctx_tokens = parquet.read_context_tokens(Path(staging) / schema.CONTEXTS, wanted)
+    return os.getpid(), [range_files(r, lat, ctx_ids, ctx_tokens, vocab) for r, lat in zip(rows, latents, strict=True)]
+
+
+def _ray_ranges(ray, out: Path, staging: Path, blocks: list[list[range]], vocab: list[str], ahead: int,
+                pids: list[int]) -> Iterator[RangeFiles]:
+    """``merge_block`` of each block as Ray tasks, at most ``ahead`` at once, yielded in latent order (the tasks'
+    process ids appended to ``pids``); the tasks still running are cancelled if the consumer stops (a failed write)."""
+    task = ray.remote(num_cpus=1, max_retries=2)(merge_block)
+    vocab_ref = ray.put(vocab)
+    pending: deque = deque()
+
+    def take() -> list[RangeFiles]:
+        pid, parts = ray.get(pending.popleft())
+        pids.append(pid)
+        return parts
+
+    try:
+        for block in blocks:
+            pending.append(task.remote(str(out), str(staging), block, vocab_ref))
+            if len(pending) >= ahead:
+                yield from take()
+        while pending:
+            yield from take()
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
 def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_states: bool = False,
-              started: float | None = None) -> dict:
+              started: float | None = None, ray=None) -> dict:
     """Merge the finished tasks of the sharded precompute in run directory ``out`` into the run; returns the
     manifest. ``inputs`` is the loaded ``(lm, sae)`` when the caller has them. The task states are removed once
     the run is in place (``keep_states`` keeps them). ``started`` (``time.perf_counter``) is when the whole job
-    started, for ``timings.total_seconds`` (default: the slowest task's time before this merge)."""
+    started, for ``timings.total_seconds`` (default: the slowest task's time before this merge). ``ray``: the
+    initialised ``ray`` module, to prepare the examples file by latent range in the cluster's tasks (default:
+    threads of this process)."""
     with lock.hold(out, "saescope merge"):
         merge_started = time.perf_counter()
         out = Path(out)
@@ -114,14 +191,15 @@ def merge_run(out: str | Path, *, inputs=None, progress: bool = True, keep_state
         cfg = PrecomputeConfig(**job.config)
         staging = rundir.prepare(out, **job.identity, force=True)  # the job's own run: checked when it was planned
         try:
-            return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, merge_started, started)
+            return _merge(out, folder, job, tasks, lm, sae, cfg, staging, progress, keep_states, merge_started, started,
+                          ray)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
 
 def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, progress, keep_states, merge_started,
-           job_started) -> dict:
+           job_started, ray) -> dict:
     if progress:
         print(f"merge: {len(tasks)} task states of {out}", file=sys.stderr, flush=True)
     states = {t.index: load_state(state_path(folder, t)) for t in tasks}
@@ -154,8 +232,11 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
             merged.merge(part["stats"])
         stats.append(merged)
     state.stats = FeatureStats.concat(stats) if len(stats) > 1 else stats[0]
-    state.examples = ShardedExamples([(range(*lat), [p["examples"] for p in parts])  # type: ignore[assignment]
-                                      for lat, parts in zip(slices, per_slice, strict=True)], cfg)
+    examples = ShardedExamples([(range(*lat), [p["examples"] for p in parts])
+                                for lat, parts in zip(slices, per_slice, strict=True)], cfg)
+    if ray is not None:
+        examples.spread_on(ray, Path(out))
+    state.examples = examples  # type: ignore[assignment]
     if first["heads"] is not None:
         from .heads import HeadAttribution
 
@@ -183,7 +264,8 @@ def _merge(out, folder, job: Job, tasks: list[Task], lm, sae, cfg, staging, prog
     manifest = writer.final(state, None, manifest_timings)  # examples merge while they are written
     manifest["timings"]["merge_seconds"] = round(time.perf_counter() - merge_started, 4)
     manifest["sharding"] = {"shards": job.shards, "latent_shards": job.latent_shards, "seed_rule": "shards.shard_seed",
-                            "tasks": summaries, "write_seconds": round(time.perf_counter() - tick, 4)}
+                            "tasks": summaries, "write_seconds": round(time.perf_counter() - tick, 4),
+                            "merge_examples": examples.spread or {"runner": "threads"}}
     rundir.rewrite_manifest(out, manifest)
     if not keep_states:
         remove_states(folder)

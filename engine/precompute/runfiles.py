@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -82,43 +82,80 @@ def write_workers() -> int:
     return max(1, min(8, torch.get_num_threads()))
 
 
+class RangeFiles(NamedTuple):
+    """One latent range's share of the examples and attribution files (``range_files``)."""
+
+    latents: range
+    labels: list[str]
+    top_tokens: list[np.ndarray]
+    examples: pa.Table
+    attribution: pa.Table | None
+    """The range's attribution rows; None where the reservoirs carry no head attribution."""
+    head_sums: np.ndarray | None
+    """``[len(latents), terms]``: each latent's head terms summed over its top examples (None: no attribution)."""
+
+
+def range_files(rows: ExampleRows, latents: range, ctx_ids: np.ndarray, ctx_tokens: np.ndarray,
+                vocab: list[str]) -> RangeFiles:
+    """Labels, top tokens and the Arrow tables of the example ``rows`` of ``latents`` (their contexts' tokens among
+    ``ctx_ids``/``ctx_tokens``, ``parquet.read_context_tokens``)."""
+    if len(rows.context_id):
+        tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
+        window = rows.acts.shape[1]
+        if window < tokens.shape[1]:  # each example's own window of its context
+            tokens = np.take_along_axis(tokens, rows.start.astype(np.int64)[:, None] + np.arange(window), 1)
+    else:
+        tokens = np.zeros(rows.acts.shape, np.int32)
+    labels, tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
+    examples = parquet.table(example_columns(rows), schema.EXAMPLES_SCHEMA)
+    attribution = head_sums = None
+    if rows.payload is not None and HEAD_TERMS in rows.payload:
+        top = rows.kind == 0
+        terms = rows.payload[HEAD_TERMS]
+        head_sums = np.zeros((len(latents), terms.shape[1]), np.float64)
+        np.add.at(head_sums, rows.feature_id[top] - latents.start, terms[top])
+        attribution = parquet.table(attribution_columns(rows, top), schema.ATTRIBUTION_SCHEMA)
+    return RangeFiles(latents, labels, [t[t >= 0] for t in tops], examples, attribution, head_sums)
+
+
+EXAMPLE_RANGE = 256
+"""Latents per range of the examples file (one or more row groups each)."""
+
+
 def write_examples(
     staging: Path, reservoirs: ExampleReservoirs, vocab: list[str], workers: int | None = None
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None] | None]:
-    """Write examples.parquet and attribution.parquet (rows only when the reservoirs carry head attribution) a chunk
-    of latents at a time, ``workers`` ranges at once (default ``write_workers()``; the file is the same for any number);
-    returns each latent's label, top tokens and data-based head shares (None: no attribution)."""
-    workers = write_workers() if workers is None else workers
-    ctx_ids, ctx_tokens = parquet.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
+    """Write examples.parquet and attribution.parquet (rows only when the reservoirs carry head attribution) a range
+    of ``EXAMPLE_RANGE`` latents at a time, in latent order; returns each latent's label, top tokens and data-based
+    head shares (None: no attribution). The ranges are prepared by ``workers`` threads here (default
+    ``write_workers()``), or, where the reservoirs offer ``remote_ranges`` (a sharded merge on Ray), by tasks of the
+    cluster; the files are the same either way, and for any number of workers."""
+    remote = getattr(reservoirs, "remote_ranges", None)
+    if remote is not None:
+        parts = remote(staging, vocab, EXAMPLE_RANGE)
+    else:
+        workers = write_workers() if workers is None else workers
+        ctx_ids, ctx_tokens = parquet.read_context_tokens(staging / schema.CONTEXTS, reservoirs.context_ids())
+
+        def prepare(latents: range) -> RangeFiles:
+            return range_files(reservoirs.rows_of(latents), latents, ctx_ids, ctx_tokens, vocab)
+
+        # latent ranges are read, labelled and turned into tables by ``workers`` threads (torch, numpy and Arrow
+        # release the GIL), and written here in latent order
+        parts = ordered_map(prepare, reservoirs.ranges(chunk=EXAMPLE_RANGE), workers)
     labels: list[str] = []
     tops: list[np.ndarray] = []
     terms = reservoirs.payload.get(HEAD_TERMS)
     head_sums = None if terms is None else np.zeros((terms.shape[0], terms.shape[2]), np.float64)
-    def chunk(latents: range) -> tuple[ExampleRows, list[str], np.ndarray, pa.Table]:
-        rows = reservoirs.rows_of(latents)
-        if len(rows.context_id):
-            tokens = ctx_tokens[np.searchsorted(ctx_ids, rows.context_id)]
-            window = rows.acts.shape[1]
-            if window < tokens.shape[1]:  # each example's own window of its context
-                tokens = np.take_along_axis(tokens, rows.start.astype(np.int64)[:, None] + np.arange(window), 1)
-        else:
-            tokens = np.zeros(rows.acts.shape, np.int32)
-        chunk_labels, chunk_tops = labels_from_examples(latents, rows.feature_id, rows.acts, tokens, vocab)
-        return rows, chunk_labels, chunk_tops, parquet.table(example_columns(rows), schema.EXAMPLES_SCHEMA)
-
     with (pq.ParquetWriter(staging / schema.EXAMPLES, schema.EXAMPLES_SCHEMA, compression="zstd") as writer,
           pq.ParquetWriter(staging / schema.ATTRIBUTION, schema.ATTRIBUTION_SCHEMA, compression="zstd") as dfa_writer):
-        # latent ranges are read, labelled and turned into tables by ``workers`` threads (torch, numpy and Arrow
-        # release the GIL), and written here in latent order
-        for rows, chunk_labels, chunk_tops, table in ordered_map(chunk, reservoirs.ranges(chunk=256), workers):
-            labels += chunk_labels
-            tops += [t[t >= 0] for t in chunk_tops]
-            writer.write_table(table, row_group_size=8192)
-            if rows.payload is not None and head_sums is not None:
-                top = rows.kind == 0
-                np.add.at(head_sums, rows.feature_id[top], rows.payload[HEAD_TERMS][top])
-                dfa_writer.write_table(parquet.table(attribution_columns(rows, top), schema.ATTRIBUTION_SCHEMA),
-                                       row_group_size=8192)
+        for part in parts:
+            labels += part.labels
+            tops += part.top_tokens
+            writer.write_table(part.examples, row_group_size=8192)
+            if part.attribution is not None and head_sums is not None:
+                head_sums[part.latents.start : part.latents.stop] = part.head_sums
+                dfa_writer.write_table(part.attribution, row_group_size=8192)
     return labels, tops, None if head_sums is None else data_shares(head_sums)
 
 

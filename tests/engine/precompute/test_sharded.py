@@ -20,6 +20,7 @@ import torch
 from engine.model.loading import load_model
 from engine.model.tiny import save_tiny_model
 from engine.precompute.distributed import precompute_sharded, sharded_merge
+from engine.precompute.merge import merge_run
 from engine.precompute.pipeline import precompute
 from engine.precompute.shards import Job, split
 from engine.saes import load_sae
@@ -153,6 +154,37 @@ def test_ray_sharded_runs_equal_the_single_process_run_and_resume(setup, ray_clu
     manifest = sharded_merge(out, progress=False)
     assert [t["index"] for t in manifest["sharding"]["tasks"]] == [0, 1, 2]
     assert_same_run(setup["root"] / "single", out, setup["single"], manifest)
+
+
+@pytest.mark.slow
+def test_a_merge_spread_over_ray_tasks_by_latent_range_writes_the_same_run(setup, ray_cluster, tmp_path):
+    """The examples file of a 2 x 2 job (two latent slices of two 64-latent ranges each) prepared by Ray tasks
+    equals the one prepared by threads in the merging process, byte for byte in content, labels included."""
+    from engine.precompute import runfiles
+
+    kwargs: dict[str, Any] = {"device": "cpu", "dtype": "float32", "progress": False, "inputs": (setup["lm"], setup["s"]), **OPTS}
+    out = tmp_path / "run"
+    assert precompute_sharded(setup["model"], setup["sae"], setup["corpus"], out, shards=2, latent_shards=2, merge=False,
+                              **kwargs) is None
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runfiles, "EXAMPLE_RANGE", 64)  # several ranges per slice, so blocks and their order matter
+    try:
+        threads = sharded_merge(out, keep_states=True, progress=False)
+        files = {name: pq.read_table(out / name) for name in ("examples.parquet", "features.parquet")}
+        spread = merge_run(out, inputs=(setup["lm"], setup["s"]), progress=False, ray=ray_cluster)
+    finally:
+        mp.undo()
+    assert threads["sharding"]["merge_examples"] == {"runner": "threads"}
+    record = spread["sharding"]["merge_examples"]
+    assert record["runner"] == "ray" and record["tasks"] >= 2 and os.getpid() not in record["pids"]
+    assert len(record["pids"]) == record["tasks"]
+    assert pq.read_table(out / "examples.parquet").equals(files["examples.parquet"])
+    assert pq.read_table(out / "examples.parquet").num_rows > 100
+    a, b = pq.read_table(out / "features.parquet").to_pydict(), files["features.parquet"].to_pydict()
+    for name in ("label", "top_token_ids", "fire_count", "neighbor_ids"):
+        assert a[name] == b[name], name
+    assert_same_run(setup["root"] / "single", out, setup["single"], spread)
+    assert not (out / ".shards").exists()  # the states go once the run is in place
 
 
 def test_merge_refuses_unfinished_tasks_and_a_killed_merge_leaves_no_run(setup, tmp_path):
