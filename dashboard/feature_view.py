@@ -84,6 +84,8 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
         st.html(render.chips(suppressed, color="neg"))
         st.markdown("**Nearest latents** (decoder cosine)")
         neighbours = list(zip(row.neighbor_ids or [], row.neighbor_cos or [], strict=True))
+        if not neighbours and (store.manifest().get("neighbors") or {}).get("method") == "pending":
+            st.caption("Not in this first snapshot of a wide run: they are computed for the next snapshot.")
         labels = cache.describe(run, [i for i, _ in neighbours])
         for other, cos in neighbours:
             common.feature_link(other, labels.get(other, ""), suffix=f" · cos {cos:.2f}")

@@ -184,10 +184,17 @@ NEIGHBORS_INFO = "neighbors"
 """The key of ``latent_facts`` that is no column: how the neighbours were found (the manifest's ``neighbors``)."""
 
 
-def latent_facts(lm, sae, cfg) -> dict:
+def latent_facts(lm, sae, cfg, *, pending: bool = False) -> dict:
     """The feature columns that depend on the weights only (logit effects, decoder neighbours): computed once
-    per run, whatever the number of snapshots."""
+    per run, whatever the number of snapshots. ``pending``: none of them yet (null columns, the neighbours'
+    method ``pending``): what a wide run's first snapshot shows, so that it need not wait for them."""
     d_sae = sae.cfg.d_sae
+    if pending:
+        ints, floats = pa.list_(pa.int32()), pa.list_(pa.float32())
+        names = (*LOGIT_COLUMNS, "neighbor_ids", "neighbor_cos", "head_weight_shares")
+        types = (ints, floats, ints, floats, ints, floats, floats)
+        return {**{name: pa.nulls(d_sae, t) for name, t in zip(names, types, strict=True)},
+                NEIGHBORS_INFO: {"method": "pending", "n": cfg.n_neighbors}}
     # attn.hook_z decoders write per-head outputs: logit_effects maps them through the output projection first
     if d_sae > cfg.logits_on_demand_above:  # on demand: the feature page computes one latent's
         ints, floats = pa.list_(pa.int32()), pa.list_(pa.float32())

@@ -186,9 +186,14 @@ class RunWriter:
         summary = state.stats.summary()
         if self._vocab is None:
             self._vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
-        if self._facts is None:
-            self._facts = runfiles.latent_facts(lm, sae, cfg)
-        facts = self._facts
+        if self._facts is not None:
+            facts = self._facts
+        elif not final and self.snapshots == 1 and sae.cfg.d_sae > cfg.neighbors_exact_max:
+            # a wide run's first snapshot: without the weight-only facts (minutes of CPU at 262k latents), which
+            # the next snapshot or the final run computes; the feature page computes a latent's logit effects
+            facts = runfiles.latent_facts(lm, sae, cfg, pending=True)
+        else:
+            facts = self._facts = runfiles.latent_facts(lm, sae, cfg)
         labels, top_tokens, head_data = runfiles.write_examples(folder, state.examples, self._vocab)
         features = runfiles.feature_columns(facts, summary, labels, top_tokens, head_data)
         features_seconds = time.perf_counter() - tick

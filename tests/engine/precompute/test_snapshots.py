@@ -160,3 +160,36 @@ def test_hostile_data_dir_is_refused(tmp_path):
         rundir.data_dir(tmp_path, {"data_dir": "../../etc"})
     with pytest.raises(ValueError, match="not a folder inside the run"):
         rundir.data_dir(tmp_path, {"data_dir": "/etc"})
+
+
+def test_a_wide_runs_first_snapshot_does_not_wait_for_the_weight_only_facts(tiny_llama, tmp_path, monkeypatch):
+    """Above --neighbors-exact-max (here forced low) the first snapshot leaves the logit effects and neighbours
+    null (``pending``); the next snapshot and the final run have them, equal to a run without snapshots."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=40)
+    sae = random_sae("topk", hook="blocks.0.hook_resid_post")
+    copies, real = [], rundir.publish_snapshot
+
+    def publish(out, folder, manifest):
+        real(out, folder, manifest)
+        copies.append((pq.read_table(folder / "features.parquet").to_pydict(), manifest["neighbors"]))
+
+    monkeypatch.setattr(rundir, "publish_snapshot", publish)
+    monkeypatch.setattr(runwriter, "SNAPSHOT_COST_FACTOR", 0.0)
+    monkeypatch.setattr(runwriter, "SNAPSHOT_MIN_REMAINING", 0.0)
+    opts = {"context_len": CTX, "batch_size": BATCH, "sample_contexts": 4, "ce_every": 1, "progress": False,
+            "neighbors_exact_max": 16, "neighbors_probe": 4}
+    final = precompute(tiny_llama, sae, corpus, tmp_path / "run", snapshot_tokens=EVERY, **opts)
+    assert len(copies) >= 2
+    first, info = copies[0]
+    assert info == {"method": "pending", "n": 10}
+    for name in ("neighbor_ids", "neighbor_cos", "top_logit_ids", "bottom_logit_values"):
+        assert all(v is None for v in first[name]), name
+    assert sum(c > 0 for c in first["fire_count"]) > 0  # the statistics are there
+    later, later_info = copies[1]
+    assert later_info["method"] == "ivf" and final["neighbors"] == later_info
+    plain = precompute(tiny_llama, sae, corpus, tmp_path / "plain", snapshot_tokens=0, **opts)
+    assert plain["neighbors"] == final["neighbors"]
+    got = pq.read_table(tmp_path / "run" / "features.parquet").to_pydict()
+    want = pq.read_table(tmp_path / "plain" / "features.parquet").to_pydict()
+    for name in ("neighbor_ids", "neighbor_cos", "top_logit_ids", "top_logit_values"):
+        assert got[name] == want[name] == later[name], name
