@@ -125,15 +125,13 @@ class LlamaAdapter(Adapter):
         return v.repeat_interleave(self.lm.n_heads // v.shape[-2], dim=-2)
 
     def pattern(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         attn, d_head = self._attn(layer), self.lm.d_head
         q = _linear(attn.q_proj, a).unflatten(-1, (-1, d_head)).transpose(0, 1)[None]  # [1, heads, pos, d_head]
         k = _linear(attn.k_proj, a).unflatten(-1, (-1, d_head)).transpose(0, 1)[None]
         positions = torch.arange(a.shape[0], device=a.device)[None]
         rotary = self.lm.model.get_submodule(self.lm.family.layers[0].rpartition(".")[0] + ".rotary_emb")
         cos, sin = rotary(a[None], positions)
-        q, k = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+        q, k = rotate(q, cos.float(), sin.float()), rotate(k, cos.float(), sin.float())
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         return _causal_softmax(q[0] @ k[0].transpose(-1, -2) * float(attn.scaling))
 
@@ -142,6 +140,15 @@ class LlamaAdapter(Adapter):
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return getattr(self.blocks[layer], self.lm.family.mlp)(h.to(self.lm.dtype)).float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on ``x [batch, heads, pos, d_head]`` with the model's ``cos``/``sin [batch, pos, d_head]``
+    (the rotary embedding's outputs): ``x cos + rotate_half(x) sin``, where ``rotate_half`` maps the halves
+    ``(x1, x2)`` of the head dimension to ``(-x2, x1)`` (the Llama family's convention). Written here rather than
+    imported from a model file of transformers, whose internals move between releases."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
 
 
 class GPT2Adapter(Adapter):

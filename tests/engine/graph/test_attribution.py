@@ -212,3 +212,15 @@ def test_intervened_logits_match_a_hooked_forward(lm):
     frozen = intervened_logits(adapter, rec, {0: delta}, freeze_attention=True)
     torch.testing.assert_close(frozen[:2], clean[:2], atol=1e-5, rtol=1e-5)  # earlier positions never see the change
     assert not torch.allclose(frozen[3:], free[3:], atol=1e-4)  # later layers' patterns would have moved
+
+
+def test_rotary_positions_equal_transformers_own():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from engine.graph.frozen import rotate
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 3, 5, 8, generator=gen), torch.randn(1, 3, 5, 8, generator=gen)
+    cos, sin = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 5, 8, generator=gen)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(rotate(q, cos, sin), want_q) and torch.equal(rotate(k, cos, sin), want_k)
