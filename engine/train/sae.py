@@ -101,14 +101,20 @@ class TrainConfig:
         elif self.matryoshka_widths:
             raise ValueError(f"--matryoshka-widths applies to --architecture matryoshka, not {self.architecture}")
 
-        if self.width <= 0:
-            raise ValueError(f"--width must be positive, got {self.width}")
-        if not 0 < self.k < self.width:
-            raise ValueError(f"--k must satisfy 0 < k < width ({self.width}), got {self.k}")
-        if self.tokens <= 0:
-            raise ValueError(f"--tokens must be positive, got {self.tokens}")
-        if self.batch_size > self.buffer_tokens:
-            raise ValueError(f"batch size {self.batch_size} exceeds the buffer ({self.buffer_tokens} tokens)")
+        check_budget(self)
+
+
+def check_budget(cfg) -> None:
+    """The checks every training config shares (``TrainConfig``, ``TranscoderTrainConfig``): width, k, the token
+    budget and the batch against the shuffle buffer."""
+    if cfg.width <= 0:
+        raise ValueError(f"--width must be positive, got {cfg.width}")
+    if not 0 < cfg.k < cfg.width:
+        raise ValueError(f"--k must satisfy 0 < k < width ({cfg.width}), got {cfg.k}")
+    if cfg.tokens <= 0:
+        raise ValueError(f"--tokens must be positive, got {cfg.tokens}")
+    if cfg.batch_size > cfg.buffer_tokens:
+        raise ValueError(f"batch size {cfg.batch_size} exceeds the buffer ({cfg.buffer_tokens} tokens)")
 
 
 def _lr_scale(step: int, total: int, warmup: int = 100) -> float:

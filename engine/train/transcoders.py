@@ -34,6 +34,7 @@ from ..model.hooks import interventions
 from ..model.loading import LoadedModel
 from ..model.machine import choose_dtype
 from ..saes.transcoders import INPUT_HOOK, OUTPUT_HOOK, Transcoder
+from .sae import check_budget
 
 CHECKPOINT = ".checkpoint"
 REPORT = "training_report.json"
@@ -78,14 +79,7 @@ class TranscoderTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.width <= 0:
-            raise ValueError(f"--width must be positive, got {self.width}")
-        if not 0 < self.k < self.width:
-            raise ValueError(f"--k must satisfy 0 < k < width ({self.width}), got {self.k}")
-        if self.tokens <= 0:
-            raise ValueError(f"--tokens must be positive, got {self.tokens}")
-        if self.batch_size > self.buffer_tokens:
-            raise ValueError(f"batch size {self.batch_size} exceeds the buffer ({self.buffer_tokens} tokens)")
+        check_budget(self)
         if self.checkpoint_every <= 0:
             raise ValueError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
 
