@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import cache, charts, common, render
+from dashboard import cache, charts, common, graph_cache, render
 from dashboard.render import fmt
 from engine.run.manifest import sections
 
@@ -38,7 +38,7 @@ def _pct(value: float | None) -> str:
 def supervised_panel(root: Path, hooks: dict[str, str]) -> None:
     """The evaluation of a served run's SAE against IOI's supervised dictionary, or one line saying how to get it."""
     st.subheader("Supervised dictionary (IOI)")
-    found = [(hook, got) for hook in hooks if (got := cache.supervised(root, hook)) is not None]
+    found = [(hook, got) for hook in hooks if (got := graph_cache.supervised(root, hook)) is not None]
     if not found:
         st.caption("No supervised-dictionary evaluation for the served SAE's hook: `saescope circuit --model M --task ioi "
                    f"--supervised --out {render.code(root)}` computes one (Makelov et al. 2024; docs/circuits.md).")
@@ -101,7 +101,7 @@ def head_panel(hooks: dict[str, str], layer: int, head: int, prompts: pd.DataFra
             return
         sides = [tuple(tuple(int(t) for t in ids) for ids in list(prompts.loc[prompts["positive"] == flag, "token_ids"])
                        [:PROMPTS_PER_SIDE]) for flag in (True, False)]
-        terms = cache.head_latents(model_key, sae_path, sides[0], sides[1], head)
+        terms = graph_cache.head_latents(model_key, sae_path, sides[0], sides[1], head)
         from engine.circuits.head_latents import top_latents
 
         best = top_latents(terms)

@@ -9,7 +9,7 @@ from typing import Any
 
 import streamlit as st
 
-from dashboard import access, cache, common, render
+from dashboard import access, common, graph_cache, render
 from engine.graph.layout import Placed
 from engine.graph.supernodes import Supernode
 
@@ -142,7 +142,7 @@ def steer_panel(run: str, extra: dict[str, Any], pinned: Sequence[Placed], group
     with common.shown_errors("Could not steer the nodes"), st.spinner("Generating…"):
         if extra.get("model") and extra["model"] != lm.name:
             raise ValueError(f"the graph was built on {extra['model']}, this run's model is {lm.name}")
-        result = steer(lm, cache.transcoders(extra["transcoders"]), [int(t) for t in extra["token_ids"]],
+        result = steer(lm, graph_cache.transcoders(extra["transcoders"]), [int(t) for t in extra["token_ids"]],
                        expand(multipliers, list(groups)), new_tokens=NEW_TOKENS, freeze_attention=freeze)
         runs = {"original": result.clean, "attention free": result.free}
         if result.frozen is not None:

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import access, cache, charts, circuits_view, common, render
+from dashboard import access, cache, charts, circuits_view, common, graph_cache, render
 from dashboard.render import fmt
 from engine.circuits.files import head_label, list_circuits, task_dir_name
 from engine.run.schema import MANIFEST
 
 st.title("Circuits")
-root = cache.circuit_root()
+root = graph_cache.circuit_root()
 served = cache.run_root()
 if root is not None and served is not None and (served / MANIFEST).is_file():  # a run: its model can find circuits
     with st.expander("Find the circuit of your own task"):
@@ -54,7 +54,7 @@ task = st.selectbox("Task", tasks, index=tasks.index(linked) if linked in tasks 
 if linked != task:
     st.query_params.pop("head", None)  # a head of another task
 st.query_params["task"] = task
-info, tables = cache.circuit(str(root / task))
+info, tables = graph_cache.circuit(str(root / task))
 heads, prompts, codes = tables["heads"], tables["prompts"], tables["codes"]
 perf, n_layers, n_heads = info["performance"], info["n_layers"], info["n_heads"]
 by_key = {(a["method"], a["reference"]): a for a in info["agreement"]}

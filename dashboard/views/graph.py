@@ -6,7 +6,7 @@ import re
 
 import streamlit as st
 
-from dashboard import access, cache, common, graph_view, render
+from dashboard import access, cache, common, graph_cache, graph_view, render
 from dashboard.graph_chart import graph_figure
 from engine.run.manifest import sections
 
@@ -17,7 +17,7 @@ st.caption("Which transcoder features, at which layers and positions, caused the
            "which direct paths (circuit-tracer's local replacement model; see docs/graphs.md). Hover a node for its "
            "details; click it to select it.")
 
-names = cache.graph_files(run)
+names = graph_cache.graph_files(run)
 with st.expander("New graph from a prompt", expanded=not names):
     if access.read_only():
         st.caption("The app is read-only: build graphs with `saescope graph --out RUN/graphs/NAME.json`.")
@@ -34,12 +34,12 @@ with st.expander("New graph from a prompt", expanded=not names):
             name = slug_of(prompt + "\x00" + target)
             with st.spinner("Attributing (about 30 s for the demo model on 2 CPU cores)…"), \
                     common.shown_errors("Could not build the graph"):
-                make_graph(lm, folder, prompt, GraphConfig(target=target), f"{run}/{cache.GRAPHS}/{name}.json")
+                make_graph(lm, folder, prompt, GraphConfig(target=target), f"{run}/{graph_cache.GRAPHS}/{name}.json")
                 st.query_params["graph"] = name
                 st.query_params.pop("node", None)
                 st.rerun()
 
-names = cache.graph_files(run)
+names = graph_cache.graph_files(run)
 if not names:
     st.info("No graph yet: build one above, or with `saescope graph ... --out RUN/graphs/NAME.json`.")
     st.stop()
@@ -62,9 +62,9 @@ name = st.selectbox("Graph", names, key="graph_pick", on_change=picked)
 st.query_params["graph"] = name
 
 try:
-    document, placed = cache.graph(run, name)
-    groups, influence = cache.graph_extras(run, name)
-    shown_document, shown = cache.collapsed_graph(run, name)
+    document, placed = graph_cache.graph(run, name)
+    groups, influence = graph_cache.graph_extras(run, name)
+    shown_document, shown = graph_cache.collapsed_graph(run, name)
 except Exception as err:
     common.fail(f"Could not read the graph {render.code(name)}: {render.md(err)}")
 meta, extra = document.get("metadata", {}), document.get("saescope", {})
@@ -121,7 +121,7 @@ st.multiselect("Pinned nodes", pinnable, key="graph_pins", on_change=graph_view.
 pinned_nodes = [by_id[p] for p in pins]
 if pinned_nodes:
     graph_view.pinned_table(pinned_nodes, tokens, influence, groups, explain)
-graph_view.supernodes_panel(cache.graph_path(run, name), document, groups, pins, by_id)
+graph_view.supernodes_panel(graph_cache.graph_path(run, name), document, groups, pins, by_id)
 graph_view.steer_panel(run, extra, pinned_nodes, groups)
 
 node = by_id.get(selected) if selected else None
@@ -155,7 +155,7 @@ if node is not None:
             with common.shown_errors("Could not ablate the feature"):
                 if extra.get("model") and extra["model"] != lm.name:
                     raise ValueError(f"the graph was built on {extra['model']}, this run's model is {lm.name}")
-                transcoder = cache.transcoders(extra["transcoders"])[node.layer]
+                transcoder = graph_cache.transcoders(extra["transcoders"])[node.layer]
                 preview = ablation_preview(lm, transcoder, [int(t) for t in extra["token_ids"]], node.position,
                                            node.feature, float(node.activation or 0.0))
                 columns = st.columns(len(preview))
