@@ -138,6 +138,18 @@ def fingerprint_mismatch(source: str, dtype: str, device: str, sae_path: str, mo
     return None
 
 
+@st.cache_data(show_spinner="Checking the SAE against the run…", max_entries=16)
+def sae_mismatch(sae_path: str, device: str, sae_hash: str | None, what: str) -> str | None:
+    """``fingerprint_mismatch`` for the SAE alone (pages that need no model): once per server and SAE."""
+    from engine.run import loaded
+
+    try:
+        loaded.check_sae(sae(sae_path, device), sae_hash, sae_path, what)
+    except loaded.FingerprintMismatch as err:
+        return str(err)
+    return None
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _linear_map(run_dir: str, stamp: float):
     return store(run_dir).linear_map()
@@ -220,6 +232,22 @@ def logit_effects(model_key: tuple[str, str], sae_path: str, latent: int, n: int
     lm = model(*model_key, device())
     got = latent_logit_effects(lm, sae(sae_path, str(lm.device)), latent, n)
     return got.top_ids[0].tolist(), got.top_values[0].tolist(), got.bottom_ids[0].tolist(), got.bottom_values[0].tolist()
+
+
+@st.cache_data(show_spinner="Finding the nearest latents (one product with the decoder)…", max_entries=1024)
+def neighbors(sae_path: str, latent: int, n: int) -> tuple[list, list]:
+    """One latent's exact nearest latents by decoder cosine (ids, cosines) for a run that left them to the page."""
+    from engine.precompute.features import latent_neighbors_of
+
+    ids, cos = latent_neighbors_of(sae(sae_path, device()), latent, n, norms=_decoder_norms(sae_path, device()))
+    return ids.tolist(), cos.tolist()
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _decoder_norms(sae_path: str, device: str):
+    from engine.precompute.features import decoder_norms
+
+    return decoder_norms(sae(sae_path, device))
 
 
 @st.cache_resource(show_spinner="Attributing to heads and source tokens…", max_entries=64, ttl=900)

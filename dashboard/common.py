@@ -229,6 +229,23 @@ def logit_effects(run_dir: str, feature_id: int) -> tuple[list, list, list, list
         return f"{type(err).__name__}: {err}"
 
 
+def neighbors(run_dir: str, feature_id: int) -> tuple[list, list] | str:
+    """A latent's nearest latents found exactly with the run's SAE (cached), for runs that left them out of
+    features.parquet; or why they cannot be (the SAE not at hand, or not the run's)."""
+    from engine.run import loaded
+
+    man = manifest(run_dir)
+    try:
+        sae_path = loaded.sae_source(man)
+        mismatch = cache.sae_mismatch(sae_path, cache.device(), sections(man).sae.hash, "this run")
+        if mismatch is not None:
+            return mismatch
+        n = int((man.get("neighbors") or {}).get("n") or 10)
+        return cache.neighbors(sae_path, feature_id, n)
+    except Exception as err:  # the page still shows everything else
+        return f"{type(err).__name__}: {err}"
+
+
 def feature_link(feature_id: int, label: str = "", *, suffix: str = "") -> None:
     """A link to a latent's feature page."""
     text = f"#{feature_id}" + (f" · {render.md(label)}" if label else "") + suffix

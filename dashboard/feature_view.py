@@ -84,7 +84,14 @@ def show(run: str, store: RunStore, feature_id: int) -> None:
         st.html(render.chips(suppressed, color="neg"))
         st.markdown("**Nearest latents** (decoder cosine)")
         neighbours = list(zip(row.neighbor_ids or [], row.neighbor_cos or [], strict=True))
-        if not neighbours and (store.manifest().get("neighbors") or {}).get("method") == "pending":
+        method = (store.manifest().get("neighbors") or {}).get("method")
+        if row.neighbor_ids is None and method == "on_demand":  # a wide run leaves them to this page, exactly
+            found = common.neighbors(run, feature_id)
+            if isinstance(found, str):
+                st.caption(f"Not in this run, and not computable here: {render.md(found)}")
+            else:
+                neighbours = list(zip(*found, strict=True))
+        elif not neighbours and method == "pending":
             st.caption("Not in this first snapshot of a wide run: they are computed for the next snapshot.")
         labels = cache.describe(run, [i for i, _ in neighbours])
         for other, cos in neighbours:

@@ -78,6 +78,54 @@ def latent_logit_effects(lm: LoadedModel, sae: SAE, latent: int, n: int = 10) ->
     return logit_effects(lm, sae, n, latents=slice(latent, latent + 1))
 
 
+@torch.inference_mode()
+def decoder_norms(sae: SAE, chunk: int = 65_536) -> torch.Tensor:
+    """``[d_sae]`` float32 norms of the decoder directions, a chunk of rows at a time (no float copy of a wide
+    decoder): what ``latent_neighbors_of`` divides by, worth keeping between calls."""
+    dirs = sae.decoder_directions().detach()
+    return torch.cat([rows.float().norm(dim=1) for rows in dirs.split(chunk)]).clamp_min(1e-12)
+
+
+@torch.inference_mode()
+def latent_neighbors_of(sae: SAE, latent: int, n: int = 10, norms: torch.Tensor | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """One latent's exact ``n`` nearest other latents by decoder cosine (ids, cosines; best first): what a feature
+    page computes for a run that left the neighbours out (``neighbors_on_demand_above``). One product of its
+    direction with the decoder, in the decoder's dtype (memory-bound: it reads the decoder once); a low-precision
+    decoder's ``max(8n, 512)`` best candidates are then ranked in float32, and if the n-th of them does not clear the
+    best non-candidate by ``BF16_DOT_ERROR`` every row is scored in float32, so the result is float32's either way.
+    ``norms``: ``decoder_norms(sae)``, when the caller keeps them."""
+    dirs = sae.decoder_directions().detach()
+    d_sae = dirs.shape[0]
+    if not 0 <= latent < d_sae:
+        raise ValueError(f"latent {latent} is out of range: this SAE has {d_sae} latents")
+    norms = decoder_norms(sae) if norms is None else norms
+    n = min(n, d_sae - 1)
+    query = dirs[latent].float() / norms[latent]
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return (dirs[rows].float() @ query) / norms[rows]
+
+    scores = (dirs @ query.to(dirs.dtype)[:, None]).squeeze(1).float() / norms  # one pass over the decoder
+    scores[latent] = -float("inf")  # not its own neighbour
+    wide = min(max(8 * n, 512), d_sae - 1)
+    if dirs.dtype == torch.float32 or wide == n:
+        top = scores.topk(n)
+        return top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy()
+    cand = scores.topk(wide + 1) if wide < d_sae - 1 else scores.topk(wide)
+    ids = cand.indices[:wide]
+    cos = exact(ids)
+    top = cos.topk(n)
+    ids, cos = ids[top.indices], top.values
+    clear = wide == d_sae - 1 or bool(cos[-1] > cand.values[wide] + BF16_DOT_ERROR)
+    if not clear:  # a non-candidate might beat the n-th: score every row in float32
+        everything = torch.cat([exact(rows) for rows in torch.arange(d_sae, device=dirs.device).split(65_536)])
+        everything[latent] = -float("inf")
+        top = everything.topk(n)
+        ids, cos = top.indices, top.values
+    return ids.cpu().numpy().astype(np.int32), cos.cpu().numpy()
+
+
 BF16_DOT_ERROR = 0.015
 """A bound on |cos - the bf16 product of bf16-rounded unit vectors|: 2 x 2^-8 for rounding both inputs, 2^-8 for
 rounding the result, with room for the accumulation; the candidate search's margin."""

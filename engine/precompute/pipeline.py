@@ -92,6 +92,10 @@ class PrecomputeConfig:
     sample and kept in the manifest (``neighbors``)."""
     neighbors_probe: int = 32
     """IVF lists each list of latents searches, where the neighbours are approximate (more: slower, higher recall)."""
+    neighbors_on_demand_above: int = 131_072
+    """SAEs wider than this leave the decoder neighbours out of features.parquet (null): the feature page finds a
+    latent's exactly when shown (one product of its direction with the decoder: milliseconds at 1M latents) and
+    caches it, so the run need not wait for an index over every latent (0: always on demand)."""
     ridge: float = 1e-6
     """Ridge of the linear error map, relative to the mean activation variance."""
     dfa_sources: int = 16

@@ -207,18 +207,24 @@ def latent_facts(lm, sae, cfg, *, pending: bool = False) -> dict:
             "bottom_logit_ids": parquet.list_array(effects.bottom_ids, pa_type=pa.int32()),
             "bottom_logit_values": parquet.list_array(effects.bottom_values),
         }
-    # bf16 candidates where the model runs in bf16 (auto picks it only where bf16 matmuls are fast)
-    search = torch.bfloat16 if lm.dtype == torch.bfloat16 else None
-    neighbors = latent_neighbors(sae, cfg.n_neighbors, exact_max=cfg.neighbors_exact_max, n_probe=cfg.neighbors_probe,
-                                 search_dtype=search, seed=cfg.seed)
-    neighbor_ids, neighbor_cos = neighbors.ids, neighbors.cos
+    if d_sae > cfg.neighbors_on_demand_above:  # on demand: the feature page finds one latent's, exactly
+        neighbor_cols = {"neighbor_ids": pa.nulls(d_sae, pa.list_(pa.int32())),
+                         "neighbor_cos": pa.nulls(d_sae, pa.list_(pa.float32()))}
+        info = {"method": "on_demand", "n": cfg.n_neighbors}
+    else:
+        # bf16 candidates where the model runs in bf16 (auto picks it only where bf16 matmuls are fast)
+        search = torch.bfloat16 if lm.dtype == torch.bfloat16 else None
+        neighbors = latent_neighbors(sae, cfg.n_neighbors, exact_max=cfg.neighbors_exact_max,
+                                     n_probe=cfg.neighbors_probe, search_dtype=search, seed=cfg.seed)
+        neighbor_cols = {"neighbor_ids": parquet.list_array(neighbors.ids, pa_type=pa.int32()),
+                         "neighbor_cos": parquet.list_array(neighbors.cos)}
+        info = neighbors.info
     shares = weight_shares(lm, sae)
     return {
         "head_weight_shares": pa.nulls(d_sae, pa.list_(pa.float32())) if shares is None else parquet.list_array(shares),
         **logit_cols,
-        "neighbor_ids": parquet.list_array(neighbor_ids, pa_type=pa.int32()),
-        "neighbor_cos": parquet.list_array(neighbor_cos),
-        NEIGHBORS_INFO: neighbors.info,
+        **neighbor_cols,
+        NEIGHBORS_INFO: info,
     }
 
 

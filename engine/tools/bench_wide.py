@@ -35,6 +35,7 @@ def wide_child(argv: list[str]) -> None:
     import torch
 
     from ..model.loading import load_model
+    from ..precompute.features import decoder_norms, latent_logit_effects, latent_neighbors_of
     from ..precompute.pipeline import precompute
     from ..run.store import RunStore
     from .bench import PeakRSS, p95_ms, random_topk
@@ -53,10 +54,20 @@ def wide_child(argv: list[str]) -> None:
         ids = rng.integers(0, d_sae, 220)
         with RunStore.open(Path(tmp) / "run") as store:
             p95, median = p95_ms(lambda i: store.feature(int(ids[i])), 200)
+        # what the feature page adds for a latent the run left to it (once per latent: then cached)
+        on_demand = {}
+        if manifest["neighbors"]["method"] == "on_demand":
+            norms = decoder_norms(sae)  # kept by the app between pages
+            on_demand["neighbors_p95_ms"], on_demand["neighbors_median_ms"] = p95_ms(
+                lambda i: latent_neighbors_of(sae, int(ids[i]), norms=norms), 40)
+        if manifest["settings"]["logits_on_demand_above"] < d_sae:
+            on_demand["logits_p95_ms"], on_demand["logits_median_ms"] = p95_ms(
+                lambda i: latent_logit_effects(lm, sae, int(ids[i])), 40)
     print(json.dumps({
         "d_sae": d_sae, "tokens": manifest["corpus"]["n_tokens"], "wall_seconds": wall, "timings": manifest["timings"],
         "peak_rss_mb": rss.peak_mb, "neighbors": manifest["neighbors"], "example_window": manifest["corpus"]["example_window"],
-        "feature_page_p95_ms": p95, "feature_page_median_ms": median, "dtype": str(lm.dtype).removeprefix("torch."),
+        "feature_page_p95_ms": p95, "feature_page_median_ms": median, "on_demand": on_demand,
+        "dtype": str(lm.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }))
 

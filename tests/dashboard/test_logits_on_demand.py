@@ -41,3 +41,23 @@ def test_feature_page_computes_logit_effects_the_run_left_out(tmp_path, open_app
     for token_id, token in zip([*promoted, *suppressed], shown, strict=True):
         assert html.escape(visible(token)) in body, (token_id, token)
     assert np.isfinite(logits.numpy()).all()
+
+
+def test_feature_page_finds_the_neighbours_the_run_left_out(tmp_path, open_app):
+    run = build_tiny_run(tmp_path, "topk", name="lazy-neighbours", neighbors_on_demand_above=0)
+    assert pq.read_table(run / "features.parquet").column("neighbor_ids").null_count > 0  # none stored
+    man = read_manifest(run)
+    assert man is not None and man["neighbors"]["method"] == "on_demand"
+    sae = load_sae(loaded.sae_source(man))
+    latent = 5
+    w = sae.W_dec.detach().double().numpy()
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    sims = w @ w[latent]
+    sims[latent] = -np.inf
+    nearest = np.argsort(-sims, kind="stable")[:3]  # independent: numpy over the whole decoder
+    at = open_app(run, FEATURES, feature=latent)
+    assert not at.exception, [e.value for e in at.exception]
+    links = [link.proto.label for link in at.get("page_link")]
+    for other in nearest:
+        assert any(label.startswith(f"#{other}") and f"cos {sims[other]:.2f}" in label for label in links), (other, links)
+    assert "Not in this run" not in " ".join(c.value for c in at.caption)
