@@ -42,7 +42,8 @@ EXAMPLES = 5
 
 FAMILY_COLUMNS = {
     "sae": "SAE", "architecture": "family", "l0_mean": "L0 mean", "l0_p5": "L0 p5", "l0_p50": "L0 p50",
-    "l0_p95": "L0 p95", "explained_variance": "explained variance", "ce_loss_recovered": "CE loss recovered",
+    "l0_p95": "L0 p95", "explained_variance_without_massive": "explained variance",
+    "explained_variance": "explained variance (massive tokens too)", "ce_loss_recovered": "CE loss recovered",
     "kl_div": "KL", "heldout_silent_fraction": "silent (held out)", "dead_fraction_training": "dead (training)",
     "dense_fraction": "dense (> 10%)", "steer_shift": "steering Δlog p at equal cost",
     "steer_shift_per_unit": "Δlog p per unit strength", "steer_reached_fraction": "latents reaching the cost",

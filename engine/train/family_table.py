@@ -362,7 +362,8 @@ def _finite(value):
 
 COLUMNS = {
     "sae": "SAE", "architecture": "family", "l0_mean": "L0 mean", "l0_p5": "L0 p5", "l0_p50": "L0 p50",
-    "l0_p95": "L0 p95", "explained_variance": "EV", "ce_loss_recovered": "CE rec.", "kl_div": "KL",
+    "l0_p95": "L0 p95", "explained_variance_without_massive": "EV", "explained_variance": "EV (all)",
+    "ce_loss_recovered": "CE rec.", "kl_div": "KL",
     "heldout_silent_fraction": "silent", "dead_fraction_training": "dead (train)", "dense_fraction": "dense",
     "steer_shift": "steer Δlogp", "steer_shift_per_unit": "Δlogp / unit", "steer_reached_fraction": "reached",
 }

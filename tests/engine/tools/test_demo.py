@@ -64,7 +64,11 @@ def test_committed_demo_sae_matches_its_report(demo_lm, demo):
     report = json.loads((demo.sae_dir / "training_report.json").read_text())
     assert sae.cfg.hook_name == demo.hook == report["settings"]["hook_name"]
     assert sae.cfg.d_in == demo_lm.hook_width(demo.hook) == report["settings"]["d_in"]
-    assert sae.cfg.d_sae == report["settings"]["width"] and sae.cfg.k == report["settings"]["k"]
+    assert sae.cfg.d_sae == report["settings"]["width"]
+    if report["settings"].get("architecture") == "matryoshka":  # BatchTopK saved as JumpReLU: thresholds, no k
+        assert sae.cfg.architecture == "jumprelu" and sae.cfg.matryoshka_widths[-1] == sae.cfg.d_sae
+    else:
+        assert sae.cfg.k == report["settings"]["k"]
     if demo.hook.endswith(".attn.hook_z"):  # per-head outputs before o_proj, flattened: n_heads x d_head
         assert sae.cfg.d_in == demo_lm.n_heads * demo_lm.d_head == 576
     contexts = list(itertools.islice(iter_contexts(demo_lm.tokenizer, HELDOUT, 256), 12))
@@ -74,7 +78,10 @@ def test_committed_demo_sae_matches_its_report(demo_lm, demo):
                                                 ("explained_variance_without_massive", "ce_loss_recovered", "l0")})
     assert quick["explained_variance_without_massive"] == pytest.approx(held["explained_variance_without_massive"], abs=0.05)
     assert quick["ce_loss_recovered"] == pytest.approx(held["ce_loss_recovered"], abs=0.06)
-    assert quick["l0"] == pytest.approx(held["l0"], abs=1)
+    if sae.cfg.architecture in ("topk", "gradient_topk"):  # k latents per token (a g-SAE's fallback is TopK)
+        assert quick["l0"] == pytest.approx(held["l0"], abs=1)
+    else:  # thresholds: L0 varies by token, and 12 contexts are not the report's 64 (measured 4-10% apart)
+        assert quick["l0"] == pytest.approx(held["l0"], rel=0.15)
 
 
 def test_load_model_reads_gguf_directly():
