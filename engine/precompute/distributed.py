@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -150,7 +151,7 @@ def ray_session(address: str | None, progress: bool = True) -> Iterator:
             ray.shutdown()
 
 
-def _run_on_ray(ray, out, job: Job, todo: list[int], progress: bool, cpus_per_task: int) -> None:
+def _run_on_ray(ray: Any, out, job: Job, todo: list[int], progress: bool, cpus_per_task: int) -> None:
     gpus = ray.cluster_resources().get("GPU", 0)
 
     @ray.remote
