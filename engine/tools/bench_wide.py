@@ -3,7 +3,9 @@
 ``wide_run``: a random TopK SAE of ``d_sae`` latents (k 64, unit-norm random decoder rows) at the demo SAE's hook
 of the demo model, ``saescope precompute`` on the demo's held-out corpus to a browsable run, in a fresh process:
 wall time and its parts, the first snapshot's time, peak RSS, the decoder neighbours' method and recall@n, and the
-feature page's p95 latency on the finished run.
+feature page's p95 latency on the finished run, and what the page computes on demand for a wide run (a latent's
+neighbours and logit effects). SAEs wider than ``SLICE_LATENTS`` run with latent slices. A width whose child fails
+(killed for memory, say) is recorded as ``failed`` and the others still run.
 
 ``kernels``: in one process, alternating, on this machine's dtype: ``torch.topk`` against ``wide_topk`` over
 ``d_sae`` latents; the IVF neighbour search's CPU time and recall on random unit rows; the example reservoirs'
@@ -30,11 +32,18 @@ WIDE_TOKENS = {262_144: 65_536, 1_048_576: 16_384}
 """The issue's settings: tokens precomputed per width (others: 16,384)."""
 
 
+SLICE_LATENTS = 262_144
+"""Widest latent slice one process holds: wider SAEs run as a sharded precompute with ``ceil(d_sae / SLICE_LATENTS)``
+latent slices, one after another in this process (``runner="inline"``), as docs/scaling.md advises on a CPU (the
+reservoirs of 1M latents, ~10 GB with 32-token windows, do not fit beside the rest in 24 GB)."""
+
+
 def wide_child(argv: list[str]) -> None:
     """One wide precompute in a fresh process; prints a JSON line."""
     import torch
 
     from ..model.loading import load_model
+    from ..precompute.distributed import precompute_sharded
     from ..precompute.features import decoder_norms, latent_logit_effects, latent_neighbors_of
     from ..precompute.pipeline import precompute
     from ..run.store import RunStore
@@ -45,10 +54,18 @@ def wide_child(argv: list[str]) -> None:
     lm = load_model(demo_model_dir(), device="auto", dtype="auto")
     hook = json.loads((demo_sae_dir() / "cfg.json").read_text())["metadata"]["hook_name"]
     sae = random_topk(lm, {"d_sae": d_sae, "k": 64, "hook": hook})
+    slices = -(-d_sae // SLICE_LATENTS)
     with tempfile.TemporaryDirectory(prefix="saescope-wide-") as tmp:
         started = time.perf_counter()
         with PeakRSS() as rss:
-            manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=tokens, progress=False)
+            if slices == 1:
+                manifest = precompute(lm, sae, corpus, Path(tmp) / "run", tokens=tokens, progress=False)
+            else:
+                sae.save(Path(tmp) / "sae")  # the job names its SAE folder
+                manifest = precompute_sharded(str(demo_model_dir()), str(Path(tmp) / "sae"), corpus, Path(tmp) / "run",
+                                              shards=1, latent_shards=slices, runner="inline", progress=False,
+                                              inputs=(lm, sae), tokens=tokens)
+                assert manifest is not None
         wall = time.perf_counter() - started
         rng = np.random.default_rng(0)
         ids = rng.integers(0, d_sae, 220)
@@ -66,7 +83,7 @@ def wide_child(argv: list[str]) -> None:
     print(json.dumps({
         "d_sae": d_sae, "tokens": manifest["corpus"]["n_tokens"], "wall_seconds": wall, "timings": manifest["timings"],
         "peak_rss_mb": rss.peak_mb, "neighbors": manifest["neighbors"], "example_window": manifest["corpus"]["example_window"],
-        "feature_page_p95_ms": p95, "feature_page_median_ms": median, "on_demand": on_demand,
+        "feature_page_p95_ms": p95, "feature_page_median_ms": median, "on_demand": on_demand, "latent_slices": slices,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }))
@@ -82,11 +99,19 @@ def wide_run(d_sae: int, tokens: int | None = None, corpus: str | Path | None = 
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code, str(d_sae), str(tokens), corpus], capture_output=True,
                             text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"wide bench ({d_sae} latents, {tokens} tokens) failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    if result.returncode != 0:  # recorded, so the other widths' figures are kept
+        why = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
+        if result.returncode == -9:
+            why += " (the kernel's out-of-memory killer, most likely)"
+        out = {"d_sae": d_sae, "tokens": tokens, "failed": why, "seconds": time.perf_counter() - started,
+               "stderr_tail": result.stderr[-3000:]}
+    else:
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"bench --wide: {json.dumps(out)}", file=sys.stderr, flush=True)
+    return out
 
 
 def _cpu_seconds(fn, repeats: int) -> float:
