@@ -408,7 +408,7 @@ def cross_check(folder: Path) -> dict:
 def compare(args) -> dict:
     import torch
 
-    peer_python = str(Path(args.peer_venv) / "bin" / "python")
+    peer_python = str(Path(args.peer_venv).resolve() / "bin" / "python")  # absolute: the children run in the work folder
     if not Path(peer_python).is_file():
         raise FileNotFoundError(f"no {peer_python}: make the peer venv first (--setup-peer-venv {args.peer_venv})")
     counts = sorted({int(n) for n in args.tokens.split(",")})
