@@ -184,21 +184,36 @@ NEIGHBORS_INFO = "neighbors"
 """The key of ``latent_facts`` that is no column: how the neighbours were found (the manifest's ``neighbors``)."""
 
 
+FACT_TYPES = {
+    "top_logit_ids": pa.list_(pa.int32()), "top_logit_values": pa.list_(pa.float32()),
+    "bottom_logit_ids": pa.list_(pa.int32()), "bottom_logit_values": pa.list_(pa.float32()),
+    "neighbor_ids": pa.list_(pa.int32()), "neighbor_cos": pa.list_(pa.float32()),
+    "head_weight_shares": pa.list_(pa.float32()),
+}
+"""The weight-only feature columns and their Arrow types."""
+
+
+def _nulls(d_sae: int, *names: str) -> dict:
+    """Null columns of ``d_sae`` rows for the weight-only facts ``names`` (left to the feature page, or not yet)."""
+    return {name: pa.nulls(d_sae, FACT_TYPES[name]) for name in names}
+
+
+def costly_facts(d_sae: int, cfg) -> bool:
+    """Whether the weight-only facts take long enough to keep a first snapshot waiting: the neighbours go through
+    the IVF index (wider than ``neighbors_exact_max``, not left to the feature page)."""
+    return cfg.neighbors_exact_max < d_sae <= cfg.neighbors_on_demand_above
+
+
 def latent_facts(lm, sae, cfg, *, pending: bool = False) -> dict:
     """The feature columns that depend on the weights only (logit effects, decoder neighbours): computed once
     per run, whatever the number of snapshots. ``pending``: none of them yet (null columns, the neighbours'
     method ``pending``): what a wide run's first snapshot shows, so that it need not wait for them."""
     d_sae = sae.cfg.d_sae
     if pending:
-        ints, floats = pa.list_(pa.int32()), pa.list_(pa.float32())
-        names = (*LOGIT_COLUMNS, "neighbor_ids", "neighbor_cos", "head_weight_shares")
-        types = (ints, floats, ints, floats, ints, floats, floats)
-        return {**{name: pa.nulls(d_sae, t) for name, t in zip(names, types, strict=True)},
-                NEIGHBORS_INFO: {"method": "pending", "n": cfg.n_neighbors}}
+        return {**_nulls(d_sae, *FACT_TYPES), NEIGHBORS_INFO: {"method": "pending", "n": cfg.n_neighbors}}
     # attn.hook_z decoders write per-head outputs: logit_effects maps them through the output projection first
     if d_sae > cfg.logits_on_demand_above:  # on demand: the feature page computes one latent's
-        ints, floats = pa.list_(pa.int32()), pa.list_(pa.float32())
-        logit_cols = dict(zip(LOGIT_COLUMNS, (pa.nulls(d_sae, t) for t in (ints, floats, ints, floats)), strict=True))
+        logit_cols = _nulls(d_sae, *LOGIT_COLUMNS)
     else:
         effects = logit_effects(lm, sae, cfg.n_logits)
         logit_cols = {
@@ -208,8 +223,7 @@ def latent_facts(lm, sae, cfg, *, pending: bool = False) -> dict:
             "bottom_logit_values": parquet.list_array(effects.bottom_values),
         }
     if d_sae > cfg.neighbors_on_demand_above:  # on demand: the feature page finds one latent's, exactly
-        neighbor_cols = {"neighbor_ids": pa.nulls(d_sae, pa.list_(pa.int32())),
-                         "neighbor_cos": pa.nulls(d_sae, pa.list_(pa.float32()))}
+        neighbor_cols = _nulls(d_sae, "neighbor_ids", "neighbor_cos")
         info = {"method": "on_demand", "n": cfg.n_neighbors}
     else:
         # bf16 candidates where the model runs in bf16 (auto picks it only where bf16 matmuls are fast)
@@ -221,7 +235,8 @@ def latent_facts(lm, sae, cfg, *, pending: bool = False) -> dict:
         info = neighbors.info
     shares = weight_shares(lm, sae)
     return {
-        "head_weight_shares": pa.nulls(d_sae, pa.list_(pa.float32())) if shares is None else parquet.list_array(shares),
+        "head_weight_shares": pa.nulls(d_sae, FACT_TYPES["head_weight_shares"]) if shares is None
+        else parquet.list_array(shares),
         **logit_cols,
         **neighbor_cols,
         NEIGHBORS_INFO: info,

@@ -188,9 +188,9 @@ class RunWriter:
             self._vocab = token_strings(lm.tokenizer, max(lm.unembed_matrix().shape[0], len(lm.tokenizer)))
         if self._facts is not None:
             facts = self._facts
-        elif not final and self.snapshots == 1 and sae.cfg.d_sae > cfg.neighbors_exact_max:
-            # a wide run's first snapshot: without the weight-only facts (minutes of CPU at 262k latents), which
-            # the next snapshot or the final run computes; the feature page computes a latent's logit effects
+        elif not final and self.snapshots == 1 and runfiles.costly_facts(sae.cfg.d_sae, cfg):
+            # a wide run's first snapshot: without the weight-only facts (the IVF search takes minutes), which the
+            # next snapshot or the final run computes; the feature page computes a latent's logit effects
             facts = runfiles.latent_facts(lm, sae, cfg, pending=True)
         else:
             facts = self._facts = runfiles.latent_facts(lm, sae, cfg)

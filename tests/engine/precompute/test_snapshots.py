@@ -193,3 +193,10 @@ def test_a_wide_runs_first_snapshot_does_not_wait_for_the_weight_only_facts(tiny
     want = pq.read_table(tmp_path / "plain" / "features.parquet").to_pydict()
     for name in ("neighbor_ids", "neighbor_cos", "top_logit_ids", "top_logit_values"):
         assert got[name] == want[name] == later[name], name
+    # wider than --neighbors-on-demand-above there is no search to wait for: the first snapshot already says the
+    # page finds the neighbours (not "pending", which would keep the page from computing them)
+    copies.clear()
+    precompute(tiny_llama, sae, corpus, tmp_path / "ondemand", snapshot_tokens=EVERY, **opts,
+               neighbors_on_demand_above=32)
+    assert copies and copies[0][1] == {"method": "on_demand", "n": 10}
+    assert all(v is not None for v in copies[0][0]["top_logit_ids"])
